@@ -1,0 +1,15 @@
+"""flexlab: offloaded LLM inference you can look inside.
+
+    >>> import flexlab
+    >>> model = flexlab.Model.from_config("opt-tiny", seed=0)
+    >>> model.config.num_layers
+    2
+"""
+
+from flexlab.errors import CheckpointError, ConfigError, FlexlabError, PromptError
+from flexlab.models import GenerationResult, Model, ModelConfig, get_preset, preset_names
+
+__version__ = "0.1.0"
+
+__all__ = ["Model", "ModelConfig", "GenerationResult", "get_preset", "preset_names",
+           "FlexlabError", "ConfigError", "CheckpointError", "PromptError"]

@@ -1,0 +1,98 @@
+"""What a model family supplies, so that nothing outside ``flexlab.models`` knows it is OPT.
+
+A family is data plus plain functions:
+
+* ``config_from_hf`` / ``config_to_hf``: translate a Hugging Face ``config.json``.
+* ``weight_specs``: every weight's checkpoint name, shape, owning layer and initialisation.
+* ``canonical_name``: maps a name found in a checkpoint to a spec name (or None to ignore it).
+* the maths, on tensors already on the compute device, split where the engine needs seams:
+  ``embed`` → per layer ``attention_qkv`` → :func:`flexlab.models.attention.attend` →
+  ``attention_out`` → ``mlp`` → ``head``. Splitting attention at the cache lets the engine put
+  the KV cache anywhere, and run ``attend`` on the CPU next to a host-resident cache.
+
+Weights reach these functions as a ``Mapping[str, Tensor]`` keyed by the *short* names of
+:attr:`WeightSpec.short` (``"q_proj.weight"``), so one function serves every layer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+from flexlab.errors import ConfigError
+from flexlab.models.config import ModelConfig
+
+Weights = Mapping[str, torch.Tensor]
+Part = Literal["embed", "attention", "mlp", "head"]
+
+
+@dataclass(frozen=True)
+class WeightSpec:
+    """One weight tensor as a family describes it.
+
+    ``layer`` is the transformer layer index, or None for weights outside the layers
+    (embeddings, final norm, projections). ``parts`` says which sub-layers read it, which is how
+    the engine splits a layer into attention and MLP (FlexGen's ``sep_layer``); a tied weight
+    lists every part that reads it (OPT's token embedding is also its output projection).
+    """
+
+    name: str
+    shape: tuple[int, ...]
+    layer: int | None
+    parts: tuple[Part, ...]
+    init: Literal["normal", "zeros", "ones"] = "normal"
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n
+
+    @property
+    def short(self) -> str:
+        """The name the layer functions use: the part after ``layers.N.`` (or after the prefix)."""
+        return self.name.split(".", 3)[-1] if self.layer is not None else self.name.split(".", 1)[-1]
+
+
+@dataclass(frozen=True)
+class ModelFamily:
+    """The interface a family implements; see the module docstring."""
+
+    name: str
+    config_from_hf: Callable[[dict, str], ModelConfig]
+    config_to_hf: Callable[[ModelConfig], dict]
+    weight_specs: Callable[[ModelConfig], list[WeightSpec]]
+    canonical_name: Callable[[str], str | None]
+    embed: Callable[[Weights, ModelConfig, torch.Tensor, torch.Tensor], torch.Tensor]
+    attention_qkv: Callable[[Weights, ModelConfig, torch.Tensor], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+    attention_out: Callable[[Weights, ModelConfig, torch.Tensor, torch.Tensor], torch.Tensor]
+    mlp: Callable[[Weights, ModelConfig, torch.Tensor], torch.Tensor]
+    head: Callable[[Weights, ModelConfig, torch.Tensor], torch.Tensor]
+
+
+def part_weights(specs: list[WeightSpec], part: Part, layer: int | None = None) -> list[WeightSpec]:
+    """The specs one part reads: ``part_weights(specs, "mlp", 3)``, ``part_weights(specs, "head")``."""
+    return [s for s in specs if s.layer == layer and part in s.parts]
+
+
+def _families() -> dict[str, ModelFamily]:
+    # Imported here: the family modules import this one for WeightSpec and ModelFamily.
+    from flexlab.models import opt
+
+    return {f.name: f for f in (opt.FAMILY,)}
+
+
+def get_family(name: str) -> ModelFamily:
+    """The family registered under ``name`` (a Hugging Face ``model_type``)."""
+    families = _families()
+    if name not in families:
+        raise ConfigError(f"unsupported model type {name!r}; supported: {', '.join(families)}")
+    return families[name]
+
+
+def supported_families() -> list[str]:
+    return list(_families())

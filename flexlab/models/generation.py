@@ -1,0 +1,178 @@
+"""What every generation path shares: prompt checks and padding, token choice, stopping, results.
+
+The reference path (:mod:`flexlab.models.reference`) and the offloading engine both use these,
+so greedy decoding, sampling and stop rules are defined once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from flexlab.errors import PromptError
+
+
+def encode_prompts(prompts, tokenizer, *, max_positions: int, max_new_tokens: int) -> list[list[int]]:
+    """Token ids of each prompt, checked before any work starts.
+
+    ``prompts`` is a list of strings (needs a tokenizer) or of token-id lists.
+    """
+    if isinstance(prompts, (str, bytes)) or not isinstance(prompts, Sequence):
+        raise PromptError(f"prompts must be a list of strings or of token-id lists, got {type(prompts).__name__}; "
+                          "wrap a single prompt in a list")
+    if len(prompts) == 0:
+        raise PromptError("prompts is empty; pass at least one prompt")
+    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise PromptError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
+    ids = []
+    for i, p in enumerate(prompts):
+        if isinstance(p, str):
+            if tokenizer is None:
+                raise PromptError("string prompts need a tokenizer, and this model has none; pass token-id lists")
+            p = tokenizer(p)["input_ids"]
+        p = [int(t) for t in p]
+        if not p:
+            raise PromptError(f"prompt {i} is empty; every prompt needs at least one token")
+        if len(p) + max_new_tokens > max_positions:
+            raise PromptError(f"prompt {i} has {len(p)} tokens; with max_new_tokens={max_new_tokens} that exceeds the "
+                              f"model's {max_positions} positions; shorten the prompt or generate fewer tokens")
+        ids.append(p)
+    return ids
+
+
+def left_pad(ids: list[list[int]], pad_id: int, device: str | torch.device = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    """``[b, s]`` token ids padded on the left, and the ``[b, s]`` bool mask of real tokens."""
+    width = max(len(p) for p in ids)
+    tokens = torch.full((len(ids), width), pad_id, dtype=torch.long)
+    valid = torch.zeros((len(ids), width), dtype=torch.bool)
+    for row, p in enumerate(ids):
+        tokens[row, width - len(p):] = torch.tensor(p)
+        valid[row, width - len(p):] = True
+    return tokens.to(device), valid.to(device)
+
+
+def positions_from_mask(valid: torch.Tensor) -> torch.Tensor:
+    """Positions counting only real tokens (OPT's rule, so left padding is invisible); pads get -1."""
+    v = valid.long()
+    return torch.cumsum(v, dim=1) * v - 1
+
+
+@dataclass(frozen=True, kw_only=True)
+class SamplingConfig:
+    """How the next token is chosen: greedy by default, as in transformers."""
+
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_k: int | None = None
+    top_p: float | None = None
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.temperature <= 0:
+            raise PromptError(f"temperature must be > 0, got {self.temperature}; use do_sample=False for greedy")
+        if self.top_k is not None and self.top_k < 1:
+            raise PromptError(f"top_k must be >= 1 or None, got {self.top_k}")
+        if self.top_p is not None and not 0 < self.top_p <= 1:
+            raise PromptError(f"top_p must be in (0, 1], got {self.top_p}")
+
+
+class Sampler:
+    """Chooses next tokens from ``[b, vocab]`` logits; seeded, so sampling is reproducible."""
+
+    def __init__(self, cfg: SamplingConfig, device: str | torch.device) -> None:
+        self.cfg = cfg
+        self.generator = None
+        if cfg.do_sample:
+            self.generator = torch.Generator(device=device)
+            self.generator.manual_seed(cfg.seed if cfg.seed is not None else torch.seed())
+
+    def __call__(self, logits: torch.Tensor) -> torch.Tensor:
+        logits = logits.float()
+        if not self.cfg.do_sample:
+            return logits.argmax(dim=-1)
+        logits = logits / self.cfg.temperature
+        if self.cfg.top_k is not None and self.cfg.top_k < logits.shape[-1]:
+            kth = torch.topk(logits, self.cfg.top_k, dim=-1).values[:, -1:]
+            logits = logits.masked_fill(logits < kth, float("-inf"))
+        if self.cfg.top_p is not None and self.cfg.top_p < 1:
+            sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+            cum = torch.softmax(sorted_logits, dim=-1).cumsum(dim=-1)
+            # Drop a token when the tokens before it already reach top_p; the first always stays.
+            drop_sorted = (cum - torch.softmax(sorted_logits, dim=-1)) >= self.cfg.top_p
+            drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+            logits = logits.masked_fill(drop, float("-inf"))
+        probs = torch.softmax(logits, dim=-1)
+        return torch.multinomial(probs, 1, generator=self.generator).squeeze(-1)
+
+
+def _per_sequence(value, n: int, name: str) -> list[list]:
+    """Broadcast a stop rule (None, a flat list, or one list per sequence) to ``n`` lists."""
+    if value is None:
+        return [[] for _ in range(n)]
+    if isinstance(value, (int, str)):
+        value = [value]
+    value = list(value)
+    if value and all(isinstance(v, (list, tuple)) for v in value):
+        if len(value) != n:
+            raise PromptError(f"{name} has {len(value)} per-sequence lists for {n} prompts; give one per prompt "
+                              "or a single flat list for all")
+        return [list(v) for v in value]
+    return [value for _ in range(n)]
+
+
+class StopCriteria:
+    """Per-sequence stop token ids and stop strings; tracks which sequences are finished."""
+
+    def __init__(self, n: int, stop_token_ids, stop_strings, tokenizer) -> None:
+        self.token_ids = [set(map(int, ids)) for ids in _per_sequence(stop_token_ids, n, "stop_token_ids")]
+        self.strings = _per_sequence(stop_strings, n, "stop_strings")
+        if any(self.strings) and tokenizer is None:
+            raise PromptError("stop_strings need a tokenizer, and this model has none; use stop_token_ids")
+        self.tokenizer = tokenizer
+        self.finished = [False] * n
+
+    def update(self, generated: list[list[int]]) -> list[bool]:
+        """Mark sequences whose newest token completes a stop rule; returns the finished flags."""
+        for i, toks in enumerate(generated):
+            if self.finished[i] or not toks:
+                continue
+            if toks[-1] in self.token_ids[i]:
+                self.finished[i] = True
+            elif self.strings[i]:
+                # A stop string of L characters spans at most L tokens: decode only that tail.
+                tail = self.tokenizer.decode(toks[-max(map(len, self.strings[i])) - 1:])
+                self.finished[i] = any(s in tail for s in self.strings[i])
+        return self.finished
+
+    def truncate_text(self, i: int, text: str) -> str:
+        """Cut ``text`` just after its first stop string (kept, as transformers keeps it)."""
+        cuts = [text.find(s) + len(s) for s in self.strings[i] if s in text]
+        return text[: min(cuts)] if cuts else text
+
+
+@dataclass
+class GenerationResult:
+    """What ``generate`` returns. ``token_ids`` holds the new tokens only, one list per prompt."""
+
+    token_ids: list[list[int]]
+    texts: list[str] | None
+    metrics: dict[str, float] = field(default_factory=dict)
+    timeline: object | None = None
+
+    def _repr_html_(self) -> str:
+        rows = "".join(f"<tr><td>{k}</td><td>{v:.4g}</td></tr>" for k, v in self.metrics.items())
+        return f"<b>GenerationResult</b>: {len(self.token_ids)} sequences<table>{rows}</table>"
+
+
+def generation_metrics(n_tokens: int, prefill_s: float, decode_s: float) -> dict[str, float]:
+    """FlexGen's definition: generated tokens over the whole latency, prefill included."""
+    total = prefill_s + decode_s
+    return {
+        "prefill_s": prefill_s,
+        "decode_s": decode_s,
+        "total_s": total,
+        "new_tokens": float(n_tokens),
+        "throughput_tok_s": n_tokens / total if total > 0 else float("nan"),
+    }

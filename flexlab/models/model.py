@@ -1,0 +1,135 @@
+"""``flexlab.Model``: a config, a lazy weight source and (when there is one) a tokenizer.
+
+Example (the random-weights path needs no files):
+    >>> import flexlab, torch
+    >>> model = flexlab.Model.from_config("opt-tiny", seed=0, dtype=torch.float32)
+    >>> result = model.generate([[2, 10, 20]], max_new_tokens=4)
+    >>> len(result.token_ids[0])
+    4
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+from flexlab.errors import ConfigError, PromptError
+from flexlab.models.config import ModelConfig, get_preset
+from flexlab.models.family import ModelFamily, get_family
+from flexlab.models.generation import GenerationResult, SamplingConfig, StopCriteria, encode_prompts
+from flexlab.models.loading import (CheckpointWeights, RandomWeights, WeightSource, read_hf_config,
+                                    resolve_checkpoint)
+from flexlab.models.reference import ReferenceRunner
+
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json")
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """``None``/``"auto"``: CUDA when present, else the CPU."""
+    if device is None or device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def default_dtype(device: torch.device) -> torch.dtype:
+    """The dtype the device computes fast in: float16 on CUDA; bfloat16 on a CPU, where float16
+    matmuls are hundreds of times slower."""
+    return torch.float16 if device.type == "cuda" else torch.bfloat16
+
+
+class Model:
+    """A model ready to generate with, on the reference path or through an offloading engine.
+
+    Create it with :meth:`from_pretrained` or :meth:`from_config`. Weights stay in their source
+    (checkpoint files, or a seeded generator) until something needs them.
+    """
+
+    def __init__(self, config: ModelConfig, weights: WeightSource, *, tokenizer=None,
+                 dtype: torch.dtype | None = None, device: str | torch.device | None = None,
+                 source: str = "") -> None:
+        self.config = config
+        self.family: ModelFamily = get_family(config.family)
+        self.weights = weights
+        self.tokenizer = tokenizer
+        self.device = resolve_device(device)
+        self.dtype = dtype or default_dtype(self.device)
+        self.source = source
+        self._reference: ReferenceRunner | None = None
+
+    # ---- construction ------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(cls, name_or_path: str | os.PathLike, *, dtype: torch.dtype | None = None,
+                        device: str | torch.device | None = None) -> "Model":
+        """Load a Hugging Face checkpoint: a local directory, or a hub id (downloaded when online).
+
+        Tensors are read lazily from memory-mapped files; nothing is loaded until used.
+        """
+        directory = resolve_checkpoint(name_or_path)
+        hf = read_hf_config(directory)
+        model_type = hf.get("model_type")
+        if model_type is None:
+            raise ConfigError(f"{directory}/config.json has no model_type; is it a transformers checkpoint?")
+        family = get_family(model_type)
+        config = family.config_from_hf(hf, Path(str(name_or_path)).name)
+        weights = CheckpointWeights(directory, family.weight_specs(config), family.canonical_name)
+        return cls(config, weights, tokenizer=_load_tokenizer(directory), dtype=dtype, device=device,
+                   source=str(directory))
+
+    @classmethod
+    def from_config(cls, preset_or_config: str | ModelConfig, *, seed: int = 0, dtype: torch.dtype | None = None,
+                    device: str | torch.device | None = None) -> "Model":
+        """Random weights of any size (FlexGen's dummy weights), generated tensor by tensor."""
+        config = get_preset(preset_or_config) if isinstance(preset_or_config, str) else preset_or_config
+        family = get_family(config.family)
+        weights = RandomWeights(family.weight_specs(config), seed=seed)
+        return cls(config, weights, dtype=dtype, device=device, source=f"random(seed={seed})")
+
+    # ---- the reference path ------------------------------------------------------------
+    @property
+    def reference(self) -> ReferenceRunner:
+        """The runner with every weight on the compute device (built on first use)."""
+        if self._reference is None:
+            self._reference = ReferenceRunner(self.family, self.config, self.weights, self.device, self.dtype)
+        return self._reference
+
+    def generate(self, prompts, *, max_new_tokens: int = 32, do_sample: bool = False, temperature: float = 1.0,
+                 top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
+                 stop_token_ids=(), stop_strings=None) -> GenerationResult:
+        """Generate on the reference path (no offloading).
+
+        ``prompts``: strings or token-id lists. Greedy unless ``do_sample``. ``stop_token_ids``
+        and ``stop_strings`` are a flat list for all prompts or one list per prompt; by default
+        generation stops at the model's end-of-sequence token (pass ``None`` to never stop early).
+        """
+        ids = encode_prompts(prompts, self.tokenizer, max_positions=self.config.max_positions,
+                             max_new_tokens=max_new_tokens)
+        sampling = SamplingConfig(do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
+        if stop_token_ids == ():
+            stop_token_ids = [self.config.eos_token_id]
+        stop = StopCriteria(len(ids), stop_token_ids, stop_strings, self.tokenizer)
+        return self.reference.generate(ids, max_new_tokens, sampling, stop, self.tokenizer)
+
+    def score(self, sequences) -> list[torch.Tensor]:
+        """For each sequence (string or token ids, at least 2 tokens), the log-probabilities of
+        tokens ``1..n-1`` given their prefix, as float32 1-D tensors."""
+        ids = encode_prompts(sequences, self.tokenizer, max_positions=self.config.max_positions + 1,
+                             max_new_tokens=1)
+        short = [i for i, s in enumerate(ids) if len(s) < 2]
+        if short:
+            raise PromptError(f"sequence(s) {short} have fewer than 2 tokens; nothing to score")
+        return self.reference.score(ids)
+
+    def __repr__(self) -> str:
+        c = self.config
+        return (f"Model({c.name!r}, {c.num_parameters() / 1e6:.1f}M parameters, {c.num_layers} layers, "
+                f"dtype={self.dtype}, device={self.device}, source={self.source!r})")
+
+
+def _load_tokenizer(directory: Path):
+    if not any((directory / f).exists() for f in _TOKENIZER_FILES):
+        return None
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(directory)
