@@ -8,8 +8,9 @@
 
 from flexlab.errors import CheckpointError, ConfigError, FlexlabError, PromptError
 from flexlab.models import GenerationResult, Model, ModelConfig, get_preset, preset_names
+from flexlab.models.pydoc_model import pydoc_model_path
 
 __version__ = "0.1.0"
 
-__all__ = ["Model", "ModelConfig", "GenerationResult", "get_preset", "preset_names",
+__all__ = ["Model", "ModelConfig", "GenerationResult", "get_preset", "preset_names", "pydoc_model_path",
            "FlexlabError", "ConfigError", "CheckpointError", "PromptError"]

@@ -1,0 +1,95 @@
+import pytest
+import torch
+
+import flexlab
+from flexlab.models.attention import attention_bias
+from flexlab.models.generation import Sampler, SamplingConfig, StopCriteria, left_pad, positions_from_mask
+
+
+def test_left_pad_and_positions():
+    tokens, valid = left_pad([[5, 6, 7], [8]], pad_id=1)
+    assert tokens.tolist() == [[5, 6, 7], [1, 1, 8]]
+    assert positions_from_mask(valid).tolist() == [[0, 1, 2], [-1, -1, 0]]
+
+
+def test_attention_bias_is_causal_and_hides_padding():
+    valid = torch.tensor([[True, True, True], [False, True, True]])
+    allowed = attention_bias(valid, q_len=3) == 0  # [b, 1, q, kv]
+    assert allowed[0, 0].tolist() == [[True, False, False], [True, True, False], [True, True, True]]
+    assert allowed[1, 0].tolist() == [[False, False, False], [False, True, False], [False, True, True]]
+    decode = attention_bias(valid, q_len=1) == 0
+    assert decode[1, 0].tolist() == [[False, True, True]]
+
+
+def logits_batch():
+    return torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]] * 2000))
+
+
+def test_greedy_takes_the_argmax():
+    assert Sampler(SamplingConfig(), "cpu")(logits_batch()[:3]).tolist() == [0, 0, 0]
+
+
+def test_top_k_restricts_support_and_sampling_is_seeded():
+    a = Sampler(SamplingConfig(do_sample=True, top_k=2, seed=7), "cpu")(logits_batch())
+    b = Sampler(SamplingConfig(do_sample=True, top_k=2, seed=7), "cpu")(logits_batch())
+    assert torch.equal(a, b)
+    assert set(a.tolist()) == {0, 1}
+    share0 = (a == 0).float().mean().item()
+    assert abs(share0 - 0.5 / 0.8) < 0.05  # renormalised over the two kept tokens
+
+
+def test_top_p_keeps_the_smallest_prefix_reaching_p():
+    out = Sampler(SamplingConfig(do_sample=True, top_p=0.7, seed=0), "cpu")(logits_batch())
+    assert set(out.tolist()) == {0, 1}  # 0.5 < 0.7 <= 0.8
+    out = Sampler(SamplingConfig(do_sample=True, top_p=0.01, seed=0), "cpu")(logits_batch())
+    assert set(out.tolist()) == {0}
+
+
+def test_low_temperature_approaches_greedy_and_high_spreads():
+    cold = Sampler(SamplingConfig(do_sample=True, temperature=0.05, seed=0), "cpu")(logits_batch())
+    hot = Sampler(SamplingConfig(do_sample=True, temperature=5.0, seed=0), "cpu")(logits_batch())
+    assert (cold == 0).float().mean() > 0.99
+    assert (hot == 3).float().mean() > 0.15
+
+
+def test_stop_token_ids_per_sequence():
+    stop = StopCriteria(2, [[7], [9]], None, None)
+    assert stop.update([[7], [7]]) == [True, False]
+    assert stop.update([[7], [7, 9]]) == [True, True]
+
+
+@pytest.fixture(scope="module")
+def model():
+    return flexlab.Model.from_config("opt-tiny", seed=0, dtype=torch.float32)
+
+
+def test_generation_stops_early_per_sequence(model):
+    prompts = [[2, 40, 41, 42], [2, 50]]
+    free = model.generate(prompts, max_new_tokens=10, stop_token_ids=None).token_ids
+    stop_id = free[0][3]
+    out = model.generate(prompts, max_new_tokens=10, stop_token_ids=[[stop_id], []]).token_ids
+    assert out[0] == free[0][: free[0].index(stop_id) + 1]
+    assert out[1] == free[1]
+
+
+def test_sampling_stops_early_and_is_reproducible(model):
+    kw = dict(max_new_tokens=12, do_sample=True, temperature=1.5, seed=11)
+    free = model.generate([[2, 40, 41]], stop_token_ids=None, **kw).token_ids[0]
+    again = model.generate([[2, 40, 41]], stop_token_ids=None, **kw).token_ids[0]
+    assert free == again
+    stop_id = free[5]
+    cut = model.generate([[2, 40, 41]], stop_token_ids=[stop_id], **kw).token_ids[0]
+    assert cut == free[: free.index(stop_id) + 1]
+
+
+def test_top_k_one_sampling_equals_greedy(model):
+    greedy = model.generate([[2, 9, 8, 7]], max_new_tokens=8, stop_token_ids=None).token_ids
+    sampled = model.generate([[2, 9, 8, 7]], max_new_tokens=8, stop_token_ids=None, do_sample=True,
+                             top_k=1, seed=3).token_ids
+    assert greedy == sampled
+
+
+def test_metrics_count_tokens(model):
+    r = model.generate([[2, 3], [2, 4, 5]], max_new_tokens=5, stop_token_ids=None)
+    assert r.metrics["new_tokens"] == 10
+    assert r.metrics["throughput_tok_s"] == pytest.approx(10 / (r.metrics["prefill_s"] + r.metrics["decode_s"]))
