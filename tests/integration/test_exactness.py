@@ -37,8 +37,8 @@ def flexlab_logits(model, ids):
     """Logits of a left-padded batch through the reference forward, unpadded per sequence."""
     from flexlab.models.generation import left_pad
 
-    tokens, valid = left_pad(ids, model.config.pad_token_id)
-    logits = model.reference.forward(tokens, valid)
+    tokens, valid = left_pad(ids, model.config.pad_token_id, model.device)
+    logits = model.reference.forward(tokens, valid).cpu()
     return [logits[i, tokens.shape[1] - len(s):] for i, s in enumerate(ids)]
 
 
