@@ -6,11 +6,12 @@
     2
 """
 
+from flexlab.engine import Engine, Event, OffloadError, Policy, PolicyError, Timeline
 from flexlab.errors import CheckpointError, ConfigError, FlexlabError, PromptError
 from flexlab.models import GenerationResult, Model, ModelConfig, get_preset, preset_names
 from flexlab.models.pydoc_model import pydoc_model_path
 
 __version__ = "0.1.0"
 
-__all__ = ["Model", "ModelConfig", "GenerationResult", "get_preset", "preset_names", "pydoc_model_path",
+__all__ = ["Model", "ModelConfig", "Engine", "Policy", "Timeline", "Event", "PolicyError", "OffloadError", "GenerationResult", "get_preset", "preset_names", "pydoc_model_path",
            "FlexlabError", "ConfigError", "CheckpointError", "PromptError"]

@@ -42,9 +42,11 @@ def encode_prompts(prompts, tokenizer, *, max_positions: int, max_new_tokens: in
     return ids
 
 
-def left_pad(ids: list[list[int]], pad_id: int, device: str | torch.device = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
-    """``[b, s]`` token ids padded on the left, and the ``[b, s]`` bool mask of real tokens."""
-    width = max(len(p) for p in ids)
+def left_pad(ids: list[list[int]], pad_id: int, device: str | torch.device = "cpu",
+             width: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``[b, width]`` token ids padded on the left (``width`` defaults to the longest), and the
+    ``[b, width]`` bool mask of real tokens."""
+    width = width or max(len(p) for p in ids)
     tokens = torch.full((len(ids), width), pad_id, dtype=torch.long)
     valid = torch.zeros((len(ids), width), dtype=torch.bool)
     for row, p in enumerate(ids):

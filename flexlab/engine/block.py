@@ -1,0 +1,163 @@
+"""One block of sequences through the schedule: its state, and what each step does to it.
+
+The schedule says *when*; the handlers here say *what*: bring a stage's weights, a batch's
+cache or hidden state to the compute device, run the family's maths on it, and put the results
+back. The maths is the same code the reference path calls.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from flexlab.engine.schedule import Step, block_schedule
+from flexlab.engine.store import ActStore, CacheStore
+from flexlab.models.attention import attend, attention_bias
+from flexlab.models.generation import left_pad, positions_from_mask
+
+
+class BlockRun:
+    """Runs ``ids`` (at most one block of sequences) for ``num_tokens`` tokens.
+
+    ``mode="generate"`` samples new tokens into ``generated`` (the engine's per-prompt lists,
+    this block's prompts starting at ``offset``); ``mode="score"`` runs the prefill only and
+    leaves per-sequence log-probabilities in ``self.scores``.
+    """
+
+    def __init__(self, engine, ids: list[list[int]], num_tokens: int, mode: str, *, sampler=None, stop=None,
+                 generated: list[list[int]] | None = None, offset: int = 0) -> None:
+        self.engine, self.ids, self.num_tokens, self.mode = engine, ids, num_tokens, mode
+        self.sampler, self.stop, self.generated, self.offset = sampler, stop, generated, offset
+        model, policy = engine.model, engine.policy
+        self.family, self.config = model.family, model.config
+        bs = policy.gpu_batch_size
+        batches = [ids[i:i + bs] for i in range(0, len(ids), bs)]  # the last may be short
+        self.batch_rows = [list(range(i, i + len(b))) for i, b in zip(range(0, len(ids), bs), batches)]
+        self.width = max(map(len, ids))
+        self.tokens, self.valid = [], []
+        for b in batches:  # every batch padded to the block's width, so cache positions line up
+            tokens, valid = left_pad(b, model.config.pad_token_id, engine.device, width=self.width)
+            self.tokens.append(tokens)
+            self.valid.append(valid)
+        self.last: list[torch.Tensor | None] = [None] * len(batches)
+        self.scores: list[torch.Tensor] = [torch.empty(0)] * len(ids)
+        capacity = self.width + max(num_tokens - 1, 0)
+        disk_seqs = round(len(ids) * policy.cache_disk_percent / 100)
+        engine._check_space(2 * model.config.num_layers * disk_seqs * capacity * model.config.hidden_size
+                            * engine.dtype.itemsize, "the disk share of the KV cache")
+        self.cache = CacheStore(model.config, policy, [len(b) for b in batches], capacity, engine.device,
+                                engine.dtype, engine._subdir("cache"), engine.files, engine.tracker)
+        self.acts = None
+        if policy.act_tier != "gpu":
+            slot_bytes = bs * self.width * model.config.hidden_size * engine.dtype.itemsize  # the prefill's, the largest
+            self.acts = ActStore(policy.act_tier, engine.device, slot_bytes, engine._subdir("act"), engine.files,
+                                 engine.tracker)
+        self.prefill_done: float | None = None
+
+    # ---- running -----------------------------------------------------------------------
+    def run(self) -> tuple[list, float, float]:
+        """Run the block; returns its timeline events, prefill seconds and decode seconds."""
+        engine = self.engine
+        steps = block_schedule(self.num_tokens, engine.stages, len(self.tokens),
+                               prefetch=1 if engine.policy.overlap else 0, act_moves=self.acts is not None)
+        handlers = {"load_weight": self.load_weight, "release_weight": self.release_weight,
+                    "load_cache": self.load_cache, "load_act": self.load_act, "compute": self.compute,
+                    "store_cache": self.store_cache, "store_act": self.store_act}
+        start = time.perf_counter()
+        try:
+            engine.executor.run(steps, handlers, self.finished)
+        finally:
+            self.cache.close()
+            if self.acts is not None:
+                self.acts.close()
+        end = time.perf_counter()
+        prefill_done = self.prefill_done or end
+        return engine.executor.events(), prefill_done - start, end - prefill_done
+
+    def finished(self) -> bool:
+        if self.mode != "generate":
+            return False
+        return all(self.stop.finished[self.offset:self.offset + len(self.ids)])
+
+    # ---- transfers ---------------------------------------------------------------------
+    def load_weight(self, step: Step):
+        weights, moved = self.engine.weights.load(step.stage)
+        return weights, sum(moved.values())
+
+    def release_weight(self, key, weights) -> None:
+        self.engine.weights.release(key[2], weights)
+
+    def load_cache(self, step: Step):
+        layer = self.engine.stages[step.stage].layer
+        k, v, moved = self.cache.load(layer, step.batch, self.width + step.token - 1)
+        return (k, v), sum(moved.values())
+
+    def store_cache(self, step: Step, computed: dict) -> int:
+        if self.mode == "score":  # nothing will read it
+            return 0
+        k, v = computed["kv"]
+        start = 0 if step.token == 0 else self.width + step.token - 1
+        return sum(self.cache.store(self.engine.stages[step.stage].layer, step.batch, k, v, start).values())
+
+    def load_act(self, step: Step):
+        return self.acts.load(step.batch)
+
+    def store_act(self, step: Step, computed: dict) -> int:
+        return self.acts.store(step.batch, computed["h"])
+
+    # ---- compute -----------------------------------------------------------------------
+    def compute(self, step: Step, inputs: dict) -> dict:
+        """The family's maths for one stage and batch; inputs come from the loads it waited on."""
+        t, j, k = step.token, step.stage, step.batch
+        stage = self.engine.stages[j]
+        f, cfg = self.family, self.config
+        w = inputs[("load_weight", t, j, None)]
+        valid = self.valid[k]
+        if "embed" in stage.parts:
+            if t == 0:
+                h = f.embed(w, cfg, self.tokens[k], positions_from_mask(valid))
+            else:
+                h = f.embed(w, cfg, self.last[k][:, None], positions_from_mask(valid)[:, -1:])
+        elif ("load_act", t, j, k) in inputs:
+            h = inputs[("load_act", t, j, k)]
+        else:
+            h = inputs[("compute", t, j - 1, k)]["h"]
+
+        kv = None
+        if "attention" in stage.parts:
+            q, k_new, v_new = f.attention_qkv(w, cfg, h)
+            keys, values = k_new, v_new
+            if t > 0:
+                k_old, v_old = inputs[("load_cache", t, j, k)]
+                keys, values = torch.cat([k_old, k_new], dim=2), torch.cat([v_old, v_new], dim=2)
+            h = f.attention_out(w, cfg, h, attend(q, keys, values, attention_bias(valid, q.shape[2])))
+            kv = (k_new, v_new)
+        if "mlp" in stage.parts:
+            h = f.mlp(w, cfg, h)
+        if "head" in stage.parts:
+            self._head(w, h, t, k)
+        return {"h": h, "kv": kv}
+
+    def _head(self, w, h: torch.Tensor, t: int, k: int) -> None:
+        f, cfg, rows = self.family, self.config, self.batch_rows[k]
+        if self.mode == "score":
+            logprobs = torch.log_softmax(f.head(w, cfg, h).float(), dim=-1)  # [b, s, vocab]
+            for r, row in enumerate(rows):
+                seq = self.ids[row]
+                n = len(seq)
+                lp = logprobs[r, self.width - n:-1]
+                target = self.tokens[k][r, self.width - n + 1:, None]
+                self.scores[row] = lp.gather(-1, target).squeeze(-1).cpu()
+            return
+        next_tok = self.sampler(f.head(w, cfg, h[:, -1]))
+        for r, tok in zip(rows, next_tok.tolist()):
+            if not self.stop.finished[self.offset + r]:
+                self.generated[self.offset + r].append(tok)
+        self.stop.update(self.generated)
+        self.last[k] = next_tok
+        self.valid[k] = torch.cat([self.valid[k], torch.ones_like(self.valid[k][:, :1])], dim=1)
+        if t == 0 and k == len(self.tokens) - 1:
+            if self.engine.device.type == "cuda":
+                torch.cuda.synchronize(self.engine.device)
+            self.prefill_done = time.perf_counter()

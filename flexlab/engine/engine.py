@@ -1,0 +1,191 @@
+"""``flexlab.Engine``: generation with weights, KV cache and activations placed by a Policy.
+
+    >>> import flexlab, torch
+    >>> model = flexlab.Model.from_config("opt-tiny", seed=0, dtype=torch.float32)
+    >>> policy = flexlab.Policy(w_gpu_percent=20, w_cpu_percent=30, gpu_batch_size=2, num_gpu_batches=2)
+    >>> with flexlab.Engine(model, policy) as engine:           # files and threads go away on exit
+    ...     result = engine.generate([[2, 5, 6], [2, 7]], max_new_tokens=4)
+    >>> result.token_ids == model.generate([[2, 5, 6], [2, 7]], max_new_tokens=4).token_ids
+    True
+
+The engine owns its lanes (threads, CUDA streams), staging buffers and offload files, and
+releases them on ``close()`` — also after an exception or Ctrl-C inside the ``with`` block.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from flexlab.engine.block import BlockRun
+from flexlab.engine.executor import Executor
+from flexlab.engine.policy import Policy, PolicyError
+from flexlab.engine.schedule import make_stages
+from flexlab.engine.store import WeightStore
+from flexlab.engine.tiers import DiskFiles, MemoryTracker
+from flexlab.engine.timeline import Timeline
+from flexlab.errors import FlexlabError, PromptError
+from flexlab.models.generation import (GenerationResult, Sampler, SamplingConfig, StopCriteria, encode_prompts,
+                                       generation_metrics)
+
+
+class OffloadError(FlexlabError):
+    """The offload directory cannot be used (not writable, not enough space)."""
+
+
+class Engine:
+    """Runs a :class:`~flexlab.Model` under a :class:`Policy`; see the module docstring."""
+
+    def __init__(self, model, policy: Policy | None = None, offload_dir: str | Path | None = None, *,
+                 direct_io: bool = True, progress: bool = False) -> None:
+        policy = policy or Policy()
+        if not isinstance(policy, Policy):
+            raise PolicyError(f"policy must be a flexlab.Policy, got {type(policy).__name__}")
+        for name, reason in (("compress_weight", "compression"), ("compress_cache", "compression")):
+            if getattr(policy, name) is not None:
+                raise PolicyError(f"Policy.{name} is set, but {reason} is not implemented in the engine yet; "
+                                  f"leave it None")
+        if policy.cpu_cache_compute or policy.attn_sparsity < 1:
+            raise PolicyError("Policy.cpu_cache_compute and attn_sparsity < 1 are not implemented in the engine yet; "
+                              "use the defaults (False, 1.0)")
+        self.model, self.policy = model, policy
+        self.device, self.dtype = model.device, model.dtype
+        self.stages = make_stages(model.config.num_layers, policy.sep_layer)
+        self.tracker = MemoryTracker()
+        self.files = DiskFiles(direct=direct_io)
+        self._dir: Path | None = None
+        self._executor: Executor | None = None
+        try:
+            self._dir = self._make_offload_dir(offload_dir)
+            self._check_space_for_weights()
+            from tqdm.auto import tqdm
+
+            n = len(model.family.weight_specs(model.config))
+            with tqdm(total=n, desc="placing weights", disable=not progress, leave=False) as bar:
+                self.weights = WeightStore(model, self.stages, policy, self.device, self.dtype,
+                                           self._subdir("weights"), self.files, self.tracker, bar)
+            self._executor = Executor(self.device, policy.overlap, describe=lambda j: self.stages[j].name)
+        except BaseException:
+            self.close()
+            raise
+
+    # ---- resources ---------------------------------------------------------------------
+    def _make_offload_dir(self, offload_dir) -> Path:
+        """A fresh directory the engine owns (inside ``offload_dir`` when given) and removes on close."""
+        parent = Path(offload_dir).expanduser() if offload_dir is not None else Path(tempfile.gettempdir())
+        try:
+            parent.mkdir(parents=True, exist_ok=True)
+            return Path(tempfile.mkdtemp(prefix="flexlab-", dir=parent))
+        except OSError as e:
+            raise OffloadError(f"offload_dir {str(parent)!r} is not usable ({e.strerror}); pass a writable "
+                               "directory with room for the disk share of weights and cache") from None
+
+    def _subdir(self, name: str) -> Path:
+        path = self._dir / name
+        path.mkdir(exist_ok=True)
+        return path
+
+    def _check_space_for_weights(self) -> None:
+        # Safetensors checkpoints are read in place; other sources are converted into offload_dir.
+        in_place = self.model.weights.location(next(iter(self.model.weights.specs))) is not None
+        share = self.policy.w_disk_percent / 100
+        need = 0 if in_place else share * self.model.config.total_weight_bytes(self.dtype.itemsize)
+        self._check_space(need, "the disk share of the weights")
+
+    def _check_space(self, need: float, what: str) -> None:
+        free = shutil.disk_usage(self._dir).free
+        if need > free:
+            raise OffloadError(f"offload_dir {str(self._dir.parent)!r} has {free / 2**30:.2f} GiB free but "
+                               f"{what} needs {need / 2**30:.2f} GiB; free space, choose another directory, "
+                               "or lower the disk share in the policy")
+
+    def close(self) -> None:
+        """Stop the lanes, drop the stores and delete every file the engine created."""
+        if self._executor is not None:
+            self._executor.close()
+            self._executor = None
+        self.files.close()
+        if self._dir is not None:
+            shutil.rmtree(self._dir, ignore_errors=True)
+            self._dir = None
+
+    def __enter__(self) -> "Engine":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __del__(self) -> None:  # a forgotten close() must not leak files
+        try:
+            self.close()
+        except Exception:
+            pass
+
+    # ---- user API ----------------------------------------------------------------------
+    def generate(self, prompts, *, max_new_tokens: int = 32, do_sample: bool = False, temperature: float = 1.0,
+                 top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
+                 stop_token_ids=(), stop_strings=None) -> GenerationResult:
+        """Generate for any number of prompts, in blocks of ``gpu_batch_size × num_gpu_batches``.
+
+        Arguments as :meth:`flexlab.Model.generate`. With sampling, the same seed gives the same
+        tokens from run to run, though not the reference path's tokens (batches draw in turn).
+        """
+        self._check_open()
+        tok = self.model.tokenizer
+        ids = encode_prompts(prompts, tok, max_positions=self.model.config.max_positions,
+                             max_new_tokens=max_new_tokens)
+        sampling = SamplingConfig(do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
+        if stop_token_ids == ():
+            stop_token_ids = [self.model.config.eos_token_id]
+        stop = StopCriteria(len(ids), stop_token_ids, stop_strings, tok)
+        sampler = Sampler(sampling, self.device)
+        self._executor.restart_clock()
+        generated: list[list[int]] = [[] for _ in ids]
+        events, prefill_s, decode_s = [], 0.0, 0.0
+        for first in range(0, len(ids), self.policy.block_size):
+            block = BlockRun(self, ids[first:first + self.policy.block_size], max_new_tokens, "generate",
+                             sampler=sampler, stop=stop, generated=generated, offset=first)
+            block_events, p, d = block.run()
+            events += block_events
+            prefill_s, decode_s = prefill_s + p, decode_s + d
+        texts = None
+        if tok is not None:
+            texts = [stop.truncate_text(i, tok.decode(g, skip_special_tokens=True)) for i, g in enumerate(generated)]
+        metrics = generation_metrics(sum(map(len, generated)), prefill_s, decode_s)
+        metrics.update({f"peak_bytes_{tier}": float(v) for tier, v in self.tracker.peaks().items()})
+        return GenerationResult(token_ids=generated, texts=texts, metrics=metrics, timeline=Timeline(events))
+
+    def score(self, sequences) -> list[torch.Tensor]:
+        """Per sequence, float32 log-probabilities of tokens ``1..n-1`` given their prefix."""
+        self._check_open()
+        ids = encode_prompts(sequences, self.model.tokenizer, max_positions=self.model.config.max_positions + 1,
+                             max_new_tokens=1)
+        short = [i for i, s in enumerate(ids) if len(s) < 2]
+        if short:
+            raise PromptError(f"sequence(s) {short} have fewer than 2 tokens; nothing to score")
+        out = []
+        for first in range(0, len(ids), self.policy.block_size):
+            block = BlockRun(self, ids[first:first + self.policy.block_size], 1, "score")
+            block.run()
+            out += block.scores
+        return out
+
+    def _check_open(self) -> None:
+        if self._executor is None:
+            raise FlexlabError("this Engine is closed; create a new one (or use it inside a `with` block)")
+
+    @property
+    def executor(self) -> Executor:
+        return self._executor
+
+    @property
+    def offload_dir(self) -> Path | None:
+        """The directory holding this engine's files (removed on close)."""
+        return self._dir
+
+    def __repr__(self) -> str:
+        return f"Engine({self.model.config.name!r}, {self.policy.describe()}, device={self.device})"

@@ -1,0 +1,162 @@
+"""Runs schedule steps: computes on the calling thread, transfers on lane threads, all timed.
+
+Each transfer kind has a lane: one worker thread (and, on CUDA, its own stream), so transfers of
+one kind keep their order while different kinds and the compute run at the same time. A step
+waits only for its ``deps``. With ``overlap=False`` every transfer is waited for as soon as it is
+issued, so nothing runs beside the compute.
+
+Timing: on a CPU, wall-clock marks; on CUDA, CUDA events recorded on the issuing stream and
+resolved after the run, so measuring does not serialise the overlap it measures.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Callable, Iterable
+from concurrent.futures import Future, ThreadPoolExecutor
+
+import torch
+
+from flexlab.engine.schedule import Key, Step
+from flexlab.engine.timeline import COMPUTE_LANE, Event
+
+LANES = {"load_weight": "load weight", "load_cache": "load cache", "load_act": "load act",
+         "store_cache": "store cache", "store_act": "store act"}
+
+
+class Clock:
+    """Marks on the current stream (CUDA) or wall-clock marks (CPU), resolved to seconds later."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+        self.base_wall = time.perf_counter()
+        if self.cuda:
+            self.base = torch.cuda.Event(enable_timing=True)
+            self.base.record()
+
+    def mark(self):
+        if self.cuda:
+            ev = torch.cuda.Event(enable_timing=True)
+            ev.record()
+            return ev
+        return time.perf_counter()
+
+    def resolve(self, mark) -> float:
+        if self.cuda:
+            return self.base.elapsed_time(mark) / 1000.0
+        return mark - self.base_wall
+
+
+def _done(value) -> Future:
+    f: Future = Future()
+    f.set_result(value)
+    return f
+
+
+class Executor:
+    """Executes steps with the given handlers and records one event per step that did work.
+
+    Handlers: ``load_*(step) -> (value, bytes)``, ``compute(step, inputs) -> value`` where
+    ``inputs`` maps dependency keys to values, ``store_*(step, computed) -> bytes``.
+    """
+
+    def __init__(self, device: torch.device, overlap: bool, describe: Callable[[int], str] = str) -> None:
+        self.device, self.overlap, self.describe = device, overlap, describe
+        self.handlers: dict[str, Callable] = {}
+        self.lanes = {lane: ThreadPoolExecutor(1, thread_name_prefix=f"flexlab-{lane}") for lane in set(LANES.values())}
+        self.streams = {lane: torch.cuda.Stream(device) for lane in self.lanes} if device.type == "cuda" else {}
+        self.futures: dict[Key, Future] = {}
+        self.pending_events: list[tuple] = []
+        self.clock = Clock(device)
+
+    def run(self, steps: Iterable[Step], handlers: dict[str, Callable],
+            should_stop: Callable[[], bool] = lambda: False) -> None:
+        """Issue every step in order; stop issuing once ``should_stop()`` (checked after computes)."""
+        self.handlers = handlers
+        self.futures.clear()
+        for step in steps:
+            if step.kind == "compute":
+                self._compute(step)
+                if should_stop():
+                    break
+            else:
+                self._issue(step)
+        self.drain()
+
+    def _issue(self, step: Step) -> None:
+        lane = LANES[step.kind]
+        handler = self.handlers[step.kind]
+        deps = [self.futures[d] for d in step.deps]
+        stream = self.streams.get(lane)
+        if step.kind.startswith("store"):
+            computed = deps[0].result()  # the compute ran on this thread: its value is ready
+            if stream is not None:
+                stream.wait_stream(torch.cuda.current_stream())  # don't copy before it is computed
+            work = lambda: (None, handler(step, computed))  # noqa: E731
+        else:
+            def work():
+                for d in deps:  # e.g. a cache load waits for the store of the previous token
+                    d.result()
+                return handler(step)
+
+        def task():
+            with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
+                start = self.clock.mark()
+                value, moved = work()
+                end = self.clock.mark()
+                ready = None
+                if stream is not None:
+                    ready = torch.cuda.Event()
+                    ready.record()
+            if moved:
+                self.pending_events.append((lane, step, start, end, moved))
+            return value, ready
+
+        future = self.lanes[lane].submit(task)
+        self.futures[step.key] = future
+        if not self.overlap:
+            future.result()
+
+    def _compute(self, step: Step) -> None:
+        inputs = {}
+        for d in step.deps:
+            value = self.futures[d].result()
+            if d[0] != "compute":
+                value, ready = value
+                if ready is not None:
+                    torch.cuda.current_stream().wait_event(ready)  # device-side wait, host runs on
+            inputs[d] = value
+        start = self.clock.mark()
+        value = self.handlers["compute"](step, inputs)
+        end = self.clock.mark()
+        self.pending_events.append((COMPUTE_LANE, step, start, end, 0))
+        self.futures[step.key] = _done(value)
+        for key in step.releases:
+            released = self.futures.pop(key, None)
+            if key[0] == "load_weight" and released is not None and "release_weight" in self.handlers:
+                self.handlers["release_weight"](key, released.result()[0])
+
+    def restart_clock(self) -> None:
+        """Make the next events' times count from now."""
+        self.clock = Clock(self.device)
+
+    def drain(self) -> None:
+        """Wait for every issued transfer (stores still running after the last compute)."""
+        for f in list(self.futures.values()):
+            f.result()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def events(self) -> list[Event]:
+        """Resolve the recorded marks into timeline events (after :meth:`drain`)."""
+        out = [Event(lane, step.kind, step.token, step.stage, step.batch, self.clock.resolve(a),
+                     self.clock.resolve(b), int(moved), self.describe(step.stage))
+               for lane, step, a, b, moved in self.pending_events]
+        self.pending_events.clear()
+        return out
+
+    def close(self) -> None:
+        for pool in self.lanes.values():
+            pool.shutdown(wait=True, cancel_futures=True)
+

@@ -1,0 +1,126 @@
+"""The zig-zag block schedule as a pure generator of typed steps.
+
+For each token, for each stage (embed, attention/MLP of every layer, head), for each GPU batch:
+compute — so one load of a stage's weights serves the whole block. With prefetch distance 1
+(``overlap=True``) the next stage's weights are requested when the current stage starts, and
+so load while *all* of its batches compute; the next batch's cache and activations are
+requested before the current batch computes; stores follow each compute and run behind it.
+Distance 0 (``overlap=False``) requests each load only when it is needed.
+
+Nothing here touches a tensor, so the schedule can be printed, tested and plotted::
+
+    >>> from flexlab.engine.schedule import block_schedule, make_stages
+    >>> for s in block_schedule(2, make_stages(1, sep_layer=False), 1, prefetch=1, act_moves=False):
+    ...     print(s)  # doctest: +ELLIPSIS
+    load_weight t=0 stage=0
+    load_weight t=0 stage=1
+    compute t=0 stage=0 batch=0
+    ...
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Literal
+
+StepKind = Literal["load_weight", "load_cache", "load_act", "compute", "store_cache", "store_act"]
+Key = tuple  # (kind, token, stage, batch); batch is None for weights
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One scheduling unit: the parts of the model it computes, and the layer they belong to."""
+
+    index: int
+    parts: tuple[str, ...]  # ("embed",), ("attention",), ("mlp",), ("attention", "mlp"), ("head",)
+    layer: int | None
+
+    @property
+    def has_cache(self) -> bool:
+        return "attention" in self.parts
+
+    @property
+    def name(self) -> str:
+        label = "+".join(self.parts)
+        return label if self.layer is None else f"{label}.{self.layer}"
+
+
+def make_stages(num_layers: int, sep_layer: bool) -> list[Stage]:
+    """embed, then attention and MLP of each layer (one stage or two), then head."""
+    parts = [("embed",), *([("attention",), ("mlp",)] if sep_layer else [("attention", "mlp")])]
+    stages = [Stage(0, ("embed",), None)]
+    for layer in range(num_layers):
+        for p in parts[1:]:
+            stages.append(Stage(len(stages), p, layer))
+    stages.append(Stage(len(stages), ("head",), None))
+    return stages
+
+
+@dataclass(frozen=True)
+class Step:
+    """One thing to do. ``deps`` must finish first; ``releases`` may be freed after a compute."""
+
+    kind: StepKind
+    token: int
+    stage: int
+    batch: int | None = None
+    deps: tuple[Key, ...] = field(default=(), compare=False)
+    releases: tuple[Key, ...] = field(default=(), compare=False)
+
+    @property
+    def key(self) -> Key:
+        return (self.kind, self.token, self.stage, self.batch)
+
+    def __str__(self) -> str:
+        batch = "" if self.batch is None else f" batch={self.batch}"
+        return f"{self.kind} t={self.token} stage={self.stage}{batch}"
+
+
+def block_schedule(num_tokens: int, stages: list[Stage], num_batches: int, *, prefetch: int,
+                   act_moves: bool) -> Iterator[Step]:
+    """Every step of one block, in issue order.
+
+    ``num_tokens`` counts the prefill as token 0. ``act_moves`` says whether hidden states
+    are stored and loaded between stages (activations off the gpu tier) or stay in memory.
+    """
+    n_stages = len(stages)
+    stage_steps = [(t, j) for t in range(num_tokens) for j in range(n_stages)]
+    units = [(t, j, k) for t, j in stage_steps for k in range(num_batches)]
+    issued: set[Key] = set()
+
+    def loads(t: int, j: int, k: int) -> list[Step]:
+        """The loads unit (t, j, k) needs, beyond its stage's weights."""
+        out = []
+        if stages[j].has_cache and t > 0:  # the prefill has no cache to read
+            out.append(Step("load_cache", t, j, k, deps=(("store_cache", t - 1, j, k),)))
+        if act_moves and j > 0:  # the embedding reads token ids, not activations
+            out.append(Step("load_act", t, j, k, deps=(("store_act", t, j - 1, k),)))
+        return out
+
+    def emit(step: Step) -> Step:
+        issued.add(step.key)
+        return step
+
+    for n, (t, j, k) in enumerate(units):
+        stage_index = t * n_stages + j
+        ahead = [Step("load_weight", tt, jj) for tt, jj in stage_steps[stage_index:stage_index + 1 + prefetch]]
+        ahead += [s for u in units[n:n + 1 + prefetch] for s in loads(*u)]
+        for step in ahead:
+            # A load whose data is not yet stored (the next stage's input, with one batch) is not
+            # prefetched; it is issued when its own unit comes up.
+            if step.key not in issued and all(d in issued for d in step.deps):
+                yield emit(step)
+
+        needs = [("load_weight", t, j, None)] + [s.key for s in loads(t, j, k)]
+        if not act_moves and j > 0:
+            needs.append(("compute", t, j - 1, k))  # the hidden state handed over in memory
+        releases = [key for key in needs if key[0] != "load_weight"]
+        if k == num_batches - 1:
+            releases.append(("load_weight", t, j, None))  # the block is done with this stage's weights
+        yield emit(Step("compute", t, j, k, deps=tuple(needs), releases=tuple(releases)))
+
+        if stages[j].has_cache:
+            yield emit(Step("store_cache", t, j, k, deps=(("compute", t, j, k),)))
+        if act_moves and j < n_stages - 1:
+            yield emit(Step("store_act", t, j, k, deps=(("compute", t, j, k),)))

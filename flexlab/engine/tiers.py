@@ -1,0 +1,145 @@
+"""The three tiers' plumbing: byte accounting, reusable I/O buffers, and disk reads and writes.
+
+"gpu" is the compute device (CUDA, or the CPU on a machine without one), "cpu" is host memory,
+"disk" is files under the engine's offload directory. On a CPU-only machine gpu and cpu share
+RAM, but they are accounted apart so that placement and peaks read the same as on a GPU.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import threading
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+
+TIERS = ("gpu", "cpu", "disk")
+ALIGN = 4096  # O_DIRECT needs offsets, lengths and buffer addresses aligned to the block size
+
+
+class MemoryTracker:
+    """Current and peak bytes per tier, by category (weights, cache, activations, buffers)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.current: dict[tuple[str, str], int] = defaultdict(int)
+        self.peak_by_tier: dict[str, int] = defaultdict(int)
+
+    def add(self, tier: str, category: str, nbytes: int) -> None:
+        with self._lock:
+            self.current[(tier, category)] += nbytes
+            total = sum(v for (t, _), v in self.current.items() if t == tier)
+            self.peak_by_tier[tier] = max(self.peak_by_tier[tier], total)
+
+    def sub(self, tier: str, category: str, nbytes: int) -> None:
+        self.add(tier, category, -nbytes)
+
+    def peaks(self) -> dict[str, int]:
+        return {t: self.peak_by_tier.get(t, 0) for t in TIERS}
+
+    def by_category(self) -> dict[tuple[str, str], int]:
+        return dict(self.current)
+
+
+def nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+def aligned_empty(size: int, pin: bool = False) -> torch.Tensor:
+    """A uint8 buffer of ``size`` bytes whose address is ALIGN-aligned (for O_DIRECT)."""
+    raw = torch.empty(size + ALIGN, dtype=torch.uint8, pin_memory=pin)
+    shift = (-raw.data_ptr()) % ALIGN
+    return raw[shift:shift + size]
+
+
+class BufferPool:
+    """A fixed set of equal staging buffers, handed out and returned; no allocation per read."""
+
+    def __init__(self, size: int, count: int, pin: bool = False) -> None:
+        self.size = size
+        self._free: queue.Queue[torch.Tensor] = queue.Queue()
+        for _ in range(count):
+            self._free.put(aligned_empty(size, pin))
+
+    def acquire(self) -> torch.Tensor:
+        return self._free.get()
+
+    def release(self, buf: torch.Tensor) -> None:
+        self._free.put(buf)
+
+
+class DiskFiles:
+    """Open file descriptors by path; reads use O_DIRECT where the file system allows it.
+
+    O_DIRECT bypasses the page cache, so disk reads cost what they cost on a cold machine
+    (the page cache would otherwise make a second read come from RAM).
+    """
+
+    def __init__(self, direct: bool = True) -> None:
+        self.direct = direct and hasattr(os, "O_DIRECT")
+        self._fds: dict[tuple[Path, bool], int] = {}
+        self._lock = threading.Lock()
+
+    def _fd(self, path: Path, direct: bool, write: bool = False) -> int:
+        key = (path, direct, write)
+        with self._lock:
+            if key not in self._fds:
+                flags = (os.O_RDWR if write else os.O_RDONLY) | (os.O_DIRECT if direct else 0)
+                self._fds[key] = os.open(path, flags)
+            return self._fds[key]
+
+    def read(self, path: Path, offset: int, size: int, buf: torch.Tensor) -> torch.Tensor:
+        """Read ``size`` bytes at ``offset`` into ``buf``; returns the uint8 view holding them."""
+        if self.direct:
+            start = offset - offset % ALIGN
+            length = -(-(offset + size - start) // ALIGN) * ALIGN
+            if length <= buf.numel() and buf.data_ptr() % ALIGN == 0:
+                try:
+                    got = os.preadv(self._fd(path, True), [memoryview(buf[:length].numpy())], start)
+                    if got >= offset - start + size:
+                        return buf[offset - start:offset - start + size]
+                except OSError:  # e.g. tmpfs refuses O_DIRECT: fall back to buffered reads
+                    self.direct = False
+        got = os.preadv(self._fd(path, False), [memoryview(buf[:size].numpy())], offset)
+        if got != size:
+            raise OSError(f"short read from {path}: {got} of {size} bytes at offset {offset}")
+        return buf[:size]
+
+    def write(self, path: Path, offset: int, data: torch.Tensor) -> None:
+        """Write a tensor's bytes at ``offset`` (buffered; decode writes are a row at a time)."""
+        raw = data.contiguous().view(torch.uint8).reshape(-1).numpy()
+        if os.pwrite(self._fd(path, False, write=True), memoryview(raw), offset) != raw.nbytes:
+            raise OSError(f"short write to {path} at offset {offset}")
+
+    def close(self) -> None:
+        with self._lock:
+            for fd in self._fds.values():
+                os.close(fd)
+            self._fds.clear()
+
+
+def write_file_atomic(path: Path, data: torch.Tensor) -> None:
+    """Write a tensor's bytes to ``path`` via a temporary file and a rename."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(memoryview(data.contiguous().view(torch.uint8).reshape(-1).numpy()))
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def preallocate(path: Path, size: int) -> None:
+    """Create a file of ``size`` bytes whose blocks are reserved now, so a full disk fails here."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        if size:
+            os.posix_fallocate(fd, 0, size)
+    except OSError:
+        os.close(fd)
+        path.unlink(missing_ok=True)
+        raise
+    os.close(fd)

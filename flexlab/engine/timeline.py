@@ -1,0 +1,161 @@
+"""Every transfer and every compute as an event; summaries, files and Chrome traces from them.
+
+A :class:`Timeline` is plain data: it can be saved on a GPU machine and re-plotted on a laptop.
+
+    >>> from flexlab.engine.timeline import Event, Timeline
+    >>> tl = Timeline([Event("compute", "compute", 0, 1, 0, 0.0, 1.0),
+    ...                Event("load weight", "load_weight", 0, 2, None, 0.5, 1.5, 1_000_000)])
+    >>> round(tl.summary()["io_hidden_fraction"], 2)   # half of the load ran under compute
+    0.5
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+COMPUTE_LANE = "compute"
+
+
+@dataclass(frozen=True)
+class Event:
+    """One interval on one lane. Times are seconds from the start of the run."""
+
+    lane: str  # "compute", "load weight", "load cache", "store cache", ...
+    kind: str  # the step kind: "compute", "load_weight", ...
+    token: int
+    stage: int
+    batch: int | None
+    start: float
+    end: float
+    bytes: int = 0
+    stage_name: str = ""
+
+    @property
+    def duration(self) -> float:
+        return self.end - self.start
+
+
+def _union(intervals: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    merged: list[list[float]] = []
+    for a, b in sorted(intervals):
+        if merged and a <= merged[-1][1]:
+            merged[-1][1] = max(merged[-1][1], b)
+        else:
+            merged.append([a, b])
+    return [(a, b) for a, b in merged]
+
+
+def _length(intervals: list[tuple[float, float]]) -> float:
+    return sum(b - a for a, b in intervals)
+
+
+def _intersection(xs: list[tuple[float, float]], ys: list[tuple[float, float]]) -> float:
+    """Total length of the overlap of two sorted, disjoint interval lists."""
+    i = j = 0
+    total = 0.0
+    while i < len(xs) and j < len(ys):
+        lo, hi = max(xs[i][0], ys[j][0]), min(xs[i][1], ys[j][1])
+        total += max(0.0, hi - lo)
+        if xs[i][1] < ys[j][1]:
+            i += 1
+        else:
+            j += 1
+    return total
+
+
+class Timeline:
+    """An ordered list of :class:`Event` with views for analysis and plotting."""
+
+    def __init__(self, events: list[Event] | None = None) -> None:
+        self.events: list[Event] = sorted(events or [], key=lambda e: (e.start, e.lane))
+
+    def __len__(self) -> int:
+        return len(self.events)
+
+    @property
+    def lanes(self) -> list[str]:
+        return sorted({e.lane for e in self.events}, key=lambda lane: (lane != COMPUTE_LANE, lane))
+
+    def to_pandas(self):
+        """One row per event: lane, kind, token, stage, batch, start, end, duration, bytes."""
+        import pandas as pd
+
+        df = pd.DataFrame([asdict(e) for e in self.events],
+                          columns=["lane", "kind", "token", "stage", "batch", "start", "end", "bytes", "stage_name"])
+        df["duration"] = df["end"] - df["start"]
+        return df
+
+    def summary(self) -> dict[str, float]:
+        """Wall time, busy time per lane, how much I/O hid under compute, achieved bandwidth.
+
+        ``io_hidden_fraction``: share of the time some transfer was running that compute was
+        running too. ``compute_idle_fraction``: share of the wall time compute waited.
+        """
+        if not self.events:
+            return {}
+        wall = max(e.end for e in self.events) - min(e.start for e in self.events)
+        compute = _union([(e.start, e.end) for e in self.events if e.lane == COMPUTE_LANE])
+        io = _union([(e.start, e.end) for e in self.events if e.lane != COMPUTE_LANE])
+        hidden = _intersection(compute, io)
+        out = {
+            "wall_s": wall,
+            "compute_busy_s": _length(compute),
+            "io_busy_s": _length(io),
+            "io_hidden_s": hidden,
+            "io_exposed_s": _length(io) - hidden,
+            "io_hidden_fraction": hidden / _length(io) if io else 0.0,
+            "compute_idle_fraction": 1 - _length(compute) / wall if wall > 0 else 0.0,
+        }
+        for lane in self.lanes:
+            evs = [e for e in self.events if e.lane == lane]
+            busy = _length(_union([(e.start, e.end) for e in evs]))
+            out[f"busy_s[{lane}]"] = busy
+            moved = sum(e.bytes for e in evs)
+            if moved:
+                out[f"bytes[{lane}]"] = float(moved)
+                out[f"GB_per_s[{lane}]"] = moved / busy / 1e9 if busy > 0 else float("nan")
+        return out
+
+    # ---- files -------------------------------------------------------------------------
+    def save(self, path: str | os.PathLike) -> None:
+        """Write the events as JSON (atomically: a crash never leaves half a file)."""
+        _atomic_write(Path(path), json.dumps({"version": 1, "events": [asdict(e) for e in self.events]}))
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "Timeline":
+        data = json.loads(Path(path).read_text())
+        return cls([Event(**e) for e in data["events"]])
+
+    def to_chrome_trace(self, path: str | os.PathLike) -> None:
+        """A Chrome trace (open in https://ui.perfetto.dev or chrome://tracing): a row per lane."""
+        tids = {lane: i for i, lane in enumerate(self.lanes)}
+        trace = [{"name": "thread_name", "ph": "M", "pid": 0, "tid": tid, "args": {"name": lane}}
+                 for lane, tid in tids.items()]
+        for e in self.events:
+            trace.append({
+                "name": f"{e.kind} {e.stage_name}".strip(), "cat": e.kind, "ph": "X", "pid": 0, "tid": tids[e.lane],
+                "ts": e.start * 1e6, "dur": max(e.duration * 1e6, 0.001),
+                "args": {"token": e.token, "stage": e.stage, "batch": e.batch, "bytes": e.bytes},
+            })
+        _atomic_write(Path(path), json.dumps({"traceEvents": trace, "displayTimeUnit": "ms"}))
+
+    def _repr_html_(self) -> str:
+        s = self.summary()
+        rows = "".join(f"<tr><td>{k}</td><td>{v:.4g}</td></tr>" for k, v in s.items())
+        return f"<b>Timeline</b>: {len(self)} events on {len(self.lanes)} lanes<table>{rows}</table>"
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise

@@ -1,0 +1,188 @@
+"""The offloading engine equals transformers for every policy (float32, CPU), and cleans up."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+import flexlab
+from flexlab import Policy
+from tests.conftest import write_bin_checkpoint
+from tests.integration.test_exactness import hf_greedy, hf_logits
+
+random.seed(0)
+PROMPTS = [[2] + [random.randrange(4, 500) for _ in range(n)] for n in (5, 1, 8, 3, 6, 2, 7)]  # 7: short last block
+NEW = 8
+
+GRID = {
+    "all on gpu (reference)": Policy(),
+    "weights gpu/cpu/disk": Policy.from_percent([20, 30, 100, 0, 100, 0], gpu_batch_size=2, num_gpu_batches=2),
+    "weights all on disk": Policy.from_percent([0, 0, 100, 0, 100, 0], gpu_batch_size=4),
+    "cache on cpu": Policy.from_percent([100, 0, 0, 100, 100, 0], gpu_batch_size=2, num_gpu_batches=2),
+    "cache on disk": Policy.from_percent([100, 0, 0, 0, 100, 0], gpu_batch_size=3, num_gpu_batches=1),
+    "cache split three ways": Policy.from_percent([100, 0, 30, 30, 100, 0], gpu_batch_size=2, num_gpu_batches=3),
+    "activations on cpu": Policy.from_percent([100, 0, 100, 0, 0, 100], gpu_batch_size=2, num_gpu_batches=2),
+    "activations on disk": Policy.from_percent([100, 0, 100, 0, 0, 0], gpu_batch_size=1, num_gpu_batches=4),
+    "everything offloaded, overlap off": Policy.from_percent([10, 40, 20, 40, 0, 0], gpu_batch_size=2,
+                                                             num_gpu_batches=2, overlap=False),
+    "everything offloaded, joint layers": Policy.from_percent([10, 40, 20, 40, 0, 100], gpu_batch_size=3,
+                                                              num_gpu_batches=2, sep_layer=False),
+    "1 batch per block": Policy.from_percent([50, 50, 50, 50, 100, 0], gpu_batch_size=2, num_gpu_batches=1),
+    "4 batches per block": Policy.from_percent([50, 0, 50, 0, 0, 100], gpu_batch_size=1, num_gpu_batches=4),
+}
+
+
+@pytest.fixture(scope="module")
+def expected(tiny_hf):
+    greedy = hf_greedy(tiny_hf, PROMPTS, NEW)
+    assert len({t for row in greedy for t in row}) > 10  # not a degenerate model
+    return greedy, hf_logits(tiny_hf, PROMPTS)
+
+
+@pytest.fixture(scope="module")
+def model(tiny_dir):
+    return flexlab.Model.from_pretrained(tiny_dir, dtype=torch.float32, device="cpu")
+
+
+@pytest.mark.parametrize("name", list(GRID))
+def test_tokens_and_scores_equal_transformers(name, model, expected, tmp_path):
+    greedy, logits = expected
+    with flexlab.Engine(model, GRID[name], offload_dir=tmp_path) as engine:
+        result = engine.generate(PROMPTS, max_new_tokens=NEW)
+        assert result.token_ids == greedy
+        for lp, lg, seq in zip(engine.score(PROMPTS), logits, PROMPTS):
+            ref = torch.log_softmax(lg[:-1], -1).gather(-1, torch.tensor(seq[1:])[:, None]).squeeze(-1)
+            torch.testing.assert_close(lp, ref, atol=1e-4, rtol=0)
+    assert list(tmp_path.iterdir()) == []  # every file the engine made is gone
+
+
+def test_weights_from_a_bin_checkpoint_are_converted_once(tiny_hf, tmp_path, expected):
+    write_bin_checkpoint(tiny_hf, tmp_path / "ckpt")
+    model = flexlab.Model.from_pretrained(tmp_path / "ckpt", dtype=torch.float32, device="cpu")
+    with flexlab.Engine(model, Policy.from_percent([0, 0, 100, 0, 100, 0]), offload_dir=tmp_path / "off") as engine:
+        converted = list((engine.offload_dir / "weights").iterdir())
+        assert len(converted) == len(model.weights.specs)
+        assert engine.generate(PROMPTS, max_new_tokens=NEW).token_ids == expected[0]
+
+
+def test_safetensors_weights_are_read_in_place(model, tmp_path):
+    with flexlab.Engine(model, Policy.from_percent([0, 0, 100, 0, 100, 0]), offload_dir=tmp_path) as engine:
+        assert list((engine.offload_dir / "weights").iterdir()) == []
+        assert engine.weights.tier_bytes()["disk"] == model.config.total_weight_bytes(4)
+
+
+def test_early_stop_and_sampling_in_blocks(model):
+    policy = Policy.from_percent([30, 30, 30, 30, 0, 100], gpu_batch_size=2, num_gpu_batches=2)
+    with flexlab.Engine(model, policy) as engine:
+        free = engine.generate(PROMPTS, max_new_tokens=NEW, stop_token_ids=None).token_ids
+        stop_id = free[0][2]
+        cut = engine.generate(PROMPTS, max_new_tokens=NEW, stop_token_ids=[[stop_id]] + [[]] * 6).token_ids
+        assert cut[0] == free[0][: free[0].index(stop_id) + 1] and cut[1:] == free[1:]
+        kw = dict(max_new_tokens=NEW, do_sample=True, top_k=20, seed=3, stop_token_ids=None)
+        a, b = engine.generate(PROMPTS, **kw).token_ids, engine.generate(PROMPTS, **kw).token_ids
+        assert a == b and a != free
+
+
+def test_timeline_has_an_event_for_every_compute_and_transfer(model):
+    policy = Policy.from_percent([0, 50, 0, 50, 0, 0], gpu_batch_size=2, num_gpu_batches=2)
+    with flexlab.Engine(model, policy) as engine:
+        result = engine.generate(PROMPTS[:4], max_new_tokens=3, stop_token_ids=None)
+    df = result.timeline.to_pandas()
+    n_stages = len(engine.stages)
+    computes = df[df.lane == "compute"]
+    assert len(computes) == 3 * n_stages * 2
+    assert set(zip(computes.token, computes.stage, computes.batch)) == {
+        (t, j, k) for t in range(3) for j in range(n_stages) for k in range(2)}
+    disk_loads = df[df.kind == "load_weight"]
+    assert len(disk_loads) == 3 * n_stages and (disk_loads.bytes > 0).all()
+    assert set(df.lane) == {"compute", "load weight", "load cache", "store cache", "load act", "store act"}
+    assert (df.end >= df.start).all()
+
+
+def overlap_model():
+    cfg = flexlab.get_preset("opt-tiny").replace(name="opt-small", hidden_size=256, num_heads=4, ffn_dim=1024,
+                                                 num_layers=4)
+    return flexlab.Model.from_config(cfg, seed=0, dtype=torch.float32, device="cpu")
+
+
+def test_overlap_hides_io_under_compute_and_no_overlap_hides_none():
+    model = overlap_model()
+    prompts = [[2] + list(range(10, 60))] * 8
+    summaries = {}
+    for overlap in (True, False):
+        policy = Policy.from_percent([0, 0, 0, 0, 0, 0], gpu_batch_size=2, num_gpu_batches=4, overlap=overlap)
+        with flexlab.Engine(model, policy) as engine:
+            summaries[overlap] = engine.generate(prompts, max_new_tokens=4, stop_token_ids=None).timeline.summary()
+    assert summaries[True]["io_hidden_s"] > 0
+    assert summaries[False]["io_hidden_s"] == 0
+
+
+def test_peak_bytes_per_tier_match_the_placement(model):
+    policy = Policy.from_percent([20, 30, 20, 30, 0, 100], gpu_batch_size=2, num_gpu_batches=2)
+    cfg, itemsize = model.config, 4
+    with flexlab.Engine(model, policy) as engine:
+        result = engine.generate(PROMPTS[:4], max_new_tokens=NEW, stop_token_ids=None)
+        placed = engine.weights.tier_bytes()
+        largest_stage = max(sum(w.data.nbytes if w.tier == "disk" else w.data.numel() * itemsize
+                                for w in ws) for ws in engine.weights.stage_weights)
+    width = max(map(len, PROMPTS[:4]))
+    cache_row = 2 * cfg.num_layers * (width + NEW - 1) * cfg.hidden_size * itemsize  # one sequence's K and V
+    seq_tiers = {"gpu": 1, "cpu": 1, "disk": 2}  # 4 sequences at 20/30/50
+    act_slot = 2 * width * cfg.hidden_size * itemsize
+    m = result.metrics
+    assert m["peak_bytes_disk"] == placed["disk"] + seq_tiers["disk"] * cache_row
+    assert m["peak_bytes_cpu"] == placed["cpu"] + seq_tiers["cpu"] * cache_row + 2 * act_slot
+    # gpu: its weights and cache, plus at most two stages' loaded weights (current and prefetched)
+    assert placed["gpu"] + cache_row <= m["peak_bytes_gpu"] <= placed["gpu"] + cache_row + 2 * largest_stage
+
+
+def test_files_are_removed_after_an_exception(model, tmp_path):
+    policy = Policy.from_percent([0, 0, 0, 0, 0, 0])
+    with pytest.raises(RuntimeError, match="boom"):
+        with flexlab.Engine(model, policy, offload_dir=tmp_path) as engine:
+            engine.generate(PROMPTS[:2], max_new_tokens=2)
+            assert any(tmp_path.iterdir())
+            raise RuntimeError("boom")
+    assert list(tmp_path.iterdir()) == []
+    with pytest.raises(flexlab.FlexlabError, match="this Engine is closed"):
+        engine.generate(PROMPTS[:2], max_new_tokens=2)
+
+
+def test_an_offload_dir_that_is_a_file_is_refused(model, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(flexlab.OffloadError, match="is not usable.*pass a writable directory"):
+        flexlab.Engine(model, Policy.from_percent([0, 0, 0, 0, 0, 0]), offload_dir=blocker / "sub")
+
+
+def test_a_full_disk_is_refused_before_any_file_is_written(model, tmp_path, monkeypatch):
+    import shutil
+    from collections import namedtuple
+
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10**9, 10**9 - 1000, 1000))
+    with flexlab.Engine(model, Policy.from_percent([100, 0, 0, 0, 100, 0]), offload_dir=tmp_path) as engine:
+        with pytest.raises(flexlab.OffloadError, match="KV cache needs .* GiB; free space"):
+            engine.generate(PROMPTS, max_new_tokens=NEW)
+        assert not list(engine.offload_dir.rglob("*.bin"))  # refused before any cache file existed
+    random_model = flexlab.Model.from_config("opt-tiny", dtype=torch.float32, device="cpu")  # must be converted
+    with pytest.raises(flexlab.OffloadError, match="disk share of the weights needs"):
+        flexlab.Engine(random_model, Policy.from_percent([0, 0, 100, 0, 100, 0]), offload_dir=tmp_path)
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(cpu_cache_compute=True), "not implemented in the engine yet"),
+    (dict(compress_weight=object()), "compression is not implemented"),
+])
+def test_unfinished_features_are_refused_clearly(model, kwargs, message):
+    with pytest.raises(flexlab.PolicyError, match=message):
+        flexlab.Engine(model, Policy(**kwargs))
+
+
+def test_prompts_longer_than_the_model_allows(model):
+    with flexlab.Engine(model, Policy()) as engine:
+        with pytest.raises(flexlab.PromptError, match="exceeds the model's 256 positions"):
+            engine.generate([[2] * 250], max_new_tokens=10)

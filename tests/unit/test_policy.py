@@ -1,0 +1,46 @@
+import pytest
+
+from flexlab import Policy, PolicyError
+
+
+def test_defaults_put_everything_on_the_gpu_tier():
+    p = Policy()
+    assert (p.w_disk_percent, p.cache_disk_percent, p.act_tier, p.block_size) == (0, 0, "gpu", 1)
+
+
+def test_from_percent_takes_flexgens_six_numbers():
+    p = Policy.from_percent([20, 30, 0, 100, 0, 0], gpu_batch_size=8, num_gpu_batches=4)
+    assert (p.w_gpu_percent, p.w_cpu_percent, p.w_disk_percent) == (20, 30, 50)
+    assert (p.cache_cpu_percent, p.act_tier, p.block_size) == (100, "disk", 32)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(w_gpu_percent=120), r"w_gpu_percent=120 is invalid; shares are percentages in \[0, 100\]"),
+    (dict(cache_cpu_percent=-5), "cache_cpu_percent=-5 is invalid"),
+    (dict(w_gpu_percent=60, w_cpu_percent=50), "w_gpu_percent \\+ w_cpu_percent = 60 \\+ 50 > 100"),
+    (dict(gpu_batch_size=0), "gpu_batch_size=0 is invalid; it must be an int >= 1"),
+    (dict(num_gpu_batches=1.5), "num_gpu_batches=1.5 is invalid"),
+    (dict(attn_sparsity=0), r"attn_sparsity=0 is invalid; it must be in \(0, 1\]"),
+    (dict(act_gpu_percent=50, act_cpu_percent=50), "splits activations across tiers"),
+    (dict(overlap="yes"), "overlap='yes' is invalid"),
+])
+def test_invalid_values_name_the_field_and_the_fix(kwargs, message):
+    with pytest.raises(PolicyError, match=message):
+        Policy(**kwargs)
+
+
+def test_policy_is_frozen_and_keyword_only():
+    with pytest.raises(TypeError):
+        Policy(1, 2)  # type: ignore[misc]
+    with pytest.raises(AttributeError):
+        Policy().w_gpu_percent = 0  # type: ignore[misc]
+
+
+def test_from_percent_needs_six_numbers():
+    with pytest.raises(PolicyError, match="six numbers"):
+        Policy.from_percent([100, 0, 100, 0])
+
+
+def test_policy_shows_itself_in_a_notebook():
+    html = Policy.from_percent([20, 30, 0, 100, 100, 0])._repr_html_()
+    assert "<table>" in html and "50%" in html

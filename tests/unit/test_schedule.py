@@ -1,0 +1,75 @@
+"""The block schedule, read as data: order, dependencies, and what overlap changes."""
+
+import pytest
+
+from flexlab.engine.schedule import block_schedule, make_stages
+
+
+def steps(tokens=3, layers=2, batches=3, prefetch=1, act_moves=True, sep_layer=True):
+    return list(block_schedule(tokens, make_stages(layers, sep_layer), batches, prefetch=prefetch,
+                               act_moves=act_moves))
+
+
+@pytest.mark.parametrize("prefetch", [0, 1])
+@pytest.mark.parametrize("act_moves", [False, True])
+@pytest.mark.parametrize("batches", [1, 3])
+def test_every_step_comes_after_its_dependencies_and_once(prefetch, act_moves, batches):
+    seen = set()
+    for s in steps(batches=batches, prefetch=prefetch, act_moves=act_moves):
+        assert s.key not in seen, f"{s} issued twice"
+        for d in s.deps:
+            assert d in seen, f"{s} issued before its dependency {d}"
+        seen.add(s.key)
+
+
+def test_compute_order_is_token_stage_batch_and_complete():
+    stages = make_stages(2, sep_layer=True)
+    computes = [(s.token, s.stage, s.batch) for s in steps() if s.kind == "compute"]
+    assert computes == [(t, j, k) for t in range(3) for j in range(len(stages)) for k in range(3)]
+
+
+def test_one_weight_load_serves_the_whole_block():
+    loads = [(s.token, s.stage) for s in steps() if s.kind == "load_weight"]
+    assert len(loads) == len(set(loads)) == 3 * len(make_stages(2, True))
+
+
+def test_compute_needs_weights_cache_and_activations():
+    for s in steps():
+        if s.kind != "compute":
+            continue
+        kinds = {d[0] for d in s.deps}
+        assert "load_weight" in kinds
+        has_cache = s.stage in (1, 3)  # attention stages of a 2-layer model with sep_layer
+        assert ("load_cache" in kinds) == (has_cache and s.token > 0)
+        assert ("load_act" in kinds) == (s.stage > 0)
+
+
+def test_stores_follow_their_compute_and_cache_is_stored_once_per_token():
+    seq = steps()
+    stores = [s for s in seq if s.kind == "store_cache"]
+    assert len(stores) == len({s.key for s in stores}) == 3 * 2 * 3  # tokens × layers × batches
+    for s in stores:
+        assert s.deps == (("compute", s.token, s.stage, s.batch),)
+
+
+def test_with_overlap_next_stage_weights_load_during_all_batches():
+    seq = [str(s) for s in steps(prefetch=1)]
+    assert seq.index("load_weight t=0 stage=2") < seq.index("compute t=0 stage=1 batch=0")
+    seq = [str(s) for s in steps(prefetch=0)]
+    assert seq.index("load_weight t=0 stage=2") > seq.index("compute t=0 stage=1 batch=2")
+
+
+def test_without_overlap_each_load_comes_right_before_its_compute():
+    seq = steps(prefetch=0)
+    for i, s in enumerate(seq):
+        if s.kind.startswith("load"):
+            nxt = next(x for x in seq[i:] if x.kind == "compute")
+            assert s.token == nxt.token and s.stage == nxt.stage
+            assert s.batch in (None, nxt.batch)
+
+
+def test_weights_are_released_after_the_last_batch():
+    for s in steps():
+        if s.kind == "compute":
+            released = [r for r in s.releases if r[0] == "load_weight"]
+            assert released == ([("load_weight", s.token, s.stage, None)] if s.batch == 2 else [])
