@@ -85,8 +85,8 @@ class BlockRun:
         weights, moved = self.engine.weights.load(step.stage)
         return weights, sum(moved.values())
 
-    def release_weight(self, key, weights) -> None:
-        self.engine.weights.release(key[2], weights)
+    def release_weight(self, key, loaded) -> None:
+        self.engine.weights.release(loaded)
 
     def load_cache(self, step: Step):
         layer = self.engine.stages[step.stage].layer
@@ -112,7 +112,7 @@ class BlockRun:
         t, j, k = step.token, step.stage, step.batch
         stage = self.engine.stages[j]
         f, cfg = self.family, self.config
-        w = inputs[("load_weight", t, j, None)]
+        w = inputs[("load_weight", t, j, None)].tensors
         valid = self.valid[k]
         if "embed" in stage.parts:
             if t == 0:

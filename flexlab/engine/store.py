@@ -35,6 +35,20 @@ class DiskTensor:
 
 
 @dataclass
+class LoadedWeights:
+    """A stage's weights on the compute device; ``buffer`` is the read buffer they may live in."""
+
+    tensors: dict[str, torch.Tensor]
+    buffer: torch.Tensor | None
+    copied_bytes: int
+
+
+def _region(nbytes: int) -> int:
+    """Room for an O_DIRECT read of ``nbytes`` at any offset, rounded to keep the next one aligned."""
+    return -(-(nbytes + 2 * ALIGN) // ALIGN) * ALIGN
+
+
+@dataclass
 class PlacedWeight:
     spec: WeightSpec
     tier: str
@@ -71,8 +85,15 @@ class WeightStore:
                 if progress is not None:
                     progress.update(1)
             self.stage_weights.append([self.placed[s.name] for s in mine])
-        largest = max((w.data.nbytes for w in self.placed.values() if w.tier == "disk"), default=0)
-        self.pool = BufferPool(largest + 2 * ALIGN, 2, pin) if largest else None
+        # Disk reads land in one of two stage-sized aligned buffers (the stage computing and the one
+        # prefetched). On a CPU the weights are used in place there: no copy after the read.
+        self.stage_disk_bytes = [sum(_region(w.data.nbytes) for w in ws if w.tier == "disk")
+                                 for ws in self.stage_weights]
+        largest = max(self.stage_disk_bytes, default=0)
+        self.pool = BufferPool(largest, 2, pin) if largest else None
+        self.buffer_bytes = 2 * largest
+        self.buffer_tier = "cpu" if device.type == "cuda" else "gpu"
+        tracker.add(self.buffer_tier, "weight read buffers", self.buffer_bytes)
 
     def _place(self, model, spec: WeightSpec, tier: str, pin: bool, weight_dir: Path) -> PlacedWeight:
         if tier == "disk":
@@ -93,39 +114,48 @@ class WeightStore:
         self.tracker.add(tier, "weights", nbytes(tensor))
         return PlacedWeight(spec, tier, tensor)
 
-    def load(self, stage: int) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
-        """The stage's weights on the compute device, and bytes moved from each tier."""
-        out, moved = {}, {"cpu": 0, "disk": 0}
+    def load(self, stage: int) -> tuple[LoadedWeights, dict[str, int]]:
+        """The stage's weights on the compute device, and the bytes moved from each tier."""
+        out, moved, copied = {}, {"cpu": 0, "disk": 0}, 0
+        buf = self.pool.acquire() if self.stage_disk_bytes[stage] else None
+        pos = 0
         for w in self.stage_weights[stage]:
             if w.tier == "gpu":
-                out[w.spec.short] = w.data
+                t = w.data
             elif w.tier == "cpu":
-                out[w.spec.short] = w.data.to(self.device, non_blocking=True)  # same RAM on a CPU: no copy
+                t = w.data.to(self.device, non_blocking=True)  # same RAM on a CPU: no copy
                 if w.data.device != self.device:
                     moved["cpu"] += nbytes(w.data)
+                    copied += nbytes(t)
             else:
-                out[w.spec.short] = self._read_disk(w.data)
+                size = _region(w.data.nbytes)
+                t = self._read_disk(w.data, buf[pos:pos + size])
+                pos += size
                 moved["disk"] += w.data.nbytes
-        working = sum(nbytes(t) for w, t in zip(self.stage_weights[stage], out.values()) if w.tier != "gpu")
-        self.tracker.add("gpu", "working weights", working)
-        return out, moved
-
-    def release(self, stage: int, loaded: dict[str, torch.Tensor]) -> None:
-        working = sum(nbytes(loaded[w.spec.short]) for w in self.stage_weights[stage] if w.tier != "gpu")
-        self.tracker.sub("gpu", "working weights", working)
-
-    def _read_disk(self, d: DiskTensor) -> torch.Tensor:
-        buf = self.pool.acquire()
-        try:
-            raw = self.files.read(d.path, d.offset, d.nbytes, buf)
-            view = raw.view(d.dtype).view(d.shape)
-            out = torch.empty(d.shape, dtype=self.dtype, device=self.device)
-            out.copy_(view)  # converts the checkpoint's dtype to the compute dtype
-            if self.device.type == "cuda":
-                torch.cuda.current_stream().synchronize()  # the buffer is reused next
-            return out
-        finally:
+                if t.data_ptr() < buf.data_ptr() or t.data_ptr() >= buf.data_ptr() + buf.numel():
+                    copied += nbytes(t)  # converted or moved to the GPU: a fresh tensor
+            out[w.spec.short] = t
+        if buf is not None and self.device.type == "cuda":
+            torch.cuda.current_stream().synchronize()  # the copies have left the buffer: reuse it
             self.pool.release(buf)
+            buf = None
+        self.tracker.add("gpu", "working weights", copied)
+        return LoadedWeights(out, buf, copied), moved
+
+    def release(self, loaded: LoadedWeights) -> None:
+        """Give a loaded stage's buffer back (after its last compute)."""
+        self.tracker.sub("gpu", "working weights", loaded.copied_bytes)
+        if loaded.buffer is not None:
+            self.pool.release(loaded.buffer)
+
+    def _read_disk(self, d: DiskTensor, region: torch.Tensor) -> torch.Tensor:
+        raw = self.files.read(d.path, d.offset, d.nbytes, region)
+        if raw.data_ptr() % d.dtype.itemsize:  # a checkpoint tensor at an odd offset: copy to align it
+            raw = raw.clone()
+        view = raw.view(d.dtype).view(d.shape)
+        if view.device == self.device and view.dtype == self.dtype:
+            return view
+        return view.to(device=self.device, dtype=self.dtype, non_blocking=True)
 
     def tier_bytes(self) -> dict[str, int]:
         out = {"gpu": 0, "cpu": 0, "disk": 0}

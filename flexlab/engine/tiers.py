@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import queue
 import threading
+import time
 from collections import defaultdict
 from pathlib import Path
 
@@ -79,8 +80,10 @@ class DiskFiles:
 
     def __init__(self, direct: bool = True) -> None:
         self.direct = direct and hasattr(os, "O_DIRECT")
-        self._fds: dict[tuple[Path, bool], int] = {}
+        self._fds: dict[tuple[Path, bool, bool], int] = {}
         self._lock = threading.Lock()
+        self.read_bytes = 0  # totals over all reads, for benchmarks: disk time apart from copies
+        self.read_seconds = 0.0
 
     def _fd(self, path: Path, direct: bool, write: bool = False) -> int:
         key = (path, direct, write)
@@ -92,6 +95,14 @@ class DiskFiles:
 
     def read(self, path: Path, offset: int, size: int, buf: torch.Tensor) -> torch.Tensor:
         """Read ``size`` bytes at ``offset`` into ``buf``; returns the uint8 view holding them."""
+        start_time = time.perf_counter()
+        view = self._read(path, offset, size, buf)
+        with self._lock:
+            self.read_bytes += size
+            self.read_seconds += time.perf_counter() - start_time
+        return view
+
+    def _read(self, path: Path, offset: int, size: int, buf: torch.Tensor) -> torch.Tensor:
         if self.direct:
             start = offset - offset % ALIGN
             length = -(-(offset + size - start) // ALIGN) * ALIGN
