@@ -96,7 +96,7 @@ def main(cfg: Config) -> pd.DataFrame:
         stats["decode_vs_bound"] = stats["decode_s"] / max(stats["weight_load_s"], stats["compute_s"])
         stats["read_vs_dd"] = stats["disk_read_GB_s"] / dd
         rows.append(stats)
-        result.timeline.save(Path(cfg.out_dir) / f"disk_offload_decode_timeline_overlap{int(overlap)}.json")
+        result.timeline.save(Path(cfg.out_dir) / f"disk_offload_decode_timeline_{device.type}_overlap{int(overlap)}.json")
 
     df = pd.DataFrame(rows)
     cols = ["overlap", "decode_s", "weight_load_s", "compute_s", "decode_vs_bound", "io_hidden_fraction",

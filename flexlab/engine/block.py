@@ -54,6 +54,7 @@ class BlockRun:
             self.acts = ActStore(policy.act_tier, engine.device, slot_bytes, engine._subdir("act"), engine.files,
                                  engine.tracker)
         self.prefill_done: float | None = None
+        self._masks: dict[int, tuple[int, torch.Tensor]] = {}
 
     # ---- running -----------------------------------------------------------------------
     def run(self) -> tuple[list, float, float]:
@@ -63,7 +64,7 @@ class BlockRun:
                                prefetch=1 if engine.policy.overlap else 0, act_moves=self.acts is not None)
         handlers = {"load_weight": self.load_weight, "release_weight": self.release_weight,
                     "load_cache": self.load_cache, "load_act": self.load_act, "compute": self.compute,
-                    "store_cache": self.store_cache, "store_act": self.store_act}
+                    "store_cache": self.store_cache, "store_act": self.store_act, "inline": self.moves_nothing}
         start = time.perf_counter()
         try:
             engine.executor.run(steps, handlers, self.finished)
@@ -81,6 +82,14 @@ class BlockRun:
         return all(self.stop.finished[self.offset:self.offset + len(self.ids)])
 
     # ---- transfers ---------------------------------------------------------------------
+    def moves_nothing(self, step: Step) -> bool:
+        """Whether a transfer step's data already lives on the compute device."""
+        if step.kind == "load_weight":
+            return self.engine.weights.resident[step.stage]
+        if step.kind in ("load_cache", "store_cache"):
+            return self.cache.resident[step.batch]
+        return False
+
     def load_weight(self, step: Step):
         weights, moved = self.engine.weights.load(step.stage)
         return weights, sum(moved.values())
@@ -131,7 +140,7 @@ class BlockRun:
             if t > 0:
                 k_old, v_old = inputs[("load_cache", t, j, k)]
                 keys, values = torch.cat([k_old, k_new], dim=2), torch.cat([v_old, v_new], dim=2)
-            h = f.attention_out(w, cfg, h, attend(q, keys, values, attention_bias(valid, q.shape[2])))
+            h = f.attention_out(w, cfg, h, attend(q, keys, values, self._bias(t, k)))
             kv = (k_new, v_new)
         if "mlp" in stage.parts:
             h = f.mlp(w, cfg, h)
@@ -150,14 +159,20 @@ class BlockRun:
                 target = self.tokens[k][r, self.width - n + 1:, None]
                 self.scores[row] = lp.gather(-1, target).squeeze(-1).cpu()
             return
-        next_tok = self.sampler(f.head(w, cfg, h[:, -1]))
-        for r, tok in zip(rows, next_tok.tolist()):
-            if not self.stop.finished[self.offset + r]:
-                self.generated[self.offset + r].append(tok)
-        self.stop.update(self.generated)
-        self.last[k] = next_tok
+        self.last[k] = self.sampler(f.head(w, cfg, h[:, -1]))  # stays on the device for the next embed
         self.valid[k] = torch.cat([self.valid[k], torch.ones_like(self.valid[k][:, :1])], dim=1)
-        if t == 0 and k == len(self.tokens) - 1:
-            if self.engine.device.type == "cuda":
-                torch.cuda.synchronize(self.engine.device)
-            self.prefill_done = time.perf_counter()
+        if k < len(self.tokens) - 1:
+            return
+        # After the block's last batch: one host sync per token brings every new token over.
+        for row, tok in enumerate(torch.cat(self.last).tolist()):
+            if not self.stop.finished[self.offset + row]:
+                self.generated[self.offset + row].append(tok)
+        self.stop.update(self.generated)
+        if t == 0:
+            self.prefill_done = time.perf_counter()  # .tolist() waited for the device: the prefill is done
+
+    def _bias(self, t: int, k: int) -> torch.Tensor:
+        """Batch ``k``'s attention mask for token ``t``, built once and shared by every layer."""
+        if self._masks.get(k, (None,))[0] != t:
+            self._masks[k] = (t, attention_bias(self.valid[k], self.valid[k].shape[1] if t == 0 else 1))
+        return self._masks[k][1]

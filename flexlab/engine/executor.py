@@ -48,6 +48,10 @@ class Clock:
         return mark - self.base_wall
 
 
+def _never(step: Step) -> bool:
+    return False
+
+
 def _done(value) -> Future:
     f: Future = Future()
     f.set_result(value)
@@ -58,7 +62,9 @@ class Executor:
     """Executes steps with the given handlers and records one event per step that did work.
 
     Handlers: ``load_*(step) -> (value, bytes)``, ``compute(step, inputs) -> value`` where
-    ``inputs`` maps dependency keys to values, ``store_*(step, computed) -> bytes``.
+    ``inputs`` maps dependency keys to values, ``store_*(step, computed) -> bytes``; optional
+    ``release_weight(key, value)`` after a stage's last compute, and ``inline(step) -> bool`` for
+    transfers that move nothing and so run on the calling thread.
     """
 
     def __init__(self, device: torch.device, overlap: bool, describe: Callable[[int], str] = str) -> None:
@@ -88,7 +94,10 @@ class Executor:
         lane = LANES[step.kind]
         handler = self.handlers[step.kind]
         deps = [self.futures[d] for d in step.deps]
-        stream = self.streams.get(lane)
+        # A transfer that moves nothing (its data already on the compute device) runs right here,
+        # on the compute stream: a thread hand-off and a stream sync would cost more than it does.
+        inline = self.handlers.get("inline", _never)(step)
+        stream = None if inline else self.streams.get(lane)
         if step.kind.startswith("store"):
             computed = deps[0].result()  # the compute ran on this thread: its value is ready
             if stream is not None:
@@ -109,10 +118,16 @@ class Executor:
                 if stream is not None:
                     ready = torch.cuda.Event()
                     ready.record()
+                    if step.kind.startswith("store"):
+                        # A later load waits on this task's future: make "done" mean done on the device.
+                        stream.synchronize()
             if moved:
                 self.pending_events.append((lane, step, start, end, moved))
             return value, ready
 
+        if inline:
+            self.futures[step.key] = _done(task())
+            return
         future = self.lanes[lane].submit(task)
         self.futures[step.key] = future
         if not self.overlap:
@@ -126,6 +141,7 @@ class Executor:
                 value, ready = value
                 if ready is not None:
                     torch.cuda.current_stream().wait_event(ready)  # device-side wait, host runs on
+                    _record_stream(value, torch.cuda.current_stream())
             inputs[d] = value
         start = self.clock.mark()
         value = self.handlers["compute"](step, inputs)
@@ -160,3 +176,18 @@ class Executor:
         for pool in self.lanes.values():
             pool.shutdown(wait=True, cancel_futures=True)
 
+
+def _record_stream(value, stream) -> None:
+    """Mark tensors made on a lane's stream as used by ``stream``, so the caching allocator does
+    not hand their memory out again before the compute reading them has finished."""
+    if isinstance(value, torch.Tensor):
+        if value.is_cuda:
+            value.record_stream(stream)
+    elif isinstance(value, (tuple, list)):
+        for v in value:
+            _record_stream(v, stream)
+    elif isinstance(value, dict):
+        for v in value.values():
+            _record_stream(v, stream)
+    elif hasattr(value, "tensors"):  # LoadedWeights
+        _record_stream(value.tensors, stream)

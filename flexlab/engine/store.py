@@ -85,6 +85,7 @@ class WeightStore:
                 if progress is not None:
                     progress.update(1)
             self.stage_weights.append([self.placed[s.name] for s in mine])
+        self.resident = [all(w.tier == "gpu" for w in ws) for ws in self.stage_weights]
         # Disk reads land in one of two stage-sized aligned buffers (the stage computing and the one
         # prefetched). On a CPU the weights are used in place there: no copy after the read.
         self.stage_disk_bytes = [sum(_region(w.data.nbytes) for w in ws if w.tier == "disk")
@@ -184,6 +185,7 @@ class CacheStore:
             start += size
         self.slots: dict[tuple[int, int, str, str], torch.Tensor | Path] = {}
         self.cache_dir, self.config = cache_dir, config
+        self.resident = [all(t == "gpu" for t, _, _ in parts) for parts in self.layout]
         self.pool: BufferPool | None = None
 
     def _slot(self, layer: int, batch: int, tier: str, kv: str, count: int):
@@ -198,7 +200,9 @@ class CacheStore:
                     self.pool = BufferPool(size + ALIGN, 2)
             else:
                 device = self.device if tier == "gpu" else torch.device("cpu")
-                self.slots[key] = torch.empty((count, self.capacity, *self.row_shape), dtype=self.dtype, device=device)
+                pin = tier == "cpu" and self.device.type == "cuda"  # pinned: host<->GPU copies at full speed
+                self.slots[key] = torch.empty((count, self.capacity, *self.row_shape), dtype=self.dtype,
+                                              device=device, pin_memory=pin)
             self.tracker.add(tier, "kv cache", size)
         return self.slots[key]
 

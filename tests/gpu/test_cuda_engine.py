@@ -1,0 +1,42 @@
+"""The engine on CUDA: streams, pinned weights, CUDA-event timing; tokens equal transformers.
+
+Skipped without a GPU (CI has none); run on a lent GPU machine and recorded in the README.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import flexlab
+from flexlab import Policy
+from tests.integration.test_engine import GRID, NEW, PROMPTS
+from tests.integration.test_exactness import hf_greedy
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
+
+
+@pytest.fixture(scope="module")
+def cuda_model(tiny_dir):
+    return flexlab.Model.from_pretrained(tiny_dir, dtype=torch.float32, device="cuda")
+
+
+@pytest.mark.parametrize("name", list(GRID))
+def test_every_policy_gives_transformers_tokens_on_cuda(name, cuda_model, tiny_hf, tmp_path):
+    with flexlab.Engine(cuda_model, GRID[name], offload_dir=tmp_path) as engine:
+        assert engine.generate(PROMPTS, max_new_tokens=NEW).token_ids == hf_greedy(tiny_hf, PROMPTS, NEW)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_cpu_tier_weights_are_pinned_and_copies_overlap_compute():
+    cfg = flexlab.get_preset("opt-tiny").replace(name="opt-mid", hidden_size=1024, num_heads=16, ffn_dim=4096,
+                                                 num_layers=8)
+    model = flexlab.Model.from_config(cfg, seed=0, dtype=torch.float32, device="cuda")
+    policy = Policy.from_percent([0, 100, 100, 0, 100, 0], gpu_batch_size=8, num_gpu_batches=4)
+    with flexlab.Engine(model, policy) as engine:
+        assert all(w.data.is_pinned() for w in engine.weights.placed.values() if w.tier == "cpu")
+        result = engine.generate([[2] + list(range(10, 200))] * 32, max_new_tokens=4, stop_token_ids=None)
+    s = result.timeline.summary()
+    assert s["bytes[load weight]"] > 0 and s["io_hidden_s"] > 0
+    reference = model.generate([[2] + list(range(10, 200))] * 32, max_new_tokens=4, stop_token_ids=None)
+    assert result.token_ids == reference.token_ids
