@@ -21,13 +21,15 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-# name -> FlexGen's six percentages (weights gpu/cpu, cache gpu/cpu, activations gpu/cpu)
+# name -> FlexGen's six percentages (weights gpu/cpu, cache gpu/cpu, activations gpu/cpu),
+# optionally with other Policy fields
 POLICIES = {
     "all on gpu": [100, 0, 100, 0, 100, 0],
     "weights 50% cpu": [50, 50, 100, 0, 100, 0],
     "weights on cpu": [0, 100, 100, 0, 100, 0],
     "weights on cpu, cache on cpu": [0, 100, 0, 100, 100, 0],
     "weights 50% disk": [0, 50, 100, 0, 100, 0],
+    "weights and cache on cpu, attention on cpu": ([0, 100, 0, 100, 100, 0], {"cpu_cache_compute": True}),
 }
 
 
@@ -64,9 +66,10 @@ def main(cfg: Config) -> pd.DataFrame:
     rows.append(dict(policy="reference path", throughput_tok_s=ref.metrics["throughput_tok_s"],
                      seconds=time.perf_counter() - t0, token_agreement=1.0))
     with tempfile.TemporaryDirectory(prefix="flexlab-sweep-") as offload:
-        for name, percent in POLICIES.items():
+        for name, spec in POLICIES.items():
+            percent, extra = spec if isinstance(spec, tuple) else (spec, {})
             policy = flexlab.Policy.from_percent(percent, gpu_batch_size=cfg.gpu_batch_size,
-                                                 num_gpu_batches=cfg.num_gpu_batches, overlap=cfg.overlap)
+                                                 num_gpu_batches=cfg.num_gpu_batches, overlap=cfg.overlap, **extra)
             with flexlab.Engine(model, policy, offload_dir=offload) as engine:
                 engine.generate(prompts[:cfg.gpu_batch_size], max_new_tokens=2, stop_token_ids=None)  # warm-up
                 result = engine.generate(prompts, **kw)

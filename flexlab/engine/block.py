@@ -12,7 +12,7 @@ import time
 import torch
 
 from flexlab.engine.schedule import Step, block_schedule
-from flexlab.engine.store import ActStore, CacheStore
+from flexlab.engine.store import ActStore, CacheStore, LoadedCache
 from flexlab.models.attention import attend, attention_bias
 from flexlab.models.generation import left_pad, positions_from_mask
 
@@ -99,8 +99,9 @@ class BlockRun:
 
     def load_cache(self, step: Step):
         layer = self.engine.stages[step.stage].layer
-        k, v, moved = self.cache.load(layer, step.batch, self.width + step.token - 1)
-        return (k, v), sum(moved.values())
+        loaded, moved = self.cache.load(layer, step.batch, self.width + step.token - 1,
+                                        cpu_rows_stay=self.engine.policy.cpu_cache_compute)
+        return loaded, sum(moved.values())
 
     def store_cache(self, step: Step, computed: dict) -> int:
         if self.mode == "score":  # nothing will read it
@@ -136,11 +137,11 @@ class BlockRun:
         kv = None
         if "attention" in stage.parts:
             q, k_new, v_new = f.attention_qkv(w, cfg, h)
-            keys, values = k_new, v_new
-            if t > 0:
-                k_old, v_old = inputs[("load_cache", t, j, k)]
-                keys, values = torch.cat([k_old, k_new], dim=2), torch.cat([v_old, v_new], dim=2)
-            h = f.attention_out(w, cfg, h, attend(q, keys, values, self._bias(t, k)))
+            if t == 0:
+                o = attend(q, k_new, v_new, self._bias(t, k))
+            else:
+                o = _decode_attention(q, k_new, v_new, inputs[("load_cache", t, j, k)], self._bias(t, k))
+            h = f.attention_out(w, cfg, h, o)
             kv = (k_new, v_new)
         if "mlp" in stage.parts:
             h = f.mlp(w, cfg, h)
@@ -176,3 +177,26 @@ class BlockRun:
         if self._masks.get(k, (None,))[0] != t:
             self._masks[k] = (t, attention_bias(self.valid[k], self.valid[k].shape[1] if t == 0 else 1))
         return self._masks[k][1]
+
+
+def _decode_attention(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, cache: LoadedCache,
+                      bias: torch.Tensor) -> torch.Tensor:
+    """Attention of the new token over its cache. Rows whose cache stayed in host memory
+    (``cpu_cache_compute``) attend on the CPU: only their query, new key/value and output move."""
+    if cache.host_span is None:
+        return attend(q, torch.cat([cache.k, k_new], dim=2), torch.cat([cache.v, v_new], dim=2), bias)
+    first, count = cache.host_span
+    host = slice(first, first + count)
+    out = torch.empty_like(q)
+    device_rows = [i for i in range(q.shape[0]) if not first <= i < first + count]
+    if device_rows:
+        idx = torch.tensor(device_rows, device=q.device)
+        out[idx] = attend(q[idx], torch.cat([cache.k, k_new[idx]], dim=2), torch.cat([cache.v, v_new[idx]], dim=2),
+                          bias[idx])
+    # CPUs are slow in float16: attend in float32 there, as the cache is read anyway.
+    dtype = torch.float32 if q.dtype == torch.float16 else q.dtype
+    cpu = torch.device("cpu")
+    keys = torch.cat([cache.host_k.to(dtype), k_new[host].to(cpu, dtype)], dim=2)
+    values = torch.cat([cache.host_v.to(dtype), v_new[host].to(cpu, dtype)], dim=2)
+    out[host] = attend(q[host].to(cpu, dtype), keys, values, bias[host].to(cpu)).to(q.device, q.dtype)
+    return out

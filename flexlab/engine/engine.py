@@ -49,9 +49,9 @@ class Engine:
             if getattr(policy, name) is not None:
                 raise PolicyError(f"Policy.{name} is set, but {reason} is not implemented in the engine yet; "
                                   f"leave it None")
-        if policy.cpu_cache_compute or policy.attn_sparsity < 1:
-            raise PolicyError("Policy.cpu_cache_compute and attn_sparsity < 1 are not implemented in the engine yet; "
-                              "use the defaults (False, 1.0)")
+        if policy.attn_sparsity < 1:
+            raise PolicyError("Policy.attn_sparsity < 1 (sparse attention) is not implemented in the engine yet; "
+                              "use the default 1.0")
         self.model, self.policy = model, policy
         self.device, self.dtype = model.device, model.dtype
         self.stages = make_stages(model.config.num_layers, policy.sep_layer)

@@ -43,6 +43,21 @@ class LoadedWeights:
     copied_bytes: int
 
 
+@dataclass
+class LoadedCache:
+    """A batch's cache prefix: rows on the device, and (with CPU attention) rows left on the host.
+
+    ``host_span`` is ``(first row, count)`` of the host rows in the batch; the device rows are the
+    others, in batch order.
+    """
+
+    k: torch.Tensor | None
+    v: torch.Tensor | None
+    host_k: torch.Tensor | None = None
+    host_v: torch.Tensor | None = None
+    host_span: tuple[int, int] | None = None
+
+
 def _region(nbytes: int) -> int:
     """Room for an O_DIRECT read of ``nbytes`` at any offset, rounded to keep the next one aligned."""
     return -(-(nbytes + 2 * ALIGN) // ALIGN) * ALIGN
@@ -226,26 +241,39 @@ class CacheStore:
                         moved[tier] += nbytes(part)
         return moved
 
-    def load(self, layer: int, batch: int, length: int) -> tuple[torch.Tensor, torch.Tensor, dict[str, int]]:
-        """Rows ``0..length`` of a batch's cache on the device, each ``[b, heads, length, d]``."""
+    def load(self, layer: int, batch: int, length: int, cpu_rows_stay: bool = False) -> tuple[LoadedCache, dict]:
+        """Rows ``0..length`` of a batch's cache, each ``[b, heads, length, d]``, and bytes moved.
+
+        With ``cpu_rows_stay`` the cpu tier's sequences are left in host memory (for attention
+        on the CPU) and only the other tiers' rows are brought to the device.
+        """
         moved = {"cpu": 0, "disk": 0}
-        out = []
+        device_parts: dict[str, list] = {"k": [], "v": []}
+        host: dict[str, torch.Tensor] = {}
+        host_span = None
         for kv in ("k", "v"):
-            parts = []
             for tier, first, count in self.layout[batch]:
                 slot = self._slot(layer, batch, tier, kv, count)
                 if tier == "gpu":
-                    parts.append(slot[:, :length])
+                    device_parts[kv].append(slot[:, :length])
+                elif tier == "cpu" and cpu_rows_stay:
+                    host[kv], host_span = slot[:, :length].transpose(1, 2), (first, count)
                 elif tier == "cpu":
-                    parts.append(slot[:, :length].to(self.device, non_blocking=True))
+                    device_parts[kv].append(slot[:, :length].to(self.device, non_blocking=True))
                     if slot.device != self.device:  # a CPU-only machine has no cpu->gpu link
                         moved["cpu"] += count * length * self.row_bytes
                 else:
-                    parts.append(self._read_disk(slot, count, length))
+                    device_parts[kv].append(self._read_disk(slot, count, length))
                     moved["disk"] += count * length * self.row_bytes
+
+        def join(parts: list) -> torch.Tensor | None:
+            if not parts:
+                return None
             rows = parts[0] if len(parts) == 1 else torch.cat(parts)  # [b, length, heads, d]
-            out.append(rows.transpose(1, 2))
-        return out[0], out[1], moved
+            return rows.transpose(1, 2)
+
+        loaded = LoadedCache(join(device_parts["k"]), join(device_parts["v"]), host.get("k"), host.get("v"), host_span)
+        return loaded, moved
 
     def _read_disk(self, path: Path, count: int, length: int) -> torch.Tensor:
         out = torch.empty((count, length, *self.row_shape), dtype=self.dtype, device=self.device)

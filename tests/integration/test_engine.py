@@ -31,6 +31,10 @@ GRID = {
                                                               num_gpu_batches=2, sep_layer=False),
     "1 batch per block": Policy.from_percent([50, 50, 50, 50, 100, 0], gpu_batch_size=2, num_gpu_batches=1),
     "4 batches per block": Policy.from_percent([50, 0, 50, 0, 0, 100], gpu_batch_size=1, num_gpu_batches=4),
+    "cache on cpu, attention on cpu": Policy.from_percent([100, 0, 0, 100, 100, 0], gpu_batch_size=2,
+                                                          num_gpu_batches=2, cpu_cache_compute=True),
+    "cache split, attention on cpu": Policy.from_percent([30, 30, 25, 50, 0, 100], gpu_batch_size=4,
+                                                         num_gpu_batches=2, cpu_cache_compute=True),
 }
 
 
@@ -177,7 +181,7 @@ def test_a_full_disk_is_refused_before_any_file_is_written(model, tmp_path, monk
 
 
 @pytest.mark.parametrize("kwargs, message", [
-    (dict(cpu_cache_compute=True), "not implemented in the engine yet"),
+    (dict(attn_sparsity=0.5), "sparse attention\\) is not implemented in the engine yet"),
     (dict(compress_weight=object()), "compression is not implemented"),
 ])
 def test_unfinished_features_are_refused_clearly(model, kwargs, message):
@@ -189,3 +193,37 @@ def test_prompts_longer_than_the_model_allows(model):
     with flexlab.Engine(model, Policy()) as engine:
         with pytest.raises(flexlab.PromptError, match="exceeds the model's 256 positions"):
             engine.generate([[2] * 250], max_new_tokens=10)
+
+
+def test_cpu_attention_splits_rows_and_equals_full_attention():
+    from flexlab.engine.block import _decode_attention
+    from flexlab.engine.store import LoadedCache
+    from flexlab.models.attention import attend, attention_bias
+
+    gen = torch.Generator().manual_seed(0)
+    b, heads, length, d = 5, 2, 7, 4
+    q, k_new, v_new = (torch.randn(b, heads, 1, d, generator=gen) for _ in range(3))
+    k_old, v_old = torch.randn(b, heads, length, d, generator=gen), torch.randn(b, heads, length, d, generator=gen)
+    bias = attention_bias(torch.ones(b, length + 1, dtype=torch.bool), 1)
+    full = attend(q, torch.cat([k_old, k_new], 2), torch.cat([v_old, v_new], 2), bias)
+    rows = [0, 3, 4]  # rows 1..2 stay on the host
+    split = LoadedCache(k_old[rows], v_old[rows], k_old[1:3], v_old[1:3], host_span=(1, 2))
+    torch.testing.assert_close(_decode_attention(q, k_new, v_new, split, bias), full)
+
+
+def test_cpu_cache_compute_leaves_cpu_rows_on_the_host(model, monkeypatch):
+    from flexlab.engine.store import CacheStore
+
+    spans = []
+    original = CacheStore.load
+
+    def spy(self, *args, **kwargs):
+        loaded, moved = original(self, *args, **kwargs)
+        spans.append(loaded.host_span)
+        return loaded, moved
+
+    monkeypatch.setattr(CacheStore, "load", spy)
+    policy = Policy.from_percent([100, 0, 25, 50, 100, 0], gpu_batch_size=4, cpu_cache_compute=True)
+    with flexlab.Engine(model, policy) as engine:
+        engine.generate(PROMPTS[:4], max_new_tokens=3)
+    assert spans and all(span == (1, 2) for span in spans)  # of 4 sequences: 1 gpu, 2 cpu, 1 disk
