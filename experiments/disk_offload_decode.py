@@ -13,18 +13,17 @@ against what ``dd iflag=direct`` reads from the same disk in the same run. The s
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import re
 import subprocess
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
 import torch
+from _common import parse_config, write_results
 
 
 @dataclass
@@ -36,6 +35,7 @@ class Config:
     gen_len: int = 4  # tokens 1..gen_len-1 are decode steps
     dtype: str = "bfloat16"  # fast on CPUs; float16 on a GPU
     offload_dir: str = ""  # default: a temporary directory on the same disk as /tmp
+    dd_mb: int = 1024  # size of the file dd reads
     out_dir: str = "experiments/results"
 
 
@@ -77,7 +77,7 @@ def main(cfg: Config) -> pd.DataFrame:
     model = flexlab.Model.from_config(cfg.preset, seed=0, dtype=dtype, device=device)
     base = Path(cfg.offload_dir or tempfile.gettempdir())
     prompts = [[2] + list(range(10, 10 + cfg.prompt_len - 1))] * (cfg.gpu_batch_size * cfg.num_gpu_batches)
-    dd = dd_direct_bandwidth(base)
+    dd = dd_direct_bandwidth(base, cfg.dd_mb)
     rows = []
     for overlap in (True, False):
         policy = flexlab.Policy.from_percent([0, 0, 100, 0, 100, 0], gpu_batch_size=cfg.gpu_batch_size,
@@ -104,21 +104,11 @@ def main(cfg: Config) -> pd.DataFrame:
     print(f"{cfg.preset}, weights all on disk (O_DIRECT), batch {cfg.gpu_batch_size}x{cfg.num_gpu_batches}, "
           f"prompt {cfg.prompt_len}, {cfg.gen_len - 1} decode tokens, {dtype}, {device}")
     print(df[cols].to_string(index=False, float_format=lambda x: f"{x:.3f}"))
-    out = Path(cfg.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    stem = f"disk_offload_decode_{cfg.preset}_{device.type}"
-    df.to_csv(out / f"{stem}.csv", index=False)
-    meta = dict(config=asdict(cfg), torch=torch.__version__, date=time.strftime("%Y-%m-%d"),
-                honest_disk="O_DIRECT reads (page cache bypassed)" if rows[0]["o_direct"] else
-                "buffered reads: O_DIRECT was refused by the file system; numbers may include page-cache hits",
-                device=torch.cuda.get_device_name() if device.type == "cuda" else os.uname().machine,
-                cpu_threads=torch.get_num_threads())
-    (out / f"{stem}.json").write_text(json.dumps(meta, indent=2))
+    write_results(df, cfg, f"disk_offload_decode_{cfg.preset}_{device.type}", dtype=str(dtype),
+                  honest_disk="O_DIRECT reads (page cache bypassed)" if rows[0]["o_direct"] else
+                  "buffered reads: O_DIRECT was refused by the file system; numbers may include page-cache hits")
     return df
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    for field, default in asdict(Config()).items():
-        parser.add_argument("--" + field.replace("_", "-"), type=type(default), default=default)
-    main(Config(**vars(parser.parse_args())))
+    main(parse_config(Config, __doc__))

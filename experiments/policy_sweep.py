@@ -11,15 +11,13 @@ bytes per tier and how much of the I/O the overlap hid. CSV + JSON go to experim
 
 from __future__ import annotations
 
-import argparse
-import json
 import tempfile
 import time
-from dataclasses import asdict, dataclass
-from pathlib import Path
+from dataclasses import dataclass
 
 import pandas as pd
 import torch
+from _common import parse_config, write_results
 
 # name -> FlexGen's six percentages (weights gpu/cpu, cache gpu/cpu, activations gpu/cpu),
 # optionally with other Policy fields
@@ -86,20 +84,10 @@ def main(cfg: Config) -> pd.DataFrame:
     print(f"{cfg.preset} ({model.dtype}, {device}), {n} prompts of {cfg.prompt_len} tokens, {cfg.gen_len} new, "
           f"batch {cfg.gpu_batch_size}x{cfg.num_gpu_batches}, overlap={cfg.overlap}")
     print(df.to_string(index=False, float_format=lambda x: f"{x:.3f}"))
-    out = Path(cfg.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    stem = f"policy_sweep_{cfg.preset}_{device.type}"
-    df.to_csv(out / f"{stem}.csv", index=False)
-    meta = dict(config=asdict(cfg), torch=torch.__version__, dtype=str(model.dtype), date=time.strftime("%Y-%m-%d"),
-                device=torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
-                note="disk reads use O_DIRECT where the file system allows it")
-    (out / f"{stem}.json").write_text(json.dumps(meta, indent=2))
+    write_results(df, cfg, f"policy_sweep_{cfg.preset}_{device.type}", dtype=str(model.dtype),
+                  note="disk reads use O_DIRECT where the file system allows it")
     return df
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    for field, default in asdict(Config()).items():
-        kind = (lambda v: v.lower() in ("1", "true", "yes")) if isinstance(default, bool) else type(default)
-        parser.add_argument("--" + field.replace("_", "-"), type=kind, default=default)
-    main(Config(**vars(parser.parse_args())))
+    main(parse_config(Config, __doc__))

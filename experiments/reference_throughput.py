@@ -11,15 +11,12 @@ that machine noise hits both. Prints a table and writes CSV + JSON metadata unde
 
 from __future__ import annotations
 
-import argparse
-import json
-import platform
 import time
-from dataclasses import asdict, dataclass
-from pathlib import Path
+from dataclasses import dataclass
 
 import pandas as pd
 import torch
+from _common import parse_config, write_results
 
 
 @dataclass
@@ -90,19 +87,10 @@ def main(cfg: Config) -> pd.DataFrame:
     ratio = summary.loc["flexlab reference", "tokens_per_s"] / summary.loc["transformers generate", "tokens_per_s"]
     print(f"flexlab / transformers throughput: {ratio:.2f}x; greedy token agreement: {agreement:.1%}")
 
-    out = Path(cfg.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    stem = f"reference_throughput_{cfg.preset}_{device.type}"
-    df.to_csv(out / f"{stem}.csv", index=False)
-    meta = dict(config=asdict(cfg), device=torch.cuda.get_device_name() if device.type == "cuda" else platform.processor(),
-                torch=torch.__version__, dtype=str(model.dtype), ratio=ratio, token_agreement=agreement,
-                date=time.strftime("%Y-%m-%d"), cpu_threads=torch.get_num_threads())
-    (out / f"{stem}.json").write_text(json.dumps(meta, indent=2))
+    write_results(df, cfg, f"reference_throughput_{cfg.preset}_{device.type}", dtype=str(model.dtype), ratio=ratio,
+                  token_agreement=agreement)
     return df
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    for field, default in asdict(Config()).items():
-        parser.add_argument("--" + field.replace("_", "-"), type=type(default), default=default)
-    main(Config(**vars(parser.parse_args())))
+    main(parse_config(Config, __doc__))

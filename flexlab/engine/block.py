@@ -44,14 +44,14 @@ class BlockRun:
         self.scores: list[torch.Tensor] = [torch.empty(0)] * len(ids)
         capacity = self.width + max(num_tokens - 1, 0)
         disk_seqs = round(len(ids) * policy.cache_disk_percent / 100)
-        engine._check_space(2 * model.config.num_layers * disk_seqs * capacity * model.config.hidden_size
+        engine.check_space(2 * model.config.num_layers * disk_seqs * capacity * model.config.hidden_size
                             * engine.dtype.itemsize, "the disk share of the KV cache")
         self.cache = CacheStore(model.config, policy, [len(b) for b in batches], capacity, engine.device,
-                                engine.dtype, engine._subdir("cache"), engine.files, engine.tracker)
+                                engine.dtype, engine.subdir("cache"), engine.files, engine.tracker)
         self.acts = None
         if policy.act_tier != "gpu":
             slot_bytes = bs * self.width * model.config.hidden_size * engine.dtype.itemsize  # the prefill's, the largest
-            self.acts = ActStore(policy.act_tier, engine.device, slot_bytes, engine._subdir("act"), engine.files,
+            self.acts = ActStore(policy.act_tier, engine.device, slot_bytes, engine.subdir("act"), engine.files,
                                  engine.tracker)
         self.prefill_done: float | None = None
         self._masks: dict[int, tuple[int, torch.Tensor]] = {}

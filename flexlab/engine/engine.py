@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import shutil
 import tempfile
-import time
 from pathlib import Path
 
 import torch
@@ -28,9 +27,9 @@ from flexlab.engine.schedule import make_stages
 from flexlab.engine.store import WeightStore
 from flexlab.engine.tiers import DiskFiles, MemoryTracker
 from flexlab.engine.timeline import Timeline
-from flexlab.errors import FlexlabError, PromptError
-from flexlab.models.generation import (GenerationResult, Sampler, SamplingConfig, StopCriteria, encode_prompts,
-                                       generation_metrics)
+from flexlab.errors import FlexlabError
+from flexlab.models.generation import (GenerationResult, Sampler, encode_for_scoring, generation_metrics,
+                                       prepare_generation)
 
 
 class OffloadError(FlexlabError):
@@ -45,10 +44,10 @@ class Engine:
         policy = policy or Policy()
         if not isinstance(policy, Policy):
             raise PolicyError(f"policy must be a flexlab.Policy, got {type(policy).__name__}")
-        for name, reason in (("compress_weight", "compression"), ("compress_cache", "compression")):
+        for name in ("compress_weight", "compress_cache"):
             if getattr(policy, name) is not None:
-                raise PolicyError(f"Policy.{name} is set, but {reason} is not implemented in the engine yet; "
-                                  f"leave it None")
+                raise PolicyError(f"Policy.{name} is set, but compression is not implemented in the engine yet; "
+                                  "leave it None")
         if policy.attn_sparsity < 1:
             raise PolicyError("Policy.attn_sparsity < 1 (sparse attention) is not implemented in the engine yet; "
                               "use the default 1.0")
@@ -67,7 +66,7 @@ class Engine:
             n = len(model.family.weight_specs(model.config))
             with tqdm(total=n, desc="placing weights", disable=not progress, leave=False) as bar:
                 self.weights = WeightStore(model, self.stages, policy, self.device, self.dtype,
-                                           self._subdir("weights"), self.files, self.tracker, bar)
+                                           self.subdir("weights"), self.files, self.tracker, bar)
             self._executor = Executor(self.device, policy.overlap, describe=lambda j: self.stages[j].name)
         except BaseException:
             self.close()
@@ -84,7 +83,8 @@ class Engine:
             raise OffloadError(f"offload_dir {str(parent)!r} is not usable ({e.strerror}); pass a writable "
                                "directory with room for the disk share of weights and cache") from None
 
-    def _subdir(self, name: str) -> Path:
+    def subdir(self, name: str) -> Path:
+        """A folder (created if needed) inside the engine's offload directory."""
         path = self._dir / name
         path.mkdir(exist_ok=True)
         return path
@@ -94,9 +94,10 @@ class Engine:
         in_place = self.model.weights.location(next(iter(self.model.weights.specs))) is not None
         share = self.policy.w_disk_percent / 100
         need = 0 if in_place else share * self.model.config.total_weight_bytes(self.dtype.itemsize)
-        self._check_space(need, "the disk share of the weights")
+        self.check_space(need, "the disk share of the weights")
 
-    def _check_space(self, need: float, what: str) -> None:
+    def check_space(self, need: float, what: str) -> None:
+        """Raise OffloadError, before anything is written, if the offload disk lacks ``need`` bytes."""
         free = shutil.disk_usage(self._dir).free
         if need > free:
             raise OffloadError(f"offload_dir {str(self._dir.parent)!r} has {free / 2**30:.2f} GiB free but "
@@ -135,15 +136,13 @@ class Engine:
         tokens from run to run, though not the reference path's tokens (batches draw in turn).
         """
         self._check_open()
-        tok = self.model.tokenizer
-        ids = encode_prompts(prompts, tok, max_positions=self.model.config.max_positions,
-                             max_new_tokens=max_new_tokens)
-        sampling = SamplingConfig(do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
-        if stop_token_ids == ():
-            stop_token_ids = [self.model.config.eos_token_id]
-        stop = StopCriteria(len(ids), stop_token_ids, stop_strings, tok)
+        ids, sampling, stop = prepare_generation(
+            prompts, self.model.tokenizer, self.model.config, max_new_tokens=max_new_tokens, do_sample=do_sample,
+            temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, stop_token_ids=stop_token_ids,
+            stop_strings=stop_strings)
         sampler = Sampler(sampling, self.device)
         self._executor.restart_clock()
+        self.tracker.reset_peaks()
         generated: list[list[int]] = [[] for _ in ids]
         events, prefill_s, decode_s = [], 0.0, 0.0
         for first in range(0, len(ids), self.policy.block_size):
@@ -152,21 +151,15 @@ class Engine:
             block_events, p, d = block.run()
             events += block_events
             prefill_s, decode_s = prefill_s + p, decode_s + d
-        texts = None
-        if tok is not None:
-            texts = [stop.truncate_text(i, tok.decode(g, skip_special_tokens=True)) for i, g in enumerate(generated)]
         metrics = generation_metrics(sum(map(len, generated)), prefill_s, decode_s)
         metrics.update({f"peak_bytes_{tier}": float(v) for tier, v in self.tracker.peaks().items()})
-        return GenerationResult(token_ids=generated, texts=texts, metrics=metrics, timeline=Timeline(events))
+        return GenerationResult(token_ids=generated, texts=stop.texts(generated), metrics=metrics,
+                                timeline=Timeline(events))
 
     def score(self, sequences) -> list[torch.Tensor]:
         """Per sequence, float32 log-probabilities of tokens ``1..n-1`` given their prefix."""
         self._check_open()
-        ids = encode_prompts(sequences, self.model.tokenizer, max_positions=self.model.config.max_positions + 1,
-                             max_new_tokens=1)
-        short = [i for i, s in enumerate(ids) if len(s) < 2]
-        if short:
-            raise PromptError(f"sequence(s) {short} have fewer than 2 tokens; nothing to score")
+        ids = encode_for_scoring(sequences, self.model.tokenizer, self.model.config.max_positions)
         out = []
         for first in range(0, len(ids), self.policy.block_size):
             block = BlockRun(self, ids[first:first + self.policy.block_size], 1, "score")

@@ -81,14 +81,29 @@ class Executor:
         """Issue every step in order; stop issuing once ``should_stop()`` (checked after computes)."""
         self.handlers = handlers
         self.futures.clear()
-        for step in steps:
-            if step.kind == "compute":
-                self._compute(step)
-                if should_stop():
-                    break
-            else:
-                self._issue(step)
+        try:
+            for step in steps:
+                if step.kind == "compute":
+                    self._compute(step)
+                    if should_stop():
+                        break
+                else:
+                    self._issue(step)
+        except BaseException:  # an error or Ctrl-C: no transfer may outlive the data it touches
+            self._abandon()
+            raise
         self.drain()
+
+    def _abandon(self) -> None:
+        """Cancel transfers not yet started and wait for the running ones, ignoring their errors."""
+        for f in self.futures.values():
+            f.cancel()
+        for f in self.futures.values():
+            if not f.cancelled():
+                try:
+                    f.result()
+                except BaseException:
+                    pass
 
     def _issue(self, step: Step) -> None:
         lane = LANES[step.kind]

@@ -37,6 +37,12 @@ class MemoryTracker:
     def sub(self, tier: str, category: str, nbytes: int) -> None:
         self.add(tier, category, -nbytes)
 
+    def reset_peaks(self) -> None:
+        """Start measuring peaks afresh from what is allocated now."""
+        with self._lock:
+            for tier in TIERS:
+                self.peak_by_tier[tier] = sum(v for (t, _), v in self.current.items() if t == tier)
+
     def peaks(self) -> dict[str, int]:
         return {t: self.peak_by_tier.get(t, 0) for t in TIERS}
 

@@ -42,6 +42,30 @@ def encode_prompts(prompts, tokenizer, *, max_positions: int, max_new_tokens: in
     return ids
 
 
+def prepare_generation(prompts, tokenizer, config, *, max_new_tokens: int, do_sample: bool, temperature: float,
+                       top_k: int | None, top_p: float | None, seed: int | None, stop_token_ids,
+                       stop_strings) -> tuple[list[list[int]], SamplingConfig, "StopCriteria"]:
+    """Checked token ids, sampling settings and stop rules of a ``generate`` call.
+
+    ``stop_token_ids=()`` (the default of every ``generate``) means the model's end-of-sequence
+    token, as in transformers; ``None`` means never stop early.
+    """
+    ids = encode_prompts(prompts, tokenizer, max_positions=config.max_positions, max_new_tokens=max_new_tokens)
+    sampling = SamplingConfig(do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
+    if stop_token_ids == ():
+        stop_token_ids = [config.eos_token_id]
+    return ids, sampling, StopCriteria(len(ids), stop_token_ids, stop_strings, tokenizer)
+
+
+def encode_for_scoring(sequences, tokenizer, max_positions: int) -> list[list[int]]:
+    """Token ids of sequences to score: each needs at least 2 tokens and fits the model."""
+    ids = encode_prompts(sequences, tokenizer, max_positions=max_positions + 1, max_new_tokens=1)
+    short = [i for i, s in enumerate(ids) if len(s) < 2]
+    if short:
+        raise PromptError(f"sequence(s) {short} have fewer than 2 tokens; nothing to score")
+    return ids
+
+
 def left_pad(ids: list[list[int]], pad_id: int, device: str | torch.device = "cpu",
              width: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """``[b, width]`` token ids padded on the left (``width`` defaults to the longest), and the
@@ -152,6 +176,13 @@ class StopCriteria:
         """Cut ``text`` just after its first stop string (kept, as transformers keeps it)."""
         cuts = [text.find(s) + len(s) for s in self.strings[i] if s in text]
         return text[: min(cuts)] if cuts else text
+
+    def texts(self, generated: list[list[int]]) -> list[str] | None:
+        """The decoded new text of each sequence, cut at its stop string (None without a tokenizer)."""
+        if self.tokenizer is None:
+            return None
+        return [self.truncate_text(i, self.tokenizer.decode(g, skip_special_tokens=True))
+                for i, g in enumerate(generated)]
 
 
 @dataclass

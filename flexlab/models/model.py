@@ -15,10 +15,10 @@ from pathlib import Path
 
 import torch
 
-from flexlab.errors import ConfigError, PromptError
+from flexlab.errors import ConfigError
 from flexlab.models.config import ModelConfig, get_preset
 from flexlab.models.family import ModelFamily, get_family
-from flexlab.models.generation import GenerationResult, SamplingConfig, StopCriteria, encode_prompts
+from flexlab.models.generation import GenerationResult, encode_for_scoring, prepare_generation
 from flexlab.models.loading import (CheckpointWeights, RandomWeights, WeightSource, read_hf_config,
                                     resolve_checkpoint)
 from flexlab.models.reference import ReferenceRunner
@@ -103,23 +103,16 @@ class Model:
         and ``stop_strings`` are a flat list for all prompts or one list per prompt; by default
         generation stops at the model's end-of-sequence token (pass ``None`` to never stop early).
         """
-        ids = encode_prompts(prompts, self.tokenizer, max_positions=self.config.max_positions,
-                             max_new_tokens=max_new_tokens)
-        sampling = SamplingConfig(do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
-        if stop_token_ids == ():
-            stop_token_ids = [self.config.eos_token_id]
-        stop = StopCriteria(len(ids), stop_token_ids, stop_strings, self.tokenizer)
-        return self.reference.generate(ids, max_new_tokens, sampling, stop, self.tokenizer)
+        ids, sampling, stop = prepare_generation(
+            prompts, self.tokenizer, self.config, max_new_tokens=max_new_tokens, do_sample=do_sample,
+            temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, stop_token_ids=stop_token_ids,
+            stop_strings=stop_strings)
+        return self.reference.generate(ids, max_new_tokens, sampling, stop)
 
     def score(self, sequences) -> list[torch.Tensor]:
         """For each sequence (string or token ids, at least 2 tokens), the log-probabilities of
         tokens ``1..n-1`` given their prefix, as float32 1-D tensors."""
-        ids = encode_prompts(sequences, self.tokenizer, max_positions=self.config.max_positions + 1,
-                             max_new_tokens=1)
-        short = [i for i, s in enumerate(ids) if len(s) < 2]
-        if short:
-            raise PromptError(f"sequence(s) {short} have fewer than 2 tokens; nothing to score")
-        return self.reference.score(ids)
+        return self.reference.score(encode_for_scoring(sequences, self.tokenizer, self.config.max_positions))
 
     def __repr__(self) -> str:
         c = self.config

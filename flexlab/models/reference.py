@@ -64,7 +64,7 @@ class ReferenceRunner:
 
     @torch.inference_mode()
     def generate(self, ids: list[list[int]], max_new_tokens: int, sampling: SamplingConfig,
-                 stop: StopCriteria, tokenizer=None) -> GenerationResult:
+                 stop: StopCriteria) -> GenerationResult:
         """Generate for already-encoded prompts ``ids`` (see ``Model.generate`` for the user API)."""
         tokens, valid = left_pad(ids, self.config.pad_token_id, self.device)
         batch, prompt_len = tokens.shape
@@ -91,12 +91,8 @@ class ReferenceRunner:
         _sync(self.device)
         t2 = time.perf_counter()
 
-        texts = None
-        if tokenizer is not None:
-            texts = [stop.truncate_text(i, tokenizer.decode(g, skip_special_tokens=True))
-                     for i, g in enumerate(generated)]
         metrics = generation_metrics(sum(map(len, generated)), t1 - t0, t2 - t1)
-        return GenerationResult(token_ids=generated, texts=texts, metrics=metrics)
+        return GenerationResult(token_ids=generated, texts=stop.texts(generated), metrics=metrics)
 
     @torch.inference_mode()
     def score(self, ids: list[list[int]]) -> list[torch.Tensor]:

@@ -227,3 +227,17 @@ def test_cpu_cache_compute_leaves_cpu_rows_on_the_host(model, monkeypatch):
     with flexlab.Engine(model, policy) as engine:
         engine.generate(PROMPTS[:4], max_new_tokens=3)
     assert spans and all(span == (1, 2) for span in spans)  # of 4 sequences: 1 gpu, 2 cpu, 1 disk
+
+
+def test_a_failing_transfer_surfaces_and_leaves_nothing_behind(model, tmp_path, monkeypatch):
+    from flexlab.engine.store import WeightStore
+
+    def broken(self, stage):
+        raise OSError("disk went away")
+
+    policy = Policy.from_percent([0, 0, 0, 0, 0, 0], gpu_batch_size=2, num_gpu_batches=2)
+    with flexlab.Engine(model, policy, offload_dir=tmp_path) as engine:
+        monkeypatch.setattr(WeightStore, "load", broken)
+        with pytest.raises(OSError, match="disk went away"):
+            engine.generate(PROMPTS, max_new_tokens=3)
+    assert list(tmp_path.iterdir()) == []

@@ -1,0 +1,35 @@
+"""What every experiment script shares: a command line from its Config, and tidy result files."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import pandas as pd
+import torch
+
+
+def parse_config(config_cls, doc: str | None):
+    """A ``--field value`` option for each field of the dataclass ``config_cls``."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    for field, default in asdict(config_cls()).items():
+        kind = (lambda v: v.lower() in ("1", "true", "yes")) if isinstance(default, bool) else type(default)
+        parser.add_argument("--" + field.replace("_", "-"), type=kind, default=default)
+    return config_cls(**vars(parser.parse_args()))
+
+
+def write_results(df: pd.DataFrame, cfg, stem: str, **meta) -> Path:
+    """``<out_dir>/<stem>.csv`` (the table) and ``<stem>.json`` (config, machine, date, extras)."""
+    out = Path(cfg.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    df.to_csv(out / f"{stem}.csv", index=False)
+    cuda = torch.cuda.is_available()
+    meta = dict(config=asdict(cfg), date=time.strftime("%Y-%m-%d"), torch=torch.__version__,
+                device=torch.cuda.get_device_name() if cuda else f"cpu ({platform.machine()})",
+                cpu_threads=torch.get_num_threads(), **meta)
+    (out / f"{stem}.json").write_text(json.dumps(meta, indent=2, default=str))
+    return out

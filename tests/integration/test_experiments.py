@@ -1,0 +1,33 @@
+"""Every experiment script runs end to end on a tiny model and writes its CSV and JSON."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+RUNS = {
+    "reference_throughput": ["--preset", "opt-tiny", "--repeats", "1", "--prompt-len", "8", "--gen-len", "4"],
+    "policy_sweep": ["--preset", "opt-tiny", "--prompt-len", "8", "--gen-len", "3", "--gpu-batch-size", "2"],
+    "disk_offload_decode": ["--preset", "opt-tiny", "--prompt-len", "8", "--gen-len", "3", "--gpu-batch-size", "2",
+                            "--num-gpu-batches", "2", "--dd-mb", "16"],
+}
+
+
+@pytest.mark.parametrize("script", list(RUNS))
+def test_experiment_runs_and_writes_results(script, tmp_path):
+    args = [sys.executable, str(ROOT / "experiments" / f"{script}.py"), "--out-dir", str(tmp_path), *RUNS[script]]
+    if script == "disk_offload_decode":
+        args += ["--offload-dir", str(tmp_path)]
+    done = subprocess.run(args, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert done.returncode == 0, done.stderr[-2000:]
+    csv = next(tmp_path.glob(f"{script}_*.csv"))
+    assert len(pd.read_csv(csv)) >= 2
+    meta = json.loads(csv.with_suffix(".json").read_text())
+    assert meta["config"]["preset"] == "opt-tiny" and "date" in meta
