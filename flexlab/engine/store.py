@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from flexlab.engine.schedule import Stage
-from flexlab.engine.tiers import ALIGN, BufferPool, DiskFiles, MemoryTracker, nbytes, preallocate, write_file_atomic
+from flexlab.engine.tiers import ALIGN, BufferPool, DiskFiles, MemoryTracker, nbytes, preallocate, write_packed
 from flexlab.models.family import WeightSpec, part_weights
 
 
@@ -91,36 +91,48 @@ class WeightStore:
         pin = policy.pin_weight and device.type == "cuda"
         self.placed: dict[str, PlacedWeight] = {}
         self.stage_weights: list[list[PlacedWeight]] = []
+        self.stage_files: list[tuple[Path, int] | None] = []  # a stage's own packed file and its size
         for stage in stages:
             mine = [s for part in stage.parts for s in part_weights(specs, part, stage.layer)]
             new = [s for s in mine if s.name not in self.placed]  # a tied weight is placed once
             tiers = split_by_share([s.numel for s in new], policy.w_gpu_percent, policy.w_cpu_percent)
+            to_pack = []
             for spec, tier in zip(new, tiers):
-                self.placed[spec.name] = self._place(model, spec, tier, pin, weight_dir)
+                if tier == "disk" and model.weights.location(spec.name) is None:
+                    to_pack.append(spec)
+                else:
+                    self.placed[spec.name] = self._place(model, spec, tier, pin)
                 if progress is not None:
                     progress.update(1)
+            self.stage_files.append(self._pack(model, to_pack, weight_dir / f"stage{stage.index}.bin")
+                                    if to_pack else None)
             self.stage_weights.append([self.placed[s.name] for s in mine])
         self.resident = [all(w.tier == "gpu" for w in ws) for ws in self.stage_weights]
         # Disk reads land in one of two stage-sized aligned buffers (the stage computing and the one
         # prefetched). On a CPU the weights are used in place there: no copy after the read.
-        self.stage_disk_bytes = [sum(_region(w.data.nbytes) for w in ws if w.tier == "disk")
-                                 for ws in self.stage_weights]
+        self.stage_disk_bytes = [(own[1] if own else 0) + sum(_region(w.data.nbytes) for w in ws if w.tier == "disk"
+                                                              and not (own and w.data.path == own[0]))
+                                 for ws, own in zip(self.stage_weights, self.stage_files)]
         largest = max(self.stage_disk_bytes, default=0)
         self.pool = BufferPool(largest, 2, pin) if largest else None
         self.buffer_bytes = 2 * largest
         self.buffer_tier = "cpu" if device.type == "cuda" else "gpu"
         tracker.add(self.buffer_tier, "weight read buffers", self.buffer_bytes)
 
-    def _place(self, model, spec: WeightSpec, tier: str, pin: bool, weight_dir: Path) -> PlacedWeight:
-        if tier == "disk":
+    def _pack(self, model, specs: list[WeightSpec], path: Path) -> tuple[Path, int]:
+        """Convert weights with no readable place on disk (random, .bin) into one file per stage,
+        so that the stage comes back in one read."""
+        packed = write_packed(path, (model.weights.get(s.name, self.dtype) for s in specs))
+        for spec, (offset, t) in zip(specs, packed):
+            self.placed[spec.name] = PlacedWeight(spec, "disk", DiskTensor(path, offset, nbytes(t), t.dtype,
+                                                                           tuple(t.shape)))
+            self.tracker.add("disk", "weights", nbytes(t))
+        return path, path.stat().st_size
+
+    def _place(self, model, spec: WeightSpec, tier: str, pin: bool) -> PlacedWeight:
+        if tier == "disk":  # read straight from the checkpoint: no second copy on disk
             loc = model.weights.location(spec.name)
-            if loc is not None:  # read straight from the checkpoint: no second copy on disk
-                data = DiskTensor(loc.path, loc.offset, loc.nbytes, loc.dtype, loc.shape)
-            else:
-                tensor = model.weights.get(spec.name, self.dtype)
-                path = weight_dir / f"{spec.name}.bin"
-                write_file_atomic(path, tensor)
-                data = DiskTensor(path, 0, nbytes(tensor), self.dtype, tuple(tensor.shape))
+            data = DiskTensor(loc.path, loc.offset, loc.nbytes, loc.dtype, loc.shape)
             self.tracker.add("disk", "weights", data.nbytes)
             return PlacedWeight(spec, tier, data)
         device = self.device if tier == "gpu" else torch.device("cpu")
@@ -134,7 +146,10 @@ class WeightStore:
         """The stage's weights on the compute device, and the bytes moved from each tier."""
         out, moved, copied = {}, {"cpu": 0, "disk": 0}, 0
         buf = self.pool.acquire() if self.stage_disk_bytes[stage] else None
-        pos = 0
+        own, pos = self.stage_files[stage], 0
+        if own is not None:  # the stage's packed file: one read, each tensor lands at its file offset
+            self.files.read(own[0], 0, own[1], buf)
+            pos = own[1]
         for w in self.stage_weights[stage]:
             if w.tier == "gpu":
                 t = w.data
@@ -144,9 +159,13 @@ class WeightStore:
                     moved["cpu"] += nbytes(w.data)
                     copied += nbytes(t)
             else:
-                size = _region(w.data.nbytes)
-                t = self._read_disk(w.data, buf[pos:pos + size])
-                pos += size
+                if own is not None and w.data.path == own[0]:
+                    t = self._as_weight(buf[w.data.offset:w.data.offset + w.data.nbytes], w.data)
+                else:
+                    size = _region(w.data.nbytes)
+                    t = self._as_weight(self.files.read(w.data.path, w.data.offset, w.data.nbytes,
+                                                        buf[pos:pos + size]), w.data)
+                    pos += size
                 moved["disk"] += w.data.nbytes
                 if t.data_ptr() < buf.data_ptr() or t.data_ptr() >= buf.data_ptr() + buf.numel():
                     copied += nbytes(t)  # converted or moved to the GPU: a fresh tensor
@@ -164,8 +183,8 @@ class WeightStore:
         if loaded.buffer is not None:
             self.pool.release(loaded.buffer)
 
-    def _read_disk(self, d: DiskTensor, region: torch.Tensor) -> torch.Tensor:
-        raw = self.files.read(d.path, d.offset, d.nbytes, region)
+    def _as_weight(self, raw: torch.Tensor, d: DiskTensor) -> torch.Tensor:
+        """Bytes read from disk as the weight tensor on the compute device (a view where possible)."""
         if raw.data_ptr() % d.dtype.itemsize:  # a checkpoint tensor at an odd offset: copy to align it
             raw = raw.clone()
         view = raw.view(d.dtype).view(d.shape)

@@ -66,8 +66,9 @@ def test_weights_from_a_bin_checkpoint_are_converted_once(tiny_hf, tmp_path, exp
     write_bin_checkpoint(tiny_hf, tmp_path / "ckpt")
     model = flexlab.Model.from_pretrained(tmp_path / "ckpt", dtype=torch.float32, device="cpu")
     with flexlab.Engine(model, Policy.from_percent([0, 0, 100, 0, 100, 0]), offload_dir=tmp_path / "off") as engine:
-        converted = list((engine.offload_dir / "weights").iterdir())
-        assert len(converted) == len(model.weights.specs)
+        converted = sorted(p.name for p in (engine.offload_dir / "weights").iterdir())
+        assert converted == sorted(f"stage{s.index}.bin" for s in engine.stages)  # one packed file per stage
+        assert all(w.tier == "disk" for w in engine.weights.placed.values())
         assert engine.generate(PROMPTS, max_new_tokens=NEW).token_ids == expected[0]
 
 
