@@ -47,9 +47,6 @@ class MemoryTracker:
     def peaks(self) -> dict[str, int]:
         return {t: self.peak_by_tier.get(t, 0) for t in TIERS}
 
-    def by_category(self) -> dict[tuple[str, str], int]:
-        return dict(self.current)
-
 
 def nbytes(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()

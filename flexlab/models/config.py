@@ -18,7 +18,6 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-import torch
 
 from flexlab.errors import ConfigError
 
@@ -143,7 +142,3 @@ def get_preset(name: str) -> ModelConfig:
     if key not in _PRESETS:
         raise ConfigError(f"unknown model preset {name!r}; valid presets: {', '.join(_PRESETS)}")
     return _PRESETS[key]
-
-
-def dtype_bytes(dtype: torch.dtype) -> int:
-    return torch.empty((), dtype=dtype).element_size()
