@@ -1,0 +1,224 @@
+"""Group-wise min/max quantization: a config, a container, and two pure functions.
+
+A tensor is cut into groups of ``group_size`` consecutive elements along ``group_dim``; each group
+gets its own scale (and zero point, unless symmetric), and each element becomes a ``bits``-bit
+code, really bit-packed (3-bit codes take 3 bits). With 4 bits, group 64 and float16 scale and
+zero, that is 4 + 32/64 = 4.5 bits per element.
+
+    >>> import torch
+    >>> from flexlab.compress import QuantConfig, quantize, dequantize
+    >>> x = torch.randn(256, 128)
+    >>> q = quantize(x, QuantConfig(bits=4, group_size=64))
+    >>> q.bits_per_element
+    4.5
+    >>> bool(((dequantize(q) - x).abs() <= q.max_error() * 1.001 + 1e-6).all())
+    True
+
+Round trip: every element comes back within half a quantization step of its group. The scale
+and zero are rounded *outward* to their storage dtype (zero down, scale up), so the stored grid
+still covers the group and the bound holds after that rounding too. Constant groups and zeros
+are exact; a dimension that is not a multiple of the group size is padded with its last element
+(inside the last group's range, so padding never widens a group).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+from flexlab.compress.packing import SUPPORTED_BITS, pack_bits, unit, unpack_bits
+from flexlab.errors import FlexlabError
+
+SCALE_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+class QuantError(FlexlabError):
+    """An invalid quantization setting, or data it cannot represent."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class QuantConfig:
+    """How to quantize.
+
+    Attributes:
+        bits: code width, one of 2, 3, 4, 8.
+        group_size: elements sharing one scale (and zero point).
+        group_dim: the dimension groups run along (-1: the last; for a ``Linear`` weight
+            ``[out, in]`` that is the input features). Ignored for the KV cache, whose layout
+            ``kv_layout`` decides.
+        symmetric: scale only, codes centred on zero (one level fewer, no zero point stored).
+        scale_dtype: storage dtype of scales and zero points.
+        kv_layout: KV cache only. ``"per-token"``: each token's keys and values are grouped along
+            the hidden dimension (FlexGen). ``"per-channel"``: keys are grouped along the tokens,
+            one group of ``group_size`` tokens per channel (KIVI); values stay per-token.
+        window: KV cache only: the most recent tokens kept in full precision (with
+            ``"per-channel"`` keys, the tokens of a group not yet complete are kept too).
+    """
+
+    bits: int = 4
+    group_size: int = 64
+    group_dim: int = -1
+    symmetric: bool = False
+    scale_dtype: torch.dtype = torch.float16
+    kv_layout: Literal["per-token", "per-channel"] = "per-token"
+    window: int = 0
+
+    def __post_init__(self) -> None:
+        if self.bits not in SUPPORTED_BITS or isinstance(self.bits, bool):
+            raise QuantError(f"QuantConfig.bits={self.bits!r} is invalid; use one of {SUPPORTED_BITS}")
+        for name in ("group_size", "group_dim", "window"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool):
+                raise QuantError(f"QuantConfig.{name}={value!r} is invalid; it must be an int")
+        if self.group_size < 1:
+            raise QuantError(f"QuantConfig.group_size={self.group_size} is invalid; it must be >= 1 "
+                             "(FlexGen used 64)")
+        if self.window < 0:
+            raise QuantError(f"QuantConfig.window={self.window} is invalid; it must be >= 0 (0: no window)")
+        if not isinstance(self.symmetric, bool):
+            raise QuantError(f"QuantConfig.symmetric={self.symmetric!r} is invalid; it must be True or False")
+        if self.scale_dtype not in SCALE_DTYPES:
+            raise QuantError(f"QuantConfig.scale_dtype={self.scale_dtype!r} is invalid; use one of {SCALE_DTYPES}")
+        if self.kv_layout not in ("per-token", "per-channel"):
+            raise QuantError(f"QuantConfig.kv_layout={self.kv_layout!r} is invalid; use 'per-token' or 'per-channel'")
+
+    @property
+    def levels(self) -> int:
+        """Distinct values a group can take."""
+        return 2 ** self.bits - 1 if self.symmetric else 2 ** self.bits
+
+    def replace(self, **changes) -> "QuantConfig":
+        return dataclasses.replace(self, **changes)
+
+    def describe(self) -> str:
+        sym = ", symmetric" if self.symmetric else ""
+        return f"{self.bits}-bit g{self.group_size}{sym}"
+
+    def bits_per_element(self) -> float:
+        """Storage cost per element for whole groups (codes plus scale and zero point)."""
+        per_unit, bytes_per_unit = unit(self.bits)
+        codes = -(-self.group_size // per_unit) * bytes_per_unit * 8
+        meta = (1 if self.symmetric else 2) * torch.empty((), dtype=self.scale_dtype).element_size() * 8
+        return (codes + meta) / self.group_size
+
+
+@dataclass
+class QTensor:
+    """A quantized tensor: packed codes, per-group scale and zero point, original shape and dtype.
+
+    Layout: ``group_dim`` is moved last and cut into groups, so ``codes`` is uint8
+    ``[..., groups, packed bytes per group]`` and ``scale``/``zero`` are ``[..., groups]``.
+    """
+
+    codes: torch.Tensor
+    scale: torch.Tensor
+    zero: torch.Tensor | None
+    config: QuantConfig
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.tensors())
+
+    @property
+    def numel(self) -> int:
+        return torch.Size(self.shape).numel()
+
+    @property
+    def bits_per_element(self) -> float:
+        return 8 * self.nbytes / max(self.numel, 1)
+
+    @property
+    def device(self) -> torch.device:
+        return self.codes.device
+
+    def tensors(self) -> list[torch.Tensor]:
+        """The stored tensors, in a fixed order (see :meth:`with_tensors`)."""
+        return [self.codes, self.scale] + ([] if self.zero is None else [self.zero])
+
+    def with_tensors(self, tensors: list[torch.Tensor]) -> "QTensor":
+        """The same quantized tensor with its stored tensors replaced (moved, read from disk)."""
+        zero = tensors[2] if self.zero is not None else None
+        return dataclasses.replace(self, codes=tensors[0], scale=tensors[1], zero=zero)
+
+    def to(self, device, non_blocking: bool = False) -> "QTensor":
+        return self.with_tensors([t.to(device, non_blocking=non_blocking) for t in self.tensors()])
+
+    def max_error(self) -> torch.Tensor:
+        """Half a quantization step for every element, in the original shape (for checks)."""
+        half = 0.5 * self.scale.float().unsqueeze(-1).expand(*self.scale.shape, self.config.group_size)
+        return _from_groups(half, self.shape, self.config.group_dim)
+
+
+def _round_toward(x: torch.Tensor, dtype: torch.dtype, down: bool) -> torch.Tensor:
+    """``x`` (float32) in ``dtype``, rounded down (``down``) or up instead of to nearest."""
+    y = x.to(dtype)
+    wrong = y.float() > x if down else y.float() < x
+    target = torch.full_like(y, float("-inf") if down else float("inf"))
+    return torch.where(wrong, torch.nextafter(y, target), y)
+
+
+def _to_groups(x: torch.Tensor, group_size: int, group_dim: int) -> torch.Tensor:
+    """``x`` as float32 ``[..., groups, group_size]`` with ``group_dim`` moved last, padded."""
+    xt = x.movedim(group_dim, -1).float()
+    pad = (-xt.shape[-1]) % group_size
+    if pad:  # repeat the last element: it lies inside the last group's range
+        xt = torch.cat([xt, xt[..., -1:].expand(*xt.shape[:-1], pad)], dim=-1)
+    return xt.reshape(*xt.shape[:-1], -1, group_size)
+
+
+def _from_groups(g: torch.Tensor, shape: tuple[int, ...], group_dim: int) -> torch.Tensor:
+    dim = group_dim % len(shape)
+    moved = list(shape)
+    n = moved.pop(dim)
+    flat = g.reshape(*g.shape[:-2], -1)[..., :n]
+    return flat.movedim(-1, dim)
+
+
+def quantize(x: torch.Tensor, config: QuantConfig) -> QTensor:
+    """Quantize ``x`` (float16, bfloat16 or float32, at least 1-D) group-wise."""
+    if not x.is_floating_point() or x.ndim == 0:
+        raise QuantError(f"quantize needs a floating-point tensor with at least one dimension, got "
+                         f"{x.dtype} with shape {tuple(x.shape)}")
+    if not -x.ndim <= config.group_dim < x.ndim:
+        raise QuantError(f"QuantConfig.group_dim={config.group_dim} is out of range for a {x.ndim}-D tensor")
+    if x.numel() and not torch.isfinite(x).all():
+        raise QuantError("quantize got NaN or inf values; they cannot be quantized")
+    g = _to_groups(x, config.group_size, config.group_dim)
+    sd = config.scale_dtype
+    tiny = torch.finfo(sd).tiny  # a constant group gets this scale instead of zero: no division by zero
+    if config.symmetric:
+        half = 2 ** (config.bits - 1) - 1
+        amax = g.abs().amax(-1)
+        scale = _round_toward(torch.clamp(amax / half, min=tiny), sd, down=False)
+        zero = None
+        codes = torch.round(g / scale.float().unsqueeze(-1)).clamp(-half, half) + half
+    else:
+        lo, hi = g.amin(-1), g.amax(-1)
+        zero = _round_toward(lo, sd, down=True)
+        scale = _round_toward(torch.clamp((hi - zero.float()) / (config.levels - 1), min=tiny), sd, down=False)
+        codes = torch.round((g - zero.float().unsqueeze(-1)) / scale.float().unsqueeze(-1)).clamp(0, config.levels - 1)
+    if not torch.isfinite(scale).all() or (zero is not None and not torch.isfinite(zero).all()):
+        raise QuantError(f"values up to {float(x.abs().max()):.3g} overflow the scale dtype {sd}; "
+                         "use QuantConfig(scale_dtype=torch.float32)")
+    per_unit = unit(config.bits)[0]
+    codes = codes.to(torch.uint8)
+    pad = (-config.group_size) % per_unit
+    if pad:  # whole packing units per group, so each group's codes start on a byte
+        codes = torch.nn.functional.pad(codes, (0, pad))
+    return QTensor(pack_bits(codes, config.bits), scale, zero, config, tuple(x.shape), x.dtype)
+
+
+def dequantize(q: QTensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """The tensor ``q`` stands for, on ``q``'s device, in ``dtype`` (default: the original)."""
+    cfg = q.config
+    codes = unpack_bits(q.codes, cfg.bits)[..., :cfg.group_size].float()
+    if cfg.symmetric:
+        values = (codes - (2 ** (cfg.bits - 1) - 1)) * q.scale.float().unsqueeze(-1)
+    else:
+        values = codes * q.scale.float().unsqueeze(-1) + q.zero.float().unsqueeze(-1)
+    return _from_groups(values, q.shape, cfg.group_dim).to(dtype or q.dtype).contiguous()
