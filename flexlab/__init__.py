@@ -6,6 +6,7 @@
     2
 """
 
+from flexlab.compress import QTensor, QuantConfig, QuantError
 from flexlab.engine import Engine, Event, OffloadError, Policy, PolicyError, Timeline
 from flexlab.errors import CheckpointError, ConfigError, FlexlabError, PromptError
 from flexlab.models import GenerationResult, Model, ModelConfig, get_preset, preset_names
@@ -13,5 +14,6 @@ from flexlab.models.pydoc_model import pydoc_model_path
 
 __version__ = "0.1.0"
 
-__all__ = ["Model", "ModelConfig", "Engine", "Policy", "Timeline", "Event", "PolicyError", "OffloadError", "GenerationResult", "get_preset", "preset_names", "pydoc_model_path",
-           "FlexlabError", "ConfigError", "CheckpointError", "PromptError"]
+__all__ = ["Model", "ModelConfig", "Engine", "Policy", "QuantConfig", "QTensor", "Timeline", "Event", "GenerationResult",
+           "get_preset", "preset_names", "pydoc_model_path",
+           "FlexlabError", "ConfigError", "CheckpointError", "PromptError", "PolicyError", "OffloadError", "QuantError"]

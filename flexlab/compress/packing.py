@@ -65,4 +65,4 @@ def unpack_bits(packed: torch.Tensor, bits: int) -> torch.Tensor:
         for j in range(1, bytes_per_unit):
             word |= p[..., j] << (8 * j)
     codes = torch.stack([(word >> (bits * i)) & mask for i in range(per_unit)], dim=-1)
-    return codes.to(torch.uint8).reshape(*lead, -1)
+    return codes.to(torch.uint8).reshape(*lead, m // bytes_per_unit * per_unit)

@@ -94,8 +94,9 @@ class QuantConfig:
         return dataclasses.replace(self, **changes)
 
     def describe(self) -> str:
-        sym = ", symmetric" if self.symmetric else ""
-        return f"{self.bits}-bit g{self.group_size}{sym}"
+        extra = (" sym" if self.symmetric else "") + ("" if self.kv_layout == "per-token" else " per-channel keys")
+        extra += f" window {self.window}" if self.window else ""
+        return f"{self.bits}-bit g{self.group_size}{extra}"
 
     def bits_per_element(self) -> float:
         """Storage cost per element for whole groups (codes plus scale and zero point)."""
@@ -168,14 +169,12 @@ def _to_groups(x: torch.Tensor, group_size: int, group_dim: int) -> torch.Tensor
     pad = (-xt.shape[-1]) % group_size
     if pad:  # repeat the last element: it lies inside the last group's range
         xt = torch.cat([xt, xt[..., -1:].expand(*xt.shape[:-1], pad)], dim=-1)
-    return xt.reshape(*xt.shape[:-1], -1, group_size)
+    return xt.reshape(*xt.shape[:-1], xt.shape[-1] // group_size, group_size)
 
 
 def _from_groups(g: torch.Tensor, shape: tuple[int, ...], group_dim: int) -> torch.Tensor:
     dim = group_dim % len(shape)
-    moved = list(shape)
-    n = moved.pop(dim)
-    flat = g.reshape(*g.shape[:-2], -1)[..., :n]
+    flat = g.reshape(*g.shape[:-2], g.shape[-2] * g.shape[-1])[..., :shape[dim]]
     return flat.movedim(-1, dim)
 
 

@@ -11,8 +11,10 @@ import time
 
 import torch
 
+from flexlab.engine.cache import KV, CacheStore, LoadedCache
+from flexlab.engine.kvcodec import KVCodec
 from flexlab.engine.schedule import Step, block_schedule
-from flexlab.engine.store import ActStore, CacheStore, LoadedCache
+from flexlab.engine.store import ActStore
 from flexlab.models.attention import attend, attention_bias
 from flexlab.models.generation import left_pad, positions_from_mask
 
@@ -22,7 +24,9 @@ class BlockRun:
 
     ``mode="generate"`` samples new tokens into ``generated`` (the engine's per-prompt lists,
     this block's prompts starting at ``offset``); ``mode="score"`` runs the prefill only and
-    leaves per-sequence log-probabilities in ``self.scores``.
+    leaves per-sequence log-probabilities in ``self.scores``; ``mode="teacher"`` feeds each
+    sequence one token at a time through the decode path (so a compressed cache is written and
+    read back) and leaves the same log-probabilities in ``self.scores``.
     """
 
     def __init__(self, engine, ids: list[list[int]], num_tokens: int, mode: str, *, sampler=None, stop=None,
@@ -34,20 +38,36 @@ class BlockRun:
         bs = policy.gpu_batch_size
         batches = [ids[i:i + bs] for i in range(0, len(ids), bs)]  # the last may be short
         self.batch_rows = [list(range(i, i + len(b))) for i, b in zip(range(0, len(ids), bs), batches)]
-        self.width = max(map(len, ids))
+        pad = model.config.pad_token_id
+        if mode == "teacher":  # the prefill reads each sequence's first token; the rest are fed one by one
+            longest = max(map(len, ids))
+            self.targets = [torch.tensor([s + [pad] * (longest - len(s)) for s in b], device=engine.device)
+                            for b in batches]  # right-padded: token i of every sequence in column i
+            self.teacher_lp: list[list[torch.Tensor]] = [[] for _ in batches]
+            batches = [[s[:1] for s in b] for b in batches]
+        self.width = max(len(s) for b in batches for s in b)
         self.tokens, self.valid = [], []
         for b in batches:  # every batch padded to the block's width, so cache positions line up
-            tokens, valid = left_pad(b, model.config.pad_token_id, engine.device, width=self.width)
+            tokens, valid = left_pad(b, pad, engine.device, width=self.width)
             self.tokens.append(tokens)
             self.valid.append(valid)
         self.last: list[torch.Tensor | None] = [None] * len(batches)
         self.scores: list[torch.Tensor] = [torch.empty(0)] * len(ids)
         capacity = self.width + max(num_tokens - 1, 0)
+        cfg = model.config
+        self.codecs = {kv: KVCodec(policy.compress_cache, cfg.num_heads, cfg.head_dim, engine.dtype, keys=kv == "k")
+                       for kv in KV}
         disk_seqs = round(len(ids) * policy.cache_disk_percent / 100)
-        engine.check_space(2 * model.config.num_layers * disk_seqs * capacity * model.config.hidden_size
-                            * engine.dtype.itemsize, "the disk share of the KV cache")
-        self.cache = CacheStore(model.config, policy, [len(b) for b in batches], capacity, engine.device,
-                                engine.dtype, engine.subdir("cache"), engine.files, engine.tracker)
+        engine.check_space(cfg.num_layers * disk_seqs * sum(-(-capacity // c.chunk) * c.row_bytes
+                                                            for c in self.codecs.values()),
+                           "the disk share of the KV cache")
+        self.cache = CacheStore(policy, [len(b) for b in batches], capacity, self.codecs, engine.device,
+                                engine.subdir("cache"), engine.files, engine.tracker)
+        # A compressed cache keeps its newest tokens in full precision on the device (see kvcodec).
+        self.tails: dict[tuple[int, int, str], torch.Tensor] = {}
+        self.tail_bytes = sum(cfg.num_layers * len(ids) * c.max_tail * cfg.hidden_size * engine.dtype.itemsize
+                              for c in self.codecs.values())
+        engine.tracker.add("gpu", "kv tail", self.tail_bytes)
         self.acts = None
         if policy.act_tier != "gpu":
             slot_bytes = bs * self.width * model.config.hidden_size * engine.dtype.itemsize  # the prefill's, the largest
@@ -70,6 +90,7 @@ class BlockRun:
             engine.executor.run(steps, handlers, self.finished)
         finally:
             self.cache.close()
+            self.engine.tracker.sub("gpu", "kv tail", self.tail_bytes)
             if self.acts is not None:
                 self.acts.close()
         end = time.perf_counter()
@@ -97,18 +118,26 @@ class BlockRun:
     def release_weight(self, key, loaded) -> None:
         self.engine.weights.release(loaded)
 
+    def _cached_tokens(self, t: int) -> int:
+        """Tokens in the cache when token ``t`` is computed (the prefill is token 0)."""
+        return 0 if t == 0 else self.width + t - 1
+
     def load_cache(self, step: Step):
         layer = self.engine.stages[step.stage].layer
-        loaded, moved = self.cache.load(layer, step.batch, self.width + step.token - 1,
-                                        cpu_rows_stay=self.engine.policy.cpu_cache_compute)
+        n = self._cached_tokens(step.token)
+        rows = {kv: c.stored_tokens(n) // c.chunk for kv, c in self.codecs.items()}
+        loaded, moved = self.cache.load(layer, step.batch, rows, cpu_rows_stay=self.engine.policy.cpu_cache_compute)
         return loaded, sum(moved.values())
 
     def store_cache(self, step: Step, computed: dict) -> int:
         if self.mode == "score":  # nothing will read it
             return 0
-        k, v = computed["kv"]
-        start = 0 if step.token == 0 else self.width + step.token - 1
-        return sum(self.cache.store(self.engine.stages[step.stage].layer, step.batch, k, v, start).values())
+        layer = self.engine.stages[step.stage].layer
+        moved = 0
+        for kv, (rows, start) in computed["kv"].items():
+            if rows.shape[1]:
+                moved += sum(self.cache.store(layer, step.batch, kv, rows, start).values())
+        return moved
 
     def load_act(self, step: Step):
         return self.acts.load(step.batch)
@@ -122,7 +151,12 @@ class BlockRun:
         t, j, k = step.token, step.stage, step.batch
         stage = self.engine.stages[j]
         f, cfg = self.family, self.config
-        w = inputs[("load_weight", t, j, None)].tensors
+        loaded = inputs[("load_weight", t, j, None)]
+        w = loaded.tensors
+        if self.engine.policy.compress_weight is not None and loaded.dequantized is None:
+            w = self.engine.executor.timed("dequantize_weight", step, lambda: self.engine.weights.dequantized(loaded))
+        elif loaded.dequantized is not None:
+            w = loaded.dequantized
         valid = self.valid[k]
         if "embed" in stage.parts:
             if t == 0:
@@ -140,17 +174,67 @@ class BlockRun:
             if t == 0:
                 o = attend(q, k_new, v_new, self._bias(t, k))
             else:
-                o = _decode_attention(q, k_new, v_new, inputs[("load_cache", t, j, k)], self._bias(t, k))
+                cache = self._with_tail(step, stage.layer, inputs[("load_cache", t, j, k)])
+                o = _decode_attention(q, k_new, v_new, cache, self._bias(t, k))
             h = f.attention_out(w, cfg, h, o)
-            kv = (k_new, v_new)
+            if self.mode != "score":  # the cache takes the new keys and values token-major, as stored
+                kv = self._to_store(step, stage.layer, {"k": k_new.transpose(1, 2), "v": v_new.transpose(1, 2)})
         if "mlp" in stage.parts:
             h = f.mlp(w, cfg, h)
         if "head" in stage.parts:
             self._head(w, h, t, k)
         return {"h": h, "kv": kv}
 
+    def _with_tail(self, step: Step, layer: int, loaded: LoadedCache) -> LoadedCache:
+        """The loaded rows as keys/values ``[b, heads, tokens, d]``: dequantized, then the
+        full-precision tail appended."""
+        out = {}
+        for kv in KV:
+            codec, rows = self.codecs[kv], getattr(loaded, kv)
+            if rows is None:  # every sequence's cache stayed on the host (cpu_cache_compute)
+                out[kv] = None
+                continue
+            x = rows if codec.config is None else self.engine.executor.timed(
+                "dequantize_cache", step, lambda: codec.decode(rows))
+            tail = self.tails.get((layer, step.batch, kv))
+            out[kv] = (x if tail is None else torch.cat([x, tail], dim=1)).transpose(1, 2)
+        host = {kv: None if x is None else x.transpose(1, 2) for kv, x in (("k", loaded.host_k), ("v", loaded.host_v))}
+        return LoadedCache(out["k"], out["v"], host["k"], host["v"], loaded.host_span)
+
+    def _to_store(self, step: Step, layer: int, new: dict[str, torch.Tensor]) -> dict[str, tuple[torch.Tensor, int]]:
+        """Rows to store for the new tokens ``new[kv]`` (``[b, s, heads, d]``) and where they go.
+
+        Tokens that leave the full-precision tail are encoded into rows; the rest become the tail.
+        """
+        before = self._cached_tokens(step.token)
+        after = before + new["k"].shape[1]
+        out = {}
+        for kv, codec in self.codecs.items():
+            key = (layer, step.batch, kv)
+            tail = self.tails.pop(key, None)
+            pending = new[kv] if tail is None else torch.cat([tail, new[kv]], dim=1)  # tokens from stored(before)
+            first, last = codec.stored_tokens(before), codec.stored_tokens(after)
+            leaving = pending[:, :last - first]
+            if codec.config is not None and last > first:
+                leaving = self.engine.executor.timed("quantize_cache", step, lambda: codec.encode(leaving))
+            if last - first < pending.shape[1]:
+                self.tails[key] = pending[:, last - first:].clone()  # clone: free the rest of ``pending``
+            out[kv] = (leaving, first // codec.chunk)
+        return out
+
     def _head(self, w, h: torch.Tensor, t: int, k: int) -> None:
         f, cfg, rows = self.family, self.config, self.batch_rows[k]
+        if self.mode == "teacher":
+            logprobs = torch.log_softmax(f.head(w, cfg, h[:, -1]).float(), dim=-1)  # [b, vocab]
+            target = self.targets[k][:, min(t + 1, self.targets[k].shape[1] - 1)]
+            self.teacher_lp[k].append(logprobs.gather(-1, target[:, None]).squeeze(-1))
+            self.last[k] = target  # the next input is the sequence's own next token
+            self.valid[k] = torch.cat([self.valid[k], torch.ones_like(self.valid[k][:, :1])], dim=1)
+            if t == self.num_tokens - 1:
+                lp = torch.stack(self.teacher_lp[k], dim=1).cpu()  # [b, tokens]
+                for r, row in enumerate(rows):
+                    self.scores[row] = lp[r, :len(self.ids[row]) - 1]
+            return
         if self.mode == "score":
             logprobs = torch.log_softmax(f.head(w, cfg, h).float(), dim=-1)  # [b, s, vocab]
             for r, row in enumerate(rows):

@@ -44,10 +44,9 @@ class Engine:
         policy = policy or Policy()
         if not isinstance(policy, Policy):
             raise PolicyError(f"policy must be a flexlab.Policy, got {type(policy).__name__}")
-        for name in ("compress_weight", "compress_cache"):
-            if getattr(policy, name) is not None:
-                raise PolicyError(f"Policy.{name} is set, but compression is not implemented in the engine yet; "
-                                  "leave it None")
+        if policy.compress_cache is not None and policy.cpu_cache_compute:
+            raise PolicyError("Policy.cpu_cache_compute with compress_cache is not implemented (attention on the "
+                              "CPU reads the cache uncompressed); turn one of them off")
         if policy.attn_sparsity < 1:
             raise PolicyError("Policy.attn_sparsity < 1 (sparse attention) is not implemented in the engine yet; "
                               "use the default 1.0")
@@ -156,13 +155,23 @@ class Engine:
         return GenerationResult(token_ids=generated, texts=stop.texts(generated), metrics=metrics,
                                 timeline=Timeline(events))
 
-    def score(self, sequences) -> list[torch.Tensor]:
-        """Per sequence, float32 log-probabilities of tokens ``1..n-1`` given their prefix."""
+    def score(self, sequences, *, teacher_forced: bool = False) -> list[torch.Tensor]:
+        """Per sequence, float32 log-probabilities of tokens ``1..n-1`` given their prefix.
+
+        By default one prefill per block computes them, which never reads the KV cache back. With
+        ``teacher_forced=True`` each sequence is fed one token at a time through decode, so every
+        token attends over the cache as stored (compressed, offloaded) — how a compressed cache's
+        cost in accuracy is measured.
+        """
         self._check_open()
         ids = encode_for_scoring(sequences, self.model.tokenizer, self.model.config.max_positions)
         out = []
         for first in range(0, len(ids), self.policy.block_size):
-            block = BlockRun(self, ids[first:first + self.policy.block_size], 1, "score")
+            chunk = ids[first:first + self.policy.block_size]
+            if teacher_forced:
+                block = BlockRun(self, chunk, max(map(len, chunk)) - 1, "teacher")
+            else:
+                block = BlockRun(self, chunk, 1, "score")
             block.run()
             out += block.scores
         return out

@@ -137,7 +137,7 @@ class Executor:
                         # A later load waits on this task's future: make "done" mean done on the device.
                         stream.synchronize()
             if moved:
-                self.pending_events.append((lane, step, start, end, moved))
+                self.pending_events.append((lane, step, start, end, moved, step.kind))
             return value, ready
 
         if inline:
@@ -161,12 +161,20 @@ class Executor:
         start = self.clock.mark()
         value = self.handlers["compute"](step, inputs)
         end = self.clock.mark()
-        self.pending_events.append((COMPUTE_LANE, step, start, end, 0))
+        self.pending_events.append((COMPUTE_LANE, step, start, end, 0, step.kind))
         self.futures[step.key] = _done(value)
         for key in step.releases:
             released = self.futures.pop(key, None)
             if key[0] == "load_weight" and released is not None and "release_weight" in self.handlers:
                 self.handlers["release_weight"](key, released.result()[0])
+
+    def timed(self, kind: str, step: Step, fn: Callable[[], object], moved: int = 0):
+        """Run ``fn`` inside a compute and record it as its own event on the compute lane (the
+        (de)compression work a compute does, so the timeline shows what it costs)."""
+        start = self.clock.mark()
+        value = fn()
+        self.pending_events.append((COMPUTE_LANE, step, start, self.clock.mark(), moved, kind))
+        return value
 
     def restart_clock(self) -> None:
         """Make the next events' times count from now."""
@@ -181,9 +189,9 @@ class Executor:
 
     def events(self) -> list[Event]:
         """Resolve the recorded marks into timeline events (after :meth:`drain`)."""
-        out = [Event(lane, step.kind, step.token, step.stage, step.batch, self.clock.resolve(a),
+        out = [Event(lane, kind, step.token, step.stage, step.batch, self.clock.resolve(a),
                      self.clock.resolve(b), int(moved), self.describe(step.stage))
-               for lane, step, a, b, moved in self.pending_events]
+               for lane, step, a, b, moved, kind in self.pending_events]
         self.pending_events.clear()
         return out
 

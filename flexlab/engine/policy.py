@@ -13,8 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any
-
+from flexlab.compress import QuantConfig
 from flexlab.errors import FlexlabError
 
 
@@ -40,7 +39,9 @@ class Policy:
         pin_weight: keep cpu-tier weights in pinned memory (CUDA only; faster host→GPU copies).
         cpu_cache_compute: run decode attention over cpu-tier cache on the CPU.
         attn_sparsity: fraction of attention weights kept in decode (1.0: dense).
-        compress_weight, compress_cache: a ``QuantConfig`` or None.
+        compress_weight: a ``QuantConfig`` for every weight matrix (vectors stay exact), or None.
+        compress_cache: a ``QuantConfig`` for the KV cache (its ``kv_layout`` and ``window``
+            apply), or None.
     """
 
     gpu_batch_size: int = 1
@@ -56,8 +57,8 @@ class Policy:
     pin_weight: bool = True
     cpu_cache_compute: bool = False
     attn_sparsity: float = 1.0
-    compress_weight: Any = None
-    compress_cache: Any = None
+    compress_weight: QuantConfig | None = None
+    compress_cache: QuantConfig | None = None
 
     def __post_init__(self) -> None:
         for name in ("gpu_batch_size", "num_gpu_batches"):
@@ -83,6 +84,15 @@ class Policy:
         for name in ("overlap", "sep_layer", "pin_weight", "cpu_cache_compute"):
             if not isinstance(getattr(self, name), bool):
                 raise PolicyError(f"Policy.{name}={getattr(self, name)!r} is invalid; it must be True or False")
+        for name in ("compress_weight", "compress_cache"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, QuantConfig):
+                raise PolicyError(f"Policy.{name}={value!r} is invalid; pass a flexlab.QuantConfig(bits=..., "
+                                  "group_size=...) or None")
+        cw = self.compress_weight
+        if cw is not None and (cw.kv_layout != "per-token" or cw.window):
+            raise PolicyError("Policy.compress_weight sets kv_layout or window, which apply to the KV cache only; "
+                              "set them on compress_cache")
 
     # ---- derived shares ---------------------------------------------------------------
     @property
@@ -121,7 +131,9 @@ class Policy:
         return (f"w {self.w_gpu_percent:g}/{self.w_cpu_percent:g}/{self.w_disk_percent:g} "
                 f"cache {self.cache_gpu_percent:g}/{self.cache_cpu_percent:g}/{self.cache_disk_percent:g} "
                 f"act {self.act_tier}, batch {self.gpu_batch_size}x{self.num_gpu_batches}, "
-                f"overlap {'on' if self.overlap else 'off'}")
+                f"overlap {'on' if self.overlap else 'off'}"
+                + (f", weights {self.compress_weight.describe()}" if self.compress_weight else "")
+                + (f", cache {self.compress_cache.describe()}" if self.compress_cache else ""))
 
     def _repr_html_(self) -> str:
         cell = "<td style='text-align:right'>{:g}%</td>"

@@ -4,7 +4,7 @@ Pure functions of a :class:`~flexlab.engine.timeline.Timeline`; they return matp
 ``Figure`` objects made without pyplot, so they work headless, in scripts and in notebooks.
 
     >>> from flexlab.viz import plot_timeline                        # doctest: +SKIP
-    >>> plot_timeline(result.timeline, tokens=(0, 2)).savefig("timeline.png")
+    >>> plot_timeline(result.timeline, tokens=(0, 2)).savefig("timeline.png")  # doctest: +SKIP
 """
 
 from __future__ import annotations

@@ -131,8 +131,7 @@ def test_peak_bytes_per_tier_match_the_placement(model):
         result = engine.generate(PROMPTS[:4], max_new_tokens=NEW, stop_token_ids=None)
         placed = engine.weights.tier_bytes()
         buffers = engine.weights.buffer_bytes
-        largest_stage = max(sum(w.data.nbytes if w.tier == "disk" else w.data.numel() * itemsize
-                                for w in ws) for ws in engine.weights.stage_weights)
+        largest_stage = max(sum(w.nbytes for w in ws) for ws in engine.weights.stage_weights)
     width = max(map(len, PROMPTS[:4]))
     cache_row = 2 * cfg.num_layers * (width + NEW - 1) * cfg.hidden_size * itemsize  # one sequence's K and V
     seq_tiers = {"gpu": 1, "cpu": 1, "disk": 2}  # 4 sequences at 20/30/50
@@ -183,7 +182,7 @@ def test_a_full_disk_is_refused_before_any_file_is_written(model, tmp_path, monk
 
 @pytest.mark.parametrize("kwargs, message", [
     (dict(attn_sparsity=0.5), "sparse attention\\) is not implemented in the engine yet"),
-    (dict(compress_weight=object()), "compression is not implemented"),
+    (dict(compress_cache=flexlab.QuantConfig(), cpu_cache_compute=True), "cpu_cache_compute with compress_cache"),
 ])
 def test_unfinished_features_are_refused_clearly(model, kwargs, message):
     with pytest.raises(flexlab.PolicyError, match=message):
@@ -198,7 +197,7 @@ def test_prompts_longer_than_the_model_allows(model):
 
 def test_cpu_attention_splits_rows_and_equals_full_attention():
     from flexlab.engine.block import _decode_attention
-    from flexlab.engine.store import LoadedCache
+    from flexlab.engine.cache import LoadedCache
     from flexlab.models.attention import attend, attention_bias
 
     gen = torch.Generator().manual_seed(0)
@@ -213,7 +212,7 @@ def test_cpu_attention_splits_rows_and_equals_full_attention():
 
 
 def test_cpu_cache_compute_leaves_cpu_rows_on_the_host(model, monkeypatch):
-    from flexlab.engine.store import CacheStore
+    from flexlab.engine.cache import CacheStore
 
     spans = []
     original = CacheStore.load

@@ -1,0 +1,148 @@
+"""The KV cache of one block: whole sequences per tier, in preallocated row slots.
+
+Per layer, batch, tier and key/value there is one slot ``[sequences, capacity rows, *row]``:
+token-major, so one sequence's prefix is one contiguous read and a decode step appends at the
+end. What a row holds (a token in the compute dtype, or a quantized chunk as bytes) is the
+:class:`~flexlab.engine.kvcodec.KVCodec`'s business; the store only moves rows.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from flexlab.engine.kvcodec import KVCodec
+from flexlab.engine.store import split_by_share
+from flexlab.engine.tiers import ALIGN, BufferPool, DiskFiles, MemoryTracker, nbytes, preallocate
+
+KV = ("k", "v")
+
+
+@dataclass
+class LoadedCache:
+    """A batch's stored rows: those brought to the device, and (with CPU attention) those left
+    in host memory. ``host_span`` is ``(first sequence, count)`` of the host rows in the batch;
+    the device rows are the others, in batch order. Rows are ``[sequences, rows, *row]``."""
+
+    k: torch.Tensor | None
+    v: torch.Tensor | None
+    host_k: torch.Tensor | None = None
+    host_v: torch.Tensor | None = None
+    host_span: tuple[int, int] | None = None
+
+
+class CacheStore:
+    """Rows of keys and values for every layer of one block, each sequence on one tier."""
+
+    def __init__(self, policy, batch_sizes: list[int], capacity: int, codecs: dict[str, KVCodec],
+                 device: torch.device, cache_dir: Path, files: DiskFiles, tracker: MemoryTracker) -> None:
+        self.device, self.files, self.tracker, self.codecs = device, files, tracker, codecs
+        self.cache_dir = cache_dir
+        self.capacity = {kv: -(-capacity // c.chunk) for kv, c in codecs.items()}  # in rows
+        seq_tiers = split_by_share([1] * sum(batch_sizes), policy.cache_gpu_percent, policy.cache_cpu_percent)
+        # per batch: [(tier, first sequence in batch, count)] in sequence order
+        self.layout: list[list[tuple[str, int, int]]] = []
+        start = 0
+        for size in batch_sizes:
+            tiers = seq_tiers[start:start + size]
+            self.layout.append([(t, tiers.index(t), tiers.count(t)) for t in ("gpu", "cpu", "disk") if t in tiers])
+            start += size
+        self.resident = [all(t == "gpu" for t, _, _ in parts) for parts in self.layout]
+        self.slots: dict[tuple[int, int, str, str], torch.Tensor | Path] = {}
+        self.slot_bytes: dict[tuple[int, int, str, str], int] = {}
+        per_sequence = max(self.capacity[kv] * c.row_bytes for kv, c in codecs.items())
+        self.pool = BufferPool(per_sequence + 2 * ALIGN, 2) if "disk" in seq_tiers else None
+
+    def _slot(self, layer: int, batch: int, tier: str, kv: str, count: int):
+        key = (layer, batch, tier, kv)
+        if key not in self.slots:
+            codec = self.codecs[kv]
+            size = count * self.capacity[kv] * codec.row_bytes
+            if tier == "disk":
+                path = self.cache_dir / f"kv_l{layer}_b{batch}_{kv}.bin"
+                preallocate(path, size)
+                self.slots[key] = path
+            else:
+                device = self.device if tier == "gpu" else torch.device("cpu")
+                pin = tier == "cpu" and self.device.type == "cuda"  # pinned: host<->GPU copies at full speed
+                self.slots[key] = torch.empty((count, self.capacity[kv], *codec.row_shape), dtype=codec.row_dtype,
+                                              device=device, pin_memory=pin)
+            self.slot_bytes[key] = size
+            self.tracker.add(tier, "kv cache", size)
+        return self.slots[key]
+
+    def store(self, layer: int, batch: int, kv: str, rows: torch.Tensor, start: int) -> dict[str, int]:
+        """Write ``rows`` (``[b, n, *row]``) at rows ``start..start+n``; bytes moved per tier."""
+        moved = {"cpu": 0, "disk": 0}
+        n, row_bytes = rows.shape[1], self.codecs[kv].row_bytes
+        for tier, first, count in self.layout[batch]:
+            part = rows[first:first + count]
+            slot = self._slot(layer, batch, tier, kv, count)
+            if tier == "disk":
+                host = part.to("cpu").contiguous()
+                for i in range(count):
+                    self.files.write(slot, (i * self.capacity[kv] + start) * row_bytes, host[i])
+                moved["disk"] += nbytes(part)
+            else:
+                slot[:, start:start + n].copy_(part, non_blocking=True)
+                if slot.device != part.device:
+                    moved[tier] += nbytes(part)
+        return moved
+
+    def load(self, layer: int, batch: int, rows: dict[str, int], cpu_rows_stay: bool = False
+             ) -> tuple[LoadedCache, dict[str, int]]:
+        """The first ``rows[kv]`` rows of a batch's keys and values, and the bytes moved per tier.
+
+        With ``cpu_rows_stay`` the cpu tier's sequences are left in host memory (for attention
+        on the CPU) and only the other tiers' rows are brought to the device.
+        """
+        moved = {"cpu": 0, "disk": 0}
+        device_parts: dict[str, list] = {"k": [], "v": []}
+        host: dict[str, torch.Tensor] = {}
+        host_span = None
+        for kv in KV:
+            n, row_bytes = rows[kv], self.codecs[kv].row_bytes
+            for tier, first, count in self.layout[batch]:
+                slot = self._slot(layer, batch, tier, kv, count)
+                if tier == "gpu":
+                    device_parts[kv].append(slot[:, :n])
+                elif tier == "cpu" and cpu_rows_stay:
+                    host[kv], host_span = slot[:, :n], (first, count)
+                elif tier == "cpu":
+                    device_parts[kv].append(slot[:, :n].to(self.device, non_blocking=True))
+                    if slot.device != self.device:  # a CPU-only machine has no cpu->gpu link
+                        moved["cpu"] += count * n * row_bytes
+                else:
+                    device_parts[kv].append(self._read_disk(slot, kv, count, n))
+                    moved["disk"] += count * n * row_bytes
+
+        def join(parts: list) -> torch.Tensor | None:
+            return None if not parts else parts[0] if len(parts) == 1 else torch.cat(parts)
+
+        loaded = LoadedCache(join(device_parts["k"]), join(device_parts["v"]), host.get("k"), host.get("v"), host_span)
+        return loaded, moved
+
+    def _read_disk(self, path: Path, kv: str, count: int, n: int) -> torch.Tensor:
+        codec = self.codecs[kv]
+        out = torch.empty((count, n, *codec.row_shape), dtype=codec.row_dtype, device=self.device)
+        if n == 0:  # e.g. per-channel keys before their first whole chunk
+            return out
+        buf = self.pool.acquire()
+        try:
+            for i in range(count):
+                raw = self.files.read(path, i * self.capacity[kv] * codec.row_bytes, n * codec.row_bytes, buf)
+                out[i].copy_(raw.view(codec.row_dtype).view(n, *codec.row_shape))
+            if self.device.type == "cuda":
+                torch.cuda.current_stream().synchronize()
+        finally:
+            self.pool.release(buf)
+        return out
+
+    def close(self) -> None:
+        for key, slot in self.slots.items():
+            self.tracker.sub(key[2], "kv cache", self.slot_bytes[key])
+            if isinstance(slot, Path):
+                slot.unlink(missing_ok=True)
+        self.slots.clear()
