@@ -21,6 +21,9 @@ KIND_COLORS = {
     "store_cache": "#8172B3",
     "load_act": "#C44E52",
     "store_act": "#937860",
+    "dequantize_weight": "#DA8BC3",  # (de)compression inside a compute, drawn over it
+    "quantize_cache": "#8C8C8C",
+    "dequantize_cache": "#CCB974",
 }
 
 
@@ -58,8 +61,8 @@ def plot_timeline(timeline: Timeline, *, tokens: tuple[int, int] | None = None,
     ax.set_yticks(range(len(rows)), rows)
     ax.set_ylim(len(rows) - 0.5, -0.5)
     ax.set_xlabel(f"time ({unit})")
-    kinds = sorted({e.kind for e in events}, key=list(KIND_COLORS).index)
-    ax.legend(handles=[Patch(color=KIND_COLORS[k], label=k) for k in kinds], loc="upper left",
+    kinds = sorted({e.kind for e in events}, key=lambda k: list(KIND_COLORS).index(k) if k in KIND_COLORS else 99)
+    ax.legend(handles=[Patch(color=KIND_COLORS.get(k, "grey"), label=k) for k in kinds], loc="upper left",
               bbox_to_anchor=(1.0, 1.0), fontsize=8, frameon=False)
     s = Timeline(events).summary()
     ax.set_title(title or f"{len(events)} events — I/O hidden under compute: {s['io_hidden_fraction']:.0%}, "

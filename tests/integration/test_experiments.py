@@ -17,6 +17,7 @@ RUNS = {
     "policy_sweep": ["--preset", "opt-tiny", "--prompt-len", "8", "--gen-len", "3", "--gpu-batch-size", "2"],
     "disk_offload_decode": ["--preset", "opt-tiny", "--prompt-len", "8", "--gen-len", "3", "--gpu-batch-size", "2",
                             "--num-gpu-batches", "2", "--dd-mb", "16"],
+    "ablate_compression": ["--model", "opt-tiny", "--smoke", "true", "--gpu-batch-size", "2"],
 }
 
 
@@ -30,4 +31,5 @@ def test_experiment_runs_and_writes_results(script, tmp_path):
     csv = next(tmp_path.glob(f"{script}_*.csv"))
     assert len(pd.read_csv(csv)) >= 2
     meta = json.loads(csv.with_suffix(".json").read_text())
-    assert meta["config"]["preset"] == "opt-tiny" and "date" in meta
+    config = meta["config"]
+    assert config.get("preset", config.get("model")) == "opt-tiny" and "date" in meta

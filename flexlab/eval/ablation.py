@@ -1,0 +1,104 @@
+"""What compression costs: one model, many compression settings, one tidy table.
+
+Each setting runs through the engine under the same base policy: perplexity by teacher-forced
+decode (so a compressed cache is written and read back), token agreement of a greedy generation
+with the uncompressed run, last-word accuracy, bits per element, peak bytes per tier and
+throughput. The first row is the uncompressed baseline the others are compared with.
+
+    >>> settings = ablation_settings(bits=(4,), group_sizes=(64,), targets=("cache",))
+    >>> [s.name for s in settings]
+    ['none', 'cache 4-bit g64', 'cache 4-bit g64 per-channel keys']
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from flexlab.compress import QuantConfig
+from flexlab.engine import Engine, Policy
+from flexlab.eval.accuracy import LastWordItem, last_word_accuracy, token_agreement
+from flexlab.eval.perplexity import perplexity
+
+TARGETS = ("weights", "cache", "both")
+
+
+@dataclass(frozen=True)
+class AblationSetting:
+    """One row of the ablation: what is compressed, and how."""
+
+    target: str  # "none", "weights", "cache" or "both"
+    bits: int | None = None
+    group_size: int | None = None
+    kv_layout: str = "per-token"
+
+    @property
+    def name(self) -> str:
+        if self.target == "none":
+            return "none"
+        layout = " per-channel keys" if self.kv_layout == "per-channel" else ""
+        return f"{self.target} {self.bits}-bit g{self.group_size}{layout}"
+
+    def policy(self, base: Policy) -> Policy:
+        if self.target == "none":
+            return base
+        q = QuantConfig(bits=self.bits, group_size=self.group_size)
+        return base.replace(compress_weight=q if self.target in ("weights", "both") else None,
+                            compress_cache=q.replace(kv_layout=self.kv_layout) if self.target != "weights" else None)
+
+
+def ablation_settings(bits=(8, 4, 3, 2), group_sizes=(32, 64, 128), targets=TARGETS,
+                      kv_layouts=("per-token", "per-channel")) -> list[AblationSetting]:
+    """The uncompressed baseline, then bits × group size × target (× KV layout where a cache is
+    compressed)."""
+    for t in targets:
+        if t not in TARGETS:
+            raise ValueError(f"unknown target {t!r}; choose from {TARGETS}")
+    out = [AblationSetting("none")]
+    for target in targets:
+        for b in bits:
+            for g in group_sizes:
+                for layout in (kv_layouts if target != "weights" else ("per-token",)):
+                    out.append(AblationSetting(target, b, g, layout))
+    return out
+
+
+def run_ablation(model, settings: list[AblationSetting], *, base_policy: Policy, sequences: list[list[int]],
+                 prompts: list[list[int]], gen_len: int = 16, last_word: list[LastWordItem] = (),
+                 offload_dir=None, progress: bool = True):
+    """Measure every setting; returns a pandas DataFrame, one row per setting (baseline first)."""
+    import pandas as pd
+    from tqdm.auto import tqdm
+
+    if not settings or settings[0].target != "none":
+        settings = [AblationSetting("none"), *settings]
+    rows, reference = [], None
+    for setting in tqdm(settings, desc="compression settings", disable=not progress):
+        policy = setting.policy(base_policy)
+        with Engine(model, policy, offload_dir=offload_dir) as engine:
+            ppl = perplexity(lambda s: engine.score(s, teacher_forced=True), sequences, batch_size=policy.block_size)
+            gen = engine.generate(prompts, max_new_tokens=gen_len, stop_token_ids=None)
+            lw = last_word_accuracy(engine.generate, last_word, policy.block_size) if last_word else float("nan")
+            stored = engine.weights.tier_bytes()
+        reference = reference or gen.token_ids
+        row = {"setting": setting.name, "target": setting.target, "bits": setting.bits,
+               "group_size": setting.group_size, "kv_layout": setting.kv_layout if setting.target in ("cache", "both")
+               else None, "perplexity": ppl, "token_agreement": token_agreement(reference, gen.token_ids),
+               "last_word_accuracy": lw,
+               "weight_bits_per_element": _bits(policy.compress_weight, model.dtype),
+               "cache_bits_per_element": _bits(policy.compress_cache, model.dtype),
+               "throughput_tok_s": gen.metrics["throughput_tok_s"]}
+        for tier in ("gpu", "cpu", "disk"):
+            row[f"weights_bytes_{tier}"] = stored[tier]
+            row[f"peak_bytes_{tier}"] = gen.metrics[f"peak_bytes_{tier}"]
+        rows.append(row)
+    df = pd.DataFrame(rows)
+    base = df.iloc[0]
+    df["perplexity_change_pct"] = 100 * (df["perplexity"] / base["perplexity"] - 1)
+    for tier in ("gpu", "cpu", "disk"):
+        before = base[f"peak_bytes_{tier}"]
+        df[f"saved_{tier}_pct"] = 100 * (1 - df[f"peak_bytes_{tier}"] / before) if before else 0.0
+    return df
+
+
+def _bits(config: QuantConfig | None, dtype) -> float:
+    return config.bits_per_element() if config is not None else 8.0 * dtype.itemsize

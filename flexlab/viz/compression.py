@@ -1,0 +1,60 @@
+"""Accuracy against compression bits, from an ablation table (``flexlab.eval.run_ablation``).
+
+    >>> from flexlab.viz import plot_accuracy_vs_bits                  # doctest: +SKIP
+    >>> plot_accuracy_vs_bits(pd.read_csv("ablate_compression_opt-pydoc.csv")).savefig("bits.png")  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+from matplotlib.figure import Figure
+
+TARGET_ORDER = ("weights", "cache", "both")
+LABELS = {"perplexity_change_pct": "perplexity change (%)", "perplexity": "perplexity",
+          "token_agreement": "token agreement with uncompressed", "last_word_accuracy": "last-word accuracy"}
+
+
+def plot_accuracy_vs_bits(df, metric: str = "perplexity_change_pct", *, title: str | None = None,
+                          width: float = 12.0) -> Figure:
+    """One column per target (weights, cache, both). Top: ``metric`` against bits, a line per
+    group size (dashed: per-channel keys), the uncompressed value as a grey line. Bottom: peak
+    memory saved over all tiers against bits per element."""
+    if metric not in df.columns:
+        raise ValueError(f"metric {metric!r} is not a column; choose from {sorted(LABELS)}")
+    base = df[df.target == "none"]
+    targets = [t for t in TARGET_ORDER if (df.target == t).any()]
+    fig = Figure(figsize=(width, 6.4), layout="constrained")
+    axes = fig.subplots(2, max(len(targets), 1), squeeze=False)  # own y scales: cache effects are small
+    saved = _saved_pct(df)
+    groups = sorted(df.group_size.dropna().unique())
+    color = {g: f"C{i}" for i, g in enumerate(groups)}  # the same group size has the same colour everywhere
+    for col, target in enumerate(targets):
+        top, bottom = axes[0][col], axes[1][col]
+        rows = df[df.target == target]
+        for (group, layout), line in rows.groupby(["group_size", rows.kv_layout.fillna("per-token")]):
+            line = line.sort_values("bits")
+            style = "--" if layout == "per-channel" else "-"
+            label = f"g{int(group)}" + (" per-channel keys" if layout == "per-channel" else "")
+            top.plot(line.bits, line[metric], style, marker="o", label=label, color=color[group])
+            bits_col = "weight_bits_per_element" if target == "weights" else "cache_bits_per_element"
+            bottom.plot(line[bits_col], saved[line.index], style, marker="o", label=label, color=color[group])
+        if len(base):
+            top.axhline(float(base[metric].iloc[0]), color="grey", linewidth=0.8, label="uncompressed")
+        top.set_title(f"compressed: {target}", fontsize=10)
+        top.set_xlabel("bits")
+        top.set_xticks(sorted(rows.bits.dropna().unique()))
+        bottom.set_xlabel("bits per element (codes + scales)")
+        top.legend(fontsize=7, frameon=False)
+    axes[0][0].set_ylabel(LABELS.get(metric, metric))
+    axes[1][0].set_ylabel("peak memory saved, all tiers (%)")
+    if title:
+        fig.suptitle(title, fontsize=11)
+    return fig
+
+
+def _saved_pct(df):
+    """Peak bytes over all tiers saved against the uncompressed row, in percent."""
+    total = sum(df[f"peak_bytes_{t}"] for t in ("gpu", "cpu", "disk"))
+    base = df[df.target == "none"]
+    if not len(base):
+        return total * float("nan")
+    return 100 * (1 - total / float(total[base.index[0]]))
