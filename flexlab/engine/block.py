@@ -15,7 +15,7 @@ from flexlab.engine.cache import KV, CacheStore, LoadedCache
 from flexlab.engine.kvcodec import KVCodec
 from flexlab.engine.schedule import Step, block_schedule
 from flexlab.engine.store import ActStore
-from flexlab.models.attention import attend, attention_bias
+from flexlab.models.attention import attend, attention_bias, sparse_attend, sparse_weights
 from flexlab.models.generation import left_pad, positions_from_mask
 
 
@@ -126,6 +126,8 @@ class BlockRun:
         layer = self.engine.stages[step.stage].layer
         n = self._cached_tokens(step.token)
         rows = {kv: c.stored_tokens(n) // c.chunk for kv, c in self.codecs.items()}
+        if self.engine.policy.attn_sparsity < 1:  # sparse attention reads only the value rows it keeps
+            rows["v"] = 0
         loaded, moved = self.cache.load(layer, step.batch, rows, cpu_rows_stay=self.engine.policy.cpu_cache_compute)
         return loaded, sum(moved.values())
 
@@ -175,7 +177,10 @@ class BlockRun:
                 o = attend(q, k_new, v_new, self._bias(t, k))
             else:
                 cache = self._with_tail(step, stage.layer, inputs[("load_cache", t, j, k)])
-                o = _decode_attention(q, k_new, v_new, cache, self._bias(t, k))
+                if self.engine.policy.attn_sparsity < 1:
+                    o = self._sparse_attention(step, stage.layer, q, k_new, v_new, cache.k, self._bias(t, k))
+                else:
+                    o = _decode_attention(q, k_new, v_new, cache, self._bias(t, k))
             h = f.attention_out(w, cfg, h, o)
             if self.mode != "score":  # the cache takes the new keys and values token-major, as stored
                 kv = self._to_store(step, stage.layer, {"k": k_new.transpose(1, 2), "v": v_new.transpose(1, 2)})
@@ -200,6 +205,34 @@ class BlockRun:
             out[kv] = (x if tail is None else torch.cat([x, tail], dim=1)).transpose(1, 2)
         host = {kv: None if x is None else x.transpose(1, 2) for kv, x in (("k", loaded.host_k), ("v", loaded.host_v))}
         return LoadedCache(out["k"], out["v"], host["k"], host["v"], loaded.host_span)
+
+    def _sparse_attention(self, step: Step, layer: int, q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor,
+                          keys: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        """Top-k attention of the new token: every key is read, then only the value rows some
+        head kept (from the cache's tier, or the full-precision tail)."""
+        kept, w_new = sparse_weights(q, torch.cat([keys, k_new], dim=2), bias, self.engine.policy.attn_sparsity)
+        # The reads need the positions on the host: one sync per batch and layer.
+        positions = [row.nonzero().flatten().tolist() for row in (kept > 0).any(dim=1)]
+        codec, batch = self.codecs["v"], step.batch
+        stored = codec.stored_tokens(kept.shape[-1])
+        from_store = [[p for p in pos if p < stored] for pos in positions]
+        executor = self.engine.executor
+        rows = executor.timed("gather_values", step, lambda: self.cache.gather(layer, batch, "v", from_store),
+                              moves_bytes=True)
+        if codec.config is not None:
+            rows = executor.timed("dequantize_cache", step, lambda: codec.decode(rows))
+        tail = self.tails.get((layer, batch, "v"))
+        width = max(map(len, positions))
+        values = torch.zeros((len(positions), width, *rows.shape[2:]), dtype=v_new.dtype, device=v_new.device)
+        for r, pos in enumerate(positions):
+            n = len(from_store[r])
+            values[r, :n] = rows[r, :n]
+            if len(pos) > n:  # kept tokens still in the full-precision tail
+                values[r, n:len(pos)] = tail[r, torch.tensor(pos[n:], device=tail.device) - stored]
+        idx = torch.tensor([pos + [0] * (width - len(pos)) for pos in positions], device=kept.device)
+        weights = kept.gather(-1, idx[:, None, :].expand(-1, kept.shape[1], -1))  # [b, heads, width]
+        pad = torch.tensor([[i >= len(pos) for i in range(width)] for pos in positions], device=kept.device)
+        return sparse_attend(weights.masked_fill(pad[:, None, :], 0.0), values, w_new, v_new)
 
     def _to_store(self, step: Step, layer: int, new: dict[str, torch.Tensor]) -> dict[str, tuple[torch.Tensor, int]]:
         """Rows to store for the new tokens ``new[kv]`` (``[b, s, heads, d]``) and where they go.

@@ -124,6 +124,38 @@ class CacheStore:
         loaded = LoadedCache(join(device_parts["k"]), join(device_parts["v"]), host.get("k"), host.get("v"), host_span)
         return loaded, moved
 
+    def gather(self, layer: int, batch: int, kv: str, positions: list[list[int]]) -> tuple[torch.Tensor, int]:
+        """Only the rows at ``positions`` (ascending, per sequence of the batch), as
+        ``[b, most positions, *row]`` zero-padded on the device, and the bytes read from other tiers.
+        Disk rows are read in runs of consecutive positions."""
+        codec = self.codecs[kv]
+        width = max(map(len, positions), default=0)
+        out = torch.zeros((len(positions), width, *codec.row_shape), dtype=codec.row_dtype, device=self.device)
+        moved = 0
+        for tier, first, count in self.layout[batch]:
+            slot = self._slot(layer, batch, tier, kv, count)
+            for i in range(count):
+                pos = positions[first + i]
+                if not pos:
+                    continue
+                if tier != "disk":
+                    idx = torch.tensor(pos, device=slot.device)
+                    out[first + i, :len(pos)] = slot[i, idx].to(self.device, non_blocking=True)
+                    moved += 0 if slot.device == self.device else len(pos) * codec.row_bytes
+                    continue
+                buf = self.pool.acquire()
+                try:
+                    for start, n, at in _runs(pos):
+                        raw = self.files.read(slot, (i * self.capacity[kv] + start) * codec.row_bytes,
+                                              n * codec.row_bytes, buf)
+                        out[first + i, at:at + n].copy_(raw.view(codec.row_dtype).view(n, *codec.row_shape))
+                    if self.device.type == "cuda":
+                        torch.cuda.current_stream().synchronize()
+                finally:
+                    self.pool.release(buf)
+                moved += len(pos) * codec.row_bytes
+        return out, moved
+
     def _read_disk(self, path: Path, kv: str, count: int, n: int) -> torch.Tensor:
         codec = self.codecs[kv]
         out = torch.empty((count, n, *codec.row_shape), dtype=codec.row_dtype, device=self.device)
@@ -146,3 +178,14 @@ class CacheStore:
             if isinstance(slot, Path):
                 slot.unlink(missing_ok=True)
         self.slots.clear()
+
+
+def _runs(positions: list[int]) -> list[tuple[int, int, int]]:
+    """Ascending positions as runs ``(first position, length, index of the first in the list)``."""
+    runs: list[list[int]] = []
+    for at, p in enumerate(positions):
+        if runs and p == runs[-1][0] + runs[-1][1]:
+            runs[-1][1] += 1
+        else:
+            runs.append([p, 1, at])
+    return [tuple(r) for r in runs]

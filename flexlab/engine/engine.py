@@ -47,9 +47,9 @@ class Engine:
         if policy.compress_cache is not None and policy.cpu_cache_compute:
             raise PolicyError("Policy.cpu_cache_compute with compress_cache is not implemented (attention on the "
                               "CPU reads the cache uncompressed); turn one of them off")
-        if policy.attn_sparsity < 1:
-            raise PolicyError("Policy.attn_sparsity < 1 (sparse attention) is not implemented in the engine yet; "
-                              "use the default 1.0")
+        if policy.attn_sparsity < 1 and policy.cpu_cache_compute:
+            raise PolicyError("Policy.attn_sparsity < 1 with cpu_cache_compute is not implemented (attention on the "
+                              "CPU is dense); turn one of them off")
         self.model, self.policy = model, policy
         self.device, self.dtype = model.device, model.dtype
         self.stages = make_stages(model.config.num_layers, policy.sep_layer)

@@ -12,6 +12,7 @@ resolved after the run, so measuring does not serialise the overlap it measures.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import time
 from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -168,11 +169,12 @@ class Executor:
             if key[0] == "load_weight" and released is not None and "release_weight" in self.handlers:
                 self.handlers["release_weight"](key, released.result()[0])
 
-    def timed(self, kind: str, step: Step, fn: Callable[[], object], moved: int = 0):
-        """Run ``fn`` inside a compute and record it as its own event on the compute lane (the
-        (de)compression work a compute does, so the timeline shows what it costs)."""
+    def timed(self, kind: str, step: Step, fn: Callable[[], object], *, moves_bytes: bool = False):
+        """Run ``fn`` inside a compute and record it as its own event on the compute lane: the
+        (de)compression a compute does, or a read it must wait for (sparse attention's value
+        rows). With ``moves_bytes``, ``fn`` returns ``(value, bytes moved)``."""
         start = self.clock.mark()
-        value = fn()
+        value, moved = fn() if moves_bytes else (fn(), 0)
         self.pending_events.append((COMPUTE_LANE, step, start, self.clock.mark(), moved, kind))
         return value
 
@@ -202,7 +204,8 @@ class Executor:
 
 def _record_stream(value, stream) -> None:
     """Mark tensors made on a lane's stream as used by ``stream``, so the caching allocator does
-    not hand their memory out again before the compute reading them has finished."""
+    not hand their memory out again before the compute reading them has finished. Walks tensors
+    inside lists, dicts and dataclasses (LoadedWeights, LoadedCache, QTensor)."""
     if isinstance(value, torch.Tensor):
         if value.is_cuda:
             value.record_stream(stream)
@@ -212,5 +215,6 @@ def _record_stream(value, stream) -> None:
     elif isinstance(value, dict):
         for v in value.values():
             _record_stream(v, stream)
-    elif hasattr(value, "tensors"):  # LoadedWeights
-        _record_stream(value.tensors, stream)
+    elif dataclasses.is_dataclass(value) and not isinstance(value, type):
+        for f in dataclasses.fields(value):
+            _record_stream(getattr(value, f.name), stream)

@@ -115,9 +115,15 @@ class Timeline:
             busy = _length(_union([(e.start, e.end) for e in evs]))
             out[f"busy_s[{lane}]"] = busy
             moved = sum(e.bytes for e in evs)
-            if moved:
+            if moved and lane != COMPUTE_LANE:
                 out[f"bytes[{lane}]"] = float(moved)
                 out[f"GB_per_s[{lane}]"] = moved / busy / 1e9 if busy > 0 else float("nan")
+        # Work inside computes ((de)compression, sparse attention's reads): its time, per kind.
+        for kind in sorted({e.kind for e in self.events if e.lane == COMPUTE_LANE and e.kind != "compute"}):
+            evs = [e for e in self.events if e.kind == kind]
+            out[f"busy_s[{kind}]"] = _length(_union([(e.start, e.end) for e in evs]))
+            if any(e.bytes for e in evs):
+                out[f"bytes[{kind}]"] = float(sum(e.bytes for e in evs))
         return out
 
     # ---- files -------------------------------------------------------------------------

@@ -6,6 +6,8 @@ next to a host-resident cache, with ``cpu_cache_compute``).
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 
@@ -35,3 +37,35 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor
     scores = torch.matmul(q, k.transpose(-1, -2)).float() + bias
     probs = torch.softmax(scores, dim=-1).to(v.dtype)
     return torch.matmul(probs, v)
+
+
+def sparse_weights(q: torch.Tensor, k: torch.Tensor, bias: torch.Tensor, keep: float
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-k sparse attention for one new token (FlexGen's ``attn_sparsity``), the weights part.
+
+    ``k`` holds the cached keys *and* the new token's last (``[b, heads, L + 1, d]``). The softmax
+    is taken over all of them; then each head keeps the ``ceil(keep * L)`` largest weights among
+    the cached tokens (the new token always counts) and drops the rest, without renormalising.
+    Returns the kept cached weights ``[b, heads, L]`` (zero where dropped) and the new token's
+    weight ``[b, heads, 1]``, both float32.
+    """
+    probs = torch.softmax(torch.matmul(q, k.transpose(-1, -2)).float() + bias, dim=-1)[:, :, 0]  # [b, h, L+1]
+    cached = probs[..., :-1]
+    n_keep = max(1, math.ceil(keep * cached.shape[-1]))
+    if n_keep >= cached.shape[-1]:
+        return cached, probs[..., -1:]
+    top = cached.topk(n_keep, dim=-1).indices
+    kept = torch.zeros_like(cached).scatter_(-1, top, cached.gather(-1, top))
+    return kept, probs[..., -1:]
+
+
+def sparse_attend(weights: torch.Tensor, values: torch.Tensor, w_new: torch.Tensor, v_new: torch.Tensor
+                  ) -> torch.Tensor:
+    """The output of sparse attention from the value rows that were read.
+
+    ``weights`` ``[b, heads, U]`` and ``values`` ``[b, U, heads, d]`` cover the U cached tokens
+    some head kept (zero weight where this head did not); ``w_new`` ``[b, heads, 1]`` and
+    ``v_new`` ``[b, heads, 1, d]`` are the new token's. Returns ``[b, heads, 1, d]``.
+    """
+    out = torch.einsum("bhu,buhd->bhd", weights.to(values.dtype), values)[:, :, None]
+    return out + w_new[..., None].to(v_new.dtype) * v_new

@@ -1,0 +1,81 @@
+"""Top-k sparse attention (``attn_sparsity < 1``): the maths, exactness when everything is kept,
+the same result on every placement, and fewer value bytes read."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import flexlab
+from flexlab import Policy, QuantConfig
+from flexlab.models.attention import attend, attention_bias, sparse_attend, sparse_weights
+from tests.integration.test_engine import PROMPTS
+from tests.integration.test_exactness import hf_greedy
+
+NEW = 6
+PLACEMENTS = [[100, 0, 100, 0, 100, 0], [100, 0, 0, 100, 100, 0], [100, 0, 0, 0, 100, 0], [40, 30, 30, 30, 0, 100]]
+
+
+@pytest.fixture(scope="module")
+def model(tiny_dir):
+    return flexlab.Model.from_pretrained(tiny_dir, dtype=torch.float32, device="cpu")
+
+
+def test_sparse_maths_keeps_the_top_weights_of_each_head():
+    gen = torch.Generator().manual_seed(0)
+    b, h, L, d = 3, 4, 9, 8
+    q, k, v = torch.randn(b, h, 1, d, generator=gen), torch.randn(b, h, L + 1, d, generator=gen), \
+        torch.randn(b, h, L + 1, d, generator=gen)
+    bias = attention_bias(torch.ones(b, L + 1, dtype=torch.bool), 1)
+    dense = attend(q, k, v, bias)
+    values = v[:, :, :-1].transpose(1, 2)  # [b, L, heads, d]: token-major, as the cache stores them
+    kept, w_new = sparse_weights(q, k, bias, keep=1.0)
+    torch.testing.assert_close(sparse_attend(kept, values, w_new, v[:, :, -1:]), dense)
+
+    kept, w_new = sparse_weights(q, k, bias, keep=0.3)  # ceil(0.3 * 9) = 3 per head
+    assert ((kept > 0).sum(-1) == 3).all()
+    probs = torch.softmax(q @ k.transpose(-1, -2) + bias, -1)[:, :, 0]
+    top = probs[..., :-1].topk(3, dim=-1).indices
+    manual = torch.zeros_like(probs)
+    manual.scatter_(-1, top, probs.gather(-1, top))
+    manual[..., -1] = probs[..., -1]  # the new token always counts; nothing is renormalised
+    torch.testing.assert_close(sparse_attend(kept, values, w_new, v[:, :, -1:]), (manual[:, :, None] @ v))
+
+
+def test_keeping_everything_through_the_sparse_path_is_exact(model, tiny_hf, tmp_path):
+    expected = hf_greedy(tiny_hf, PROMPTS, NEW)
+    for percent in PLACEMENTS:  # 0.999 keeps every cached token, but reads values row by row
+        policy = Policy.from_percent(percent, gpu_batch_size=2, num_gpu_batches=2, attn_sparsity=0.999)
+        with flexlab.Engine(model, policy, offload_dir=tmp_path) as engine:
+            assert engine.generate(PROMPTS, max_new_tokens=NEW).token_ids == expected
+
+
+@pytest.mark.parametrize("cache", [None, QuantConfig(bits=4, group_size=16, window=2)])
+def test_sparse_results_are_the_same_on_every_placement(model, cache, tmp_path):
+    dense = model.score(PROMPTS)
+    results = []
+    for percent in PLACEMENTS:
+        policy = Policy.from_percent(percent, gpu_batch_size=2, num_gpu_batches=2, attn_sparsity=0.3,
+                                     compress_cache=cache)
+        with flexlab.Engine(model, policy, offload_dir=tmp_path) as engine:
+            results.append((engine.generate(PROMPTS, max_new_tokens=NEW).token_ids,
+                            engine.score(PROMPTS, teacher_forced=True)))
+    for tokens, scores in results[1:]:
+        assert tokens == results[0][0]
+        for a, b in zip(scores, results[0][1]):
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    assert max(float((a - b).abs().max()) for a, b in zip(results[0][1], dense)) > 1e-3  # sparsity acts
+
+
+def test_only_kept_value_rows_are_read(model, tmp_path):
+    moved = {}
+    for sparsity in (1.0, 0.25):
+        policy = Policy.from_percent([100, 0, 0, 0, 100, 0], gpu_batch_size=4, attn_sparsity=sparsity)
+        with flexlab.Engine(model, policy, offload_dir=tmp_path) as engine:
+            result = engine.generate([[2] + list(range(10, 60))] * 4, max_new_tokens=NEW, stop_token_ids=None)
+        df = result.timeline.to_pandas()
+        moved[sparsity] = (df[df.kind == "load_cache"].bytes.sum(), df[df.kind == "gather_values"].bytes.sum())
+    dense_cache, _ = moved[1.0]
+    keys_only, values = moved[0.25]
+    assert keys_only == dense_cache / 2  # the prefetch reads keys only
+    assert 0 < values < 0.75 * dense_cache / 2  # ...and a fraction of the value rows (union over 4 heads)
