@@ -98,6 +98,19 @@ class QuantConfig:
         extra += f" window {self.window}" if self.window else ""
         return f"{self.bits}-bit g{self.group_size}{extra}"
 
+    def nbytes(self, shape: tuple[int, ...]) -> int:
+        """Bytes :func:`quantize` stores for a tensor of ``shape`` (padding included), without
+        quantizing anything: what a cost model needs."""
+        if not shape:
+            raise QuantError("nbytes needs a shape with at least one dimension")
+        n = shape[self.group_dim % len(shape)]
+        rest = torch.Size(shape).numel() // n if n else 0
+        groups = rest * -(-n // self.group_size)
+        per_unit, bytes_per_unit = unit(self.bits)
+        codes = groups * -(-self.group_size // per_unit) * bytes_per_unit
+        meta = groups * (1 if self.symmetric else 2) * torch.empty((), dtype=self.scale_dtype).element_size()
+        return codes + meta
+
     def bits_per_element(self) -> float:
         """Storage cost per element for whole groups (codes plus scale and zero point)."""
         per_unit, bytes_per_unit = unit(self.bits)

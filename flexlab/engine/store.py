@@ -76,6 +76,40 @@ def split_by_share(sizes: list[int], gpu_percent: float, cpu_percent: float) -> 
     return tiers
 
 
+def place_weights(specs: list[WeightSpec], stages: list[Stage], w_gpu_percent: float, w_cpu_percent: float
+                  ) -> list[list[tuple[WeightSpec, str, bool]]]:
+    """Per stage, ``(spec, tier, first)`` for every weight it reads; ``first`` is False for a tied
+    weight placed by an earlier stage. Pure: the engine places by it, the cost model counts by it.
+
+    The layers' tensors are taken in order and each goes to the tier furthest behind its share
+    of the layer bytes placed so far (error diffusion): every layer gets its share to within one
+    tensor, and so does the whole stack, where a split inside each stage alone (FlexGen's rule)
+    can miss by a whole tensor per stage (with 25% on the gpu, an MLP stage of two equal matrices
+    would put nothing there, in every layer). Stages outside the layers (embeddings, head) are
+    split on their own by the midpoint rule, so their large tensors do not unbalance the layers.
+    """
+    share = {"gpu": w_gpu_percent / 100, "cpu": w_cpu_percent / 100}
+    share["disk"] = max(0.0, 1 - share["gpu"] - share["cpu"])
+    assigned = dict.fromkeys(share, 0)
+    total = 0
+    placed: dict[str, str] = {}
+    out = []
+    for stage in stages:
+        mine = [s for part in stage.parts for s in part_weights(specs, part, stage.layer)]
+        new = [s for s in mine if s.name not in placed]
+        if stage.layer is None:
+            placed.update(zip((s.name for s in new), split_by_share([s.numel for s in new], w_gpu_percent,
+                                                                      w_cpu_percent)))
+        for spec in new if stage.layer is not None else ():
+            total += spec.numel
+            tier = max(share, key=lambda t: share[t] * total - assigned[t])  # ties: gpu, then cpu
+            assigned[tier] += spec.numel
+            placed[spec.name] = tier
+        firsts = {s.name for s in new}
+        out.append([(s, placed[s.name], s.name in firsts) for s in mine])
+    return out
+
+
 def compresses(spec: WeightSpec, config: QuantConfig | None) -> bool:
     """Whether a weight is stored quantized: every matrix; vectors (biases, norms) stay exact."""
     return config is not None and len(spec.shape) >= 2
@@ -97,12 +131,9 @@ class WeightStore:
         self.placed: dict[str, PlacedWeight] = {}
         self.stage_weights: list[list[PlacedWeight]] = []
         self.stage_files: list[tuple[Path, int] | None] = []  # a stage's own packed file and its size
-        for stage in stages:
-            mine = [s for part in stage.parts for s in part_weights(specs, part, stage.layer)]
-            new = [s for s in mine if s.name not in self.placed]  # a tied weight is placed once
-            tiers = split_by_share([s.numel for s in new], policy.w_gpu_percent, policy.w_cpu_percent)
+        for stage, placement in zip(stages, place_weights(specs, stages, policy.w_gpu_percent, policy.w_cpu_percent)):
             to_pack = []
-            for spec, tier in zip(new, tiers):
+            for spec, tier in ((s, t) for s, t, first in placement if first):  # a tied weight is placed once
                 in_place = model.weights.location(spec.name) is not None and not compresses(spec, self.quant)
                 if tier == "disk" and not in_place:
                     to_pack.append(spec)
@@ -112,7 +143,7 @@ class WeightStore:
                     progress.update(1)
             self.stage_files.append(self._pack(model, to_pack, weight_dir / f"stage{stage.index}.bin")
                                     if to_pack else None)
-            self.stage_weights.append([self.placed[s.name] for s in mine])
+            self.stage_weights.append([self.placed[s.name] for s, _, _ in placement])
         self.resident = [all(w.tier == "gpu" for w in ws) for ws in self.stage_weights]
         # Disk reads land in one of two stage-sized aligned buffers (the stage computing and the one
         # prefetched). On a CPU the weights are used in place there: no copy after the read.

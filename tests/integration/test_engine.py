@@ -91,7 +91,7 @@ def test_early_stop_and_sampling_in_blocks(model):
 
 
 def test_timeline_has_an_event_for_every_compute_and_transfer(model):
-    policy = Policy.from_percent([0, 50, 0, 50, 0, 0], gpu_batch_size=2, num_gpu_batches=2)
+    policy = Policy.from_percent([0, 0, 0, 50, 0, 0], gpu_batch_size=2, num_gpu_batches=2)
     with flexlab.Engine(model, policy) as engine:
         result = engine.generate(PROMPTS[:4], max_new_tokens=3, stop_token_ids=None)
     df = result.timeline.to_pandas()

@@ -111,3 +111,11 @@ def test_qtensor_moves_and_rebuilds():
     moved = q.with_tensors([t.clone() for t in q.tensors()])
     assert torch.equal(dequantize(moved), dequantize(q))
     assert q.to("cpu").nbytes == q.nbytes
+
+
+@settings(max_examples=40, deadline=None)
+@given(bits=st.sampled_from(BITS), group_size=st.sampled_from([1, 5, 32, 64]), symmetric=st.booleans(),
+       shape=st.lists(st.integers(1, 30), min_size=1, max_size=3), dim=st.integers(-3, 2))
+def test_predicted_nbytes_equal_the_stored_bytes(bits, group_size, symmetric, shape, dim):
+    cfg = QuantConfig(bits=bits, group_size=group_size, symmetric=symmetric, group_dim=dim % len(shape))
+    assert cfg.nbytes(tuple(shape)) == quantize(torch.randn(shape), cfg).nbytes

@@ -1,0 +1,147 @@
+"""Measure this machine for the cost model: ``calibrate()`` → :class:`HardwareProfile`.
+
+Each rate is timed on the operation the engine itself runs (its matmuls, its attention, its
+O_DIRECT reader, its dequantizer, and a whole engine run for the per-step overhead), taking
+the best of a few repeats: the machines here are shared and the best run is the machine's.
+
+    >>> hw = calibrate(quick=True)              # doctest: +SKIP
+    >>> hw.save("my-machine.json")              # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from flexlab.compress import QuantConfig, dequantize, quantize
+from flexlab.cost.hardware import HardwareProfile
+from flexlab.engine.tiers import DiskFiles, aligned_empty
+from flexlab.models.attention import attend
+
+
+def _best(fn: Callable[[], object], repeats: int, device: torch.device) -> float:
+    """Fastest of ``repeats`` timed calls (after one warm-up), in seconds."""
+    fn()
+    best = float("inf")
+    for _ in range(repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def _disk(directory: Path, size: int, repeats: int) -> tuple[float, float]:
+    """Write and O_DIRECT read bandwidth of a fresh file (bytes/s)."""
+    path = directory / "flexlab-calibrate.bin"
+    data = torch.randint(0, 255, (size,), dtype=torch.uint8)
+    try:
+        start = time.perf_counter()
+        with open(path, "wb") as f:
+            f.write(memoryview(data.numpy()))
+            f.flush()
+            os.fsync(f.fileno())
+        write = size / (time.perf_counter() - start)
+        files, buf = DiskFiles(direct=True), aligned_empty(size + 8192)
+        try:
+            read = size / _best(lambda: files.read(path, 0, size, buf), repeats, torch.device("cpu"))
+        finally:
+            files.close()
+        return read, write
+    finally:
+        path.unlink(missing_ok=True)
+
+
+def _step_overhead(device: torch.device, dtype: torch.dtype) -> float:
+    """Seconds per compute step of the engine itself, on a model too small to cost anything."""
+    from flexlab.engine import Engine, Policy
+    from flexlab.models.model import Model
+
+    model = Model.from_config("opt-tiny", seed=0, dtype=dtype, device=device)
+    policy = Policy(gpu_batch_size=1, num_gpu_batches=4)
+    prompts, new = [[2, 5, 6]] * 4, 16
+    with Engine(model, policy) as engine:
+        seconds = _best(lambda: engine.generate(prompts, max_new_tokens=new, stop_token_ids=None), 2, device)
+        steps = len(engine.stages) * policy.num_gpu_batches * new
+    return seconds / steps
+
+
+def calibrate(*, device: str | torch.device | None = None, dtype: torch.dtype | None = None,
+              offload_dir: str | os.PathLike | None = None, quick: bool = False, progress: bool = True
+              ) -> HardwareProfile:
+    """Measure the rates of this machine (``quick``: smaller sizes, a few seconds on a CPU)."""
+    from tqdm.auto import tqdm
+
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = dtype or (torch.float16 if device.type == "cuda" else torch.bfloat16)
+    scale = 1 if quick else 2
+    h, repeats = 1024 * scale, 3
+    results: dict[str, float] = {}
+    steps = ["matmul", "weight read", "attention", "cpu attention", "link", "disk", "dequantize", "step overhead"]
+    bar = tqdm(steps, desc="calibrating", disable=not progress, leave=False)
+
+    def step(name: str) -> None:
+        bar.set_postfix_str(name)
+        bar.update(1)
+
+    g = torch.Generator(device="cpu").manual_seed(0)
+    x = torch.randn(512 * scale, h, generator=g).to(device, dtype)
+    w = torch.randn(h, 4 * h, generator=g).to(device, dtype)
+    results["matmul_flops"] = 2 * x.shape[0] * h * 4 * h / _best(lambda: x @ w, repeats, device)
+    step("matmul")
+    big = torch.randn(4 * h, 8 * h, generator=g).to(device, dtype)  # larger than any CPU cache
+    xs = torch.randn(8, 4 * h, generator=g).to(device, dtype)
+    results["weight_read_bw"] = big.numel() * big.element_size() / _best(lambda: xs @ big, repeats, device)
+    step("weight read")
+
+    def attention_bw(dev: torch.device, dt: torch.dtype) -> float:
+        b, heads, length, d = 8, 16, 512 * scale, 64
+        q = torch.randn(b, heads, 1, d, generator=g).to(dev, dt)
+        k = torch.randn(b, heads, length, d, generator=g).to(dev, dt)
+        v = torch.randn(b, heads, length, d, generator=g).to(dev, dt)
+        bias = torch.zeros(b, 1, 1, length, device=dev)
+        return 2 * k.numel() * k.element_size() / _best(lambda: attend(q, k, v, bias), repeats, dev)
+
+    results["attention_bw"] = attention_bw(device, dtype)
+    step("attention")
+    cpu_dtype = torch.float32 if dtype == torch.float16 else dtype  # as cpu_cache_compute runs it
+    results["cpu_attention_bw"] = (attention_bw(torch.device("cpu"), cpu_dtype) if device.type == "cuda"
+                                   else results["attention_bw"])
+    step("cpu attention")
+    if device.type == "cuda":
+        size = 64 << 20 * scale
+        pinned = torch.empty(size, dtype=torch.uint8, pin_memory=True)
+        pageable = torch.empty(size, dtype=torch.uint8)
+        results["link_pinned_bw"] = size / _best(lambda: pinned.to(device, non_blocking=True), repeats, device)
+        results["link_pageable_bw"] = size / _best(lambda: pageable.to(device), repeats, device)
+    else:
+        results["link_pinned_bw"] = results["link_pageable_bw"] = float("inf")
+    step("link")
+    directory = Path(offload_dir or tempfile.gettempdir())
+    results["disk_read_bw"], results["disk_write_bw"] = _disk(directory, (128 if quick else 512) << 20, repeats)
+    step("disk")
+    q = quantize(torch.randn(2048, 2048, generator=g).to(device, dtype), QuantConfig(bits=4, group_size=64))
+    results["dequant_elems"] = q.numel / _best(lambda: dequantize(q, dtype), repeats, device)
+    step("dequantize")
+    results["step_overhead_s"] = _step_overhead(device, dtype)
+    step("step overhead")
+    bar.close()
+    if device.type == "cuda":
+        gpu_memory = float(torch.cuda.get_device_properties(device).total_memory)
+    else:
+        gpu_memory = float(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+    cpu_memory = float(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({os.cpu_count()} cores)"
+    return HardwareProfile(name=name, source=f"measured by flexlab.cost.calibrate on {time.strftime('%Y-%m-%d')} "
+                           f"({dtype}, {'quick' if quick else 'full'})",
+                           gpu_memory=gpu_memory, cpu_memory=cpu_memory,
+                           disk_space=float(shutil.disk_usage(directory).free), **results)

@@ -1,0 +1,145 @@
+"""What a machine can do, as the cost model needs it: measured by ``calibrate()`` or a preset.
+
+Every rate is in bytes or FLOPs per second. The "gpu" is the compute device: on a CPU-only
+machine it is the CPU, the gpu↔cpu link is free (the same RAM) and ``link_*`` are ``inf``.
+
+    >>> hw = get_hardware("colab-t4")
+    >>> hw.gpu_memory / 2**30, hw.source.startswith("published")
+    (15.0, True)
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+from flexlab.errors import FlexlabError
+
+
+@dataclass(frozen=True, kw_only=True)
+class HardwareProfile:
+    """Rates and capacities of one machine.
+
+    Attributes:
+        name, source: what it is, and where the numbers come from (measured, or published with
+            their origin).
+        matmul_flops: dense matmul throughput at prefill shapes (large, compute-bound).
+        weight_read_bw: bytes/s a decode matmul (few rows) streams weights at (memory-bound).
+        attention_bw: bytes/s of KV cache the device attends over in decode.
+        cpu_attention_bw: the same, on the CPU (``cpu_cache_compute``).
+        link_pinned_bw, link_pageable_bw: host→device copies (inf without a GPU).
+        disk_read_bw, disk_write_bw: without the page cache (O_DIRECT).
+        dequant_elems: elements per second dequantized on the device.
+        step_overhead_s: fixed cost of one scheduled compute step (Python, kernel launches).
+        gpu_memory, cpu_memory, disk_space: capacities in bytes.
+    """
+
+    name: str
+    source: str
+    matmul_flops: float
+    weight_read_bw: float
+    attention_bw: float
+    cpu_attention_bw: float
+    link_pinned_bw: float
+    link_pageable_bw: float
+    disk_read_bw: float
+    disk_write_bw: float
+    dequant_elems: float
+    step_overhead_s: float
+    gpu_memory: float
+    cpu_memory: float
+    disk_space: float
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.type == "float" and (not isinstance(value, (int, float)) or math.isnan(value) or value < 0
+                                      or (value == 0 and f.name != "step_overhead_s")):
+                raise FlexlabError(f"HardwareProfile.{f.name}={value!r} is invalid; rates and capacities must be "
+                                   "positive numbers")
+
+    @property
+    def has_link(self) -> bool:
+        """Whether gpu and cpu are separate memories (a real GPU)."""
+        return math.isfinite(self.link_pinned_bw)
+
+    def replace(self, **changes) -> "HardwareProfile":
+        return HardwareProfile(**{**asdict(self), **changes})
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write as JSON, atomically (``inf`` as the string "inf")."""
+        data = {k: ("inf" if isinstance(v, float) and math.isinf(v) else v) for k, v in asdict(self).items()}
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f, indent=2)
+        os.replace(tmp, path)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "HardwareProfile":
+        data = json.loads(Path(path).read_text())
+        names = {f.name for f in fields(cls)}
+        if set(data) != names:
+            raise FlexlabError(f"{path} is not a hardware profile: expected keys {sorted(names)}, got {sorted(data)}")
+        return cls(**{k: float(v) if v == "inf" else v for k, v in data.items()})
+
+    def _repr_html_(self) -> str:
+        rows = "".join(f"<tr><td>{k}</td><td>{_human(k, v)}</td></tr>" for k, v in asdict(self).items())
+        return f"<table>{rows}</table>"
+
+
+def _human(key: str, value) -> str:
+    if not isinstance(value, float) or math.isinf(value):
+        return str(value)
+    if key.endswith("_s"):
+        return f"{value * 1e6:.0f} µs"
+    if key == "matmul_flops":
+        return f"{value / 1e12:.2f} TFLOP/s"
+    if key == "dequant_elems":
+        return f"{value / 1e9:.2f} G elements/s"
+    if key.endswith(("memory", "space")):
+        return f"{value / 2**30:.1f} GiB"
+    return f"{value / 1e9:.2f} GB/s"
+
+
+GiB = 2**30
+INF = float("inf")
+
+# Published figures (vendor data sheets; effective rates ~60-80% of peak as FlexGen's own fits
+# found), for machines that cannot be measured from here. Replace them with calibrate() there.
+PRESETS: dict[str, HardwareProfile] = {
+    "colab-t4": HardwareProfile(
+        name="colab-t4", source="published: NVIDIA T4 data sheet (65 TFLOP/s fp16 tensor peak, 320 GB/s), "
+        "PCIe 3.0 x16 (~12 GB/s pinned), Colab VM disk (~0.2 GB/s); effective rates assumed",
+        matmul_flops=25e12, weight_read_bw=220e9, attention_bw=200e9, cpu_attention_bw=8e9,
+        link_pinned_bw=11e9, link_pageable_bw=5e9, disk_read_bw=0.2e9, disk_write_bw=0.15e9,
+        dequant_elems=40e9, step_overhead_s=60e-6, gpu_memory=15 * GiB, cpu_memory=12 * GiB, disk_space=80 * GiB),
+    "h100": HardwareProfile(
+        name="h100", source="published: NVIDIA H100 SXM data sheet (989 TFLOP/s dense fp16, 3.35 TB/s), "
+        "PCIe 5.0 (~50 GB/s); disk 1.8 GB/s as dd iflag=direct measured on the lent H100 machine (2026-11-25)",
+        matmul_flops=600e12, weight_read_bw=2.5e12, attention_bw=2.0e12, cpu_attention_bw=30e9,
+        link_pinned_bw=45e9, link_pageable_bw=15e9, disk_read_bw=1.8e9, disk_write_bw=1.2e9,
+        dequant_elems=500e9, step_overhead_s=40e-6, gpu_memory=78 * GiB, cpu_memory=128 * GiB, disk_space=60 * GiB),
+    "h200": HardwareProfile(
+        name="h200", source="published: NVIDIA H200 data sheet (989 TFLOP/s dense fp16, 4.8 TB/s), PCIe 5.0; "
+        "disk assumed as the H100 machine's",
+        matmul_flops=600e12, weight_read_bw=3.5e12, attention_bw=3.0e12, cpu_attention_bw=30e9,
+        link_pinned_bw=45e9, link_pageable_bw=15e9, disk_read_bw=1.8e9, disk_write_bw=1.2e9,
+        dequant_elems=600e9, step_overhead_s=40e-6, gpu_memory=139 * GiB, cpu_memory=128 * GiB, disk_space=60 * GiB),
+}
+
+
+def get_hardware(name_or_path: str | os.PathLike) -> HardwareProfile:
+    """A preset by name (``colab-t4``, ``h100``, ``h200``) or a profile saved as JSON."""
+    if isinstance(name_or_path, str) and name_or_path in PRESETS:
+        return PRESETS[name_or_path]
+    path = Path(name_or_path)
+    if path.suffix == ".json" and path.exists():
+        return HardwareProfile.load(path)
+    raise FlexlabError(f"unknown hardware {str(name_or_path)!r}: use one of {sorted(PRESETS)}, a JSON file written "
+                       "by HardwareProfile.save, or flexlab.cost.calibrate() to measure this machine")

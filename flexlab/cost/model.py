@@ -1,0 +1,281 @@
+"""The cost model: bytes per link, time and peak memory per tier of one policy, and why.
+
+It walks the same placement and schedule the engine runs (``place_weights``, ``make_stages``,
+the KV codec), so its byte counts are the engine's, exactly; times come from a
+:class:`~flexlab.cost.hardware.HardwareProfile`:
+
+* compute of a stage and GPU batch: a fixed step overhead, plus a roofline for the matmuls
+  (``max(FLOPs / matmul_flops, weight bytes / weight_read_bw)``), plus attention over the cache
+  (bytes / ``attention_bw``; on the CPU for host rows with ``cpu_cache_compute``), plus
+  dequantizing compressed weights once per stage;
+* I/O of a stage: the disk (weights, cache and activation reads and writes share it) and the
+  host↔device link, each its own resource;
+* with overlap a stage takes the longest of compute, disk and link; without, their sum.
+
+    >>> from flexlab import Policy, get_preset
+    >>> from flexlab.cost import CostModel, get_hardware
+    >>> cm = CostModel(get_preset("opt-6.7b"), Policy.from_percent([0, 100, 100, 0, 100, 0], gpu_batch_size=8),
+    ...                get_hardware("colab-t4"), prompt_len=512, gen_len=32)
+    >>> p = cm.predict()
+    >>> p.bottleneck                          # the weights cross PCIe for every token
+    'link'
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+from flexlab.compress import QuantConfig
+from flexlab.cost.hardware import HardwareProfile
+from flexlab.engine.kvcodec import KVCodec
+from flexlab.engine.policy import Policy
+from flexlab.engine.schedule import make_stages
+from flexlab.engine.store import _region, compresses, place_weights, split_by_share
+from flexlab.engine.tiers import align_up
+from flexlab.errors import FlexlabError
+from flexlab.models.config import ModelConfig
+from flexlab.models.family import get_family
+
+TIERS = ("gpu", "cpu", "disk")
+
+
+@dataclass
+class Prediction:
+    """What the cost model predicts for one block of prompts."""
+
+    prefill_s: float
+    decode_s: float
+    throughput_tok_s: float
+    peak_bytes: dict[str, float]
+    bytes_per_kind: dict[str, float]  # over the whole run, keyed like the timeline's event kinds
+    stages: list[dict] = field(repr=False)  # per stage: name and seconds of compute, disk, link
+    bottleneck: str = ""
+
+    @property
+    def total_s(self) -> float:
+        return self.prefill_s + self.decode_s
+
+
+@dataclass
+class _Stage:
+    name: str
+    parts: tuple[str, ...]
+    matmul_params: int  # elements of the matrices its matmuls read
+    flops_per_token: float
+    w_bytes: dict[str, int]  # stored bytes of its weights per tier
+    w_device_bytes: int  # its matrices in the compute dtype (what a decode matmul streams)
+    dequant_elems: int
+
+
+class CostModel:
+    """Time, bytes and memory of ``policy`` for ``config`` on ``hw``; see the module docstring.
+
+    ``num_prompts`` defaults to one block (``policy.block_size``); prompts all have ``prompt_len``
+    tokens; ``itemsize`` is the compute dtype's (2: float16/bfloat16).
+    """
+
+    def __init__(self, config: ModelConfig, policy: Policy, hw: HardwareProfile, *, prompt_len: int, gen_len: int,
+                 itemsize: int = 2, num_prompts: int | None = None) -> None:
+        if not isinstance(prompt_len, int) or not isinstance(gen_len, int) or prompt_len < 1 or gen_len < 1:
+            raise FlexlabError(f"prompt_len={prompt_len!r} and gen_len={gen_len!r} must be ints >= 1")
+        if prompt_len + gen_len > config.max_positions:
+            raise FlexlabError(f"prompt_len + gen_len = {prompt_len + gen_len} exceeds {config.name}'s "
+                               f"{config.max_positions} positions")
+        self.config, self.policy, self.hw = config, policy, hw
+        self.prompt_len, self.gen_len, self.itemsize = prompt_len, gen_len, itemsize
+        self.num_prompts = num_prompts or policy.block_size
+        family = get_family(config.family)
+        self.stages = make_stages(config.num_layers, policy.sep_layer)
+        placement = place_weights(family.weight_specs(config), self.stages, policy.w_gpu_percent, policy.w_cpu_percent)
+        cw = policy.compress_weight
+        self._stage = []
+        self.weight_bytes = {t: 0 for t in TIERS}
+        self.packed = []  # per stage: bytes of its packed disk file
+        for stage, items in zip(self.stages, placement):
+            w_bytes, packed = {t: 0 for t in TIERS}, 0
+            for spec, tier, first in items:
+                qcfg = cw if compresses(spec, cw) else None
+                size = qcfg.nbytes(spec.shape) if qcfg is not None else spec.numel * itemsize
+                w_bytes[tier] += size
+                if first:
+                    self.weight_bytes[tier] += size
+                if tier == "disk":  # the engine's read buffer: its own packed file, plus room for a tied weight
+                    packed += sum(align_up(n) if first else _region(n) for n in self._parts(spec.shape, qcfg))
+            mats = [s for s, _, _ in items if len(s.shape) >= 2]
+            matmul = [s for s in mats if not ("embed" in stage.parts and s.layer is None)]  # a lookup, no matmul
+            if "head" in stage.parts:
+                matmul = [s for s in mats if s.shape[0] == config.vocab_size]
+            params = sum(s.numel for s in matmul)
+            self._stage.append(_Stage(stage.name, stage.parts, params, 2.0 * params, w_bytes,
+                                      params * itemsize, sum(s.numel for s in mats) if cw is not None else 0))
+            self.packed.append(packed)
+        self.codecs = {kv: KVCodec(policy.compress_cache, config.num_heads, config.head_dim,
+                                   _dtype(itemsize), keys=kv == "k") for kv in ("k", "v")}
+
+    # ---- bytes --------------------------------------------------------------------------
+    def _parts(self, shape, cfg: QuantConfig | None) -> list[int]:
+        if cfg is None:
+            return [math.prod(shape) * self.itemsize]
+        groups = cfg.nbytes(shape) - _meta(shape, cfg)
+        meta_one = _meta(shape, cfg) // (1 if cfg.symmetric else 2)
+        return [groups, meta_one] + ([] if cfg.symmetric else [meta_one])
+
+    def _blocks(self) -> list[list[dict[str, int]]]:
+        """Per block, per GPU batch: sequences on each tier (the engine's split)."""
+        p, bs = self.policy, self.policy.gpu_batch_size
+        out = []
+        for first in range(0, self.num_prompts, p.block_size):
+            n = min(p.block_size, self.num_prompts - first)
+            tiers = split_by_share([1] * n, p.cache_gpu_percent, p.cache_cpu_percent)
+            out.append([{t: tiers[i:i + bs].count(t) for t in TIERS} for i in range(0, n, bs)])
+        return out
+
+    # ---- the walk ----------------------------------------------------------------------
+    def predict(self) -> Prediction:
+        """Walk every token, stage and batch of every block; sum times and bytes."""
+        hw, p, cfg = self.hw, self.policy, self.config
+        link = hw.has_link
+        kinds = {k: 0.0 for k in ("load_weight", "load_cache", "store_cache", "load_act", "store_act")}
+        stage_rows = [{"stage": s.name, "compute_s": 0.0, "disk_s": 0.0, "link_s": 0.0} for s in self._stage]
+        prefill = decode = 0.0
+        width = self.prompt_len
+        act_item = cfg.hidden_size * self.itemsize
+        for batches in self._blocks():
+            for t in range(self.gen_len):
+                tokens = width if t == 0 else 1
+                cached = 0 if t == 0 else width + t - 1
+                step_s = 0.0
+                for j, st in enumerate(self._stage):
+                    compute = disk = lnk = 0.0
+                    # weights: one load per stage and token serves every batch
+                    w_disk, w_cpu = st.w_bytes["disk"], st.w_bytes["cpu"] if link else 0
+                    kinds["load_weight"] += w_disk + w_cpu
+                    disk += w_disk / hw.disk_read_bw
+                    lnk += w_cpu / (hw.link_pinned_bw if p.pin_weight else hw.link_pageable_bw) if link else 0.0
+                    if link:  # disk weights cross the link too on their way to the GPU
+                        lnk += w_disk / hw.link_pinned_bw
+                    compute += st.dequant_elems / hw.dequant_elems
+                    for seqs in batches:
+                        b = sum(seqs.values())
+                        compute += hw.step_overhead_s + max(st.flops_per_token * b * tokens / hw.matmul_flops,
+                                                            st.w_device_bytes / hw.weight_read_bw)
+                        if "attention" in st.parts:
+                            c, d, lk, moved = self._attention(seqs, b, tokens, cached)
+                            compute, disk, lnk = compute + c, disk + d, lnk + lk
+                            for kind, v in moved.items():
+                                kinds[kind] += v
+                        if p.act_tier != "gpu":
+                            h = b * tokens * act_item
+                            n_moves = (j > 0) + (j < len(self._stage) - 1)
+                            kinds["load_act"] += h * (j > 0)
+                            kinds["store_act"] += h * (j < len(self._stage) - 1)
+                            if p.act_tier == "disk":
+                                disk += h * ((j > 0) / hw.disk_read_bw + (j < len(self._stage) - 1) / hw.disk_write_bw)
+                            elif link:
+                                lnk += n_moves * h / hw.link_pageable_bw
+                    row = stage_rows[j]
+                    row["compute_s"] += compute
+                    row["disk_s"] += disk
+                    row["link_s"] += lnk
+                    step_s += max(compute, disk, lnk) if p.overlap else compute + disk + lnk
+                if t == 0:
+                    prefill += step_s
+                else:
+                    decode += step_s
+        totals = {k: sum(r[f"{k}_s"] for r in stage_rows) for k in ("compute", "disk", "link")}
+        bottleneck = max(totals, key=totals.get)
+        total = prefill + decode
+        return Prediction(prefill, decode, self.num_prompts * self.gen_len / total if total else float("inf"),
+                          self.peak_bytes(), kinds, stage_rows, bottleneck)
+
+    def _attention(self, seqs: dict[str, int], b: int, tokens: int, cached: int):
+        """Compute, disk and link seconds and bytes by kind for one batch's attention."""
+        hw, p = self.hw, self.policy
+        link = hw.has_link
+        compute = disk = lnk = 0.0
+        moved = {"load_cache": 0.0, "store_cache": 0.0}
+        hidden_bytes = self.config.hidden_size * self.itemsize
+        # attention maths: the prefill is compute-bound, decode streams the cache
+        if tokens > 1:
+            compute += 4.0 * b * tokens * tokens * self.config.hidden_size / hw.matmul_flops
+        else:
+            host = seqs["cpu"] if p.cpu_cache_compute else 0
+            compute += (b - host) * 2 * (cached + 1) * hidden_bytes / hw.attention_bw
+            compute += host * 2 * (cached + 1) * hidden_bytes / hw.cpu_attention_bw
+        for kv, codec in self.codecs.items():
+            rows = codec.stored_tokens(cached) // codec.chunk
+            if kv == "v" and p.attn_sparsity < 1:
+                rows = 0  # read later, only the kept rows (not modelled: data-dependent)
+            new_rows = (codec.stored_tokens(cached + tokens) - codec.stored_tokens(cached)) // codec.chunk
+            for tier in ("cpu", "disk"):
+                n = seqs[tier]
+                if tier == "cpu" and (not link or p.cpu_cache_compute):
+                    load = 0
+                else:
+                    load = n * rows * codec.row_bytes
+                store = n * new_rows * codec.row_bytes if (tier == "disk" or link) else 0
+                moved["load_cache"] += load
+                moved["store_cache"] += store
+                if tier == "disk":
+                    disk += load / hw.disk_read_bw + store / hw.disk_write_bw
+                    lnk += (load + store) / hw.link_pinned_bw if link else 0.0
+                else:
+                    lnk += (load + store) / hw.link_pinned_bw if link else 0.0
+            if codec.config is not None:  # quantize the new rows, dequantize what was read
+                compute += b * (rows + new_rows) * codec.chunk * self.config.hidden_size / hw.dequant_elems
+        return compute, disk, lnk, moved
+
+    # ---- memory ------------------------------------------------------------------------
+    def peak_bytes(self) -> dict[str, float]:
+        """Peak bytes per tier as the engine accounts them: weights, read buffers, working
+        weights, KV cache, its full-precision tail, activation slots."""
+        p, cfg, hw = self.policy, self.config, self.hw
+        out = {t: float(v) for t, v in self.weight_bytes.items()}
+        stage_disk = [self.packed[j] for j in range(len(self._stage))]
+        buffers = 2 * max(stage_disk, default=0)
+        out["cpu" if hw.has_link else "gpu"] += buffers
+        # On the compute device: the computing stage's copies of weights from other tiers and its
+        # dequantized matrices, and the next stage's copies (prefetched); a CPU uses reads in place.
+        copied = [(st.w_bytes["cpu"] + st.w_bytes["disk"]) if hw.has_link else 0 for st in self._stage]
+        working = [c + st.dequant_elems * self.itemsize + nxt
+                   for c, st, nxt in zip(copied, self._stage, copied[1:] + [0])]
+        out["gpu"] += max(working, default=0)
+        capacity = self.prompt_len + self.gen_len - 1
+        n = min(self.num_prompts, p.block_size)
+        tiers = split_by_share([1] * n, p.cache_gpu_percent, p.cache_cpu_percent)
+        for kv, codec in self.codecs.items():
+            per_seq = cfg.num_layers * -(-capacity // codec.chunk) * codec.row_bytes
+            for t in TIERS:
+                out[t] += tiers.count(t) * per_seq
+            out["gpu"] += cfg.num_layers * n * codec.max_tail * cfg.hidden_size * self.itemsize
+        if p.act_tier != "gpu":
+            out[p.act_tier] += p.num_gpu_batches * p.gpu_batch_size * self.prompt_len * cfg.hidden_size * self.itemsize
+        return out
+
+    def explain(self) -> str:
+        """Per-stage seconds and the bottleneck, in words."""
+        pred = self.predict()
+        lines = [f"{self.config.name}, {self.policy.describe()}, on {self.hw.name}: "
+                 f"{pred.throughput_tok_s:.1f} tok/s predicted (prefill {pred.prefill_s:.3f} s, "
+                 f"decode {pred.decode_s:.3f} s); bottleneck: {pred.bottleneck}",
+                 f"{'stage':<16}{'compute s':>12}{'disk s':>12}{'link s':>12}  bound"]
+        for row in pred.stages:
+            bound = max(("compute", "disk", "link"), key=lambda k: row[f"{k}_s"])
+            lines.append(f"{row['stage']:<16}{row['compute_s']:>12.4f}{row['disk_s']:>12.4f}{row['link_s']:>12.4f}  "
+                         f"{bound}")
+        lines.append("peak GiB: " + ", ".join(f"{t} {v / 2**30:.3f}" for t, v in pred.peak_bytes.items()))
+        return "\n".join(lines)
+
+
+def _meta(shape, cfg: QuantConfig) -> int:
+    """Bytes of a quantized tensor's scales and zero points."""
+    n = shape[cfg.group_dim % len(shape)]
+    groups = math.prod(shape) // n * -(-n // cfg.group_size)
+    return groups * (1 if cfg.symmetric else 2) * cfg.scale_dtype.itemsize
+
+
+def _dtype(itemsize: int) -> torch.dtype:
+    return {2: torch.bfloat16, 4: torch.float32}[itemsize]

@@ -1,0 +1,125 @@
+"""The cost model against the engine: the same bytes on every link and the same peak memory;
+the search respects capacities and keeps compression; bad input is refused clearly."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import flexlab
+from flexlab import Policy, QuantConfig
+from flexlab.cost import CostModel, get_hardware, search_policy
+from flexlab.engine.store import place_weights
+from flexlab.engine.schedule import make_stages
+
+CPU_ONLY = get_hardware("h100").replace(name="cpu-like", link_pinned_bw=float("inf"), link_pageable_bw=float("inf"))
+PROMPTS = [[2] + list(range(10, 19))] * 4  # one length: the model assumes equal prompts
+NEW = 5
+
+POLICIES = {
+    "all on disk, acts on disk": Policy.from_percent([0, 0, 0, 0, 0, 0], gpu_batch_size=2, num_gpu_batches=2),
+    "three-way split, acts on cpu": Policy.from_percent([20, 30, 20, 30, 0, 100], gpu_batch_size=2, num_gpu_batches=2),
+    "compressed weights and cache": Policy.from_percent(
+        [30, 30, 30, 30, 100, 0], gpu_batch_size=2, num_gpu_batches=2,
+        compress_weight=QuantConfig(bits=4, group_size=32), compress_cache=QuantConfig(bits=4, group_size=16)),
+    "per-channel keys with a window": Policy.from_percent(
+        [0, 0, 0, 0, 100, 0], gpu_batch_size=3, compress_cache=QuantConfig(bits=2, group_size=8,
+                                                                           kv_layout="per-channel", window=3)),
+    "cpu attention": Policy.from_percent([50, 0, 0, 100, 100, 0], gpu_batch_size=4, cpu_cache_compute=True),
+}
+
+
+@pytest.fixture(scope="module")
+def model():
+    return flexlab.Model.from_config("opt-tiny", seed=0, dtype=torch.float32)
+
+
+@pytest.mark.parametrize("name", list(POLICIES))
+def test_bytes_per_link_and_peak_memory_equal_the_engines(model, name, tmp_path):
+    policy = POLICIES[name]
+    with flexlab.Engine(model, policy, offload_dir=tmp_path) as engine:
+        result = engine.generate(PROMPTS, max_new_tokens=NEW, stop_token_ids=None)
+    measured = result.timeline.to_pandas().groupby("kind").bytes.sum().to_dict()
+    pred = CostModel(model.config, policy, CPU_ONLY, prompt_len=len(PROMPTS[0]), gen_len=NEW, itemsize=4,
+                     num_prompts=len(PROMPTS)).predict()
+    for kind, value in pred.bytes_per_kind.items():
+        assert value == measured.get(kind, 0), kind
+    for tier in ("gpu", "cpu", "disk"):
+        assert pred.peak_bytes[tier] == result.metrics[f"peak_bytes_{tier}"], tier
+
+
+def test_placement_meets_the_shares_globally_and_per_stage():
+    cfg = flexlab.get_preset("opt-1.3b")
+    specs = flexlab.Model.from_config(cfg).family.weight_specs(cfg)
+    stages = make_stages(cfg.num_layers, sep_layer=True)
+    placed = place_weights(specs, stages, 25, 35)
+    total = {t: 0 for t in ("gpu", "cpu", "disk")}
+    for items in placed:
+        for spec, tier, first in items:
+            total[tier] += spec.numel * first
+    everything = sum(total.values())
+    largest = max(s.numel for s in specs)
+    assert abs(total["gpu"] - 0.25 * everything) <= largest and abs(total["cpu"] - 0.35 * everything) <= largest
+    # every layer gets its share to within one of its tensors: no layer wholly on disk
+    layers = [items for items, st in zip(placed, stages) if st.layer is not None]
+    for a, m in zip(layers[::2], layers[1::2]):
+        size = sum(s.numel for s, _, _ in a + m)
+        biggest = max(s.numel for s, _, _ in a + m)
+        for tier, share in (("gpu", 0.25), ("cpu", 0.35), ("disk", 0.40)):
+            assert abs(sum(s.numel for s, t, _ in a + m if t == tier) - share * size) <= biggest
+
+
+def test_prediction_explains_the_bottleneck():
+    cfg = flexlab.get_preset("opt-6.7b")
+    hw = get_hardware("colab-t4")
+    on_disk = CostModel(cfg, Policy.from_percent([0, 0, 100, 0, 100, 0], gpu_batch_size=8), hw, prompt_len=512,
+                        gen_len=32).predict()
+    on_gpu = CostModel(cfg.replace(name="opt-tiny-ish", num_layers=2), Policy(gpu_batch_size=8), hw, prompt_len=512,
+                       gen_len=32).predict()
+    assert on_disk.bottleneck == "disk" and on_gpu.bottleneck == "compute"
+    text = CostModel(cfg, Policy.from_percent([0, 0, 100, 0, 100, 0]), hw, prompt_len=64, gen_len=8).explain()
+    assert "bottleneck: disk" in text and "attention.0" in text
+    # overlap hides the smaller of compute and I/O
+    no_overlap = CostModel(cfg, Policy.from_percent([0, 0, 100, 0, 100, 0], gpu_batch_size=8, overlap=False), hw,
+                           prompt_len=512, gen_len=32).predict()
+    assert no_overlap.total_s > on_disk.total_s
+
+
+@pytest.mark.parametrize("compress", [None, QuantConfig(bits=4, group_size=64)])
+def test_search_respects_capacities_and_keeps_compression(compress):
+    cfg = flexlab.get_preset("opt-6.7b")
+    hw = get_hardware("colab-t4").replace(gpu_memory=6 * 2**30, cpu_memory=8 * 2**30)
+    found = search_policy(cfg, hw, prompt_len=256, gen_len=16, batch_sizes=(4, 16), num_batches=(1, 4),
+                          compress=(compress,))
+    assert found.policy.compress_weight == compress and found.policy.compress_cache == compress
+    for tier, cap in (("gpu", hw.gpu_memory), ("cpu", hw.cpu_memory), ("disk", hw.disk_space)):
+        assert found.prediction.peak_bytes[tier] <= cap
+    assert found.policy.w_gpu_percent < 100  # 13 GB of weights cannot all sit in 6 GiB
+    best = max(c["throughput_tok_s"] for c in found.candidates)
+    assert found.prediction.throughput_tok_s == best
+    Policy(**{f: getattr(found.policy, f) for f in found.policy.__dataclass_fields__})  # validates
+
+
+def test_bad_input_is_refused_clearly():
+    cfg = flexlab.get_preset("opt-1.3b")
+    with pytest.raises(flexlab.FlexlabError, match="no policy fits opt-1.3b"):
+        search_policy(cfg, get_hardware("colab-t4").replace(disk_space=1e6, cpu_memory=1e6, gpu_memory=1e6),
+                      prompt_len=64, gen_len=8, batch_sizes=(1,), num_batches=(1,))
+    with pytest.raises(flexlab.FlexlabError, match="exceeds opt-1.3b's 2048 positions"):
+        CostModel(cfg, Policy(), get_hardware("h100"), prompt_len=2040, gen_len=32)
+    with pytest.raises(flexlab.FlexlabError, match="unknown hardware 'tpu'"):
+        get_hardware("tpu")
+    with pytest.raises(flexlab.FlexlabError, match="gpu_memory=-1 is invalid"):
+        get_hardware("h100").replace(gpu_memory=-1)
+    with pytest.raises(flexlab.FlexlabError, match="gpu_memory=0 is invalid"):
+        get_hardware("h100").replace(gpu_memory=0)
+
+
+def test_hardware_profiles_round_trip_and_calibrate_runs(tmp_path):
+    from flexlab.cost import calibrate
+
+    hw = calibrate(quick=True, progress=False, offload_dir=tmp_path)
+    assert hw.matmul_flops > 1e9 and hw.disk_read_bw > 1e6 and not hw.has_link and 0 < hw.step_overhead_s < 0.1
+    hw.save(tmp_path / "hw.json")
+    assert get_hardware(tmp_path / "hw.json") == hw
+    assert list(tmp_path.iterdir()) == [tmp_path / "hw.json"]  # the probe file is gone
