@@ -159,6 +159,15 @@ class QTensor:
         zero = tensors[2] if self.zero is not None else None
         return dataclasses.replace(self, codes=tensors[0], scale=tensors[1], zero=zero)
 
+    def rows(self, index: torch.Tensor) -> "QTensor":
+        """Rows ``index`` of a 2-D tensor quantized along its columns (an embedding table): only
+        those rows' codes and scales, so a lookup dequantizes a few rows, not the table."""
+        if len(self.shape) != 2 or self.config.group_dim % 2 != 1:
+            raise QuantError("rows() needs a 2-D tensor grouped along its last dimension")
+        return dataclasses.replace(self, codes=self.codes[index], scale=self.scale[index],
+                                   zero=None if self.zero is None else self.zero[index],
+                                   shape=(len(index), self.shape[1]))
+
     def to(self, device, non_blocking: bool = False) -> "QTensor":
         return self.with_tensors([t.to(device, non_blocking=non_blocking) for t in self.tensors()])
 

@@ -40,8 +40,9 @@ def _best(fn: Callable[[], object], repeats: int, device: torch.device) -> float
     return best
 
 
-def _disk(directory: Path, size: int, repeats: int) -> tuple[float, float]:
-    """Write and O_DIRECT read bandwidth of a fresh file (bytes/s)."""
+def _disk(directory: Path, size: int, repeats: int) -> tuple[float, float, float]:
+    """Write and O_DIRECT read bandwidth of a fresh file (bytes/s), and the latency of one small
+    read (seconds: 64 KiB reads at scattered offsets, their transfer time taken off)."""
     path = directory / "flexlab-calibrate.bin"
     data = torch.randint(0, 255, (size,), dtype=torch.uint8)
     try:
@@ -54,25 +55,53 @@ def _disk(directory: Path, size: int, repeats: int) -> tuple[float, float]:
         files, buf = DiskFiles(direct=True), aligned_empty(size + 8192)
         try:
             read = size / _best(lambda: files.read(path, 0, size, buf), repeats, torch.device("cpu"))
+            small, count = 64 << 10, 200
+            offsets = [(i * 7919 * small) % (size - small) // 4096 * 4096 for i in range(count)]
+            start = time.perf_counter()
+            for off in offsets:
+                files.read(path, off, small, buf)
+            latency = max(0.0, (time.perf_counter() - start) / count - small / read)
         finally:
             files.close()
-        return read, write
+        return read, write, latency
     finally:
         path.unlink(missing_ok=True)
 
 
-def _step_overhead(device: torch.device, dtype: torch.dtype) -> float:
-    """Seconds per compute step of the engine itself, on a model too small to cost anything."""
-    from flexlab.engine import Engine, Policy
+def _engine_seconds(model, policy, prompts: list[list[int]], new: int, device: torch.device) -> float:
+    from flexlab.engine import Engine
+
+    with Engine(model, policy) as engine:
+        return _best(lambda: engine.generate(prompts, max_new_tokens=new, stop_token_ids=None), 2, device)
+
+
+def _step_overheads(device: torch.device, dtype: torch.dtype) -> tuple[float, float]:
+    """Seconds per compute step, and per transfer step handed to a lane thread, of the engine.
+
+    The compute step's cost is timed on a model too small for its maths to matter, everything
+    resident. A lane's cost is the slowdown when cache and activations move to the cpu tier
+    (every transfer on a lane, no bytes crossing on a CPU) on a model with opt-125m-sized
+    layers: on few cores a lane thread mostly costs by stalling the compute's parallel kernels,
+    which only shows when there is compute to stall.
+    """
+    from flexlab.engine import Policy
+    from flexlab.models.config import get_preset
     from flexlab.models.model import Model
 
-    model = Model.from_config("opt-tiny", seed=0, dtype=dtype, device=device)
-    policy = Policy(gpu_batch_size=1, num_gpu_batches=4)
-    prompts, new = [[2, 5, 6]] * 4, 16
-    with Engine(model, policy) as engine:
-        seconds = _best(lambda: engine.generate(prompts, max_new_tokens=new, stop_token_ids=None), 2, device)
-        steps = len(engine.stages) * policy.num_gpu_batches * new
-    return seconds / steps
+    new, nb = 8, 2
+    tiny = Model.from_config("opt-tiny", seed=0, dtype=dtype, device=device)
+    prompts = [[2, 5, 6]] * 2 * nb
+    resident = _engine_seconds(tiny, Policy(gpu_batch_size=2, num_gpu_batches=nb), prompts, new, device)
+    step = resident / ((2 + 2 * tiny.config.num_layers) * nb * new)
+    shape = get_preset("opt-125m").replace(name="opt-125m-2layers", num_layers=2)
+    model = Model.from_config(shape, seed=0, dtype=dtype, device=device)
+    prompts = [[2] + list(range(10, 40))] * 8 * nb
+    fast = _engine_seconds(model, Policy(gpu_batch_size=8, num_gpu_batches=nb), prompts, new, device)
+    lanes = _engine_seconds(model, Policy.from_percent([100, 0, 0, 100, 0, 100], gpu_batch_size=8, num_gpu_batches=nb),
+                            prompts, new, device)
+    n_stages = 2 + 2 * shape.num_layers
+    transfers = nb * new * 2 * (n_stages - 1) + shape.num_layers * nb * (2 * new - 1)  # acts, cache
+    return step, max(0.0, lanes - fast) / transfers
 
 
 def calibrate(*, device: str | torch.device | None = None, dtype: torch.dtype | None = None,
@@ -127,12 +156,13 @@ def calibrate(*, device: str | torch.device | None = None, dtype: torch.dtype | 
         results["link_pinned_bw"] = results["link_pageable_bw"] = float("inf")
     step("link")
     directory = Path(offload_dir or tempfile.gettempdir())
-    results["disk_read_bw"], results["disk_write_bw"] = _disk(directory, (128 if quick else 512) << 20, repeats)
+    results["disk_read_bw"], results["disk_write_bw"], results["disk_latency_s"] = _disk(
+        directory, (128 if quick else 512) << 20, repeats)
     step("disk")
     q = quantize(torch.randn(2048, 2048, generator=g).to(device, dtype), QuantConfig(bits=4, group_size=64))
     results["dequant_elems"] = q.numel / _best(lambda: dequantize(q, dtype), repeats, device)
     step("dequantize")
-    results["step_overhead_s"] = _step_overhead(device, dtype)
+    results["step_overhead_s"], results["transfer_overhead_s"] = _step_overheads(device, dtype)
     step("step overhead")
     bar.close()
     if device.type == "cuda":

@@ -67,7 +67,9 @@ class _Stage:
     flops_per_token: float
     w_bytes: dict[str, int]  # stored bytes of its weights per tier
     w_device_bytes: int  # its matrices in the compute dtype (what a decode matmul streams)
-    dequant_elems: int
+    dequant_elems: int  # compressed elements dequantized once per token (kept until the stage is done)
+    row_table: int = 0  # a compressed token table looked up by rows: its row length (dequantized per batch)
+    batch_dequant_elems: int = 0  # with a row table, the stage's other matrices (dequantized per batch)
 
 
 class CostModel:
@@ -109,8 +111,14 @@ class CostModel:
             if "head" in stage.parts:
                 matmul = [s for s in mats if s.shape[0] == config.vocab_size]
             params = sum(s.numel for s in matmul)
-            self._stage.append(_Stage(stage.name, stage.parts, params, 2.0 * params, w_bytes,
-                                      params * itemsize, sum(s.numel for s in mats) if cw is not None else 0))
+            deq = sum(s.numel for s in mats) if cw is not None else 0
+            row_table = per_batch = 0
+            if cw is not None and "embed" in stage.parts and cw.group_dim % 2 == 1:
+                # the engine dequantizes only the looked-up rows of the token table, per batch
+                table = next(s for s in mats if s.shape[0] == config.vocab_size)
+                deq, row_table, per_batch = 0, table.shape[1], sum(s.numel for s in mats if s is not table)
+            self._stage.append(_Stage(stage.name, stage.parts, params, 2.0 * params, w_bytes, params * itemsize, deq,
+                                      row_table, per_batch))
             self.packed.append(packed)
         self.codecs = {kv: KVCodec(policy.compress_cache, config.num_heads, config.head_dim,
                                    _dtype(itemsize), keys=kv == "k") for kv in ("k", "v")}
@@ -158,11 +166,20 @@ class CostModel:
                     if link:  # disk weights cross the link too on their way to the GPU
                         lnk += w_disk / hw.link_pinned_bw
                     compute += st.dequant_elems / hw.dequant_elems
+                    if st.w_bytes["cpu"] + st.w_bytes["disk"]:  # not resident: a load on a lane thread
+                        compute += hw.transfer_overhead_s
+                    if st.w_bytes["disk"]:  # one request: the stage's packed file
+                        disk += hw.disk_latency_s
                     for seqs in batches:
                         b = sum(seqs.values())
                         compute += hw.step_overhead_s + max(st.flops_per_token * b * tokens / hw.matmul_flops,
                                                             st.w_device_bytes / hw.weight_read_bw)
+                        if st.row_table:  # the rows looked up, plus the stage's other matrices
+                            rows = min(b * tokens, cfg.vocab_size)
+                            compute += (rows * st.row_table + st.batch_dequant_elems) / hw.dequant_elems
                         if "attention" in st.parts:
+                            if seqs["gpu"] < b:  # a load (decode) and a store on lane threads
+                                compute += hw.transfer_overhead_s * (1 + (t > 0))
                             c, d, lk, moved = self._attention(seqs, b, tokens, cached)
                             compute, disk, lnk = compute + c, disk + d, lnk + lk
                             for kind, v in moved.items():
@@ -172,8 +189,10 @@ class CostModel:
                             n_moves = (j > 0) + (j < len(self._stage) - 1)
                             kinds["load_act"] += h * (j > 0)
                             kinds["store_act"] += h * (j < len(self._stage) - 1)
+                            compute += n_moves * hw.transfer_overhead_s
                             if p.act_tier == "disk":
                                 disk += h * ((j > 0) / hw.disk_read_bw + (j < len(self._stage) - 1) / hw.disk_write_bw)
+                                disk += n_moves * hw.disk_latency_s
                             elif link:
                                 lnk += n_moves * h / hw.link_pageable_bw
                     row = stage_rows[j]
@@ -221,6 +240,7 @@ class CostModel:
                 moved["store_cache"] += store
                 if tier == "disk":
                     disk += load / hw.disk_read_bw + store / hw.disk_write_bw
+                    disk += n * ((load > 0) + (store > 0)) * hw.disk_latency_s  # a request per sequence
                     lnk += (load + store) / hw.link_pinned_bw if link else 0.0
                 else:
                     lnk += (load + store) / hw.link_pinned_bw if link else 0.0

@@ -105,17 +105,16 @@ def search_policy(config: ModelConfig, hw: HardwareProfile, *, prompt_len: int, 
         base = Policy(gpu_batch_size=bs, num_gpu_batches=nb, act_gpu_percent=ACT_TIERS[act][0],
                       act_cpu_percent=ACT_TIERS[act][1], compress_weight=cq, compress_cache=cq)
         found = None
-        for margin in (0.03, 0.1, 0.25):  # the exact placement may overshoot the LP's shares a little
-            x = _solve_shares(base, config, hw, prompt_len, gen_len, itemsize, margin)
-            if x is None:
-                break
-            wg, wc, cg, cc = (max(0.0, round(float(v) * 100, 1)) for v in x)  # no -0.0
+        x = _solve_shares(base, config, hw, prompt_len, gen_len, itemsize, margin=0.03)
+        # The LP interpolates memory linearly, but whole tensors are placed and read buffers follow
+        # the largest stage: if the exact footprint overshoots, move shares to disk step by step.
+        for keep in ((1.0, 0.9, 0.75, 0.5, 0.25, 0.0) if x is not None else ()):
+            wg, wc, cg, cc = (max(0.0, round(float(v) * keep * 100, 1)) for v in x)  # max: no -0.0
             policy = base.replace(w_gpu_percent=wg, w_cpu_percent=min(wc, 100 - wg), cache_gpu_percent=cg,
                                   cache_cpu_percent=min(cc, 100 - cg))
             pred = CostModel(config, policy, hw, prompt_len=prompt_len, gen_len=gen_len, itemsize=itemsize).predict()
-            over = {t: pred.peak_bytes[t] - cap for t, cap in
-                    (("gpu", hw.gpu_memory), ("cpu", hw.cpu_memory), ("disk", hw.disk_space))}
-            if max(over.values()) <= 0:
+            if all(pred.peak_bytes[t] <= cap for t, cap in
+                   (("gpu", hw.gpu_memory), ("cpu", hw.cpu_memory), ("disk", hw.disk_space))):
                 found = (policy, pred)
                 break
         if found is None:

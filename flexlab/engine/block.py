@@ -11,6 +11,7 @@ import time
 
 import torch
 
+from flexlab.compress import QTensor, dequantize
 from flexlab.engine.cache import KV, CacheStore, LoadedCache
 from flexlab.engine.kvcodec import KVCodec
 from flexlab.engine.schedule import Step, block_schedule
@@ -154,21 +155,15 @@ class BlockRun:
         stage = self.engine.stages[j]
         f, cfg = self.family, self.config
         loaded = inputs[("load_weight", t, j, None)]
-        w = loaded.tensors
-        if self.engine.policy.compress_weight is not None and loaded.dequantized is None:
-            w = self.engine.executor.timed("dequantize_weight", step, lambda: self.engine.weights.dequantized(loaded))
-        elif loaded.dequantized is not None:
-            w = loaded.dequantized
         valid = self.valid[k]
         if "embed" in stage.parts:
-            if t == 0:
-                h = f.embed(w, cfg, self.tokens[k], positions_from_mask(valid))
-            else:
-                h = f.embed(w, cfg, self.last[k][:, None], positions_from_mask(valid)[:, -1:])
-        elif ("load_act", t, j, k) in inputs:
-            h = inputs[("load_act", t, j, k)]
+            ids, positions = (self.tokens[k], positions_from_mask(valid)) if t == 0 else \
+                (self.last[k][:, None], positions_from_mask(valid)[:, -1:])
+            w, ids = self._embedding_weights(step, loaded, ids)
+            h = f.embed(w, cfg, ids, positions)
         else:
-            h = inputs[("compute", t, j - 1, k)]["h"]
+            w = self._weights(step, loaded)
+            h = inputs[("load_act", t, j, k)] if ("load_act", t, j, k) in inputs else inputs[("compute", t, j - 1, k)]["h"]
 
         kv = None
         if "attention" in stage.parts:
@@ -189,6 +184,31 @@ class BlockRun:
         if "head" in stage.parts:
             self._head(w, h, t, k)
         return {"h": h, "kv": kv}
+
+    def _weights(self, step: Step, loaded) -> dict:
+        """A loaded stage's weights, compressed ones dequantized (once per stage and token)."""
+        if self.engine.policy.compress_weight is None:
+            return loaded.tensors
+        if loaded.dequantized is None:
+            self.engine.executor.timed("dequantize_weight", step, lambda: self.engine.weights.dequantized(loaded))
+        return loaded.dequantized
+
+    def _embedding_weights(self, step: Step, loaded, ids: torch.Tensor) -> tuple[dict, torch.Tensor]:
+        """The embed stage's weights for looking up ``ids``. A compressed token table is not
+        dequantized whole: only the rows of the ids at hand, which are renumbered to match."""
+        table = loaded.tensors.get("embed_tokens.weight")
+        if not isinstance(table, QTensor) or table.config.group_dim % 2 != 1:
+            return self._weights(step, loaded), ids
+        unique, local = ids.unique(return_inverse=True)
+        dtype = self.engine.dtype
+
+        def rows() -> dict:
+            out = {n: dequantize(t, dtype) if isinstance(t, QTensor) else t for n, t in loaded.tensors.items()
+                   if n != "embed_tokens.weight"}
+            out["embed_tokens.weight"] = dequantize(table.rows(unique), dtype)
+            return out
+
+        return self.engine.executor.timed("dequantize_weight", step, rows), local
 
     def _with_tail(self, step: Step, layer: int, loaded: LoadedCache) -> LoadedCache:
         """The loaded rows as keys/values ``[b, heads, tokens, d]``: dequantized, then the

@@ -1,0 +1,133 @@
+"""Is the cost model right on this machine? Calibrate, predict, measure, compare.
+
+Calibrates the machine (``flexlab.cost.calibrate``), then runs a list of policies through the
+engine (all on the gpu tier, cpu and disk offload, compressed weights, compressed cache, CPU
+attention, activations off the device, overlap off) and compares measured throughput and peak
+memory per tier with the cost model's prediction. Finally it searches for the best policy under
+memory limits below the model's size and checks the searched policy against the best of the
+tried policies that fit the same limits. Writes CSV + JSON (with the hardware profile) and a
+predicted-vs-measured plot to experiments/results/.
+
+    python experiments/validate_cost_model.py                    # opt-125m, bfloat16, CPU: ~2 min
+    python experiments/validate_cost_model.py --preset opt-1.3b --prompt-len 512 --gen-len 32 \\
+        --gpu-batch-size 32 --num-gpu-batches 4                  # a GPU
+"""
+
+from __future__ import annotations
+
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+import torch
+from _common import parse_config, write_results
+
+Q4 = dict(bits=4, group_size=64)
+# name -> FlexGen's six shares, plus other Policy fields
+POLICIES = {
+    "all on gpu": ([100, 0, 100, 0, 100, 0], {}),
+    "weights 50% cpu": ([50, 50, 100, 0, 100, 0], {}),
+    "weights 50% disk": ([50, 0, 100, 0, 100, 0], {}),
+    "weights on disk": ([0, 0, 100, 0, 100, 0], {}),
+    "weights on disk, overlap off": ([0, 0, 100, 0, 100, 0], {"overlap": False}),
+    "cache on cpu": ([100, 0, 0, 100, 100, 0], {}),
+    "cache on disk": ([100, 0, 0, 0, 100, 0], {}),
+    "activations on disk": ([100, 0, 100, 0, 0, 0], {}),
+    "weights 4-bit": ([100, 0, 100, 0, 100, 0], {"compress_weight": Q4}),
+    "weights 4-bit on disk": ([0, 0, 100, 0, 100, 0], {"compress_weight": Q4}),
+    "cache 4-bit on disk": ([100, 0, 0, 0, 100, 0], {"compress_cache": Q4}),
+    "cache on cpu, cpu attention": ([100, 0, 0, 100, 100, 0], {"cpu_cache_compute": True}),
+    "three-way split": ([30, 30, 30, 30, 100, 0], {}),
+}
+
+
+@dataclass
+class Config:
+    preset: str = "opt-125m"
+    dtype: str = "bfloat16"  # float16 on a GPU
+    prompt_len: int = 64
+    gen_len: int = 8
+    gpu_batch_size: int = 8
+    num_gpu_batches: int = 2
+    limit_fraction: float = 0.5  # the search's gpu and cpu limits, as fractions of the weights' bytes
+    hardware: str = ""  # a saved profile (JSON) instead of calibrating now
+    smoke: bool = False  # three policies, no search: for CI
+    out_dir: str = "experiments/results"
+
+
+def main(cfg: Config) -> pd.DataFrame:
+    import flexlab
+    from flexlab.cost import CostModel, calibrate, get_hardware, search_policy
+    from flexlab.viz import plot_predicted_vs_measured
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = getattr(torch, cfg.dtype) if device.type == "cpu" else torch.float16
+    hw = get_hardware(cfg.hardware) if cfg.hardware else calibrate(device=device, dtype=dtype, quick=cfg.smoke)
+    model = flexlab.Model.from_config(cfg.preset, seed=0, dtype=dtype, device=device)
+    n = cfg.gpu_batch_size * cfg.num_gpu_batches
+    prompts = [[2] + [10 + (i * 7 + j) % 5000 for j in range(cfg.prompt_len - 1)] for i in range(n)]
+    itemsize = dtype.itemsize
+    policies = dict(list(POLICIES.items())[:3]) if cfg.smoke else dict(POLICIES)
+
+    def policy_of(percent, extra) -> flexlab.Policy:
+        extra = {k: flexlab.QuantConfig(**v) if k.startswith("compress") else v for k, v in extra.items()}
+        return flexlab.Policy.from_percent(percent, gpu_batch_size=cfg.gpu_batch_size,
+                                           num_gpu_batches=cfg.num_gpu_batches, **extra)
+
+    def measure(name: str, policy: flexlab.Policy, offload: str) -> dict:
+        with flexlab.Engine(model, policy, offload_dir=offload) as engine:
+            engine.generate(prompts[:cfg.gpu_batch_size], max_new_tokens=2, stop_token_ids=None)  # warm-up
+            result = engine.generate(prompts, max_new_tokens=cfg.gen_len, stop_token_ids=None)
+        pred = CostModel(model.config, policy, hw, prompt_len=cfg.prompt_len, gen_len=cfg.gen_len,
+                         itemsize=itemsize, num_prompts=n).predict()
+        row = dict(policy=name, describe=policy.describe(), measured_tok_s=result.metrics["throughput_tok_s"],
+                   predicted_tok_s=pred.throughput_tok_s, bottleneck=pred.bottleneck)
+        row["throughput_error"] = row["predicted_tok_s"] / row["measured_tok_s"] - 1
+        for tier in ("gpu", "cpu", "disk"):
+            row[f"measured_peak_{tier}"] = result.metrics[f"peak_bytes_{tier}"]
+            row[f"predicted_peak_{tier}"] = pred.peak_bytes[tier]
+        worst = max((abs(row[f"predicted_peak_{t}"] / row[f"measured_peak_{t}"] - 1)
+                     for t in ("gpu", "cpu", "disk") if row[f"measured_peak_{t}"]), default=0.0)
+        row["peak_memory_error"] = worst
+        return row
+
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="flexlab-validate-") as offload:
+        for name, (percent, extra) in policies.items():
+            rows.append(measure(name, policy_of(percent, extra), offload))
+        search_note = "not run (smoke)"
+        if not cfg.smoke:
+            weights = model.config.total_weight_bytes(itemsize)
+            limited = hw.replace(gpu_memory=cfg.limit_fraction * weights + 64 * 2**20,
+                                 cpu_memory=cfg.limit_fraction * weights)
+            found = search_policy(model.config, limited, prompt_len=cfg.prompt_len, gen_len=cfg.gen_len,
+                                  itemsize=itemsize, batch_sizes=(cfg.gpu_batch_size,),
+                                  num_batches=(cfg.num_gpu_batches,), compress=(None,), act_tiers=("gpu",))
+            rows.append(measure("searched (limits)", found.policy, offload))
+            fits = [r for r in rows[:-1] if r["measured_peak_gpu"] <= limited.gpu_memory
+                    and r["measured_peak_cpu"] <= limited.cpu_memory]
+            best = max(fits, key=lambda r: r["measured_tok_s"]) if fits else None
+            searched = rows[-1]["measured_tok_s"]
+            search_note = (f"searched {found.policy.describe()}: {searched:.1f} tok/s measured; best tried policy "
+                           f"within the same limits: {best['policy']} at {best['measured_tok_s']:.1f} tok/s "
+                           f"({searched / best['measured_tok_s']:.2f}x)" if best else "no tried policy fits the limits")
+    df = pd.DataFrame(rows)
+    errors = df.throughput_error.abs()
+    summary = dict(median_abs_throughput_error=float(errors.median()), worst_abs_throughput_error=float(errors.max()),
+                   worst_peak_memory_error=float(df.peak_memory_error.max()), search=search_note)
+    print(f"{cfg.preset} ({dtype}, {device}), {n} prompts of {cfg.prompt_len}, {cfg.gen_len} new, "
+          f"batch {cfg.gpu_batch_size}x{cfg.num_gpu_batches}; hardware: {hw.name} ({hw.source})")
+    cols = ["policy", "measured_tok_s", "predicted_tok_s", "throughput_error", "peak_memory_error", "bottleneck"]
+    print(df[cols].to_string(index=False, float_format=lambda x: f"{x:.3f}"))
+    print({k: (round(v, 3) if isinstance(v, float) else v) for k, v in summary.items()})
+    stem = f"validate_cost_model_{cfg.preset}_{device.type}" + ("_smoke" if cfg.smoke else "")
+    out = write_results(df, cfg, stem, dtype=str(dtype), hardware=hw.__dict__, **summary)
+    hw.save(Path(out) / f"{stem}_hardware.json")
+    plot_predicted_vs_measured(df, title=f"cost model vs measurement: {cfg.preset} on {hw.name}").savefig(
+        Path(out) / f"{stem}.png", dpi=110)
+    return df
+
+
+if __name__ == "__main__":
+    main(parse_config(Config, __doc__))
