@@ -5,7 +5,9 @@ engine (all on the gpu tier, cpu and disk offload, compressed weights, compresse
 attention, activations off the device, overlap off) and compares measured throughput and peak
 memory per tier with the cost model's prediction. Finally it searches for the best policy under
 memory limits below the model's size and checks the searched policy against the best of the
-tried policies that fit the same limits. Writes CSV + JSON (with the hardware profile) and a
+tried policies that fit the same limits. The disk and dequantization rates swing by 2x within
+minutes on a shared machine, so they are re-probed (``flexlab.cost.refresh``, ~1 s) right before
+each policy runs; the other rates come from the one calibration. Writes CSV + JSON (with the hardware profile) and a
 predicted-vs-measured plot to experiments/results/.
 
     python experiments/validate_cost_model.py                    # opt-125m, bfloat16, CPU: ~2 min
@@ -58,7 +60,7 @@ class Config:
 
 def main(cfg: Config) -> pd.DataFrame:
     import flexlab
-    from flexlab.cost import CostModel, calibrate, get_hardware, search_policy
+    from flexlab.cost import CostModel, calibrate, get_hardware, refresh, search_policy
     from flexlab.viz import plot_predicted_vs_measured
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -76,13 +78,15 @@ def main(cfg: Config) -> pd.DataFrame:
                                            num_gpu_batches=cfg.num_gpu_batches, **extra)
 
     def measure(name: str, policy: flexlab.Policy, offload: str) -> dict:
+        now = refresh(hw, device=device, dtype=dtype, offload_dir=offload)
         with flexlab.Engine(model, policy, offload_dir=offload) as engine:
             engine.generate(prompts[:cfg.gpu_batch_size], max_new_tokens=2, stop_token_ids=None)  # warm-up
             result = engine.generate(prompts, max_new_tokens=cfg.gen_len, stop_token_ids=None)
-        pred = CostModel(model.config, policy, hw, prompt_len=cfg.prompt_len, gen_len=cfg.gen_len,
+        pred = CostModel(model.config, policy, now, prompt_len=cfg.prompt_len, gen_len=cfg.gen_len,
                          itemsize=itemsize, num_prompts=n).predict()
         row = dict(policy=name, describe=policy.describe(), measured_tok_s=result.metrics["throughput_tok_s"],
-                   predicted_tok_s=pred.throughput_tok_s, bottleneck=pred.bottleneck)
+                   predicted_tok_s=pred.throughput_tok_s, bottleneck=pred.bottleneck,
+                   probed_disk_read_GB_s=now.disk_read_bw / 1e9, probed_dequant_G_s=now.dequant_elems / 1e9)
         row["throughput_error"] = row["predicted_tok_s"] / row["measured_tok_s"] - 1
         for tier in ("gpu", "cpu", "disk"):
             row[f"measured_peak_{tier}"] = result.metrics[f"peak_bytes_{tier}"]

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import statistics
 import tempfile
 import time
 from collections.abc import Callable
@@ -26,9 +27,10 @@ from flexlab.models.attention import attend
 
 
 def _best(fn: Callable[[], object], repeats: int, device: torch.device) -> float:
-    """Fastest of ``repeats`` timed calls (after one warm-up), in seconds."""
+    """Median of ``repeats`` timed calls (after one warm-up), in seconds. The median, not the
+    best: the model predicts runs on the same shared machine, which see its typical speed."""
     fn()
-    best = float("inf")
+    times = []
     for _ in range(repeats):
         if device.type == "cuda":
             torch.cuda.synchronize(device)
@@ -36,11 +38,11 @@ def _best(fn: Callable[[], object], repeats: int, device: torch.device) -> float
         fn()
         if device.type == "cuda":
             torch.cuda.synchronize(device)
-        best = min(best, time.perf_counter() - start)
-    return best
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
 
 
-def _disk(directory: Path, size: int, repeats: int) -> tuple[float, float, float]:
+def _disk(directory: Path, size: int, repeats: int, write: bool = True) -> tuple[float, float, float]:
     """Write and O_DIRECT read bandwidth of a fresh file (bytes/s), and the latency of one small
     read (seconds: 64 KiB reads at scattered offsets, their transfer time taken off)."""
     path = directory / "flexlab-calibrate.bin"
@@ -51,11 +53,14 @@ def _disk(directory: Path, size: int, repeats: int) -> tuple[float, float, float
             f.write(memoryview(data.numpy()))
             f.flush()
             os.fsync(f.fileno())
-        write = size / (time.perf_counter() - start)
+        write_bw = size / (time.perf_counter() - start) if write else float("nan")
         files, buf = DiskFiles(direct=True), aligned_empty(size + 8192)
         try:
-            read = size / _best(lambda: files.read(path, 0, size, buf), repeats, torch.device("cpu"))
-            small, count = 64 << 10, 200
+            # requests of a stage's size (16 MiB), as the engine reads weights
+            req = 16 << 20
+            read = size / _best(lambda: [files.read(path, off, req, buf) for off in range(0, size, req)], repeats,
+                                torch.device("cpu"))
+            small, count = 64 << 10, 100
             offsets = [(i * 7919 * small) % (size - small) // 4096 * 4096 for i in range(count)]
             start = time.perf_counter()
             for off in offsets:
@@ -63,9 +68,28 @@ def _disk(directory: Path, size: int, repeats: int) -> tuple[float, float, float
             latency = max(0.0, (time.perf_counter() - start) / count - small / read)
         finally:
             files.close()
-        return read, write, latency
+        return read, write_bw, latency
     finally:
         path.unlink(missing_ok=True)
+
+
+def _dequant_rate(device: torch.device, dtype: torch.dtype, repeats: int) -> float:
+    """Elements/s dequantizing a layer's worth of opt-125m-shaped 4-bit matrices, as the engine does."""
+    g = torch.Generator().manual_seed(0)
+    shapes = [(768, 768)] * 4 + [(3072, 768), (768, 3072)]
+    qs = [quantize(torch.randn(s, generator=g).to(device, dtype), QuantConfig(bits=4, group_size=64)) for s in shapes]
+    return sum(q.numel for q in qs) / _best(lambda: [dequantize(q, dtype) for q in qs], repeats, device)
+
+
+def refresh(hw: HardwareProfile, *, device: str | torch.device | None = None, dtype: torch.dtype | None = None,
+            offload_dir: str | os.PathLike | None = None) -> HardwareProfile:
+    """``hw`` with its most volatile rates re-measured now (disk read, dequantization; about a
+    second). On a shared machine these swing by 2x within minutes: a prediction compared with a
+    measurement should use rates probed next to it."""
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = dtype or (torch.float16 if device.type == "cuda" else torch.bfloat16)
+    read, _, latency = _disk(Path(offload_dir or tempfile.gettempdir()), 64 << 20, 3, write=False)
+    return hw.replace(disk_read_bw=read, disk_latency_s=latency, dequant_elems=_dequant_rate(device, dtype, 3))
 
 
 def _engine_seconds(model, policy, prompts: list[list[int]], new: int, device: torch.device) -> float:
@@ -79,10 +103,11 @@ def _step_overheads(device: torch.device, dtype: torch.dtype) -> tuple[float, fl
     """Seconds per compute step, and per transfer step handed to a lane thread, of the engine.
 
     The compute step's cost is timed on a model too small for its maths to matter, everything
-    resident. A lane's cost is the slowdown when cache and activations move to the cpu tier
-    (every transfer on a lane, no bytes crossing on a CPU) on a model with opt-125m-sized
-    layers: on few cores a lane thread mostly costs by stalling the compute's parallel kernels,
-    which only shows when there is compute to stall.
+    resident. A lane's cost is the slowdown when the activations leave the device (every stage
+    stores and loads its hidden state on a lane: the cpu tier on a GPU, disk on a CPU, where the
+    cpu tier is read in place; a few KB each) on a model with opt-125m-sized layers: on few
+    cores a lane thread mostly costs by stalling the compute's parallel kernels, which only
+    shows when there is compute to stall.
     """
     from flexlab.engine import Policy
     from flexlab.models.config import get_preset
@@ -97,10 +122,10 @@ def _step_overheads(device: torch.device, dtype: torch.dtype) -> tuple[float, fl
     model = Model.from_config(shape, seed=0, dtype=dtype, device=device)
     prompts = [[2] + list(range(10, 40))] * 8 * nb
     fast = _engine_seconds(model, Policy(gpu_batch_size=8, num_gpu_batches=nb), prompts, new, device)
-    lanes = _engine_seconds(model, Policy.from_percent([100, 0, 0, 100, 0, 100], gpu_batch_size=8, num_gpu_batches=nb),
-                            prompts, new, device)
-    n_stages = 2 + 2 * shape.num_layers
-    transfers = nb * new * 2 * (n_stages - 1) + shape.num_layers * nb * (2 * new - 1)  # acts, cache
+    act_cpu = 100 if device.type == "cuda" else 0
+    lanes = _engine_seconds(model, Policy.from_percent([100, 0, 100, 0, 0, act_cpu], gpu_batch_size=8,
+                                                       num_gpu_batches=nb), prompts, new, device)
+    transfers = nb * new * 2 * (1 + 2 * shape.num_layers)  # a store and a load between stages
     return step, max(0.0, lanes - fast) / transfers
 
 
@@ -113,7 +138,7 @@ def calibrate(*, device: str | torch.device | None = None, dtype: torch.dtype | 
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = dtype or (torch.float16 if device.type == "cuda" else torch.bfloat16)
     scale = 1 if quick else 2
-    h, repeats = 1024 * scale, 3
+    h, repeats = 1024 * scale, 5
     results: dict[str, float] = {}
     steps = ["matmul", "weight read", "attention", "cpu attention", "link", "disk", "dequantize", "step overhead"]
     bar = tqdm(steps, desc="calibrating", disable=not progress, leave=False)
@@ -159,8 +184,7 @@ def calibrate(*, device: str | torch.device | None = None, dtype: torch.dtype | 
     results["disk_read_bw"], results["disk_write_bw"], results["disk_latency_s"] = _disk(
         directory, (128 if quick else 512) << 20, repeats)
     step("disk")
-    q = quantize(torch.randn(2048, 2048, generator=g).to(device, dtype), QuantConfig(bits=4, group_size=64))
-    results["dequant_elems"] = q.numel / _best(lambda: dequantize(q, dtype), repeats, device)
+    results["dequant_elems"] = _dequant_rate(device, dtype, repeats)
     step("dequantize")
     results["step_overhead_s"], results["transfer_overhead_s"] = _step_overheads(device, dtype)
     step("step overhead")

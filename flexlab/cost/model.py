@@ -30,6 +30,7 @@ import torch
 
 from flexlab.compress import QuantConfig
 from flexlab.cost.hardware import HardwareProfile
+from flexlab.engine.cache import disk_rows_read
 from flexlab.engine.kvcodec import KVCodec
 from flexlab.engine.policy import Policy
 from flexlab.engine.schedule import make_stages
@@ -70,6 +71,7 @@ class _Stage:
     dequant_elems: int  # compressed elements dequantized once per token (kept until the stage is done)
     row_table: int = 0  # a compressed token table looked up by rows: its row length (dequantized per batch)
     batch_dequant_elems: int = 0  # with a row table, the stage's other matrices (dequantized per batch)
+    elementwise: int = 0  # hidden-sized vectors read or written per token by its elementwise ops
 
 
 class CostModel:
@@ -117,8 +119,12 @@ class CostModel:
                 # the engine dequantizes only the looked-up rows of the token table, per batch
                 table = next(s for s in mats if s.shape[0] == config.vocab_size)
                 deq, row_table, per_batch = 0, table.shape[1], sum(s.numel for s in mats if s is not table)
+            # Counted from the ops of an OPT layer, per token, in hidden-sized vectors: attention —
+            # layer norm 2, q/k/v/out written 4, read for attention 3, residual 3; MLP — layer norm 2,
+            # fc1 written 4, GELU 8, fc2 read 4 and written 1, residual 3.
+            elementwise = 12 * ("attention" in stage.parts) + 22 * ("mlp" in stage.parts)
             self._stage.append(_Stage(stage.name, stage.parts, params, 2.0 * params, w_bytes, params * itemsize, deq,
-                                      row_table, per_batch))
+                                      row_table, per_batch, elementwise))
             self.packed.append(packed)
         self.codecs = {kv: KVCodec(policy.compress_cache, config.num_heads, config.head_dim,
                                    _dtype(itemsize), keys=kv == "k") for kv in ("k", "v")}
@@ -166,7 +172,7 @@ class CostModel:
                     if link:  # disk weights cross the link too on their way to the GPU
                         lnk += w_disk / hw.link_pinned_bw
                     compute += st.dequant_elems / hw.dequant_elems
-                    if st.w_bytes["cpu"] + st.w_bytes["disk"]:  # not resident: a load on a lane thread
+                    if st.w_bytes["disk"] or (link and st.w_bytes["cpu"]):  # a load on a lane (else inline)
                         compute += hw.transfer_overhead_s
                     if st.w_bytes["disk"]:  # one request: the stage's packed file
                         disk += hw.disk_latency_s
@@ -174,11 +180,13 @@ class CostModel:
                         b = sum(seqs.values())
                         compute += hw.step_overhead_s + max(st.flops_per_token * b * tokens / hw.matmul_flops,
                                                             st.w_device_bytes / hw.weight_read_bw)
+                        # the elementwise work around the matmuls (norms, bias, GELU, residuals)
+                        compute += st.elementwise * b * tokens * cfg.hidden_size * self.itemsize / hw.attention_bw
                         if st.row_table:  # the rows looked up, plus the stage's other matrices
                             rows = min(b * tokens, cfg.vocab_size)
                             compute += (rows * st.row_table + st.batch_dequant_elems) / hw.dequant_elems
                         if "attention" in st.parts:
-                            if seqs["gpu"] < b:  # a load (decode) and a store on lane threads
+                            if seqs["disk"] or (link and seqs["cpu"]):  # a load (decode) and a store on lanes
                                 compute += hw.transfer_overhead_s * (1 + (t > 0))
                             c, d, lk, moved = self._attention(seqs, b, tokens, cached)
                             compute, disk, lnk = compute + c, disk + d, lnk + lk
@@ -189,7 +197,8 @@ class CostModel:
                             n_moves = (j > 0) + (j < len(self._stage) - 1)
                             kinds["load_act"] += h * (j > 0)
                             kinds["store_act"] += h * (j < len(self._stage) - 1)
-                            compute += n_moves * hw.transfer_overhead_s
+                            if link or p.act_tier == "disk":  # else inline: the cpu tier is the CPU's RAM
+                                compute += n_moves * hw.transfer_overhead_s
                             if p.act_tier == "disk":
                                 disk += h * ((j > 0) / hw.disk_read_bw + (j < len(self._stage) - 1) / hw.disk_write_bw)
                                 disk += n_moves * hw.disk_latency_s
@@ -229,10 +238,15 @@ class CostModel:
             if kv == "v" and p.attn_sparsity < 1:
                 rows = 0  # read later, only the kept rows (not modelled: data-dependent)
             new_rows = (codec.stored_tokens(cached + tokens) - codec.stored_tokens(cached)) // codec.chunk
+            capacity = -(-(self.prompt_len + self.gen_len - 1) // codec.chunk)
             for tier in ("cpu", "disk"):
                 n = seqs[tier]
+                requests = n
                 if tier == "cpu" and (not link or p.cpu_cache_compute):
                     load = 0
+                elif tier == "disk" and rows:
+                    read = disk_rows_read(rows, capacity, n)
+                    load, requests = read * codec.row_bytes, 1 if read > n * rows else n
                 else:
                     load = n * rows * codec.row_bytes
                 store = n * new_rows * codec.row_bytes if (tier == "disk" or link) else 0
@@ -240,7 +254,7 @@ class CostModel:
                 moved["store_cache"] += store
                 if tier == "disk":
                     disk += load / hw.disk_read_bw + store / hw.disk_write_bw
-                    disk += n * ((load > 0) + (store > 0)) * hw.disk_latency_s  # a request per sequence
+                    disk += (requests * (load > 0) + n * (store > 0)) * hw.disk_latency_s  # writes: per sequence
                     lnk += (load + store) / hw.link_pinned_bw if link else 0.0
                 else:
                     lnk += (load + store) / hw.link_pinned_bw if link else 0.0

@@ -105,12 +105,13 @@ class BlockRun:
 
     # ---- transfers ---------------------------------------------------------------------
     def moves_nothing(self, step: Step) -> bool:
-        """Whether a transfer step's data already lives on the compute device."""
+        """Whether a transfer step's data is already where the compute reads it (the gpu tier; on
+        a CPU-only machine the cpu tier too, the same RAM): then it runs inline, not on a lane."""
         if step.kind == "load_weight":
             return self.engine.weights.resident[step.stage]
         if step.kind in ("load_cache", "store_cache"):
             return self.cache.resident[step.batch]
-        return False
+        return self.acts is not None and self.acts.tier == "cpu" and self.engine.device.type == "cpu"
 
     def load_weight(self, step: Step):
         weights, moved = self.engine.weights.load(step.stage)

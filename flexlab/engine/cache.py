@@ -49,11 +49,13 @@ class CacheStore:
             tiers = seq_tiers[start:start + size]
             self.layout.append([(t, tiers.index(t), tiers.count(t)) for t in ("gpu", "cpu", "disk") if t in tiers])
             start += size
-        self.resident = [all(t == "gpu" for t, _, _ in parts) for parts in self.layout]
+        near = ("gpu",) if device.type == "cuda" else ("gpu", "cpu")  # a CPU reads the cpu tier in place
+        self.resident = [all(t in near for t, _, _ in parts) for parts in self.layout]
         self.slots: dict[tuple[int, int, str, str], torch.Tensor | Path] = {}
         self.slot_bytes: dict[tuple[int, int, str, str], int] = {}
         per_sequence = max(self.capacity[kv] * c.row_bytes for kv, c in codecs.items())
-        self.pool = BufferPool(per_sequence + 2 * ALIGN, 2) if "disk" in seq_tiers else None
+        most = max((c for parts in self.layout for t, _, c in parts if t == "disk"), default=0)
+        self.pool = BufferPool(most * per_sequence + 2 * ALIGN, 2) if most else None
 
     def _slot(self, layer: int, batch: int, tier: str, kv: str, count: int):
         key = (layer, batch, tier, kv)
@@ -115,8 +117,9 @@ class CacheStore:
                     if slot.device != self.device:  # a CPU-only machine has no cpu->gpu link
                         moved["cpu"] += count * n * row_bytes
                 else:
-                    device_parts[kv].append(self._read_disk(slot, kv, count, n))
-                    moved["disk"] += count * n * row_bytes
+                    rows_read = disk_rows_read(n, self.capacity[kv], count)
+                    device_parts[kv].append(self._read_disk(slot, kv, count, n, whole=rows_read > count * n))
+                    moved["disk"] += rows_read * row_bytes
 
         def join(parts: list) -> torch.Tensor | None:
             return None if not parts else parts[0] if len(parts) == 1 else torch.cat(parts)
@@ -156,16 +159,23 @@ class CacheStore:
                 moved += len(pos) * codec.row_bytes
         return out, moved
 
-    def _read_disk(self, path: Path, kv: str, count: int, n: int) -> torch.Tensor:
+    def _read_disk(self, path: Path, kv: str, count: int, n: int, whole: bool) -> torch.Tensor:
+        """Rows ``0..n`` of each of the ``count`` sequences in a disk slot: one request for the
+        whole slot (``whole``), or one per sequence."""
         codec = self.codecs[kv]
+        cap, row = self.capacity[kv], codec.row_bytes
         out = torch.empty((count, n, *codec.row_shape), dtype=codec.row_dtype, device=self.device)
         if n == 0:  # e.g. per-channel keys before their first whole chunk
             return out
         buf = self.pool.acquire()
         try:
-            for i in range(count):
-                raw = self.files.read(path, i * self.capacity[kv] * codec.row_bytes, n * codec.row_bytes, buf)
-                out[i].copy_(raw.view(codec.row_dtype).view(n, *codec.row_shape))
+            if whole:
+                raw = self.files.read(path, 0, count * cap * row, buf)
+                out.copy_(raw.view(codec.row_dtype).view(count, cap, *codec.row_shape)[:, :n])
+            else:
+                for i in range(count):
+                    raw = self.files.read(path, i * cap * row, n * row, buf)
+                    out[i].copy_(raw.view(codec.row_dtype).view(n, *codec.row_shape))
             if self.device.type == "cuda":
                 torch.cuda.current_stream().synchronize()
         finally:
@@ -189,3 +199,11 @@ def _runs(positions: list[int]) -> list[tuple[int, int, int]]:
         else:
             runs.append([p, 1, at])
     return [tuple(r) for r in runs]
+
+
+def disk_rows_read(n: int, capacity: int, count: int) -> int:
+    """Rows read to bring ``n`` rows of each of ``count`` sequences from a disk slot of
+    ``capacity`` rows per sequence. Once the prefix fills at least half the slot, one request
+    for the whole slot beats a request per sequence (a disk pays per request); before that, the
+    unused rows would cost more than the requests."""
+    return count * capacity if count > 1 and 2 * n >= capacity else count * n

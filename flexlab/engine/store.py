@@ -144,7 +144,9 @@ class WeightStore:
             self.stage_files.append(self._pack(model, to_pack, weight_dir / f"stage{stage.index}.bin")
                                     if to_pack else None)
             self.stage_weights.append([self.placed[s.name] for s, _, _ in placement])
-        self.resident = [all(w.tier == "gpu" for w in ws) for ws in self.stage_weights]
+        # Resident: read where it lies (on a CPU-only machine the cpu tier is the compute's RAM).
+        near = ("gpu",) if device.type == "cuda" else ("gpu", "cpu")
+        self.resident = [all(w.tier in near for w in ws) for ws in self.stage_weights]
         # Disk reads land in one of two stage-sized aligned buffers (the stage computing and the one
         # prefetched). On a CPU the weights are used in place there: no copy after the read.
         self.stage_disk_bytes = [(own[1] if own else 0) + sum(_region(p.nbytes) for w in ws if w.tier == "disk"
