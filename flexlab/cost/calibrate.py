@@ -99,15 +99,17 @@ def _engine_seconds(model, policy, prompts: list[list[int]], new: int, device: t
         return _best(lambda: engine.generate(prompts, max_new_tokens=new, stop_token_ids=None), 2, device)
 
 
-def _step_overheads(device: torch.device, dtype: torch.dtype) -> tuple[float, float]:
-    """Seconds per compute step, and per transfer step handed to a lane thread, of the engine.
+def _step_overheads(device: torch.device, dtype: torch.dtype) -> tuple[float, float, float]:
+    """Seconds per compute step, per transfer step handed to a lane thread, and the KV codec's
+    elements per second, all measured on the engine itself.
 
     The compute step's cost is timed on a model too small for its maths to matter, everything
     resident. A lane's cost is the slowdown when the activations leave the device (every stage
     stores and loads its hidden state on a lane: the cpu tier on a GPU, disk on a CPU, where the
     cpu tier is read in place; a few KB each) on a model with opt-125m-sized layers: on few
     cores a lane thread mostly costs by stalling the compute's parallel kernels, which only
-    shows when there is compute to stall.
+    shows when there is compute to stall. The codec's rate is the slowdown when the same run's
+    cache (on the cpu tier) is stored 4-bit, over the elements it quantizes and dequantizes.
     """
     from flexlab.engine import Policy
     from flexlab.models.config import get_preset
@@ -126,7 +128,16 @@ def _step_overheads(device: torch.device, dtype: torch.dtype) -> tuple[float, fl
     lanes = _engine_seconds(model, Policy.from_percent([100, 0, 100, 0, 0, act_cpu], gpu_batch_size=8,
                                                        num_gpu_batches=nb), prompts, new, device)
     transfers = nb * new * 2 * (1 + 2 * shape.num_layers)  # a store and a load between stages
-    return step, max(0.0, lanes - fast) / transfers
+    cached = Policy.from_percent([100, 0, 0, 100, 100, 0], gpu_batch_size=8, num_gpu_batches=nb)
+    plain = _engine_seconds(model, cached, prompts, new, device)
+    packed = _engine_seconds(model, cached.replace(compress_cache=QuantConfig(bits=4, group_size=64)), prompts,
+                             new, device)
+    width = len(prompts[0])
+    # per layer, batch and key/value: the prefill's rows quantized, then each decode step
+    # dequantizes the cache so far and quantizes one new row
+    elements = 2 * shape.num_layers * nb * 8 * shape.hidden_size * (
+        width + sum(width + t - 1 + 1 for t in range(1, new)))
+    return step, max(0.0, lanes - fast) / transfers, elements / max(packed - plain, 1e-9)
 
 
 def calibrate(*, device: str | torch.device | None = None, dtype: torch.dtype | None = None,
@@ -185,8 +196,10 @@ def calibrate(*, device: str | torch.device | None = None, dtype: torch.dtype | 
         directory, (128 if quick else 512) << 20, repeats)
     step("disk")
     results["dequant_elems"] = _dequant_rate(device, dtype, repeats)
+
     step("dequantize")
-    results["step_overhead_s"], results["transfer_overhead_s"] = _step_overheads(device, dtype)
+    results["step_overhead_s"], results["transfer_overhead_s"], results["kv_codec_elems"] = _step_overheads(
+        device, dtype)
     step("step overhead")
     bar.close()
     if device.type == "cuda":

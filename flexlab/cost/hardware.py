@@ -33,7 +33,9 @@ class HardwareProfile:
         cpu_attention_bw: the same, on the CPU (``cpu_cache_compute``).
         link_pinned_bw, link_pageable_bw: host→device copies (inf without a GPU).
         disk_read_bw, disk_write_bw: without the page cache (O_DIRECT).
-        dequant_elems: elements per second dequantized on the device.
+        dequant_elems: elements per second of weights dequantized on the device.
+        kv_codec_elems: elements per second of KV cache rows quantized or dequantized, as the
+            engine achieves it while its lanes run beside it.
         step_overhead_s: fixed cost of one scheduled compute step (Python, kernel launches).
         transfer_overhead_s: fixed cost of a transfer step handed to a lane thread (it competes
             with the compute for the interpreter and the cores).
@@ -52,6 +54,7 @@ class HardwareProfile:
     disk_read_bw: float
     disk_write_bw: float
     dequant_elems: float
+    kv_codec_elems: float
     step_overhead_s: float
     transfer_overhead_s: float
     disk_latency_s: float
@@ -105,7 +108,7 @@ def _human(key: str, value) -> str:
         return f"{value * 1e6:.0f} µs"
     if key == "matmul_flops":
         return f"{value / 1e12:.2f} TFLOP/s"
-    if key == "dequant_elems":
+    if key.endswith("_elems"):
         return f"{value / 1e9:.2f} G elements/s"
     if key.endswith(("memory", "space")):
         return f"{value / 2**30:.1f} GiB"
@@ -123,21 +126,24 @@ PRESETS: dict[str, HardwareProfile] = {
         "PCIe 3.0 x16 (~12 GB/s pinned), Colab VM disk (~0.2 GB/s); effective rates assumed",
         matmul_flops=25e12, weight_read_bw=220e9, attention_bw=200e9, cpu_attention_bw=8e9,
         link_pinned_bw=11e9, link_pageable_bw=5e9, disk_read_bw=0.2e9, disk_write_bw=0.15e9,
-        dequant_elems=40e9, step_overhead_s=60e-6, transfer_overhead_s=30e-6, disk_latency_s=1e-3,
+        dequant_elems=40e9, kv_codec_elems=25e9,
+        step_overhead_s=60e-6, transfer_overhead_s=30e-6, disk_latency_s=1e-3,
         gpu_memory=15 * GiB, cpu_memory=12 * GiB, disk_space=80 * GiB),
     "h100": HardwareProfile(
         name="h100", source="published: NVIDIA H100 SXM data sheet (989 TFLOP/s dense fp16, 3.35 TB/s), "
         "PCIe 5.0 (~50 GB/s); disk 1.8 GB/s as dd iflag=direct measured on the lent H100 machine (2026-11-25)",
         matmul_flops=600e12, weight_read_bw=2.5e12, attention_bw=2.0e12, cpu_attention_bw=30e9,
         link_pinned_bw=45e9, link_pageable_bw=15e9, disk_read_bw=1.8e9, disk_write_bw=1.2e9,
-        dequant_elems=500e9, step_overhead_s=40e-6, transfer_overhead_s=20e-6, disk_latency_s=0.2e-3,
+        dequant_elems=500e9, kv_codec_elems=250e9,
+        step_overhead_s=40e-6, transfer_overhead_s=20e-6, disk_latency_s=0.2e-3,
         gpu_memory=78 * GiB, cpu_memory=128 * GiB, disk_space=60 * GiB),
     "h200": HardwareProfile(
         name="h200", source="published: NVIDIA H200 data sheet (989 TFLOP/s dense fp16, 4.8 TB/s), PCIe 5.0; "
         "disk assumed as the H100 machine's",
         matmul_flops=600e12, weight_read_bw=3.5e12, attention_bw=3.0e12, cpu_attention_bw=30e9,
         link_pinned_bw=45e9, link_pageable_bw=15e9, disk_read_bw=1.8e9, disk_write_bw=1.2e9,
-        dequant_elems=600e9, step_overhead_s=40e-6, transfer_overhead_s=20e-6, disk_latency_s=0.2e-3,
+        dequant_elems=600e9, kv_codec_elems=250e9,
+        step_overhead_s=40e-6, transfer_overhead_s=20e-6, disk_latency_s=0.2e-3,
         gpu_memory=139 * GiB, cpu_memory=128 * GiB, disk_space=60 * GiB),
 }
 

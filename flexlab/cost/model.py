@@ -258,8 +258,8 @@ class CostModel:
                     lnk += (load + store) / hw.link_pinned_bw if link else 0.0
                 else:
                     lnk += (load + store) / hw.link_pinned_bw if link else 0.0
-            if codec.config is not None:  # quantize the new rows, dequantize what was read
-                compute += b * (rows + new_rows) * codec.chunk * self.config.hidden_size / hw.dequant_elems
+            if codec.config is not None:  # dequantize what was read, quantize the rows that leave the tail
+                compute += b * (rows + new_rows) * codec.chunk * self.config.hidden_size / hw.kv_codec_elems
         return compute, disk, lnk, moved
 
     # ---- memory ------------------------------------------------------------------------
