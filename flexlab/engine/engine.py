@@ -153,7 +153,7 @@ class Engine:
         metrics = generation_metrics(sum(map(len, generated)), prefill_s, decode_s)
         metrics.update({f"peak_bytes_{tier}": float(v) for tier, v in self.tracker.peaks().items()})
         return GenerationResult(token_ids=generated, texts=stop.texts(generated), metrics=metrics,
-                                timeline=Timeline(events))
+                                timeline=Timeline(events), memory=self.tracker.breakdown())
 
     def score(self, sequences, *, teacher_forced: bool = False) -> list[torch.Tensor]:
         """Per sequence, float32 log-probabilities of tokens ``1..n-1`` given their prefix.

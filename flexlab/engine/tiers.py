@@ -28,12 +28,15 @@ class MemoryTracker:
         self._lock = threading.Lock()
         self.current: dict[tuple[str, str], int] = defaultdict(int)
         self.peak_by_tier: dict[str, int] = defaultdict(int)
+        self._at_peak: dict[str, dict[str, int]] = {}  # per tier: bytes by category when it peaked
 
     def add(self, tier: str, category: str, nbytes: int) -> None:
         with self._lock:
             self.current[(tier, category)] += nbytes
             total = sum(v for (t, _), v in self.current.items() if t == tier)
-            self.peak_by_tier[tier] = max(self.peak_by_tier[tier], total)
+            if total >= self.peak_by_tier[tier]:
+                self.peak_by_tier[tier] = total
+                self._at_peak[tier] = {c: v for (t, c), v in self.current.items() if t == tier and v}
 
     def sub(self, tier: str, category: str, nbytes: int) -> None:
         self.add(tier, category, -nbytes)
@@ -43,6 +46,12 @@ class MemoryTracker:
         with self._lock:
             for tier in TIERS:
                 self.peak_by_tier[tier] = sum(v for (t, _), v in self.current.items() if t == tier)
+                self._at_peak[tier] = {c: v for (t, c), v in self.current.items() if t == tier and v}
+
+    def breakdown(self) -> dict[str, dict[str, int]]:
+        """Per tier, the bytes of each category (weights, kv cache, ...) at that tier's peak."""
+        with self._lock:
+            return {t: dict(self._at_peak.get(t, {})) for t in TIERS}
 
     def peaks(self) -> dict[str, int]:
         return {t: self.peak_by_tier.get(t, 0) for t in TIERS}

@@ -193,6 +193,7 @@ class GenerationResult:
     texts: list[str] | None
     metrics: dict[str, float] = field(default_factory=dict)
     timeline: object | None = None
+    memory: dict[str, dict[str, int]] = field(default_factory=dict)  # tier -> category -> bytes, at its peak
 
     def _repr_html_(self) -> str:
         rows = "".join(f"<tr><td>{k}</td><td>{v:.4g}</td></tr>" for k, v in self.metrics.items())

@@ -1,7 +1,21 @@
-"""Plots and widgets: pure functions of Timelines and DataFrames (never the runtime)."""
+"""Plots and widgets: pure functions of Timelines and DataFrames (never the runtime).
+
+The widgets (``TimelineExplorer``, ``CompressionExplorer``) need ipywidgets
+(``pip install flexlab[notebook]``); they are imported on first use.
+"""
 
 from flexlab.viz.compression import plot_accuracy_vs_bits
 from flexlab.viz.cost import plot_predicted_vs_measured
+from flexlab.viz.policy import plot_memory, plot_throughput
 from flexlab.viz.timeline import plot_overlap_summary, plot_timeline
 
-__all__ = ["plot_timeline", "plot_overlap_summary", "plot_accuracy_vs_bits", "plot_predicted_vs_measured"]
+__all__ = ["plot_timeline", "plot_overlap_summary", "plot_accuracy_vs_bits", "plot_predicted_vs_measured",
+           "plot_throughput", "plot_memory", "TimelineExplorer", "CompressionExplorer"]
+
+
+def __getattr__(name: str):
+    if name in ("TimelineExplorer", "CompressionExplorer"):
+        from flexlab.viz import widgets
+
+        return getattr(widgets, name)
+    raise AttributeError(f"module 'flexlab.viz' has no attribute {name!r}")

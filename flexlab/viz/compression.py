@@ -14,10 +14,11 @@ LABELS = {"perplexity_change_pct": "perplexity change (%)", "perplexity": "perpl
 
 
 def plot_accuracy_vs_bits(df, metric: str = "perplexity_change_pct", *, title: str | None = None,
-                          width: float = 12.0) -> Figure:
+                          width: float = 12.0, highlight: str | None = None) -> Figure:
     """One column per target (weights, cache, both). Top: ``metric`` against bits, a line per
     group size (dashed: per-channel keys), the uncompressed value as a grey line. Bottom: peak
-    memory saved over all tiers against bits per element."""
+    memory saved over all tiers against bits per element. ``highlight``: a ``setting`` name
+    whose points get a red ring."""
     if metric not in df.columns:
         raise ValueError(f"metric {metric!r} is not a column; choose from {sorted(LABELS)}")
     base = df[df.target == "none"]
@@ -39,6 +40,12 @@ def plot_accuracy_vs_bits(df, metric: str = "perplexity_change_pct", *, title: s
             bottom.plot(line[bits_col], saved[line.index], style, marker="o", label=label, color=color[group])
         if len(base):
             top.axhline(float(base[metric].iloc[0]), color="grey", linewidth=0.8, label="uncompressed")
+        chosen = rows[rows.setting == highlight] if highlight is not None and "setting" in rows else rows.iloc[:0]
+        for _, row in chosen.iterrows():
+            bits_col = "weight_bits_per_element" if target == "weights" else "cache_bits_per_element"
+            ring = dict(s=220, facecolors="none", edgecolors="red", linewidths=2, zorder=5)
+            top.scatter([row.bits], [row[metric]], **ring)
+            bottom.scatter([row[bits_col]], [saved[row.name]], **ring)
         top.set_title(f"compressed: {target}", fontsize=10)
         top.set_xlabel("bits")
         top.set_xticks(sorted(rows.bits.dropna().unique()))

@@ -50,10 +50,14 @@ def plot_timeline(timeline: Timeline, *, tokens: tuple[int, int] | None = None,
         bars = [((e.start - t0) * scale, max(e.duration * scale, 1e-6)) for e in events if e.lane == lane]
         colors = [KIND_COLORS.get(e.kind, "grey") for e in events if e.lane == lane]
         ax.broken_barh(bars, (y - 0.38, 0.76), facecolors=colors, edgecolor="white", linewidth=0.3)
-    token_starts = {}
+    token_starts, stage_starts = {}, {}
     for e in events:
         if e.lane == COMPUTE_LANE:
             token_starts[e.token] = min(token_starts.get(e.token, e.start), e.start)
+            stage_starts[(e.token, e.stage)] = min(stage_starts.get((e.token, e.stage), e.start), e.start)
+    if COMPUTE_LANE in rows and len(stage_starts) <= 80:  # layer boundaries: ticks on the compute row
+        y = rows.index(COMPUTE_LANE)
+        ax.vlines([(s - t0) * scale for s in stage_starts.values()], y - 0.5, y - 0.38, color="black", linewidth=0.5)
     for token, start in sorted(token_starts.items()):
         x = (start - t0) * scale
         ax.axvline(x, color="black", linewidth=0.6, linestyle=":")

@@ -1,0 +1,79 @@
+"""Throughput per policy and memory per tier, from a sweep table (``flexlab.eval.policy_sweep``).
+
+    >>> from flexlab.viz import plot_throughput, plot_memory           # doctest: +SKIP
+    >>> plot_throughput(df).savefig("throughput.png")                  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+from matplotlib.figure import Figure
+
+TIERS = ("gpu", "cpu", "disk")
+CATEGORY_COLORS = {"weights": "#4C72B0", "kv_cache": "#55A868", "kv_tail": "#8FD19E", "activations": "#C44E52",
+                   "weight_read_buffers": "#DD8452", "working_weights": "#CCB974"}
+
+
+def plot_throughput(df, *, title: str | None = None, width: float = 11.0) -> Figure:
+    """Left: tokens/s per policy (bars, best highlighted). Right: tokens/s against peak bytes
+    per tier, a marker per tier, one point per policy and tier."""
+    for col in ("policy", "throughput_tok_s"):
+        if col not in df.columns:
+            raise ValueError(f"column {col!r} is missing; pass the table policy_sweep returns")
+    fig = Figure(figsize=(width, 0.35 * len(df) + 2.6), layout="constrained")
+    bars, scatter = fig.subplots(1, 2, width_ratios=[3, 2])
+    best = df.throughput_tok_s.max()
+    colors = ["#DD8452" if v == best else "#4C72B0" for v in df.throughput_tok_s]
+    bars.barh(df.policy, df.throughput_tok_s, color=colors)
+    bars.invert_yaxis()
+    for y, v in enumerate(df.throughput_tok_s):
+        bars.text(v, y, f" {v:.1f}", va="center", fontsize=8)
+    bars.set_xlabel("generation throughput (tokens/s)")
+    bars.set_title("throughput per policy", fontsize=10)
+    for marker, tier in zip("o^s", TIERS):
+        col = f"peak_bytes_{tier}"
+        if col in df.columns:
+            keep = df[col] > 0
+            scatter.scatter(df[col][keep] / 2**20, df.throughput_tok_s[keep], marker=marker, label=tier, alpha=0.8)
+    scatter.set_xscale("symlog")
+    scatter.set_xlabel("peak MiB on the tier")
+    scatter.set_ylabel("tokens/s")
+    scatter.set_title("throughput against peak memory", fontsize=10)
+    scatter.legend(fontsize=8, frameon=False)
+    if title:
+        fig.suptitle(title, fontsize=11)
+    return fig
+
+
+def plot_memory(df, *, title: str | None = None, width: float = 11.0) -> Figure:
+    """Stacked bars per policy and tier: weights, KV cache, activations, read buffers, working
+    copies — what filled each tier at its peak (the ``mem_<tier>_<category>`` columns)."""
+    cols = [c for c in df.columns if c.startswith("mem_")]
+    if not cols:
+        raise ValueError("no mem_<tier>_<category> columns; pass the table policy_sweep returns")
+    categories = sorted({c.split("_", 2)[2] for c in cols}, key=lambda c: list(CATEGORY_COLORS).index(c)
+                        if c in CATEGORY_COLORS else 99)
+    fig = Figure(figsize=(width, 3.6), layout="constrained")
+    axes = fig.subplots(1, len(TIERS), sharey=False)
+    for ax, tier in zip(axes, TIERS):
+        bottom = [0.0] * len(df)
+        for category in categories:
+            col = f"mem_{tier}_{category}"
+            if col not in df.columns:
+                continue
+            values = list(df[col] / 2**20)
+            ax.bar(range(len(df)), values, bottom=bottom, label=category.replace("_", " "),
+                   color=CATEGORY_COLORS.get(category, "grey"))
+            bottom = [b + v for b, v in zip(bottom, values)]
+        ax.set_xticks(range(len(df)), df.policy, rotation=60, ha="right", fontsize=7)
+        ax.set_title(f"{tier}", fontsize=10)
+    axes[0].set_ylabel("MiB at the tier's peak")
+    handles, labels = [], []
+    for ax in axes:
+        for h, lab in zip(*ax.get_legend_handles_labels()):
+            if lab not in labels:
+                handles.append(h)
+                labels.append(lab)
+    axes[-1].legend(handles, labels, fontsize=7, frameon=False, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    if title:
+        fig.suptitle(title, fontsize=11)
+    return fig

@@ -1,0 +1,121 @@
+"""Plots render headless (Agg) from a recorded timeline and from tables, with the expected lanes,
+series and labels; widgets construct, and changing a control updates what they show."""
+
+from __future__ import annotations
+
+import matplotlib
+from matplotlib.collections import PathCollection
+import pandas as pd
+import pytest
+import torch
+
+import flexlab
+from flexlab import Policy
+from flexlab.eval import policy_sweep
+from flexlab.viz import (plot_memory, plot_overlap_summary, plot_predicted_vs_measured, plot_throughput,
+                         plot_timeline)
+
+matplotlib.use("Agg")
+PROMPTS = [[2, 5, 6, 7, 8]] * 4
+
+
+@pytest.fixture(scope="module")
+def model():
+    return flexlab.Model.from_config("opt-tiny", seed=0, dtype=torch.float32)
+
+
+@pytest.fixture(scope="module")
+def timeline(model):
+    policy = Policy.from_percent([0, 50, 0, 0, 0, 100], gpu_batch_size=2, num_gpu_batches=2,
+                                 compress_weight=flexlab.QuantConfig(bits=4, group_size=32))
+    with flexlab.Engine(model, policy) as engine:
+        return engine.generate(PROMPTS, max_new_tokens=3, stop_token_ids=None).timeline
+
+
+@pytest.fixture(scope="module")
+def sweep(model):
+    return policy_sweep(model, {"all on gpu": Policy(gpu_batch_size=2),
+                                "weights on disk": Policy.from_percent([0, 0, 100, 0, 100, 0], gpu_batch_size=2),
+                                "cache on disk": Policy.from_percent([100, 0, 0, 0, 100, 0], gpu_batch_size=2)},
+                        PROMPTS, max_new_tokens=3, progress=False)
+
+
+def test_timeline_plot_has_a_row_per_lane_and_a_legend_per_kind(timeline):
+    fig = plot_timeline(timeline)
+    ax = fig.axes[0]
+    assert [t.get_text() for t in ax.get_yticklabels()] == timeline.lanes
+    legend = {t.get_text() for t in ax.get_legend().get_texts()}
+    assert {"compute", "load_weight", "dequantize_weight", "store_cache", "load_act"} <= legend
+    only = plot_timeline(timeline, tokens=(1, 1), lanes=["compute"])
+    assert [t.get_text() for t in only.axes[0].get_yticklabels()] == ["compute"]
+    summary = plot_overlap_summary(timeline)
+    assert [t.get_text() for t in summary.axes[0].get_yticklabels()] == timeline.lanes
+
+
+def test_sweep_table_and_its_plots(sweep):
+    assert list(sweep.policy) == ["all on gpu", "weights on disk", "cache on disk"]
+    assert (sweep.throughput_tok_s > 0).all()
+    assert sweep.loc[1, "mem_disk_weights"] > 0 and sweep.loc[2, "mem_disk_kv_cache"] > 0
+    assert sweep.loc[0, "mem_disk_weights"] == 0
+    fig = plot_throughput(sweep)
+    bars = fig.axes[0]
+    assert [t.get_text() for t in bars.get_yticklabels()] == list(sweep.policy)
+    assert [round(p.get_width(), 6) for p in bars.patches] == [round(v, 6) for v in sweep.throughput_tok_s]
+    mem = plot_memory(sweep)
+    assert [ax.get_title() for ax in mem.axes[:3]] == ["gpu", "cpu", "disk"]
+    disk_labels = {p.get_label() for p in mem.axes[2].containers}
+    assert {"weights", "kv cache"} <= disk_labels
+    with pytest.raises(ValueError, match="policy_sweep returns"):
+        plot_throughput(pd.DataFrame({"x": [1]}))
+
+
+def test_predicted_vs_measured_plot_has_a_point_per_row():
+    df = pd.DataFrame({"policy": ["a", "b", "c"], "measured_tok_s": [10.0, 20.0, 40.0],
+                       "predicted_tok_s": [12.0, 18.0, 41.0], "measured_peak_gpu": [1e6, 2e6, 0.0],
+                       "predicted_peak_gpu": [1e6, 2.1e6, 0.0]})
+    fig = plot_predicted_vs_measured(df)
+
+    def points(ax):
+        return sum(len(c.get_offsets()) for c in ax.collections if isinstance(c, PathCollection))
+
+    assert points(fig.axes[0]) == 3
+    assert points(fig.axes[1]) == 2  # zero peaks are left out
+
+
+def test_timeline_explorer_follows_its_controls(timeline):
+    from flexlab.viz import TimelineExplorer
+
+    ex = TimelineExplorer(timeline)
+    first_image, first = ex.image.value, len(ex.visible())
+    ex.tokens.value = (2, 2)
+    assert 0 < len(ex.visible()) < first and all(e.token == 2 for e in ex.visible())
+    assert ex.image.value != first_image
+    ex.lanes.value = ("compute",)
+    assert {e.lane for e in ex.visible()} == {"compute"}
+    ex.event.value = ex.event.max
+    last = ex.visible()[-1]
+    assert last.kind in ex.details.value and f"token {last.token}" in ex.details.value
+
+
+def test_compression_explorer_follows_its_controls_and_generates(model):
+    from flexlab.eval import ablation_settings
+    from flexlab.viz import CompressionExplorer
+
+    rows = []
+    for s in ablation_settings(bits=(4, 2), group_sizes=(32,), targets=("weights", "cache")):
+        rows.append(dict(setting=s.name, target=s.target, bits=s.bits, group_size=s.group_size,
+                         kv_layout=s.kv_layout if s.target != "weights" and s.target != "none" else None,
+                         perplexity=10.0 + (8 - (s.bits or 8)), perplexity_change_pct=(8 - (s.bits or 8)) * 10.0,
+                         weight_bits_per_element=(s.bits or 32) + 1.0, cache_bits_per_element=(s.bits or 32) + 1.0,
+                         peak_bytes_gpu=100.0, peak_bytes_cpu=0.0, peak_bytes_disk=0.0, saved_gpu_pct=50.0,
+                         saved_cpu_pct=0.0, saved_disk_pct=0.0))
+    ex = CompressionExplorer(pd.DataFrame(rows), model=model, prompt=[2, 5, 6], max_new_tokens=4)
+    assert "weights 4-bit g32" in ex.details.value and "+40.0%" in ex.details.value
+    before = ex.image.value
+    ex.bits.value = 2
+    assert "weights 2-bit g32" in ex.details.value and ex.image.value != before
+    ex.target.value = "cache"
+    ex.layout.value = "per-channel"
+    assert "cache 2-bit g32 per-channel keys" in ex.details.value
+    ex.button.click()
+    assert ex.texts.value.count("<td") == 2 and "per-channel keys" in ex.texts.value
