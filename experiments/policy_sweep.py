@@ -28,6 +28,9 @@ POLICIES = {
     "weights on cpu, cache on cpu": [0, 100, 0, 100, 100, 0],
     "weights 50% disk": [0, 50, 100, 0, 100, 0],
     "weights and cache on cpu, attention on cpu": ([0, 100, 0, 100, 100, 0], {"cpu_cache_compute": True}),
+    "weights on disk": [0, 0, 100, 0, 100, 0],
+    "cache on disk": [100, 0, 0, 0, 100, 0],
+    "weights 4-bit on disk": ([0, 0, 100, 0, 100, 0], {"compress_weight": {"bits": 4, "group_size": 64}}),
 }
 
 
@@ -51,6 +54,8 @@ def agreement(a: list[list[int]], b: list[list[int]]) -> float:
 
 def main(cfg: Config) -> pd.DataFrame:
     import flexlab
+    from flexlab.eval import policy_sweep
+    from flexlab.viz import plot_memory, plot_throughput
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = flexlab.Model.from_config(cfg.preset, seed=0, device=device)
@@ -58,34 +63,31 @@ def main(cfg: Config) -> pd.DataFrame:
     prompts = [[2] + [10 + (i * 7 + j) % 5000 for j in range(cfg.prompt_len - 1)] for i in range(n)]
     kw = dict(max_new_tokens=cfg.gen_len, stop_token_ids=None)
     model.generate(prompts[:2], **kw)  # warm-up
-    rows = []
     t0 = time.perf_counter()
     ref = model.generate(prompts, **kw)
-    rows.append(dict(policy="reference path", throughput_tok_s=ref.metrics["throughput_tok_s"],
-                     seconds=time.perf_counter() - t0, token_agreement=1.0))
+    reference = dict(policy="reference path", throughput_tok_s=ref.metrics["throughput_tok_s"],
+                     total_s=time.perf_counter() - t0)
+    policies = {}
+    for name, spec in POLICIES.items():
+        percent, extra = spec if isinstance(spec, tuple) else (spec, {})
+        extra = {k: flexlab.QuantConfig(**v) if k.startswith("compress") else v for k, v in extra.items()}
+        policies[name] = flexlab.Policy.from_percent(percent, gpu_batch_size=cfg.gpu_batch_size,
+                                                     num_gpu_batches=cfg.num_gpu_batches, overlap=cfg.overlap, **extra)
     with tempfile.TemporaryDirectory(prefix="flexlab-sweep-") as offload:
-        for name, spec in POLICIES.items():
-            percent, extra = spec if isinstance(spec, tuple) else (spec, {})
-            policy = flexlab.Policy.from_percent(percent, gpu_batch_size=cfg.gpu_batch_size,
-                                                 num_gpu_batches=cfg.num_gpu_batches, overlap=cfg.overlap, **extra)
-            with flexlab.Engine(model, policy, offload_dir=offload) as engine:
-                engine.generate(prompts[:cfg.gpu_batch_size], max_new_tokens=2, stop_token_ids=None)  # warm-up
-                result = engine.generate(prompts, **kw)
-            s = result.timeline.summary()
-            rows.append(dict(policy=name, percent=" ".join(map(str, percent)),
-                             throughput_tok_s=result.metrics["throughput_tok_s"],
-                             seconds=result.metrics["total_s"],
-                             io_hidden_fraction=s.get("io_hidden_fraction", 0.0),
-                             compute_idle_fraction=s.get("compute_idle_fraction", 0.0),
-                             token_agreement=agreement(result.token_ids, ref.token_ids),
-                             **{f"peak_GiB_{t}": result.metrics[f"peak_bytes_{t}"] / 2**30
-                                for t in ("gpu", "cpu", "disk")}))
-    df = pd.DataFrame(rows)
+        df = policy_sweep(model, policies, prompts, max_new_tokens=cfg.gen_len, offload_dir=offload)
+    df = pd.concat([pd.DataFrame([reference]), df], ignore_index=True)
     print(f"{cfg.preset} ({model.dtype}, {device}), {n} prompts of {cfg.prompt_len} tokens, {cfg.gen_len} new, "
           f"batch {cfg.gpu_batch_size}x{cfg.num_gpu_batches}, overlap={cfg.overlap}")
-    print(df.to_string(index=False, float_format=lambda x: f"{x:.3f}"))
-    write_results(df, cfg, f"policy_sweep_{cfg.preset}_{device.type}", dtype=str(model.dtype),
-                  note="disk reads use O_DIRECT where the file system allows it")
+    cols = ["policy", "throughput_tok_s", "total_s", "io_hidden_fraction", "compute_idle_fraction",
+            "peak_bytes_gpu", "peak_bytes_cpu", "peak_bytes_disk"]
+    print(df[cols].to_string(index=False, float_format=lambda x: f"{x:.3f}"))
+    stem = f"policy_sweep_{cfg.preset}_{device.type}"
+    out = write_results(df, cfg, stem, dtype=str(model.dtype),
+                        note="disk reads use O_DIRECT where the file system allows it")
+    title = f"{cfg.preset} ({model.dtype}, {device.type}), batch {cfg.gpu_batch_size}x{cfg.num_gpu_batches}"
+    plot_throughput(df.fillna({"peak_bytes_gpu": 0, "peak_bytes_cpu": 0, "peak_bytes_disk": 0}),
+                    title=title).savefig(out / f"{stem}.png", dpi=110)
+    plot_memory(df.iloc[1:].reset_index(drop=True), title=title).savefig(out / f"{stem}_memory.png", dpi=110)
     return df
 
 

@@ -1,0 +1,36 @@
+"""Every notebook runs top to bottom in smoke mode (FLEXLAB_SMOKE=1), stored without outputs."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import nbformat
+import pytest
+from nbclient import NotebookClient
+
+NOTEBOOKS = sorted((Path(__file__).resolve().parents[2] / "notebooks").glob("*.ipynb"))
+
+
+def test_there_are_five_notebooks_stored_without_outputs():
+    assert [p.stem[:2] for p in NOTEBOOKS] == ["01", "02", "03", "04", "05"]
+    for path in NOTEBOOKS:
+        book = nbformat.read(path, as_version=4)
+        code = [c for c in book.cells if c.cell_type == "code"]
+        assert all(not c.outputs and c.execution_count is None for c in code), f"{path.name} has outputs"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_notebook_runs_in_smoke_mode(path, tmp_path, monkeypatch):
+    monkeypatch.setenv("FLEXLAB_SMOKE", "1")
+    book = nbformat.read(path, as_version=4)
+    start = time.perf_counter()
+    NotebookClient(book, timeout=240, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}},
+                   env=dict(os.environ)).execute()
+    assert time.perf_counter() - start < 240
+    errors = [o for c in book.cells if c.cell_type == "code" for o in c.outputs if o.output_type == "error"]
+    assert not errors
+    assert any(o.output_type in ("display_data", "execute_result") and "image/png" in o.get("data", {})
+               for c in book.cells if c.cell_type == "code" for o in c.outputs), "no figure was shown"
