@@ -1,10 +1,104 @@
-"""The ``flexlab`` command line: ``flexlab demo``, ``flexlab presets``."""
+"""The ``flexlab`` command line.
+
+    flexlab demo                                   # the README's main job
+    flexlab generate --model DIR --prompt "..." --percent 20 30 0 100 100 0
+    flexlab bench --preset opt-1.3b --sweep --out results/
+    flexlab search --preset opt-30b --hardware colab-t4
+    flexlab calibrate --out my-machine.json
+    flexlab convert SRC DST --dtype float16
+    flexlab chat --model DIR
+    flexlab presets
+
+Every command takes ``--help``. Bad input ends with one line on stderr and exit status 2.
+"""
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
+from pathlib import Path
 
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, with bad flags reported on one line (and exit status 2)."""
+
+    def error(self, message: str):
+        print(f"{self.prog}: error: {message} (see {self.prog} --help)", file=sys.stderr)
+        sys.exit(2)
+
+
+# ---- shared arguments ----------------------------------------------------------------------
+def _model_args(p: argparse.ArgumentParser, preset: bool = True) -> None:
+    g = p.add_argument_group("model")
+    g.add_argument("--model", help="checkpoint directory or hub id (default: the pydoc-trained model)")
+    if preset:
+        g.add_argument("--preset", help="a preset name instead (random weights), e.g. opt-1.3b; see `flexlab presets`")
+    g.add_argument("--dtype", choices=DTYPES, default=None, help="compute dtype (default: float16 on CUDA, "
+                   "bfloat16 on CPU)")
+
+
+def _policy_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("policy (FlexGen's flags)")
+    g.add_argument("--percent", nargs=6, type=float, metavar=("WG", "WC", "CG", "CC", "HG", "HC"),
+                   help="weights, cache and activations on gpu/cpu in percent (disk gets the rest)")
+    g.add_argument("--policy", help="a JSON file of Policy fields (as Policy.to_dict writes); flags override it")
+    g.add_argument("--gpu-batch-size", type=int)
+    g.add_argument("--num-gpu-batches", type=int)
+    g.add_argument("--compress-weight", metavar="BITS[:GROUP]", help="quantize weights, e.g. 4:64")
+    g.add_argument("--compress-cache", metavar="BITS[:GROUP[:LAYOUT]]", help="quantize the KV cache, e.g. 4:64")
+    g.add_argument("--cpu-cache-compute", action="store_true", help="decode attention over cpu-tier cache on the CPU")
+    g.add_argument("--attn-sparsity", type=float, help="keep this fraction of attention weights in decode")
+    g.add_argument("--no-overlap", action="store_true", help="run every transfer before its compute")
+    g.add_argument("--offload-dir", help="where disk-tier data goes (default: a temporary directory)")
+
+
+def _dtype(name):
+    import torch
+
+    return getattr(torch, name) if name else None
+
+
+def _load_model(args):
+    import flexlab
+
+    if getattr(args, "preset", None):
+        if args.model:
+            raise ValueError("pass --model or --preset, not both")
+        return flexlab.Model.from_config(args.preset, seed=0, dtype=_dtype(args.dtype))
+    path = args.model or flexlab.pydoc_model_path()
+    return flexlab.Model.from_pretrained(path, dtype=_dtype(args.dtype))
+
+
+def _policy(args, **defaults):
+    from flexlab import Policy, QuantConfig
+
+    fields = dict(defaults)
+    if args.policy:
+        try:
+            fields.update(Policy.from_dict(json.loads(Path(args.policy).read_text())).to_dict())
+        except (OSError, json.JSONDecodeError) as e:
+            raise ValueError(f"--policy {args.policy}: cannot read a JSON policy ({e})") from None
+    if args.percent:
+        names = ("w_gpu_percent", "w_cpu_percent", "cache_gpu_percent", "cache_cpu_percent", "act_gpu_percent",
+                 "act_cpu_percent")
+        fields.update(zip(names, args.percent))
+    for name in ("gpu_batch_size", "num_gpu_batches", "attn_sparsity"):
+        if getattr(args, name) is not None:
+            fields[name] = getattr(args, name)
+    for name in ("compress_weight", "compress_cache"):
+        if getattr(args, name):
+            fields[name] = QuantConfig.parse(getattr(args, name))
+    if args.cpu_cache_compute:
+        fields["cpu_cache_compute"] = True
+    if args.no_overlap:
+        fields["overlap"] = False
+    return Policy.from_dict(fields)
+
+
+# ---- commands ------------------------------------------------------------------------------
 DEMO_PROMPTS = ["The for statement", "Exceptions are raised when", "A class definition"]
 
 
@@ -53,6 +147,142 @@ def demo(args: argparse.Namespace) -> int:
     return 0
 
 
+
+def generate(args: argparse.Namespace) -> int:
+    """Generate for prompts under a policy; print the texts and the metrics."""
+    import flexlab
+
+    prompts = list(args.prompt or [])
+    if args.prompts_file:
+        prompts += [line.rstrip("\n") for line in Path(args.prompts_file).read_text().splitlines() if line.strip()]
+    if args.prompt_ids:
+        prompts += [[int(t) for t in ids.split()] for ids in args.prompt_ids]
+    if not prompts:
+        raise ValueError("no prompts: pass --prompt TEXT, --prompt-ids \"2 5 6\" or --prompts-file FILE")
+    model = _load_model(args)
+    policy = _policy(args, gpu_batch_size=min(len(prompts), 8))
+    with flexlab.Engine(model, policy, offload_dir=args.offload_dir, progress=True) as engine:
+        result = engine.generate(prompts, max_new_tokens=args.max_new_tokens, do_sample=args.do_sample,
+                                 temperature=args.temperature, top_p=args.top_p, seed=args.seed)
+    for prompt, ids, text in zip(prompts, result.token_ids, result.texts or [None] * len(prompts)):
+        print(f">>> {prompt}{text}" if text is not None else f">>> {prompt} -> {ids}")
+    m = result.metrics
+    print(f"{policy.describe()}: {int(m['new_tokens'])} tokens in {m['total_s']:.3f} s -> "
+          f"{m['throughput_tok_s']:.1f} tokens/s", file=sys.stderr)
+    if args.timeline:
+        result.timeline.save(args.timeline)
+    return 0
+
+
+def bench(args: argparse.Namespace) -> int:
+    """Throughput of one policy, or of the standard sweep, on synthetic prompts; writes a results folder."""
+    import flexlab
+    from flexlab.eval import policy_sweep
+    from flexlab.viz import plot_memory, plot_throughput
+
+    model = _load_model(args)
+    base = _policy(args, gpu_batch_size=8, num_gpu_batches=2)
+    if args.sweep:
+        shares = {"all on gpu": [100, 0, 100, 0, 100, 0], "weights on cpu": [0, 100, 100, 0, 100, 0],
+                  "weights 50% disk": [0, 50, 100, 0, 100, 0], "weights on disk": [0, 0, 100, 0, 100, 0],
+                  "cache on cpu": [100, 0, 0, 100, 100, 0], "cache on disk": [100, 0, 0, 0, 100, 0]}
+        names = ("w_gpu_percent", "w_cpu_percent", "cache_gpu_percent", "cache_cpu_percent", "act_gpu_percent",
+                 "act_cpu_percent")
+        policies = {k: base.replace(**dict(zip(names, v))) for k, v in shares.items()}
+    else:
+        policies = {"policy": base}
+    n = args.num_prompts or base.block_size
+    vocab = model.config.vocab_size
+    prompts = [[2] + [4 + (i * 7 + j) % (vocab - 4) for j in range(args.prompt_len - 1)] for i in range(n)]
+    df = policy_sweep(model, policies, prompts, max_new_tokens=args.gen_len, offload_dir=args.offload_dir)
+    cols = ["policy", "throughput_tok_s", "total_s", "io_hidden_fraction", "peak_bytes_gpu", "peak_bytes_cpu",
+            "peak_bytes_disk"]
+    print(df[cols].to_string(index=False, float_format=lambda x: f"{x:.3f}"))
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    df.to_csv(out / "bench.csv", index=False)
+    (out / "bench.json").write_text(json.dumps({"model": model.config.name, "dtype": str(model.dtype),
+                                                "prompt_len": args.prompt_len, "gen_len": args.gen_len,
+                                                "policies": {k: p.to_dict() for k, p in policies.items()},
+                                                "flexlab": flexlab.__version__}, indent=2))
+    plot_throughput(df).savefig(out / "throughput.png", dpi=110)
+    plot_memory(df).savefig(out / "memory.png", dpi=110)
+    print(f"wrote {out}/bench.csv, bench.json, throughput.png, memory.png")
+    return 0
+
+
+def search(args: argparse.Namespace) -> int:
+    """Search the fastest policy that fits a machine; print it, its prediction and why."""
+    import flexlab
+    from flexlab.cost import CostModel, get_hardware, search_policy
+
+    config = flexlab.get_preset(args.preset) if args.preset else _load_model(args).config
+    hw = get_hardware(args.hardware)
+    caps = {k: v * 2**30 for k, v in (("gpu_memory", args.gpu_mem), ("cpu_memory", args.cpu_mem),
+                                       ("disk_space", args.disk)) if v is not None}
+    for k, v in caps.items():
+        if v <= 0:
+            raise ValueError(f"--{k.split('_')[0]} capacity must be positive, got {v / 2**30:g} GiB")
+    hw = hw.replace(**caps)
+    compress = (None, flexlab.QuantConfig(bits=4, group_size=64)) if args.compress else (None,)
+    found = search_policy(config, hw, prompt_len=args.prompt_len, gen_len=args.gen_len, compress=compress,
+                          progress=True)
+    print(CostModel(config, found.policy, hw, prompt_len=args.prompt_len, gen_len=args.gen_len).explain())
+    print(f"\npolicy: {found.policy.describe()}")
+    print("flags: --percent " + " ".join(f"{getattr(found.policy, f):g}" for f in (
+        "w_gpu_percent", "w_cpu_percent", "cache_gpu_percent", "cache_cpu_percent", "act_gpu_percent",
+        "act_cpu_percent")) + f" --gpu-batch-size {found.policy.gpu_batch_size} "
+          f"--num-gpu-batches {found.policy.num_gpu_batches}")
+    if args.save_policy:
+        Path(args.save_policy).write_text(json.dumps(found.policy.to_dict(), indent=2))
+        print(f"wrote {args.save_policy} (pass it to --policy)")
+    return 0
+
+
+def calibrate(args: argparse.Namespace) -> int:
+    """Measure this machine for the cost model and save the profile."""
+    from flexlab.cost import calibrate as measure
+    from flexlab.cost.hardware import _human
+
+    hw = measure(quick=args.quick, dtype=_dtype(args.dtype), offload_dir=args.offload_dir)
+    for key, value in hw.__dict__.items():
+        print(f"{key:<22}{_human(key, value)}")
+    hw.save(args.out)
+    print(f"wrote {args.out} (use it with --hardware {args.out})")
+    return 0
+
+
+def convert(args: argparse.Namespace) -> int:
+    """Convert a checkpoint into safetensors shards the engine reads in place from disk."""
+    from flexlab.models.convert import convert_checkpoint
+
+    out = convert_checkpoint(args.source, args.target, dtype=_dtype(args.dtype))
+    print(f"wrote {out}")
+    return 0
+
+
+def chat(args: argparse.Namespace) -> int:
+    """A multi-turn chat in the terminal; an empty line or end of input ends it."""
+    import flexlab
+    from flexlab.chat import Chat
+
+    model = _load_model(args)
+    if model.tokenizer is None:
+        raise ValueError(f"{model.config.name} has no tokenizer; chat needs a checkpoint directory with one")
+    policy = _policy(args)
+    interactive = sys.stdin.isatty()
+    with flexlab.Engine(model, policy, offload_dir=args.offload_dir) as engine:
+        bot = Chat(engine.generate, model.tokenizer, model.config.max_positions, max_new_tokens=args.max_new_tokens,
+                   do_sample=args.do_sample, temperature=args.temperature, top_p=args.top_p, seed=args.seed)
+        while True:
+            if interactive:
+                print("Human: ", end="", flush=True)
+            line = sys.stdin.readline()
+            if not line.strip():
+                return 0
+            print(f"Assistant: {bot.reply(line.strip())}", flush=True)
+
+
 def presets(args: argparse.Namespace) -> int:
     """Print every preset with its size."""
     from flexlab.models.config import get_preset, preset_names
@@ -65,23 +295,84 @@ def presets(args: argparse.Namespace) -> int:
     return 0
 
 
+
+def _sampling_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--seed", type=int, default=None)
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="flexlab", description=__doc__)
+    parser = _Parser(prog="flexlab", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("demo", help="generate with an offloading policy, print throughput, plot the timeline")
     p.add_argument("--model", help="checkpoint directory or hub id (default: the pydoc-trained model)")
     p.add_argument("--max-new-tokens", type=int, default=32)
-    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
-                   help="compute dtype (default: float16 on CUDA, bfloat16 on CPU)")
+    p.add_argument("--dtype", choices=DTYPES, default=None, help="compute dtype (default: float16 on CUDA, "
+                   "bfloat16 on CPU)")
     p.add_argument("--offload-dir", default=None, help="where disk-tier data goes (default: a temp dir)")
     p.add_argument("--out", default="flexlab-demo", help="folder for the timeline picture and traces")
     p.set_defaults(func=demo)
+
+    p = sub.add_parser("generate", help="generate for prompts under a policy")
+    _model_args(p)
+    _policy_args(p)
+    p.add_argument("--prompt", action="append", help="a text prompt (repeatable)")
+    p.add_argument("--prompt-ids", action="append", help='a prompt as token ids, e.g. "2 5 6" (repeatable)')
+    p.add_argument("--prompts-file", help="a file with one prompt per line")
+    p.add_argument("--timeline", help="save the run's timeline as JSON here")
+    _sampling_args(p)
+    p.set_defaults(func=generate)
+
+    p = sub.add_parser("bench", help="throughput of a policy or a sweep; writes CSV, JSON and plots")
+    _model_args(p)
+    _policy_args(p)
+    p.add_argument("--sweep", action="store_true", help="run the standard sweep of placements (on top of the policy)")
+    p.add_argument("--prompt-len", type=int, default=64)
+    p.add_argument("--gen-len", type=int, default=8)
+    p.add_argument("--num-prompts", type=int, help="default: one block (gpu batch size x batches)")
+    p.add_argument("--out", default="flexlab-bench")
+    p.set_defaults(func=bench)
+
+    p = sub.add_parser("search", help="the fastest policy that fits, by the cost model")
+    _model_args(p)
+    p.add_argument("--hardware", default="colab-t4", help="colab-t4, h100, h200 or a JSON from `flexlab calibrate`")
+    p.add_argument("--gpu-mem", type=float, help="GiB (default: the hardware's)")
+    p.add_argument("--cpu-mem", type=float, help="GiB (default: the hardware's)")
+    p.add_argument("--disk", type=float, help="GiB (default: the hardware's)")
+    p.add_argument("--prompt-len", type=int, default=512)
+    p.add_argument("--gen-len", type=int, default=32)
+    p.add_argument("--compress", action="store_true", help="also consider 4-bit weights and cache")
+    p.add_argument("--save-policy", help="write the policy as JSON (for --policy)")
+    p.set_defaults(func=search)
+
+    p = sub.add_parser("calibrate", help="measure this machine for the cost model")
+    p.add_argument("--out", default="hardware.json")
+    p.add_argument("--quick", action="store_true", help="smaller sizes (seconds)")
+    p.add_argument("--dtype", choices=DTYPES, default=None)
+    p.add_argument("--offload-dir", help="a directory on the disk to measure (default: the temp dir)")
+    p.set_defaults(func=calibrate)
+
+    p = sub.add_parser("convert", help="checkpoint -> safetensors the engine reads in place from disk")
+    p.add_argument("source", help="checkpoint directory or hub id")
+    p.add_argument("target", help="a new directory")
+    p.add_argument("--dtype", choices=DTYPES, default=None, help="convert the weights to this dtype")
+    p.set_defaults(func=convert)
+
+    p = sub.add_parser("chat", help="a multi-turn chat in the terminal")
+    _model_args(p, preset=False)
+    _policy_args(p)
+    _sampling_args(p)
+    p.set_defaults(func=chat, max_new_tokens=64)
+
     sub.add_parser("presets", help="list model presets and their sizes").set_defaults(func=presets)
     args = parser.parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError) as e:  # flexlab's input errors: one clear line, no traceback
-        print(f"flexlab: error: {e}", file=sys.stderr)
+    except (ValueError, FileNotFoundError, KeyError) as e:  # input errors: one clear line, no traceback
+        print(f"flexlab: error: {str(e).strip(chr(39))}", file=sys.stderr)
         return 2
 
 

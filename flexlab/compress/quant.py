@@ -93,6 +93,34 @@ class QuantConfig:
     def replace(self, **changes) -> "QuantConfig":
         return dataclasses.replace(self, **changes)
 
+    def to_dict(self) -> dict:
+        """Plain JSON-able values (the scale dtype by name)."""
+        d = dataclasses.asdict(self)
+        d["scale_dtype"] = str(self.scale_dtype).removeprefix("torch.")
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "QuantConfig":
+        d = dict(d)
+        if "scale_dtype" in d:
+            name = d["scale_dtype"]
+            d["scale_dtype"] = getattr(torch, name, None) if isinstance(name, str) else name
+        return cls(**d)
+
+    @classmethod
+    def parse(cls, text: str) -> "QuantConfig":
+        """``"4"``, ``"4:64"`` or ``"2:32:per-channel"`` (bits, group size, KV layout), for command lines."""
+        parts = text.split(":")
+        try:
+            kw = {"bits": int(parts[0])}
+            if len(parts) > 1:
+                kw["group_size"] = int(parts[1])
+        except ValueError:
+            raise QuantError(f"{text!r} is not BITS[:GROUP[:LAYOUT]], e.g. 4:64 or 2:32:per-channel") from None
+        if len(parts) > 2:
+            kw["kv_layout"] = parts[2]
+        return cls(**kw)
+
     def describe(self) -> str:
         extra = (" sym" if self.symmetric else "") + ("" if self.kv_layout == "per-token" else " per-channel keys")
         extra += f" window {self.window}" if self.window else ""

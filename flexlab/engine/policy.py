@@ -126,6 +126,26 @@ class Policy:
     def replace(self, **changes) -> "Policy":
         return dataclasses.replace(self, **changes)
 
+    def to_dict(self) -> dict:
+        """Plain JSON-able values; :meth:`from_dict` reads them back."""
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        for name in ("compress_weight", "compress_cache"):
+            d[name] = d[name].to_dict() if d[name] is not None else None
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Policy":
+        """A Policy from :meth:`to_dict`'s values (or a hand-written JSON object of fields)."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise PolicyError(f"unknown Policy field(s) {unknown}; valid fields: {sorted(known)}")
+        d = dict(d)
+        for name in ("compress_weight", "compress_cache"):
+            if isinstance(d.get(name), dict):
+                d[name] = QuantConfig.from_dict(d[name])
+        return cls(**d)
+
     def describe(self) -> str:
         """One line in FlexGen's notation."""
         return (f"w {self.w_gpu_percent:g}/{self.w_cpu_percent:g}/{self.w_disk_percent:g} "

@@ -1,0 +1,63 @@
+"""A multi-turn chat over any causal LM: prompt formatting, history that fits the context, and
+stopping when the model starts the next human turn (as FlexGen's sample chatbot).
+
+    >>> chat = Chat(lambda prompts, **kw: None, tokenizer=None, max_positions=2048)
+    >>> print(chat.prompt("What is a list?"))                 # doctest: +NORMALIZE_WHITESPACE
+    A chat between a curious human and a knowledgeable artificial intelligence assistant.
+    Human: Hello! What can you do?
+    Assistant: As an AI assistant, I can answer questions and chat with you.
+    Human: What is a list?
+    Assistant:
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+SYSTEM = "A chat between a curious human and a knowledgeable artificial intelligence assistant."
+EXAMPLE = ("Hello! What can you do?", "As an AI assistant, I can answer questions and chat with you.")
+
+
+class Chat:
+    """Keeps the history; :meth:`reply` formats the prompt, generates and records the turn.
+
+    ``generate`` is ``Model.generate`` or an engine's; ``tokenizer`` (to fit the context; None
+    counts characters / 4) and ``max_positions`` bound the prompt: the oldest turns are dropped
+    until prompt plus ``max_new_tokens`` fit.
+    """
+
+    def __init__(self, generate: Callable, tokenizer, max_positions: int, *, max_new_tokens: int = 96,
+                 user: str = "Human", bot: str = "Assistant", system: str = SYSTEM,
+                 example: tuple[str, str] | None = EXAMPLE, **sampling) -> None:
+        self.generate, self.tokenizer, self.max_positions = generate, tokenizer, max_positions
+        self.max_new_tokens, self.user, self.bot, self.system = max_new_tokens, user, bot, system
+        self.example, self.sampling = example, sampling
+        self.history: list[tuple[str, str]] = []
+
+    def _length(self, text: str) -> int:
+        return len(self.tokenizer(text)["input_ids"]) if self.tokenizer is not None else len(text) // 4 + 1
+
+    def prompt(self, message: str) -> str:
+        """The prompt for ``message``: system line, example turn, as much history as fits."""
+        head = [self.system] + ([f"{self.user}: {self.example[0]}", f"{self.bot}: {self.example[1]}"]
+                                if self.example else [])
+        tail = [f"{self.user}: {message}", f"{self.bot}:"]
+        turns = [line for q, a in self.history for line in (f"{self.user}: {q}", f"{self.bot}: {a}")]
+        budget = self.max_positions - self.max_new_tokens
+        while turns and self._length("\n".join(head + turns + tail)) > budget:
+            turns = turns[2:]  # drop the oldest exchange
+        text = "\n".join(head + turns + tail)
+        if self._length(text) > budget:
+            raise ValueError(f"the message is too long for the model's {self.max_positions} positions with "
+                             f"{self.max_new_tokens} new tokens; shorten it")
+        return text
+
+    def reply(self, message: str) -> str:
+        """Generate the assistant's answer to ``message`` and add the exchange to the history."""
+        stop = f"\n{self.user}:"
+        result = self.generate([self.prompt(message)], max_new_tokens=self.max_new_tokens, stop_strings=[stop],
+                               **self.sampling)
+        text = (result.texts or [""])[0]
+        answer = text.split(stop)[0].strip()
+        self.history.append((message, answer))
+        return answer

@@ -1,0 +1,82 @@
+"""Convert a checkpoint into an offload-ready directory: safetensors shards the engine reads in
+place from disk (no second copy at engine start), optionally in another dtype.
+
+    >>> convert_checkpoint("opt-1.3b-bin", "/data/opt-1.3b-offload", dtype=torch.float16)  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from flexlab.errors import CheckpointError
+
+SHARD_BYTES = 2 << 30
+COPIED = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json", "vocab.json",
+          "merges.txt", "special_tokens_map.json")
+
+
+def convert_checkpoint(source: str | os.PathLike, target: str | os.PathLike, *, dtype: torch.dtype | None = None,
+                       progress: bool = True) -> Path:
+    """Write ``source``'s weights (any checkpoint ``Model.from_pretrained`` reads) as safetensors
+    shards of at most 2 GiB in ``target``, with its config and tokenizer files. Atomic: the
+    directory appears complete or not at all. Refuses a non-empty ``target``."""
+    from safetensors.torch import save_file
+    from tqdm.auto import tqdm
+
+    from flexlab.models.model import Model
+
+    target = Path(target).expanduser()
+    if target.exists() and any(target.iterdir()):
+        raise CheckpointError(f"{target} exists and is not empty; choose a new directory")
+    model = Model.from_pretrained(source, dtype=dtype, device="cpu")
+    source_dir = Path(model.source)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        shard: dict[str, torch.Tensor] = {}
+        size = 0
+        shards: list[list[str]] = []  # tensor names per written shard
+
+        def flush() -> None:
+            nonlocal shard, size
+            if shard:
+                save_file(shard, str(tmp / f"shard-{len(shards)}.safetensors"), metadata={"format": "pt"})
+                shards.append(list(shard))
+                shard, size = {}, 0
+
+        names = list(model.weights.specs)
+
+        for name in tqdm(names, desc="converting", disable=not progress):
+            t = model.weights.get(name, dtype).contiguous()
+            if size + t.numel() * t.element_size() > SHARD_BYTES:
+                flush()
+            shard[name] = t
+            size += t.numel() * t.element_size()
+        flush()
+        if len(shards) == 1:  # the names transformers (and flexlab's loader) look for
+            os.replace(tmp / "shard-0.safetensors", tmp / "model.safetensors")
+        else:
+            weight_map = {}
+            for i, tensors in enumerate(shards):
+                final = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+                os.replace(tmp / f"shard-{i}.safetensors", tmp / final)
+                weight_map.update(dict.fromkeys(tensors, final))
+            (tmp / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+        for name in COPIED:
+            if (source_dir / name).exists():
+                shutil.copy2(source_dir / name, tmp / name)
+        if target.exists():
+            target.rmdir()
+        os.replace(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    finally:
+        model.weights.close()
+    return target

@@ -1,0 +1,120 @@
+"""Every ``flexlab`` command on a tiny model; bad input gives one line on stderr and exit status 2."""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+
+import pytest
+import torch
+
+import flexlab
+from flexlab.cli import main
+from flexlab.cost import get_hardware
+from tests.conftest import write_bin_checkpoint
+
+
+def run(capsys, *argv):
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_generate_with_flexgen_flags_and_a_policy_file(capsys, tmp_path):
+    code, out, err = run(capsys, "generate", "--preset", "opt-tiny", "--dtype", "float32", "--prompt-ids", "2 5 6",
+                         "--prompt-ids", "2 7", "--percent", "0", "50", "0", "100", "100", "0", "--max-new-tokens",
+                         "3", "--timeline", str(tmp_path / "tl.json"))
+    assert code == 0 and out.count(">>> ") == 2 and "w 0/50/50 cache 0/100/0" in err
+    assert len(flexlab.Timeline.load(tmp_path / "tl.json")) > 0
+    expected = flexlab.Model.from_config("opt-tiny", dtype=torch.float32).generate([[2, 5, 6]], max_new_tokens=3)
+    assert f"[2, 5, 6] -> {expected.token_ids[0]}" in out
+    policy = flexlab.Policy.from_percent([0, 0, 100, 0, 0, 100], gpu_batch_size=1, num_gpu_batches=2,
+                                         compress_cache=flexlab.QuantConfig(bits=8, group_size=16))
+    (tmp_path / "p.json").write_text(json.dumps(policy.to_dict()))
+    code, out, err = run(capsys, "generate", "--preset", "opt-tiny", "--prompt-ids", "2 5 6", "--policy",
+                         str(tmp_path / "p.json"), "--max-new-tokens", "2")
+    assert code == 0 and "batch 1x2" in err and "cache 8-bit g16" in err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["generate", "--preset", "opt-tiny"], "no prompts"),
+    (["generate", "--preset", "opt-tiny", "--prompt-ids", "2 5", "--percent", "80", "40", "0", "0", "0", "0"],
+     "w_gpu_percent \\+ w_cpu_percent = 80.0 \\+ 40.0 > 100"),
+    (["generate", "--preset", "opt-tiny", "--prompt-ids", "2 5", "--compress-weight", "4:x"], "is not BITS"),
+    (["generate", "--preset", "opt-huge", "--prompt-ids", "2"], "opt-huge"),
+    (["generate", "--percent", "1", "2"], "expected 6 arguments"),
+    (["bench", "--frobnicate"], "unrecognized arguments: --frobnicate"),
+    (["search", "--preset", "opt-1.3b", "--gpu-mem", "-1"], "capacity must be positive"),
+    (["search", "--preset", "opt-1.3b", "--hardware", "tpu"], "unknown hardware 'tpu'"),
+])
+def test_bad_input_is_one_line_and_exit_2(capsys, argv, message):
+    try:
+        code = main(argv)
+    except SystemExit as e:  # argparse's own errors
+        code = e.code
+    lines = [line for line in capsys.readouterr().err.splitlines() if "error" in line or "Traceback" in line]
+    assert code == 2 and len(lines) == 1 and re.search(message, lines[0])
+
+
+def test_bench_sweep_writes_its_results(capsys, tmp_path):
+    code, out, _ = run(capsys, "bench", "--preset", "opt-tiny", "--sweep", "--prompt-len", "8", "--gen-len", "2",
+                       "--gpu-batch-size", "2", "--num-gpu-batches", "1", "--out", str(tmp_path))
+    assert code == 0 and "weights on disk" in out
+    assert {p.name for p in tmp_path.iterdir()} == {"bench.csv", "bench.json", "throughput.png", "memory.png"}
+    assert len(json.loads((tmp_path / "bench.json").read_text())["policies"]) == 6
+
+
+def test_search_prints_a_policy_that_fits_and_saves_it(capsys, tmp_path):
+    code, out, _ = run(capsys, "search", "--preset", "opt-1.3b", "--gpu-mem", "1.5", "--cpu-mem", "1",
+                       "--prompt-len", "64", "--gen-len", "8", "--save-policy", str(tmp_path / "p.json"))
+    assert code == 0 and "bottleneck" in out and "--percent" in out
+    policy = flexlab.Policy.from_dict(json.loads((tmp_path / "p.json").read_text()))
+    assert policy.w_gpu_percent < 100  # 2.5 GB of weights do not fit 1.5 GiB
+
+
+def test_calibrate_writes_a_profile(capsys, tmp_path):
+    code, out, _ = run(capsys, "calibrate", "--quick", "--out", str(tmp_path / "hw.json"), "--offload-dir",
+                       str(tmp_path))
+    assert code == 0 and "disk_read_bw" in out
+    assert get_hardware(tmp_path / "hw.json").matmul_flops > 0
+
+
+def test_convert_writes_safetensors_the_engine_reads_in_place(capsys, tmp_path, tiny_hf):
+    src = tmp_path / "bin"
+    write_bin_checkpoint(tiny_hf, src)
+    code, _, _ = run(capsys, "convert", str(src), str(tmp_path / "st"), "--dtype", "float32")
+    assert code == 0 and (tmp_path / "st" / "model.safetensors").exists()
+    a = flexlab.Model.from_pretrained(src, dtype=torch.float32)
+    b = flexlab.Model.from_pretrained(tmp_path / "st", dtype=torch.float32)
+    assert b.weights.location(next(iter(b.weights.specs))) is not None  # readable in place
+    assert a.generate([[2, 5, 6]], max_new_tokens=4).token_ids == b.generate([[2, 5, 6]], max_new_tokens=4).token_ids
+    code, _, err = run(capsys, "convert", str(src), str(tmp_path / "st"))
+    assert code == 2 and "is not empty" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bin", "st"]  # no temporary left behind
+
+
+@pytest.mark.slow
+def test_chat_answers_each_line_and_keeps_history(capsys, monkeypatch):
+    monkeypatch.setattr("sys.stdin", io.StringIO("What is a list?\nAnd a tuple?\n\n"))
+    code, out, _ = run(capsys, "chat", "--max-new-tokens", "12")
+    assert code == 0 and out.count("Assistant: ") == 2
+
+
+def test_chat_prompt_keeps_the_newest_turns_that_fit():
+    from flexlab.chat import Chat
+
+    def echo(prompts, max_new_tokens, stop_strings, **kw):
+        from types import SimpleNamespace
+
+        return SimpleNamespace(texts=[" fine, thanks" + stop_strings[0] + " more"])
+
+    chat = Chat(echo, tokenizer=None, max_positions=120, max_new_tokens=20)
+    assert chat.reply("hello") == "fine, thanks"  # cut at the next human turn
+    for i in range(10):
+        chat.reply(f"question number {i}")
+    prompt = chat.prompt("last one")
+    assert "question number 9" in prompt and "question number 0" not in prompt
+    assert prompt.endswith("Human: last one\nAssistant:")
+    with pytest.raises(ValueError, match="too long"):
+        chat.prompt("x" * 1000)
