@@ -19,8 +19,9 @@ def plot_throughput(df, *, title: str | None = None, width: float = 11.0) -> Fig
     for col in ("policy", "throughput_tok_s"):
         if col not in df.columns:
             raise ValueError(f"column {col!r} is missing; pass the table policy_sweep returns")
+    tiers = [t for t in TIERS if f"peak_bytes_{t}" in df.columns]
     fig = Figure(figsize=(width, 0.35 * len(df) + 2.6), layout="constrained")
-    bars, scatter = fig.subplots(1, 2, width_ratios=[3, 2])
+    bars, scatter = fig.subplots(1, 2, width_ratios=[3, 2]) if tiers else (fig.subplots(), None)
     best = df.throughput_tok_s.max()
     colors = ["#DD8452" if v == best else "#4C72B0" for v in df.throughput_tok_s]
     bars.barh(df.policy, df.throughput_tok_s, color=colors)
@@ -29,6 +30,10 @@ def plot_throughput(df, *, title: str | None = None, width: float = 11.0) -> Fig
         bars.text(v, y, f" {v:.1f}", va="center", fontsize=8)
     bars.set_xlabel("generation throughput (tokens/s)")
     bars.set_title("throughput per policy", fontsize=10)
+    if scatter is None:  # no memory columns: the bars alone
+        if title:
+            fig.suptitle(title, fontsize=11)
+        return fig
     for marker, tier in zip("o^s", TIERS):
         col = f"peak_bytes_{tier}"
         if col in df.columns:
@@ -38,7 +43,8 @@ def plot_throughput(df, *, title: str | None = None, width: float = 11.0) -> Fig
     scatter.set_xlabel("peak MiB on the tier")
     scatter.set_ylabel("tokens/s")
     scatter.set_title("throughput against peak memory", fontsize=10)
-    scatter.legend(fontsize=8, frameon=False)
+    if scatter.get_legend_handles_labels()[0]:
+        scatter.legend(fontsize=8, frameon=False)
     if title:
         fig.suptitle(title, fontsize=11)
     return fig

@@ -18,6 +18,7 @@ RUNS = {
     "disk_offload_decode": ["--preset", "opt-tiny", "--prompt-len", "8", "--gen-len", "3", "--gpu-batch-size", "2",
                             "--num-gpu-batches", "2", "--dd-mb", "16"],
     "ablate_compression": ["--model", "opt-tiny", "--smoke", "true", "--gpu-batch-size", "2"],
+    "compare_baselines": ["--quick", "true"],
     "validate_cost_model": ["--preset", "opt-tiny", "--smoke", "true", "--prompt-len", "8", "--gen-len", "3",
                             "--gpu-batch-size", "2"],
 }

@@ -1,0 +1,244 @@
+"""flexlab against what its users would run instead, on the same weights and prompts, in one run.
+
+Systems: (1) `transformers` `generate` with the model in memory and no limit; (2) Hugging Face
+Accelerate big-model inference (`device_map="auto"`, `max_memory`, layers beyond it offloaded to
+`offload_folder` on disk) under the memory limit, at each batch size given; (3) flexlab under the
+same limit with each of its policies, with and without compression. Each system runs in its own
+process; as root with a cgroup memory controller, that process runs in a cgroup limited to
+`memory_limit_gb` (the page cache is charged to it) after the page cache is dropped, so no system
+can keep a model the limit says does not fit in RAM. Without that, the table says so.
+
+    python experiments/compare_baselines.py                 # opt-1.3b-shaped, 2 GB limit: ~15 min here
+    python experiments/compare_baselines.py --memory-limit-gb 1.2
+    python experiments/compare_baselines.py --quick true    # opt-tiny, seconds (CI)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+from _common import parse_config, write_results
+
+
+@dataclass
+class Config:
+    preset: str = "opt-1.3b"
+    dtype: str = "bfloat16"
+    prompt_len: int = 32
+    gen_len: int = 32
+    memory_limit_gb: float = 2.0
+    transformers_batch: int = 64
+    accelerate_batches: str = "16,64"
+    flexlab_policies: str = "disk-w cpu-cache 48x2;disk-w disk-cache 64x4;disk-w disk-cache 64x8"
+    work_dir: str = ""  # where the checkpoint and offload files go (default: a temp dir)
+    quick: bool = False  # opt-tiny, tiny batches: for CI
+    out_dir: str = "experiments/results"
+
+
+def flexlab_policy(spec: str):
+    """``"disk-w cpu-cache 64x2"``: weights on disk, cache on the cpu tier (``cpu-cache4bit``:
+    4-bit), gpu batch 64, 2 batches per block."""
+    import flexlab
+
+    weights, cache, shape = spec.split()
+    bs, nb = (int(x) for x in shape.split("x"))
+    w = {"disk-w": [0, 0], "cpu-w": [0, 100], "half-w": [0, 50]}[weights]
+    c = {"cpu-cache": [0, 100], "cpu-cache4bit": [0, 100], "disk-cache": [0, 0]}[cache]
+    extra = {"compress_cache": flexlab.QuantConfig(bits=4, group_size=64)} if cache.endswith("4bit") else {}
+    return flexlab.Policy.from_percent(w + c + [100, 0], gpu_batch_size=bs, num_gpu_batches=nb, **extra)
+
+
+def prompts(n: int, length: int, vocab: int) -> list[list[int]]:
+    return [[2] + [4 + (i * 7919 + j * 31) % (vocab - 4) for j in range(length - 1)] for i in range(n)]
+
+
+# ---- workers: one system, one process ------------------------------------------------------
+def worker(job: dict) -> dict:
+    import torch
+
+    torch.manual_seed(0)
+    dtype = getattr(torch, job["dtype"])
+    ckpt = job["checkpoint"]
+    cfg = json.loads(Path(ckpt, "config.json").read_text())
+    batch = job["batch"]
+    ids = prompts(batch, job["prompt_len"], cfg["vocab_size"])
+    start = time.perf_counter()
+    if job["system"] in ("transformers", "accelerate"):
+        from transformers import AutoModelForCausalLM
+
+        kw = {}
+        if job["system"] == "accelerate":
+            # Room for activations and the interpreter under the limit; the rest of the layers go to disk.
+            kw = dict(device_map="auto", max_memory={"cpu": f"{job['accelerate_cpu_gb']:.2f}GiB"},
+                      offload_folder=job["offload_dir"], offload_state_dict=True)
+        model = AutoModelForCausalLM.from_pretrained(ckpt, dtype=dtype, **kw)
+        x = torch.tensor(ids)
+        load_s = time.perf_counter() - start
+        start = time.perf_counter()
+        with torch.inference_mode():
+            out = model.generate(input_ids=x, attention_mask=torch.ones_like(x), max_new_tokens=job["gen_len"],
+                                 min_new_tokens=job["gen_len"], do_sample=False, pad_token_id=1)
+        tokens = (out.shape[1] - x.shape[1]) * batch
+        policy = "in memory" if job["system"] == "transformers" else f"device_map auto, cpu {job['accelerate_cpu_gb']:.2f} GiB + disk"
+    else:
+        import flexlab
+
+        model = flexlab.Model.from_pretrained(ckpt, dtype=dtype)
+        policy = flexlab_policy(job["policy"])
+        with flexlab.Engine(model, policy, offload_dir=job["offload_dir"]) as engine:
+            load_s = time.perf_counter() - start
+            start = time.perf_counter()
+            result = engine.generate(ids, max_new_tokens=job["gen_len"], stop_token_ids=None)
+        tokens = sum(map(len, result.token_ids))
+        policy = policy.describe()
+    seconds = time.perf_counter() - start
+    return dict(system=job["system"], batch=batch, policy=policy, throughput_tok_s=tokens / seconds, seconds=seconds,
+                load_s=load_s)
+
+
+# ---- the parent: memory limits and the table ----------------------------------------------
+def cgroup_for(limit_bytes: int | None) -> tuple[Path | None, str]:
+    """A fresh memory cgroup limited to ``limit_bytes`` (v1 or v2), or None and why not."""
+    if limit_bytes is None:
+        return None, "no limit"
+    if os.geteuid() != 0:
+        return None, "not root: memory NOT limited, page cache not controlled"
+    name = f"flexlab-bench-{uuid.uuid4().hex[:8]}"
+    v2 = Path("/sys/fs/cgroup/cgroup.controllers")
+    try:
+        if v2.exists() and "memory" in v2.read_text():
+            path = Path("/sys/fs/cgroup") / name
+            path.mkdir()
+            (path / "memory.max").write_text(str(limit_bytes))
+            (path / "memory.swap.max").write_text("0") if (path / "memory.swap.max").exists() else None
+        else:
+            path = Path("/sys/fs/cgroup/memory") / name
+            path.mkdir()
+            (path / "memory.limit_in_bytes").write_text(str(limit_bytes))
+            if (path / "memory.memsw.limit_in_bytes").exists():  # no escaping into swap
+                (path / "memory.memsw.limit_in_bytes").write_text(str(limit_bytes))
+        return path, f"cgroup memory limit {limit_bytes / 1e9:.2f} GB (page cache charged to it)"
+    except OSError as e:
+        return None, f"no cgroup ({e.strerror}): memory NOT limited, page cache not controlled"
+
+
+def drop_page_cache() -> bool:
+    try:
+        os.sync()
+        Path("/proc/sys/vm/drop_caches").write_text("3")
+        return True
+    except OSError:
+        return False
+
+
+def run_job(job: dict, limit_bytes: int | None) -> dict:
+    cgroup, note = cgroup_for(limit_bytes)
+    dropped = drop_page_cache()
+    cmd = [sys.executable, __file__, "--worker", json.dumps(job)]
+    if cgroup is not None:
+        cmd = ["sh", "-c", f'echo $$ > {cgroup}/cgroup.procs && exec "$@"', "sh", *cmd]
+    peak = float("nan")
+    try:
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=3600)
+    finally:
+        if cgroup is not None:
+            for name in ("memory.max_usage_in_bytes", "memory.peak"):  # v1, v2: page cache included
+                if (cgroup / name).exists():
+                    peak = int((cgroup / name).read_text()) / 1e9
+            time.sleep(0.2)
+            try:
+                cgroup.rmdir()
+            except OSError:
+                pass
+    if done.returncode != 0:
+        tail = (done.stderr or "").strip().splitlines()[-1:] or ["killed"]
+        oom = done.returncode in (-9, 137)
+        return dict(system=job["system"], batch=job["batch"], policy=job.get("policy", ""),
+                    throughput_tok_s=float("nan"), error="out of memory under the limit" if oom else tail[0],
+                    memory=note, page_cache_dropped=dropped, peak_memory_gb=peak)
+    row = json.loads(done.stdout.strip().splitlines()[-1])
+    row.update(memory=note, page_cache_dropped=dropped, peak_memory_gb=peak)
+    return row
+
+
+def plot_baselines(df: pd.DataFrame, title: str):
+    """Bars per system and batch (flexlab: its policy spec), from the results table."""
+    from flexlab.viz import plot_throughput
+
+    label = df.system + " b" + df.batch.astype(str)
+    spec = df["spec"].fillna("") if "spec" in df else ""
+    return plot_throughput(pd.DataFrame({"policy": label + " " + spec + df.system.map(
+        lambda s: "" if s == "transformers" else " (limit)"), "throughput_tok_s": df.throughput_tok_s.fillna(0)}),
+        title=title)
+
+
+def make_checkpoint(cfg: Config, directory: Path) -> Path:
+    """Random weights (seed 0) saved by transformers, so every system loads the same bytes."""
+    import torch
+    from transformers import OPTForCausalLM
+
+    import flexlab
+    from flexlab.models.opt import config_to_hf
+
+    path = directory / cfg.preset
+    if (path / "config.json").exists():
+        return path
+    from transformers import OPTConfig
+
+    torch.manual_seed(0)
+    model = OPTForCausalLM(OPTConfig(**config_to_hf(flexlab.get_preset(cfg.preset)))).to(getattr(torch, cfg.dtype))
+    model.save_pretrained(path)
+    return path
+
+
+def main(cfg: Config) -> pd.DataFrame:
+    if cfg.quick:
+        cfg.preset, cfg.prompt_len, cfg.gen_len, cfg.transformers_batch = "opt-tiny", 8, 4, 4
+        cfg.accelerate_batches, cfg.memory_limit_gb = "4", 0.0
+        cfg.flexlab_policies = "disk-w cpu-cache 2x2;disk-w cpu-cache4bit 2x2"
+    with tempfile.TemporaryDirectory(prefix="flexlab-baselines-", dir=cfg.work_dir or None) as work:
+        work = Path(work)
+        ckpt = make_checkpoint(cfg, work)
+        limit = int(cfg.memory_limit_gb * 1e9) if cfg.memory_limit_gb > 0 else None
+        base = dict(checkpoint=str(ckpt), dtype=cfg.dtype, prompt_len=cfg.prompt_len, gen_len=cfg.gen_len,
+                    offload_dir=str(work))
+        rows = [run_job({**base, "system": "transformers", "batch": cfg.transformers_batch}, None)]
+        # Accelerate gets the limit minus room for activations, the interpreter and torch (~0.7 GB).
+        acc_gb = max(0.1, (cfg.memory_limit_gb or 1.0) - 0.7) / 1.074
+        for b in (int(x) for x in cfg.accelerate_batches.split(",")):
+            rows.append(run_job({**base, "system": "accelerate", "batch": b, "accelerate_cpu_gb": acc_gb}, limit))
+        for spec in cfg.flexlab_policies.split(";"):
+            policy = flexlab_policy(spec)
+            rows.append({**run_job({**base, "system": "flexlab", "batch": policy.block_size, "policy": spec}, limit),
+                         "spec": spec})
+    df = pd.DataFrame(rows)
+    best_accelerate = df[df.system == "accelerate"].throughput_tok_s.max()
+    in_memory = df[df.system == "transformers"].throughput_tok_s.max()
+    df["vs_accelerate"] = df.throughput_tok_s / best_accelerate
+    df["vs_transformers_in_memory"] = df.throughput_tok_s / in_memory
+    print(f"{cfg.preset} ({cfg.dtype}), prompt {cfg.prompt_len}, gen {cfg.gen_len}, limit "
+          f"{cfg.memory_limit_gb or 'none'} GB: {rows[-1].get('memory')}")
+    cols = [c for c in ("system", "batch", "policy", "throughput_tok_s", "vs_accelerate",
+                        "vs_transformers_in_memory", "peak_memory_gb", "error") if c in df]
+    print(df[cols].to_string(index=False, float_format=lambda x: f"{x:.2f}"))
+    stem = f"compare_baselines_{cfg.preset}_{cfg.memory_limit_gb:g}GB" + ("_quick" if cfg.quick else "")
+    out = write_results(df, cfg, stem, memory=rows[-1].get("memory"))
+    plot_baselines(df, f"{cfg.preset}, memory limit {cfg.memory_limit_gb:g} GB ({rows[-1].get('memory')})").savefig(
+        out / f"{stem}.png", dpi=110)
+    return df
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 3 and sys.argv[1] == "--worker":
+        print(json.dumps(worker(json.loads(sys.argv[2]))))
+    else:
+        main(parse_config(Config, __doc__))
