@@ -228,6 +228,11 @@ def _from_groups(g: torch.Tensor, shape: tuple[int, ...], group_dim: int) -> tor
     return flat.movedim(-1, dim)
 
 
+def _check_finite(extremes: torch.Tensor) -> None:
+    if extremes.numel() and not torch.isfinite(extremes).all():
+        raise QuantError("quantize got NaN or inf values; they cannot be quantized")
+
+
 def quantize(x: torch.Tensor, config: QuantConfig) -> QTensor:
     """Quantize ``x`` (float16, bfloat16 or float32, at least 1-D) group-wise."""
     if not x.is_floating_point() or x.ndim == 0:
@@ -235,22 +240,26 @@ def quantize(x: torch.Tensor, config: QuantConfig) -> QTensor:
                          f"{x.dtype} with shape {tuple(x.shape)}")
     if not -x.ndim <= config.group_dim < x.ndim:
         raise QuantError(f"QuantConfig.group_dim={config.group_dim} is out of range for a {x.ndim}-D tensor")
-    if x.numel() and not torch.isfinite(x).all():
-        raise QuantError("quantize got NaN or inf values; they cannot be quantized")
     g = _to_groups(x, config.group_size, config.group_dim)
     sd = config.scale_dtype
     tiny = torch.finfo(sd).tiny  # a constant group gets this scale instead of zero: no division by zero
+    # NaN and inf show in the groups' extremes: checking those is far cheaper than every element.
+    # The first operation on g makes a new tensor (g may be a view of x); the rest work in place.
     if config.symmetric:
         half = 2 ** (config.bits - 1) - 1
         amax = g.abs().amax(-1)
+        _check_finite(amax)
         scale = _round_toward(torch.clamp(amax / half, min=tiny), sd, down=False)
         zero = None
-        codes = torch.round(g / scale.float().unsqueeze(-1)).clamp(-half, half) + half
+        codes = torch.div(g, scale.float().unsqueeze(-1)).round_().clamp_(-half, half).add_(half)
     else:
         lo, hi = g.amin(-1), g.amax(-1)
+        _check_finite(lo)
+        _check_finite(hi)
         zero = _round_toward(lo, sd, down=True)
         scale = _round_toward(torch.clamp((hi - zero.float()) / (config.levels - 1), min=tiny), sd, down=False)
-        codes = torch.round((g - zero.float().unsqueeze(-1)) / scale.float().unsqueeze(-1)).clamp(0, config.levels - 1)
+        codes = torch.sub(g, zero.float().unsqueeze(-1)).div_(scale.float().unsqueeze(-1)).round_().clamp_(
+            0, config.levels - 1)
     if not torch.isfinite(scale).all() or (zero is not None and not torch.isfinite(zero).all()):
         raise QuantError(f"values up to {float(x.abs().max()):.3g} overflow the scale dtype {sd}; "
                          "use QuantConfig(scale_dtype=torch.float32)")

@@ -119,3 +119,11 @@ def test_qtensor_moves_and_rebuilds():
 def test_predicted_nbytes_equal_the_stored_bytes(bits, group_size, symmetric, shape, dim):
     cfg = QuantConfig(bits=bits, group_size=group_size, symmetric=symmetric, group_dim=dim % len(shape))
     assert cfg.nbytes(tuple(shape)) == quantize(torch.randn(shape), cfg).nbytes
+
+
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_quantize_leaves_its_input_alone(symmetric):
+    x = torch.randn(16, 64)  # float32 in group order: the grouped view shares x's memory
+    before = x.clone()
+    quantize(x, QuantConfig(bits=4, group_size=64, symmetric=symmetric))
+    assert torch.equal(x, before)
