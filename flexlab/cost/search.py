@@ -89,7 +89,11 @@ def search_policy(config: ModelConfig, hw: HardwareProfile, *, prompt_len: int, 
                   batch_sizes=(1, 2, 4, 8, 16, 32, 64), num_batches=(1, 2, 4, 8),
                   compress: tuple[QuantConfig | None, ...] = (None,), act_tiers=("gpu", "cpu"),
                   progress: bool = False) -> SearchResult:
-    """The fastest policy (by the cost model) whose peak memory fits ``hw``'s capacities."""
+    """The fastest policy (by the cost model) whose peak memory fits ``hw``'s capacities.
+
+    Capacities are per tier. On a machine without a GPU the gpu and cpu tiers are the same RAM:
+    split the RAM you allow between ``gpu_memory`` and ``cpu_memory``.
+    """
     for name in ("gpu_memory", "cpu_memory", "disk_space"):
         if getattr(hw, name) <= 0:
             raise FlexlabError(f"{name} must be positive")
