@@ -33,3 +33,11 @@ def write_results(df: pd.DataFrame, cfg, stem: str, **meta) -> Path:
                 cpu_threads=torch.get_num_threads(), **meta)
     (out / f"{stem}.json").write_text(json.dumps(meta, indent=2, default=str))
     return out
+
+
+def policy_from(percent: list[float], extra: dict, **fields):
+    """A Policy from FlexGen's six shares plus fields; ``compress_*`` given as QuantConfig dicts."""
+    import flexlab
+
+    extra = {k: flexlab.QuantConfig.from_dict(v) if k.startswith("compress") else v for k, v in extra.items()}
+    return flexlab.Policy.from_percent(percent, **fields, **extra)

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import pandas as pd
 import torch
-from _common import parse_config, write_results
+from _common import parse_config, policy_from, write_results
 
 # name -> FlexGen's six percentages (weights gpu/cpu, cache gpu/cpu, activations gpu/cpu),
 # optionally with other Policy fields
@@ -70,9 +70,8 @@ def main(cfg: Config) -> pd.DataFrame:
     policies = {}
     for name, spec in POLICIES.items():
         percent, extra = spec if isinstance(spec, tuple) else (spec, {})
-        extra = {k: flexlab.QuantConfig(**v) if k.startswith("compress") else v for k, v in extra.items()}
-        policies[name] = flexlab.Policy.from_percent(percent, gpu_batch_size=cfg.gpu_batch_size,
-                                                     num_gpu_batches=cfg.num_gpu_batches, overlap=cfg.overlap, **extra)
+        policies[name] = policy_from(percent, extra, gpu_batch_size=cfg.gpu_batch_size,
+                                     num_gpu_batches=cfg.num_gpu_batches, overlap=cfg.overlap)
     with tempfile.TemporaryDirectory(prefix="flexlab-sweep-") as offload:
         df = policy_sweep(model, policies, prompts, max_new_tokens=cfg.gen_len, offload_dir=offload)
     df = pd.concat([pd.DataFrame([reference]), df], ignore_index=True)

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pandas as pd
 import torch
-from _common import parse_config, write_results
+from _common import parse_config, policy_from, write_results
 
 Q4 = dict(bits=4, group_size=64)
 # name -> FlexGen's six shares, plus other Policy fields
@@ -73,9 +73,7 @@ def main(cfg: Config) -> pd.DataFrame:
     policies = dict(list(POLICIES.items())[:3]) if cfg.smoke else dict(POLICIES)
 
     def policy_of(percent, extra) -> flexlab.Policy:
-        extra = {k: flexlab.QuantConfig(**v) if k.startswith("compress") else v for k, v in extra.items()}
-        return flexlab.Policy.from_percent(percent, gpu_batch_size=cfg.gpu_batch_size,
-                                           num_gpu_batches=cfg.num_gpu_batches, **extra)
+        return policy_from(percent, extra, gpu_batch_size=cfg.gpu_batch_size, num_gpu_batches=cfg.num_gpu_batches)
 
     def measure(name: str, policy: flexlab.Policy, offload: str) -> dict:
         now = refresh(hw, device=device, dtype=dtype, offload_dir=offload)

@@ -126,18 +126,20 @@ class QuantConfig:
         extra += f" window {self.window}" if self.window else ""
         return f"{self.bits}-bit g{self.group_size}{extra}"
 
-    def nbytes(self, shape: tuple[int, ...]) -> int:
-        """Bytes :func:`quantize` stores for a tensor of ``shape`` (padding included), without
-        quantizing anything: what a cost model needs."""
+    def part_nbytes(self, shape: tuple[int, ...]) -> list[int]:
+        """Bytes of each tensor :func:`quantize` stores for ``shape`` (codes, scale, zero point),
+        padding included, without quantizing anything: what a cost model needs."""
         if not shape:
             raise QuantError("nbytes needs a shape with at least one dimension")
         n = shape[self.group_dim % len(shape)]
-        rest = torch.Size(shape).numel() // n if n else 0
-        groups = rest * -(-n // self.group_size)
+        groups = (torch.Size(shape).numel() // n if n else 0) * -(-n // self.group_size)
         per_unit, bytes_per_unit = unit(self.bits)
-        codes = groups * -(-self.group_size // per_unit) * bytes_per_unit
-        meta = groups * (1 if self.symmetric else 2) * torch.empty((), dtype=self.scale_dtype).element_size()
-        return codes + meta
+        meta = groups * self.scale_dtype.itemsize
+        return [groups * -(-self.group_size // per_unit) * bytes_per_unit] + [meta] * (1 if self.symmetric else 2)
+
+    def nbytes(self, shape: tuple[int, ...]) -> int:
+        """Total bytes :func:`quantize` stores for ``shape``."""
+        return sum(self.part_nbytes(shape))
 
     def bits_per_element(self) -> float:
         """Storage cost per element for whole groups (codes plus scale and zero point)."""

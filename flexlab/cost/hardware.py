@@ -137,15 +137,11 @@ PRESETS: dict[str, HardwareProfile] = {
         dequant_elems=500e9, kv_codec_elems=250e9,
         step_overhead_s=40e-6, transfer_overhead_s=20e-6, disk_latency_s=0.2e-3,
         gpu_memory=78 * GiB, cpu_memory=128 * GiB, disk_space=60 * GiB),
-    "h200": HardwareProfile(
-        name="h200", source="published: NVIDIA H200 data sheet (989 TFLOP/s dense fp16, 4.8 TB/s), PCIe 5.0; "
-        "disk assumed as the H100 machine's",
-        matmul_flops=600e12, weight_read_bw=3.5e12, attention_bw=3.0e12, cpu_attention_bw=30e9,
-        link_pinned_bw=45e9, link_pageable_bw=15e9, disk_read_bw=1.8e9, disk_write_bw=1.2e9,
-        dequant_elems=600e9, kv_codec_elems=250e9,
-        step_overhead_s=40e-6, transfer_overhead_s=20e-6, disk_latency_s=0.2e-3,
-        gpu_memory=139 * GiB, cpu_memory=128 * GiB, disk_space=60 * GiB),
 }
+PRESETS["h200"] = PRESETS["h100"].replace(
+    name="h200", source="published: NVIDIA H200 data sheet (989 TFLOP/s dense fp16, 4.8 TB/s), PCIe 5.0; "
+    "the rest as the H100 machine's", weight_read_bw=3.5e12, attention_bw=3.0e12, dequant_elems=600e9,
+    gpu_memory=139 * GiB)
 
 
 def get_hardware(name_or_path: str | os.PathLike) -> HardwareProfile:

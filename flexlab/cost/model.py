@@ -131,11 +131,8 @@ class CostModel:
 
     # ---- bytes --------------------------------------------------------------------------
     def _parts(self, shape, cfg: QuantConfig | None) -> list[int]:
-        if cfg is None:
-            return [math.prod(shape) * self.itemsize]
-        groups = cfg.nbytes(shape) - _meta(shape, cfg)
-        meta_one = _meta(shape, cfg) // (1 if cfg.symmetric else 2)
-        return [groups, meta_one] + ([] if cfg.symmetric else [meta_one])
+        """Bytes of each stored tensor of a weight (one plain tensor, or a QTensor's parts)."""
+        return [math.prod(shape) * self.itemsize] if cfg is None else cfg.part_nbytes(shape)
 
     def _blocks(self) -> list[list[dict[str, int]]]:
         """Per block, per GPU batch: sequences on each tier (the engine's split)."""
@@ -302,13 +299,6 @@ class CostModel:
                          f"{bound}")
         lines.append("peak GiB: " + ", ".join(f"{t} {v / 2**30:.3f}" for t, v in pred.peak_bytes.items()))
         return "\n".join(lines)
-
-
-def _meta(shape, cfg: QuantConfig) -> int:
-    """Bytes of a quantized tensor's scales and zero points."""
-    n = shape[cfg.group_dim % len(shape)]
-    groups = math.prod(shape) // n * -(-n // cfg.group_size)
-    return groups * (1 if cfg.symmetric else 2) * cfg.scale_dtype.itemsize
 
 
 def _dtype(itemsize: int) -> torch.dtype:

@@ -94,9 +94,6 @@ def search_policy(config: ModelConfig, hw: HardwareProfile, *, prompt_len: int, 
     Capacities are per tier. On a machine without a GPU the gpu and cpu tiers are the same RAM:
     split the RAM you allow between ``gpu_memory`` and ``cpu_memory``.
     """
-    for name in ("gpu_memory", "cpu_memory", "disk_space"):
-        if getattr(hw, name) <= 0:
-            raise FlexlabError(f"{name} must be positive")
     if prompt_len + gen_len > config.max_positions:
         raise FlexlabError(f"prompt_len + gen_len = {prompt_len + gen_len} exceeds {config.name}'s "
                            f"{config.max_positions} positions")
