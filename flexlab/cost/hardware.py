@@ -39,7 +39,7 @@ class HardwareProfile:
         step_overhead_s: fixed cost of one scheduled compute step (Python, kernel launches).
         transfer_overhead_s: fixed cost of a transfer step handed to a lane thread (it competes
             with the compute for the interpreter and the cores).
-        disk_latency_s: fixed cost of one disk request (a KV row read per sequence pays it).
+        disk_latency_s: fixed cost of one disk request (each KV cache read and write pays it).
         gpu_memory, cpu_memory, disk_space: capacities in bytes.
     """
 

@@ -30,7 +30,6 @@ import torch
 
 from flexlab.compress import QuantConfig
 from flexlab.cost.hardware import HardwareProfile
-from flexlab.engine.cache import disk_rows_read
 from flexlab.engine.kvcodec import KVCodec
 from flexlab.engine.policy import Policy
 from flexlab.engine.schedule import make_stages
@@ -235,23 +234,15 @@ class CostModel:
             if kv == "v" and p.attn_sparsity < 1:
                 rows = 0  # read later, only the kept rows (not modelled: data-dependent)
             new_rows = (codec.stored_tokens(cached + tokens) - codec.stored_tokens(cached)) // codec.chunk
-            capacity = -(-(self.prompt_len + self.gen_len - 1) // codec.chunk)
             for tier in ("cpu", "disk"):
                 n = seqs[tier]
-                requests = n
-                if tier == "cpu" and (not link or p.cpu_cache_compute):
-                    load = 0
-                elif tier == "disk" and rows:
-                    read = disk_rows_read(rows, capacity, n)
-                    load, requests = read * codec.row_bytes, 1 if read > n * rows else n
-                else:
-                    load = n * rows * codec.row_bytes
+                load = 0 if tier == "cpu" and (not link or p.cpu_cache_compute) else n * rows * codec.row_bytes
                 store = n * new_rows * codec.row_bytes if (tier == "disk" or link) else 0
                 moved["load_cache"] += load
                 moved["store_cache"] += store
-                if tier == "disk":
+                if tier == "disk":  # the batch's rows are one read and its new rows one write
                     disk += load / hw.disk_read_bw + store / hw.disk_write_bw
-                    disk += (requests * (load > 0) + n * (store > 0)) * hw.disk_latency_s  # writes: per sequence
+                    disk += ((load > 0) + (store > 0)) * hw.disk_latency_s
                     lnk += (load + store) / hw.link_pinned_bw if link else 0.0
                 else:
                     lnk += (load + store) / hw.link_pinned_bw if link else 0.0

@@ -1,9 +1,12 @@
 """The KV cache of one block: whole sequences per tier, in preallocated row slots.
 
-Per layer, batch, tier and key/value there is one slot ``[sequences, capacity rows, *row]``:
-token-major, so one sequence's prefix is one contiguous read and a decode step appends at the
-end. What a row holds (a token in the compute dtype, or a quantized chunk as bytes) is the
-:class:`~flexlab.engine.kvcodec.KVCodec`'s business; the store only moves rows.
+Per layer, batch, tier and key/value there is one slot. In memory it is ``[sequences, capacity
+rows, *row]``. On disk it is ``[capacity rows, sequences, *row]``: row ``r`` of every sequence
+side by side, so the first ``n`` rows of the whole batch are one contiguous read and a decode
+step's new row of every sequence is one contiguous write (a disk pays per request; a layout by
+sequence needed a request per sequence, or read unused rows). What a row holds (a token in the
+compute dtype, or a quantized chunk as bytes) is the :class:`~flexlab.engine.kvcodec.KVCodec`'s
+business; the store only moves rows.
 """
 
 from __future__ import annotations
@@ -82,10 +85,8 @@ class CacheStore:
         for tier, first, count in self.layout[batch]:
             part = rows[first:first + count]
             slot = self._slot(layer, batch, tier, kv, count)
-            if tier == "disk":
-                host = part.to("cpu").contiguous()
-                for i in range(count):
-                    self.files.write(slot, (i * self.capacity[kv] + start) * row_bytes, host[i])
+            if tier == "disk":  # rows start..start+n of every sequence: one stretch of the file
+                self.files.write(slot, start * count * row_bytes, part.to("cpu").transpose(0, 1))
                 moved["disk"] += nbytes(part)
             else:
                 slot[:, start:start + n].copy_(part, non_blocking=True)
@@ -117,9 +118,8 @@ class CacheStore:
                     if slot.device != self.device:  # a CPU-only machine has no cpu->gpu link
                         moved["cpu"] += count * n * row_bytes
                 else:
-                    rows_read = disk_rows_read(n, self.capacity[kv], count)
-                    device_parts[kv].append(self._read_disk(slot, kv, count, n, whole=rows_read > count * n))
-                    moved["disk"] += rows_read * row_bytes
+                    device_parts[kv].append(self._read_disk(slot, kv, count, n))
+                    moved["disk"] += count * n * row_bytes
 
         def join(parts: list) -> torch.Tensor | None:
             return None if not parts else parts[0] if len(parts) == 1 else torch.cat(parts)
@@ -130,52 +130,51 @@ class CacheStore:
     def gather(self, layer: int, batch: int, kv: str, positions: list[list[int]]) -> tuple[torch.Tensor, int]:
         """Only the rows at ``positions`` (ascending, per sequence of the batch), as
         ``[b, most positions, *row]`` zero-padded on the device, and the bytes read from other tiers.
-        Disk rows are read in runs of consecutive positions."""
+        On disk, each run of consecutive positions that some sequence keeps is one read."""
         codec = self.codecs[kv]
         width = max(map(len, positions), default=0)
         out = torch.zeros((len(positions), width, *codec.row_shape), dtype=codec.row_dtype, device=self.device)
         moved = 0
         for tier, first, count in self.layout[batch]:
             slot = self._slot(layer, batch, tier, kv, count)
-            for i in range(count):
-                pos = positions[first + i]
-                if not pos:
-                    continue
-                if tier != "disk":
-                    idx = torch.tensor(pos, device=slot.device)
-                    out[first + i, :len(pos)] = slot[i, idx].to(self.device, non_blocking=True)
-                    moved += 0 if slot.device == self.device else len(pos) * codec.row_bytes
-                    continue
-                buf = self.pool.acquire()
-                try:
-                    for start, n, at in _runs(pos):
-                        raw = self.files.read(slot, (i * self.capacity[kv] + start) * codec.row_bytes,
-                                              n * codec.row_bytes, buf)
-                        out[first + i, at:at + n].copy_(raw.view(codec.row_dtype).view(n, *codec.row_shape))
-                    if self.device.type == "cuda":
-                        torch.cuda.current_stream().synchronize()
-                finally:
-                    self.pool.release(buf)
-                moved += len(pos) * codec.row_bytes
+            mine = positions[first:first + count]
+            if tier != "disk":
+                for i, pos in enumerate(mine):
+                    if pos:
+                        idx = torch.tensor(pos, device=slot.device)
+                        out[first + i, :len(pos)] = slot[i, idx].to(self.device, non_blocking=True)
+                        moved += 0 if slot.device == self.device else len(pos) * codec.row_bytes
+                continue
+            where = [{p: at for at, p in enumerate(pos)} for pos in mine]  # position -> index in out
+            buf = self.pool.acquire()
+            try:
+                for start, n, _ in _runs(sorted(set().union(*mine))):
+                    raw = self.files.read(slot, start * count * codec.row_bytes, n * count * codec.row_bytes, buf)
+                    lines = raw.view(codec.row_dtype).view(n, count, *codec.row_shape)
+                    for i, at in enumerate(where):
+                        hits = [(p - start, at[p]) for p in range(start, start + n) if p in at]
+                        if hits:
+                            src, dst = zip(*hits)
+                            out[first + i, list(dst)] = lines[list(src), i].to(self.device, non_blocking=True)
+                    moved += n * count * codec.row_bytes
+                if self.device.type == "cuda":
+                    torch.cuda.current_stream().synchronize()
+            finally:
+                self.pool.release(buf)
         return out, moved
 
-    def _read_disk(self, path: Path, kv: str, count: int, n: int, whole: bool) -> torch.Tensor:
-        """Rows ``0..n`` of each of the ``count`` sequences in a disk slot: one request for the
-        whole slot (``whole``), or one per sequence."""
+    def _read_disk(self, path: Path, kv: str, count: int, n: int) -> torch.Tensor:
+        """Rows ``0..n`` of each of the ``count`` sequences in a disk slot (one read), as
+        ``[count, n, *row]`` on the device."""
         codec = self.codecs[kv]
-        cap, row = self.capacity[kv], codec.row_bytes
+        row = codec.row_bytes
         out = torch.empty((count, n, *codec.row_shape), dtype=codec.row_dtype, device=self.device)
         if n == 0:  # e.g. per-channel keys before their first whole chunk
             return out
         buf = self.pool.acquire()
         try:
-            if whole:
-                raw = self.files.read(path, 0, count * cap * row, buf)
-                out.copy_(raw.view(codec.row_dtype).view(count, cap, *codec.row_shape)[:, :n])
-            else:
-                for i in range(count):
-                    raw = self.files.read(path, i * cap * row, n * row, buf)
-                    out[i].copy_(raw.view(codec.row_dtype).view(n, *codec.row_shape))
+            raw = self.files.read(path, 0, n * count * row, buf)
+            out.copy_(raw.view(codec.row_dtype).view(n, count, *codec.row_shape).transpose(0, 1))
             if self.device.type == "cuda":
                 torch.cuda.current_stream().synchronize()
         finally:
@@ -186,7 +185,7 @@ class CacheStore:
         for key, slot in self.slots.items():
             self.tracker.sub(key[2], "kv cache", self.slot_bytes[key])
             if isinstance(slot, Path):
-                slot.unlink(missing_ok=True)
+                self.files.remove(slot)
         self.slots.clear()
 
 
@@ -200,10 +199,3 @@ def _runs(positions: list[int]) -> list[tuple[int, int, int]]:
             runs.append([p, 1, at])
     return [tuple(r) for r in runs]
 
-
-def disk_rows_read(n: int, capacity: int, count: int) -> int:
-    """Rows read to bring ``n`` rows of each of ``count`` sequences from a disk slot of
-    ``capacity`` rows per sequence. Once the prefix fills at least half the slot, one request
-    for the whole slot beats a request per sequence (a disk pays per request); before that, the
-    unused rows would cost more than the requests."""
-    return count * capacity if count > 1 and 2 * n >= capacity else count * n

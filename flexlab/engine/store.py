@@ -310,5 +310,5 @@ class ActStore:
         for batch, (data, _, _) in self.slots.items():
             self.tracker.sub(self.tier, "activations", self.slot_bytes)
             if isinstance(data, Path):
-                data.unlink(missing_ok=True)
+                self.files.remove(data)
         self.slots.clear()

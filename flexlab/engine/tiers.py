@@ -7,6 +7,7 @@ RAM, but they are accounted apart so that placement and peaks read the same as o
 
 from __future__ import annotations
 
+import errno
 import os
 import queue
 import threading
@@ -144,10 +145,33 @@ class DiskFiles:
         return buf[:size]
 
     def write(self, path: Path, offset: int, data: torch.Tensor) -> None:
-        """Write a tensor's bytes at ``offset`` (buffered; decode writes are a row at a time)."""
-        raw = data.contiguous().view(torch.uint8).reshape(-1).numpy()
-        if os.pwrite(self._fd(path, False, write=True), memoryview(raw), offset) != raw.nbytes:
+        """Write a tensor's bytes at ``offset``: with O_DIRECT when offset and size are aligned
+        (the page cache then holds no copy), else buffered."""
+        raw = data.contiguous().view(torch.uint8).reshape(-1)
+        if self.direct and offset % ALIGN == 0 and raw.numel() % ALIGN == 0:
+            if raw.data_ptr() % ALIGN:
+                raw = aligned_empty(raw.numel()).copy_(raw)
+            try:
+                self._pwrite(self._fd(path, True, write=True), raw, path, offset)
+                return
+            except OSError as e:
+                if e.errno != errno.EINVAL:  # EINVAL: the file system refuses O_DIRECT (tmpfs)
+                    raise
+                self.direct = False
+        self._pwrite(self._fd(path, False, write=True), raw, path, offset)
+
+    @staticmethod
+    def _pwrite(fd: int, raw: torch.Tensor, path: Path, offset: int) -> None:
+        if os.pwrite(fd, memoryview(raw.numpy()), offset) != raw.numel():
             raise OSError(f"short write to {path} at offset {offset}")
+
+    def remove(self, path: Path) -> None:
+        """Close this file's descriptors and delete it. (A descriptor left open would point a
+        later file of the same name at this one's deleted data.)"""
+        with self._lock:
+            for key in [k for k in self._fds if k[0] == path]:
+                os.close(self._fds.pop(key))
+        path.unlink(missing_ok=True)
 
     def close(self) -> None:
         if self._pool is not None:
