@@ -45,14 +45,15 @@ class Config:
 
 
 def flexlab_policy(spec: str):
-    """``"disk-w cpu-cache 64x2"``: weights on disk, cache on the cpu tier (``cpu-cache4bit``:
-    4-bit), gpu batch 64, 2 batches per block."""
+    """``"disk-w cpu-cache 64x2"``: weights on disk, cache on the cpu tier, gpu batch 64, 2 batches
+    per block. Caches: ``cpu-cache``, ``disk-cache``, ``half-cache`` (half on each), and each with a
+    ``4bit`` suffix for a 4-bit group-64 cache."""
     import flexlab
 
     weights, cache, shape = spec.split()
     bs, nb = (int(x) for x in shape.split("x"))
-    w = {"disk-w": [0, 0], "cpu-w": [0, 100], "half-w": [0, 50]}[weights]
-    c = {"cpu-cache": [0, 100], "cpu-cache4bit": [0, 100], "disk-cache": [0, 0]}[cache]
+    w = {"disk-w": [0, 0], "cpu-w": [0, 100], "half-w": [0, 50], "gpu-w": [100, 0]}[weights]
+    c = {"cpu-cache": [0, 100], "disk-cache": [0, 0], "half-cache": [0, 50], "gpu-cache": [100, 0]}[cache.removesuffix("4bit")]
     extra = {"compress_cache": flexlab.QuantConfig(bits=4, group_size=64)} if cache.endswith("4bit") else {}
     return flexlab.Policy.from_percent(w + c + [100, 0], gpu_batch_size=bs, num_gpu_batches=nb, **extra)
 

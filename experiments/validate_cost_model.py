@@ -7,8 +7,10 @@ memory per tier with the cost model's prediction. Finally it searches for the be
 memory limits below the model's size and checks the searched policy against the best of the
 tried policies that fit the same limits. The disk and dequantization rates swing by 2x within
 minutes on a shared machine, so they are re-probed (``flexlab.cost.refresh``, ~1 s) right before
-each policy runs; the other rates come from the one calibration. Writes CSV + JSON (with the hardware profile) and a
-predicted-vs-measured plot to experiments/results/.
+each policy runs; the other rates come from the one calibration. Each policy is measured
+``repeats`` times (each run after its own probe) and compared by the medians, so that one slow
+minute of the disk does not decide a row; the CSV keeps the slowest and fastest run. Writes CSV
++ JSON (with the hardware profile) and a predicted-vs-measured plot to experiments/results/.
 
     python experiments/validate_cost_model.py                    # opt-125m, bfloat16, CPU: ~2 min
     python experiments/validate_cost_model.py --preset opt-1.3b --prompt-len 512 --gen-len 32 \\
@@ -54,6 +56,7 @@ class Config:
     num_gpu_batches: int = 2
     limit_fraction: float = 0.5  # the search's gpu and cpu limits, as fractions of the weights' bytes
     hardware: str = ""  # a saved profile (JSON) instead of calibrating now
+    repeats: int = 3  # runs per policy (medians are compared)
     smoke: bool = False  # three policies, no search: for CI
     out_dir: str = "experiments/results"
 
@@ -76,13 +79,19 @@ def main(cfg: Config) -> pd.DataFrame:
         return policy_from(percent, extra, gpu_batch_size=cfg.gpu_batch_size, num_gpu_batches=cfg.num_gpu_batches)
 
     def measure(name: str, policy: flexlab.Policy, offload: str) -> dict:
-        now = refresh(hw, device=device, dtype=dtype, offload_dir=offload)
+        runs = []  # (measured tok/s, prediction, probed profile) per repeat
         with flexlab.Engine(model, policy, offload_dir=offload) as engine:
             engine.generate(prompts[:cfg.gpu_batch_size], max_new_tokens=2, stop_token_ids=None)  # warm-up
-            result = engine.generate(prompts, max_new_tokens=cfg.gen_len, stop_token_ids=None)
-        pred = CostModel(model.config, policy, now, prompt_len=cfg.prompt_len, gen_len=cfg.gen_len,
-                         itemsize=itemsize, num_prompts=n).predict()
-        row = dict(policy=name, describe=policy.describe(), measured_tok_s=result.metrics["throughput_tok_s"],
+            for _ in range(max(1, cfg.repeats)):
+                now = refresh(hw, device=device, dtype=dtype, offload_dir=offload)
+                result = engine.generate(prompts, max_new_tokens=cfg.gen_len, stop_token_ids=None)
+                pred = CostModel(model.config, policy, now, prompt_len=cfg.prompt_len, gen_len=cfg.gen_len,
+                                 itemsize=itemsize, num_prompts=n).predict()
+                runs.append((result.metrics["throughput_tok_s"], pred, now))
+        measured = sorted(r[0] for r in runs)
+        _, pred, now = sorted(runs, key=lambda r: r[1].throughput_tok_s)[len(runs) // 2]  # the median prediction
+        row = dict(policy=name, describe=policy.describe(), measured_tok_s=measured[len(runs) // 2],
+                   measured_min_tok_s=measured[0], measured_max_tok_s=measured[-1],
                    predicted_tok_s=pred.throughput_tok_s, bottleneck=pred.bottleneck,
                    probed_disk_read_GB_s=now.disk_read_bw / 1e9, probed_dequant_G_s=now.dequant_elems / 1e9)
         row["throughput_error"] = row["predicted_tok_s"] / row["measured_tok_s"] - 1
