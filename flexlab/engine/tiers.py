@@ -201,6 +201,10 @@ def write_packed(path: Path, tensors) -> list[tuple[int, torch.Tensor]]:
                 placed.append((offset, t))
                 offset = align_up(offset + nbytes(t))
             f.truncate(offset)
+            # On disk before it is used: dirty pages would be written back under the first
+            # O_DIRECT reads (which flush them first) and make the disk look slow.
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)

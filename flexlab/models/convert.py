@@ -71,6 +71,12 @@ def convert_checkpoint(source: str | os.PathLike, target: str | os.PathLike, *, 
         for name in COPIED:
             if (source_dir / name).exists():
                 shutil.copy2(source_dir / name, tmp / name)
+        for path in tmp.iterdir():  # on disk before the rename makes the folder visible
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
         if target.exists():
             target.rmdir()
         os.replace(tmp, target)
