@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
+import re
+import subprocess
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -41,3 +44,20 @@ def policy_from(percent: list[float], extra: dict, **fields):
 
     extra = {k: flexlab.QuantConfig.from_dict(v) if k.startswith("compress") else v for k, v in extra.items()}
     return flexlab.Policy.from_percent(percent, **fields, **extra)
+
+
+def dd_direct_bandwidth(directory: Path, size_mb: int = 1024) -> float:
+    """GB/s that ``dd iflag=direct`` (the page cache bypassed) reads from a fresh file in ``directory``."""
+    path = Path(directory) / "dd-probe.bin"
+    try:
+        with open(path, "wb") as f:
+            for _ in range(max(1, size_mb // 16)):
+                f.write(os.urandom(16 << 20))
+            f.flush()
+            os.fsync(f.fileno())
+        out = subprocess.run(["dd", f"if={path}", "of=/dev/null", "bs=16M", "iflag=direct"],
+                             capture_output=True, text=True, check=True).stderr
+        seconds = float(re.search(r"copied, ([\d.]+) s", out).group(1))
+        return max(1, size_mb // 16) * 16 * 2**20 / seconds / 1e9
+    finally:
+        path.unlink(missing_ok=True)

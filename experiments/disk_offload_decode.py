@@ -17,9 +17,6 @@ is compared with their mean, over ``rounds`` rounds; the table ends with the med
 
 from __future__ import annotations
 
-import os
-import re
-import subprocess
 import tempfile
 import time
 from dataclasses import dataclass
@@ -27,7 +24,7 @@ from pathlib import Path
 
 import pandas as pd
 import torch
-from _common import parse_config, write_results
+from _common import dd_direct_bandwidth, parse_config, write_results
 
 
 @dataclass
@@ -42,23 +39,6 @@ class Config:
     dd_mb: int = 1024  # size of the file dd reads
     rounds: int = 3  # overlapped runs, each between two dd probes (the overlap-off run: once)
     out_dir: str = "experiments/results"
-
-
-def dd_direct_bandwidth(directory: Path, size_mb: int = 1024) -> float:
-    """GB/s that ``dd iflag=direct`` reads from a fresh file in ``directory``."""
-    path = directory / "dd-probe.bin"
-    try:
-        with open(path, "wb") as f:
-            for _ in range(size_mb // 16):
-                f.write(os.urandom(16 << 20))
-            f.flush()
-            os.fsync(f.fileno())
-        out = subprocess.run(["dd", f"if={path}", "of=/dev/null", "bs=16M", "iflag=direct"],
-                             capture_output=True, text=True, check=True).stderr
-        seconds = float(re.search(r"copied, ([\d.]+) s", out).group(1))
-        return size_mb * 2**20 / seconds / 1e9
-    finally:
-        path.unlink(missing_ok=True)
 
 
 def decode_stats(engine, result) -> dict:
