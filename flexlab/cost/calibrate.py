@@ -92,24 +92,28 @@ def refresh(hw: HardwareProfile, *, device: str | torch.device | None = None, dt
     return hw.replace(disk_read_bw=read, disk_latency_s=latency, dequant_elems=_dequant_rate(device, dtype, 3))
 
 
-def _engine_seconds(model, policy, prompts: list[list[int]], new: int, device: torch.device) -> float:
+def _engine_seconds(model, policy, prompts: list[list[int]], new: int, device: torch.device,
+                    offload_dir: Path | None = None) -> float:
     from flexlab.engine import Engine
 
-    with Engine(model, policy) as engine:
+    with Engine(model, policy, offload_dir=offload_dir) as engine:
         return _best(lambda: engine.generate(prompts, max_new_tokens=new, stop_token_ids=None), 2, device)
 
 
-def _step_overheads(device: torch.device, dtype: torch.dtype) -> tuple[float, float, float]:
-    """Seconds per compute step, per transfer step handed to a lane thread, and the KV codec's
-    elements per second, all measured on the engine itself.
+def _step_overheads(device: torch.device, dtype: torch.dtype, offload_dir: Path) -> tuple[float, float, float, float]:
+    """Seconds per compute step, per transfer step handed to a lane thread, per KV cache load or
+    store on a lane, and the KV codec's elements per second, all measured on the engine itself.
 
     The compute step's cost is timed on a model too small for its maths to matter, everything
     resident. A lane's cost is the slowdown when the activations leave the device (every stage
     stores and loads its hidden state on a lane: the cpu tier on a GPU, disk on a CPU, where the
     cpu tier is read in place; a few KB each) on a model with opt-125m-sized layers: on few
     cores a lane thread mostly costs by stalling the compute's parallel kernels, which only
-    shows when there is compute to stall. The codec's rate is the slowdown when the same run's
-    cache (on the cpu tier) is stored 4-bit, over the elements it quantizes and dequantizes.
+    shows when there is compute to stall. A cache transfer's cost is the slowdown when the same
+    run's cache leaves the device (disk on a CPU, the cpu tier on a GPU), per load and store: it
+    moves a batch's keys and values, which costs the cores more than a few KB of activations. The
+    codec's rate is the slowdown when the same run's cache (on the cpu tier) is stored 4-bit, over
+    the elements it quantizes and dequantizes.
     """
     from flexlab.engine import Policy
     from flexlab.models.config import get_preset
@@ -128,6 +132,10 @@ def _step_overheads(device: torch.device, dtype: torch.dtype) -> tuple[float, fl
     lanes = _engine_seconds(model, Policy.from_percent([100, 0, 100, 0, 0, act_cpu], gpu_batch_size=8,
                                                        num_gpu_batches=nb), prompts, new, device)
     transfers = nb * new * 2 * (1 + 2 * shape.num_layers)  # a store and a load between stages
+    cache_tier = [100, 0, 0, 100, 100, 0] if device.type == "cuda" else [100, 0, 0, 0, 100, 0]
+    cache_lane = _engine_seconds(model, Policy.from_percent(cache_tier, gpu_batch_size=8, num_gpu_batches=nb),
+                                 prompts, new, device, offload_dir)
+    cache_moves = nb * shape.num_layers * (2 * new - 1)  # a store every token, a load every decode token
     cached = Policy.from_percent([100, 0, 0, 100, 100, 0], gpu_batch_size=8, num_gpu_batches=nb)
     plain = _engine_seconds(model, cached, prompts, new, device)
     packed = _engine_seconds(model, cached.replace(compress_cache=QuantConfig(bits=4, group_size=64)), prompts,
@@ -137,7 +145,8 @@ def _step_overheads(device: torch.device, dtype: torch.dtype) -> tuple[float, fl
     # dequantizes the cache so far and quantizes one new row
     elements = 2 * shape.num_layers * nb * 8 * shape.hidden_size * (
         width + sum(width + t - 1 + 1 for t in range(1, new)))
-    return step, max(0.0, lanes - fast) / transfers, elements / max(packed - plain, 1e-9)
+    return (step, max(0.0, lanes - fast) / transfers, max(0.0, cache_lane - fast) / cache_moves,
+            elements / max(packed - plain, 1e-9))
 
 
 def calibrate(*, device: str | torch.device | None = None, dtype: torch.dtype | None = None,
@@ -198,8 +207,8 @@ def calibrate(*, device: str | torch.device | None = None, dtype: torch.dtype | 
     results["dequant_elems"] = _dequant_rate(device, dtype, repeats)
 
     step("dequantize")
-    results["step_overhead_s"], results["transfer_overhead_s"], results["kv_codec_elems"] = _step_overheads(
-        device, dtype)
+    (results["step_overhead_s"], results["transfer_overhead_s"], results["cache_transfer_overhead_s"],
+     results["kv_codec_elems"]) = _step_overheads(device, dtype, directory)
     step("step overhead")
     bar.close()
     if device.type == "cuda":

@@ -39,6 +39,8 @@ class HardwareProfile:
         step_overhead_s: fixed cost of one scheduled compute step (Python, kernel launches).
         transfer_overhead_s: fixed cost of a transfer step handed to a lane thread (it competes
             with the compute for the interpreter and the cores).
+        cache_transfer_overhead_s: the same for a KV cache load or store (one layer and batch),
+            which moves more and costs the cores more than an activation transfer.
         disk_latency_s: fixed cost of one disk request (each KV cache read and write pays it).
         gpu_memory, cpu_memory, disk_space: capacities in bytes.
     """
@@ -57,6 +59,7 @@ class HardwareProfile:
     kv_codec_elems: float
     step_overhead_s: float
     transfer_overhead_s: float
+    cache_transfer_overhead_s: float
     disk_latency_s: float
     gpu_memory: float
     cpu_memory: float
@@ -127,7 +130,7 @@ PRESETS: dict[str, HardwareProfile] = {
         matmul_flops=25e12, weight_read_bw=220e9, attention_bw=200e9, cpu_attention_bw=8e9,
         link_pinned_bw=11e9, link_pageable_bw=5e9, disk_read_bw=0.2e9, disk_write_bw=0.15e9,
         dequant_elems=40e9, kv_codec_elems=25e9,
-        step_overhead_s=60e-6, transfer_overhead_s=30e-6, disk_latency_s=1e-3,
+        step_overhead_s=60e-6, transfer_overhead_s=30e-6, cache_transfer_overhead_s=60e-6, disk_latency_s=1e-3,
         gpu_memory=15 * GiB, cpu_memory=12 * GiB, disk_space=80 * GiB),
     "h100": HardwareProfile(
         name="h100", source="published: NVIDIA H100 SXM data sheet (989 TFLOP/s dense fp16, 3.35 TB/s), "
@@ -135,7 +138,7 @@ PRESETS: dict[str, HardwareProfile] = {
         matmul_flops=600e12, weight_read_bw=2.5e12, attention_bw=2.0e12, cpu_attention_bw=30e9,
         link_pinned_bw=45e9, link_pageable_bw=15e9, disk_read_bw=1.8e9, disk_write_bw=1.2e9,
         dequant_elems=500e9, kv_codec_elems=250e9,
-        step_overhead_s=40e-6, transfer_overhead_s=20e-6, disk_latency_s=0.2e-3,
+        step_overhead_s=40e-6, transfer_overhead_s=20e-6, cache_transfer_overhead_s=40e-6, disk_latency_s=0.2e-3,
         gpu_memory=78 * GiB, cpu_memory=128 * GiB, disk_space=60 * GiB),
 }
 PRESETS["h200"] = PRESETS["h100"].replace(

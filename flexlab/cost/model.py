@@ -183,7 +183,7 @@ class CostModel:
                             compute += (rows * st.row_table + st.batch_dequant_elems) / hw.dequant_elems
                         if "attention" in st.parts:
                             if seqs["disk"] or (link and seqs["cpu"]):  # a load (decode) and a store on lanes
-                                compute += hw.transfer_overhead_s * (1 + (t > 0))
+                                compute += hw.cache_transfer_overhead_s * (1 + (t > 0))
                             c, d, lk, moved = self._attention(seqs, b, tokens, cached)
                             compute, disk, lnk = compute + c, disk + d, lnk + lk
                             for kind, v in moved.items():
