@@ -3,7 +3,9 @@
 Systems: (1) `transformers` `generate` with the model in memory and no limit; (2) Hugging Face
 Accelerate big-model inference (`device_map="auto"`, `max_memory`, layers beyond it offloaded to
 `offload_folder` on disk) under the memory limit, at each batch size given; (3) flexlab under the
-same limit with each of its policies, with and without compression. Each system runs in its own
+same limit with each of its policies, with and without compression. For flexlab it also reports
+the bytes the run read from disk and the throughput those reads alone would allow at the speed
+``dd iflag=direct`` measured in the same run (``disk_bound_tok_s``). Each system runs in its own
 process; as root with a cgroup memory controller, that process runs in a cgroup limited to
 `memory_limit_gb` (the page cache is charged to it) after the page cache is dropped, so no system
 can keep a model the limit says does not fit in RAM. Without that, the table says so.
@@ -26,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
-from _common import parse_config, write_results
+from _common import dd_direct_bandwidth, parse_config, write_results
 
 
 @dataclass
@@ -73,6 +75,7 @@ def worker(job: dict) -> dict:
     batch = job["batch"]
     ids = prompts(batch, job["prompt_len"], cfg["vocab_size"])
     start = time.perf_counter()
+    extra = {}
     if job["system"] in ("transformers", "accelerate"):
         from transformers import AutoModelForCausalLM
 
@@ -98,12 +101,14 @@ def worker(job: dict) -> dict:
         with flexlab.Engine(model, policy, offload_dir=job["offload_dir"]) as engine:
             load_s = time.perf_counter() - start
             start = time.perf_counter()
+            before = engine.files.read_bytes
             result = engine.generate(ids, max_new_tokens=job["gen_len"], stop_token_ids=None)
+            extra["disk_read_GB"] = (engine.files.read_bytes - before) / 1e9
         tokens = sum(map(len, result.token_ids))
         policy = policy.describe()
     seconds = time.perf_counter() - start
     return dict(system=job["system"], batch=batch, policy=policy, throughput_tok_s=tokens / seconds, seconds=seconds,
-                load_s=load_s)
+                load_s=load_s, tokens=tokens, **extra)
 
 
 # ---- the parent: memory limits and the table ----------------------------------------------
@@ -217,6 +222,7 @@ def main(cfg: Config) -> pd.DataFrame:
         acc_gb = max(0.1, (cfg.memory_limit_gb or 1.0) - 0.7) / 1.074
         for b in (int(x) for x in cfg.accelerate_batches.split(",")):
             rows.append(run_job({**base, "system": "accelerate", "batch": b, "accelerate_cpu_gb": acc_gb}, limit))
+        dd = dd_direct_bandwidth(work, 16 if cfg.quick else 1024)
         for spec in cfg.flexlab_policies.split(";"):
             policy = flexlab_policy(spec)
             rows.append({**run_job({**base, "system": "flexlab", "batch": policy.block_size, "policy": spec}, limit),
@@ -226,10 +232,14 @@ def main(cfg: Config) -> pd.DataFrame:
     in_memory = df[df.system == "transformers"].throughput_tok_s.max()
     df["vs_accelerate"] = df.throughput_tok_s / best_accelerate
     df["vs_transformers_in_memory"] = df.throughput_tok_s / in_memory
+    if "disk_read_GB" in df:  # the most a run that reads these bytes can reach at dd's speed
+        df["dd_direct_GB_s"] = dd
+        df["disk_bound_tok_s"] = df.tokens / (df.disk_read_GB / dd)
     print(f"{cfg.preset} ({cfg.dtype}), prompt {cfg.prompt_len}, gen {cfg.gen_len}, limit "
           f"{cfg.memory_limit_gb or 'none'} GB: {rows[-1].get('memory')}")
     cols = [c for c in ("system", "batch", "policy", "throughput_tok_s", "vs_accelerate",
-                        "vs_transformers_in_memory", "peak_memory_gb", "error") if c in df]
+                        "vs_transformers_in_memory", "disk_read_GB", "disk_bound_tok_s", "peak_memory_gb", "error")
+            if c in df]
     print(df[cols].to_string(index=False, float_format=lambda x: f"{x:.2f}"))
     stem = f"compare_baselines_{cfg.preset}_{cfg.memory_limit_gb:g}GB" + ("_quick" if cfg.quick else "")
     out = write_results(df, cfg, stem, memory=rows[-1].get("memory"))
