@@ -55,7 +55,8 @@ def flexlab_policy(spec: str):
     weights, cache, shape = spec.split()
     bs, nb = (int(x) for x in shape.split("x"))
     w = {"disk-w": [0, 0], "cpu-w": [0, 100], "half-w": [0, 50], "gpu-w": [100, 0]}[weights]
-    c = {"cpu-cache": [0, 100], "disk-cache": [0, 0], "half-cache": [0, 50], "gpu-cache": [100, 0]}[cache.removesuffix("4bit")]
+    caches = {"cpu-cache": [0, 100], "disk-cache": [0, 0], "half-cache": [0, 50], "gpu-cache": [100, 0]}
+    c = caches[cache.removesuffix("4bit")]
     extra = {"compress_cache": flexlab.QuantConfig(bits=4, group_size=64)} if cache.endswith("4bit") else {}
     return flexlab.Policy.from_percent(w + c + [100, 0], gpu_batch_size=bs, num_gpu_batches=nb, **extra)
 

@@ -86,7 +86,8 @@ def main(cfg: Config) -> pd.DataFrame:
         rows.append(stats)
         dd_before = dd_after
         if run == 0 or not overlap:
-            result.timeline.save(Path(cfg.out_dir) / f"disk_offload_decode_timeline_{device.type}_overlap{int(overlap)}.json")
+            name = f"disk_offload_decode_timeline_{device.type}_overlap{int(overlap)}.json"
+            result.timeline.save(Path(cfg.out_dir) / name)
 
     df = pd.DataFrame(rows)
     cols = ["round", "overlap", "decode_s", "weight_load_s", "compute_s", "decode_vs_bound", "io_hidden_fraction",
