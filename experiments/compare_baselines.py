@@ -12,6 +12,8 @@ can keep a model the limit says does not fit in RAM. Without that, the table say
 
     python experiments/compare_baselines.py                 # opt-1.3b-shaped, 2 GB limit: ~15 min here
     python experiments/compare_baselines.py --memory-limit-gb 1.2
+    python experiments/compare_baselines.py --preset opt-125m --memory-limit-gb 0 --accelerate-batches "" \
+        --flexlab-policies "gpu-w gpu-cache 64x1"         # in memory, the same batch as transformers
     python experiments/compare_baselines.py --quick true    # opt-tiny, seconds (CI)
 """
 
@@ -221,7 +223,7 @@ def main(cfg: Config) -> pd.DataFrame:
         rows = [run_job({**base, "system": "transformers", "batch": cfg.transformers_batch}, None)]
         # Accelerate gets the limit minus room for activations, the interpreter and torch (~0.7 GB).
         acc_gb = max(0.1, (cfg.memory_limit_gb or 1.0) - 0.7) / 1.074
-        for b in (int(x) for x in cfg.accelerate_batches.split(",")):
+        for b in (int(x) for x in cfg.accelerate_batches.split(",") if x.strip()):  # "": no Accelerate runs
             rows.append(run_job({**base, "system": "accelerate", "batch": b, "accelerate_cpu_gb": acc_gb}, limit))
         dd = dd_direct_bandwidth(work, 16 if cfg.quick else 1024)
         for spec in cfg.flexlab_policies.split(";"):
