@@ -147,10 +147,13 @@ class DiskFiles:
     def write(self, path: Path, offset: int, data: torch.Tensor) -> None:
         """Write a tensor's bytes at ``offset``: with O_DIRECT when offset and size are aligned
         (the page cache then holds no copy), else buffered."""
-        raw = data.contiguous().view(torch.uint8).reshape(-1)
-        if self.direct and offset % ALIGN == 0 and raw.numel() % ALIGN == 0:
-            if raw.data_ptr() % ALIGN:
-                raw = aligned_empty(raw.numel()).copy_(raw)
+        size = nbytes(data)
+        if self.direct and offset % ALIGN == 0 and size % ALIGN == 0:
+            if data.is_contiguous() and data.data_ptr() % ALIGN == 0:
+                raw = data.view(torch.uint8).reshape(-1)
+            else:  # one copy, straight from ``data`` (which may be strided), into an aligned buffer
+                raw = aligned_empty(size)
+                raw.view(data.dtype).view(data.shape).copy_(data)
             try:
                 self._pwrite(self._fd(path, True, write=True), raw, path, offset)
                 return
@@ -158,7 +161,7 @@ class DiskFiles:
                 if e.errno != errno.EINVAL:  # EINVAL: the file system refuses O_DIRECT (tmpfs)
                     raise
                 self.direct = False
-        self._pwrite(self._fd(path, False, write=True), raw, path, offset)
+        self._pwrite(self._fd(path, False, write=True), data.contiguous().view(torch.uint8).reshape(-1), path, offset)
 
     @staticmethod
     def _pwrite(fd: int, raw: torch.Tensor, path: Path, offset: int) -> None:
