@@ -96,7 +96,10 @@ class HardwareProfile:
         data = json.loads(Path(path).read_text())
         names = {f.name for f in fields(cls)}
         if set(data) != names:
-            raise FlexlabError(f"{path} is not a hardware profile: expected keys {sorted(names)}, got {sorted(data)}")
+            missing, unknown = sorted(names - set(data)), sorted(set(data) - names)
+            raise FlexlabError(f"{path} is not a hardware profile of this flexlab version (missing: {missing or 'none'}; "
+                               f"unknown: {unknown or 'none'}); measure it again with flexlab.cost.calibrate() or "
+                               "`flexlab calibrate`")
         return cls(**{k: float(v) if v == "inf" else v for k, v in data.items()})
 
     def _repr_html_(self) -> str:

@@ -3,6 +3,8 @@ the search respects capacities and keeps compression; bad input is refused clear
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -123,3 +125,8 @@ def test_hardware_profiles_round_trip_and_calibrate_runs(tmp_path):
     hw.save(tmp_path / "hw.json")
     assert get_hardware(tmp_path / "hw.json") == hw
     assert list(tmp_path.iterdir()) == [tmp_path / "hw.json"]  # the probe file is gone
+    old = json.loads((tmp_path / "hw.json").read_text())
+    del old["cache_transfer_overhead_s"]  # a profile saved by an earlier version
+    (tmp_path / "old.json").write_text(json.dumps(old))
+    with pytest.raises(flexlab.FlexlabError, match=r"missing: \['cache_transfer_overhead_s'\].*calibrate"):
+        get_hardware(tmp_path / "old.json")
