@@ -84,8 +84,9 @@ class BlockRun:
         steps = block_schedule(self.num_tokens, engine.stages, len(self.tokens),
                                prefetch=1 if engine.policy.overlap else 0, act_moves=self.acts is not None)
         handlers = {"load_weight": self.load_weight, "release_weight": self.release_weight,
-                    "load_cache": self.load_cache, "load_act": self.load_act, "compute": self.compute,
-                    "store_cache": self.store_cache, "store_act": self.store_act, "inline": self.moves_nothing}
+                    "load_cache": self.load_cache, "release_cache": self.release_cache, "load_act": self.load_act,
+                    "compute": self.compute, "store_cache": self.store_cache, "store_act": self.store_act,
+                    "inline": self.moves_nothing}
         start = time.perf_counter()
         try:
             engine.executor.run(steps, handlers, self.finished)
@@ -132,6 +133,9 @@ class BlockRun:
             rows["v"] = 0
         loaded, moved = self.cache.load(layer, step.batch, rows, cpu_rows_stay=self.engine.policy.cpu_cache_compute)
         return loaded, sum(moved.values())
+
+    def release_cache(self, key, loaded: LoadedCache) -> None:
+        self.cache.release(loaded)
 
     def store_cache(self, step: Step, computed: dict) -> int:
         if self.mode == "score":  # nothing will read it

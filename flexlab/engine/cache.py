@@ -11,7 +11,7 @@ business; the store only moves rows.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -34,6 +34,7 @@ class LoadedCache:
     host_k: torch.Tensor | None = None
     host_v: torch.Tensor | None = None
     host_span: tuple[int, int] | None = None
+    buffers: list[torch.Tensor] = field(default_factory=list)  # read buffers the rows still point into
 
 
 class CacheStore:
@@ -58,7 +59,9 @@ class CacheStore:
         self.slot_bytes: dict[tuple[int, int, str, str], int] = {}
         per_sequence = max(self.capacity[kv] * c.row_bytes for kv, c in codecs.items())
         most = max((c for parts in self.layout for t, _, c in parts if t == "disk"), default=0)
-        self.pool = BufferPool(most * per_sequence + 2 * ALIGN, 2) if most else None
+        # On a CPU the compute reads disk rows where they were read to (no copy): keys and values
+        # of the batch computing and of the one prefetched hold four buffers until released.
+        self.pool = BufferPool(most * per_sequence + 2 * ALIGN, 4 if device.type == "cpu" else 2) if most else None
 
     def _slot(self, layer: int, batch: int, tier: str, kv: str, count: int):
         key = (layer, batch, tier, kv)
@@ -105,6 +108,7 @@ class CacheStore:
         device_parts: dict[str, list] = {"k": [], "v": []}
         host: dict[str, torch.Tensor] = {}
         host_span = None
+        buffers: list[torch.Tensor] = []
         for kv in KV:
             n, row_bytes = rows[kv], self.codecs[kv].row_bytes
             for tier, first, count in self.layout[batch]:
@@ -118,14 +122,23 @@ class CacheStore:
                     if slot.device != self.device:  # a CPU-only machine has no cpu->gpu link
                         moved["cpu"] += count * n * row_bytes
                 else:
-                    device_parts[kv].append(self._read_disk(slot, kv, count, n))
+                    device_parts[kv].append(self._read_disk(slot, kv, count, n, buffers))
                     moved["disk"] += count * n * row_bytes
 
         def join(parts: list) -> torch.Tensor | None:
             return None if not parts else parts[0] if len(parts) == 1 else torch.cat(parts)
 
-        loaded = LoadedCache(join(device_parts["k"]), join(device_parts["v"]), host.get("k"), host.get("v"), host_span)
+        loaded = LoadedCache(join(device_parts["k"]), join(device_parts["v"]), host.get("k"), host.get("v"), host_span,
+                             buffers)
+        if any(len(parts) > 1 for parts in device_parts.values()):
+            self.release(loaded)  # the join copied the rows out: the buffers are free now
         return loaded, moved
+
+    def release(self, loaded: LoadedCache) -> None:
+        """Hand back the read buffers a load's rows point into (after the last compute reading them)."""
+        for buf in loaded.buffers:
+            self.pool.release(buf)
+        loaded.buffers = []
 
     def gather(self, layer: int, batch: int, kv: str, positions: list[list[int]]) -> tuple[torch.Tensor, int]:
         """Only the rows at ``positions`` (ascending, per sequence of the batch), as
@@ -163,23 +176,28 @@ class CacheStore:
                 self.pool.release(buf)
         return out, moved
 
-    def _read_disk(self, path: Path, kv: str, count: int, n: int) -> torch.Tensor:
+    def _read_disk(self, path: Path, kv: str, count: int, n: int, held: list[torch.Tensor]) -> torch.Tensor:
         """Rows ``0..n`` of each of the ``count`` sequences in a disk slot (one read), as
-        ``[count, n, *row]`` on the device."""
+        ``[count, n, *row]`` on the device. On a CPU that is a view of the read buffer, which is
+        appended to ``held`` (for :meth:`release`); on a GPU, a copy."""
         codec = self.codecs[kv]
         row = codec.row_bytes
-        out = torch.empty((count, n, *codec.row_shape), dtype=codec.row_dtype, device=self.device)
         if n == 0:  # e.g. per-channel keys before their first whole chunk
-            return out
+            return torch.empty((count, 0, *codec.row_shape), dtype=codec.row_dtype, device=self.device)
         buf = self.pool.acquire()
         try:
             raw = self.files.read(path, 0, n * count * row, buf)
-            out.copy_(raw.view(codec.row_dtype).view(n, count, *codec.row_shape).transpose(0, 1))
-            if self.device.type == "cuda":
-                torch.cuda.current_stream().synchronize()
+            rows = raw.view(codec.row_dtype).view(n, count, *codec.row_shape).transpose(0, 1)
+            if self.device.type == "cpu":
+                held.append(buf)
+                buf = None
+                return rows
+            out = rows.to(self.device, non_blocking=True)
+            torch.cuda.current_stream().synchronize()
+            return out
         finally:
-            self.pool.release(buf)
-        return out
+            if buf is not None:
+                self.pool.release(buf)
 
     def close(self) -> None:
         for key, slot in self.slots.items():

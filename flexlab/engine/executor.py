@@ -64,7 +64,8 @@ class Executor:
 
     Handlers: ``load_*(step) -> (value, bytes)``, ``compute(step, inputs) -> value`` where
     ``inputs`` maps dependency keys to values, ``store_*(step, computed) -> bytes``; optional
-    ``release_weight(key, value)`` after a stage's last compute, and ``inline(step) -> bool`` for
+    ``release_weight(key, value)`` / ``release_cache(key, value)`` once the last compute that
+    reads a load is done (its buffers may be reused), and ``inline(step) -> bool`` for
     transfers that move nothing and so run on the calling thread.
     """
 
@@ -166,8 +167,9 @@ class Executor:
         self.futures[step.key] = _done(value)
         for key in step.releases:
             released = self.futures.pop(key, None)
-            if key[0] == "load_weight" and released is not None and "release_weight" in self.handlers:
-                self.handlers["release_weight"](key, released.result()[0])
+            release = self.handlers.get("release_" + key[0].removeprefix("load_"))
+            if released is not None and release is not None:
+                release(key, released.result()[0])
 
     def timed(self, kind: str, step: Step, fn: Callable[[], object], *, moves_bytes: bool = False):
         """Run ``fn`` inside a compute and record it as its own event on the compute lane: the

@@ -73,10 +73,15 @@ class BufferPool:
     """A fixed set of equal staging buffers, handed out and returned; no allocation per read."""
 
     def __init__(self, size: int, count: int, pin: bool = False) -> None:
-        self.size = size
+        self.size, self.count = size, count
         self._free: queue.Queue[torch.Tensor] = queue.Queue()
         for _ in range(count):
             self._free.put(aligned_empty(size, pin))
+
+    @property
+    def free(self) -> int:
+        """Buffers not handed out now (all of them between runs, or one was never returned)."""
+        return self._free.qsize()
 
     def acquire(self) -> torch.Tensor:
         return self._free.get()

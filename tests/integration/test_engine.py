@@ -229,6 +229,36 @@ def test_cpu_cache_compute_leaves_cpu_rows_on_the_host(model, monkeypatch):
     assert spans and all(span == (1, 2) for span in spans)  # of 4 sequences: 1 gpu, 2 cpu, 1 disk
 
 
+@pytest.mark.parametrize("policy", [
+    Policy.from_percent([100, 0, 0, 0, 100, 0], gpu_batch_size=2, num_gpu_batches=3),
+    Policy.from_percent([100, 0, 25, 50, 100, 0], gpu_batch_size=4, cpu_cache_compute=True),
+    Policy.from_percent([100, 0, 30, 30, 100, 0], gpu_batch_size=3, num_gpu_batches=2, overlap=False),
+    Policy.from_percent([100, 0, 0, 0, 100, 0], gpu_batch_size=2, num_gpu_batches=2, attn_sparsity=0.5),
+    Policy.from_percent([100, 0, 0, 0, 100, 0], gpu_batch_size=2, num_gpu_batches=2,
+                        compress_cache=flexlab.QuantConfig(bits=4, group_size=4)),
+], ids=["disk", "split, cpu attention", "split, overlap off", "sparse", "4-bit"])
+def test_every_cache_read_buffer_comes_back(model, monkeypatch, policy):
+    """On a CPU, attention reads disk rows in the read buffers; each must be handed back once the
+    compute is done with it (a lost one would stall a later read for ever)."""
+    from flexlab.engine.cache import CacheStore
+    from flexlab.engine.tiers import BufferPool
+
+    # A lost buffer would make a later read wait for ever: fail instead.
+    monkeypatch.setattr(BufferPool, "acquire", lambda self: self._free.get(timeout=30))
+    free_at_close = []
+    original = CacheStore.close
+
+    def close(self):
+        if self.pool is not None:
+            free_at_close.append((self.pool.free, self.pool.count))
+        original(self)
+
+    monkeypatch.setattr(CacheStore, "close", close)
+    with flexlab.Engine(model, policy) as engine:
+        engine.generate(PROMPTS, max_new_tokens=4)
+    assert free_at_close and all(free == count for free, count in free_at_close)
+
+
 def test_a_failing_transfer_surfaces_and_leaves_nothing_behind(model, tmp_path, monkeypatch):
     from flexlab.engine.store import WeightStore
 
