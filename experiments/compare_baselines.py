@@ -4,8 +4,9 @@ Systems: (1) `transformers` `generate` with the model in memory and no limit; (2
 Accelerate big-model inference (`device_map="auto"`, `max_memory`, layers beyond it offloaded to
 `offload_folder` on disk) under the memory limit, at each batch size given; (3) flexlab under the
 same limit with each of its policies, with and without compression. For flexlab it also reports
-the bytes the run read from disk and the throughput those reads alone would allow at the speed
-``dd iflag=direct`` measured in the same run (``disk_bound_tok_s``). Each system runs in its own
+the bytes the run read from disk, their average rate, and the throughput those reads alone would
+allow at the speed ``dd iflag=direct`` measured right before and after the run
+(``disk_bound_tok_s``). Each system runs in its own
 process; as root with a cgroup memory controller, that process runs in a cgroup limited to
 `memory_limit_gb` (the page cache is charged to it) after the page cache is dropped, so no system
 can keep a model the limit says does not fit in RAM. Without that, the table says so.
@@ -225,23 +226,27 @@ def main(cfg: Config) -> pd.DataFrame:
         acc_gb = max(0.1, (cfg.memory_limit_gb or 1.0) - 0.7) / 1.074
         for b in (int(x) for x in cfg.accelerate_batches.split(",") if x.strip()):  # "": no Accelerate runs
             rows.append(run_job({**base, "system": "accelerate", "batch": b, "accelerate_cpu_gb": acc_gb}, limit))
-        dd = dd_direct_bandwidth(work, 16 if cfg.quick else 1024)
+        probe_mb = 16 if cfg.quick else 1024
+        dd_before = dd_direct_bandwidth(work, probe_mb)
         for spec in cfg.flexlab_policies.split(";"):
             policy = flexlab_policy(spec)
-            rows.append({**run_job({**base, "system": "flexlab", "batch": policy.block_size, "policy": spec}, limit),
-                         "spec": spec})
+            row = run_job({**base, "system": "flexlab", "batch": policy.block_size, "policy": spec}, limit)
+            dd_after = dd_direct_bandwidth(work, probe_mb)  # the disk's speed swings: probe on both sides
+            rows.append({**row, "spec": spec, "dd_before_GB_s": dd_before, "dd_after_GB_s": dd_after})
+            dd_before = dd_after
     df = pd.DataFrame(rows)
     best_accelerate = df[df.system == "accelerate"].throughput_tok_s.max()
     in_memory = df[df.system == "transformers"].throughput_tok_s.max()
     df["vs_accelerate"] = df.throughput_tok_s / best_accelerate
     df["vs_transformers_in_memory"] = df.throughput_tok_s / in_memory
     if "disk_read_GB" in df:  # the most a run that reads these bytes can reach at dd's speed
-        df["dd_direct_GB_s"] = dd
-        df["disk_bound_tok_s"] = df.tokens / (df.disk_read_GB / dd)
+        df["disk_read_GB_s"] = df.disk_read_GB / df.seconds  # averaged over the whole run
+        df["disk_bound_tok_s"] = df.tokens / (df.disk_read_GB / ((df.dd_before_GB_s + df.dd_after_GB_s) / 2))
     print(f"{cfg.preset} ({cfg.dtype}), prompt {cfg.prompt_len}, gen {cfg.gen_len}, limit "
           f"{cfg.memory_limit_gb or 'none'} GB: {rows[-1].get('memory')}")
     cols = [c for c in ("system", "batch", "policy", "throughput_tok_s", "vs_accelerate",
-                        "vs_transformers_in_memory", "disk_read_GB", "disk_bound_tok_s", "peak_memory_gb", "error")
+                        "vs_transformers_in_memory", "disk_read_GB", "disk_read_GB_s", "dd_before_GB_s",
+                        "dd_after_GB_s", "disk_bound_tok_s", "peak_memory_gb", "error")
             if c in df]
     print(df[cols].to_string(index=False, float_format=lambda x: f"{x:.2f}"))
     stem = f"compare_baselines_{cfg.preset}_{cfg.memory_limit_gb:g}GB" + ("_quick" if cfg.quick else "")
