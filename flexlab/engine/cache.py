@@ -161,7 +161,7 @@ class CacheStore:
             where = [{p: at for at, p in enumerate(pos)} for pos in mine]  # position -> index in out
             buf = self.pool.acquire()
             try:
-                for start, n, _ in _runs(sorted(set().union(*mine))):
+                for start, n in _runs(sorted(set().union(*mine))):
                     raw = self.files.read(slot, start * count * codec.row_bytes, n * count * codec.row_bytes, buf)
                     lines = raw.view(codec.row_dtype).view(n, count, *codec.row_shape)
                     for i, at in enumerate(where):
@@ -207,13 +207,12 @@ class CacheStore:
         self.slots.clear()
 
 
-def _runs(positions: list[int]) -> list[tuple[int, int, int]]:
-    """Ascending positions as runs ``(first position, length, index of the first in the list)``."""
+def _runs(positions: list[int]) -> list[tuple[int, int]]:
+    """Ascending positions as runs of consecutive ones: ``(first position, length)``."""
     runs: list[list[int]] = []
-    for at, p in enumerate(positions):
+    for p in positions:
         if runs and p == runs[-1][0] + runs[-1][1]:
             runs[-1][1] += 1
         else:
-            runs.append([p, 1, at])
-    return [tuple(r) for r in runs]
-
+            runs.append([p, 1])
+    return [(first, length) for first, length in runs]
