@@ -81,32 +81,47 @@ def place_weights(specs: list[WeightSpec], stages: list[Stage], w_gpu_percent: f
     """Per stage, ``(spec, tier, first)`` for every weight it reads; ``first`` is False for a tied
     weight placed by an earlier stage. Pure: the engine places by it, the cost model counts by it.
 
-    The layers' tensors are taken in order and each goes to the tier furthest behind its share
-    of the layer bytes placed so far (error diffusion): every layer gets its share to within one
-    tensor, and so does the whole stack, where a split inside each stage alone (FlexGen's rule)
-    can miss by a whole tensor per stage (with 25% on the gpu, an MLP stage of two equal matrices
-    would put nothing there, in every layer). Stages outside the layers (embeddings, head) are
-    split on their own by the midpoint rule, so their large tensors do not unbalance the layers.
+    A weight read by several stages (OPT's token embedding, also the LM head) is read that many
+    times per token, so it is placed first, on the fastest tiers: it takes the front of the
+    model's bytes, split by the midpoint rule, and the rest of the weights meet what it leaves
+    of each share. The layers' tensors are taken in order and each goes to the tier furthest
+    behind its share of the layer bytes placed so far (error diffusion): every layer gets its
+    share to within one tensor, and so does the whole stack, where a split inside each stage
+    alone (FlexGen's rule) can miss by a whole tensor per stage (with 25% on the gpu, an MLP
+    stage of two equal matrices would put nothing there, in every layer). Other stages outside
+    the layers (position embeddings, final norm) are split on their own by the midpoint rule, so
+    their large tensors do not unbalance the layers.
     """
-    share = {"gpu": w_gpu_percent / 100, "cpu": w_cpu_percent / 100}
-    share["disk"] = max(0.0, 1 - share["gpu"] - share["cpu"])
+    per_stage = [[s for part in stage.parts for s in part_weights(specs, part, stage.layer)] for stage in stages]
+    unique = {s.name: s for mine in per_stage for s in mine}
+    readers = {name: sum(any(s.name == name for s in mine) for mine in per_stage) for name in unique}
+    tied = [s for s in unique.values() if readers[s.name] > 1]
+    everything = sum(s.numel for s in unique.values())
+    rest = everything - sum(s.numel for s in tied)
+    placed = dict(zip((s.name for s in tied), split_by_share([s.numel for s in tied] + [rest], w_gpu_percent,
+                                                             w_cpu_percent)))
+    # The shares of the rest: what the tied weights left of each tier's bytes.
+    share = {}
+    for tier, percent in (("gpu", w_gpu_percent), ("cpu", w_cpu_percent)):
+        left = everything * percent / 100 - sum(s.numel for s in tied if placed[s.name] == tier)
+        share[tier] = min(max(0.0, left / rest), 1 - sum(share.values())) if rest else 0.0
+    share["disk"] = 1 - share["gpu"] - share["cpu"]
     assigned = dict.fromkeys(share, 0)
     total = 0
-    placed: dict[str, str] = {}
+    seen: set[str] = set()
     out = []
-    for stage in stages:
-        mine = [s for part in stage.parts for s in part_weights(specs, part, stage.layer)]
+    for stage, mine in zip(stages, per_stage):
         new = [s for s in mine if s.name not in placed]
         if stage.layer is None:
-            placed.update(zip((s.name for s in new), split_by_share([s.numel for s in new], w_gpu_percent,
-                                                                      w_cpu_percent)))
+            placed.update(zip((s.name for s in new), split_by_share([s.numel for s in new], 100 * share["gpu"],
+                                                                      100 * share["cpu"])))
         for spec in new if stage.layer is not None else ():
             total += spec.numel
             tier = max(share, key=lambda t: share[t] * total - assigned[t])  # ties: gpu, then cpu
             assigned[tier] += spec.numel
             placed[spec.name] = tier
-        firsts = {s.name for s in new}
-        out.append([(s, placed[s.name], s.name in firsts) for s in mine])
+        out.append([(s, placed[s.name], s.name not in seen) for s in mine])
+        seen.update(s.name for s in mine)
     return out
 
 
@@ -188,6 +203,11 @@ class WeightStore:
             parts = [p.to(device) for p in parts]
             if tier == "cpu" and pin:
                 parts = [p.pin_memory() for p in parts]
+            elif parts[0].device.type == "cpu":
+                # A checkpoint's tensor may be a map of its file, i.e. page cache: under memory
+                # pressure the kernel drops it and reads it back by page faults, mid-compute.
+                # A copy in the process's own memory stays put.
+                parts = [p.clone() for p in parts]
             w = PlacedWeight(spec, tier, parts, qt)
         self.tracker.add(tier, "weights", w.nbytes)
         return w

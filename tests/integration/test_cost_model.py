@@ -62,13 +62,30 @@ def test_placement_meets_the_shares_globally_and_per_stage():
     everything = sum(total.values())
     largest = max(s.numel for s in specs)
     assert abs(total["gpu"] - 0.25 * everything) <= largest and abs(total["cpu"] - 0.35 * everything) <= largest
-    # every layer gets its share to within one of its tensors: no layer wholly on disk
+    # The token embedding (also the head) is read twice per token: it takes the fastest tier first.
+    table = next(s for s in specs if s.name.endswith("embed_tokens.weight"))
+    assert [t for items in placed for s, t, _ in items if s is table] == ["gpu", "gpu"]
+    # every layer gets the share the embedding left, to within one of its tensors: none wholly on disk
+    rest = everything - table.numel
+    shares = {"gpu": (0.25 * everything - table.numel) / rest, "cpu": 0.35 * everything / rest}
+    shares["disk"] = 1 - shares["gpu"] - shares["cpu"]
     layers = [items for items, st in zip(placed, stages) if st.layer is not None]
     for a, m in zip(layers[::2], layers[1::2]):
         size = sum(s.numel for s, _, _ in a + m)
         biggest = max(s.numel for s, _, _ in a + m)
-        for tier, share in (("gpu", 0.25), ("cpu", 0.35), ("disk", 0.40)):
+        for tier, share in shares.items():
             assert abs(sum(s.numel for s, t, _ in a + m if t == tier) - share * size) <= biggest
+
+
+def test_a_small_cpu_share_keeps_the_embedding_off_disk():
+    """10% on the cpu tier holds the token embedding (8% of opt-1.3b), read twice per token."""
+    cfg = flexlab.get_preset("opt-1.3b")
+    specs = flexlab.Model.from_config(cfg).family.weight_specs(cfg)
+    placed = place_weights(specs, make_stages(cfg.num_layers, sep_layer=True), 0, 10)
+    tiers = {s.name: t for items in placed for s, t, _ in items}
+    assert tiers["decoder.embed_tokens.weight"] == "cpu"
+    on_cpu = sum(s.numel for s in specs if tiers[s.name] == "cpu")
+    assert abs(on_cpu - 0.10 * sum(s.numel for s in specs)) <= max(s.numel for s in specs if s.layer is not None)
 
 
 def test_prediction_explains_the_bottleneck():

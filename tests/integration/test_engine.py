@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import random
 
 import pytest
@@ -271,3 +272,17 @@ def test_a_failing_transfer_surfaces_and_leaves_nothing_behind(model, tmp_path, 
         with pytest.raises(OSError, match="disk went away"):
             engine.generate(PROMPTS, max_new_tokens=3)
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/maps"), reason="reads Linux's /proc/self/maps")
+def test_memory_tier_weights_are_not_maps_of_the_checkpoint_file(tiny_dir):
+    """A tensor mapped from the checkpoint is page cache: under a memory limit the kernel may drop
+    it and read it back by page faults in the middle of a compute. Weights kept in memory are copies."""
+    model = flexlab.Model.from_pretrained(tiny_dir, dtype=torch.float32)
+    with flexlab.Engine(model, Policy.from_percent([30, 70, 100, 0, 100, 0], gpu_batch_size=2)) as engine:
+        maps = [line.split()[0].split("-") for line in open("/proc/self/maps") if str(tiny_dir) in line]
+        if not maps:
+            pytest.skip("this safetensors version does not map checkpoint files")
+        spans = [(int(a, 16), int(b, 16)) for a, b in maps]
+        ptrs = [p.data_ptr() for w in engine.weights.placed.values() if w.tier != "disk" for p in w.parts]
+        assert ptrs and not [p for p in ptrs if any(a <= p < b for a, b in spans)]
