@@ -6,6 +6,7 @@
     flexlab search --preset opt-30b --hardware colab-t4
     flexlab calibrate --out my-machine.json
     flexlab convert SRC DST --dtype float16
+    flexlab convert opt-13b DST --random     # random weights, float16
     flexlab chat --model DIR
     flexlab presets
 
@@ -253,10 +254,17 @@ def calibrate(args: argparse.Namespace) -> int:
 
 
 def convert(args: argparse.Namespace) -> int:
-    """Convert a checkpoint into safetensors shards the engine reads in place from disk."""
-    from flexlab.models.convert import convert_checkpoint
+    """Convert a checkpoint into safetensors shards the engine reads in place from disk, or write
+    a preset's random weights as a checkpoint (``--random``)."""
+    from flexlab.models.convert import convert_checkpoint, save_checkpoint
 
-    out = convert_checkpoint(args.source, args.target, dtype=_dtype(args.dtype))
+    if args.random:
+        import flexlab
+
+        out = save_checkpoint(flexlab.Model.from_config(args.source, seed=args.seed), args.target,
+                              dtype=_dtype(args.dtype or "float16"))
+    else:
+        out = convert_checkpoint(args.source, args.target, dtype=_dtype(args.dtype))
     print(f"wrote {out}")
     return 0
 
@@ -356,9 +364,13 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(func=calibrate)
 
     p = sub.add_parser("convert", help="checkpoint -> safetensors the engine reads in place from disk")
-    p.add_argument("source", help="checkpoint directory or hub id")
+    p.add_argument("source", help="checkpoint directory or hub id (with --random: a preset name)")
     p.add_argument("target", help="a new directory")
-    p.add_argument("--dtype", choices=DTYPES, default=None, help="convert the weights to this dtype")
+    p.add_argument("--dtype", choices=DTYPES, default=None,
+                   help="convert the weights to this dtype (with --random, default float16)")
+    p.add_argument("--random", action="store_true", help="write the preset's random weights (one tensor at a "
+                   "time: any size fits in memory), e.g. for benchmarks without a download")
+    p.add_argument("--seed", type=int, default=0, help="with --random: the weights' seed")
     p.set_defaults(func=convert)
 
     p = sub.add_parser("chat", help="a multi-turn chat in the terminal")

@@ -1,7 +1,10 @@
-"""Convert a checkpoint into an offload-ready directory: safetensors shards the engine reads in
-place from disk (no second copy at engine start), optionally in another dtype.
+"""Write a model as an offload-ready checkpoint directory: safetensors shards the engine reads in
+place from disk (no second copy at engine start), optionally in another dtype. Also how random
+checkpoints of any size are made: one tensor at a time, never the whole model in memory (an
+OPT-30B-shaped model in float16 needs 60 GB of disk but no more memory than its largest shard).
 
     >>> convert_checkpoint("opt-1.3b-bin", "/data/opt-1.3b-offload", dtype=torch.float16)  # doctest: +SKIP
+    >>> save_checkpoint(Model.from_config("opt-13b"), "/data/opt-13b-random", dtype=torch.float16)  # doctest: +SKIP
 """
 
 from __future__ import annotations
@@ -24,18 +27,29 @@ COPIED = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_
 def convert_checkpoint(source: str | os.PathLike, target: str | os.PathLike, *, dtype: torch.dtype | None = None,
                        progress: bool = True) -> Path:
     """Write ``source``'s weights (any checkpoint ``Model.from_pretrained`` reads) as safetensors
-    shards of at most 2 GiB in ``target``, with its config and tokenizer files. Atomic: the
+    shards in ``target``, with its config and tokenizer files; see :func:`save_checkpoint`."""
+    from flexlab.models.model import Model
+
+    _check_target(Path(target).expanduser())
+    model = Model.from_pretrained(source, dtype=dtype, device="cpu")
+    try:
+        return save_checkpoint(model, target, dtype=dtype, progress=progress)
+    finally:
+        model.weights.close()
+
+
+def save_checkpoint(model, target: str | os.PathLike, *, dtype: torch.dtype | None = None,
+                    progress: bool = True) -> Path:
+    """Write ``model``'s weights (from a checkpoint, or random) as safetensors shards of at most
+    2 GiB in ``target``, with a ``config.json`` (and the source's tokenizer files, if any), one
+    tensor at a time. ``transformers`` and ``Model.from_pretrained`` load the result. Atomic: the
     directory appears complete or not at all. Refuses a non-empty ``target``."""
     from safetensors.torch import save_file
     from tqdm.auto import tqdm
 
-    from flexlab.models.model import Model
-
     target = Path(target).expanduser()
-    if target.exists() and any(target.iterdir()):
-        raise CheckpointError(f"{target} exists and is not empty; choose a new directory")
-    model = Model.from_pretrained(source, dtype=dtype, device="cpu")
-    source_dir = Path(model.source)
+    _check_target(target)
+    source_dir = Path(model.source) if Path(model.source).is_dir() else None
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
@@ -50,10 +64,8 @@ def convert_checkpoint(source: str | os.PathLike, target: str | os.PathLike, *, 
                 shards.append(list(shard))
                 shard, size = {}, 0
 
-        names = list(model.weights.specs)
-
-        for name in tqdm(names, desc="converting", disable=not progress):
-            t = model.weights.get(name, dtype).contiguous()
+        for name in tqdm(list(model.weights.specs), desc="writing weights", disable=not progress):
+            t = model.weights.get(name, dtype).contiguous()  # None: as stored
             if size + t.numel() * t.element_size() > SHARD_BYTES:
                 flush()
             shard[name] = t
@@ -68,9 +80,13 @@ def convert_checkpoint(source: str | os.PathLike, target: str | os.PathLike, *, 
                 os.replace(tmp / f"shard-{i}.safetensors", tmp / final)
                 weight_map.update(dict.fromkeys(tensors, final))
             (tmp / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
-        for name in COPIED:
+        for name in COPIED if source_dir is not None else ():
             if (source_dir / name).exists():
                 shutil.copy2(source_dir / name, tmp / name)
+        if not (tmp / "config.json").exists():
+            hf = model.family.config_to_hf(model.config)
+            hf["torch_dtype"] = str(t.dtype).removeprefix("torch.")
+            (tmp / "config.json").write_text(json.dumps(hf, indent=2))
         for path in tmp.iterdir():  # on disk before the rename makes the folder visible
             fd = os.open(path, os.O_RDONLY)
             try:
@@ -83,6 +99,9 @@ def convert_checkpoint(source: str | os.PathLike, target: str | os.PathLike, *, 
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    finally:
-        model.weights.close()
     return target
+
+
+def _check_target(target: Path) -> None:
+    if target.exists() and any(target.iterdir()):
+        raise CheckpointError(f"{target} exists and is not empty; choose a new directory")

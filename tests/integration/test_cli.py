@@ -94,6 +94,23 @@ def test_convert_writes_safetensors_the_engine_reads_in_place(capsys, tmp_path, 
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bin", "st"]  # no temporary left behind
 
 
+def test_convert_random_writes_a_checkpoint_transformers_loads(capsys, tmp_path):
+    from transformers import OPTForCausalLM
+
+    code, out, _ = run(capsys, "convert", "opt-tiny", str(tmp_path / "rnd"), "--random", "--dtype", "float32",
+                       "--seed", "3")
+    assert code == 0 and (tmp_path / "rnd" / "config.json").exists()
+    ours = flexlab.Model.from_config("opt-tiny", seed=3, dtype=torch.float32)
+    hf = OPTForCausalLM.from_pretrained(tmp_path / "rnd", dtype=torch.float32)  # every weight loaded, none new
+    seq = [2, 5, 6, 9]
+    with torch.no_grad():
+        logprobs = torch.log_softmax(hf(torch.tensor([seq])).logits[0, :-1], dim=-1)
+    expected = logprobs.gather(-1, torch.tensor(seq[1:])[:, None]).squeeze(-1)
+    assert torch.allclose(ours.score([seq])[0], expected, atol=1e-5)
+    code, _, err = run(capsys, "convert", "opt-nope", str(tmp_path / "other"), "--random")
+    assert code == 2 and "opt-nope" in err and not (tmp_path / "other").exists()
+
+
 @pytest.mark.slow
 def test_chat_answers_each_line_and_keeps_history(capsys, monkeypatch):
     monkeypatch.setattr("sys.stdin", io.StringIO("What is a list?\nAnd a tuple?\n\n"))
