@@ -16,6 +16,15 @@ can keep a model the limit says does not fit in RAM. Without that, the table say
     python experiments/compare_baselines.py --preset opt-125m --memory-limit-gb 0 --accelerate-batches "" \
         --flexlab-policies "gpu-w gpu-cache 64x1"         # in memory, the same batch as transformers
     python experiments/compare_baselines.py --quick true    # opt-tiny, seconds (CI)
+    python experiments/compare_baselines.py --device cuda --preset opt-13b --dtype float16 --prompt-len 512 \
+        --memory-limit-gb 0 --transformers-batch 0 --accelerate-batches "1,8" --flexlab-policies "search;search4bit" \
+        --work-dir /data/bench                             # the GPU scenario: 16 GB of the GPU, as on a T4
+
+On a GPU every limited system gets ``gpu_limit_gb`` of the GPU, enforced with
+``torch.cuda.set_per_process_memory_fraction`` (Accelerate is also told 85% of it in
+``max_memory``); flexlab's ``search`` specs ask the cost model for the best policy under the same
+limits. The checkpoint is random weights written in the dtype, one tensor at a time, and kept in
+``work_dir`` for the next run.
 """
 
 from __future__ import annotations
@@ -41,27 +50,51 @@ class Config:
     prompt_len: int = 32
     gen_len: int = 32
     memory_limit_gb: float = 2.0
-    transformers_batch: int = 64
+    transformers_batch: int = 64  # 0: no transformers row (e.g. a model that fits nowhere in full)
     accelerate_batches: str = "16,64"
     flexlab_policies: str = "disk-w cpu-cache 48x2;disk-w disk-cache 64x4;disk-w disk-cache 64x8"
-    work_dir: str = ""  # where the checkpoint and offload files go (default: a temp dir)
+    device: str = "cpu"  # "cuda": the GPU scenario (the model on the GPU, offloading to the host and disk)
+    gpu_limit_gb: float = 16.0  # on cuda: GPU memory for the limited systems (a T4's 16 GB), enforced
+    hardware: str = ""  # for "search" specs: a profile JSON or preset (default: calibrate here, quick)
+    work_dir: str = ""  # where the checkpoint (kept for the next run) and offload files go (default: a temp dir)
     quick: bool = False  # opt-tiny, tiny batches: for CI
     out_dir: str = "experiments/results"
 
 
 def flexlab_policy(spec: str):
     """``"disk-w cpu-cache 64x2"``: weights on disk, cache on the cpu tier, gpu batch 64, 2 batches
-    per block. Caches: ``cpu-cache``, ``disk-cache``, ``half-cache`` (half on each), and each with a
-    ``4bit`` suffix for a 4-bit group-64 cache."""
+    per block. Weights: ``gpu-w``, ``cpu-w``, ``disk-w``, ``half-w`` (half cpu, half disk) or
+    ``cpuN-w`` (N% on the cpu tier, the rest on disk). Caches: ``cpu-cache``, ``disk-cache``,
+    ``half-cache`` (half on each), and each with a ``4bit`` suffix for a 4-bit group-64 cache.
+    (``"search"`` specs are resolved by :func:`searched_policy`.)"""
     import flexlab
 
     weights, cache, shape = spec.split()
     bs, nb = (int(x) for x in shape.split("x"))
-    w = {"disk-w": [0, 0], "cpu-w": [0, 100], "half-w": [0, 50], "gpu-w": [100, 0]}[weights]
+    named = {"disk-w": [0, 0], "cpu-w": [0, 100], "half-w": [0, 50], "gpu-w": [100, 0]}
+    w = named[weights] if weights in named else [0, float(weights.removeprefix("cpu").removesuffix("-w"))]
     caches = {"cpu-cache": [0, 100], "disk-cache": [0, 0], "half-cache": [0, 50], "gpu-cache": [100, 0]}
     c = caches[cache.removesuffix("4bit")]
     extra = {"compress_cache": flexlab.QuantConfig(bits=4, group_size=64)} if cache.endswith("4bit") else {}
     return flexlab.Policy.from_percent(w + c + [100, 0], gpu_batch_size=bs, num_gpu_batches=nb, **extra)
+
+
+def searched_policy(spec: str, cfg: Config, hw) -> dict:
+    """``"search"`` or ``"search4bit"`` (4-bit weights and cache allowed): the cost model's pick
+    for the limits, as ``Policy.to_dict``. On a GPU it gets ``gpu_limit_gb`` of GPU memory and the
+    memory limit (less 1 GB for the interpreter and torch) on the host; on a CPU the two share it."""
+    import flexlab
+    from flexlab.cost import search_policy
+
+    host = (cfg.memory_limit_gb - 1.0 if cfg.memory_limit_gb > 0 else hw.cpu_memory / 2**30 - 4) * 2**30
+    if cfg.device == "cuda":
+        hw = hw.replace(gpu_memory=cfg.gpu_limit_gb * 2**30, cpu_memory=host)
+    else:
+        hw = hw.replace(gpu_memory=host / 2, cpu_memory=host / 2)
+    compress = (None, flexlab.QuantConfig(bits=4, group_size=64)) if spec == "search4bit" else (None,)
+    found = search_policy(flexlab.get_preset(cfg.preset), hw, prompt_len=cfg.prompt_len, gen_len=cfg.gen_len,
+                          itemsize=getattr(__import__("torch"), cfg.dtype).itemsize, compress=compress)
+    return found.policy.to_dict()
 
 
 def prompts(n: int, length: int, vocab: int) -> list[list[int]]:
@@ -78,18 +111,24 @@ def worker(job: dict) -> dict:
     cfg = json.loads(Path(ckpt, "config.json").read_text())
     batch = job["batch"]
     ids = prompts(batch, job["prompt_len"], cfg["vocab_size"])
+    device = torch.device(job["device"])
+    if device.type == "cuda" and job["system"] != "transformers":  # enforced, not only planned for
+        torch.cuda.set_per_process_memory_fraction(
+            min(1.0, job["gpu_limit_gb"] * 2**30 / torch.cuda.get_device_properties(0).total_memory))
     start = time.perf_counter()
     extra = {}
     if job["system"] in ("transformers", "accelerate"):
         from transformers import AutoModelForCausalLM
 
-        kw = {}
+        kw = {"device_map": {"": 0}} if device.type == "cuda" else {}
         if job["system"] == "accelerate":
-            # Room for activations and the interpreter under the limit; the rest of the layers go to disk.
-            kw = dict(device_map="auto", max_memory={"cpu": f"{job['accelerate_cpu_gb']:.2f}GiB"},
-                      offload_folder=job["offload_dir"], offload_state_dict=True)
+            # Room for activations and the interpreter under the limits; the rest of the layers go to disk.
+            limits = {"cpu": f"{job['accelerate_cpu_gb']:.2f}GiB"}
+            if device.type == "cuda":  # room for activations and the CUDA context in the GPU's share
+                limits[0] = f"{job['gpu_limit_gb'] * 0.85:.2f}GiB"
+            kw = dict(device_map="auto", max_memory=limits, offload_folder=job["offload_dir"], offload_state_dict=True)
         model = AutoModelForCausalLM.from_pretrained(ckpt, dtype=dtype, **kw)
-        x = torch.tensor(ids)
+        x = torch.tensor(ids, device=device)
         load_s = time.perf_counter() - start
         start = time.perf_counter()
         with torch.inference_mode():
@@ -100,8 +139,8 @@ def worker(job: dict) -> dict:
     else:
         import flexlab
 
-        model = flexlab.Model.from_pretrained(ckpt, dtype=dtype)
-        policy = flexlab_policy(job["policy"])
+        model = flexlab.Model.from_pretrained(ckpt, dtype=dtype, device=device)
+        policy = flexlab.Policy.from_dict(job["policy_dict"]) if "policy_dict" in job else flexlab_policy(job["policy"])
         with flexlab.Engine(model, policy, offload_dir=job["offload_dir"]) as engine:
             load_s = time.perf_counter() - start
             start = time.perf_counter()
@@ -192,21 +231,16 @@ def plot_baselines(df: pd.DataFrame, title: str):
 
 
 def make_checkpoint(cfg: Config, directory: Path) -> Path:
-    """Random weights (seed 0) saved by transformers, so every system loads the same bytes."""
+    """Random weights (seed 0) in ``cfg.dtype``, written one tensor at a time as safetensors that
+    every system loads (no float32 copy of the model is ever built, so any size fits)."""
     import torch
-    from transformers import OPTForCausalLM
 
     import flexlab
-    from flexlab.models.opt import config_to_hf
+    from flexlab.models.convert import save_checkpoint
 
-    path = directory / cfg.preset
-    if (path / "config.json").exists():
-        return path
-    from transformers import OPTConfig
-
-    torch.manual_seed(0)
-    model = OPTForCausalLM(OPTConfig(**config_to_hf(flexlab.get_preset(cfg.preset)))).to(getattr(torch, cfg.dtype))
-    model.save_pretrained(path)
+    path = directory / f"{cfg.preset}-{cfg.dtype}"
+    if not (path / "config.json").exists():
+        save_checkpoint(flexlab.Model.from_config(cfg.preset, seed=0), path, dtype=getattr(torch, cfg.dtype))
     return path
 
 
@@ -214,23 +248,35 @@ def main(cfg: Config) -> pd.DataFrame:
     if cfg.quick:
         cfg.preset, cfg.prompt_len, cfg.gen_len, cfg.transformers_batch = "opt-tiny", 8, 4, 4
         cfg.accelerate_batches, cfg.memory_limit_gb = "4", 0.0
-        cfg.flexlab_policies = "disk-w cpu-cache 2x2;disk-w cpu-cache4bit 2x2"
+        cfg.flexlab_policies = "disk-w cpu-cache 2x2;disk-w cpu-cache4bit 2x2;search"
     with tempfile.TemporaryDirectory(prefix="flexlab-baselines-", dir=cfg.work_dir or None) as work:
         work = Path(work)
-        ckpt = make_checkpoint(cfg, work)
+        ckpt = make_checkpoint(cfg, Path(cfg.work_dir) if cfg.work_dir else work)  # kept there for the next run
         limit = int(cfg.memory_limit_gb * 1e9) if cfg.memory_limit_gb > 0 else None
         base = dict(checkpoint=str(ckpt), dtype=cfg.dtype, prompt_len=cfg.prompt_len, gen_len=cfg.gen_len,
-                    offload_dir=str(work))
-        rows = [run_job({**base, "system": "transformers", "batch": cfg.transformers_batch}, None)]
+                    offload_dir=str(work), device=cfg.device, gpu_limit_gb=cfg.gpu_limit_gb)
+        rows = [run_job({**base, "system": "transformers", "batch": cfg.transformers_batch}, None)
+                for _ in range(cfg.transformers_batch > 0)]  # 0: no transformers row
         # Accelerate gets the limit minus room for activations, the interpreter and torch (~0.7 GB).
-        acc_gb = max(0.1, (cfg.memory_limit_gb or 1.0) - 0.7) / 1.074
+        # Without a limit, its host share is most of the RAM.
+        ram_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+        acc_gb = max(0.1, cfg.memory_limit_gb - 0.7) / 1.074 if cfg.memory_limit_gb > 0 else 0.8 * ram_gib
         for b in (int(x) for x in cfg.accelerate_batches.split(",") if x.strip()):  # "": no Accelerate runs
             rows.append(run_job({**base, "system": "accelerate", "batch": b, "accelerate_cpu_gb": acc_gb}, limit))
         probe_mb = 16 if cfg.quick else 1024
         dd_before = dd_direct_bandwidth(work, probe_mb)
+        hw = None
         for spec in cfg.flexlab_policies.split(";"):
-            policy = flexlab_policy(spec)
-            row = run_job({**base, "system": "flexlab", "batch": policy.block_size, "policy": spec}, limit)
+            job = {**base, "system": "flexlab", "policy": spec}
+            if spec.startswith("search"):
+                from flexlab.cost import calibrate, get_hardware
+
+                hw = hw or (get_hardware(cfg.hardware) if cfg.hardware else calibrate(quick=True, offload_dir=work))
+                job["policy_dict"] = searched_policy(spec, cfg, hw)
+                job["batch"] = job["policy_dict"]["gpu_batch_size"] * job["policy_dict"]["num_gpu_batches"]
+            else:
+                job["batch"] = flexlab_policy(spec).block_size
+            row = run_job(job, limit)
             dd_after = dd_direct_bandwidth(work, probe_mb)  # the disk's speed swings: probe on both sides
             rows.append({**row, "spec": spec, "dd_before_GB_s": dd_before, "dd_after_GB_s": dd_after})
             dd_before = dd_after
@@ -241,7 +287,8 @@ def main(cfg: Config) -> pd.DataFrame:
     df["vs_transformers_in_memory"] = df.throughput_tok_s / in_memory
     if "disk_read_GB" in df:  # the most a run that reads these bytes can reach at dd's speed
         df["disk_read_GB_s"] = df.disk_read_GB / df.seconds  # averaged over the whole run
-        df["disk_bound_tok_s"] = df.tokens / (df.disk_read_GB / ((df.dd_before_GB_s + df.dd_after_GB_s) / 2))
+        bound = df.tokens / (df.disk_read_GB / ((df.dd_before_GB_s + df.dd_after_GB_s) / 2))
+        df["disk_bound_tok_s"] = bound.where(df.disk_read_GB > 0)  # nothing read: no bound
     print(f"{cfg.preset} ({cfg.dtype}), prompt {cfg.prompt_len}, gen {cfg.gen_len}, limit "
           f"{cfg.memory_limit_gb or 'none'} GB: {rows[-1].get('memory')}")
     cols = [c for c in ("system", "batch", "policy", "throughput_tok_s", "vs_accelerate",

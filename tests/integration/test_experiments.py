@@ -32,7 +32,9 @@ def test_experiment_runs_and_writes_results(script, tmp_path):
     done = subprocess.run(args, capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert done.returncode == 0, done.stderr[-2000:]
     csv = next(tmp_path.glob(f"{script}_*.csv"))
-    assert len(pd.read_csv(csv)) >= 2
+    df = pd.read_csv(csv)
+    assert len(df) >= 2
+    assert "error" not in df or df.error.isna().all(), df.error.dropna().tolist()  # e.g. a baseline that failed
     meta = json.loads(csv.with_suffix(".json").read_text())
     config = meta["config"]
     assert config.get("preset", config.get("model")) == "opt-tiny" and "date" in meta
