@@ -30,6 +30,7 @@ import torch
 
 from flexlab.compress import QuantConfig
 from flexlab.cost.hardware import HardwareProfile
+from flexlab.engine.cache import read_buffers
 from flexlab.engine.kvcodec import KVCodec
 from flexlab.engine.policy import Policy
 from flexlab.engine.schedule import make_stages
@@ -273,6 +274,10 @@ class CostModel:
             for t in TIERS:
                 out[t] += tiers.count(t) * per_seq
             out["gpu"] += cfg.num_layers * n * codec.max_tail * cfg.hidden_size * self.itemsize
+        most = max((tiers[i:i + p.gpu_batch_size].count("disk") for i in range(0, n, p.gpu_batch_size)), default=0)
+        row = max(-(-capacity // c.chunk) * c.row_bytes for c in self.codecs.values())
+        _, count, size = read_buffers(not hw.has_link, most, row)
+        out["cpu" if hw.has_link else "gpu"] += count * size
         if p.act_tier != "gpu":
             out[p.act_tier] += p.num_gpu_batches * p.gpu_batch_size * self.prompt_len * cfg.hidden_size * self.itemsize
         return out

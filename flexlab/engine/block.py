@@ -81,8 +81,9 @@ class BlockRun:
     def run(self) -> tuple[list, float, float]:
         """Run the block; returns its timeline events, prefill seconds and decode seconds."""
         engine = self.engine
-        steps = block_schedule(self.num_tokens, engine.stages, len(self.tokens),
-                               prefetch=1 if engine.policy.overlap else 0, act_moves=self.acts is not None)
+        overlap = engine.policy.overlap
+        steps = block_schedule(self.num_tokens, engine.stages, len(self.tokens), prefetch=1 if overlap else 0,
+                               act_moves=self.acts is not None, cache_ahead=self.cache.read_ahead if overlap else 0)
         handlers = {"load_weight": self.load_weight, "release_weight": self.release_weight,
                     "load_cache": self.load_cache, "release_cache": self.release_cache, "load_act": self.load_act,
                     "compute": self.compute, "store_cache": self.store_cache, "store_act": self.store_act,

@@ -21,6 +21,23 @@ from flexlab.engine.store import split_by_share
 from flexlab.engine.tiers import ALIGN, BufferPool, DiskFiles, MemoryTracker, nbytes, preallocate
 
 KV = ("k", "v")
+READ_AHEAD = 4  # on a CPU, batches whose disk cache is read ahead of the compute
+
+
+def read_buffers(on_cpu: bool, disk_sequences: int, sequence_bytes: int) -> tuple[int, int, int]:
+    """The disk cache's read buffers as ``(batches read ahead, buffer count, bytes each)``, for
+    the engine and the cost model alike. ``disk_sequences``: the most a batch keeps on disk.
+
+    On a CPU the compute reads disk rows in the buffer they were read into (no copy) and hands
+    it back after, so each batch read ahead holds a keys and a values buffer. Reading four
+    ahead keeps the disk busy through MLP stages, which read no cache (with one, the disk sat
+    idle through them while the next attention stage's batches waited). On a GPU a read is
+    copied to the device at once: two buffers, one batch ahead.
+    """
+    if not disk_sequences:
+        return 1, 0, 0
+    ahead = READ_AHEAD if on_cpu else 1
+    return ahead, 2 * (ahead + 1) if on_cpu else 2, disk_sequences * sequence_bytes + 2 * ALIGN
 
 
 @dataclass
@@ -59,9 +76,10 @@ class CacheStore:
         self.slot_bytes: dict[tuple[int, int, str, str], int] = {}
         per_sequence = max(self.capacity[kv] * c.row_bytes for kv, c in codecs.items())
         most = max((c for parts in self.layout for t, _, c in parts if t == "disk"), default=0)
-        # On a CPU the compute reads disk rows where they were read to (no copy): keys and values
-        # of the batch computing and of the one prefetched hold four buffers until released.
-        self.pool = BufferPool(most * per_sequence + 2 * ALIGN, 4 if device.type == "cpu" else 2) if most else None
+        self.read_ahead, count, size = read_buffers(device.type == "cpu", most, per_sequence)
+        self.pool = BufferPool(size, count) if count else None
+        self.buffer_tier, self.buffer_bytes = "gpu" if device.type == "cpu" else "cpu", count * size
+        tracker.add(self.buffer_tier, "cache read buffers", self.buffer_bytes)
 
     def _slot(self, layer: int, batch: int, tier: str, kv: str, count: int):
         key = (layer, batch, tier, kv)
@@ -200,6 +218,8 @@ class CacheStore:
                 self.pool.release(buf)
 
     def close(self) -> None:
+        self.tracker.sub(self.buffer_tier, "cache read buffers", self.buffer_bytes)
+        self.buffer_bytes = 0
         for key, slot in self.slots.items():
             self.tracker.sub(key[2], "kv cache", self.slot_bytes[key])
             if isinstance(slot, Path):

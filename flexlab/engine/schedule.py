@@ -5,7 +5,9 @@ compute — so one load of a stage's weights serves the whole block. With prefet
 (``overlap=True``) the next stage's weights are requested when the current stage starts, and
 so load while *all* of its batches compute; the next batch's cache and activations are
 requested before the current batch computes; stores follow each compute and run behind it.
-Distance 0 (``overlap=False``) requests each load only when it is needed.
+Distance 0 (``overlap=False``) requests each load only when it is needed. Cache loads may be
+requested further ahead (``cache_ahead`` batches): an MLP stage reads no cache, so with the
+cache on disk the disk would idle through it while the next attention stage's batches wait.
 
 Nothing here touches a tensor, so the schedule can be printed, tested and plotted::
 
@@ -78,23 +80,26 @@ class Step:
 
 
 def block_schedule(num_tokens: int, stages: list[Stage], num_batches: int, *, prefetch: int,
-                   act_moves: bool) -> Iterator[Step]:
+                   act_moves: bool, cache_ahead: int | None = None) -> Iterator[Step]:
     """Every step of one block, in issue order.
 
     ``num_tokens`` counts the prefill as token 0. ``act_moves`` says whether hidden states
     are stored and loaded between stages (activations off the gpu tier) or stay in memory.
+    ``cache_ahead`` (default ``prefetch``): how many units (stage and batch) ahead of the
+    computing one a cache load is requested; each one requested holds its buffers till computed.
     """
+    cache_ahead = prefetch if cache_ahead is None else cache_ahead
     n_stages = len(stages)
     stage_steps = [(t, j) for t in range(num_tokens) for j in range(n_stages)]
     units = [(t, j, k) for t, j in stage_steps for k in range(num_batches)]
     issued: set[Key] = set()
 
-    def loads(t: int, j: int, k: int) -> list[Step]:
+    def loads(t: int, j: int, k: int, cache: bool = True, act: bool = True) -> list[Step]:
         """The loads unit (t, j, k) needs, beyond its stage's weights."""
         out = []
-        if stages[j].has_cache and t > 0:  # the prefill has no cache to read
+        if cache and stages[j].has_cache and t > 0:  # the prefill has no cache to read
             out.append(Step("load_cache", t, j, k, deps=(("store_cache", t - 1, j, k),)))
-        if act_moves and j > 0:  # the embedding reads token ids, not activations
+        if act and act_moves and j > 0:  # the embedding reads token ids, not activations
             out.append(Step("load_act", t, j, k, deps=(("store_act", t, j - 1, k),)))
         return out
 
@@ -105,7 +110,8 @@ def block_schedule(num_tokens: int, stages: list[Stage], num_batches: int, *, pr
     for n, (t, j, k) in enumerate(units):
         stage_index = t * n_stages + j
         ahead = [Step("load_weight", tt, jj) for tt, jj in stage_steps[stage_index:stage_index + 1 + prefetch]]
-        ahead += [s for u in units[n:n + 1 + prefetch] for s in loads(*u)]
+        ahead += [s for u in units[n:n + 1 + cache_ahead] for s in loads(*u, act=False)]
+        ahead += [s for u in units[n:n + 1 + prefetch] for s in loads(*u, cache=False)]
         for step in ahead:
             # A load whose data is not yet stored (the next stage's input, with one batch) is not
             # prefetched; it is issued when its own unit comes up.

@@ -5,17 +5,17 @@ import pytest
 from flexlab.engine.schedule import block_schedule, make_stages
 
 
-def steps(tokens=3, layers=2, batches=3, prefetch=1, act_moves=True, sep_layer=True):
+def steps(tokens=3, layers=2, batches=3, prefetch=1, act_moves=True, sep_layer=True, cache_ahead=None):
     return list(block_schedule(tokens, make_stages(layers, sep_layer), batches, prefetch=prefetch,
-                               act_moves=act_moves))
+                               act_moves=act_moves, cache_ahead=cache_ahead))
 
 
-@pytest.mark.parametrize("prefetch", [0, 1])
+@pytest.mark.parametrize("prefetch, cache_ahead", [(0, None), (1, None), (1, 4)])
 @pytest.mark.parametrize("act_moves", [False, True])
 @pytest.mark.parametrize("batches", [1, 3])
-def test_every_step_comes_after_its_dependencies_and_once(prefetch, act_moves, batches):
+def test_every_step_comes_after_its_dependencies_and_once(prefetch, cache_ahead, act_moves, batches):
     seen = set()
-    for s in steps(batches=batches, prefetch=prefetch, act_moves=act_moves):
+    for s in steps(batches=batches, prefetch=prefetch, act_moves=act_moves, cache_ahead=cache_ahead):
         assert s.key not in seen, f"{s} issued twice"
         for d in s.deps:
             assert d in seen, f"{s} issued before its dependency {d}"
@@ -73,3 +73,22 @@ def test_weights_are_released_after_the_last_batch():
         if s.kind == "compute":
             released = [r for r in s.releases if r[0] == "load_weight"]
             assert released == ([("load_weight", s.token, s.stage, None)] if s.batch == 2 else [])
+
+
+@pytest.mark.parametrize("ahead", [1, 4])
+def test_cache_loads_run_ahead_through_the_mlp_stage(ahead):
+    """With the cache read ``ahead`` units early, the next attention stage's first batches are
+    requested while the MLP stage (which reads no cache) computes; never more than ``ahead``."""
+    order = steps(tokens=2, layers=2, batches=3, act_moves=False, cache_ahead=ahead)
+    units = [(s.token, s.stage, s.batch) for s in order if s.kind == "compute"]
+    position = {u: i for i, u in enumerate(units)}
+    computed = 0
+    for s in order:
+        if s.kind == "compute":
+            computed += 1
+        elif s.kind == "load_cache":
+            assert position[(s.token, s.stage, s.batch)] - computed <= ahead  # at most ``ahead`` beyond the next
+    mlp = 2  # stage 2 is layer 0's MLP; stage 3 is layer 1's attention
+    mlp_ends = order.index(next(s for s in order if s.key == ("compute", 1, mlp, 2)))
+    requested = [(s.stage, s.batch) for s in order[:mlp_ends] if s.kind == "load_cache" and s.token == 1]
+    assert [r for r in requested if r[0] == mlp + 1] == [(mlp + 1, k) for k in range(min(ahead, 3))]
