@@ -12,6 +12,7 @@ that crossed each link, which the executor records in the timeline. Layouts:
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -94,7 +95,7 @@ def place_weights(specs: list[WeightSpec], stages: list[Stage], w_gpu_percent: f
     """
     per_stage = [[s for part in stage.parts for s in part_weights(specs, part, stage.layer)] for stage in stages]
     unique = {s.name: s for mine in per_stage for s in mine}
-    readers = {name: sum(any(s.name == name for s in mine) for mine in per_stage) for name in unique}
+    readers = Counter(name for mine in per_stage for name in {s.name for s in mine})
     tied = [s for s in unique.values() if readers[s.name] > 1]
     everything = sum(s.numel for s in unique.values())
     rest = everything - sum(s.numel for s in tied)
