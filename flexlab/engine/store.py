@@ -160,6 +160,7 @@ class WeightStore:
             self.stage_files.append(self._pack(model, to_pack, weight_dir / f"stage{stage.index}.bin")
                                     if to_pack else None)
             self.stage_weights.append([self.placed[s.name] for s, _, _ in placement])
+        model.weights.release_pages()  # placed: the memory tiers hold copies, the disk tier reads files
         # Resident: read where it lies (on a CPU-only machine the cpu tier is the compute's RAM).
         near = ("gpu",) if device.type == "cuda" else ("gpu", "cpu")
         self.resident = [all(w.tier in near for w in ws) for ws in self.stage_weights]

@@ -69,6 +69,10 @@ class WeightSource:
     def close(self) -> None:
         """Release file handles and maps."""
 
+    def release_pages(self) -> None:
+        """Let go of the memory that reading weights so far has filled (maps, page cache), once
+        the caller holds its own copies; later reads still work."""
+
 
 class RandomWeights(WeightSource):
     """Deterministic random weights: tensor ``name`` depends only on ``(seed, name)``."""
@@ -162,6 +166,18 @@ class CheckpointWeights(WeightSource):
 
     def close(self) -> None:
         self._handles.clear()
+
+    def release_pages(self) -> None:
+        """Unmap the safetensors files (reopened on the next read) and drop their pages from the
+        page cache: under a memory limit those pages would otherwise be reclaimed under load."""
+        for path in [p for p in self._handles if p.suffix == ".safetensors"]:
+            del self._handles[path]
+            if hasattr(os, "posix_fadvise"):
+                fd = os.open(path, os.O_RDONLY)
+                try:
+                    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+                finally:
+                    os.close(fd)
 
 
 def _read_safetensors_header(path: Path) -> tuple[dict, int]:
