@@ -84,6 +84,8 @@ def searched_policy(spec: str, cfg: Config, hw) -> dict:
     """``"search"`` or ``"search4bit"`` (4-bit weights and cache allowed): the cost model's pick
     for the limits, as ``Policy.to_dict``. On a GPU it gets ``gpu_limit_gb`` of GPU memory and the
     memory limit (less 1 GB for the interpreter and torch) on the host; on a CPU the two share it."""
+    import torch
+
     import flexlab
     from flexlab.cost import search_policy
 
@@ -94,7 +96,7 @@ def searched_policy(spec: str, cfg: Config, hw) -> dict:
         hw = hw.replace(gpu_memory=host / 2, cpu_memory=host / 2)
     compress = (None, flexlab.QuantConfig(bits=4, group_size=64)) if spec == "search4bit" else (None,)
     found = search_policy(flexlab.get_preset(cfg.preset), hw, prompt_len=cfg.prompt_len, gen_len=cfg.gen_len,
-                          itemsize=getattr(__import__("torch"), cfg.dtype).itemsize, compress=compress)
+                          itemsize=getattr(torch, cfg.dtype).itemsize, compress=compress)
     return found.policy.to_dict()
 
 
