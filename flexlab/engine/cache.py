@@ -18,7 +18,7 @@ import torch
 
 from flexlab.engine.kvcodec import KVCodec
 from flexlab.engine.store import split_by_share
-from flexlab.engine.tiers import ALIGN, BufferPool, DiskFiles, MemoryTracker, nbytes, preallocate
+from flexlab.engine.tiers import ALIGN, BufferPool, DiskFiles, MemoryTracker, nbytes, preallocate, staging_tier
 
 KV = ("k", "v")
 READ_AHEAD = 4  # on a CPU, batches whose disk cache is read ahead of the compute
@@ -78,7 +78,7 @@ class CacheStore:
         most = max((c for parts in self.layout for t, _, c in parts if t == "disk"), default=0)
         self.read_ahead, count, size = read_buffers(device.type == "cpu", most, per_sequence)
         self.pool = BufferPool(size, count) if count else None
-        self.buffer_tier, self.buffer_bytes = "gpu" if device.type == "cpu" else "cpu", count * size
+        self.buffer_tier, self.buffer_bytes = staging_tier(device), count * size
         tracker.add(self.buffer_tier, "cache read buffers", self.buffer_bytes)
 
     def _slot(self, layer: int, batch: int, tier: str, kv: str, count: int):

@@ -20,7 +20,8 @@ import torch
 
 from flexlab.compress import QTensor, QuantConfig, dequantize, quantize
 from flexlab.engine.schedule import Stage
-from flexlab.engine.tiers import ALIGN, BufferPool, DiskFiles, MemoryTracker, nbytes, preallocate, write_packed
+from flexlab.engine.tiers import (ALIGN, BufferPool, DiskFiles, MemoryTracker, nbytes, preallocate, staging_tier,
+                                  write_packed)
 from flexlab.models.family import WeightSpec, part_weights
 
 
@@ -172,7 +173,7 @@ class WeightStore:
         largest = max(self.stage_disk_bytes, default=0)
         self.pool = BufferPool(largest, 2, pin) if largest else None
         self.buffer_bytes = 2 * largest
-        self.buffer_tier = "cpu" if device.type == "cuda" else "gpu"
+        self.buffer_tier = staging_tier(device)
         tracker.add(self.buffer_tier, "weight read buffers", self.buffer_bytes)
 
     def _stored(self, model, spec: WeightSpec) -> tuple[list[torch.Tensor], QTensor | None]:

@@ -69,6 +69,12 @@ def aligned_empty(size: int, pin: bool = False) -> torch.Tensor:
     return raw[shift:shift + size]
 
 
+def staging_tier(device: torch.device) -> str:
+    """Where read buffers count in the memory tracker: host memory next to a GPU; on a CPU-only
+    machine the compute's own memory, the gpu tier."""
+    return "cpu" if device.type == "cuda" else "gpu"
+
+
 class BufferPool:
     """A fixed set of equal staging buffers, handed out and returned; no allocation per read."""
 
