@@ -24,7 +24,9 @@ def plot_throughput(df, *, title: str | None = None, width: float = 11.0) -> Fig
     bars, scatter = fig.subplots(1, 2, width_ratios=[3, 2]) if tiers else (fig.subplots(), None)
     best = df.throughput_tok_s.max()
     colors = ["#DD8452" if v == best else "#4C72B0" for v in df.throughput_tok_s]
-    bars.barh(df.policy, df.throughput_tok_s, color=colors)
+    # Bars at positions, labelled after: a categorical axis would stack rows of the same name.
+    bars.barh(range(len(df)), df.throughput_tok_s, color=colors)
+    bars.set_yticks(range(len(df)), df.policy)
     bars.invert_yaxis()
     for y, v in enumerate(df.throughput_tok_s):
         bars.text(v, y, f" {v:.1f}", va="center", fontsize=8)

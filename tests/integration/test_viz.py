@@ -69,6 +69,13 @@ def test_sweep_table_and_its_plots(sweep):
         plot_throughput(pd.DataFrame({"x": [1]}))
 
 
+def test_throughput_plot_keeps_rows_of_the_same_name_apart():
+    df = pd.DataFrame({"policy": ["transformers", "flexlab", "transformers"], "throughput_tok_s": [50.0, 54.0, 51.0]})
+    bars = plot_throughput(df).axes[0]
+    assert [p.get_width() for p in bars.patches] == [50.0, 54.0, 51.0]
+    assert [t.get_text() for t in bars.get_yticklabels()] == list(df.policy)
+
+
 def test_predicted_vs_measured_plot_has_a_point_per_row():
     df = pd.DataFrame({"policy": ["a", "b", "c"], "measured_tok_s": [10.0, 20.0, 40.0],
                        "predicted_tok_s": [12.0, 18.0, 41.0], "measured_peak_gpu": [1e6, 2e6, 0.0],
