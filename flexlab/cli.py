@@ -348,7 +348,8 @@ def main(argv: list[str] | None = None) -> int:
     _model_args(p)
     p.add_argument("--hardware", default="colab-t4", help="colab-t4, h100, h200 or a JSON from `flexlab calibrate`")
     p.add_argument("--gpu-mem", type=float, help="GiB (default: the hardware's)")
-    p.add_argument("--cpu-mem", type=float, help="GiB (default: the hardware's)")
+    p.add_argument("--cpu-mem", type=float, help="GiB (default: the hardware's); without a GPU the gpu and cpu "
+                   "tiers are one RAM and only the sum of the two counts")
     p.add_argument("--disk", type=float, help="GiB (default: the hardware's)")
     p.add_argument("--prompt-len", type=int, default=512)
     p.add_argument("--gen-len", type=int, default=32)

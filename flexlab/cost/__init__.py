@@ -3,7 +3,7 @@
 from flexlab.cost.hardware import PRESETS, HardwareProfile, get_hardware
 from flexlab.cost.calibrate import calibrate, refresh
 from flexlab.cost.model import CostModel, Prediction
-from flexlab.cost.search import SearchResult, search_policy
+from flexlab.cost.search import SearchResult, fits, search_policy
 
 __all__ = ["HardwareProfile", "get_hardware", "PRESETS", "CostModel", "Prediction", "calibrate", "refresh", "search_policy",
-           "SearchResult"]
+           "SearchResult", "fits"]

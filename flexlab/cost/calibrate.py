@@ -211,11 +211,11 @@ def calibrate(*, device: str | torch.device | None = None, dtype: torch.dtype | 
      results["kv_codec_elems"]) = _step_overheads(device, dtype, directory)
     step("step overhead")
     bar.close()
+    ram = float(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
     if device.type == "cuda":
-        gpu_memory = float(torch.cuda.get_device_properties(device).total_memory)
-    else:
-        gpu_memory = float(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
-    cpu_memory = float(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+        gpu_memory, cpu_memory = float(torch.cuda.get_device_properties(device).total_memory), ram
+    else:  # one RAM for both tiers: half each (the search pools them; counting it twice would not fit)
+        gpu_memory = cpu_memory = ram / 2
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({os.cpu_count()} cores)"
     return HardwareProfile(name=name, source=f"measured by flexlab.cost.calibrate on {time.strftime('%Y-%m-%d')} "
                            f"({dtype}, {'quick' if quick else 'full'})",

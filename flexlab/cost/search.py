@@ -31,6 +31,7 @@ from flexlab.errors import FlexlabError
 from flexlab.models.config import ModelConfig
 
 ACT_TIERS = {"gpu": (100, 0), "cpu": (0, 100), "disk": (0, 0)}
+REFINED = 3  # LP picks refined on the exact model (see _refine)
 
 
 @dataclass
@@ -73,8 +74,12 @@ def _solve_shares(base: Policy, config: ModelConfig, hw: HardwareProfile, prompt
     a_ub = [list(coef[r]) + [-1.0] for r in range(3)]  # each resource's seconds <= T
     b_ub = [-const[r] for r in range(3)]
     caps = tuple((1 - margin) * c for c in (hw.gpu_memory, hw.cpu_memory, hw.disk_space))
-    a_ub += [list(coef[3 + i]) + [0.0] for i in range(3)]  # memory per tier <= its capacity
-    b_ub += [caps[i] - const[3 + i] for i in range(3)]
+    if hw.has_link:
+        a_ub += [list(coef[3 + i]) + [0.0] for i in range(3)]  # memory per tier <= its capacity
+        b_ub += [caps[i] - const[3 + i] for i in range(3)]
+    else:  # one RAM: the gpu and cpu tiers together <= both capacities together; disk on its own
+        a_ub += [list(coef[3] + coef[4]) + [0.0], list(coef[5]) + [0.0]]
+        b_ub += [caps[0] + caps[1] - const[3] - const[4], caps[2] - const[5]]
     a_ub += [[1, 1, 0, 0, 0], [0, 0, 1, 1, 0]]  # shares of one thing sum to at most 1
     b_ub += [1, 1]
     # Ties (compute-bound: any share under the compute) go to the faster tier: a tiny reward for
@@ -85,6 +90,55 @@ def _solve_shares(base: Policy, config: ModelConfig, hw: HardwareProfile, prompt
     return res.x[:4] if res.status == 0 else None
 
 
+def fits(peak_bytes: dict[str, float], hw: HardwareProfile) -> bool:
+    """Whether peak bytes per tier fit ``hw``'s capacities. Without a GPU (``hw.has_link`` is
+    False) the gpu and cpu tiers are the same RAM: only their sum counts, against the sum of
+    the two capacities, so the RAM may be split between the tiers however the policy needs."""
+    if peak_bytes["disk"] > hw.disk_space:
+        return False
+    if not hw.has_link:
+        return peak_bytes["gpu"] + peak_bytes["cpu"] <= hw.gpu_memory + hw.cpu_memory
+    return peak_bytes["gpu"] <= hw.gpu_memory and peak_bytes["cpu"] <= hw.cpu_memory
+
+
+def _neighbours(policy: Policy, step: float) -> list[Policy]:
+    """Policies that move ``step`` percentage points of the weights or of the cache from one tier
+    to another (as much as there is, if less)."""
+    out = []
+    for gpu_field, cpu_field in (("w_gpu_percent", "w_cpu_percent"), ("cache_gpu_percent", "cache_cpu_percent")):
+        shares = {"gpu": getattr(policy, gpu_field), "cpu": getattr(policy, cpu_field)}
+        shares["disk"] = 100 - shares["gpu"] - shares["cpu"]
+        for src, dst in itertools.permutations(shares, 2):
+            amount = min(step, shares[src])
+            if amount <= 0:
+                continue
+            moved = dict(shares, **{src: shares[src] - amount, dst: shares[dst] + amount})
+            out.append(policy.replace(**{gpu_field: round(moved["gpu"], 1), cpu_field: round(moved["cpu"], 1)}))
+    return out
+
+
+def _refine(found: tuple[Policy, Prediction], predict, hw: HardwareProfile) -> tuple[Policy, Prediction]:
+    """The LP's pick improved on the exact model. The LP interpolates memory linearly, but read
+    buffers follow the largest stage on disk, so keeping one more stage (the embedding) in memory
+    can shrink the footprint, and the best policy can lie off the LP's line. So: the best that
+    fits of the LP's pick and a coarse grid of shares (halves), then a climb to the best
+    neighbour while it is predicted faster, in steps of 10 then 2.5 points."""
+    halves = [(g, c) for g in (0, 50, 100) for c in range(0, 101 - g, 50)]
+    grid = [found[0].replace(w_gpu_percent=wg, w_cpu_percent=wc, cache_gpu_percent=cg, cache_cpu_percent=cc)
+            for wg, wc in halves for cg, cc in halves]
+    tried = [(p, predict(p)) for p in grid]
+    best = max([found] + [t for t in tried if fits(t[1].peak_bytes, hw)], key=lambda t: t[1].throughput_tok_s)
+    for step in (10.0, 2.5):
+        while True:
+            tried = [(p, predict(p)) for p in _neighbours(best[0], step)]
+            better = [t for t in tried if fits(t[1].peak_bytes, hw)
+                      and t[1].throughput_tok_s > best[1].throughput_tok_s * (1 + 1e-6)]
+            if not better:
+                break
+            best = max(better, key=lambda t: t[1].throughput_tok_s)
+    return best
+
+
 def search_policy(config: ModelConfig, hw: HardwareProfile, *, prompt_len: int, gen_len: int, itemsize: int = 2,
                   batch_sizes=(1, 2, 4, 8, 16, 32, 64), num_batches=(1, 2, 4, 8),
                   compress: tuple[QuantConfig | None, ...] = (None,), act_tiers=("gpu", "cpu"),
@@ -92,7 +146,8 @@ def search_policy(config: ModelConfig, hw: HardwareProfile, *, prompt_len: int, 
     """The fastest policy (by the cost model) whose peak memory fits ``hw``'s capacities.
 
     Capacities are per tier. On a machine without a GPU the gpu and cpu tiers are the same RAM:
-    split the RAM you allow between ``gpu_memory`` and ``cpu_memory``.
+    split the RAM you allow between ``gpu_memory`` and ``cpu_memory`` (``calibrate()`` gives each
+    half); the search counts only their sum (see :func:`fits`).
     """
     if prompt_len + gen_len > config.max_positions:
         raise FlexlabError(f"prompt_len + gen_len = {prompt_len + gen_len} exceeds {config.name}'s "
@@ -100,7 +155,11 @@ def search_policy(config: ModelConfig, hw: HardwareProfile, *, prompt_len: int, 
     from tqdm.auto import tqdm
 
     grid = list(itertools.product(batch_sizes, num_batches, act_tiers, compress))
-    candidates, best = [], None
+
+    def predict(policy: Policy) -> Prediction:
+        return CostModel(config, policy, hw, prompt_len=prompt_len, gen_len=gen_len, itemsize=itemsize).predict()
+
+    candidates, found_all = [], []
     smallest: dict[str, float] | None = None
     for bs, nb, act, cq in tqdm(grid, desc="policy search", disable=not progress):
         base = Policy(gpu_batch_size=bs, num_gpu_batches=nb, act_gpu_percent=ACT_TIERS[act][0],
@@ -113,9 +172,8 @@ def search_policy(config: ModelConfig, hw: HardwareProfile, *, prompt_len: int, 
             wg, wc, cg, cc = (max(0.0, round(float(v) * keep * 100, 1)) for v in x)  # max: no -0.0
             policy = base.replace(w_gpu_percent=wg, w_cpu_percent=min(wc, 100 - wg), cache_gpu_percent=cg,
                                   cache_cpu_percent=min(cc, 100 - cg))
-            pred = CostModel(config, policy, hw, prompt_len=prompt_len, gen_len=gen_len, itemsize=itemsize).predict()
-            if all(pred.peak_bytes[t] <= cap for t, cap in
-                   (("gpu", hw.gpu_memory), ("cpu", hw.cpu_memory), ("disk", hw.disk_space))):
+            pred = predict(policy)
+            if fits(pred.peak_bytes, hw):
                 found = (policy, pred)
                 break
         if found is None:
@@ -124,18 +182,30 @@ def search_policy(config: ModelConfig, hw: HardwareProfile, *, prompt_len: int, 
             if smallest is None or sum(footprint.values()) < sum(smallest.values()):
                 smallest = footprint
             continue
-        policy, pred = found
-        candidates.append(dict(policy=policy.describe(), gpu_batch_size=bs, num_gpu_batches=nb, act_tier=act,
-                               compress=cq.describe() if cq else "none", throughput_tok_s=pred.throughput_tok_s,
-                               **{f"peak_bytes_{t}": v for t, v in pred.peak_bytes.items()}))
-        if best is None or pred.throughput_tok_s > best[1].throughput_tok_s:
-            best = found
-    if best is None:
+        found_all.append(found)
+        candidates.append(_candidate(*found))
+    if not found_all:
         need = smallest or {}
+        memory = (f"gpu {hw.gpu_memory / 2**30:.1f} GiB, cpu {hw.cpu_memory / 2**30:.1f} GiB" if hw.has_link else
+                  f"RAM {(hw.gpu_memory + hw.cpu_memory) / 2**30:.1f} GiB (gpu and cpu tiers together)")
         raise FlexlabError(
-            f"no policy fits {config.name} (prompt {prompt_len}, gen {gen_len}) in gpu {hw.gpu_memory / 2**30:.1f} "
-            f"GiB, cpu {hw.cpu_memory / 2**30:.1f} GiB, disk {hw.disk_space / 2**30:.1f} GiB; the smallest "
+            f"no policy fits {config.name} (prompt {prompt_len}, gen {gen_len}) in {memory}, disk "
+            f"{hw.disk_space / 2**30:.1f} GiB; the smallest "
             f"footprint tried (everything off the gpu) needs gpu {need.get('gpu', float('nan')) / 2**30:.2f}, cpu "
             f"{need.get('cpu', float('nan')) / 2**30:.2f} and disk {need.get('disk', float('nan')) / 2**30:.1f} GiB: "
             "free disk space, allow compression, or try smaller batches")
+    # The few best LP picks, each refined on the exact model; the fastest of them wins.
+    top = sorted(found_all, key=lambda f: f[1].throughput_tok_s, reverse=True)[:REFINED]
+    refined = [_refine(f, predict, hw) for f in top]
+    candidates += [_candidate(*r) for r, f in zip(refined, top) if r[0] != f[0]]
+    best = max(refined, key=lambda r: r[1].throughput_tok_s)
     return SearchResult(best[0], best[1], candidates)
+
+
+def _candidate(policy: Policy, pred: Prediction) -> dict:
+    """One row of ``SearchResult.candidates``."""
+    cq = policy.compress_weight
+    return dict(policy=policy.describe(), gpu_batch_size=policy.gpu_batch_size, num_gpu_batches=policy.num_gpu_batches,
+                act_tier="gpu" if policy.act_gpu_percent == 100 else "cpu" if policy.act_cpu_percent == 100 else "disk",
+                compress=cq.describe() if cq else "none", throughput_tok_s=pred.throughput_tok_s,
+                **{f"peak_bytes_{t}": v for t, v in pred.peak_bytes.items()})

@@ -10,7 +10,7 @@ import torch
 
 import flexlab
 from flexlab import Policy, QuantConfig
-from flexlab.cost import CostModel, get_hardware, search_policy
+from flexlab.cost import CostModel, fits, get_hardware, search_policy
 from flexlab.engine.store import place_weights
 from flexlab.engine.schedule import make_stages
 
@@ -117,6 +117,42 @@ def test_search_respects_capacities_and_keeps_compression(compress):
     best = max(c["throughput_tok_s"] for c in found.candidates)
     assert found.prediction.throughput_tok_s == best
     Policy(**{f: getattr(found.policy, f) for f in found.policy.__dataclass_fields__})  # validates
+
+
+def test_without_a_gpu_the_search_pools_the_ram_of_both_tiers():
+    """On a CPU the gpu and cpu tiers are one RAM: a policy may take more than one tier's share of
+    it, as long as both tiers together stay within the sum (0.25 GiB each is too little for
+    opt-1.3b's working buffers on the gpu tier, 0.5 GiB together is enough)."""
+    cfg = flexlab.get_preset("opt-1.3b")
+    caps = dict(gpu_memory=0.25 * 2**30, cpu_memory=0.25 * 2**30)
+    gpu, cpu_only = get_hardware("h100").replace(**caps), CPU_ONLY.replace(**caps)
+    grid = dict(batch_sizes=(1, 8), num_batches=(1, 2))
+    assert gpu.has_link and not cpu_only.has_link
+    with pytest.raises(flexlab.FlexlabError, match=r"in gpu 0\.2 GiB, cpu 0\.2 GiB"):
+        search_policy(cfg, gpu, prompt_len=32, gen_len=32, **grid)
+    found = search_policy(cfg, cpu_only, prompt_len=32, gen_len=32, **grid)
+    peak = found.prediction.peak_bytes
+    assert peak["gpu"] + peak["cpu"] <= caps["gpu_memory"] + caps["cpu_memory"] and fits(peak, cpu_only)
+    lopsided = {"gpu": 0.3 * 2**30, "cpu": 0.1 * 2**30, "disk": 0.0}  # more than one tier's share, less than both
+    assert fits(lopsided, cpu_only) and not fits(lopsided, gpu)
+    with pytest.raises(flexlab.FlexlabError, match=r"RAM 0\.0 GiB \(gpu and cpu tiers together\)"):
+        search_policy(cfg, cpu_only.replace(gpu_memory=1e6, cpu_memory=1e6), prompt_len=32, gen_len=32, **grid)
+
+
+def test_search_finds_policies_off_the_lps_line():
+    """Memory is not linear in the shares (read buffers follow the largest stage on disk: keeping
+    the embedding in memory shrinks them), so the LP's pick alone can miss a faster policy that
+    fits; the search refines it on the exact model and must do at least as well as this one."""
+    cfg = flexlab.get_preset("opt-125m")
+    weights = cfg.total_weight_bytes(2)
+    limits = CPU_ONLY.replace(gpu_memory=0.3 * weights + 64 * 2**20, cpu_memory=0.3 * weights)
+    shape = dict(batch_sizes=(8,), num_batches=(2,), compress=(None,), act_tiers=("gpu",))
+    hand = CostModel(cfg, Policy.from_percent([0, 50, 100, 0, 100, 0], gpu_batch_size=8, num_gpu_batches=2), limits,
+                     prompt_len=64, gen_len=8).predict()
+    assert fits(hand.peak_bytes, limits)
+    found = search_policy(cfg, limits, prompt_len=64, gen_len=8, **shape)
+    assert fits(found.prediction.peak_bytes, limits)
+    assert found.prediction.throughput_tok_s >= hand.throughput_tok_s
 
 
 def test_bad_input_is_refused_clearly():
