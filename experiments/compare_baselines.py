@@ -7,7 +7,8 @@ Accelerate big-model inference (`device_map="auto"`, `max_memory`, layers beyond
 same limit with each of its policies, with and without compression. For flexlab it also reports
 the bytes the run read from disk, their average rate, and the throughput those reads alone would
 allow at the speed ``dd iflag=direct`` measured right before and after the run
-(``disk_bound_tok_s``). Each system runs in its own
+(``disk_bound_tok_s``), and the share of the run its compute lane was busy
+(``compute_busy_share``: near 1, the run was bound by compute, not the disk). Each system runs in its own
 process; as root with a cgroup memory controller, that process runs in a cgroup limited to
 `memory_limit_gb` (the page cache is charged to it) after the page cache is dropped, so no system
 can keep a model the limit says does not fit in RAM. Without that, the table says so.
@@ -56,6 +57,7 @@ class Config:
     flexlab_policies: str = "disk-w cpu-cache 48x2;disk-w disk-cache 64x4;disk-w disk-cache 64x8"
     device: str = "cpu"  # "cuda": the GPU scenario (the model on the GPU, offloading to the host and disk)
     gpu_limit_gb: float = 16.0  # on cuda: GPU memory for the limited systems (a T4's 16 GB), enforced
+    reserve_gb: float = 0.7  # of the memory limit, kept for the interpreter, torch and activations (Accelerate, search)
     hardware: str = ""  # for "search" specs: a profile JSON or preset (default: calibrate here, quick)
     work_dir: str = ""  # where the checkpoint (kept for the next run) and offload files go (default: a temp dir)
     quick: bool = False  # opt-tiny, tiny batches: for CI
@@ -83,13 +85,14 @@ def flexlab_policy(spec: str):
 def searched_policy(spec: str, cfg: Config, hw) -> dict:
     """``"search"`` or ``"search4bit"`` (4-bit weights and cache allowed): the cost model's pick
     for the limits, as ``Policy.to_dict``. On a GPU it gets ``gpu_limit_gb`` of GPU memory and the
-    memory limit (less 1 GB for the interpreter and torch) on the host; on a CPU the two share it."""
+    memory limit less ``reserve_gb`` on the host; on a CPU the two tiers share that (the search
+    counts their sum). Raises FlexlabError when nothing fits."""
     import torch
 
     import flexlab
     from flexlab.cost import search_policy
 
-    host = (cfg.memory_limit_gb - 1.0 if cfg.memory_limit_gb > 0 else hw.cpu_memory / 2**30 - 4) * 2**30
+    host = (cfg.memory_limit_gb - cfg.reserve_gb if cfg.memory_limit_gb > 0 else hw.cpu_memory / 2**30 - 4) * 2**30
     if cfg.device == "cuda":
         hw = hw.replace(gpu_memory=cfg.gpu_limit_gb * 2**30, cpu_memory=host)
     else:
@@ -150,6 +153,10 @@ def worker(job: dict) -> dict:
             before = engine.files.read_bytes
             result = engine.generate(ids, max_new_tokens=job["gen_len"], stop_token_ids=None)
             extra["disk_read_GB"] = (engine.files.read_bytes - before) / 1e9
+            # Share of the run the compute lane was busy: near 1, the run is bound by compute (the
+            # disk kept up); well below, by the disk (or by waiting on something else).
+            summary = result.timeline.summary()
+            extra["compute_busy_share"] = summary["compute_busy_s"] / summary["wall_s"]
         tokens = sum(map(len, result.token_ids))
         policy = policy.describe()
     seconds = time.perf_counter() - start
@@ -196,6 +203,9 @@ def run_job(job: dict, limit_bytes: int | None) -> dict:
     cgroup, note = cgroup_for(limit_bytes)
     dropped = drop_page_cache()
     cmd = [sys.executable, __file__, "--worker", json.dumps(job)]
+    # A full run takes half an hour: say what is running now.
+    print(f"[{time.strftime('%H:%M:%S')}] {job['system']} batch {job['batch']} {job.get('policy', '')}",
+          file=sys.stderr, flush=True)
     if cgroup is not None:
         cmd = ["sh", "-c", f'echo $$ > {cgroup}/cgroup.procs && exec "$@"', "sh", *cmd]
     peak = float("nan")
@@ -226,11 +236,18 @@ def plot_baselines(df: pd.DataFrame, title: str):
     """Bars per system and batch (flexlab: its policy spec), from the results table."""
     from flexlab.viz import plot_throughput
 
-    label = df.system + " b" + df.batch.astype(str)
-    spec = df["spec"].fillna("") if "spec" in df else ""
-    return plot_throughput(pd.DataFrame({"policy": label + " " + spec + df.system.map(
-        lambda s: "" if s == "transformers" else " (limit)"), "throughput_tok_s": df.throughput_tok_s.fillna(0)}),
-        title=title)
+    def label(row) -> str:
+        if row.system == "transformers":
+            where = "in memory, again" if "again" in str(row.policy) else "in memory"
+        else:
+            where = "limit"
+        if isinstance(row.get("error"), str):  # a bar of 0 that says why
+            where += ", failed: " + row.error[:40]
+        spec = row.spec if isinstance(row.get("spec"), str) else ""
+        return " ".join(x for x in (row.system, f"b{row.batch}", spec, f"({where})") if x)
+
+    return plot_throughput(pd.DataFrame({"policy": [label(r) for _, r in df.iterrows()],
+                                         "throughput_tok_s": df.throughput_tok_s.fillna(0)}), title=title)
 
 
 def make_checkpoint(cfg: Config, directory: Path) -> Path:
@@ -248,6 +265,10 @@ def make_checkpoint(cfg: Config, directory: Path) -> Path:
 
 
 def main(cfg: Config) -> pd.DataFrame:
+    from flexlab import Policy
+    from flexlab.cost import calibrate, get_hardware
+    from flexlab.errors import FlexlabError
+
     if cfg.quick:
         cfg.preset, cfg.prompt_len, cfg.gen_len, cfg.transformers_batch = "opt-tiny", 8, 4, 4
         cfg.accelerate_batches, cfg.memory_limit_gb = "4", 0.0
@@ -260,10 +281,9 @@ def main(cfg: Config) -> pd.DataFrame:
                     offload_dir=str(work), device=cfg.device, gpu_limit_gb=cfg.gpu_limit_gb)
         rows = [run_job({**base, "system": "transformers", "batch": cfg.transformers_batch}, None)
                 for _ in range(cfg.transformers_batch > 0)]  # 0: no transformers row
-        # Accelerate gets the limit minus room for activations, the interpreter and torch (~0.7 GB).
-        # Without a limit, its host share is most of the RAM.
+        # Accelerate gets the limit less the reserve; without a limit, its host share is most of the RAM.
         ram_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-        acc_gb = max(0.1, cfg.memory_limit_gb - 0.7) / 1.074 if cfg.memory_limit_gb > 0 else 0.8 * ram_gib
+        acc_gb = max(0.1, cfg.memory_limit_gb - cfg.reserve_gb) / 1.074 if cfg.memory_limit_gb > 0 else 0.8 * ram_gib
         for b in (int(x) for x in cfg.accelerate_batches.split(",") if x.strip()):  # "": no Accelerate runs
             rows.append(run_job({**base, "system": "accelerate", "batch": b, "accelerate_cpu_gb": acc_gb}, limit))
         probe_mb = 16 if cfg.quick else 1024
@@ -272,14 +292,19 @@ def main(cfg: Config) -> pd.DataFrame:
         for spec in cfg.flexlab_policies.split(";"):
             job = {**base, "system": "flexlab", "policy": spec}
             if spec.startswith("search"):
-                from flexlab.cost import calibrate, get_hardware
-
                 hw = hw or (get_hardware(cfg.hardware) if cfg.hardware else calibrate(quick=True, offload_dir=work))
-                job["policy_dict"] = searched_policy(spec, cfg, hw)
+                try:
+                    job["policy_dict"] = searched_policy(spec, cfg, hw)
+                except FlexlabError as e:  # nothing fits: a row that says so, and on to the next system
+                    rows.append(dict(system="flexlab", batch=0, policy="", throughput_tok_s=float("nan"),
+                                     error=f"search: {e}", spec=spec))
+                    continue
                 job["batch"] = job["policy_dict"]["gpu_batch_size"] * job["policy_dict"]["num_gpu_batches"]
             else:
                 job["batch"] = flexlab_policy(spec).block_size
             row = run_job(job, limit)
+            if "policy_dict" in job and "error" in row:  # say which policy the search chose
+                row["policy"] = Policy.from_dict(job["policy_dict"]).describe()
             dd_after = dd_direct_bandwidth(work, probe_mb)  # the disk's speed swings: probe on both sides
             rows.append({**row, "spec": spec, "dd_before_GB_s": dd_before, "dd_after_GB_s": dd_after})
             dd_before = dd_after
@@ -295,16 +320,18 @@ def main(cfg: Config) -> pd.DataFrame:
         df["disk_read_GB_s"] = df.disk_read_GB / df.seconds  # averaged over the whole run
         bound = df.tokens / (df.disk_read_GB / ((df.dd_before_GB_s + df.dd_after_GB_s) / 2))
         df["disk_bound_tok_s"] = bound.where(df.disk_read_GB > 0)  # nothing read: no bound
+    # How the limited systems were held (the in-memory transformers rows have no limit).
+    memory = next((r["memory"] for r in rows if r["system"] != "transformers"), "no limit")
     print(f"{cfg.preset} ({cfg.dtype}), prompt {cfg.prompt_len}, gen {cfg.gen_len}, limit "
-          f"{cfg.memory_limit_gb or 'none'} GB: {rows[-1].get('memory')}")
+          f"{cfg.memory_limit_gb or 'none'} GB: {memory}")
     cols = [c for c in ("system", "batch", "policy", "throughput_tok_s", "vs_accelerate",
                         "vs_transformers_in_memory", "disk_read_GB", "disk_read_GB_s", "dd_before_GB_s",
-                        "dd_after_GB_s", "disk_bound_tok_s", "peak_memory_gb", "error")
+                        "dd_after_GB_s", "disk_bound_tok_s", "compute_busy_share", "peak_memory_gb", "error")
             if c in df]
     print(df[cols].to_string(index=False, float_format=lambda x: f"{x:.2f}"))
     stem = f"compare_baselines_{cfg.preset}_{cfg.memory_limit_gb:g}GB" + ("_quick" if cfg.quick else "")
-    out = write_results(df, cfg, stem, memory=rows[-1].get("memory"))
-    plot_baselines(df, f"{cfg.preset}, memory limit {cfg.memory_limit_gb:g} GB ({rows[-1].get('memory')})").savefig(
+    out = write_results(df, cfg, stem, memory=memory)
+    plot_baselines(df, f"{cfg.preset}, memory limit {cfg.memory_limit_gb:g} GB ({memory})").savefig(
         out / f"{stem}.png", dpi=110)
     return df
 

@@ -35,6 +35,9 @@ def test_experiment_runs_and_writes_results(script, tmp_path):
     df = pd.read_csv(csv)
     assert len(df) >= 2
     assert "error" not in df or df.error.isna().all(), df.error.dropna().tolist()  # e.g. a baseline that failed
+    if script == "compare_baselines":  # every flexlab row says how busy its compute lane was
+        share = df[df.system == "flexlab"].compute_busy_share
+        assert len(share) and share.between(0, 1).all(), share.tolist()
     meta = json.loads(csv.with_suffix(".json").read_text())
     config = meta["config"]
     assert config.get("preset", config.get("model")) == "opt-tiny" and "date" in meta
