@@ -206,6 +206,7 @@ def _candidate(policy: Policy, pred: Prediction) -> dict:
     """One row of ``SearchResult.candidates``."""
     cq = policy.compress_weight
     return dict(policy=policy.describe(), gpu_batch_size=policy.gpu_batch_size, num_gpu_batches=policy.num_gpu_batches,
-                act_tier="gpu" if policy.act_gpu_percent == 100 else "cpu" if policy.act_cpu_percent == 100 else "disk",
+                act_tier=next(t for t, shares in ACT_TIERS.items()
+                              if shares == (policy.act_gpu_percent, policy.act_cpu_percent)),
                 compress=cq.describe() if cq else "none", throughput_tok_s=pred.throughput_tok_s,
                 **{f"peak_bytes_{t}": v for t, v in pred.peak_bytes.items()})
