@@ -16,3 +16,7 @@ class CheckpointError(FlexlabError):
 
 class PromptError(FlexlabError):
     """Prompts or generation arguments that cannot be run."""
+
+
+class OffloadError(FlexlabError):
+    """The offload directory cannot be used (not writable, not enough space, the disk filled)."""

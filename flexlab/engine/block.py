@@ -93,6 +93,7 @@ class BlockRun:
             engine.executor.run(steps, handlers, self.finished)
         finally:
             self.cache.close()
+            self.tails.clear()
             self.engine.tracker.sub("gpu", "kv tail", self.tail_bytes)
             if self.acts is not None:
                 self.acts.close()

@@ -25,15 +25,15 @@ from flexlab.engine.executor import Executor
 from flexlab.engine.policy import Policy, PolicyError
 from flexlab.engine.schedule import make_stages
 from flexlab.engine.store import WeightStore
-from flexlab.engine.tiers import DiskFiles, MemoryTracker
+from flexlab.engine.tiers import DiskFiles, MemoryTracker, return_freed_memory
 from flexlab.engine.timeline import Timeline
-from flexlab.errors import FlexlabError
+from flexlab.files import owned_dir, disown, remove, sweep_stale
+from flexlab.errors import FlexlabError, OffloadError
 from flexlab.models.generation import (GenerationResult, Sampler, encode_for_scoring, generation_metrics,
                                        prepare_generation)
 
 
-class OffloadError(FlexlabError):
-    """The offload directory cannot be used (not writable, not enough space)."""
+OFFLOAD_PREFIX = "flexlab-"  # each engine's directory inside offload_dir: flexlab-XXXXXXXX
 
 
 class Engine:
@@ -57,6 +57,7 @@ class Engine:
         self.files = DiskFiles(direct=direct_io)
         self._dir: Path | None = None
         self._executor: Executor | None = None
+        self._broken = False
         try:
             self._dir = self._make_offload_dir(offload_dir)
             self._check_space_for_weights()
@@ -77,7 +78,8 @@ class Engine:
         parent = Path(offload_dir).expanduser() if offload_dir is not None else Path(tempfile.gettempdir())
         try:
             parent.mkdir(parents=True, exist_ok=True)
-            return Path(tempfile.mkdtemp(prefix="flexlab-", dir=parent))
+            sweep_stale(parent, OFFLOAD_PREFIX)  # left by engines whose process was killed
+            return owned_dir(parent, OFFLOAD_PREFIX)
         except OSError as e:
             raise OffloadError(f"offload_dir {str(parent)!r} is not usable ({e.strerror}); pass a writable "
                                "directory with room for the disk share of weights and cache") from None
@@ -110,7 +112,7 @@ class Engine:
             self._executor = None
         self.files.close()
         if self._dir is not None:
-            shutil.rmtree(self._dir, ignore_errors=True)
+            remove(self._dir)
             self._dir = None
 
     def __enter__(self) -> "Engine":
@@ -147,7 +149,7 @@ class Engine:
         for first in range(0, len(ids), self.policy.block_size):
             block = BlockRun(self, ids[first:first + self.policy.block_size], max_new_tokens, "generate",
                              sampler=sampler, stop=stop, generated=generated, offset=first)
-            block_events, p, d = block.run()
+            block_events, p, d = self._run(block)
             events += block_events
             prefill_s, decode_s = prefill_s + p, decode_s + d
         metrics = generation_metrics(sum(map(len, generated)), prefill_s, decode_s)
@@ -164,7 +166,7 @@ class Engine:
         cost in accuracy is measured.
         """
         self._check_open()
-        ids = encode_for_scoring(sequences, self.model.tokenizer, self.model.config.max_positions)
+        ids = encode_for_scoring(sequences, self.model.tokenizer, self.model.config)
         out = []
         for first in range(0, len(ids), self.policy.block_size):
             chunk = ids[first:first + self.policy.block_size]
@@ -172,13 +174,31 @@ class Engine:
                 block = BlockRun(self, chunk, max(map(len, chunk)) - 1, "teacher")
             else:
                 block = BlockRun(self, chunk, 1, "score")
-            block.run()
+            self._run(block)
             out += block.scores
         return out
+
+    def _run(self, block: BlockRun):
+        """Run one block. After an error or Ctrl-C the engine is as it was before the call (every
+        read buffer free, nothing of the run held), so the next call works; if even that cannot
+        be known (a second interrupt while cleaning up), the next call says to re-create it."""
+        try:
+            return block.run()
+        except BaseException:
+            if self._executor is not None and self._executor.settled:
+                self.weights.reset()
+            else:
+                self._broken = True
+            raise
+        finally:
+            return_freed_memory()  # what the block held is freed: let the process's memory show it
 
     def _check_open(self) -> None:
         if self._executor is None:
             raise FlexlabError("this Engine is closed; create a new one (or use it inside a `with` block)")
+        if self._broken:
+            raise FlexlabError("this Engine was interrupted while it cleaned up after an earlier error, so its "
+                               "transfers may still be running; close it and create a new Engine")
 
     @property
     def executor(self) -> Executor:

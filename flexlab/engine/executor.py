@@ -80,7 +80,12 @@ class Executor:
 
     def run(self, steps: Iterable[Step], handlers: dict[str, Callable],
             should_stop: Callable[[], bool] = lambda: False) -> None:
-        """Issue every step in order; stop issuing once ``should_stop()`` (checked after computes)."""
+        """Issue every step in order; stop issuing once ``should_stop()`` (checked after computes).
+
+        However the run ends (done, stopped early, an error, Ctrl-C), nothing of it outlives the
+        call: every transfer has finished, every load still held (prefetched for a compute that
+        never ran, or taken by a failed run) is released, and no step's value is kept.
+        """
         self.handlers = handlers
         self.futures.clear()
         try:
@@ -91,10 +96,14 @@ class Executor:
                         break
                 else:
                     self._issue(step)
+            self.drain()
         except BaseException:  # an error or Ctrl-C: no transfer may outlive the data it touches
             self._abandon()
+            self._release_held(ignore_errors=True)  # the first error is the one to report
+            self.handlers = {}
             raise
-        self.drain()
+        self._release_held()
+        self.handlers = {}
 
     def _abandon(self) -> None:
         """Cancel transfers not yet started and wait for the running ones, ignoring their errors."""
@@ -106,6 +115,27 @@ class Executor:
                     f.result()
                 except BaseException:
                     pass
+        self.pending_events.clear()  # a failed run's events would be mixed into the next run's
+
+    def _release_held(self, ignore_errors: bool = False) -> None:
+        """Give back every load still held: its buffers would otherwise stay taken, and the next
+        run's load would wait for one forever. Then drop every step's value."""
+        for key, f in list(self.futures.items()):
+            release = self.handlers.get("release_" + key[0].removeprefix("load_"))
+            if key[0].startswith("load_") and release is not None and f.done() and not f.cancelled() \
+                    and f.exception() is None:
+                try:
+                    release(key, f.result()[0])
+                except Exception:
+                    if not ignore_errors:
+                        raise
+            del self.futures[key]
+
+    @property
+    def settled(self) -> bool:
+        """Whether no transfer of an earlier run can still be running (a run interrupted while it
+        cleaned up after an error may have left some)."""
+        return all(f.done() for f in self.futures.values())
 
     def _issue(self, step: Step) -> None:
         lane = LANES[step.kind]
@@ -117,6 +147,8 @@ class Executor:
         stream = None if inline else self.streams.get(lane)
         if step.kind.startswith("store"):
             computed = deps[0].result()  # the compute ran on this thread: its value is ready
+            for key in step.releases:  # this store is its last reader: let it go once stored
+                self.futures.pop(key, None)
             if stream is not None:
                 stream.wait_stream(torch.cuda.current_stream())  # don't copy before it is computed
             work = lambda: (None, handler(step, computed))  # noqa: E731
@@ -165,6 +197,7 @@ class Executor:
         end = self.clock.mark()
         self.pending_events.append((COMPUTE_LANE, step, start, end, 0, step.kind))
         self.futures[step.key] = _done(value)
+        del value
         for key in step.releases:
             released = self.futures.pop(key, None)
             release = self.handlers.get("release_" + key[0].removeprefix("load_"))

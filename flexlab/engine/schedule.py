@@ -124,9 +124,15 @@ def block_schedule(num_tokens: int, stages: list[Stage], num_batches: int, *, pr
         releases = [key for key in needs if key[0] != "load_weight"]
         if k == num_batches - 1:
             releases.append(("load_weight", t, j, None))  # the block is done with this stage's weights
+        # A compute's value (hidden state, new cache rows) is freed by the last step that reads
+        # it: the next stage's compute, or the store of the activation; the head's by itself.
+        me = ("compute", t, j, k)
+        stores_act = act_moves and j < n_stages - 1
+        if j == n_stages - 1:
+            releases.append(me)
         yield emit(Step("compute", t, j, k, deps=tuple(needs), releases=tuple(releases)))
 
         if stages[j].has_cache:
-            yield emit(Step("store_cache", t, j, k, deps=(("compute", t, j, k),)))
-        if act_moves and j < n_stages - 1:
-            yield emit(Step("store_act", t, j, k, deps=(("compute", t, j, k),)))
+            yield emit(Step("store_cache", t, j, k, deps=(me,)))
+        if stores_act:
+            yield emit(Step("store_act", t, j, k, deps=(me,), releases=(me,)))

@@ -217,8 +217,16 @@ class WeightStore:
 
     def load(self, stage: int) -> tuple[LoadedWeights, dict[str, int]]:
         """The stage's weights on the compute device, and the bytes moved from each tier."""
-        out, moved, copied = {}, {"cpu": 0, "disk": 0}, 0
         buf = self.pool.acquire() if self.stage_disk_bytes[stage] else None
+        try:
+            return self._load_into(stage, buf)
+        except BaseException:  # a failed read must not keep the buffer from the next load
+            if buf is not None:
+                self.pool.release(buf)
+            raise
+
+    def _load_into(self, stage: int, buf: torch.Tensor | None) -> tuple[LoadedWeights, dict[str, int]]:
+        out, moved, copied = {}, {"cpu": 0, "disk": 0}, 0
         own, pos = self.stage_files[stage], 0
         if own is not None:  # the stage's packed file: one read, each tensor lands at its file offset
             self.files.read(own[0], 0, own[1], buf)
@@ -269,6 +277,13 @@ class WeightStore:
         self.tracker.sub("gpu", "working weights", loaded.copied_bytes)
         if loaded.buffer is not None:
             self.pool.release(loaded.buffer)
+
+    def reset(self) -> None:
+        """Every read buffer free and no working copy counted, as between runs. For after a failed
+        run (once its transfers have ended): the loads it took may not all have been released."""
+        if self.pool is not None:
+            self.pool.reclaim()
+        self.tracker.clear("gpu", "working weights")
 
     def _as_weight(self, raw: torch.Tensor, d: DiskTensor, dtype: torch.dtype) -> torch.Tensor:
         """Bytes read from disk as a tensor on the compute device (a view where possible)."""
