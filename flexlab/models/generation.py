@@ -6,6 +6,8 @@ so greedy decoding, sampling and stop rules are defined once.
 
 from __future__ import annotations
 
+import math
+import numbers
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -14,10 +16,12 @@ import torch
 from flexlab.errors import PromptError
 
 
-def encode_prompts(prompts, tokenizer, *, max_positions: int, max_new_tokens: int) -> list[list[int]]:
+def encode_prompts(prompts, tokenizer, *, max_positions: int, max_new_tokens: int,
+                   vocab_size: int) -> list[list[int]]:
     """Token ids of each prompt, checked before any work starts.
 
-    ``prompts`` is a list of strings (needs a tokenizer) or of token-id lists.
+    ``prompts`` is a list of strings (needs a tokenizer) or of token-id lists (or 1-d integer
+    tensors); every id must be an integer in ``[0, vocab_size)``.
     """
     if isinstance(prompts, (str, bytes)) or not isinstance(prompts, Sequence):
         raise PromptError(f"prompts must be a list of strings or of token-id lists, got {type(prompts).__name__}; "
@@ -32,13 +36,35 @@ def encode_prompts(prompts, tokenizer, *, max_positions: int, max_new_tokens: in
             if tokenizer is None:
                 raise PromptError("string prompts need a tokenizer, and this model has none; pass token-id lists")
             p = tokenizer(p)["input_ids"]
-        p = [int(t) for t in p]
+        p = _token_ids(p, i, vocab_size)
         if not p:
             raise PromptError(f"prompt {i} is empty; every prompt needs at least one token")
         if len(p) + max_new_tokens > max_positions:
             raise PromptError(f"prompt {i} has {len(p)} tokens; with max_new_tokens={max_new_tokens} that exceeds the "
                               f"model's {max_positions} positions; shorten the prompt or generate fewer tokens")
         ids.append(p)
+    return ids
+
+
+def _token_ids(prompt, i: int, vocab_size: int) -> list[int]:
+    """Prompt ``i`` as a list of ints, each checked: an id the embedding cannot look up would
+    fail deep inside a run, and a float id would be silently truncated."""
+    if isinstance(prompt, torch.Tensor):
+        if prompt.dim() != 1 or prompt.dtype.is_floating_point or prompt.dtype.is_complex or prompt.dtype == torch.bool:
+            raise PromptError(f"prompt {i} is a {prompt.dim()}-d {prompt.dtype} tensor; pass a 1-d integer tensor "
+                              "or a list of ints")
+        prompt = prompt.tolist()
+    elif isinstance(prompt, (bytes, dict)) or not isinstance(prompt, Sequence):
+        raise PromptError(f"prompt {i} is a {type(prompt).__name__}; pass a string or a list of token ids")
+    ids = []
+    for pos, t in enumerate(prompt):
+        if isinstance(t, bool) or not isinstance(t, numbers.Integral):
+            raise PromptError(f"prompt {i}, position {pos}: token id {t!r} is not an integer; pass ints in "
+                              f"[0, {vocab_size - 1}]")
+        if not 0 <= t < vocab_size:
+            raise PromptError(f"prompt {i}, position {pos}: token id {t} is outside the vocabulary [0, "
+                              f"{vocab_size - 1}]; check the tokenizer matches the model")
+        ids.append(int(t))
     return ids
 
 
@@ -50,16 +76,18 @@ def prepare_generation(prompts, tokenizer, config, *, max_new_tokens: int, do_sa
     ``stop_token_ids=()`` (the default of every ``generate``) means the model's end-of-sequence
     token, as in transformers; ``None`` means never stop early.
     """
-    ids = encode_prompts(prompts, tokenizer, max_positions=config.max_positions, max_new_tokens=max_new_tokens)
+    ids = encode_prompts(prompts, tokenizer, max_positions=config.max_positions, max_new_tokens=max_new_tokens,
+                         vocab_size=config.vocab_size)
     sampling = SamplingConfig(do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
     if stop_token_ids == ():
         stop_token_ids = [config.eos_token_id]
     return ids, sampling, StopCriteria(len(ids), stop_token_ids, stop_strings, tokenizer)
 
 
-def encode_for_scoring(sequences, tokenizer, max_positions: int) -> list[list[int]]:
+def encode_for_scoring(sequences, tokenizer, config) -> list[list[int]]:
     """Token ids of sequences to score: each needs at least 2 tokens and fits the model."""
-    ids = encode_prompts(sequences, tokenizer, max_positions=max_positions + 1, max_new_tokens=1)
+    ids = encode_prompts(sequences, tokenizer, max_positions=config.max_positions + 1, max_new_tokens=1,
+                         vocab_size=config.vocab_size)
     short = [i for i, s in enumerate(ids) if len(s) < 2]
     if short:
         raise PromptError(f"sequence(s) {short} have fewer than 2 tokens; nothing to score")
@@ -96,8 +124,9 @@ class SamplingConfig:
     seed: int | None = None
 
     def __post_init__(self) -> None:
-        if self.temperature <= 0:
-            raise PromptError(f"temperature must be > 0, got {self.temperature}; use do_sample=False for greedy")
+        if not isinstance(self.temperature, numbers.Real) or not 0 < self.temperature < math.inf:
+            raise PromptError(f"temperature must be a finite number > 0, got {self.temperature!r}; use "
+                              "do_sample=False for greedy")
         if self.top_k is not None and self.top_k < 1:
             raise PromptError(f"top_k must be >= 1 or None, got {self.top_k}")
         if self.top_p is not None and not 0 < self.top_p <= 1:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from flexlab.errors import ConfigError
+from flexlab.errors import CheckpointError, ConfigError
 from flexlab.models.config import ModelConfig, get_preset
 from flexlab.models.family import ModelFamily, get_family
 from flexlab.models.generation import GenerationResult, encode_for_scoring, prepare_generation
@@ -69,10 +69,19 @@ class Model:
         directory = resolve_checkpoint(name_or_path)
         hf = read_hf_config(directory)
         model_type = hf.get("model_type")
-        if model_type is None:
-            raise ConfigError(f"{directory}/config.json has no model_type; is it a transformers checkpoint?")
+        if not isinstance(model_type, str):
+            raise ConfigError(f"{directory}/config.json has no model_type string; is it a transformers checkpoint?")
         family = get_family(model_type)
-        config = family.config_from_hf(hf, Path(str(name_or_path)).name)
+        try:
+            config = family.config_from_hf(hf, Path(str(name_or_path)).name)
+        except KeyError as e:
+            raise CheckpointError(f"{directory}/config.json lacks {e.args[0]!r}, which a {model_type} config needs; "
+                                  "is it complete?") from None
+        except (TypeError, ValueError) as e:
+            if isinstance(e, ConfigError):
+                raise
+            raise CheckpointError(f"{directory}/config.json has a field of the wrong type ({e}); is it a "
+                                  f"{model_type} config written by transformers?") from None
         weights = CheckpointWeights(directory, family.weight_specs(config), family.canonical_name)
         return cls(config, weights, tokenizer=_load_tokenizer(directory), dtype=dtype, device=device,
                    source=str(directory))
@@ -112,7 +121,7 @@ class Model:
     def score(self, sequences) -> list[torch.Tensor]:
         """For each sequence (string or token ids, at least 2 tokens), the log-probabilities of
         tokens ``1..n-1`` given their prefix, as float32 1-D tensors."""
-        return self.reference.score(encode_for_scoring(sequences, self.tokenizer, self.config.max_positions))
+        return self.reference.score(encode_for_scoring(sequences, self.tokenizer, self.config))
 
     def __repr__(self) -> str:
         c = self.config
