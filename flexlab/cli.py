@@ -17,10 +17,62 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import signal
 import sys
+import tempfile
 from pathlib import Path
 
 DTYPES = ("float32", "bfloat16", "float16")
+
+
+class Terminated(BaseException):
+    """SIGTERM or SIGHUP, raised in the main thread so that every ``finally`` and ``with`` block
+    runs (engines remove their offload files, a conversion its partial directory), as on Ctrl-C."""
+
+
+def _raise_terminated(signum, frame) -> None:
+    raise Terminated(signum)
+
+
+# ---- output paths, checked before any work --------------------------------------------------
+def _probe(directory: Path, flag: str) -> None:
+    """Fail now, not after the work, if nothing can be written in ``directory``."""
+    try:
+        with tempfile.NamedTemporaryFile(dir=directory, prefix=".flexlab-probe-"):
+            pass
+    except OSError as e:
+        raise ValueError(f"{flag} {directory}: cannot write there ({e.strerror}); pass a writable place") from None
+
+
+def _out_dir(value: str, flag: str) -> Path:
+    """An output directory, created if missing and checked writable."""
+    path = Path(value).expanduser()
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"{flag} {value}: is a file, not a directory; pass a directory")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ValueError(f"{flag} {value}: cannot create it ({e.strerror}); pass a writable directory") from None
+    _probe(path, flag)
+    return path
+
+
+def _out_file(value: str, flag: str) -> Path:
+    """An output file's path: not a directory, in a writable directory (created if missing)."""
+    path = Path(value).expanduser()
+    if path.is_dir():
+        raise ValueError(f"{flag} {value}: is a directory; pass a file name, e.g. {Path(value) / 'out.json'}")
+    _out_dir(str(path.parent), flag)
+    return path
+
+
+def _in_file(value: str, flag: str) -> Path:
+    path = Path(value).expanduser()
+    if not path.is_file():
+        what = "is a directory" if path.is_dir() else "does not exist"
+        raise ValueError(f"{flag} {value}: {what}; pass an existing file")
+    return path
 
 
 class _Parser(argparse.ArgumentParser):
@@ -79,9 +131,13 @@ def _policy(args, **defaults):
     fields = dict(defaults)
     if args.policy:
         try:
-            fields.update(Policy.from_dict(json.loads(Path(args.policy).read_text())).to_dict())
-        except (OSError, json.JSONDecodeError) as e:
+            data = json.loads(_in_file(args.policy, "--policy").read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
             raise ValueError(f"--policy {args.policy}: cannot read a JSON policy ({e})") from None
+        try:
+            fields.update(Policy.from_dict(data).to_dict())
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"--policy {args.policy}: {e}") from None
     if args.percent:
         names = ("w_gpu_percent", "w_cpu_percent", "cache_gpu_percent", "cache_cpu_percent", "act_gpu_percent",
                  "act_cpu_percent")
@@ -105,14 +161,14 @@ DEMO_PROMPTS = ["The for statement", "Exceptions are raised when", "A class defi
 
 def demo(args: argparse.Namespace) -> int:
     """Generate with an offloading policy on a small model; print throughput; write the timeline."""
-    from pathlib import Path
-
     import torch
 
     import flexlab
+    from flexlab.files import atomic_path
     from flexlab.models.pydoc_model import pydoc_model_path
     from flexlab.viz import plot_timeline
 
+    out = _out_dir(args.out, "--out")
     path = args.model or pydoc_model_path()
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}.get(args.dtype)
     model = flexlab.Model.from_pretrained(path, dtype=dtype)
@@ -138,9 +194,8 @@ def demo(args: argparse.Namespace) -> int:
     print(f"timeline: {len(result.timeline)} events; I/O hidden under compute {s['io_hidden_fraction']:.0%}, "
           f"compute idle {s['compute_idle_fraction']:.0%}")
 
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    plot_timeline(result.timeline, tokens=(0, 2)).savefig(out / "timeline.png", dpi=120)
+    with atomic_path(out / "timeline.png") as tmp:
+        plot_timeline(result.timeline, tokens=(0, 2)).savefig(tmp, dpi=120)
     result.timeline.to_chrome_trace(out / "trace.json")
     result.timeline.save(out / "timeline.json")
     print(f"wrote {out / 'timeline.png'} (first tokens), {out / 'trace.json'} (open in ui.perfetto.dev), "
@@ -152,26 +207,38 @@ def demo(args: argparse.Namespace) -> int:
 def generate(args: argparse.Namespace) -> int:
     """Generate for prompts under a policy; print the texts and the metrics."""
     import flexlab
+    from flexlab.models.generation import prepare_generation
 
     prompts = list(args.prompt or [])
     if args.prompts_file:
-        prompts += [line.rstrip("\n") for line in Path(args.prompts_file).read_text().splitlines() if line.strip()]
-    if args.prompt_ids:
-        prompts += [[int(t) for t in ids.split()] for ids in args.prompt_ids]
+        try:
+            text = _in_file(args.prompts_file, "--prompts-file").read_text()
+        except (OSError, UnicodeDecodeError) as e:
+            raise ValueError(f"--prompts-file {args.prompts_file}: cannot read it as text ({e})") from None
+        prompts += [line.rstrip("\n") for line in text.splitlines() if line.strip()]
+    for ids in args.prompt_ids or []:
+        try:
+            prompts.append([int(t) for t in ids.split()])
+        except ValueError:
+            raise ValueError(f"--prompt-ids {ids!r}: token ids are integers separated by spaces, e.g. "
+                             '"2 5 6"') from None
     if not prompts:
         raise ValueError("no prompts: pass --prompt TEXT, --prompt-ids \"2 5 6\" or --prompts-file FILE")
+    timeline = _out_file(args.timeline, "--timeline") if args.timeline else None
     model = _load_model(args)
     policy = _policy(args, gpu_batch_size=min(len(prompts), 8))
+    sampling = dict(max_new_tokens=args.max_new_tokens, do_sample=args.do_sample, temperature=args.temperature,
+                    top_k=None, top_p=args.top_p, seed=args.seed, stop_token_ids=(), stop_strings=None)
+    prepare_generation(prompts, model.tokenizer, model.config, **sampling)  # bad prompts: refused before placing
     with flexlab.Engine(model, policy, offload_dir=args.offload_dir, progress=True) as engine:
-        result = engine.generate(prompts, max_new_tokens=args.max_new_tokens, do_sample=args.do_sample,
-                                 temperature=args.temperature, top_p=args.top_p, seed=args.seed)
+        result = engine.generate(prompts, **sampling)
     for prompt, ids, text in zip(prompts, result.token_ids, result.texts or [None] * len(prompts)):
         print(f">>> {prompt}{text}" if text is not None else f">>> {prompt} -> {ids}")
     m = result.metrics
     print(f"{policy.describe()}: {int(m['new_tokens'])} tokens in {m['total_s']:.3f} s -> "
           f"{m['throughput_tok_s']:.1f} tokens/s", file=sys.stderr)
-    if args.timeline:
-        result.timeline.save(args.timeline)
+    if timeline is not None:
+        result.timeline.save(timeline)
     return 0
 
 
@@ -179,8 +246,10 @@ def bench(args: argparse.Namespace) -> int:
     """Throughput of one policy, or of the standard sweep, on synthetic prompts; writes a results folder."""
     import flexlab
     from flexlab.eval import policy_sweep
+    from flexlab.files import atomic_path, atomic_write
     from flexlab.viz import plot_memory, plot_throughput
 
+    out = _out_dir(args.out, "--out")
     model = _load_model(args)
     base = _policy(args, gpu_batch_size=8, num_gpu_batches=2)
     if args.sweep:
@@ -199,15 +268,15 @@ def bench(args: argparse.Namespace) -> int:
     cols = ["policy", "throughput_tok_s", "total_s", "io_hidden_fraction", "peak_bytes_gpu", "peak_bytes_cpu",
             "peak_bytes_disk"]
     print(df[cols].to_string(index=False, float_format=lambda x: f"{x:.3f}"))
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    df.to_csv(out / "bench.csv", index=False)
-    (out / "bench.json").write_text(json.dumps({"model": model.config.name, "dtype": str(model.dtype),
-                                                "prompt_len": args.prompt_len, "gen_len": args.gen_len,
-                                                "policies": {k: p.to_dict() for k, p in policies.items()},
-                                                "flexlab": flexlab.__version__}, indent=2))
-    plot_throughput(df).savefig(out / "throughput.png", dpi=110)
-    plot_memory(df).savefig(out / "memory.png", dpi=110)
+    with atomic_path(out / "bench.csv") as tmp:
+        df.to_csv(tmp, index=False)
+    atomic_write(out / "bench.json", json.dumps({"model": model.config.name, "dtype": str(model.dtype),
+                                                 "prompt_len": args.prompt_len, "gen_len": args.gen_len,
+                                                 "policies": {k: p.to_dict() for k, p in policies.items()},
+                                                 "flexlab": flexlab.__version__}, indent=2))
+    for name, plot in (("throughput.png", plot_throughput), ("memory.png", plot_memory)):
+        with atomic_path(out / name) as tmp:
+            plot(df).savefig(tmp, dpi=110)
     print(f"wrote {out}/bench.csv, bench.json, throughput.png, memory.png")
     return 0
 
@@ -216,7 +285,9 @@ def search(args: argparse.Namespace) -> int:
     """Search the fastest policy that fits a machine; print it, its prediction and why."""
     import flexlab
     from flexlab.cost import CostModel, get_hardware, search_policy
+    from flexlab.files import atomic_write
 
+    save = _out_file(args.save_policy, "--save-policy") if args.save_policy else None
     config = flexlab.get_preset(args.preset) if args.preset else _load_model(args).config
     hw = get_hardware(args.hardware)
     caps = {k: v * 2**30 for k, v in (("gpu_memory", args.gpu_mem), ("cpu_memory", args.cpu_mem),
@@ -234,8 +305,8 @@ def search(args: argparse.Namespace) -> int:
         "w_gpu_percent", "w_cpu_percent", "cache_gpu_percent", "cache_cpu_percent", "act_gpu_percent",
         "act_cpu_percent")) + f" --gpu-batch-size {found.policy.gpu_batch_size} "
           f"--num-gpu-batches {found.policy.num_gpu_batches}")
-    if args.save_policy:
-        Path(args.save_policy).write_text(json.dumps(found.policy.to_dict(), indent=2))
+    if save is not None:
+        atomic_write(save, json.dumps(found.policy.to_dict(), indent=2))
         print(f"wrote {args.save_policy} (pass it to --policy)")
     return 0
 
@@ -245,10 +316,12 @@ def calibrate(args: argparse.Namespace) -> int:
     from flexlab.cost import calibrate as measure
     from flexlab.cost.hardware import _human
 
-    hw = measure(quick=args.quick, dtype=_dtype(args.dtype), offload_dir=args.offload_dir)
+    out = _out_file(args.out, "--out")
+    offload = _out_dir(args.offload_dir, "--offload-dir") if args.offload_dir else None
+    hw = measure(quick=args.quick, dtype=_dtype(args.dtype), offload_dir=offload)
     for key, value in hw.__dict__.items():
         print(f"{key:<22}{_human(key, value)}")
-    hw.save(args.out)
+    hw.save(out)
     print(f"wrote {args.out} (use it with --hardware {args.out})")
     return 0
 
@@ -382,11 +455,37 @@ def main(argv: list[str] | None = None) -> int:
 
     sub.add_parser("presets", help="list model presets and their sizes").set_defaults(func=presets)
     args = parser.parse_args(argv)
+    _handle_termination()
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError, KeyError) as e:  # input errors: one clear line, no traceback
-        print(f"flexlab: error: {str(e).strip(chr(39))}", file=sys.stderr)
+    except Terminated as e:
+        print(f"flexlab: stopped by {signal.Signals(e.args[0]).name}; its offload files were removed", file=sys.stderr)
+        return 128 + e.args[0]
+    except KeyboardInterrupt:
+        print("flexlab: interrupted; its offload files were removed", file=sys.stderr)
+        return 130
+    except (ValueError, OSError) as e:  # input errors and the file system's: one clear line, no traceback
+        print(f"flexlab: error: {_one_line(e)}", file=sys.stderr)
         return 2
+    except Exception as e:  # a bug: still one line, the traceback on request
+        if os.environ.get("FLEXLAB_DEBUG"):
+            raise
+        print(f"flexlab: internal error: {type(e).__name__}: {_one_line(e)} (a bug; rerun with FLEXLAB_DEBUG=1 for "
+              "the traceback and report it)", file=sys.stderr)
+        return 1
+
+
+def _handle_termination() -> None:
+    """SIGTERM and SIGHUP unwind like Ctrl-C (see :class:`Terminated`)."""
+    for name in ("SIGTERM", "SIGHUP"):
+        if hasattr(signal, name):
+            signal.signal(getattr(signal, name), _raise_terminated)
+
+
+def _one_line(e: BaseException) -> str:
+    if isinstance(e, OSError) and e.strerror and e.filename:
+        return f"{e.filename}: {e.strerror}"
+    return " ".join(str(e).split()) or type(e).__name__
 
 
 if __name__ == "__main__":

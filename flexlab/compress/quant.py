@@ -101,6 +101,14 @@ class QuantConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "QuantConfig":
+        """A QuantConfig from :meth:`to_dict`'s values (or a hand-written JSON object of fields)."""
+        if not isinstance(d, dict):
+            raise QuantError(f"a QuantConfig is an object of fields, got a {type(d).__name__}; e.g. "
+                             '{"bits": 4, "group_size": 64}')
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise QuantError(f"unknown QuantConfig field(s) {unknown}; valid fields: {sorted(known)}")
         d = dict(d)
         if "scale_dtype" in d:
             name = d["scale_dtype"]

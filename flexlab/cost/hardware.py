@@ -13,11 +13,11 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 from flexlab.errors import FlexlabError
+from flexlab.files import atomic_write
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -84,12 +84,7 @@ class HardwareProfile:
     def save(self, path: str | os.PathLike) -> None:
         """Write as JSON, atomically (``inf`` as the string "inf")."""
         data = {k: ("inf" if isinstance(v, float) and math.isinf(v) else v) for k, v in asdict(self).items()}
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=2)
-        os.replace(tmp, path)
+        atomic_write(path, json.dumps(data, indent=2))
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "HardwareProfile":

@@ -136,6 +136,9 @@ class Policy:
     @classmethod
     def from_dict(cls, d: dict) -> "Policy":
         """A Policy from :meth:`to_dict`'s values (or a hand-written JSON object of fields)."""
+        if not isinstance(d, dict):
+            raise PolicyError(f"a policy is a JSON object of Policy fields, got a {type(d).__name__}; e.g. "
+                              '{"w_gpu_percent": 20, "w_cpu_percent": 30, "gpu_batch_size": 8}')
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:

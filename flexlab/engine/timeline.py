@@ -13,9 +13,10 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
+
+from flexlab.files import atomic_write
 
 COMPUTE_LANE = "compute"
 
@@ -129,7 +130,7 @@ class Timeline:
     # ---- files -------------------------------------------------------------------------
     def save(self, path: str | os.PathLike) -> None:
         """Write the events as JSON (atomically: a crash never leaves half a file)."""
-        _atomic_write(Path(path), json.dumps({"version": 1, "events": [asdict(e) for e in self.events]}))
+        atomic_write(Path(path), json.dumps({"version": 1, "events": [asdict(e) for e in self.events]}))
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "Timeline":
@@ -147,21 +148,9 @@ class Timeline:
                 "ts": e.start * 1e6, "dur": max(e.duration * 1e6, 0.001),
                 "args": {"token": e.token, "stage": e.stage, "batch": e.batch, "bytes": e.bytes},
             })
-        _atomic_write(Path(path), json.dumps({"traceEvents": trace, "displayTimeUnit": "ms"}))
+        atomic_write(Path(path), json.dumps({"traceEvents": trace, "displayTimeUnit": "ms"}))
 
     def _repr_html_(self) -> str:
         s = self.summary()
         rows = "".join(f"<tr><td>{k}</td><td>{v:.4g}</td></tr>" for k, v in s.items())
         return f"<b>Timeline</b>: {len(self)} events on {len(self.lanes)} lanes<table>{rows}</table>"
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from flexlab.files import owned_dir, disown, remove, sweep_stale
 from flexlab.errors import CheckpointError
 
 SHARD_BYTES = 2 << 30
@@ -51,7 +52,10 @@ def save_checkpoint(model, target: str | os.PathLike, *, dtype: torch.dtype | No
     _check_target(target)
     source_dir = Path(model.source) if Path(model.source).is_dir() else None
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    # Written beside the target and renamed into place when complete; removed on any way out
+    # (a killed process's leftover is swept by the next conversion into the same place).
+    sweep_stale(target.parent, f".{target.name}.")
+    tmp = owned_dir(target.parent, f".{target.name}.")
     try:
         shard: dict[str, torch.Tensor] = {}
         size = 0
@@ -87,6 +91,7 @@ def save_checkpoint(model, target: str | os.PathLike, *, dtype: torch.dtype | No
             hf = model.family.config_to_hf(model.config)
             hf["torch_dtype"] = str(t.dtype).removeprefix("torch.")
             (tmp / "config.json").write_text(json.dumps(hf, indent=2))
+        disown(tmp)  # from here on it is the result, not scratch
         for path in tmp.iterdir():  # on disk before the rename makes the folder visible
             fd = os.open(path, os.O_RDONLY)
             try:
@@ -97,11 +102,22 @@ def save_checkpoint(model, target: str | os.PathLike, *, dtype: torch.dtype | No
             target.rmdir()
         os.replace(tmp, target)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        remove(tmp)
         raise
     return target
 
 
 def _check_target(target: Path) -> None:
+    """Refuse, before any work, a target that is a file, not empty, or in a place nothing can be
+    written (the parent is created if missing)."""
+    if target.exists() and not target.is_dir():
+        raise CheckpointError(f"{target} is a file; the target is a new directory")
     if target.exists() and any(target.iterdir()):
         raise CheckpointError(f"{target} exists and is not empty; choose a new directory")
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(prefix=f".{target.name}.probe-", dir=target.parent):
+            pass
+    except OSError as e:
+        raise CheckpointError(f"cannot write a checkpoint in {target.parent} ({e.strerror}); pick a writable "
+                              "place for the target") from None

@@ -19,13 +19,12 @@ import hashlib
 import json
 import math
 import os
-import shutil
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
+from flexlab.files import owned_dir, disown, remove, sweep_stale
 from flexlab.models.config import ModelConfig
 from flexlab.models.opt import config_to_hf
 
@@ -87,15 +86,17 @@ def pydoc_model_path(recipe: PydocRecipe = PydocRecipe(), *, train_if_missing: b
         raise FileNotFoundError(f"{path} does not exist; call pydoc_model_path() to train it (a few minutes)")
     path.parent.mkdir(parents=True, exist_ok=True)
     # Train into a temporary sibling and rename: a crash or Ctrl-C never leaves a half-written model.
-    tmp = Path(tempfile.mkdtemp(prefix=".opt-pydoc-", dir=path.parent))
+    sweep_stale(path.parent, ".opt-pydoc-")
+    tmp = owned_dir(path.parent, ".opt-pydoc-")
     try:
         train_pydoc_model(tmp, recipe, progress=progress)
+        disown(tmp)
         try:
             os.replace(tmp, path)
         except OSError:  # another process finished first; its model is the same recipe
             pass
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        remove(tmp)
     return path
 
 

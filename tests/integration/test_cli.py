@@ -135,3 +135,130 @@ def test_chat_prompt_keeps_the_newest_turns_that_fit():
     assert prompt.endswith("Human: last one\nAssistant:")
     with pytest.raises(ValueError, match="too long"):
         chat.prompt("x" * 1000)
+
+
+# ---- the error net: every bad path or file is one line, before any work -----------------------------
+def _tiny_args():
+    return ["--preset", "opt-tiny", "--dtype", "float32"]
+
+
+def _malformed(tmp_path, tiny_dir, what: str):
+    import shutil
+
+    d = tmp_path / "ckpt"
+    shutil.copytree(tiny_dir, d)
+    if what == "config":
+        cfg = json.loads((d / "config.json").read_text())
+        del cfg["hidden_size"]
+        (d / "config.json").write_text(json.dumps(cfg))
+    else:
+        (d / "model.safetensors").write_bytes((7).to_bytes(8, "little") + b"[1,2,3]")
+    return str(d)
+
+
+BAD_PATHS = {  # name: (argv from tmp_path and a checkpoint dir, what the one line must say)
+    "prompts-file is a directory": (lambda t, c: ["generate", *_tiny_args(), "--prompts-file", str(t)],
+                                    "--prompts-file .*: is a directory"),
+    "prompts-file missing": (lambda t, c: ["generate", *_tiny_args(), "--prompts-file", str(t / "nope.txt")],
+                             "--prompts-file .*: does not exist"),
+    "prompts-file not text": (lambda t, c: ["generate", *_tiny_args(), "--prompts-file", _binary(t)],
+                              "--prompts-file .*: cannot read it as text"),
+    "timeline is a directory": (lambda t, c: ["generate", *_tiny_args(), "--prompt-ids", "2 5", "--timeline", str(t)],
+                                "--timeline .*: is a directory"),
+    "timeline read-only place": (lambda t, c: ["generate", *_tiny_args(), "--prompt-ids", "2 5", "--timeline",
+                                               "/proc/flexlab/t.json"], "--timeline .*cannot create it"),
+    "timeline under a file": (lambda t, c: ["generate", *_tiny_args(), "--prompt-ids", "2 5", "--timeline",
+                                            _file(t) + "/t.json"], "--timeline .*is a file"),
+    "bench out is a file": (lambda t, c: ["bench", *_tiny_args(), "--out", _file(t)], "--out .*: is a file"),
+    "bench out read-only": (lambda t, c: ["bench", *_tiny_args(), "--out", "/proc/flexlab-bench"],
+                            "--out .*cannot create it"),
+    "calibrate out is a directory": (lambda t, c: ["calibrate", "--quick", "--out", str(t)], "--out .*is a directory"),
+    "calibrate offload-dir is a file": (lambda t, c: ["calibrate", "--quick", "--out", str(t / "hw.json"),
+                                                      "--offload-dir", _file(t)], "--offload-dir .*: is a file"),
+    "calibrate offload-dir read-only": (lambda t, c: ["calibrate", "--quick", "--out", str(t / "hw.json"),
+                                                      "--offload-dir", "/proc/flexlab-x"], "--offload-dir .*cannot"),
+    "convert target is a file": (lambda t, c: ["convert", "opt-tiny", _file(t), "--random"], "is a file; the target"),
+    "convert target read-only": (lambda t, c: ["convert", "opt-tiny", "/proc/flexlab-x/ckpt", "--random"],
+                                 "cannot write a checkpoint in /proc/flexlab-x"),
+    "search save-policy is a directory": (lambda t, c: ["search", "--preset", "opt-1.3b", "--save-policy", str(t)],
+                                          "--save-policy .*is a directory"),
+    "policy JSON of the wrong shape": (lambda t, c: ["generate", *_tiny_args(), "--prompt-ids", "2 5", "--policy",
+                                                     _json(t, [1, 2])], "a policy is a JSON object"),
+    "policy unknown QuantConfig key": (lambda t, c: ["generate", *_tiny_args(), "--prompt-ids", "2 5", "--policy",
+                                                     _json(t, {"compress_weight": {"bitz": 4}})],
+                                       r"unknown QuantConfig field\(s\) \['bitz'\]"),
+    "policy is a directory": (lambda t, c: ["generate", *_tiny_args(), "--prompt-ids", "2 5", "--policy", str(t)],
+                              "--policy .*is a directory"),
+    "temperature nan": (lambda t, c: ["generate", *_tiny_args(), "--prompt-ids", "2 5", "--do-sample",
+                                      "--temperature", "nan"], "temperature must be a finite number"),
+    "float token id": (lambda t, c: ["generate", *_tiny_args(), "--prompt-ids", "2 5.5"],
+                       "--prompt-ids '2 5.5': token ids are integers"),
+    "token id outside the vocabulary": (lambda t, c: ["generate", *_tiny_args(), "--prompt-ids", "2 99999"],
+                                        r"token id 99999 is outside the vocabulary \[0, 511\]"),
+    "negative token id": (lambda t, c: ["generate", *_tiny_args(), "--prompt-ids", "2 -1"],
+                          "token id -1 is outside the vocabulary"),
+    "config lacks a field": (lambda t, c: ["generate", "--model", _malformed(t, c, "config"), "--prompt-ids", "2"],
+                             "config.json lacks 'hidden_size'"),
+    "malformed safetensors header": (lambda t, c: ["generate", "--model", _malformed(t, c, "header"),
+                                                   "--prompt-ids", "2"], "not a readable safetensors file"),
+}
+
+
+def _file(t) -> str:
+    (t / "a-file").write_text("x")
+    return str(t / "a-file")
+
+
+def _binary(t) -> str:
+    (t / "bin.txt").write_bytes(b"\xff\xfe\x00\x81")
+    return str(t / "bin.txt")
+
+
+def _json(t, value) -> str:
+    (t / "p.json").write_text(json.dumps(value))
+    return str(t / "p.json")
+
+
+@pytest.mark.parametrize("case", list(BAD_PATHS))
+def test_every_bad_path_or_file_is_one_line_before_any_work(capsys, tmp_path, tiny_dir, case):
+    make_argv, message = BAD_PATHS[case]
+    argv = make_argv(tmp_path, tiny_dir)
+    before = sorted(p.name for p in tmp_path.iterdir())
+    code, out, err = run(capsys, *argv)
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and lines[0].startswith("flexlab: error: "), err
+    assert re.search(message, lines[0]), lines[0]
+    assert out == ""  # refused before any work: nothing generated, benchmarked or searched
+    assert sorted(p.name for p in tmp_path.iterdir()) == before  # and nothing written
+
+
+def test_a_missing_output_parent_is_created(capsys, tmp_path):
+    code, _, _ = run(capsys, "generate", *_tiny_args(), "--prompt-ids", "2 5", "--max-new-tokens", "2", "--timeline",
+                     str(tmp_path / "new" / "deeper" / "tl.json"))
+    assert code == 0 and len(flexlab.Timeline.load(tmp_path / "new" / "deeper" / "tl.json")) > 0
+
+
+def test_a_full_disk_during_a_cli_run_is_one_line(capsys, tmp_path, monkeypatch):
+    import errno
+
+    import flexlab.engine.tiers as tiers
+
+    def full(fd, data, offset):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(tiers.os, "pwrite", full)
+    code, out, err = run(capsys, "generate", *_tiny_args(), "--prompt-ids", "2 5", "--percent", "100", "0", "0", "0",
+                         "100", "0", "--offload-dir", str(tmp_path))
+    lines = err.strip().splitlines()
+    assert code == 2 and re.match(r"flexlab: error: the disk holding '.*' is full: writing \d+ bytes to kv_l0_b0_k.bin",
+                                  lines[-1])
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_an_unexpected_error_is_one_line_and_the_traceback_on_request(capsys, monkeypatch):
+    monkeypatch.setattr(flexlab.Engine, "generate", lambda *a, **k: {}["no such key"])
+    code, _, err = run(capsys, "generate", *_tiny_args(), "--prompt-ids", "2 5")
+    assert code == 1 and err.strip().splitlines()[-1].startswith("flexlab: internal error: KeyError")
+    monkeypatch.setenv("FLEXLAB_DEBUG", "1")
+    with pytest.raises(KeyError):
+        main(["generate", *_tiny_args(), "--prompt-ids", "2 5"])
