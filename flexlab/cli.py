@@ -17,62 +17,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import signal
 import sys
-import tempfile
 from pathlib import Path
 
+from flexlab.cli_checks import in_file, out_dir, out_file, run_guarded
+
 DTYPES = ("float32", "bfloat16", "float16")
-
-
-class Terminated(BaseException):
-    """SIGTERM or SIGHUP, raised in the main thread so that every ``finally`` and ``with`` block
-    runs (engines remove their offload files, a conversion its partial directory), as on Ctrl-C."""
-
-
-def _raise_terminated(signum, frame) -> None:
-    raise Terminated(signum)
-
-
-# ---- output paths, checked before any work --------------------------------------------------
-def _probe(directory: Path, flag: str) -> None:
-    """Fail now, not after the work, if nothing can be written in ``directory``."""
-    try:
-        with tempfile.NamedTemporaryFile(dir=directory, prefix=".flexlab-probe-"):
-            pass
-    except OSError as e:
-        raise ValueError(f"{flag} {directory}: cannot write there ({e.strerror}); pass a writable place") from None
-
-
-def _out_dir(value: str, flag: str) -> Path:
-    """An output directory, created if missing and checked writable."""
-    path = Path(value).expanduser()
-    if path.exists() and not path.is_dir():
-        raise ValueError(f"{flag} {value}: is a file, not a directory; pass a directory")
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise ValueError(f"{flag} {value}: cannot create it ({e.strerror}); pass a writable directory") from None
-    _probe(path, flag)
-    return path
-
-
-def _out_file(value: str, flag: str) -> Path:
-    """An output file's path: not a directory, in a writable directory (created if missing)."""
-    path = Path(value).expanduser()
-    if path.is_dir():
-        raise ValueError(f"{flag} {value}: is a directory; pass a file name, e.g. {Path(value) / 'out.json'}")
-    _out_dir(str(path.parent), flag)
-    return path
-
-
-def _in_file(value: str, flag: str) -> Path:
-    path = Path(value).expanduser()
-    if not path.is_file():
-        what = "is a directory" if path.is_dir() else "does not exist"
-        raise ValueError(f"{flag} {value}: {what}; pass an existing file")
-    return path
 
 
 class _Parser(argparse.ArgumentParser):
@@ -131,7 +81,7 @@ def _policy(args, **defaults):
     fields = dict(defaults)
     if args.policy:
         try:
-            data = json.loads(_in_file(args.policy, "--policy").read_text())
+            data = json.loads(in_file(args.policy, "--policy").read_text())
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
             raise ValueError(f"--policy {args.policy}: cannot read a JSON policy ({e})") from None
         try:
@@ -168,7 +118,7 @@ def demo(args: argparse.Namespace) -> int:
     from flexlab.models.pydoc_model import pydoc_model_path
     from flexlab.viz import plot_timeline
 
-    out = _out_dir(args.out, "--out")
+    out = out_dir(args.out, "--out")
     path = args.model or pydoc_model_path()
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}.get(args.dtype)
     model = flexlab.Model.from_pretrained(path, dtype=dtype)
@@ -212,7 +162,7 @@ def generate(args: argparse.Namespace) -> int:
     prompts = list(args.prompt or [])
     if args.prompts_file:
         try:
-            text = _in_file(args.prompts_file, "--prompts-file").read_text()
+            text = in_file(args.prompts_file, "--prompts-file").read_text()
         except (OSError, UnicodeDecodeError) as e:
             raise ValueError(f"--prompts-file {args.prompts_file}: cannot read it as text ({e})") from None
         prompts += [line.rstrip("\n") for line in text.splitlines() if line.strip()]
@@ -224,7 +174,7 @@ def generate(args: argparse.Namespace) -> int:
                              '"2 5 6"') from None
     if not prompts:
         raise ValueError("no prompts: pass --prompt TEXT, --prompt-ids \"2 5 6\" or --prompts-file FILE")
-    timeline = _out_file(args.timeline, "--timeline") if args.timeline else None
+    timeline = out_file(args.timeline, "--timeline") if args.timeline else None
     model = _load_model(args)
     policy = _policy(args, gpu_batch_size=min(len(prompts), 8))
     sampling = dict(max_new_tokens=args.max_new_tokens, do_sample=args.do_sample, temperature=args.temperature,
@@ -249,7 +199,7 @@ def bench(args: argparse.Namespace) -> int:
     from flexlab.files import atomic_path, atomic_write
     from flexlab.viz import plot_memory, plot_throughput
 
-    out = _out_dir(args.out, "--out")
+    out = out_dir(args.out, "--out")
     model = _load_model(args)
     base = _policy(args, gpu_batch_size=8, num_gpu_batches=2)
     if args.sweep:
@@ -287,7 +237,7 @@ def search(args: argparse.Namespace) -> int:
     from flexlab.cost import CostModel, get_hardware, search_policy
     from flexlab.files import atomic_write
 
-    save = _out_file(args.save_policy, "--save-policy") if args.save_policy else None
+    save = out_file(args.save_policy, "--save-policy") if args.save_policy else None
     config = flexlab.get_preset(args.preset) if args.preset else _load_model(args).config
     hw = get_hardware(args.hardware)
     caps = {k: v * 2**30 for k, v in (("gpu_memory", args.gpu_mem), ("cpu_memory", args.cpu_mem),
@@ -316,8 +266,8 @@ def calibrate(args: argparse.Namespace) -> int:
     from flexlab.cost import calibrate as measure
     from flexlab.cost.hardware import _human
 
-    out = _out_file(args.out, "--out")
-    offload = _out_dir(args.offload_dir, "--offload-dir") if args.offload_dir else None
+    out = out_file(args.out, "--out")
+    offload = out_dir(args.offload_dir, "--offload-dir") if args.offload_dir else None
     hw = measure(quick=args.quick, dtype=_dtype(args.dtype), offload_dir=offload)
     for key, value in hw.__dict__.items():
         print(f"{key:<22}{_human(key, value)}")
@@ -455,37 +405,7 @@ def main(argv: list[str] | None = None) -> int:
 
     sub.add_parser("presets", help="list model presets and their sizes").set_defaults(func=presets)
     args = parser.parse_args(argv)
-    _handle_termination()
-    try:
-        return args.func(args)
-    except Terminated as e:
-        print(f"flexlab: stopped by {signal.Signals(e.args[0]).name}; its offload files were removed", file=sys.stderr)
-        return 128 + e.args[0]
-    except KeyboardInterrupt:
-        print("flexlab: interrupted; its offload files were removed", file=sys.stderr)
-        return 130
-    except (ValueError, OSError) as e:  # input errors and the file system's: one clear line, no traceback
-        print(f"flexlab: error: {_one_line(e)}", file=sys.stderr)
-        return 2
-    except Exception as e:  # a bug: still one line, the traceback on request
-        if os.environ.get("FLEXLAB_DEBUG"):
-            raise
-        print(f"flexlab: internal error: {type(e).__name__}: {_one_line(e)} (a bug; rerun with FLEXLAB_DEBUG=1 for "
-              "the traceback and report it)", file=sys.stderr)
-        return 1
-
-
-def _handle_termination() -> None:
-    """SIGTERM and SIGHUP unwind like Ctrl-C (see :class:`Terminated`)."""
-    for name in ("SIGTERM", "SIGHUP"):
-        if hasattr(signal, name):
-            signal.signal(getattr(signal, name), _raise_terminated)
-
-
-def _one_line(e: BaseException) -> str:
-    if isinstance(e, OSError) and e.strerror and e.filename:
-        return f"{e.filename}: {e.strerror}"
-    return " ".join(str(e).split()) or type(e).__name__
+    return run_guarded(args.func, args)
 
 
 if __name__ == "__main__":
