@@ -76,6 +76,7 @@ class BlockRun:
                                  engine.tracker)
         self.prefill_done: float | None = None
         self._masks: dict[int, tuple[int, torch.Tensor]] = {}
+        self._pos: dict[int, tuple[int, torch.Tensor]] = {}
 
     # ---- running -----------------------------------------------------------------------
     def run(self) -> tuple[list, float, float]:
@@ -162,19 +163,17 @@ class BlockRun:
         stage = self.engine.stages[j]
         f, cfg = self.family, self.config
         loaded = inputs[("load_weight", t, j, None)]
-        valid = self.valid[k]
         if "embed" in stage.parts:
-            ids, positions = (self.tokens[k], positions_from_mask(valid)) if t == 0 else \
-                (self.last[k][:, None], positions_from_mask(valid)[:, -1:])
+            ids = self.tokens[k] if t == 0 else self.last[k][:, None]
             w, ids = self._embedding_weights(step, loaded, ids)
-            h = f.embed(w, cfg, ids, positions)
+            h = f.embed(w, cfg, ids, self._positions(t, k))
         else:
             w = self._weights(step, loaded)
             h = inputs[("load_act", t, j, k)] if ("load_act", t, j, k) in inputs else inputs[("compute", t, j - 1, k)]["h"]
 
         kv = None
         if "attention" in stage.parts:
-            q, k_new, v_new = f.attention_qkv(w, cfg, h)
+            q, k_new, v_new = f.attention_qkv(w, cfg, h, self._positions(t, k))
             if t == 0:
                 o = attend(q, k_new, v_new, self._bias(t, k))
             else:
@@ -315,6 +314,14 @@ class BlockRun:
         self.stop.update(self.generated)
         if t == 0:
             self.prefill_done = time.perf_counter()  # .tolist() waited for the device: the prefill is done
+
+    def _positions(self, t: int, k: int) -> torch.Tensor:
+        """Batch ``k``'s positions of the tokens computed at token ``t`` (``[b, s]``), built once
+        and shared by every layer."""
+        if self._pos.get(k, (None,))[0] != t:
+            positions = positions_from_mask(self.valid[k])
+            self._pos[k] = (t, positions if t == 0 else positions[:, -1:])
+        return self._pos[k][1]
 
     def _bias(self, t: int, k: int) -> torch.Tensor:
         """Batch ``k``'s attention mask for token ``t``, built once and shared by every layer."""

@@ -7,7 +7,9 @@ A family is data plus plain functions:
 * ``canonical_name``: maps a name found in a checkpoint to a spec name (or None to ignore it).
 * the maths, on tensors already on the compute device, split where the engine needs seams:
   ``embed`` → per layer ``attention_qkv`` → :func:`flexlab.models.attention.attend` →
-  ``attention_out`` → ``mlp`` → ``head``. Splitting attention at the cache lets the engine put
+  ``attention_out`` → ``mlp`` → ``head``. ``embed`` and ``attention_qkv`` receive each token's
+  position (``[b, s]``, counting real tokens only, so left padding is invisible): learned
+  position embeddings read them once, rotary embeddings in every layer. Splitting attention at the cache lets the engine put
   the KV cache anywhere, and run ``attend`` on the CPU next to a host-resident cache.
 
 Weights reach these functions as a ``Mapping[str, Tensor]`` keyed by the *short* names of
@@ -68,7 +70,8 @@ class ModelFamily:
     weight_specs: Callable[[ModelConfig], list[WeightSpec]]
     canonical_name: Callable[[str], str | None]
     embed: Callable[[Weights, ModelConfig, torch.Tensor, torch.Tensor], torch.Tensor]
-    attention_qkv: Callable[[Weights, ModelConfig, torch.Tensor], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+    attention_qkv: Callable[[Weights, ModelConfig, torch.Tensor, torch.Tensor],
+                            tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
     attention_out: Callable[[Weights, ModelConfig, torch.Tensor, torch.Tensor], torch.Tensor]
     mlp: Callable[[Weights, ModelConfig, torch.Tensor], torch.Tensor]
     head: Callable[[Weights, ModelConfig, torch.Tensor], torch.Tensor]

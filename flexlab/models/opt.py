@@ -143,8 +143,12 @@ def embed(w: Weights, cfg: ModelConfig, input_ids: torch.Tensor, positions: torc
     return x + F.embedding(positions + POSITION_OFFSET, w["embed_positions.weight"])
 
 
-def attention_qkv(w: Weights, cfg: ModelConfig, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Project ``h`` ``[b, s, hidden]`` to q (pre-scaled), k, v, each ``[b, heads, s, head_dim]``."""
+def attention_qkv(w: Weights, cfg: ModelConfig, h: torch.Tensor,
+                  positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Project ``h`` ``[b, s, hidden]`` to q (pre-scaled), k, v, each ``[b, heads, s, head_dim]``.
+
+    ``positions`` (``[b, s]``, see :func:`embed`) is unused: OPT's positions are learned
+    embeddings added once, at the bottom (families with rotary embeddings rotate q and k here)."""
     x = _layer_norm(w, "self_attn_layer_norm", h) if cfg.do_layer_norm_before else h
     b, s, _ = x.shape
 

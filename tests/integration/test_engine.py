@@ -287,3 +287,40 @@ def test_memory_tier_weights_are_copies_and_the_checkpoint_is_unmapped(tiny_dir)
         assert not [line for line in open("/proc/self/maps") if str(tiny_dir) in line]
         assert engine.generate([[2, 5, 6]], max_new_tokens=2).token_ids == \
             model.generate([[2, 5, 6]], max_new_tokens=2).token_ids  # reads reopen the file
+
+
+@pytest.mark.parametrize("policy", [Policy(gpu_batch_size=6), Policy.from_percent([0, 50, 0, 100, 0, 100], gpu_batch_size=3,
+                                                                     num_gpu_batches=2)], ids=["resident", "offloaded"])
+def test_every_layer_gets_the_positions_the_embedding_got(tiny_dir, policy):
+    """The family seam: ``attention_qkv`` receives each token's position (rotary embeddings need
+    them in every layer), the same the embedding got, left padding included."""
+    import dataclasses
+
+    model = flexlab.Model.from_pretrained(tiny_dir, dtype=torch.float32)
+    calls = []  # in order: ("embed" | "qkv", positions)
+    family = model.family
+
+    def embed(w, cfg, ids, positions):
+        calls.append(("embed", positions.tolist()))
+        return family.embed(w, cfg, ids, positions)
+
+    def attention_qkv(w, cfg, h, positions):
+        calls.append(("qkv", positions.tolist()))
+        return family.attention_qkv(w, cfg, h, positions)
+
+    model.family = dataclasses.replace(family, embed=embed, attention_qkv=attention_qkv)
+    with flexlab.Engine(model, policy) as engine:
+        engine.generate(PROMPTS[:6], max_new_tokens=3, stop_token_ids=None)
+    # Per block and token, every batch embeds, then each layer computes the batches in turn.
+    groups, checked = [], 0
+    for kind, positions in calls:
+        if kind == "embed" and (not groups or groups[-1][1]):
+            groups.append(([], []))
+        groups[-1][0 if kind == "embed" else 1].append(positions)
+    for embedded, layers in groups:
+        assert len(layers) == model.config.num_layers * len(embedded)
+        for i, positions in enumerate(layers):
+            assert positions == embedded[i % len(embedded)]
+            checked += len(positions)  # sequences in the batch
+    assert checked == model.config.num_layers * 6 * 3  # every sequence, layer and token
+    assert any(-1 in row for _, p in calls for row in p)  # left padding was there to get right
