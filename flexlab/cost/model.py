@@ -126,7 +126,7 @@ class CostModel:
             self._stage.append(_Stage(stage.name, stage.parts, params, 2.0 * params, w_bytes, params * itemsize, deq,
                                       row_table, per_batch, elementwise))
             self.packed.append(packed)
-        self.codecs = {kv: KVCodec(policy.compress_cache, config.num_heads, config.head_dim,
+        self.codecs = {kv: KVCodec(policy.compress_cache, config.num_kv_heads, config.head_dim,
                                    _dtype(itemsize), keys=kv == "k") for kv in ("k", "v")}
 
     # ---- bytes --------------------------------------------------------------------------
@@ -222,7 +222,7 @@ class CostModel:
         link = hw.has_link
         compute = disk = lnk = 0.0
         moved = {"load_cache": 0.0, "store_cache": 0.0}
-        hidden_bytes = self.config.hidden_size * self.itemsize
+        hidden_bytes = self.config.kv_dim * self.itemsize  # one token's keys (or values) in one layer
         # attention maths: the prefill is compute-bound, decode streams the cache
         if tokens > 1:
             compute += 4.0 * b * tokens * tokens * self.config.hidden_size / hw.matmul_flops
@@ -248,7 +248,7 @@ class CostModel:
                 else:
                     lnk += (load + store) / hw.link_pinned_bw if link else 0.0
             if codec.config is not None:  # dequantize what was read, quantize the rows that leave the tail
-                compute += b * (rows + new_rows) * codec.chunk * self.config.hidden_size / hw.kv_codec_elems
+                compute += b * (rows + new_rows) * codec.chunk * self.config.kv_dim / hw.kv_codec_elems
         return compute, disk, lnk, moved
 
     # ---- memory ------------------------------------------------------------------------
@@ -273,7 +273,7 @@ class CostModel:
             per_seq = cfg.num_layers * -(-capacity // codec.chunk) * codec.row_bytes
             for t in TIERS:
                 out[t] += tiers.count(t) * per_seq
-            out["gpu"] += cfg.num_layers * n * codec.max_tail * cfg.hidden_size * self.itemsize
+            out["gpu"] += cfg.num_layers * n * codec.max_tail * cfg.kv_dim * self.itemsize
         most = max((tiers[i:i + p.gpu_batch_size].count("disk") for i in range(0, n, p.gpu_batch_size)), default=0)
         row = max(-(-capacity // c.chunk) * c.row_bytes for c in self.codecs.values())
         _, count, size = read_buffers(not hw.has_link, most, row)

@@ -56,7 +56,8 @@ class BlockRun:
         self.scores: list[torch.Tensor] = [torch.empty(0)] * len(ids)
         capacity = self.width + max(num_tokens - 1, 0)
         cfg = model.config
-        self.codecs = {kv: KVCodec(policy.compress_cache, cfg.num_heads, cfg.head_dim, engine.dtype, keys=kv == "k")
+        self.codecs = {kv: KVCodec(policy.compress_cache, cfg.num_kv_heads, cfg.head_dim, engine.dtype,
+                                   keys=kv == "k")
                        for kv in KV}
         disk_seqs = round(len(ids) * policy.cache_disk_percent / 100)
         engine.check_space(cfg.num_layers * disk_seqs * sum(-(-capacity // c.chunk) * c.row_bytes
@@ -66,7 +67,7 @@ class BlockRun:
                                 engine.subdir("cache"), engine.files, engine.tracker)
         # A compressed cache keeps its newest tokens in full precision on the device (see kvcodec).
         self.tails: dict[tuple[int, int, str], torch.Tensor] = {}
-        self.tail_bytes = sum(cfg.num_layers * len(ids) * c.max_tail * cfg.hidden_size * engine.dtype.itemsize
+        self.tail_bytes = sum(cfg.num_layers * len(ids) * c.max_tail * cfg.kv_dim * engine.dtype.itemsize
                               for c in self.codecs.values())
         engine.tracker.add("gpu", "kv tail", self.tail_bytes)
         self.acts = None

@@ -30,13 +30,23 @@ def attention_bias(valid: torch.Tensor, q_len: int) -> torch.Tensor:
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
     """Softmax attention. ``q`` is pre-scaled.
 
-    Shapes: q ``[b, heads, q_len, d]``, k and v ``[b, heads, kv_len, d]``, bias
-    ``[b, 1, q_len, kv_len]`` → ``[b, heads, q_len, d]``. Scores and softmax are in float32
-    (float16 scores plus a large negative mask can overflow to -inf and give NaN rows).
+    Shapes: q ``[b, heads, q_len, d]``, k and v ``[b, kv_heads, kv_len, d]``, bias
+    ``[b, 1, q_len, kv_len]`` → ``[b, heads, q_len, d]``. With grouped-query attention
+    (``kv_heads < heads``) each key/value head serves ``heads / kv_heads`` consecutive query
+    heads. Scores and softmax are in float32 (float16 scores plus a large negative mask can
+    overflow to -inf and give NaN rows).
     """
+    k, v = expand_kv(k, q.shape[1]), expand_kv(v, q.shape[1])
     scores = torch.matmul(q, k.transpose(-1, -2)).float() + bias
     probs = torch.softmax(scores, dim=-1).to(v.dtype)
     return torch.matmul(probs, v)
+
+
+def expand_kv(x: torch.Tensor, heads: int) -> torch.Tensor:
+    """``[b, kv_heads, n, d]`` keys or values repeated to ``heads`` heads (a view-free no-op when
+    they already match): query head ``i`` reads key/value head ``i // (heads / kv_heads)``."""
+    groups = heads // x.shape[1]
+    return x if groups == 1 else x.repeat_interleave(groups, dim=1)
 
 
 def sparse_weights(q: torch.Tensor, k: torch.Tensor, bias: torch.Tensor, keep: float

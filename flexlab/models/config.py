@@ -37,6 +37,9 @@ class ModelConfig:
     num_layers: int
     num_heads: int
     ffn_dim: int
+    # Grouped-query attention: key/value heads (default: num_heads); the KV cache stores these.
+    num_kv_heads: int | None = None
+    head_dim: int | None = None  # default hidden_size // num_heads (Qwen3 sets its own)
     max_positions: int = 2048
     # opt-350m embeds words in 512 dims and projects in/out of the 1024-dim residual stream.
     word_embed_proj_dim: int | None = None
@@ -44,7 +47,13 @@ class ModelConfig:
     do_layer_norm_before: bool = True
     enable_bias: bool = True
     layer_norm_elementwise_affine: bool = True
-    activation: str = "relu"
+    activation: str = "relu"  # OPT: relu; the LLaMA family: silu (SwiGLU)
+    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    rope_scaling: tuple[tuple[str, object], ...] | None = None  # config.json's dict, as sorted items
+    tie_word_embeddings: bool = True
+    qkv_bias: bool = False  # Qwen2: biases on q/k/v only
+    qk_norm: bool = False  # Qwen3: RMSNorm of each head's q and k
     pad_token_id: int = 1
     bos_token_id: int = 2
     eos_token_id: int = 2
@@ -54,22 +63,37 @@ class ModelConfig:
             value = getattr(self, field)
             if not isinstance(value, int) or value < 1:
                 raise ConfigError(f"ModelConfig.{field} must be a positive int, got {value!r}")
-        if self.hidden_size % self.num_heads:
+        if self.hidden_size % self.num_heads and self.head_dim is None:
             raise ConfigError(
                 f"ModelConfig.hidden_size={self.hidden_size} is not divisible by "
                 f"num_heads={self.num_heads}; choose a head count that divides it"
             )
         if self.word_embed_proj_dim is None:
             object.__setattr__(self, "word_embed_proj_dim", self.hidden_size)
-        if self.activation != "relu":
-            raise ConfigError(f"ModelConfig.activation={self.activation!r} is not supported; OPT uses 'relu'")
+        if self.head_dim is None:
+            object.__setattr__(self, "head_dim", self.hidden_size // self.num_heads)
+        if self.num_kv_heads is None:
+            object.__setattr__(self, "num_kv_heads", self.num_heads)
+        if not isinstance(self.num_kv_heads, int) or self.num_kv_heads < 1 or self.num_heads % self.num_kv_heads:
+            raise ConfigError(f"ModelConfig.num_kv_heads={self.num_kv_heads!r} must divide num_heads={self.num_heads} "
+                              "(each key/value head serves a group of query heads)")
+        if self.activation not in ("relu", "silu"):
+            raise ConfigError(f"ModelConfig.activation={self.activation!r} is not supported; use 'relu' (OPT) or "
+                              "'silu' (the LLaMA family)")
 
     @property
-    def head_dim(self) -> int:
-        return self.hidden_size // self.num_heads
+    def kv_dim(self) -> int:
+        """Elements of one token's keys (or values) in one layer: ``num_kv_heads * head_dim``."""
+        return self.num_kv_heads * self.head_dim
 
     def replace(self, **changes) -> "ModelConfig":
-        """A copy with some fields changed (the dataclass is frozen)."""
+        """A copy with some fields changed (the dataclass is frozen). Derived defaults follow
+        what they derive from: a new ``hidden_size`` or ``num_heads`` gives a new ``head_dim``,
+        a new ``num_heads`` a new ``num_kv_heads``, unless those are changed too."""
+        if {"hidden_size", "num_heads"} & set(changes):
+            changes.setdefault("head_dim", None)
+        if "num_heads" in changes:
+            changes.setdefault("num_kv_heads", None)
         return dataclasses.replace(self, **changes)
 
     # ---- analytic sizes ------------------------------------------------------------------
@@ -98,7 +122,7 @@ class ModelConfig:
 
     def kv_cache_bytes_per_token(self, bytes_per_elem: float = 2) -> float:
         """KV-cache bytes one token of one sequence occupies, summed over all layers."""
-        return 2 * self.num_layers * self.hidden_size * bytes_per_elem
+        return 2 * self.num_layers * self.kv_dim * bytes_per_elem
 
     def activation_bytes_per_token(self, bytes_per_elem: float = 2) -> float:
         """Bytes of the hidden state one token carries between layers."""
@@ -107,6 +131,19 @@ class ModelConfig:
 
 def _opt(name: str, hidden: int, layers: int, heads: int, **kw) -> ModelConfig:
     return ModelConfig(name=name, hidden_size=hidden, num_layers=layers, num_heads=heads, ffn_dim=4 * hidden, **kw)
+
+
+def _llama(name: str, family: str, vocab: int, hidden: int, layers: int, heads: int, kv_heads: int, ffn: int,
+           max_positions: int, theta: float, *, tied: bool = False, eps: float = 1e-5, llama3: float | None = None,
+           **kw) -> ModelConfig:
+    scaling = None if llama3 is None else (("rope_type", "llama3"), ("factor", llama3), ("high_freq_factor", 4.0),
+                                           ("low_freq_factor", 1.0), ("original_max_position_embeddings", 8192))
+    ids = {"qwen2": (151643, 151643, 151643)}.get(family, (0, 1, 2))
+    return ModelConfig(name=name, family=family, vocab_size=vocab, hidden_size=hidden, num_layers=layers,
+                       num_heads=heads, num_kv_heads=kv_heads, ffn_dim=ffn, max_positions=max_positions,
+                       enable_bias=False, activation="silu", norm_eps=eps, rope_theta=theta, rope_scaling=scaling,
+                       tie_word_embeddings=tied, qkv_bias=family == "qwen2", pad_token_id=ids[0],
+                       bos_token_id=ids[1], eos_token_id=ids[2], **kw)
 
 
 # Official OPT dimensions (Zhang et al. 2022, Table 1; the facebook/opt-* config.json files).
@@ -122,7 +159,24 @@ _PRESETS: dict[str, ModelConfig] = {
         _opt("opt-30b", 7168, 48, 56),
         _opt("opt-66b", 9216, 64, 72),
         _opt("opt-175b", 12288, 96, 96),
+        # The LLaMA family, shapes as in the published config.json files (transcribed by hand).
+        _llama("llama-2-7b", "llama", 32000, 4096, 32, 32, 32, 11008, 4096, 1e4),
+        _llama("llama-2-13b", "llama", 32000, 5120, 40, 40, 40, 13824, 4096, 1e4),
+        _llama("llama-2-70b", "llama", 32000, 8192, 80, 64, 8, 28672, 4096, 1e4),
+        _llama("llama-3.2-1b", "llama", 128256, 2048, 16, 32, 8, 8192, 131072, 5e5, tied=True, llama3=32.0),
+        _llama("llama-3.2-3b", "llama", 128256, 3072, 28, 24, 8, 8192, 131072, 5e5, tied=True, llama3=32.0),
+        _llama("llama-3.1-8b", "llama", 128256, 4096, 32, 32, 8, 14336, 131072, 5e5, llama3=8.0),
+        _llama("llama-3.1-70b", "llama", 128256, 8192, 80, 64, 8, 28672, 131072, 5e5, llama3=8.0),
+        _llama("llama-3.1-405b", "llama", 128256, 16384, 126, 128, 8, 53248, 131072, 5e5, llama3=8.0),
+        _llama("mistral-7b", "mistral", 32768, 4096, 32, 32, 8, 14336, 32768, 1e6),  # v0.3: no sliding window
+        _llama("qwen2.5-0.5b", "qwen2", 151936, 896, 24, 14, 2, 4864, 32768, 1e6, tied=True, eps=1e-6),
+        _llama("qwen2.5-1.5b", "qwen2", 151936, 1536, 28, 12, 2, 8960, 32768, 1e6, tied=True, eps=1e-6),
+        _llama("qwen2.5-7b", "qwen2", 152064, 3584, 28, 28, 4, 18944, 32768, 1e6, eps=1e-6),
+        _llama("qwen2.5-14b", "qwen2", 152064, 5120, 48, 40, 8, 13824, 32768, 1e6, eps=1e-6),
+        _llama("qwen2.5-32b", "qwen2", 152064, 5120, 64, 40, 8, 27648, 32768, 1e6, eps=1e-6),
+        _llama("qwen2.5-72b", "qwen2", 152064, 8192, 80, 64, 8, 29568, 32768, 1e6, eps=1e-6),
         # Tiny shapes for tests and demos: seconds on a CPU.
+        _llama("llama-tiny", "llama", 512, 64, 2, 4, 2, 128, 256, 1e4),
         ModelConfig(name="opt-tiny", vocab_size=512, hidden_size=64, num_layers=2, num_heads=4, ffn_dim=256,
                     max_positions=256),
         ModelConfig(name="opt-tiny-postln", vocab_size=512, hidden_size=64, num_layers=2, num_heads=4,

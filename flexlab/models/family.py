@@ -4,7 +4,8 @@ A family is data plus plain functions:
 
 * ``config_from_hf`` / ``config_to_hf``: translate a Hugging Face ``config.json``.
 * ``weight_specs``: every weight's checkpoint name, shape, owning layer and initialisation.
-* ``canonical_name``: maps a name found in a checkpoint to a spec name (or None to ignore it).
+* ``canonical_name``: maps a name found in a checkpoint to a spec name (or None to ignore it),
+  given the model's config (a tied head's copy in the checkpoint is ignored, for instance).
 * the maths, on tensors already on the compute device, split where the engine needs seams:
   ``embed`` → per layer ``attention_qkv`` → :func:`flexlab.models.attention.attend` →
   ``attention_out`` → ``mlp`` → ``head``. ``embed`` and ``attention_qkv`` receive each token's
@@ -46,6 +47,7 @@ class WeightSpec:
     layer: int | None
     parts: tuple[Part, ...]
     init: Literal["normal", "zeros", "ones"] = "normal"
+    local: str | None = None  # the short name, where the rule below does not give a clear one
 
     @property
     def numel(self) -> int:
@@ -57,6 +59,8 @@ class WeightSpec:
     @property
     def short(self) -> str:
         """The name the layer functions use: the part after ``layers.N.`` (or after the prefix)."""
+        if self.local is not None:
+            return self.local
         return self.name.split(".", 3)[-1] if self.layer is not None else self.name.split(".", 1)[-1]
 
 
@@ -68,7 +72,7 @@ class ModelFamily:
     config_from_hf: Callable[[dict, str], ModelConfig]
     config_to_hf: Callable[[ModelConfig], dict]
     weight_specs: Callable[[ModelConfig], list[WeightSpec]]
-    canonical_name: Callable[[str], str | None]
+    canonical_name: Callable[[str, ModelConfig], str | None]
     embed: Callable[[Weights, ModelConfig, torch.Tensor, torch.Tensor], torch.Tensor]
     attention_qkv: Callable[[Weights, ModelConfig, torch.Tensor, torch.Tensor],
                             tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
@@ -83,14 +87,15 @@ def part_weights(specs: list[WeightSpec], part: Part, layer: int | None = None) 
 
 
 def _families() -> dict[str, ModelFamily]:
+    """Hugging Face ``model_type`` -> the family that runs it."""
     # Imported here: the family modules import this one for WeightSpec and ModelFamily.
-    from flexlab.models import opt
+    from flexlab.models import llama, opt
 
-    return {f.name: f for f in (opt.FAMILY,)}
+    return {"opt": opt.FAMILY, **dict.fromkeys(llama.MODEL_TYPES, llama.FAMILY)}
 
 
 def get_family(name: str) -> ModelFamily:
-    """The family registered under ``name`` (a Hugging Face ``model_type``)."""
+    """The family that runs ``name`` (a Hugging Face ``model_type``, as ``ModelConfig.family``)."""
     families = _families()
     if name not in families:
         raise ConfigError(f"unsupported model type {name!r}; supported: {', '.join(families)}")

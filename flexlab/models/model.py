@@ -82,7 +82,8 @@ class Model:
                 raise
             raise CheckpointError(f"{directory}/config.json has a field of the wrong type ({e}); is it a "
                                   f"{model_type} config written by transformers?") from None
-        weights = CheckpointWeights(directory, family.weight_specs(config), family.canonical_name)
+        weights = CheckpointWeights(directory, family.weight_specs(config),
+                                    lambda stored: family.canonical_name(stored, config))
         return cls(config, weights, tokenizer=_load_tokenizer(directory), dtype=dtype, device=device,
                    source=str(directory))
 

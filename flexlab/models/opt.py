@@ -118,7 +118,7 @@ def _norm(name: str, dim: int, layer: int | None, part, cfg: ModelConfig) -> lis
             WeightSpec(name + ".bias", (dim,), layer, (part,), "zeros")]
 
 
-def canonical_name(checkpoint_name: str) -> str | None:
+def canonical_name(checkpoint_name: str, cfg: ModelConfig) -> str | None:
     """Spec name for a checkpoint tensor name; None for tensors flexlab does not read."""
     name = checkpoint_name.removeprefix("model.")
     if name == "lm_head.weight":  # tied to decoder.embed_tokens.weight

@@ -58,7 +58,7 @@ class ReferenceRunner:
         return f.head(self.head_w, cfg, h)
 
     def new_cache(self, batch: int, capacity: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        shape = (batch, self.config.num_heads, capacity, self.config.head_dim)
+        shape = (batch, self.config.num_kv_heads, capacity, self.config.head_dim)
         return [(torch.empty(shape, dtype=self.dtype, device=self.device),
                  torch.empty(shape, dtype=self.dtype, device=self.device)) for _ in range(self.config.num_layers)]
 

@@ -31,9 +31,10 @@ POLICIES = {
 }
 
 
-@pytest.fixture(scope="module")
-def model():
-    return flexlab.Model.from_config("opt-tiny", seed=0, dtype=torch.float32)
+@pytest.fixture(scope="module", params=["opt-tiny", "llama-tiny"])
+def model(request):
+    """OPT, and a LLaMA-family model with grouped-query attention (a cache of fewer heads)."""
+    return flexlab.Model.from_config(request.param, seed=0, dtype=torch.float32)
 
 
 @pytest.mark.parametrize("name", list(POLICIES))

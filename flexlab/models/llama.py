@@ -1,0 +1,220 @@
+"""The LLaMA family: Llama 2/3, Mistral, Qwen2, Qwen3 — config, weight specs and the maths.
+
+Quirks, each handled where it bites:
+
+* RMSNorm (no mean, no bias), computed in float32 and cast back, as transformers does.
+* Rotary position embeddings on q and k in every layer, by each token's own position (left
+  padding makes them per sequence), with ``rope_theta`` and the ``rope_scaling`` variants
+  ``default``, ``linear`` and ``llama3``; others are refused by name. The halves convention:
+  a head's first half pairs with its second (``rotate_half``), not interleaved pairs.
+* Grouped-query attention: ``num_kv_heads`` key/value heads, each serving a group of query
+  heads; the KV cache stores only those (:func:`flexlab.models.attention.expand_kv`).
+* SwiGLU MLP: ``down(silu(gate(x)) * up(x))``.
+* A tied head (Llama-3.2-1B/3B, small Qwen2.5) reads the token embedding; an untied one its own
+  ``lm_head.weight``. Qwen2 has q/k/v biases; Qwen3 an RMSNorm over each head's q and k (before
+  the rotation) and a ``head_dim`` of its own.
+* Mistral's (and Qwen2's, when on) sliding window only changes attention past the window, so
+  sequences are kept within it: ``max_positions`` is capped at the window.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import torch
+import torch.nn.functional as F
+
+from flexlab.errors import ConfigError
+from flexlab.models.config import ModelConfig
+from flexlab.models.family import ModelFamily, Weights, WeightSpec
+
+MODEL_TYPES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
+               "qwen3": "Qwen3ForCausalLM"}
+ROPE_TYPES = ("default", "linear", "llama3")
+
+
+# ---- config ----------------------------------------------------------------------------------
+def config_from_hf(hf: dict, name: str) -> ModelConfig:
+    """A :class:`ModelConfig` from a Llama/Mistral/Qwen2/Qwen3 ``config.json`` dictionary."""
+    model_type = hf["model_type"]
+    if hf.get("attention_bias") or hf.get("mlp_bias"):
+        raise ConfigError(f"{name}: attention_bias/mlp_bias=True (biases on every projection) is not supported")
+    rope = dict(hf.get("rope_parameters") or {})  # transformers 5; older configs: rope_theta + rope_scaling
+    if not rope:
+        rope = dict(hf.get("rope_scaling") or {})
+        rope["rope_theta"] = hf.get("rope_theta", 10000.0)
+    rope_type = rope.pop("rope_type", rope.pop("type", "default"))
+    theta = float(rope.pop("rope_theta", hf.get("rope_theta", 10000.0)))
+    if rope_type not in ROPE_TYPES:
+        raise ConfigError(f"{name}: rope_scaling type {rope_type!r} is not supported; supported: {', '.join(ROPE_TYPES)}")
+    max_positions = hf.get("max_position_embeddings", 2048)
+    window = hf.get("sliding_window")
+    if window and (model_type == "mistral" or hf.get("use_sliding_window")):
+        max_positions = min(max_positions, int(window))  # within the window, attention is unchanged
+    heads = hf["num_attention_heads"]
+    return ModelConfig(
+        name=name, family=model_type, vocab_size=hf["vocab_size"], hidden_size=hf["hidden_size"],
+        num_layers=hf["num_hidden_layers"], num_heads=heads, num_kv_heads=hf.get("num_key_value_heads") or heads,
+        head_dim=hf.get("head_dim") or hf["hidden_size"] // heads, ffn_dim=hf["intermediate_size"],
+        max_positions=max_positions, enable_bias=False, activation=_activation(hf, name),
+        norm_eps=float(hf.get("rms_norm_eps", 1e-6)), rope_theta=theta,
+        rope_scaling=(("rope_type", rope_type), *sorted(rope.items())) if rope_type != "default" else None,
+        tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)), qkv_bias=model_type == "qwen2",
+        qk_norm=model_type == "qwen3", pad_token_id=_token_id(hf, "pad_token_id", 0),
+        bos_token_id=_token_id(hf, "bos_token_id", 1), eos_token_id=_token_id(hf, "eos_token_id", 2))
+
+
+def _activation(hf: dict, name: str) -> str:
+    act = hf.get("hidden_act", "silu")
+    if act != "silu":
+        raise ConfigError(f"{name}: hidden_act={act!r} is not supported; the LLaMA family uses 'silu'")
+    return act
+
+
+def _token_id(hf: dict, key: str, default: int) -> int:
+    value = hf.get(key)
+    if isinstance(value, list):  # Llama 3 lists several eos ids; the first is the canonical one
+        value = value[0] if value else None
+    return default if value is None else int(value)
+
+
+def config_to_hf(cfg: ModelConfig) -> dict:
+    """The ``config.json`` dictionary of ``cfg``, for its own ``model_type``."""
+    rope = {"rope_type": "default", "rope_theta": cfg.rope_theta, **dict(cfg.rope_scaling or ())}
+    return dict(
+        model_type=cfg.family, architectures=[MODEL_TYPES[cfg.family]], vocab_size=cfg.vocab_size,
+        hidden_size=cfg.hidden_size, intermediate_size=cfg.ffn_dim, num_hidden_layers=cfg.num_layers,
+        num_attention_heads=cfg.num_heads, num_key_value_heads=cfg.num_kv_heads, head_dim=cfg.head_dim,
+        max_position_embeddings=cfg.max_positions, rms_norm_eps=cfg.norm_eps, hidden_act=cfg.activation,
+        rope_parameters=rope, rope_theta=cfg.rope_theta, tie_word_embeddings=cfg.tie_word_embeddings,
+        attention_bias=False, pad_token_id=cfg.pad_token_id, bos_token_id=cfg.bos_token_id,
+        eos_token_id=cfg.eos_token_id, attention_dropout=0.0, sliding_window=None, use_sliding_window=False)
+
+
+# ---- weights ---------------------------------------------------------------------------------
+def weight_specs(cfg: ModelConfig) -> list[WeightSpec]:
+    """Every weight under its checkpoint name."""
+    h, f, d = cfg.hidden_size, cfg.ffn_dim, cfg.head_dim
+    q, kv = cfg.num_heads * d, cfg.num_kv_heads * d
+    table_parts = ("embed", "head") if cfg.tie_word_embeddings else ("embed",)
+    specs = [WeightSpec("model.embed_tokens.weight", (cfg.vocab_size, h), None, table_parts)]
+    for i in range(cfg.num_layers):
+        pre = f"model.layers.{i}."
+        specs.append(WeightSpec(pre + "input_layernorm.weight", (h,), i, ("attention",), "ones"))
+        for proj, rows in (("q_proj", q), ("k_proj", kv), ("v_proj", kv)):
+            specs.append(WeightSpec(pre + f"self_attn.{proj}.weight", (rows, h), i, ("attention",)))
+            if cfg.qkv_bias:
+                specs.append(WeightSpec(pre + f"self_attn.{proj}.bias", (rows,), i, ("attention",), "zeros"))
+        if cfg.qk_norm:
+            specs += [WeightSpec(pre + f"self_attn.{n}.weight", (d,), i, ("attention",), "ones")
+                      for n in ("q_norm", "k_norm")]
+        specs.append(WeightSpec(pre + "self_attn.o_proj.weight", (h, q), i, ("attention",)))
+        specs.append(WeightSpec(pre + "post_attention_layernorm.weight", (h,), i, ("mlp",), "ones"))
+        specs += [WeightSpec(pre + f"mlp.{n}.weight", shape, i, ("mlp",))
+                  for n, shape in (("gate_proj", (f, h)), ("up_proj", (f, h)), ("down_proj", (h, f)))]
+    specs.append(WeightSpec("model.norm.weight", (h,), None, ("head",), "ones"))
+    if not cfg.tie_word_embeddings:
+        specs.append(WeightSpec("lm_head.weight", (cfg.vocab_size, h), None, ("head",), local="lm_head.weight"))
+    return specs
+
+
+def canonical_name(checkpoint_name: str, cfg: ModelConfig) -> str | None:
+    """Spec name for a checkpoint tensor name; None for tensors flexlab does not read."""
+    if checkpoint_name.endswith("rotary_emb.inv_freq"):  # a buffer older checkpoints saved
+        return None
+    if checkpoint_name == "lm_head.weight" and cfg.tie_word_embeddings:  # a copy of the token table
+        return None
+    return checkpoint_name
+
+
+# ---- maths -----------------------------------------------------------------------------------
+def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    x32 = x.float()
+    return weight * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+
+
+def _linear_fn(w: Weights, name: str, x: torch.Tensor) -> torch.Tensor:
+    return F.linear(x, w[name + ".weight"], w.get(name + ".bias"))
+
+
+@functools.lru_cache(maxsize=32)
+def _inv_freq(head_dim: int, theta: float, scaling: tuple | None) -> torch.Tensor:
+    """The rotation frequencies of each pair of a head's dimensions (float32, on the CPU)."""
+    inv = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+    params = dict(scaling or ())
+    kind = params.get("rope_type", "default")
+    if kind == "linear":
+        return inv / params["factor"]
+    if kind == "llama3":  # long wavelengths slowed by `factor`, short ones kept, a smooth blend between
+        factor, low, high = params["factor"], params["low_freq_factor"], params["high_freq_factor"]
+        old = params["original_max_position_embeddings"]
+        wavelen = 2 * math.pi / inv
+        scaled = torch.where(wavelen > old / low, inv / factor, inv)
+        smooth = (old / wavelen - low) / (high - low)
+        blended = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = (wavelen >= old / high) & (wavelen <= old / low)
+        return torch.where(medium, blended, scaled)
+    return inv
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotary embedding of ``x`` ``[b, heads, s, d]``: the first half of each head pairs with the second."""
+    first, second = x.chunk(2, dim=-1)
+    return x * cos + torch.cat([-second, first], dim=-1) * sin
+
+
+def embed(w: Weights, cfg: ModelConfig, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """Token embedding only (positions enter by rotation in each layer): ``[b, s]`` → ``[b, s, hidden]``."""
+    return F.embedding(input_ids, w["embed_tokens.weight"])
+
+
+def attention_qkv(w: Weights, cfg: ModelConfig, h: torch.Tensor,
+                  positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """q (rotated, pre-scaled) ``[b, heads, s, d]``; k (rotated) and v ``[b, kv_heads, s, d]``."""
+    x = _rms_norm(h, w["input_layernorm.weight"], cfg.norm_eps)
+    b, s, _ = x.shape
+    q = _linear_fn(w, "self_attn.q_proj", x).view(b, s, cfg.num_heads, cfg.head_dim)
+    k = _linear_fn(w, "self_attn.k_proj", x).view(b, s, cfg.num_kv_heads, cfg.head_dim)
+    v = _linear_fn(w, "self_attn.v_proj", x).view(b, s, cfg.num_kv_heads, cfg.head_dim)
+    if cfg.qk_norm:  # Qwen3: each head's q and k normalised before the rotation
+        q = _rms_norm(q, w["self_attn.q_norm.weight"], cfg.norm_eps)
+        k = _rms_norm(k, w["self_attn.k_norm.weight"], cfg.norm_eps)
+    q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [b, heads, s, d]
+    inv = _inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling).to(x.device)
+    angles = positions[..., None].float() * inv  # [b, s, d/2], in float32 as transformers
+    angles = torch.cat([angles, angles], dim=-1)[:, None]  # [b, 1, s, d]
+    cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
+    return _rotate(q, cos, sin) * cfg.head_dim**-0.5, _rotate(k, cos, sin), v
+
+
+def attention_out(w: Weights, cfg: ModelConfig, h: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
+    """Output projection and residual: ``attn`` ``[b, heads, s, d]``."""
+    b, _, s, _ = attn.shape
+    return h + _linear_fn(w, "self_attn.o_proj", attn.transpose(1, 2).reshape(b, s, cfg.num_heads * cfg.head_dim))
+
+
+def mlp(w: Weights, cfg: ModelConfig, h: torch.Tensor) -> torch.Tensor:
+    """SwiGLU MLP with its residual."""
+    x = _rms_norm(h, w["post_attention_layernorm.weight"], cfg.norm_eps)
+    return h + _linear_fn(w, "mlp.down_proj", F.silu(_linear_fn(w, "mlp.gate_proj", x)) * _linear_fn(w, "mlp.up_proj", x))
+
+
+def head(w: Weights, cfg: ModelConfig, h: torch.Tensor) -> torch.Tensor:
+    """Final RMSNorm and the output projection (the token table when tied) → logits."""
+    x = _rms_norm(h, w["norm.weight"], cfg.norm_eps)
+    return F.linear(x, w["embed_tokens.weight"] if cfg.tie_word_embeddings else w["lm_head.weight"])
+
+
+FAMILY = ModelFamily(
+    name="llama",
+    config_from_hf=config_from_hf,
+    config_to_hf=config_to_hf,
+    weight_specs=weight_specs,
+    canonical_name=canonical_name,
+    embed=embed,
+    attention_qkv=attention_qkv,
+    attention_out=attention_out,
+    mlp=mlp,
+    head=head,
+)
