@@ -10,7 +10,9 @@
     flexlab chat --model DIR
     flexlab presets
 
-Every command takes ``--help``. Bad input ends with one line on stderr and exit status 2.
+Model families: OPT and the LLaMA family (Llama 2/3, Mistral, Qwen2/2.5, Qwen3); ``flexlab presets``
+lists their sizes. Every command takes ``--help``. Bad input ends with one line on stderr and exit
+status 2.
 """
 
 from __future__ import annotations

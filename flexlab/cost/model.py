@@ -119,10 +119,7 @@ class CostModel:
                 # the engine dequantizes only the looked-up rows of the token table, per batch
                 table = next(s for s in mats if s.shape[0] == config.vocab_size)
                 deq, row_table, per_batch = 0, table.shape[1], sum(s.numel for s in mats if s is not table)
-            # Counted from the ops of an OPT layer, per token, in hidden-sized vectors: attention —
-            # layer norm 2, q/k/v/out written 4, read for attention 3, residual 3; MLP — layer norm 2,
-            # fc1 written 4, GELU 8, fc2 read 4 and written 1, residual 3.
-            elementwise = 12 * ("attention" in stage.parts) + 22 * ("mlp" in stage.parts)
+            elementwise = sum(family.elementwise(config, part) for part in stage.parts)
             self._stage.append(_Stage(stage.name, stage.parts, params, 2.0 * params, w_bytes, params * itemsize, deq,
                                       row_table, per_batch, elementwise))
             self.packed.append(packed)

@@ -203,7 +203,8 @@ class BlockRun:
     def _embedding_weights(self, step: Step, loaded, ids: torch.Tensor) -> tuple[dict, torch.Tensor]:
         """The embed stage's weights for looking up ``ids``. A compressed token table is not
         dequantized whole: only the rows of the ids at hand, which are renumbered to match."""
-        table = loaded.tensors.get("embed_tokens.weight")
+        name = self.family.token_table
+        table = loaded.tensors.get(name)
         if not isinstance(table, QTensor) or table.config.group_dim % 2 != 1:
             return self._weights(step, loaded), ids
         unique, local = ids.unique(return_inverse=True)
@@ -211,8 +212,8 @@ class BlockRun:
 
         def rows() -> dict:
             out = {n: dequantize(t, dtype) if isinstance(t, QTensor) else t for n, t in loaded.tensors.items()
-                   if n != "embed_tokens.weight"}
-            out["embed_tokens.weight"] = dequantize(table.rows(unique), dtype)
+                   if n != name}
+            out[name] = dequantize(table.rows(unique), dtype)
             return out
 
         return self.engine.executor.timed("dequantize_weight", step, rows), local

@@ -79,6 +79,10 @@ class ModelFamily:
     attention_out: Callable[[Weights, ModelConfig, torch.Tensor, torch.Tensor], torch.Tensor]
     mlp: Callable[[Weights, ModelConfig, torch.Tensor], torch.Tensor]
     head: Callable[[Weights, ModelConfig, torch.Tensor], torch.Tensor]
+    # For the cost model: hidden-sized vectors read or written per token by a part's elementwise
+    # ops (norms, biases, activations, rotations, residuals), around its matmuls.
+    elementwise: Callable[[ModelConfig, Part], float]
+    token_table: str = "embed_tokens.weight"  # the short name of the token embedding
 
 
 def part_weights(specs: list[WeightSpec], part: Part, layer: int | None = None) -> list[WeightSpec]:

@@ -206,6 +206,21 @@ def head(w: Weights, cfg: ModelConfig, h: torch.Tensor) -> torch.Tensor:
     return F.linear(x, w["embed_tokens.weight"] if cfg.tie_word_embeddings else w["lm_head.weight"])
 
 
+def elementwise(cfg: ModelConfig, part: str) -> float:
+    """Hidden-sized vectors per token moved by a part's elementwise ops (see ``ModelFamily``).
+    Attention: RMSNorm 2, q/k/v/o written, q and k rotated (read and written), q/k/v read for
+    attention, residual 3. MLP: RMSNorm 2, gate and up written, SiLU-times-up read 2 and written
+    1, down read and written, residual 3."""
+    h = cfg.hidden_size
+    q, kv = cfg.num_heads * cfg.head_dim / h, cfg.num_kv_heads * cfg.head_dim / h
+    if part == "attention":
+        return 2 + (q + 2 * kv + 1) + 2 * (q + kv) + (q + 2 * kv) + 3
+    if part == "mlp":
+        f = cfg.ffn_dim / h
+        return 2 + 2 * f + 3 * f + f + 1 + 3
+    return 0.0
+
+
 FAMILY = ModelFamily(
     name="llama",
     config_from_hf=config_from_hf,
@@ -217,4 +232,5 @@ FAMILY = ModelFamily(
     attention_out=attention_out,
     mlp=mlp,
     head=head,
+    elementwise=elementwise,
 )

@@ -184,6 +184,13 @@ def head(w: Weights, cfg: ModelConfig, h: torch.Tensor) -> torch.Tensor:
     return F.linear(h, w["embed_tokens.weight"])
 
 
+def elementwise(cfg: ModelConfig, part: str) -> float:
+    """Hidden-sized vectors per token moved by a part's elementwise ops. Attention: layer norm 2,
+    q/k/v/out written 4, read for attention 3, residual 3; MLP: layer norm 2, fc1 written 4, the
+    activation 8, fc2 read 4 and written 1, residual 3 (fc1 is 4 x hidden wide)."""
+    return {"attention": 12.0, "mlp": 2 + 17 * cfg.ffn_dim / (4 * cfg.hidden_size) + 3}.get(part, 0.0)
+
+
 FAMILY = ModelFamily(
     name="opt",
     config_from_hf=config_from_hf,
@@ -195,4 +202,5 @@ FAMILY = ModelFamily(
     attention_out=attention_out,
     mlp=mlp,
     head=head,
+    elementwise=elementwise,
 )

@@ -28,8 +28,9 @@ class ReferenceRunner:
             return {s.short: weights.get(s.name, dtype, device) for s in part_weights(specs, part, layer)}
 
         self.embed_w, self.head_w = load("embed"), load("head")
-        if "embed_tokens.weight" in self.head_w:  # tied: share one tensor, not two copies
-            self.head_w["embed_tokens.weight"] = self.embed_w["embed_tokens.weight"]
+        table = family.token_table
+        if table in self.head_w:  # tied: share one tensor, not two copies
+            self.head_w[table] = self.embed_w[table]
         self.layers = [(load("attention", i), load("mlp", i)) for i in range(config.num_layers)]
 
     @torch.inference_mode()
