@@ -50,9 +50,6 @@ class Engine:
         if policy.attn_sparsity < 1 and policy.cpu_cache_compute:
             raise PolicyError("Policy.attn_sparsity < 1 with cpu_cache_compute is not implemented (attention on the "
                               "CPU is dense); turn one of them off")
-        if policy.attn_sparsity < 1 and model.config.num_kv_heads != model.config.num_heads:
-            raise PolicyError("Policy.attn_sparsity < 1 with grouped-query attention (num_kv_heads < num_heads) is not "
-                              "implemented; use attn_sparsity=1.0 for this model")
         self.model, self.policy = model, policy
         self.device, self.dtype = model.device, model.dtype
         self.stages = make_stages(model.config.num_layers, policy.sep_layer)

@@ -59,6 +59,7 @@ def sparse_weights(q: torch.Tensor, k: torch.Tensor, bias: torch.Tensor, keep: f
     Returns the kept cached weights ``[b, heads, L]`` (zero where dropped) and the new token's
     weight ``[b, heads, 1]``, both float32.
     """
+    k = expand_kv(k, q.shape[1])  # grouped-query attention: each query head scores its group's keys
     probs = torch.softmax(torch.matmul(q, k.transpose(-1, -2)).float() + bias, dim=-1)[:, :, 0]  # [b, h, L+1]
     cached = probs[..., :-1]
     n_keep = max(1, math.ceil(keep * cached.shape[-1]))
@@ -75,7 +76,10 @@ def sparse_attend(weights: torch.Tensor, values: torch.Tensor, w_new: torch.Tens
 
     ``weights`` ``[b, heads, U]`` and ``values`` ``[b, U, heads, d]`` cover the U cached tokens
     some head kept (zero weight where this head did not); ``w_new`` ``[b, heads, 1]`` and
-    ``v_new`` ``[b, heads, 1, d]`` are the new token's. Returns ``[b, heads, 1, d]``.
+    ``v_new`` ``[b, heads, 1, d]`` are the new token's. Returns ``[b, heads, 1, d]``. With
+    grouped-query attention, ``values`` and ``v_new`` hold the ``kv_heads`` and are expanded.
     """
+    heads = weights.shape[1]
+    values, v_new = expand_kv(values.transpose(1, 2), heads).transpose(1, 2), expand_kv(v_new, heads)
     out = torch.einsum("bhu,buhd->bhd", weights.to(values.dtype), values)[:, :, None]
     return out + w_new[..., None].to(v_new.dtype) * v_new

@@ -136,3 +136,26 @@ def test_random_preset_checkpoint_loads_in_transformers(tmp_path):
     (theirs,) = hf_scores(hf, [seq])
     assert torch.allclose(ours.score([seq])[0], theirs, atol=1e-5)
     assert flexlab.Model.from_pretrained(tmp_path / "rnd").config.num_kv_heads == 2
+
+
+@pytest.mark.parametrize("percent", [[100, 0, 100, 0, 100, 0], [0, 30, 100, 0, 0, 0]])
+def test_compressed_weights_compute_exactly_the_quantized_model(pair, percent, tmp_path):
+    from tests.integration.test_compression import FakeQuantized
+
+    hf, model = pair
+    w4 = flexlab.QuantConfig(bits=4, group_size=32)
+    quantized = flexlab.Model(model.config, FakeQuantized(model.weights, w4), dtype=torch.float32, device="cpu")
+    expected = quantized.generate(PROMPTS, max_new_tokens=NEW).token_ids
+    policy = Policy.from_percent(percent, gpu_batch_size=2, num_gpu_batches=2, compress_weight=w4)
+    with flexlab.Engine(model, policy, offload_dir=tmp_path) as engine:
+        assert engine.generate(PROMPTS, max_new_tokens=NEW).token_ids == expected
+        for ours, theirs in zip(engine.score(PROMPTS), quantized.score(PROMPTS)):
+            torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=1e-4)
+
+
+def test_sparse_attention_keeping_everything_is_exact_with_grouped_query_attention(pair, tmp_path):
+    hf, model = pair
+    expected = hf_greedy(hf, PROMPTS, NEW)
+    policy = Policy.from_percent([100, 0, 0, 0, 100, 0], gpu_batch_size=2, num_gpu_batches=2, attn_sparsity=0.999)
+    with flexlab.Engine(model, policy, offload_dir=tmp_path) as engine:  # keeps ceil(0.999 L) = L rows
+        assert engine.generate(PROMPTS, max_new_tokens=NEW).token_ids == expected
