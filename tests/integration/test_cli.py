@@ -262,3 +262,40 @@ def test_an_unexpected_error_is_one_line_and_the_traceback_on_request(capsys, mo
     monkeypatch.setenv("FLEXLAB_DEBUG", "1")
     with pytest.raises(KeyError):
         main(["generate", *_tiny_args(), "--prompt-ids", "2 5"])
+
+
+def _templated_tokenizer():
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = ["<s>", "</s>", "<unk>", "system", "user", "assistant", ":", "hi", "there", "again", "fine", "be", "kind"]
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    t = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    t.chat_template = ("<s> {% for m in messages %}{{ m['role'] }} : {{ m['content'] }} </s> {% endfor %}"
+                       "{% if add_generation_prompt %}assistant :{% endif %}")
+    return t
+
+
+def test_chat_uses_the_tokenizers_chat_template_and_its_end_of_turn():
+    from types import SimpleNamespace
+
+    from flexlab.chat import Chat
+
+    tok = _templated_tokenizer()
+    calls = []
+
+    def generate(prompts, max_new_tokens, **kw):
+        calls.append((prompts[0], kw))
+        return SimpleNamespace(texts=[" fine </s>"])
+
+    chat = Chat(generate, tokenizer=tok, max_positions=40, max_new_tokens=4, system="be kind")
+    assert chat.reply("hi there") == "fine"
+    ids, rules = calls[0]
+    assert tok.decode(ids) == "<s> system : be kind </s> user : hi there </s> assistant :"  # one <s>, no re-tokenizing
+    assert rules["stop_token_ids"] == [tok.eos_token_id] and rules["stop_strings"] is None
+    chat.reply("hi again")
+    assert tok.decode(calls[1][0]).endswith("user : hi there </s> assistant : fine </s> user : hi again </s> assistant :")
+    for _ in range(5):  # the oldest exchanges are dropped to fit 40 - 4 positions
+        chat.reply("hi there again")
+    assert len(calls[-1][0]) <= 36 and tok.decode(calls[-1][0]).startswith("<s> system : be kind")
