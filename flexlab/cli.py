@@ -22,7 +22,7 @@ import json
 import sys
 from pathlib import Path
 
-from flexlab.cli_checks import in_file, out_dir, out_file, run_guarded
+from flexlab.cli_checks import in_file, out_dir, out_file, read_prompts, run_guarded
 
 DTYPES = ("float32", "bfloat16", "float16")
 
@@ -161,21 +161,7 @@ def generate(args: argparse.Namespace) -> int:
     import flexlab
     from flexlab.models.generation import prepare_generation
 
-    prompts = list(args.prompt or [])
-    if args.prompts_file:
-        try:
-            text = in_file(args.prompts_file, "--prompts-file").read_text()
-        except (OSError, UnicodeDecodeError) as e:
-            raise ValueError(f"--prompts-file {args.prompts_file}: cannot read it as text ({e})") from None
-        prompts += [line.rstrip("\n") for line in text.splitlines() if line.strip()]
-    for ids in args.prompt_ids or []:
-        try:
-            prompts.append([int(t) for t in ids.split()])
-        except ValueError:
-            raise ValueError(f"--prompt-ids {ids!r}: token ids are integers separated by spaces, e.g. "
-                             '"2 5 6"') from None
-    if not prompts:
-        raise ValueError("no prompts: pass --prompt TEXT, --prompt-ids \"2 5 6\" or --prompts-file FILE")
+    prompts = read_prompts(args.prompt, args.prompts_file, args.prompt_ids)
     timeline = out_file(args.timeline, "--timeline") if args.timeline else None
     model = _load_model(args)
     policy = _policy(args, gpu_batch_size=min(len(prompts), 8))

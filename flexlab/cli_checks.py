@@ -68,6 +68,26 @@ def in_file(value: str, flag: str) -> Path:
     return path
 
 
+def read_prompts(texts: list[str] | None, prompts_file: str | None, prompt_ids: list[str] | None) -> list:
+    """The prompts of ``--prompt``, ``--prompts-file`` (one per non-empty line) and ``--prompt-ids``."""
+    prompts: list = list(texts or [])
+    if prompts_file:
+        try:
+            text = in_file(prompts_file, "--prompts-file").read_text()
+        except (OSError, UnicodeDecodeError) as e:
+            raise ValueError(f"--prompts-file {prompts_file}: cannot read it as text ({e})") from None
+        prompts += [line.rstrip("\n") for line in text.splitlines() if line.strip()]
+    for ids in prompt_ids or []:
+        try:
+            prompts.append([int(t) for t in ids.split()])
+        except ValueError:
+            raise ValueError(f"--prompt-ids {ids!r}: token ids are integers separated by spaces, e.g. "
+                             '"2 5 6"') from None
+    if not prompts:
+        raise ValueError("no prompts: pass --prompt TEXT, --prompt-ids \"2 5 6\" or --prompts-file FILE")
+    return prompts
+
+
 def run_guarded(command: Callable, args) -> int:
     """``command(args)``'s exit status, with every way it can fail turned into one line."""
     with _signals_unwind():

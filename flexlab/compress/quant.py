@@ -30,7 +30,7 @@ from typing import Literal
 import torch
 
 from flexlab.compress.packing import SUPPORTED_BITS, pack_bits, unit, unpack_bits
-from flexlab.errors import FlexlabError
+from flexlab.errors import FlexlabError, fields_of
 
 SCALE_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -102,14 +102,7 @@ class QuantConfig:
     @classmethod
     def from_dict(cls, d: dict) -> "QuantConfig":
         """A QuantConfig from :meth:`to_dict`'s values (or a hand-written JSON object of fields)."""
-        if not isinstance(d, dict):
-            raise QuantError(f"a QuantConfig is an object of fields, got a {type(d).__name__}; e.g. "
-                             '{"bits": 4, "group_size": 64}')
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise QuantError(f"unknown QuantConfig field(s) {unknown}; valid fields: {sorted(known)}")
-        d = dict(d)
+        d = fields_of(cls, d, QuantError, "a QuantConfig", '{"bits": 4, "group_size": 64}')
         if "scale_dtype" in d:
             name = d["scale_dtype"]
             d["scale_dtype"] = getattr(torch, name, None) if isinstance(name, str) else name

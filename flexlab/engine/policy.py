@@ -14,7 +14,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 from flexlab.compress import QuantConfig
-from flexlab.errors import FlexlabError
+from flexlab.errors import FlexlabError, fields_of
 
 
 class PolicyError(FlexlabError):
@@ -136,14 +136,7 @@ class Policy:
     @classmethod
     def from_dict(cls, d: dict) -> "Policy":
         """A Policy from :meth:`to_dict`'s values (or a hand-written JSON object of fields)."""
-        if not isinstance(d, dict):
-            raise PolicyError(f"a policy is a JSON object of Policy fields, got a {type(d).__name__}; e.g. "
-                              '{"w_gpu_percent": 20, "w_cpu_percent": 30, "gpu_batch_size": 8}')
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise PolicyError(f"unknown Policy field(s) {unknown}; valid fields: {sorted(known)}")
-        d = dict(d)
+        d = fields_of(cls, d, PolicyError, "a policy", '{"w_gpu_percent": 20, "w_cpu_percent": 30, "gpu_batch_size": 8}')
         for name in ("compress_weight", "compress_cache"):
             if isinstance(d.get(name), dict):
                 d[name] = QuantConfig.from_dict(d[name])
