@@ -26,7 +26,9 @@ from pathlib import Path
 
 import pandas as pd
 import torch
+
 from _common import parse_config, policy_from, write_results
+from flexlab.models.registry import weight_bytes
 
 Q4 = dict(bits=4, group_size=64)
 # name -> FlexGen's six shares, plus other Policy fields
@@ -111,7 +113,7 @@ def main(cfg: Config) -> pd.DataFrame:
             rows.append(measure(name, policy_of(percent, extra), offload))
         search_note = "not run (smoke)"
         if not cfg.smoke:
-            weights = model.config.total_weight_bytes(itemsize)
+            weights = weight_bytes(model.config, itemsize)
             limited = hw.replace(gpu_memory=cfg.limit_fraction * weights + 64 * 2**20,
                                  cpu_memory=cfg.limit_fraction * weights)
             found = search_policy(model.config, limited, prompt_len=cfg.prompt_len, gen_len=cfg.gen_len,

@@ -16,7 +16,7 @@ plain format below is used and the answer ends where the model starts the next h
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 SYSTEM = "A chat between a curious human and a knowledgeable artificial intelligence assistant."
 EXAMPLE = ("Hello! What can you do?", "As an AI assistant, I can answer questions and chat with you.")
@@ -27,15 +27,16 @@ class Chat:
 
     ``generate`` is ``Model.generate`` or an engine's; ``tokenizer`` (to fit the context; None
     counts characters / 4) and ``max_positions`` bound the prompt: the oldest turns are dropped
-    until prompt plus ``max_new_tokens`` fit.
+    until prompt plus ``max_new_tokens`` fit. ``eos_token_ids`` (the model's
+    ``config.eos_token_ids``) end a templated answer as well as the tokenizer's own.
     """
 
     def __init__(self, generate: Callable, tokenizer, max_positions: int, *, max_new_tokens: int = 96,
                  user: str = "Human", bot: str = "Assistant", system: str = SYSTEM,
-                 example: tuple[str, str] | None = EXAMPLE, **sampling) -> None:
+                 example: tuple[str, str] | None = EXAMPLE, eos_token_ids: Sequence[int] = (), **sampling) -> None:
         self.generate, self.tokenizer, self.max_positions = generate, tokenizer, max_positions
         self.max_new_tokens, self.user, self.bot, self.system = max_new_tokens, user, bot, system
-        self.example, self.sampling = example, sampling
+        self.example, self.sampling, self.eos_token_ids = example, sampling, tuple(eos_token_ids)
         self.history: list[tuple[str, str]] = []
 
     def _length(self, text: str) -> int:
@@ -86,9 +87,10 @@ class Chat:
     def reply(self, message: str) -> str:
         """Generate the assistant's answer to ``message`` and add the exchange to the history."""
         stop = f"\n{self.user}:"
-        if self.templated:  # the template's turn ends with the tokenizer's end-of-sequence token
+        if self.templated:  # the template's turn ends with an end-of-sequence token
             eos = self.tokenizer.eos_token_id
-            rules = dict(stop_token_ids=() if eos is None else [int(eos)], stop_strings=None)
+            ids = dict.fromkeys(([] if eos is None else [int(eos)]) + list(self.eos_token_ids))
+            rules = dict(stop_token_ids=list(ids) or (), stop_strings=None)
         else:
             rules = dict(stop_strings=[stop])
         result = self.generate([self.prompt(message)], max_new_tokens=self.max_new_tokens, **rules, **self.sampling)

@@ -288,11 +288,11 @@ def chat(args: argparse.Namespace) -> int:
     model = _load_model(args)
     if model.tokenizer is None:
         raise ValueError(f"{model.config.name} has no tokenizer; chat needs a checkpoint directory with one")
-    policy = _policy(args)
     interactive = sys.stdin.isatty()
-    with flexlab.Engine(model, policy, offload_dir=args.offload_dir) as engine:
+    with flexlab.Engine(model, _policy(args), offload_dir=args.offload_dir) as engine:
         bot = Chat(engine.generate, model.tokenizer, model.config.max_positions, max_new_tokens=args.max_new_tokens,
-                   do_sample=args.do_sample, temperature=args.temperature, top_p=args.top_p, seed=args.seed)
+                   eos_token_ids=model.config.eos_token_ids, do_sample=args.do_sample,
+                   temperature=args.temperature, top_p=args.top_p, seed=args.seed)
         while True:
             if interactive:
                 print("Human: ", end="", flush=True)
@@ -305,14 +305,14 @@ def chat(args: argparse.Namespace) -> int:
 def presets(args: argparse.Namespace) -> int:
     """Print every preset with its size."""
     from flexlab.models.config import get_preset, preset_names
+    from flexlab.models.registry import num_parameters, weight_bytes
 
     print(f"{'preset':<16}{'params':>10}{'layers':>8}{'hidden':>8}{'fp16 GiB':>10}{'KV MiB/tok':>12}")
     for name in preset_names():
         c = get_preset(name)
-        print(f"{name:<16}{c.num_parameters() / 1e6:>9.1f}M{c.num_layers:>8}{c.hidden_size:>8}"
-              f"{c.total_weight_bytes(2) / 2**30:>10.2f}{c.kv_cache_bytes_per_token(2) / 2**20:>12.3f}")
+        print(f"{name:<16}{num_parameters(c) / 1e6:>9.1f}M{c.num_layers:>8}{c.hidden_size:>8}"
+              f"{weight_bytes(c, 2) / 2**30:>10.2f}{c.kv_cache_bytes_per_token(2) / 2**20:>12.3f}")
     return 0
-
 
 
 def _sampling_args(p: argparse.ArgumentParser) -> None:

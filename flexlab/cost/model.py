@@ -38,7 +38,7 @@ from flexlab.engine.store import _region, compresses, place_weights, split_by_sh
 from flexlab.engine.tiers import align_up
 from flexlab.errors import FlexlabError
 from flexlab.models.config import ModelConfig
-from flexlab.models.family import get_family
+from flexlab.models.registry import get_family
 
 TIERS = ("gpu", "cpu", "disk")
 

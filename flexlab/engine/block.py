@@ -328,7 +328,8 @@ class BlockRun:
     def _bias(self, t: int, k: int) -> torch.Tensor:
         """Batch ``k``'s attention mask for token ``t``, built once and shared by every layer."""
         if self._masks.get(k, (None,))[0] != t:
-            self._masks[k] = (t, attention_bias(self.valid[k], self.valid[k].shape[1] if t == 0 else 1))
+            self._masks[k] = (t, attention_bias(self.valid[k], self.valid[k].shape[1] if t == 0 else 1,
+                                                   self.config.sliding_window))
         return self._masks[k][1]
 
 

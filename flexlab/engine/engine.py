@@ -31,6 +31,7 @@ from flexlab.files import owned_dir, disown, remove, sweep_stale
 from flexlab.errors import FlexlabError, OffloadError
 from flexlab.models.generation import (GenerationResult, Sampler, encode_for_scoring, generation_metrics,
                                        prepare_generation)
+from flexlab.models.registry import weight_bytes
 
 
 OFFLOAD_PREFIX = "flexlab-"  # each engine's directory inside offload_dir: flexlab-XXXXXXXX
@@ -94,7 +95,7 @@ class Engine:
         # Safetensors checkpoints are read in place; other sources are converted into offload_dir.
         in_place = self.model.weights.location(next(iter(self.model.weights.specs))) is not None
         share = self.policy.w_disk_percent / 100
-        need = 0 if in_place else share * self.model.config.total_weight_bytes(self.dtype.itemsize)
+        need = 0 if in_place else share * weight_bytes(self.model.config, self.dtype.itemsize)
         self.check_space(need, "the disk share of the weights")
 
     def check_space(self, need: float, what: str) -> None:

@@ -11,18 +11,23 @@ import math
 import torch
 
 
-def attention_bias(valid: torch.Tensor, q_len: int) -> torch.Tensor:
+def attention_bias(valid: torch.Tensor, q_len: int, window: int | None = None) -> torch.Tensor:
     """Additive float32 mask for the last ``q_len`` positions attending over ``valid.shape[1]`` keys.
 
     ``valid`` is ``[batch, kv_len]`` bool/int (False/0 marks left padding). Query ``i`` sits at
-    key position ``kv_len - q_len + i`` and may see keys at or before it that are valid.
+    key position ``kv_len - q_len + i`` and may see keys at or before it that are valid, and
+    with a sliding ``window`` only the last ``window`` of those (itself included). Padding sits
+    on the left only, so distances between slots are distances between tokens.
     Returns ``[batch, 1, q_len, kv_len]`` with 0 where allowed and float32's most negative value
     elsewhere: finite, so a padding query that sees nothing gets a uniform (unused) row, not NaN.
     """
     batch, kv_len = valid.shape
     q_pos = torch.arange(kv_len - q_len, kv_len, device=valid.device)[:, None]  # [q, 1]
     k_pos = torch.arange(kv_len, device=valid.device)[None, :]  # [1, kv]
-    allowed = (k_pos <= q_pos)[None, None] & valid.bool()[:, None, None, :]  # [b, 1, q, kv]
+    causal = k_pos <= q_pos
+    if window is not None:
+        causal &= q_pos - k_pos < window
+    allowed = causal[None, None] & valid.bool()[:, None, None, :]  # [b, 1, q, kv]
     bias = torch.zeros(allowed.shape, dtype=torch.float32, device=valid.device)
     return bias.masked_fill_(~allowed, torch.finfo(torch.float32).min)
 

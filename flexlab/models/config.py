@@ -1,23 +1,22 @@
 """Model configurations as data: one frozen dataclass and a table of presets.
 
-The analytic sizes here (bytes of weights per layer, of KV cache and activations per token) are
-what the placement code and the cost model reason with, so they are computed from the same
-weight specs the loader and the engine use — one source of truth for shapes.
+The sizes here (bytes of KV cache and activations per token) are what the placement code and
+the cost model reason with; weight sizes come from the family's weight specs, the same ones the
+loader and the engine use, through :func:`flexlab.models.registry.weight_bytes`.
 
 Example:
     >>> from flexlab.models.config import get_preset
     >>> cfg = get_preset("opt-1.3b")
     >>> cfg.num_layers, cfg.hidden_size
     (24, 2048)
-    >>> round(cfg.total_weight_bytes(2) / 2**30, 2)  # GiB in float16
-    2.45
+    >>> cfg.kv_cache_bytes_per_token(2) / 2**10  # KiB per token in float16
+    192.0
 """
 
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-
 
 from flexlab.errors import ConfigError
 
@@ -54,9 +53,12 @@ class ModelConfig:
     tie_word_embeddings: bool = True
     qkv_bias: bool = False  # Qwen2: biases on q/k/v only
     qk_norm: bool = False  # Qwen3: RMSNorm of each head's q and k
+    sliding_window: int | None = None  # Mistral v0.1: each token attends to the last N tokens only
     pad_token_id: int = 1
     bos_token_id: int = 2
     eos_token_id: int = 2
+    # More ids that end a sequence (Llama 3 lists three: end of text, of turn, of message).
+    extra_eos_token_ids: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         for field in ("vocab_size", "hidden_size", "num_layers", "num_heads", "ffn_dim", "max_positions"):
@@ -77,9 +79,16 @@ class ModelConfig:
         if not isinstance(self.num_kv_heads, int) or self.num_kv_heads < 1 or self.num_heads % self.num_kv_heads:
             raise ConfigError(f"ModelConfig.num_kv_heads={self.num_kv_heads!r} must divide num_heads={self.num_heads} "
                               "(each key/value head serves a group of query heads)")
+        if self.sliding_window is not None and (not isinstance(self.sliding_window, int) or self.sliding_window < 1):
+            raise ConfigError(f"ModelConfig.sliding_window={self.sliding_window!r} must be a positive int or None")
         if self.activation not in ("relu", "silu"):
             raise ConfigError(f"ModelConfig.activation={self.activation!r} is not supported; use 'relu' (OPT) or "
                               "'silu' (the LLaMA family)")
+
+    @property
+    def eos_token_ids(self) -> tuple[int, ...]:
+        """Every id that ends a sequence, the canonical ``eos_token_id`` first."""
+        return tuple(dict.fromkeys((self.eos_token_id, *self.extra_eos_token_ids)))
 
     @property
     def kv_dim(self) -> int:
@@ -96,30 +105,7 @@ class ModelConfig:
             changes.setdefault("num_kv_heads", None)
         return dataclasses.replace(self, **changes)
 
-    # ---- analytic sizes ------------------------------------------------------------------
-    def layer_weight_bytes(self, layer: int, bytes_per_elem: float = 2) -> float:
-        """Bytes of the weights that belong to transformer layer ``layer`` (0-based)."""
-        from flexlab.models.family import get_family
-
-        specs = get_family(self.family).weight_specs(self)
-        return sum(s.numel for s in specs if s.layer == layer) * bytes_per_elem
-
-    def embedding_weight_bytes(self, bytes_per_elem: float = 2) -> float:
-        """Bytes of the weights outside the transformer layers (embeddings, final norm, projections)."""
-        from flexlab.models.family import get_family
-
-        specs = get_family(self.family).weight_specs(self)
-        return sum(s.numel for s in specs if s.layer is None) * bytes_per_elem
-
-    def total_weight_bytes(self, bytes_per_elem: float = 2) -> float:
-        """Bytes of all weights (the output projection is tied to the token embedding)."""
-        from flexlab.models.family import get_family
-
-        return sum(s.numel for s in get_family(self.family).weight_specs(self)) * bytes_per_elem
-
-    def num_parameters(self) -> int:
-        return int(self.total_weight_bytes(1))
-
+    # ---- analytic sizes (weights need the family: flexlab.models.registry.weight_bytes) ----
     def kv_cache_bytes_per_token(self, bytes_per_elem: float = 2) -> float:
         """KV-cache bytes one token of one sequence occupies, summed over all layers."""
         return 2 * self.num_layers * self.kv_dim * bytes_per_elem

@@ -25,7 +25,6 @@ from typing import Literal
 
 import torch
 
-from flexlab.errors import ConfigError
 from flexlab.models.config import ModelConfig
 
 Weights = Mapping[str, torch.Tensor]
@@ -90,21 +89,24 @@ def part_weights(specs: list[WeightSpec], part: Part, layer: int | None = None) 
     return [s for s in specs if s.layer == layer and part in s.parts]
 
 
-def _families() -> dict[str, ModelFamily]:
-    """Hugging Face ``model_type`` -> the family that runs it."""
-    # Imported here: the family modules import this one for WeightSpec and ModelFamily.
-    from flexlab.models import llama, opt
+# ---- helpers for config_from_hf / config_to_hf ------------------------------------------------
+def token_ids_from_hf(hf: dict, pad: int, bos: int, eos: int) -> dict:
+    """The special-token fields of a ModelConfig from ``config.json`` (defaults where absent).
+    An id may be a list (Llama 3: ``eos_token_id: [128001, 128008, 128009]``): its first entry
+    is the canonical id, every entry of an eos list ends a sequence."""
+    def first(key: str, default: int) -> int:
+        value = hf.get(key)
+        if isinstance(value, list):
+            value = value[0] if value else None
+        return default if value is None else int(value)
 
-    return {"opt": opt.FAMILY, **dict.fromkeys(llama.MODEL_TYPES, llama.FAMILY)}
+    eos_list = hf.get("eos_token_id")
+    extra = tuple(int(v) for v in eos_list[1:]) if isinstance(eos_list, list) else ()
+    return dict(pad_token_id=first("pad_token_id", pad), bos_token_id=first("bos_token_id", bos),
+                eos_token_id=first("eos_token_id", eos), extra_eos_token_ids=extra)
 
 
-def get_family(name: str) -> ModelFamily:
-    """The family that runs ``name`` (a Hugging Face ``model_type``, as ``ModelConfig.family``)."""
-    families = _families()
-    if name not in families:
-        raise ConfigError(f"unsupported model type {name!r}; supported: {', '.join(families)}")
-    return families[name]
-
-
-def supported_families() -> list[str]:
-    return list(_families())
+def token_ids_to_hf(cfg: ModelConfig) -> dict:
+    """The special-token fields of ``config.json`` (an eos list where there are several)."""
+    eos = list(cfg.eos_token_ids) if len(cfg.eos_token_ids) > 1 else cfg.eos_token_id
+    return dict(pad_token_id=cfg.pad_token_id, bos_token_id=cfg.bos_token_id, eos_token_id=eos)

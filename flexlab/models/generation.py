@@ -74,13 +74,13 @@ def prepare_generation(prompts, tokenizer, config, *, max_new_tokens: int, do_sa
     """Checked token ids, sampling settings and stop rules of a ``generate`` call.
 
     ``stop_token_ids=()`` (the default of every ``generate``) means the model's end-of-sequence
-    token, as in transformers; ``None`` means never stop early.
+    tokens (``config.eos_token_ids``), as in transformers; ``None`` means never stop early.
     """
     ids = encode_prompts(prompts, tokenizer, max_positions=config.max_positions, max_new_tokens=max_new_tokens,
                          vocab_size=config.vocab_size)
     sampling = SamplingConfig(do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
     if stop_token_ids == ():
-        stop_token_ids = [config.eos_token_id]
+        stop_token_ids = list(config.eos_token_ids)
     return ids, sampling, StopCriteria(len(ids), stop_token_ids, stop_strings, tokenizer)
 
 

@@ -13,8 +13,9 @@ Quirks, each handled where it bites:
 * A tied head (Llama-3.2-1B/3B, small Qwen2.5) reads the token embedding; an untied one its own
   ``lm_head.weight``. Qwen2 has q/k/v biases; Qwen3 an RMSNorm over each head's q and k (before
   the rotation) and a ``head_dim`` of its own.
-* Mistral's (and Qwen2's, when on) sliding window only changes attention past the window, so
-  sequences are kept within it: ``max_positions`` is capped at the window.
+* Mistral v0.1's sliding window: each token attends to the last ``sliding_window`` tokens
+  (the attention mask says so; the cache still holds every token). Qwen2's per-layer windows
+  (``use_sliding_window``, off in the released checkpoints) are refused.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ import torch.nn.functional as F
 
 from flexlab.errors import ConfigError
 from flexlab.models.config import ModelConfig
-from flexlab.models.family import ModelFamily, Weights, WeightSpec
+from flexlab.models.family import ModelFamily, Weights, WeightSpec, token_ids_from_hf, token_ids_to_hf
 
 MODEL_TYPES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
                "qwen3": "Qwen3ForCausalLM"}
@@ -48,21 +49,21 @@ def config_from_hf(hf: dict, name: str) -> ModelConfig:
     theta = float(rope.pop("rope_theta", hf.get("rope_theta", 10000.0)))
     if rope_type not in ROPE_TYPES:
         raise ConfigError(f"{name}: rope_scaling type {rope_type!r} is not supported; supported: {', '.join(ROPE_TYPES)}")
-    max_positions = hf.get("max_position_embeddings", 2048)
-    window = hf.get("sliding_window")
-    if window and (model_type == "mistral" or hf.get("use_sliding_window")):
-        max_positions = min(max_positions, int(window))  # within the window, attention is unchanged
+    window = hf.get("sliding_window") if model_type == "mistral" else None
+    if model_type != "mistral" and hf.get("use_sliding_window") and hf.get("sliding_window"):
+        raise ConfigError(f"{name}: use_sliding_window=True ({model_type}'s per-layer windows) is not supported; "
+                          "set it to false to run with full attention, as the released checkpoints do")
     heads = hf["num_attention_heads"]
     return ModelConfig(
         name=name, family=model_type, vocab_size=hf["vocab_size"], hidden_size=hf["hidden_size"],
         num_layers=hf["num_hidden_layers"], num_heads=heads, num_kv_heads=hf.get("num_key_value_heads") or heads,
         head_dim=hf.get("head_dim") or hf["hidden_size"] // heads, ffn_dim=hf["intermediate_size"],
-        max_positions=max_positions, enable_bias=False, activation=_activation(hf, name),
+        max_positions=hf.get("max_position_embeddings", 2048), sliding_window=int(window) if window else None,
+        enable_bias=False, activation=_activation(hf, name),
         norm_eps=float(hf.get("rms_norm_eps", 1e-6)), rope_theta=theta,
         rope_scaling=(("rope_type", rope_type), *sorted(rope.items())) if rope_type != "default" else None,
         tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)), qkv_bias=model_type == "qwen2",
-        qk_norm=model_type == "qwen3", pad_token_id=_token_id(hf, "pad_token_id", 0),
-        bos_token_id=_token_id(hf, "bos_token_id", 1), eos_token_id=_token_id(hf, "eos_token_id", 2))
+        qk_norm=model_type == "qwen3", **token_ids_from_hf(hf, pad=0, bos=1, eos=2))
 
 
 def _activation(hf: dict, name: str) -> str:
@@ -70,13 +71,6 @@ def _activation(hf: dict, name: str) -> str:
     if act != "silu":
         raise ConfigError(f"{name}: hidden_act={act!r} is not supported; the LLaMA family uses 'silu'")
     return act
-
-
-def _token_id(hf: dict, key: str, default: int) -> int:
-    value = hf.get(key)
-    if isinstance(value, list):  # Llama 3 lists several eos ids; the first is the canonical one
-        value = value[0] if value else None
-    return default if value is None else int(value)
 
 
 def config_to_hf(cfg: ModelConfig) -> dict:
@@ -88,8 +82,9 @@ def config_to_hf(cfg: ModelConfig) -> dict:
         num_attention_heads=cfg.num_heads, num_key_value_heads=cfg.num_kv_heads, head_dim=cfg.head_dim,
         max_position_embeddings=cfg.max_positions, rms_norm_eps=cfg.norm_eps, hidden_act=cfg.activation,
         rope_parameters=rope, rope_theta=cfg.rope_theta, tie_word_embeddings=cfg.tie_word_embeddings,
-        attention_bias=False, pad_token_id=cfg.pad_token_id, bos_token_id=cfg.bos_token_id,
-        eos_token_id=cfg.eos_token_id, attention_dropout=0.0, sliding_window=None, use_sliding_window=False)
+        attention_bias=False, attention_dropout=0.0, sliding_window=cfg.sliding_window,
+        use_sliding_window=cfg.sliding_window is not None,
+        **token_ids_to_hf(cfg))
 
 
 # ---- weights ---------------------------------------------------------------------------------

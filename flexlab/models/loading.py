@@ -271,6 +271,22 @@ def read_hf_config(directory: Path) -> dict:
     return hf
 
 
+def generation_eos_ids(directory: Path) -> tuple[int, ...]:
+    """The end-of-sequence ids ``generation_config.json`` lists, if the checkpoint has one
+    (instruct models often end a turn with an id that ``config.json`` does not name)."""
+    path = directory / "generation_config.json"
+    if not path.exists():
+        return ()
+    try:
+        value = json.loads(path.read_text()).get("eos_token_id")
+    except (ValueError, OSError, AttributeError) as e:
+        raise CheckpointError(f"{path} is not a readable JSON object ({e}); fix or delete it") from None
+    values = value if isinstance(value, list) else [value]
+    if not all(isinstance(v, int) or v is None for v in values):
+        raise CheckpointError(f"{path}: eos_token_id={value!r} must be an int or a list of ints")
+    return tuple(v for v in values if v is not None)
+
+
 _HUB_ID = re.compile(r"^[\w.-]+(/[\w.-]+)?$")
 
 

@@ -17,10 +17,11 @@ import torch
 
 from flexlab.errors import CheckpointError, ConfigError
 from flexlab.models.config import ModelConfig, get_preset
-from flexlab.models.family import ModelFamily, get_family
+from flexlab.models.family import ModelFamily
+from flexlab.models.registry import get_family, num_parameters
 from flexlab.models.generation import GenerationResult, encode_for_scoring, prepare_generation
-from flexlab.models.loading import (CheckpointWeights, RandomWeights, WeightSource, read_hf_config,
-                                    resolve_checkpoint)
+from flexlab.models.loading import (CheckpointWeights, RandomWeights, WeightSource, generation_eos_ids,
+                                    read_hf_config, resolve_checkpoint)
 from flexlab.models.reference import ReferenceRunner
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json")
@@ -82,6 +83,9 @@ class Model:
                 raise
             raise CheckpointError(f"{directory}/config.json has a field of the wrong type ({e}); is it a "
                                   f"{model_type} config written by transformers?") from None
+        more_eos = [i for i in generation_eos_ids(directory) if i not in config.eos_token_ids]
+        if more_eos:
+            config = config.replace(extra_eos_token_ids=(*config.extra_eos_token_ids, *more_eos))
         weights = CheckpointWeights(directory, family.weight_specs(config),
                                     lambda stored: family.canonical_name(stored, config))
         return cls(config, weights, tokenizer=_load_tokenizer(directory), dtype=dtype, device=device,
@@ -126,7 +130,7 @@ class Model:
 
     def __repr__(self) -> str:
         c = self.config
-        return (f"Model({c.name!r}, {c.num_parameters() / 1e6:.1f}M parameters, {c.num_layers} layers, "
+        return (f"Model({c.name!r}, {num_parameters(c) / 1e6:.1f}M parameters, {c.num_layers} layers, "
                 f"dtype={self.dtype}, device={self.device}, source={self.source!r})")
 
 

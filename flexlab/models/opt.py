@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from flexlab.errors import ConfigError
 from flexlab.models.config import ModelConfig
-from flexlab.models.family import ModelFamily, Weights, WeightSpec
+from flexlab.models.family import ModelFamily, Weights, WeightSpec, token_ids_from_hf, token_ids_to_hf
 
 POSITION_OFFSET = 2
 
@@ -42,17 +42,8 @@ def config_from_hf(hf: dict, name: str) -> ModelConfig:
         enable_bias=hf.get("enable_bias", True),
         layer_norm_elementwise_affine=hf.get("layer_norm_elementwise_affine", True),
         activation=hf.get("activation_function", "relu"),
-        pad_token_id=_token_id(hf, "pad_token_id", 1),
-        bos_token_id=_token_id(hf, "bos_token_id", 2),
-        eos_token_id=_token_id(hf, "eos_token_id", 2),
+        **token_ids_from_hf(hf, pad=1, bos=2, eos=2),
     )
-
-
-def _token_id(hf: dict, key: str, default: int) -> int:
-    value = hf.get(key)
-    if isinstance(value, list):  # some configs list several eos ids; the first is the canonical one
-        value = value[0] if value else None
-    return default if value is None else int(value)
 
 
 def config_to_hf(cfg: ModelConfig) -> dict:
@@ -71,9 +62,7 @@ def config_to_hf(cfg: ModelConfig) -> dict:
         enable_bias=cfg.enable_bias,
         layer_norm_elementwise_affine=cfg.layer_norm_elementwise_affine,
         activation_function=cfg.activation,
-        pad_token_id=cfg.pad_token_id,
-        bos_token_id=cfg.bos_token_id,
-        eos_token_id=cfg.eos_token_id,
+        **token_ids_to_hf(cfg),
         dropout=0.0,
         attention_dropout=0.0,
     )

@@ -299,3 +299,5 @@ def test_chat_uses_the_tokenizers_chat_template_and_its_end_of_turn():
     for _ in range(5):  # the oldest exchanges are dropped to fit 40 - 4 positions
         chat.reply("hi there again")
     assert len(calls[-1][0]) <= 36 and tok.decode(calls[-1][0]).startswith("<s> system : be kind")
+    Chat(generate, tokenizer=tok, max_positions=40, max_new_tokens=4, eos_token_ids=[7, tok.eos_token_id]).reply("hi")
+    assert calls[-1][1]["stop_token_ids"] == [tok.eos_token_id, 7]  # the model's end ids too, once each

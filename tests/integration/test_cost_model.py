@@ -13,6 +13,7 @@ from flexlab import Policy, QuantConfig
 from flexlab.cost import CostModel, fits, get_hardware, search_policy
 from flexlab.engine.store import place_weights
 from flexlab.engine.schedule import make_stages
+from flexlab.models.registry import weight_bytes
 
 CPU_ONLY = get_hardware("h100").replace(name="cpu-like", link_pinned_bw=float("inf"), link_pageable_bw=float("inf"))
 PROMPTS = [[2] + list(range(10, 19))] * 4  # one length: the model assumes equal prompts
@@ -145,7 +146,7 @@ def test_search_finds_policies_off_the_lps_line():
     the embedding in memory shrinks them), so the LP's pick alone can miss a faster policy that
     fits; the search refines it on the exact model and must do at least as well as this one."""
     cfg = flexlab.get_preset("opt-125m")
-    weights = cfg.total_weight_bytes(2)
+    weights = weight_bytes(cfg, 2)
     limits = CPU_ONLY.replace(gpu_memory=0.3 * weights + 64 * 2**20, cpu_memory=0.3 * weights)
     shape = dict(batch_sizes=(8,), num_batches=(2,), compress=(None,), act_tiers=("gpu",))
     hand = CostModel(cfg, Policy.from_percent([0, 50, 100, 0, 100, 0], gpu_batch_size=8, num_gpu_batches=2), limits,

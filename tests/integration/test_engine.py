@@ -10,6 +10,7 @@ import torch
 
 import flexlab
 from flexlab import Policy
+from flexlab.models.registry import weight_bytes
 from tests.conftest import write_bin_checkpoint
 from tests.integration.test_exactness import hf_greedy, hf_logits
 
@@ -76,7 +77,7 @@ def test_weights_from_a_bin_checkpoint_are_converted_once(tiny_hf, tmp_path, exp
 def test_safetensors_weights_are_read_in_place(model, tmp_path):
     with flexlab.Engine(model, Policy.from_percent([0, 0, 100, 0, 100, 0]), offload_dir=tmp_path) as engine:
         assert list((engine.offload_dir / "weights").iterdir()) == []
-        assert engine.weights.tier_bytes()["disk"] == model.config.total_weight_bytes(4)
+        assert engine.weights.tier_bytes()["disk"] == weight_bytes(model.config, 4)
 
 
 def test_early_stop_and_sampling_in_blocks(model):

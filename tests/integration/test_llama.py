@@ -20,7 +20,7 @@ VARIANTS = {  # name: (model_type, config overrides)
                                                               "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                                                               "original_max_position_embeddings": 16})),
     "llama linear-rope": ("llama", dict(num_key_value_heads=1, rope_scaling={"rope_type": "linear", "factor": 2.0})),
-    "mistral window": ("mistral", dict(num_key_value_heads=2, sliding_window=64)),
+    "mistral window": ("mistral", dict(num_key_value_heads=2, sliding_window=4)),  # prompts reach past it
     "qwen2 biases tied": ("qwen2", dict(num_key_value_heads=2, tie_word_embeddings=True)),
     "qwen3 qk-norm head_dim": ("qwen3", dict(num_key_value_heads=2, head_dim=24)),
 }
@@ -104,13 +104,22 @@ def test_unsupported_rope_scaling_is_refused_by_name(tmp_path):
         flexlab.Model.from_pretrained(tmp_path)
 
 
-def test_a_sliding_window_caps_the_positions(pair):
+def test_the_sliding_window_changes_attention_past_it(pair):
     hf, model = pair
     if hf.config.model_type != "mistral":
         pytest.skip("only the mistral variant sets a window")
-    assert model.config.max_positions == 64
-    with pytest.raises(flexlab.PromptError, match="exceeds the model's 64 positions"):
-        model.generate([[1] * 60], max_new_tokens=8)
+    assert (model.config.sliding_window, model.config.max_positions) == (4, 128)
+    full = flexlab.Model(model.config.replace(sliding_window=None), model.weights, dtype=torch.float32)
+    ours, unwindowed = model.score(PROMPTS[2:3])[0], full.score(PROMPTS[2:3])[0]
+    assert torch.equal(ours[:3], unwindowed[:3])  # the first 4 tokens are inside the window
+    assert not torch.allclose(ours[3:], unwindowed[3:], atol=1e-3)
+
+
+def test_qwen2_per_layer_windows_are_refused(tmp_path):
+    hf = hf_model("qwen2", dict(num_key_value_heads=2, use_sliding_window=True, sliding_window=8))
+    hf.save_pretrained(tmp_path)
+    with pytest.raises(flexlab.ConfigError, match="use_sliding_window=True"):
+        flexlab.Model.from_pretrained(tmp_path)
 
 
 def test_a_compressed_cache_gives_the_same_result_on_every_placement(pair, tmp_path):
@@ -159,3 +168,31 @@ def test_sparse_attention_keeping_everything_is_exact_with_grouped_query_attenti
     policy = Policy.from_percent([100, 0, 0, 0, 100, 0], gpu_batch_size=2, num_gpu_batches=2, attn_sparsity=0.999)
     with flexlab.Engine(model, policy, offload_dir=tmp_path) as engine:  # keeps ceil(0.999 L) = L rows
         assert engine.generate(PROMPTS, max_new_tokens=NEW).token_ids == expected
+
+
+def test_every_end_of_sequence_id_ends_a_sequence(tmp_path):
+    """Llama 3 lists several eos ids in config.json, instruct models more in generation_config.json:
+    each of them stops a sequence (as in transformers), and a saved config keeps the list."""
+    import json
+
+    hf = hf_model("llama", dict(num_key_value_heads=2))
+    hf.save_pretrained(tmp_path)
+    free = flexlab.Model.from_pretrained(tmp_path, dtype=torch.float32).generate(
+        PROMPTS[:1], max_new_tokens=NEW, stop_token_ids=None).token_ids[0]
+    first, second = free[2], free[4]  # ids the model emits, third and fifth
+    assert first not in free[:2] and 2 not in free[:3]
+    config = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**config, "eos_token_id": [2, first]}))
+    model = flexlab.Model.from_pretrained(tmp_path, dtype=torch.float32)
+    assert model.config.eos_token_ids == (2, first)
+    assert model.generate(PROMPTS[:1], max_new_tokens=NEW).token_ids[0] == free[:3]
+    assert model.family.config_to_hf(model.config)["eos_token_id"] == [2, first]
+
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": [2, second]}))
+    model = flexlab.Model.from_pretrained(tmp_path, dtype=torch.float32)
+    assert model.config.eos_token_ids == (2, second)
+    assert model.generate(PROMPTS[:1], max_new_tokens=NEW).token_ids[0] == free[:5]
+    (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": "end"}))
+    with pytest.raises(flexlab.CheckpointError, match="generation_config.json: eos_token_id='end' must be an int"):
+        flexlab.Model.from_pretrained(tmp_path)

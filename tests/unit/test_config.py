@@ -4,7 +4,8 @@ import torch
 import flexlab
 from flexlab.errors import ConfigError
 from flexlab.models.config import ModelConfig, get_preset, preset_names
-from flexlab.models.family import get_family, part_weights
+from flexlab.models.family import part_weights
+from flexlab.models.registry import get_family, num_parameters, weight_bytes
 
 # Parameter counts of the released OPT checkpoints, rounded to the printed precision.
 OFFICIAL_PARAMS_M = {"opt-125m": 125.2, "opt-350m": 331.2, "opt-1.3b": 1315.8, "opt-2.7b": 2651.6,
@@ -14,7 +15,7 @@ OFFICIAL_PARAMS_M = {"opt-125m": 125.2, "opt-350m": 331.2, "opt-1.3b": 1315.8, "
 
 @pytest.mark.parametrize("name", list(OFFICIAL_PARAMS_M))
 def test_presets_have_official_parameter_counts(name):
-    assert round(get_preset(name).num_parameters() / 1e6, 1) == OFFICIAL_PARAMS_M[name]
+    assert round(num_parameters(get_preset(name)) / 1e6, 1) == OFFICIAL_PARAMS_M[name]
 
 
 def test_every_opt_size_and_tiny_presets_exist():
@@ -35,8 +36,8 @@ def test_analytic_sizes_add_up():
     cfg = get_preset("opt-1.3b")
     h, f = cfg.hidden_size, cfg.ffn_dim
     per_layer = 4 * h * h + 4 * h + 2 * h * f + f + h + 4 * h  # attention, mlp, two layer norms
-    assert cfg.layer_weight_bytes(0, 2) == per_layer * 2
-    assert cfg.total_weight_bytes(2) == cfg.num_layers * per_layer * 2 + cfg.embedding_weight_bytes(2)
+    assert weight_bytes(cfg, 2, layer=0) == per_layer * 2
+    assert weight_bytes(cfg, 2) == cfg.num_layers * per_layer * 2 + weight_bytes(cfg, 2, layer=None)
     assert cfg.kv_cache_bytes_per_token(2) == 2 * 24 * 2048 * 2
     assert cfg.activation_bytes_per_token(4) == 2048 * 4
 
