@@ -8,6 +8,7 @@ agreement of a greedy generation with the uncompressed run, and last-word accura
 experiments/results/.
 
     python experiments/ablate_compression.py                       # the small pydoc model, CPU, ~4 min
+    python experiments/ablate_compression.py --model pydoc-llama   # its LLaMA-family twin
     python experiments/ablate_compression.py --model facebook/opt-1.3b --dataset wikitext-2 \\
         --dtype float16 --num-seqs 64 --seq-len 512                 # a Colab GPU
     python experiments/ablate_compression.py --smoke true           # seconds: a few settings, short text
@@ -24,7 +25,7 @@ from _common import parse_config, write_results
 
 @dataclass
 class Config:
-    model: str = "pydoc"  # "pydoc" (trained here, offline), a preset name (random weights), or an HF id / path
+    model: str = "pydoc"  # "pydoc" or "pydoc-llama" (trained here, offline), a preset (random weights), HF id / path
     dataset: str = "auto"  # "auto", "wikitext-2" or "pydoc"
     dtype: str = "float32"  # float32 or bfloat16 on a CPU, float16 on a GPU
     bits: str = "8,4,3,2"
@@ -49,8 +50,9 @@ def load_model(cfg: Config):
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = getattr(torch, cfg.dtype)
-    if cfg.model == "pydoc":
-        return flexlab.Model.from_pretrained(flexlab.pydoc_model_path(), dtype=dtype, device=device)
+    if cfg.model in ("pydoc", "pydoc-llama"):
+        family = "llama" if cfg.model == "pydoc-llama" else "opt"
+        return flexlab.Model.from_pretrained(flexlab.pydoc_model_path(family=family), dtype=dtype, device=device)
     if cfg.model in flexlab.preset_names():
         return flexlab.Model.from_config(cfg.model, seed=0, dtype=dtype, device=device)
     return flexlab.Model.from_pretrained(cfg.model, dtype=dtype, device=device)

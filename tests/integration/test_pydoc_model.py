@@ -1,4 +1,5 @@
-"""The small model trained on Python's own docs: cached, loadable like any checkpoint, and trained."""
+"""The small models trained on Python's own docs (OPT and its LLaMA-family twin): cached, loadable
+like any checkpoint, and trained."""
 
 from __future__ import annotations
 
@@ -13,9 +14,21 @@ from flexlab.models.pydoc_model import PydocRecipe, pydoc_model_path, pydoc_text
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module")
-def model():
-    return flexlab.Model.from_pretrained(pydoc_model_path(), dtype=torch.float32)
+@pytest.fixture(scope="module", params=["opt", "llama"])
+def model(request):
+    return flexlab.Model.from_pretrained(pydoc_model_path(family=request.param), dtype=torch.float32)
+
+
+def test_the_twin_is_a_llama_with_grouped_query_attention():
+    import transformers
+
+    path = pydoc_model_path(family="llama")
+    twin = flexlab.Model.from_pretrained(path, dtype=torch.float32)
+    assert twin.config.family == "llama" and twin.config.num_kv_heads < twin.config.num_heads
+    assert isinstance(transformers.AutoModelForCausalLM.from_pretrained(path), transformers.LlamaForCausalLM)
+    # same data, same tokenizer as the OPT
+    opt = flexlab.Model.from_pretrained(pydoc_model_path(), dtype=torch.float32)
+    assert twin.tokenizer.get_vocab() == opt.tokenizer.get_vocab()
 
 
 def test_loads_through_from_pretrained_with_its_tokenizer(model):
@@ -50,7 +63,8 @@ def test_cached_model_is_reused_without_training(monkeypatch):
         raise AssertionError("retrained although cached")
 
     monkeypatch.setattr(pydoc_model, "train_pydoc_model", boom)
-    assert (pydoc_model_path() / "config.json").exists()
+    for family in ("opt", "llama"):
+        assert (pydoc_model_path(family=family) / "config.json").exists()
 
 
 def test_interrupted_training_leaves_nothing_behind(monkeypatch, tmp_path):
@@ -62,5 +76,10 @@ def test_interrupted_training_leaves_nothing_behind(monkeypatch, tmp_path):
 
     monkeypatch.setattr(pydoc_model, "train_pydoc_model", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        pydoc_model_path(PydocRecipe(steps=1))
+        pydoc_model_path(PydocRecipe(steps=1), family="llama")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_unknown_family_is_refused_by_name():
+    with pytest.raises(flexlab.ConfigError, match="'opt' or 'llama'"):
+        pydoc_model_path(family="bloom")
