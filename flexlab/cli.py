@@ -22,7 +22,8 @@ import json
 import sys
 from pathlib import Path
 
-from flexlab.cli_checks import in_file, out_dir, out_file, read_prompts, run_guarded
+from flexlab.cli_checks import out_dir, out_file, read_prompts, run_guarded
+from flexlab.cli_policy import add_policy_args, policy_flags, policy_from_args
 
 DTYPES = ("float32", "bfloat16", "float16")
 
@@ -45,21 +46,6 @@ def _model_args(p: argparse.ArgumentParser, preset: bool = True) -> None:
                    "bfloat16 on CPU)")
 
 
-def _policy_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("policy (FlexGen's flags)")
-    g.add_argument("--percent", nargs=6, type=float, metavar=("WG", "WC", "CG", "CC", "HG", "HC"),
-                   help="weights, cache and activations on gpu/cpu in percent (disk gets the rest)")
-    g.add_argument("--policy", help="a JSON file of Policy fields (as Policy.to_dict writes); flags override it")
-    g.add_argument("--gpu-batch-size", type=int)
-    g.add_argument("--num-gpu-batches", type=int)
-    g.add_argument("--compress-weight", metavar="BITS[:GROUP]", help="quantize weights, e.g. 4:64")
-    g.add_argument("--compress-cache", metavar="BITS[:GROUP[:LAYOUT]]", help="quantize the KV cache, e.g. 4:64")
-    g.add_argument("--cpu-cache-compute", action="store_true", help="decode attention over cpu-tier cache on the CPU")
-    g.add_argument("--attn-sparsity", type=float, help="keep this fraction of attention weights in decode")
-    g.add_argument("--no-overlap", action="store_true", help="run every transfer before its compute")
-    g.add_argument("--offload-dir", help="where disk-tier data goes (default: a temporary directory)")
-
-
 def _dtype(name):
     import torch
 
@@ -75,36 +61,6 @@ def _load_model(args):
         return flexlab.Model.from_config(args.preset, seed=0, dtype=_dtype(args.dtype))
     path = args.model or flexlab.pydoc_model_path()
     return flexlab.Model.from_pretrained(path, dtype=_dtype(args.dtype))
-
-
-def _policy(args, **defaults):
-    from flexlab import Policy, QuantConfig
-
-    fields = dict(defaults)
-    if args.policy:
-        try:
-            data = json.loads(in_file(args.policy, "--policy").read_text())
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise ValueError(f"--policy {args.policy}: cannot read a JSON policy ({e})") from None
-        try:
-            fields.update(Policy.from_dict(data).to_dict())
-        except (TypeError, ValueError) as e:
-            raise ValueError(f"--policy {args.policy}: {e}") from None
-    if args.percent:
-        names = ("w_gpu_percent", "w_cpu_percent", "cache_gpu_percent", "cache_cpu_percent", "act_gpu_percent",
-                 "act_cpu_percent")
-        fields.update(zip(names, args.percent))
-    for name in ("gpu_batch_size", "num_gpu_batches", "attn_sparsity"):
-        if getattr(args, name) is not None:
-            fields[name] = getattr(args, name)
-    for name in ("compress_weight", "compress_cache"):
-        if getattr(args, name):
-            fields[name] = QuantConfig.parse(getattr(args, name))
-    if args.cpu_cache_compute:
-        fields["cpu_cache_compute"] = True
-    if args.no_overlap:
-        fields["overlap"] = False
-    return Policy.from_dict(fields)
 
 
 # ---- commands ------------------------------------------------------------------------------
@@ -164,7 +120,7 @@ def generate(args: argparse.Namespace) -> int:
     prompts = read_prompts(args.prompt, args.prompts_file, args.prompt_ids)
     timeline = out_file(args.timeline, "--timeline") if args.timeline else None
     model = _load_model(args)
-    policy = _policy(args, gpu_batch_size=min(len(prompts), 8))
+    policy = policy_from_args(args, gpu_batch_size=min(len(prompts), 8))
     sampling = dict(max_new_tokens=args.max_new_tokens, do_sample=args.do_sample, temperature=args.temperature,
                     top_k=None, top_p=args.top_p, seed=args.seed, stop_token_ids=(), stop_strings=None)
     prepare_generation(prompts, model.tokenizer, model.config, **sampling)  # bad prompts: refused before placing
@@ -183,20 +139,19 @@ def generate(args: argparse.Namespace) -> int:
 def bench(args: argparse.Namespace) -> int:
     """Throughput of one policy, or of the standard sweep, on synthetic prompts; writes a results folder."""
     import flexlab
+    from flexlab.engine.policy import PERCENT_FIELDS
     from flexlab.eval import policy_sweep
     from flexlab.files import atomic_path, atomic_write
     from flexlab.viz import plot_memory, plot_throughput
 
     out = out_dir(args.out, "--out")
     model = _load_model(args)
-    base = _policy(args, gpu_batch_size=8, num_gpu_batches=2)
+    base = policy_from_args(args, gpu_batch_size=8, num_gpu_batches=2)
     if args.sweep:
         shares = {"all on gpu": [100, 0, 100, 0, 100, 0], "weights on cpu": [0, 100, 100, 0, 100, 0],
                   "weights 50% disk": [0, 50, 100, 0, 100, 0], "weights on disk": [0, 0, 100, 0, 100, 0],
                   "cache on cpu": [100, 0, 0, 100, 100, 0], "cache on disk": [100, 0, 0, 0, 100, 0]}
-        names = ("w_gpu_percent", "w_cpu_percent", "cache_gpu_percent", "cache_cpu_percent", "act_gpu_percent",
-                 "act_cpu_percent")
-        policies = {k: base.replace(**dict(zip(names, v))) for k, v in shares.items()}
+        policies = {k: base.replace(**dict(zip(PERCENT_FIELDS, v))) for k, v in shares.items()}
     else:
         policies = {"policy": base}
     n = args.num_prompts or base.block_size
@@ -239,10 +194,10 @@ def search(args: argparse.Namespace) -> int:
                           progress=True)
     print(CostModel(config, found.policy, hw, prompt_len=args.prompt_len, gen_len=args.gen_len).explain())
     print(f"\npolicy: {found.policy.describe()}")
-    print("flags: --percent " + " ".join(f"{getattr(found.policy, f):g}" for f in (
-        "w_gpu_percent", "w_cpu_percent", "cache_gpu_percent", "cache_cpu_percent", "act_gpu_percent",
-        "act_cpu_percent")) + f" --gpu-batch-size {found.policy.gpu_batch_size} "
-          f"--num-gpu-batches {found.policy.num_gpu_batches}")
+    try:
+        print(f"flags: {policy_flags(found.policy)}")
+    except ValueError as e:  # a field no flag sets
+        print(f"flags: {e}")
     if save is not None:
         atomic_write(save, json.dumps(found.policy.to_dict(), indent=2))
         print(f"wrote {args.save_policy} (pass it to --policy)")
@@ -289,7 +244,7 @@ def chat(args: argparse.Namespace) -> int:
     if model.tokenizer is None:
         raise ValueError(f"{model.config.name} has no tokenizer; chat needs a checkpoint directory with one")
     interactive = sys.stdin.isatty()
-    with flexlab.Engine(model, _policy(args), offload_dir=args.offload_dir) as engine:
+    with flexlab.Engine(model, policy_from_args(args), offload_dir=args.offload_dir) as engine:
         bot = Chat(engine.generate, model.tokenizer, model.config.max_positions, max_new_tokens=args.max_new_tokens,
                    eos_token_ids=model.config.eos_token_ids, do_sample=args.do_sample,
                    temperature=args.temperature, top_p=args.top_p, seed=args.seed)
@@ -337,7 +292,7 @@ def main(argv: list[str] | None = None) -> int:
 
     p = sub.add_parser("generate", help="generate for prompts under a policy")
     _model_args(p)
-    _policy_args(p)
+    add_policy_args(p)
     p.add_argument("--prompt", action="append", help="a text prompt (repeatable)")
     p.add_argument("--prompt-ids", action="append", help='a prompt as token ids, e.g. "2 5 6" (repeatable)')
     p.add_argument("--prompts-file", help="a file with one prompt per line")
@@ -347,7 +302,7 @@ def main(argv: list[str] | None = None) -> int:
 
     p = sub.add_parser("bench", help="throughput of a policy or a sweep; writes CSV, JSON and plots")
     _model_args(p)
-    _policy_args(p)
+    add_policy_args(p)
     p.add_argument("--sweep", action="store_true", help="run the standard sweep of placements (on top of the policy)")
     p.add_argument("--prompt-len", type=int, default=64)
     p.add_argument("--gen-len", type=int, default=8)
@@ -387,7 +342,7 @@ def main(argv: list[str] | None = None) -> int:
 
     p = sub.add_parser("chat", help="a multi-turn chat in the terminal")
     _model_args(p, preset=False)
-    _policy_args(p)
+    add_policy_args(p)
     _sampling_args(p)
     p.set_defaults(func=chat, max_new_tokens=64)
 

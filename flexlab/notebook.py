@@ -49,7 +49,7 @@ def notebook_setup(*, smoke: bool | None = None, checkpoint: str = GPU_CHECKPOIN
     else:
         reason = "smoke mode; " if smoke else "no GPU; "
     path = pydoc_model_path(train_if_missing=train_if_missing, progress=not smoke)
-    dtype = torch.bfloat16 if not torch.cuda.is_available() else torch.float16
-    model = Model.from_pretrained(path, dtype=dtype)
+    model = Model.from_pretrained(path)  # the device's fast dtype (flexlab.devices)
+    dtype = model.dtype
     return NotebookSetup(model, smoke, reason + f"the small model trained on Python's docs ({dtype}, "
                                               f"{model.device})")

@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from flexlab.compress import QuantConfig, dequantize, quantize
+from flexlab.devices import device_and_dtype
 from flexlab.cost.hardware import HardwareProfile
 from flexlab.engine.tiers import DiskFiles, aligned_empty
 from flexlab.models.attention import attend
@@ -86,8 +87,7 @@ def refresh(hw: HardwareProfile, *, device: str | torch.device | None = None, dt
     """``hw`` with its most volatile rates re-measured now (disk read, dequantization; about a
     second). On a shared machine these swing by 2x within minutes: a prediction compared with a
     measurement should use rates probed next to it."""
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    dtype = dtype or (torch.float16 if device.type == "cuda" else torch.bfloat16)
+    device, dtype = device_and_dtype(device, dtype)
     read, _, latency = _disk(Path(offload_dir or tempfile.gettempdir()), 64 << 20, 3, write=False)
     return hw.replace(disk_read_bw=read, disk_latency_s=latency, dequant_elems=_dequant_rate(device, dtype, 3))
 
@@ -155,8 +155,7 @@ def calibrate(*, device: str | torch.device | None = None, dtype: torch.dtype | 
     """Measure the rates of this machine (``quick``: smaller sizes, a few seconds on a CPU)."""
     from tqdm.auto import tqdm
 
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    dtype = dtype or (torch.float16 if device.type == "cuda" else torch.bfloat16)
+    device, dtype = device_and_dtype(device, dtype)
     scale = 1 if quick else 2
     h, repeats = 1024 * scale, 5
     results: dict[str, float] = {}

@@ -2,6 +2,6 @@
 
 from flexlab.engine.engine import Engine, OffloadError
 from flexlab.engine.policy import Policy, PolicyError
-from flexlab.engine.timeline import Event, Timeline
+from flexlab.timeline import Event, Timeline
 
 __all__ = ["Engine", "OffloadError", "Policy", "PolicyError", "Event", "Timeline"]

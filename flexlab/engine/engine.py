@@ -26,7 +26,7 @@ from flexlab.engine.policy import Policy, PolicyError
 from flexlab.engine.schedule import make_stages
 from flexlab.engine.store import WeightStore
 from flexlab.engine.tiers import DiskFiles, MemoryTracker, return_freed_memory
-from flexlab.engine.timeline import Timeline
+from flexlab.timeline import Timeline
 from flexlab.files import owned_dir, disown, remove, sweep_stale
 from flexlab.errors import FlexlabError, OffloadError
 from flexlab.models.generation import (GenerationResult, Sampler, encode_for_scoring, generation_metrics,
@@ -45,12 +45,6 @@ class Engine:
         policy = policy or Policy()
         if not isinstance(policy, Policy):
             raise PolicyError(f"policy must be a flexlab.Policy, got {type(policy).__name__}")
-        if policy.compress_cache is not None and policy.cpu_cache_compute:
-            raise PolicyError("Policy.cpu_cache_compute with compress_cache is not implemented (attention on the "
-                              "CPU reads the cache uncompressed); turn one of them off")
-        if policy.attn_sparsity < 1 and policy.cpu_cache_compute:
-            raise PolicyError("Policy.attn_sparsity < 1 with cpu_cache_compute is not implemented (attention on the "
-                              "CPU is dense); turn one of them off")
         self.model, self.policy = model, policy
         self.device, self.dtype = model.device, model.dtype
         self.stages = make_stages(model.config.num_layers, policy.sep_layer)

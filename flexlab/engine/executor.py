@@ -20,7 +20,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 import torch
 
 from flexlab.engine.schedule import Key, Step
-from flexlab.engine.timeline import COMPUTE_LANE, Event
+from flexlab.timeline import COMPUTE_LANE, Event
 
 LANES = {"load_weight": "load weight", "load_cache": "load cache", "load_act": "load act",
          "store_cache": "store cache", "store_act": "store act"}

@@ -13,8 +13,13 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+
 from flexlab.compress import QuantConfig
 from flexlab.errors import FlexlabError, fields_of
+
+# FlexGen's ``--percent wg wc cg cc hg hc``, in its order: the six shares of a policy.
+PERCENT_FIELDS = ("w_gpu_percent", "w_cpu_percent", "cache_gpu_percent", "cache_cpu_percent",
+                  "act_gpu_percent", "act_cpu_percent")
 
 
 class PolicyError(FlexlabError):
@@ -93,6 +98,13 @@ class Policy:
         if cw is not None and (cw.kv_layout != "per-token" or cw.window):
             raise PolicyError("Policy.compress_weight sets kv_layout or window, which apply to the KV cache only; "
                               "set them on compress_cache")
+        # What the engine cannot run is refused here, so a search never ranks it either.
+        if self.compress_cache is not None and self.cpu_cache_compute:
+            raise PolicyError("Policy.cpu_cache_compute with compress_cache is not implemented (attention on the "
+                              "CPU reads the cache uncompressed); turn one of them off")
+        if self.attn_sparsity < 1 and self.cpu_cache_compute:
+            raise PolicyError("Policy.attn_sparsity < 1 with cpu_cache_compute is not implemented (attention on the "
+                              "CPU is dense); turn one of them off")
 
     # ---- derived shares ---------------------------------------------------------------
     @property
@@ -109,6 +121,11 @@ class Policy:
         return "gpu" if self.act_gpu_percent == 100 else "cpu" if self.act_cpu_percent == 100 else "disk"
 
     @property
+    def percent(self) -> list[float]:
+        """The six shares in FlexGen's ``--percent`` order (:data:`PERCENT_FIELDS`)."""
+        return [getattr(self, name) for name in PERCENT_FIELDS]
+
+    @property
     def block_size(self) -> int:
         """Sequences per block: ``gpu_batch_size × num_gpu_batches``."""
         return self.gpu_batch_size * self.num_gpu_batches
@@ -119,9 +136,7 @@ class Policy:
         if len(percent) != 6:
             raise PolicyError(f"from_percent takes six numbers (w_gpu, w_cpu, cache_gpu, cache_cpu, act_gpu, "
                               f"act_cpu), got {len(percent)}: {percent!r}")
-        names = ("w_gpu_percent", "w_cpu_percent", "cache_gpu_percent", "cache_cpu_percent",
-                 "act_gpu_percent", "act_cpu_percent")
-        return cls(**dict(zip(names, percent)), **kwargs)
+        return cls(**dict(zip(PERCENT_FIELDS, percent)), **kwargs)
 
     def replace(self, **changes) -> "Policy":
         return dataclasses.replace(self, **changes)

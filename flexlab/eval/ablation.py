@@ -12,6 +12,7 @@ throughput. The first row is the uncompressed baseline the others are compared w
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from flexlab.compress import QuantConfig
@@ -37,6 +38,15 @@ class AblationSetting:
             return "none"
         layout = " per-channel keys" if self.kv_layout == "per-channel" else ""
         return f"{self.target} {self.bits}-bit g{self.group_size}{layout}"
+
+    @classmethod
+    def from_row(cls, row) -> "AblationSetting":
+        """The setting of one row of :func:`run_ablation`'s table (a pandas row or a dict)."""
+        if row["target"] == "none":
+            return cls("none")
+        layout = row.get("kv_layout")
+        return cls(row["target"], int(row["bits"]), int(row["group_size"]),
+                   layout if isinstance(layout, str) else "per-token")  # NaN for weights-only rows
 
     def policy(self, base: Policy) -> Policy:
         if self.target == "none":
@@ -98,6 +108,23 @@ def run_ablation(model, settings: list[AblationSetting], *, base_policy: Policy,
         before = base[f"peak_bytes_{tier}"]
         df[f"saved_{tier}_pct"] = 100 * (1 - df[f"peak_bytes_{tier}"] / before) if before else 0.0
     return df
+
+
+def setting_generator(model, prompt: str | list[int], *, base_policy: Policy | None = None,
+                      max_new_tokens: int = 24, offload_dir=None) -> Callable[[object], str]:
+    """A function that generates ``prompt`` greedily under one setting (on ``base_policy``) and
+    returns the text; what :class:`flexlab.viz.CompressionExplorer` calls to compare settings.
+    It takes an :class:`AblationSetting` or a row of the ablation table."""
+    base = base_policy or Policy()
+
+    def generate(setting) -> str:
+        if not isinstance(setting, AblationSetting):
+            setting = AblationSetting.from_row(setting)
+        with Engine(model, setting.policy(base), offload_dir=offload_dir) as engine:
+            result = engine.generate([prompt], max_new_tokens=max_new_tokens)
+        return result.texts[0] if result.texts else str(result.token_ids[0])
+
+    return generate
 
 
 def _bits(config: QuantConfig | None, dtype) -> float:

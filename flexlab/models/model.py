@@ -15,29 +15,17 @@ from pathlib import Path
 
 import torch
 
+from flexlab.devices import device_and_dtype
 from flexlab.errors import CheckpointError, ConfigError
 from flexlab.models.config import ModelConfig, get_preset
 from flexlab.models.family import ModelFamily
-from flexlab.models.registry import get_family, num_parameters
 from flexlab.models.generation import GenerationResult, encode_for_scoring, prepare_generation
 from flexlab.models.loading import (CheckpointWeights, RandomWeights, WeightSource, generation_eos_ids,
                                     read_hf_config, resolve_checkpoint)
 from flexlab.models.reference import ReferenceRunner
+from flexlab.models.registry import get_family, num_parameters
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json")
-
-
-def resolve_device(device: str | torch.device | None) -> torch.device:
-    """``None``/``"auto"``: CUDA when present, else the CPU."""
-    if device is None or device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
-
-
-def default_dtype(device: torch.device) -> torch.dtype:
-    """The dtype the device computes fast in: float16 on CUDA; bfloat16 on a CPU, where float16
-    matmuls are hundreds of times slower."""
-    return torch.float16 if device.type == "cuda" else torch.bfloat16
 
 
 class Model:
@@ -54,8 +42,7 @@ class Model:
         self.family: ModelFamily = get_family(config.family)
         self.weights = weights
         self.tokenizer = tokenizer
-        self.device = resolve_device(device)
-        self.dtype = dtype or default_dtype(self.device)
+        self.device, self.dtype = device_and_dtype(device, dtype)
         self.source = source
         self._reference: ReferenceRunner | None = None
 

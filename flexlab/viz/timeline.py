@@ -1,6 +1,6 @@
 """Timeline plots: a Gantt chart of every lane, and the overlap summary.
 
-Pure functions of a :class:`~flexlab.engine.timeline.Timeline`; they return matplotlib
+Pure functions of a :class:`~flexlab.timeline.Timeline`; they return matplotlib
 ``Figure`` objects made without pyplot, so they work headless, in scripts and in notebooks.
 
     >>> from flexlab.viz import plot_timeline                        # doctest: +SKIP
@@ -12,7 +12,7 @@ from __future__ import annotations
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 
-from flexlab.engine.timeline import COMPUTE_LANE, Timeline
+from flexlab.timeline import COMPUTE_LANE, Timeline
 
 KIND_COLORS = {
     "compute": "#4C72B0",

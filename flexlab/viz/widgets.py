@@ -5,7 +5,7 @@ Jupyter, JupyterLab and Colab with no interactive matplotlib backend. Each explo
 current ``figure`` and shows itself when it is the last expression of a cell.
 
     >>> TimelineExplorer(result.timeline)                     # doctest: +SKIP
-    >>> CompressionExplorer(ablation_df, model=model)         # doctest: +SKIP
+    >>> CompressionExplorer(ablation_df, generate=setting_generator(model, "The "))  # doctest: +SKIP
 """
 
 from __future__ import annotations
@@ -13,9 +13,11 @@ from __future__ import annotations
 import html
 import io
 
+from collections.abc import Callable
+
 from matplotlib.figure import Figure
 
-from flexlab.engine.timeline import Timeline
+from flexlab.timeline import Timeline
 from flexlab.viz.compression import TARGET_ORDER, plot_accuracy_vs_bits
 from flexlab.viz.timeline import plot_timeline
 
@@ -93,18 +95,17 @@ class TimelineExplorer:
 class CompressionExplorer:
     """Pick bits, group size, target and KV layout from an ablation table: the accuracy curves
     ring the choice, and a line gives its bits per element, perplexity change and memory saved
-    per tier. With a ``model``, the button generates ``prompt`` uncompressed and compressed side
-    by side (under ``base_policy``)."""
+    per tier. With ``generate`` (a table row -> the text generated under that setting, e.g.
+    :func:`flexlab.eval.setting_generator`), the button shows the uncompressed text (the row
+    ``{"target": "none"}``) and the chosen setting's side by side."""
 
-    def __init__(self, df, *, model=None, prompt: str | list[int] | None = None, base_policy=None,
-                 max_new_tokens: int = 24, width: float = 12.0) -> None:
+    def __init__(self, df, *, generate: Callable | None = None, width: float = 12.0) -> None:
         import ipywidgets as w
 
         rows = df[df.target != "none"]
         if not len(rows):
             raise ValueError("the ablation table has no compressed settings")
-        self.df, self.model, self.prompt, self.width = df, model, prompt, width
-        self.base_policy, self.max_new_tokens = base_policy, max_new_tokens
+        self.df, self.generate, self.width = df, generate, width
         options = lambda col: sorted(rows[col].dropna().unique().tolist())  # noqa: E731
         self.target = w.Dropdown(options=[t for t in TARGET_ORDER if t in options("target")], description="target")
         bits = [int(b) for b in options("bits")]
@@ -113,7 +114,7 @@ class CompressionExplorer:
         layouts = sorted(options("kv_layout") or ["per-token"], key=lambda x: x != "per-token")
         self.layout = w.Dropdown(options=layouts, description="KV layout")
         self.image, self.details, self.texts = w.Image(format="png"), w.HTML(), w.HTML()
-        self.button = w.Button(description="generate side by side", disabled=model is None)
+        self.button = w.Button(description="generate side by side", disabled=generate is None)
         self.button.on_click(self._generate)
         for control in (self.target, self.bits, self.group, self.layout):
             control.observe(lambda _: self._render(), names="value")
@@ -145,20 +146,10 @@ class CompressionExplorer:
         self.image.value = _png(self.figure)
 
     def _generate(self, _button=None) -> None:
-        from flexlab.engine import Engine, Policy
-        from flexlab.eval.ablation import AblationSetting
-
         row = self.selected()
-        if row is None or self.model is None:
+        if row is None or self.generate is None:
             return
-        base = self.base_policy or Policy()
-        setting = AblationSetting(row.target, int(row.bits), int(row.group_size), row.kv_layout or "per-token")
-        prompt = self.prompt if self.prompt is not None else "The "
-        texts = []
-        for policy in (base, setting.policy(base)):
-            with Engine(self.model, policy) as engine:
-                result = engine.generate([prompt], max_new_tokens=self.max_new_tokens)
-            texts.append(result.texts[0] if result.texts else str(result.token_ids[0]))
+        texts = [self.generate({"target": "none"}), self.generate(row)]
         cell = "<td style='vertical-align:top;white-space:pre-wrap;border:1px solid #ccc;padding:4px'>{}</td>"
         self.texts.value = ("<table><tr><th>uncompressed</th><th>" + html.escape(row.setting) + "</th></tr><tr>"
                             + "".join(cell.format(html.escape(t)) for t in texts) + "</tr></table>")

@@ -73,6 +73,21 @@ def test_search_prints_a_policy_that_fits_and_saves_it(capsys, tmp_path):
     assert policy.w_gpu_percent < 100  # 2.5 GB of weights do not fit 1.5 GiB
 
 
+def test_search_places_llama_3_1_8b_on_a_t4_with_compression(capsys, tmp_path):
+    from flexlab.cli_policy import policy_from_flags
+
+    code, out, _ = run(capsys, "search", "--preset", "llama-3.1-8b", "--hardware", "colab-t4", "--compress",
+                       "--save-policy", str(tmp_path / "p.json"))
+    assert code == 0 and re.search(r"llama-3.1-8b, .* tok/s predicted .*; bottleneck: \w+", out)
+    policy = flexlab.Policy.from_dict(json.loads((tmp_path / "p.json").read_text()))
+    # 16 GB of bfloat16 weights do not fit a T4's GPU; 4-bit ones (about 4.5 GB) do
+    assert policy.compress_weight is not None and policy.compress_weight.bits == 4
+    flags = re.search(r"^flags: (.*)$", out, re.M).group(1)  # copying the line runs exactly this policy
+    assert policy_from_flags(flags) == policy
+    peak = re.search(r"peak GiB: gpu ([\d.]+)", out)
+    assert peak and float(peak.group(1)) <= 15.0
+
+
 def test_calibrate_writes_a_profile(capsys, tmp_path):
     code, out, _ = run(capsys, "calibrate", "--quick", "--out", str(tmp_path / "hw.json"), "--offload-dir",
                        str(tmp_path))

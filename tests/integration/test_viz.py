@@ -105,7 +105,7 @@ def test_timeline_explorer_follows_its_controls(timeline):
 
 
 def test_compression_explorer_follows_its_controls_and_generates(model):
-    from flexlab.eval import ablation_settings
+    from flexlab.eval import ablation_settings, setting_generator
     from flexlab.viz import CompressionExplorer
 
     rows = []
@@ -116,7 +116,7 @@ def test_compression_explorer_follows_its_controls_and_generates(model):
                          weight_bits_per_element=(s.bits or 32) + 1.0, cache_bits_per_element=(s.bits or 32) + 1.0,
                          peak_bytes_gpu=100.0, peak_bytes_cpu=0.0, peak_bytes_disk=0.0, saved_gpu_pct=50.0,
                          saved_cpu_pct=0.0, saved_disk_pct=0.0))
-    ex = CompressionExplorer(pd.DataFrame(rows), model=model, prompt=[2, 5, 6], max_new_tokens=4)
+    ex = CompressionExplorer(pd.DataFrame(rows), generate=setting_generator(model, [2, 5, 6], max_new_tokens=4))
     assert "weights 4-bit g32" in ex.details.value and "+40.0%" in ex.details.value
     before = ex.image.value
     ex.bits.value = 2

@@ -1,6 +1,7 @@
 import pytest
 
-from flexlab import Policy, PolicyError
+from flexlab import Policy, PolicyError, QuantConfig
+from flexlab.cli_policy import policy_flags, policy_from_flags
 
 
 def test_defaults_put_everything_on_the_gpu_tier():
@@ -44,3 +45,19 @@ def test_from_percent_needs_six_numbers():
 def test_policy_shows_itself_in_a_notebook():
     html = Policy.from_percent([20, 30, 0, 100, 100, 0])._repr_html_()
     assert "<table>" in html and "50%" in html
+
+
+@pytest.mark.parametrize("policy", [
+    Policy(),
+    Policy.from_percent([100 / 3, 50, 0, 100, 0, 0], gpu_batch_size=3, num_gpu_batches=5, overlap=False),
+    Policy(compress_weight=QuantConfig(bits=3, group_size=32),
+           compress_cache=QuantConfig(bits=2, group_size=64, kv_layout="per-channel"), attn_sparsity=0.25),
+    Policy.from_percent([0, 0, 0, 100, 0, 100], cpu_cache_compute=True),
+])
+def test_printed_flags_make_the_same_policy(policy):
+    assert policy_from_flags(policy_flags(policy)) == policy
+
+
+def test_a_policy_no_flags_express_says_which_fields():
+    with pytest.raises(ValueError, match="no flags set sep_layer=False.*compress_cache=.*--policy FILE"):
+        policy_flags(Policy(sep_layer=False, compress_cache=QuantConfig(bits=4, window=8)))

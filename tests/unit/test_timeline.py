@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from flexlab.engine.timeline import Event, Timeline
+from flexlab.timeline import Event, Timeline
 
 
 def make():

@@ -2,7 +2,7 @@
 
 A :class:`Timeline` is plain data: it can be saved on a GPU machine and re-plotted on a laptop.
 
-    >>> from flexlab.engine.timeline import Event, Timeline
+    >>> from flexlab.timeline import Event, Timeline
     >>> tl = Timeline([Event("compute", "compute", 0, 1, 0, 0.0, 1.0),
     ...                Event("load weight", "load_weight", 0, 2, None, 0.5, 1.5, 1_000_000)])
     >>> round(tl.summary()["io_hidden_fraction"], 2)   # half of the load ran under compute

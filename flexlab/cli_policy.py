@@ -1,0 +1,111 @@
+"""FlexGen's policy flags and a :class:`~flexlab.Policy`, both ways: the flags the commands take,
+the Policy they make, and the flags that make a given Policy (what ``flexlab search`` prints, so
+that copying its line runs exactly the policy it searched).
+
+    >>> from flexlab import Policy, QuantConfig
+    >>> policy = Policy.from_percent([20, 30, 0, 100, 100, 0], gpu_batch_size=8,
+    ...                              compress_weight=QuantConfig(bits=4, group_size=64))
+    >>> policy_flags(policy)
+    '--percent 20 30 0 100 100 0 --gpu-batch-size 8 --num-gpu-batches 1 --compress-weight 4:64'
+    >>> policy_from_flags(policy_flags(policy)) == policy
+    True
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from flexlab.cli_checks import in_file
+
+
+def add_policy_args(p: argparse.ArgumentParser) -> None:
+    """The policy flags of ``generate``, ``bench`` and ``chat``."""
+    g = p.add_argument_group("policy (FlexGen's flags)")
+    g.add_argument("--percent", nargs=6, type=float, metavar=("WG", "WC", "CG", "CC", "HG", "HC"),
+                   help="weights, cache and activations on gpu/cpu in percent (disk gets the rest)")
+    g.add_argument("--policy", help="a JSON file of Policy fields (as Policy.to_dict writes); flags override it")
+    g.add_argument("--gpu-batch-size", type=int)
+    g.add_argument("--num-gpu-batches", type=int)
+    g.add_argument("--compress-weight", metavar="BITS[:GROUP]", help="quantize weights, e.g. 4:64")
+    g.add_argument("--compress-cache", metavar="BITS[:GROUP[:LAYOUT]]", help="quantize the KV cache, e.g. 4:64")
+    g.add_argument("--cpu-cache-compute", action="store_true", help="decode attention over cpu-tier cache on the CPU")
+    g.add_argument("--attn-sparsity", type=float, help="keep this fraction of attention weights in decode")
+    g.add_argument("--no-overlap", action="store_true", help="run every transfer before its compute")
+    g.add_argument("--offload-dir", help="where disk-tier data goes (default: a temporary directory)")
+
+
+def policy_from_args(args: argparse.Namespace, **defaults):
+    """The Policy the flags say: ``defaults``, then ``--policy FILE``, then each flag given."""
+    from flexlab import Policy, QuantConfig
+    from flexlab.engine.policy import PERCENT_FIELDS
+
+    fields = dict(defaults)
+    if args.policy:
+        try:
+            data = json.loads(in_file(args.policy, "--policy").read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ValueError(f"--policy {args.policy}: cannot read a JSON policy ({e})") from None
+        try:
+            fields.update(Policy.from_dict(data).to_dict())
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"--policy {args.policy}: {e}") from None
+    if args.percent:
+        fields.update(zip(PERCENT_FIELDS, args.percent))
+    for name in ("gpu_batch_size", "num_gpu_batches", "attn_sparsity"):
+        if getattr(args, name) is not None:
+            fields[name] = getattr(args, name)
+    for name in ("compress_weight", "compress_cache"):
+        if getattr(args, name):
+            fields[name] = QuantConfig.parse(getattr(args, name))
+    if args.cpu_cache_compute:
+        fields["cpu_cache_compute"] = True
+    if args.no_overlap:
+        fields["overlap"] = False
+    return Policy.from_dict(fields)
+
+
+def policy_from_flags(flags: str):
+    """The Policy a line of flags makes (as ``flexlab search`` prints them)."""
+    import shlex
+
+    parser = argparse.ArgumentParser(prog="policy flags", add_help=False)
+    add_policy_args(parser)
+    return policy_from_args(parser.parse_args(shlex.split(flags)))
+
+
+def policy_flags(policy) -> str:
+    """The flags that make exactly ``policy``. Raises ValueError naming the fields no flag sets
+    (pass such a policy as ``--policy FILE``)."""
+    from flexlab.compress import QuantConfig
+
+    missing = [f"{name}={getattr(policy, name)}" for name in ("sep_layer", "pin_weight") if not getattr(policy, name)]
+    for name in ("compress_weight", "compress_cache"):
+        q = getattr(policy, name)
+        if q is not None and q != QuantConfig.parse(_quant(q)):
+            missing.append(f"{name}={q}")
+    if missing:
+        raise ValueError(f"no flags set {', '.join(missing)}; pass the policy as --policy FILE")
+    flags = ["--percent", *map(_number, policy.percent), "--gpu-batch-size", str(policy.gpu_batch_size),
+             "--num-gpu-batches", str(policy.num_gpu_batches)]
+    if policy.compress_weight is not None:
+        flags += ["--compress-weight", _quant(policy.compress_weight)]
+    if policy.compress_cache is not None:
+        flags += ["--compress-cache", _quant(policy.compress_cache)]
+    if policy.cpu_cache_compute:
+        flags.append("--cpu-cache-compute")
+    if policy.attn_sparsity < 1:
+        flags += ["--attn-sparsity", _number(policy.attn_sparsity)]
+    if not policy.overlap:
+        flags.append("--no-overlap")
+    return " ".join(flags)
+
+
+def _quant(q) -> str:
+    return f"{q.bits}:{q.group_size}" + (":per-channel" if q.kv_layout == "per-channel" else "")
+
+
+def _number(value: float) -> str:
+    """Short where that is exact (``20``), every digit where it is not (``33.333333333333336``)."""
+    short = f"{value:g}"
+    return short if float(short) == value else repr(float(value))
