@@ -30,17 +30,14 @@ import torch
 
 from flexlab.compress import QuantConfig
 from flexlab.cost.hardware import HardwareProfile
-from flexlab.engine.cache import read_buffers
 from flexlab.engine.kvcodec import KVCodec
+from flexlab.engine.placement import (TIERS, align_up, cache_read_buffers, compresses, place_weights, read_region,
+                                      split_by_share)
 from flexlab.engine.policy import Policy
 from flexlab.engine.schedule import make_stages
-from flexlab.engine.store import _region, compresses, place_weights, split_by_share
-from flexlab.engine.tiers import align_up
 from flexlab.errors import FlexlabError
 from flexlab.models.config import ModelConfig
 from flexlab.models.registry import get_family
-
-TIERS = ("gpu", "cpu", "disk")
 
 
 @dataclass
@@ -107,7 +104,7 @@ class CostModel:
                 if first:
                     self.weight_bytes[tier] += size
                 if tier == "disk":  # the engine's read buffer: its own packed file, plus room for a tied weight
-                    packed += sum(align_up(n) if first else _region(n) for n in self._parts(spec.shape, qcfg))
+                    packed += sum(align_up(n) if first else read_region(n) for n in self._parts(spec.shape, qcfg))
             mats = [s for s, _, _ in items if len(s.shape) >= 2]
             matmul = [s for s in mats if not ("embed" in stage.parts and s.layer is None)]  # a lookup, no matmul
             if "head" in stage.parts:
@@ -273,7 +270,7 @@ class CostModel:
             out["gpu"] += cfg.num_layers * n * codec.max_tail * cfg.kv_dim * self.itemsize
         most = max((tiers[i:i + p.gpu_batch_size].count("disk") for i in range(0, n, p.gpu_batch_size)), default=0)
         row = max(-(-capacity // c.chunk) * c.row_bytes for c in self.codecs.values())
-        _, count, size = read_buffers(not hw.has_link, most, row)
+        _, count, size = cache_read_buffers(not hw.has_link, most, row)
         out["cpu" if hw.has_link else "gpu"] += count * size
         if p.act_tier != "gpu":
             out[p.act_tier] += p.num_gpu_batches * p.gpu_batch_size * self.prompt_len * cfg.hidden_size * self.itemsize

@@ -17,27 +17,10 @@ from pathlib import Path
 import torch
 
 from flexlab.engine.kvcodec import KVCodec
-from flexlab.engine.store import split_by_share
-from flexlab.engine.tiers import ALIGN, BufferPool, DiskFiles, MemoryTracker, nbytes, preallocate, staging_tier
+from flexlab.engine.placement import ALIGN, cache_layout, cache_read_buffers, near_tiers, split_by_share
+from flexlab.engine.tiers import BufferPool, DiskFiles, MemoryTracker, nbytes, preallocate, staging_tier
 
 KV = ("k", "v")
-READ_AHEAD = 4  # on a CPU, batches whose disk cache is read ahead of the compute
-
-
-def read_buffers(on_cpu: bool, disk_sequences: int, sequence_bytes: int) -> tuple[int, int, int]:
-    """The disk cache's read buffers as ``(batches read ahead, buffer count, bytes each)``, for
-    the engine and the cost model alike. ``disk_sequences``: the most a batch keeps on disk.
-
-    On a CPU the compute reads disk rows in the buffer they were read into (no copy) and hands
-    it back after, so each batch read ahead holds a keys and a values buffer. Reading four
-    ahead keeps the disk busy through MLP stages, which read no cache (with one, the disk sat
-    idle through them while the next attention stage's batches waited). On a GPU a read is
-    copied to the device at once: two buffers, one batch ahead.
-    """
-    if not disk_sequences:
-        return 1, 0, 0
-    ahead = READ_AHEAD if on_cpu else 1
-    return ahead, 2 * (ahead + 1) if on_cpu else 2, disk_sequences * sequence_bytes + 2 * ALIGN
 
 
 @dataclass
@@ -63,20 +46,14 @@ class CacheStore:
         self.cache_dir = cache_dir
         self.capacity = {kv: -(-capacity // c.chunk) for kv, c in codecs.items()}  # in rows
         seq_tiers = split_by_share([1] * sum(batch_sizes), policy.cache_gpu_percent, policy.cache_cpu_percent)
-        # per batch: [(tier, first sequence in batch, count)] in sequence order
-        self.layout: list[list[tuple[str, int, int]]] = []
-        start = 0
-        for size in batch_sizes:
-            tiers = seq_tiers[start:start + size]
-            self.layout.append([(t, tiers.index(t), tiers.count(t)) for t in ("gpu", "cpu", "disk") if t in tiers])
-            start += size
-        near = ("gpu",) if device.type == "cuda" else ("gpu", "cpu")  # a CPU reads the cpu tier in place
+        self.layout = cache_layout(seq_tiers, batch_sizes)  # per batch: (tier, first sequence, count)
+        near = near_tiers(device.type == "cuda")
         self.resident = [all(t in near for t, _, _ in parts) for parts in self.layout]
         self.slots: dict[tuple[int, int, str, str], torch.Tensor | Path] = {}
         self.slot_bytes: dict[tuple[int, int, str, str], int] = {}
         per_sequence = max(self.capacity[kv] * c.row_bytes for kv, c in codecs.items())
         most = max((c for parts in self.layout for t, _, c in parts if t == "disk"), default=0)
-        self.read_ahead, count, size = read_buffers(device.type == "cpu", most, per_sequence)
+        self.read_ahead, count, size = cache_read_buffers(device.type == "cpu", most, per_sequence)
         self.pool = BufferPool(size, count) if count else None
         self.buffer_tier, self.buffer_bytes = staging_tier(device), count * size
         tracker.add(self.buffer_tier, "cache read buffers", self.buffer_bytes)

@@ -3,7 +3,7 @@
 Each store places its data on the tiers once, then moves it on request. Moves return the bytes
 that crossed each link, which the executor records in the timeline. Layouts:
 
-* weights: per stage, tensors assigned to tiers by cumulative size (FlexGen's midpoint rule);
+* weights: per stage, on the tiers :func:`~flexlab.engine.placement.place_weights` says;
   disk-resident weights are read straight from the checkpoint's safetensors file when it has
   one, else converted once into the offload directory;
 * KV cache: see ``cache.py``;
@@ -12,28 +12,17 @@ that crossed each link, which the executor records in the timeline. Layouts:
 
 from __future__ import annotations
 
-from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from flexlab.compress import QTensor, QuantConfig, dequantize, quantize
+from flexlab.engine.placement import ALIGN, compresses, near_tiers, place_weights, read_region
 from flexlab.engine.schedule import Stage
-from flexlab.engine.tiers import (ALIGN, BufferPool, DiskFiles, MemoryTracker, nbytes, preallocate, staging_tier,
-                                  write_packed)
-from flexlab.models.family import WeightSpec, part_weights
-
-
-@dataclass
-class DiskTensor:
-    """A tensor's bytes in a file."""
-
-    path: Path
-    offset: int
-    nbytes: int
-    dtype: torch.dtype
-    shape: tuple[int, ...]
+from flexlab.engine.tiers import BufferPool, DiskFiles, MemoryTracker, nbytes, preallocate, staging_tier, write_packed
+from flexlab.models.family import WeightSpec
+from flexlab.models.loading import TensorLocation
 
 
 @dataclass
@@ -47,11 +36,6 @@ class LoadedWeights:
     dequantized: dict[str, torch.Tensor] | None = None
 
 
-def _region(nbytes: int) -> int:
-    """Room for an O_DIRECT read of ``nbytes`` at any offset, rounded to keep the next one aligned."""
-    return -(-(nbytes + 2 * ALIGN) // ALIGN) * ALIGN
-
-
 @dataclass
 class PlacedWeight:
     """A weight on its tier: one tensor, or a compressed weight's stored tensors (``qt`` says how
@@ -59,77 +43,12 @@ class PlacedWeight:
 
     spec: WeightSpec
     tier: str
-    parts: list[torch.Tensor | DiskTensor]
+    parts: list[torch.Tensor | TensorLocation]
     qt: QTensor | None = None
 
     @property
     def nbytes(self) -> int:
-        return sum(p.nbytes if isinstance(p, DiskTensor) else nbytes(p) for p in self.parts)
-
-
-def split_by_share(sizes: list[int], gpu_percent: float, cpu_percent: float) -> list[str]:
-    """Tier of each item: an item goes where the midpoint of its cumulative byte range falls."""
-    total = sum(sizes) or 1
-    tiers, start = [], 0
-    for size in sizes:
-        mid = 100 * (start + size / 2) / total
-        tiers.append("gpu" if mid < gpu_percent else "cpu" if mid < gpu_percent + cpu_percent else "disk")
-        start += size
-    return tiers
-
-
-def place_weights(specs: list[WeightSpec], stages: list[Stage], w_gpu_percent: float, w_cpu_percent: float
-                  ) -> list[list[tuple[WeightSpec, str, bool]]]:
-    """Per stage, ``(spec, tier, first)`` for every weight it reads; ``first`` is False for a tied
-    weight placed by an earlier stage. Pure: the engine places by it, the cost model counts by it.
-
-    A weight read by several stages (OPT's token embedding, also the LM head) is read that many
-    times per token, so it is placed first, on the fastest tiers: it takes the front of the
-    model's bytes, split by the midpoint rule, and the rest of the weights meet what it leaves
-    of each share. The layers' tensors are taken in order and each goes to the tier furthest
-    behind its share of the layer bytes placed so far (error diffusion): every layer gets its
-    share to within one tensor, and so does the whole stack, where a split inside each stage
-    alone (FlexGen's rule) can miss by a whole tensor per stage (with 25% on the gpu, an MLP
-    stage of two equal matrices would put nothing there, in every layer). Other stages outside
-    the layers (position embeddings, final norm) are split on their own by the midpoint rule, so
-    their large tensors do not unbalance the layers.
-    """
-    per_stage = [[s for part in stage.parts for s in part_weights(specs, part, stage.layer)] for stage in stages]
-    unique = {s.name: s for mine in per_stage for s in mine}
-    readers = Counter(name for mine in per_stage for name in {s.name for s in mine})
-    tied = [s for s in unique.values() if readers[s.name] > 1]
-    everything = sum(s.numel for s in unique.values())
-    rest = everything - sum(s.numel for s in tied)
-    placed = dict(zip((s.name for s in tied), split_by_share([s.numel for s in tied] + [rest], w_gpu_percent,
-                                                             w_cpu_percent)))
-    # The shares of the rest: what the tied weights left of each tier's bytes.
-    share = {}
-    for tier, percent in (("gpu", w_gpu_percent), ("cpu", w_cpu_percent)):
-        left = everything * percent / 100 - sum(s.numel for s in tied if placed[s.name] == tier)
-        share[tier] = min(max(0.0, left / rest), 1 - sum(share.values())) if rest else 0.0
-    share["disk"] = 1 - share["gpu"] - share["cpu"]
-    assigned = dict.fromkeys(share, 0)
-    total = 0
-    seen: set[str] = set()
-    out = []
-    for stage, mine in zip(stages, per_stage):
-        new = [s for s in mine if s.name not in placed]
-        if stage.layer is None:
-            placed.update(zip((s.name for s in new), split_by_share([s.numel for s in new], 100 * share["gpu"],
-                                                                      100 * share["cpu"])))
-        for spec in new if stage.layer is not None else ():
-            total += spec.numel
-            tier = max(share, key=lambda t: share[t] * total - assigned[t])  # ties: gpu, then cpu
-            assigned[tier] += spec.numel
-            placed[spec.name] = tier
-        out.append([(s, placed[s.name], s.name not in seen) for s in mine])
-        seen.update(s.name for s in mine)
-    return out
-
-
-def compresses(spec: WeightSpec, config: QuantConfig | None) -> bool:
-    """Whether a weight is stored quantized: every matrix; vectors (biases, norms) stay exact."""
-    return config is not None and len(spec.shape) >= 2
+        return sum(p.nbytes if isinstance(p, TensorLocation) else nbytes(p) for p in self.parts)
 
 
 class WeightStore:
@@ -163,11 +82,11 @@ class WeightStore:
             self.stage_weights.append([self.placed[s.name] for s, _, _ in placement])
         model.weights.release_pages()  # placed: the memory tiers hold copies, the disk tier reads files
         # Resident: read where it lies (on a CPU-only machine the cpu tier is the compute's RAM).
-        near = ("gpu",) if device.type == "cuda" else ("gpu", "cpu")
+        near = near_tiers(device.type == "cuda")
         self.resident = [all(w.tier in near for w in ws) for ws in self.stage_weights]
         # Disk reads land in one of two stage-sized aligned buffers (the stage computing and the one
         # prefetched). On a CPU the weights are used in place there: no copy after the read.
-        self.stage_disk_bytes = [(own[1] if own else 0) + sum(_region(p.nbytes) for w in ws if w.tier == "disk"
+        self.stage_disk_bytes = [(own[1] if own else 0) + sum(read_region(p.nbytes) for w in ws if w.tier == "disk"
                                                               for p in w.parts if not (own and p.path == own[0]))
                                  for ws, own in zip(self.stage_weights, self.stage_files)]
         largest = max(self.stage_disk_bytes, default=0)
@@ -190,7 +109,7 @@ class WeightStore:
         stored = [self._stored(model, s) for s in specs]
         packed = iter(write_packed(path, (t for parts, _ in stored for t in parts)))
         for spec, (parts, qt) in zip(specs, stored):
-            disk = [DiskTensor(path, offset, nbytes(t), t.dtype, tuple(t.shape))
+            disk = [TensorLocation(path, offset, nbytes(t), t.dtype, tuple(t.shape))
                     for offset, t in (next(packed) for _ in parts)]
             self.placed[spec.name] = w = PlacedWeight(spec, "disk", disk, qt)
             self.tracker.add("disk", "weights", w.nbytes)
@@ -199,7 +118,7 @@ class WeightStore:
     def _place(self, model, spec: WeightSpec, tier: str, pin: bool) -> PlacedWeight:
         if tier == "disk":  # read straight from the checkpoint: no second copy on disk
             loc = model.weights.location(spec.name)
-            w = PlacedWeight(spec, tier, [DiskTensor(loc.path, loc.offset, loc.nbytes, loc.dtype, loc.shape)])
+            w = PlacedWeight(spec, tier, [loc])
         else:
             device = self.device if tier == "gpu" else torch.device("cpu")
             parts, qt = self._stored(model, spec)
@@ -245,7 +164,7 @@ class WeightStore:
                     if own is not None and p.path == own[0]:
                         raw = buf[p.offset:p.offset + p.nbytes]
                     else:
-                        size = _region(p.nbytes)
+                        size = read_region(p.nbytes)
                         raw = self.files.read(p.path, p.offset, p.nbytes, buf[pos:pos + size])
                         pos += size
                     # Compressed parts keep their own dtypes; a plain weight becomes the compute dtype.
@@ -285,7 +204,7 @@ class WeightStore:
             self.pool.reclaim()
         self.tracker.clear("gpu", "working weights")
 
-    def _as_weight(self, raw: torch.Tensor, d: DiskTensor, dtype: torch.dtype) -> torch.Tensor:
+    def _as_weight(self, raw: torch.Tensor, d: TensorLocation, dtype: torch.dtype) -> torch.Tensor:
         """Bytes read from disk as a tensor on the compute device (a view where possible)."""
         if raw.data_ptr() % d.dtype.itemsize:  # a checkpoint tensor at an odd offset: copy to align it
             raw = raw.clone()

@@ -20,10 +20,9 @@ from pathlib import Path
 
 import torch
 
+from flexlab.engine.placement import ALIGN, TIERS, align_up
 from flexlab.errors import OffloadError
 
-TIERS = ("gpu", "cpu", "disk")
-ALIGN = 4096  # O_DIRECT needs offsets, lengths and buffer addresses aligned to the block size
 
 
 class MemoryTracker:
@@ -253,10 +252,6 @@ class DiskFiles:
             for fd in self._fds.values():
                 os.close(fd)
             self._fds.clear()
-
-
-def align_up(n: int) -> int:
-    return -(-n // ALIGN) * ALIGN
 
 
 def write_packed(path: Path, tensors) -> list[tuple[int, torch.Tensor]]:

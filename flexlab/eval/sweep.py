@@ -13,7 +13,7 @@
 from __future__ import annotations
 
 from flexlab.engine import Engine, Policy
-from flexlab.engine.tiers import TIERS
+from flexlab.engine.placement import TIERS
 
 
 def policy_sweep(model, policies: dict[str, Policy], prompts, *, max_new_tokens: int = 16, warmup: bool = True,

@@ -11,7 +11,7 @@ import torch
 import flexlab
 from flexlab import Policy, QuantConfig
 from flexlab.cost import CostModel, fits, get_hardware, search_policy
-from flexlab.engine.store import place_weights
+from flexlab.engine.placement import place_weights
 from flexlab.engine.schedule import make_stages
 from flexlab.models.registry import weight_bytes
 

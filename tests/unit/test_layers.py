@@ -100,3 +100,10 @@ def test_light_rooms_do_not_load_torch(code):
     probe = f"import sys\ntry:\n    {code}\nexcept SystemExit:\n    pass\nprint('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout
     assert out.strip().splitlines()[-1] == "False"
+
+
+def test_the_cost_model_counts_by_rules_not_runtime_stores(graph):
+    edges, _ = graph
+    runtime = {f"flexlab.engine.{m}" for m in ("store", "cache", "tiers", "block", "executor", "engine")}
+    for module in ("flexlab.cost.model", "flexlab.cost.search"):
+        assert not edges[module] & runtime, (module, edges[module] & runtime)

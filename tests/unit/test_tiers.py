@@ -6,7 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from flexlab.engine.tiers import ALIGN, DiskFiles, aligned_empty, preallocate
+from flexlab.engine.placement import ALIGN
+from flexlab.engine.tiers import DiskFiles, aligned_empty, preallocate
 
 
 @pytest.fixture

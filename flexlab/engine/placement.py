@@ -1,0 +1,129 @@
+"""Where things go: the placement rules, pure functions of shapes and a policy.
+
+The stores place and move tensors by these rules and the cost model counts bytes by the same
+ones, so a prediction cannot drift from what the engine does. Nothing here holds a tensor.
+
+    >>> split_by_share([1] * 4, 50, 25)        # four sequences, cache 50/25/25
+    ['gpu', 'gpu', 'cpu', 'disk']
+    >>> cache_layout(split_by_share([1] * 4, 50, 25), [3, 1])   # per batch: (tier, first, count)
+    [[('gpu', 0, 2), ('cpu', 2, 1)], [('disk', 0, 1)]]
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+
+from flexlab.compress import QuantConfig
+from flexlab.engine.schedule import Stage
+from flexlab.models.family import WeightSpec, part_weights
+
+TIERS = ("gpu", "cpu", "disk")
+ALIGN = 4096  # O_DIRECT needs offsets, lengths and buffer addresses aligned to the block size
+READ_AHEAD = 4  # on a CPU, batches whose disk cache is read ahead of the compute
+
+
+def align_up(n: int) -> int:
+    return -(-n // ALIGN) * ALIGN
+
+
+def read_region(nbytes: int) -> int:
+    """Room for an O_DIRECT read of ``nbytes`` at any offset, rounded to keep the next one aligned."""
+    return -(-(nbytes + 2 * ALIGN) // ALIGN) * ALIGN
+
+
+def near_tiers(on_cuda: bool) -> tuple[str, ...]:
+    """The tiers the compute reads in place: the GPU's memory; on a CPU-only machine the cpu
+    tier too (it is the compute's own RAM). Data on them is resident: no transfer moves it."""
+    return ("gpu",) if on_cuda else ("gpu", "cpu")
+
+
+def compresses(spec: WeightSpec, config: QuantConfig | None) -> bool:
+    """Whether a weight is stored quantized: every matrix; vectors (biases, norms) stay exact."""
+    return config is not None and len(spec.shape) >= 2
+
+
+def split_by_share(sizes: list[int], gpu_percent: float, cpu_percent: float) -> list[str]:
+    """Tier of each item: an item goes where the midpoint of its cumulative byte range falls."""
+    total = sum(sizes) or 1
+    tiers, start = [], 0
+    for size in sizes:
+        mid = 100 * (start + size / 2) / total
+        tiers.append("gpu" if mid < gpu_percent else "cpu" if mid < gpu_percent + cpu_percent else "disk")
+        start += size
+    return tiers
+
+
+def cache_layout(seq_tiers: list[str], batch_sizes: list[int]) -> list[list[tuple[str, int, int]]]:
+    """Per GPU batch, its sequences' cache tiers as ``(tier, first sequence, count)`` runs in
+    sequence order (``seq_tiers``: every sequence of the block, by :func:`split_by_share`)."""
+    out, start = [], 0
+    for size in batch_sizes:
+        tiers = seq_tiers[start:start + size]
+        out.append([(t, tiers.index(t), tiers.count(t)) for t in TIERS if t in tiers])
+        start += size
+    return out
+
+
+def cache_read_buffers(on_cpu: bool, disk_sequences: int, sequence_bytes: int) -> tuple[int, int, int]:
+    """The disk cache's read buffers as ``(batches read ahead, buffer count, bytes each)``.
+    ``disk_sequences``: the most a batch keeps on disk.
+
+    On a CPU the compute reads disk rows in the buffer they were read into (no copy) and hands
+    it back after, so each batch read ahead holds a keys and a values buffer. Reading four
+    ahead keeps the disk busy through MLP stages, which read no cache (with one, the disk sat
+    idle through them while the next attention stage's batches waited). On a GPU a read is
+    copied to the device at once: two buffers, one batch ahead.
+    """
+    if not disk_sequences:
+        return 1, 0, 0
+    ahead = READ_AHEAD if on_cpu else 1
+    return ahead, 2 * (ahead + 1) if on_cpu else 2, disk_sequences * sequence_bytes + 2 * ALIGN
+
+
+def place_weights(specs: list[WeightSpec], stages: list[Stage], w_gpu_percent: float, w_cpu_percent: float
+                  ) -> list[list[tuple[WeightSpec, str, bool]]]:
+    """Per stage, ``(spec, tier, first)`` for every weight it reads; ``first`` is False for a tied
+    weight placed by an earlier stage.
+
+    A weight read by several stages (OPT's token embedding, also the LM head) is read that many
+    times per token, so it is placed first, on the fastest tiers: it takes the front of the
+    model's bytes, split by the midpoint rule, and the rest of the weights meet what it leaves
+    of each share. The layers' tensors are taken in order and each goes to the tier furthest
+    behind its share of the layer bytes placed so far (error diffusion): every layer gets its
+    share to within one tensor, and so does the whole stack, where a split inside each stage
+    alone (FlexGen's rule) can miss by a whole tensor per stage (with 25% on the gpu, an MLP
+    stage of two equal matrices would put nothing there, in every layer). Other stages outside
+    the layers (position embeddings, final norm) are split on their own by the midpoint rule, so
+    their large tensors do not unbalance the layers.
+    """
+    per_stage = [[s for part in stage.parts for s in part_weights(specs, part, stage.layer)] for stage in stages]
+    unique = {s.name: s for mine in per_stage for s in mine}
+    readers = Counter(name for mine in per_stage for name in {s.name for s in mine})
+    tied = [s for s in unique.values() if readers[s.name] > 1]
+    everything = sum(s.numel for s in unique.values())
+    rest = everything - sum(s.numel for s in tied)
+    placed = dict(zip((s.name for s in tied), split_by_share([s.numel for s in tied] + [rest], w_gpu_percent,
+                                                             w_cpu_percent)))
+    # The shares of the rest: what the tied weights left of each tier's bytes.
+    share = {}
+    for tier, percent in (("gpu", w_gpu_percent), ("cpu", w_cpu_percent)):
+        left = everything * percent / 100 - sum(s.numel for s in tied if placed[s.name] == tier)
+        share[tier] = min(max(0.0, left / rest), 1 - sum(share.values())) if rest else 0.0
+    share["disk"] = 1 - share["gpu"] - share["cpu"]
+    assigned = dict.fromkeys(share, 0)
+    total = 0
+    seen: set[str] = set()
+    out = []
+    for stage, mine in zip(stages, per_stage):
+        new = [s for s in mine if s.name not in placed]
+        if stage.layer is None:
+            placed.update(zip((s.name for s in new), split_by_share([s.numel for s in new], 100 * share["gpu"],
+                                                                      100 * share["cpu"])))
+        for spec in new if stage.layer is not None else ():
+            total += spec.numel
+            tier = max(share, key=lambda t: share[t] * total - assigned[t])  # ties: gpu, then cpu
+            assigned[tier] += spec.numel
+            placed[spec.name] = tier
+        out.append([(s, placed[s.name], s.name not in seen) for s in mine])
+        seen.update(s.name for s in mine)
+    return out
