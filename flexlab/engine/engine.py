@@ -20,7 +20,8 @@ from pathlib import Path
 
 import torch
 
-from flexlab.engine.block import BlockRun
+from flexlab.engine.block import BlockContext, BlockRun
+from flexlab.engine.heads import GenerateHead, Head, ScoreHead, TeacherHead
 from flexlab.engine.executor import Executor
 from flexlab.engine.policy import Policy, PolicyError
 from flexlab.engine.schedule import make_stages
@@ -63,6 +64,9 @@ class Engine:
                 self.weights = WeightStore(model, self.stages, policy, self.device, self.dtype,
                                            self.subdir("weights"), self.files, self.tracker, bar)
             self._executor = Executor(self.device, policy.overlap, describe=lambda j: self.stages[j].name)
+            self._context = BlockContext(model.family, model.config, policy, self.stages, self.device, self.dtype,
+                                         self.weights, self._executor, self.tracker, self.files, self.subdir,
+                                         self.check_space)
         except BaseException:
             self.close()
             raise
@@ -142,9 +146,9 @@ class Engine:
         generated: list[list[int]] = [[] for _ in ids]
         events, prefill_s, decode_s = [], 0.0, 0.0
         for first in range(0, len(ids), self.policy.block_size):
-            block = BlockRun(self, ids[first:first + self.policy.block_size], max_new_tokens, "generate",
-                             sampler=sampler, stop=stop, generated=generated, offset=first)
-            block_events, p, d = self._run(block)
+            head = GenerateHead(ids[first:first + self.policy.block_size], self.policy.gpu_batch_size, max_new_tokens,
+                                sampler=sampler, stop=stop, generated=generated, offset=first)
+            block_events, p, d = self._run(head)
             events += block_events
             prefill_s, decode_s = prefill_s + p, decode_s + d
         metrics = generation_metrics(sum(map(len, generated)), prefill_s, decode_s)
@@ -165,20 +169,19 @@ class Engine:
         out = []
         for first in range(0, len(ids), self.policy.block_size):
             chunk = ids[first:first + self.policy.block_size]
-            if teacher_forced:
-                block = BlockRun(self, chunk, max(map(len, chunk)) - 1, "teacher")
-            else:
-                block = BlockRun(self, chunk, 1, "score")
-            self._run(block)
-            out += block.scores
+            bs = self.policy.gpu_batch_size
+            head = (TeacherHead(chunk, bs, self.model.config.pad_token_id, self.device) if teacher_forced
+                    else ScoreHead(chunk, bs))
+            self._run(head)
+            out += head.scores
         return out
 
-    def _run(self, block: BlockRun):
+    def _run(self, head: Head):
         """Run one block. After an error or Ctrl-C the engine is as it was before the call (every
         read buffer free, nothing of the run held), so the next call works; if even that cannot
         be known (a second interrupt while cleaning up), the next call says to re-create it."""
         try:
-            return block.run()
+            return BlockRun(self._context, head).run()
         except BaseException:
             if self._executor is not None and self._executor.settled:
                 self.weights.reset()

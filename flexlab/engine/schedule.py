@@ -121,14 +121,17 @@ def block_schedule(num_tokens: int, stages: list[Stage], num_batches: int, *, pr
         needs = [("load_weight", t, j, None)] + [s.key for s in loads(t, j, k)]
         if not act_moves and j > 0:
             needs.append(("compute", t, j - 1, k))  # the hidden state handed over in memory
+        if j == 0 and t > 0:
+            needs.append(("compute", t - 1, n_stages - 1, k))  # the head's next tokens: this embedding's input
         releases = [key for key in needs if key[0] != "load_weight"]
         if k == num_batches - 1:
             releases.append(("load_weight", t, j, None))  # the block is done with this stage's weights
         # A compute's value (hidden state, new cache rows) is freed by the last step that reads
-        # it: the next stage's compute, or the store of the activation; the head's by itself.
+        # it: the next stage's compute, or the store of the activation; the head's (the next
+        # tokens) by the next token's embedding, or by itself after the last token.
         me = ("compute", t, j, k)
         stores_act = act_moves and j < n_stages - 1
-        if j == n_stages - 1:
+        if j == n_stages - 1 and t == num_tokens - 1:
             releases.append(me)
         yield emit(Step("compute", t, j, k, deps=tuple(needs), releases=tuple(releases)))
 

@@ -88,3 +88,32 @@ def sparse_attend(weights: torch.Tensor, values: torch.Tensor, w_new: torch.Tens
     values, v_new = expand_kv(values.transpose(1, 2), heads).transpose(1, 2), expand_kv(v_new, heads)
     out = torch.einsum("bhu,buhd->bhd", weights.to(values.dtype), values)[:, :, None]
     return out + w_new[..., None].to(v_new.dtype) * v_new
+
+
+def decode_attention(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, keys: torch.Tensor | None,
+                     values: torch.Tensor | None, bias: torch.Tensor,
+                     host: tuple[int, int, torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    """Attention of the new token (``q``, ``k_new``, ``v_new``: ``[b, heads, 1, d]``) over its
+    cache (``keys``, ``values``: ``[b', kv_heads, L, d]`` on the compute device).
+
+    ``host = (first, count, host_keys, host_values)``: rows ``first..first+count`` of the batch
+    kept their cache in host memory (``cpu_cache_compute``) and attend on the CPU, so only their
+    query, new key/value and output move; ``keys``/``values`` then hold the other rows only.
+    """
+    if host is None:
+        return attend(q, torch.cat([keys, k_new], dim=2), torch.cat([values, v_new], dim=2), bias)
+    first, count, host_k, host_v = host
+    rows = slice(first, first + count)
+    out = torch.empty_like(q)
+    device_rows = [i for i in range(q.shape[0]) if not first <= i < first + count]
+    if device_rows:
+        idx = torch.tensor(device_rows, device=q.device)
+        out[idx] = attend(q[idx], torch.cat([keys, k_new[idx]], dim=2), torch.cat([values, v_new[idx]], dim=2),
+                          bias[idx])
+    # CPUs are slow in float16: attend in float32 there, as the cache is read anyway.
+    dtype = torch.float32 if q.dtype == torch.float16 else q.dtype
+    cpu = torch.device("cpu")
+    k_all = torch.cat([host_k.to(dtype), k_new[rows].to(cpu, dtype)], dim=2)
+    v_all = torch.cat([host_v.to(dtype), v_new[rows].to(cpu, dtype)], dim=2)
+    out[rows] = attend(q[rows].to(cpu, dtype), k_all, v_all, bias[rows].to(cpu)).to(q.device, q.dtype)
+    return out

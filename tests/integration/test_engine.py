@@ -198,9 +198,7 @@ def test_prompts_longer_than_the_model_allows(model):
 
 
 def test_cpu_attention_splits_rows_and_equals_full_attention():
-    from flexlab.engine.block import _decode_attention
-    from flexlab.engine.cache import LoadedCache
-    from flexlab.models.attention import attend, attention_bias
+    from flexlab.models.attention import attend, attention_bias, decode_attention
 
     gen = torch.Generator().manual_seed(0)
     b, heads, length, d = 5, 2, 7, 4
@@ -209,8 +207,8 @@ def test_cpu_attention_splits_rows_and_equals_full_attention():
     bias = attention_bias(torch.ones(b, length + 1, dtype=torch.bool), 1)
     full = attend(q, torch.cat([k_old, k_new], 2), torch.cat([v_old, v_new], 2), bias)
     rows = [0, 3, 4]  # rows 1..2 stay on the host
-    split = LoadedCache(k_old[rows], v_old[rows], k_old[1:3], v_old[1:3], host_span=(1, 2))
-    torch.testing.assert_close(_decode_attention(q, k_new, v_new, split, bias), full)
+    host = (1, 2, k_old[1:3], v_old[1:3])
+    torch.testing.assert_close(decode_attention(q, k_new, v_new, k_old[rows], v_old[rows], bias, host), full)
 
 
 def test_cpu_cache_compute_leaves_cpu_rows_on_the_host(model, monkeypatch):

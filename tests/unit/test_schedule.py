@@ -92,3 +92,17 @@ def test_cache_loads_run_ahead_through_the_mlp_stage(ahead):
     mlp_ends = order.index(next(s for s in order if s.key == ("compute", 1, mlp, 2)))
     requested = [(s.stage, s.batch) for s in order[:mlp_ends] if s.kind == "load_cache" and s.token == 1]
     assert [r for r in requested if r[0] == mlp + 1] == [(mlp + 1, k) for k in range(min(ahead, 3))]
+
+
+@pytest.mark.parametrize("act_moves", [False, True])
+def test_each_token_is_embedded_from_the_heads_output_of_the_one_before(act_moves):
+    """The feedback from token t's head to token t+1's embedding is a dependency like any other
+    (a schedule spread over processes can send it), and the head's value lives till it is read."""
+    seq = steps(act_moves=act_moves)
+    head = len(make_stages(2, True)) - 1
+    computes = {s.key: s for s in seq if s.kind == "compute"}
+    for (_, t, j, k), s in computes.items():
+        feedback = ("compute", t - 1, head, k)
+        assert (feedback in s.deps and feedback in s.releases) == (j == 0 and t > 0)
+        if j == head:
+            assert (s.key in s.releases) == (t == 2)  # only the last token's head frees itself

@@ -1,0 +1,116 @@
+"""What the model's head does at the end of each token, one class per kind of run.
+
+A head takes the last stage's hidden state of one GPU batch and returns the token ids the next
+token's embedding reads (the schedule carries them from the head's compute to that embedding):
+
+* :class:`GenerateHead` samples them, and collects the new tokens and the stop rules' verdict;
+* :class:`ScoreHead` runs the prefill only and keeps each sequence's log-probabilities;
+* :class:`TeacherHead` feeds each sequence its own next token, one at a time through decode (so a
+  compressed cache is written and read back), and keeps the same log-probabilities.
+
+Each also says what the prefill reads (``prefill_ids``), how many tokens the block runs, and
+whether anything will read the KV cache it writes.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+import torch
+
+Project = Callable[[torch.Tensor], torch.Tensor]  # hidden states [..., hidden] -> logits [..., vocab]
+
+
+class Head:
+    """A block's ``ids`` split into GPU batches of ``gpu_batch_size`` (the last may be short)."""
+
+    keeps_cache = True  # False: nothing reads this run's KV cache, so it is not stored
+    prefill_done: float | None = None  # when the first token's new ids reached the host
+
+    def __init__(self, ids: list[list[int]], gpu_batch_size: int, num_tokens: int) -> None:
+        self.ids, self.num_tokens = ids, num_tokens
+        starts = range(0, len(ids), gpu_batch_size)
+        self.batch_rows = [list(range(i, min(i + gpu_batch_size, len(ids)))) for i in starts]
+
+    def prefill_ids(self) -> list[list[list[int]]]:
+        """Per GPU batch, the token ids the prefill embeds."""
+        return [[self.ids[r] for r in rows] for rows in self.batch_rows]
+
+    def finished(self) -> bool:
+        """Whether the run may stop before ``num_tokens`` (every sequence has stopped)."""
+        return False
+
+    def __call__(self, project: Project, h: torch.Tensor, t: int, k: int) -> torch.Tensor | None:
+        raise NotImplementedError
+
+
+class GenerateHead(Head):
+    """Samples each sequence's next token; new tokens go into ``generated`` (the caller's
+    per-prompt lists, this block's prompts from ``offset``), checked by ``stop``."""
+
+    def __init__(self, ids, gpu_batch_size: int, max_new_tokens: int, *, sampler, stop,
+                 generated: list[list[int]], offset: int) -> None:
+        super().__init__(ids, gpu_batch_size, max_new_tokens)
+        self.sampler, self.stop, self.generated, self.offset = sampler, stop, generated, offset
+        self._new: list[torch.Tensor | None] = [None] * len(self.batch_rows)
+
+    def finished(self) -> bool:
+        return all(self.stop.finished[self.offset:self.offset + len(self.ids)])
+
+    def __call__(self, project, h, t, k):
+        new = self._new[k] = self.sampler(project(h[:, -1]))  # stays on the device for the next embed
+        if k == len(self.batch_rows) - 1:
+            # After the block's last batch: one host sync per token brings every new token over.
+            for row, tok in enumerate(torch.cat(self._new).tolist()):
+                if not self.stop.finished[self.offset + row]:
+                    self.generated[self.offset + row].append(tok)
+            self.stop.update(self.generated)
+            if t == 0:
+                self.prefill_done = time.perf_counter()  # .tolist() waited for the device: the prefill is done
+        return new
+
+
+class ScoreHead(Head):
+    """One prefill; ``scores[i]``: float32 log-probabilities of tokens ``1..n-1`` of sequence ``i``."""
+
+    keeps_cache = False
+
+    def __init__(self, ids, gpu_batch_size: int) -> None:
+        super().__init__(ids, gpu_batch_size, 1)
+        self.width = max(map(len, ids))  # sequences are left-padded to it
+        self.scores: list[torch.Tensor] = [torch.empty(0)] * len(ids)
+
+    def __call__(self, project, h, t, k):
+        logprobs = torch.log_softmax(project(h).float(), dim=-1)  # [b, s, vocab]
+        for r, row in enumerate(self.batch_rows[k]):
+            seq = self.ids[row]
+            target = torch.tensor(seq[1:], device=logprobs.device)[:, None]
+            self.scores[row] = logprobs[r, self.width - len(seq):-1].gather(-1, target).squeeze(-1).cpu()
+        return None
+
+
+class TeacherHead(Head):
+    """Each sequence fed one token at a time; ``scores`` as :class:`ScoreHead`'s."""
+
+    def __init__(self, ids, gpu_batch_size: int, pad_token_id: int, device: torch.device) -> None:
+        longest = max(map(len, ids))
+        super().__init__(ids, gpu_batch_size, longest - 1)
+        # right-padded: token i of every sequence in column i
+        self.targets = [torch.tensor([ids[r] + [pad_token_id] * (longest - len(ids[r])) for r in rows], device=device)
+                        for rows in self.batch_rows]
+        self._logprobs: list[list[torch.Tensor]] = [[] for _ in self.batch_rows]
+        self.scores: list[torch.Tensor] = [torch.empty(0)] * len(ids)
+
+    def prefill_ids(self):
+        return [[self.ids[r][:1] for r in rows] for rows in self.batch_rows]  # the rest come one by one
+
+    def __call__(self, project, h, t, k):
+        logprobs = torch.log_softmax(project(h[:, -1]).float(), dim=-1)  # [b, vocab]
+        target = self.targets[k][:, min(t + 1, self.targets[k].shape[1] - 1)]
+        self._logprobs[k].append(logprobs.gather(-1, target[:, None]).squeeze(-1))
+        if t == self.num_tokens - 1:
+            lp = torch.stack(self._logprobs[k], dim=1).cpu()  # [b, tokens]
+            for r, row in enumerate(self.batch_rows[k]):
+                self.scores[row] = lp[r, :len(self.ids[row]) - 1]
+        return target  # the next input is the sequence's own next token
