@@ -31,9 +31,14 @@ def write_results(df: pd.DataFrame, cfg, stem: str, **meta) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     df.to_csv(out / f"{stem}.csv", index=False)
     cuda = torch.cuda.is_available()
-    meta = dict(config=asdict(cfg), date=time.strftime("%Y-%m-%d"), torch=torch.__version__,
-                device=torch.cuda.get_device_name() if cuda else f"cpu ({platform.machine()})",
-                cpu_threads=torch.get_num_threads(), **meta)
+    meta = dict(
+        config=asdict(cfg),
+        date=time.strftime("%Y-%m-%d"),
+        torch=torch.__version__,
+        device=torch.cuda.get_device_name() if cuda else f"cpu ({platform.machine()})",
+        cpu_threads=torch.get_num_threads(),
+        **meta,
+    )
     (out / f"{stem}.json").write_text(json.dumps(meta, indent=2, default=str))
     return out
 
@@ -55,8 +60,9 @@ def dd_direct_bandwidth(directory: Path, size_mb: int = 1024) -> float:
                 f.write(os.urandom(16 << 20))
             f.flush()
             os.fsync(f.fileno())
-        out = subprocess.run(["dd", f"if={path}", "of=/dev/null", "bs=16M", "iflag=direct"],
-                             capture_output=True, text=True, check=True).stderr
+        out = subprocess.run(
+            ["dd", f"if={path}", "of=/dev/null", "bs=16M", "iflag=direct"], capture_output=True, text=True, check=True
+        ).stderr
         seconds = float(re.search(r"copied, ([\d.]+) s", out).group(1))
         return max(1, size_mb // 16) * 16 * 2**20 / seconds / 1e9
     finally:

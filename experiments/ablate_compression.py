@@ -20,6 +20,7 @@ import tempfile
 from dataclasses import dataclass
 
 import torch
+
 from _common import parse_config, write_results
 
 
@@ -68,8 +69,9 @@ def main(cfg: Config):
         cfg.num_seqs, cfg.seq_len, cfg.num_prompts, cfg.gen_len, cfg.last_word_items = 4, 48, 4, 4, 8
     model = load_model(cfg)
     ints = lambda s: tuple(int(x) for x in s.split(","))  # noqa: E731
-    settings = ablation_settings(ints(cfg.bits), ints(cfg.group_sizes), tuple(cfg.targets.split(",")),
-                                 tuple(cfg.kv_layouts.split(",")))
+    settings = ablation_settings(
+        ints(cfg.bits), ints(cfg.group_sizes), tuple(cfg.targets.split(",")), tuple(cfg.kv_layouts.split(","))
+    )
     if model.tokenizer is not None:
         dataset, texts = eval_texts(cfg.dataset)
         seqs = token_windows(texts, model.tokenizer, cfg.seq_len, limit=cfg.num_seqs)
@@ -77,25 +79,58 @@ def main(cfg: Config):
     else:  # a preset with random weights: no text, so perplexity is of random tokens (mechanics only)
         dataset = "random tokens (no tokenizer)"
         g = torch.Generator().manual_seed(0)
-        seqs = [[2] + torch.randint(4, model.config.vocab_size, (cfg.seq_len - 1,), generator=g).tolist()
-                for _ in range(cfg.num_seqs)]
+        seqs = [
+            [2] + torch.randint(4, model.config.vocab_size, (cfg.seq_len - 1,), generator=g).tolist()
+            for _ in range(cfg.num_seqs)
+        ]
         items = []
-    prompts = [s[:cfg.prompt_len] for s in (seqs * cfg.num_prompts)[:cfg.num_prompts]]
-    base = flexlab.Policy.from_percent([float(x) for x in cfg.percent.split(",")], gpu_batch_size=cfg.gpu_batch_size,
-                                       num_gpu_batches=cfg.num_gpu_batches)
+    prompts = [s[: cfg.prompt_len] for s in (seqs * cfg.num_prompts)[: cfg.num_prompts]]
+    base = flexlab.Policy.from_percent(
+        [float(x) for x in cfg.percent.split(",")],
+        gpu_batch_size=cfg.gpu_batch_size,
+        num_gpu_batches=cfg.num_gpu_batches,
+    )
     with tempfile.TemporaryDirectory(prefix="flexlab-ablate-") as offload:
-        df = run_ablation(model, settings, base_policy=base, sequences=seqs, prompts=prompts, gen_len=cfg.gen_len,
-                          last_word=items, offload_dir=offload)
+        df = run_ablation(
+            model,
+            settings,
+            base_policy=base,
+            sequences=seqs,
+            prompts=prompts,
+            gen_len=cfg.gen_len,
+            last_word=items,
+            offload_dir=offload,
+        )
     name = model.config.name
-    print(f"{name} ({model.dtype}, {model.device}) on {dataset}: {len(seqs)} windows of {cfg.seq_len} tokens, "
-          f"base policy {base.describe()}")
-    cols = ["setting", "perplexity", "perplexity_change_pct", "token_agreement", "last_word_accuracy",
-            "weight_bits_per_element", "cache_bits_per_element", "saved_gpu_pct", "saved_cpu_pct", "saved_disk_pct",
-            "throughput_tok_s"]
+    print(
+        f"{name} ({model.dtype}, {model.device}) on {dataset}: {len(seqs)} windows of {cfg.seq_len} tokens, "
+        f"base policy {base.describe()}"
+    )
+    cols = [
+        "setting",
+        "perplexity",
+        "perplexity_change_pct",
+        "token_agreement",
+        "last_word_accuracy",
+        "weight_bits_per_element",
+        "cache_bits_per_element",
+        "saved_gpu_pct",
+        "saved_cpu_pct",
+        "saved_disk_pct",
+        "throughput_tok_s",
+    ]
     print(df[cols].to_string(index=False, float_format=lambda x: f"{x:.3f}"))
     stem = f"ablate_compression_{name}" + ("_smoke" if cfg.smoke else "")
-    out = write_results(df, cfg, stem, dataset=dataset, model_dtype=str(model.dtype), policy=base.describe(),
-                        transformers=__import__("transformers").__version__, flexlab=flexlab.__version__)
+    out = write_results(
+        df,
+        cfg,
+        stem,
+        dataset=dataset,
+        model_dtype=str(model.dtype),
+        policy=base.describe(),
+        transformers=__import__("transformers").__version__,
+        flexlab=flexlab.__version__,
+    )
     fig = plot_accuracy_vs_bits(df, title=f"{name} on {dataset}: perplexity change against compression bits")
     fig.savefig(out / f"{stem}.png", dpi=110)
     return df

@@ -42,6 +42,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
+
 from _common import dd_direct_bandwidth, parse_config, write_results
 
 
@@ -98,8 +99,14 @@ def searched_policy(spec: str, cfg: Config, hw) -> dict:
     else:
         hw = hw.replace(gpu_memory=host / 2, cpu_memory=host / 2)
     compress = (None, flexlab.QuantConfig(bits=4, group_size=64)) if spec == "search4bit" else (None,)
-    found = search_policy(flexlab.get_preset(cfg.preset), hw, prompt_len=cfg.prompt_len, gen_len=cfg.gen_len,
-                          itemsize=getattr(torch, cfg.dtype).itemsize, compress=compress)
+    found = search_policy(
+        flexlab.get_preset(cfg.preset),
+        hw,
+        prompt_len=cfg.prompt_len,
+        gen_len=cfg.gen_len,
+        itemsize=getattr(torch, cfg.dtype).itemsize,
+        compress=compress,
+    )
     return found.policy.to_dict()
 
 
@@ -120,7 +127,8 @@ def worker(job: dict) -> dict:
     device = torch.device(job["device"])
     if device.type == "cuda" and job["system"] != "transformers":  # enforced, not only planned for
         torch.cuda.set_per_process_memory_fraction(
-            min(1.0, job["gpu_limit_gb"] * 2**30 / torch.cuda.get_device_properties(0).total_memory))
+            min(1.0, job["gpu_limit_gb"] * 2**30 / torch.cuda.get_device_properties(0).total_memory)
+        )
     start = time.perf_counter()
     extra = {}
     if job["system"] in ("transformers", "accelerate"):
@@ -138,10 +146,20 @@ def worker(job: dict) -> dict:
         load_s = time.perf_counter() - start
         start = time.perf_counter()
         with torch.inference_mode():
-            out = model.generate(input_ids=x, attention_mask=torch.ones_like(x), max_new_tokens=job["gen_len"],
-                                 min_new_tokens=job["gen_len"], do_sample=False, pad_token_id=1)
+            out = model.generate(
+                input_ids=x,
+                attention_mask=torch.ones_like(x),
+                max_new_tokens=job["gen_len"],
+                min_new_tokens=job["gen_len"],
+                do_sample=False,
+                pad_token_id=1,
+            )
         tokens = (out.shape[1] - x.shape[1]) * batch
-        policy = "in memory" if job["system"] == "transformers" else f"device_map auto, cpu {job['accelerate_cpu_gb']:.2f} GiB + disk"
+        policy = (
+            "in memory"
+            if job["system"] == "transformers"
+            else f"device_map auto, cpu {job['accelerate_cpu_gb']:.2f} GiB + disk"
+        )
     else:
         import flexlab
 
@@ -160,8 +178,16 @@ def worker(job: dict) -> dict:
         tokens = sum(map(len, result.token_ids))
         policy = policy.describe()
     seconds = time.perf_counter() - start
-    return dict(system=job["system"], batch=batch, policy=policy, throughput_tok_s=tokens / seconds, seconds=seconds,
-                load_s=load_s, tokens=tokens, **extra)
+    return dict(
+        system=job["system"],
+        batch=batch,
+        policy=policy,
+        throughput_tok_s=tokens / seconds,
+        seconds=seconds,
+        load_s=load_s,
+        tokens=tokens,
+        **extra,
+    )
 
 
 # ---- the parent: memory limits and the table ----------------------------------------------
@@ -204,8 +230,11 @@ def run_job(job: dict, limit_bytes: int | None) -> dict:
     dropped = drop_page_cache()
     cmd = [sys.executable, __file__, "--worker", json.dumps(job)]
     # A full run takes half an hour: say what is running now.
-    print(f"[{time.strftime('%H:%M:%S')}] {job['system']} batch {job['batch']} {job.get('policy', '')}",
-          file=sys.stderr, flush=True)
+    print(
+        f"[{time.strftime('%H:%M:%S')}] {job['system']} batch {job['batch']} {job.get('policy', '')}",
+        file=sys.stderr,
+        flush=True,
+    )
     if cgroup is not None:
         cmd = ["sh", "-c", f'echo $$ > {cgroup}/cgroup.procs && exec "$@"', "sh", *cmd]
     peak = float("nan")
@@ -224,9 +253,16 @@ def run_job(job: dict, limit_bytes: int | None) -> dict:
     if done.returncode != 0:
         tail = (done.stderr or "").strip().splitlines()[-1:] or ["killed"]
         oom = done.returncode in (-9, 137)
-        return dict(system=job["system"], batch=job["batch"], policy=job.get("policy", ""),
-                    throughput_tok_s=float("nan"), error="out of memory under the limit" if oom else tail[0],
-                    memory=note, page_cache_dropped=dropped, peak_memory_gb=peak)
+        return dict(
+            system=job["system"],
+            batch=job["batch"],
+            policy=job.get("policy", ""),
+            throughput_tok_s=float("nan"),
+            error="out of memory under the limit" if oom else tail[0],
+            memory=note,
+            page_cache_dropped=dropped,
+            peak_memory_gb=peak,
+        )
     row = json.loads(done.stdout.strip().splitlines()[-1])
     row.update(memory=note, page_cache_dropped=dropped, peak_memory_gb=peak)
     return row
@@ -246,8 +282,12 @@ def plot_baselines(df: pd.DataFrame, title: str):
         spec = row.spec if isinstance(row.get("spec"), str) else ""
         return " ".join(x for x in (row.system, f"b{row.batch}", spec, f"({where})") if x)
 
-    return plot_throughput(pd.DataFrame({"policy": [label(r) for _, r in df.iterrows()],
-                                         "throughput_tok_s": df.throughput_tok_s.fillna(0)}), title=title)
+    return plot_throughput(
+        pd.DataFrame(
+            {"policy": [label(r) for _, r in df.iterrows()], "throughput_tok_s": df.throughput_tok_s.fillna(0)}
+        ),
+        title=title,
+    )
 
 
 def make_checkpoint(cfg: Config, directory: Path) -> Path:
@@ -277,10 +317,19 @@ def main(cfg: Config) -> pd.DataFrame:
         work = Path(work)
         ckpt = make_checkpoint(cfg, Path(cfg.work_dir) if cfg.work_dir else work)  # kept there for the next run
         limit = int(cfg.memory_limit_gb * 1e9) if cfg.memory_limit_gb > 0 else None
-        base = dict(checkpoint=str(ckpt), dtype=cfg.dtype, prompt_len=cfg.prompt_len, gen_len=cfg.gen_len,
-                    offload_dir=str(work), device=cfg.device, gpu_limit_gb=cfg.gpu_limit_gb)
-        rows = [run_job({**base, "system": "transformers", "batch": cfg.transformers_batch}, None)
-                for _ in range(cfg.transformers_batch > 0)]  # 0: no transformers row
+        base = dict(
+            checkpoint=str(ckpt),
+            dtype=cfg.dtype,
+            prompt_len=cfg.prompt_len,
+            gen_len=cfg.gen_len,
+            offload_dir=str(work),
+            device=cfg.device,
+            gpu_limit_gb=cfg.gpu_limit_gb,
+        )
+        rows = [
+            run_job({**base, "system": "transformers", "batch": cfg.transformers_batch}, None)
+            for _ in range(cfg.transformers_batch > 0)
+        ]  # 0: no transformers row
         # Accelerate gets the limit less the reserve; without a limit, its host share is most of the RAM.
         ram_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
         acc_gb = max(0.1, cfg.memory_limit_gb - cfg.reserve_gb) / 1.074 if cfg.memory_limit_gb > 0 else 0.8 * ram_gib
@@ -296,8 +345,16 @@ def main(cfg: Config) -> pd.DataFrame:
                 try:
                     job["policy_dict"] = searched_policy(spec, cfg, hw)
                 except FlexlabError as e:  # nothing fits: a row that says so, and on to the next system
-                    rows.append(dict(system="flexlab", batch=0, policy="", throughput_tok_s=float("nan"),
-                                     error=f"search: {e}", spec=spec))
+                    rows.append(
+                        dict(
+                            system="flexlab",
+                            batch=0,
+                            policy="",
+                            throughput_tok_s=float("nan"),
+                            error=f"search: {e}",
+                            spec=spec,
+                        )
+                    )
                     continue
                 job["batch"] = job["policy_dict"]["gpu_batch_size"] * job["policy_dict"]["num_gpu_batches"]
             else:
@@ -322,17 +379,36 @@ def main(cfg: Config) -> pd.DataFrame:
         df["disk_bound_tok_s"] = bound.where(df.disk_read_GB > 0)  # nothing read: no bound
     # How the limited systems were held (the in-memory transformers rows have no limit).
     memory = next((r["memory"] for r in rows if r["system"] != "transformers"), "no limit")
-    print(f"{cfg.preset} ({cfg.dtype}), prompt {cfg.prompt_len}, gen {cfg.gen_len}, limit "
-          f"{cfg.memory_limit_gb or 'none'} GB: {memory}")
-    cols = [c for c in ("system", "batch", "policy", "throughput_tok_s", "vs_accelerate",
-                        "vs_transformers_in_memory", "disk_read_GB", "disk_read_GB_s", "dd_before_GB_s",
-                        "dd_after_GB_s", "disk_bound_tok_s", "compute_busy_share", "peak_memory_gb", "error")
-            if c in df]
+    print(
+        f"{cfg.preset} ({cfg.dtype}), prompt {cfg.prompt_len}, gen {cfg.gen_len}, limit "
+        f"{cfg.memory_limit_gb or 'none'} GB: {memory}"
+    )
+    cols = [
+        c
+        for c in (
+            "system",
+            "batch",
+            "policy",
+            "throughput_tok_s",
+            "vs_accelerate",
+            "vs_transformers_in_memory",
+            "disk_read_GB",
+            "disk_read_GB_s",
+            "dd_before_GB_s",
+            "dd_after_GB_s",
+            "disk_bound_tok_s",
+            "compute_busy_share",
+            "peak_memory_gb",
+            "error",
+        )
+        if c in df
+    ]
     print(df[cols].to_string(index=False, float_format=lambda x: f"{x:.2f}"))
     stem = f"compare_baselines_{cfg.preset}_{cfg.memory_limit_gb:g}GB" + ("_quick" if cfg.quick else "")
     out = write_results(df, cfg, stem, memory=memory)
     plot_baselines(df, f"{cfg.preset}, memory limit {cfg.memory_limit_gb:g} GB ({memory})").savefig(
-        out / f"{stem}.png", dpi=110)
+        out / f"{stem}.png", dpi=110
+    )
     return df
 
 

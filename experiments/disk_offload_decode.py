@@ -24,6 +24,7 @@ from pathlib import Path
 
 import pandas as pd
 import torch
+
 from _common import dd_direct_bandwidth, parse_config, write_results
 
 
@@ -65,8 +66,12 @@ def main(cfg: Config) -> pd.DataFrame:
     rows = []
     dd_before = dd_direct_bandwidth(base, cfg.dd_mb)
     for run, overlap in enumerate([True] * cfg.rounds + [False]):
-        policy = flexlab.Policy.from_percent([0, 0, 100, 0, 100, 0], gpu_batch_size=cfg.gpu_batch_size,
-                                             num_gpu_batches=cfg.num_gpu_batches, overlap=overlap)
+        policy = flexlab.Policy.from_percent(
+            [0, 0, 100, 0, 100, 0],
+            gpu_batch_size=cfg.gpu_batch_size,
+            num_gpu_batches=cfg.num_gpu_batches,
+            overlap=overlap,
+        )
         t0 = time.perf_counter()
         with flexlab.Engine(model, policy, offload_dir=base) as engine:
             place_s = time.perf_counter() - t0
@@ -78,9 +83,16 @@ def main(cfg: Config) -> pd.DataFrame:
         dd_after = dd_direct_bandwidth(base, cfg.dd_mb)
         dd = (dd_before + dd_after) / 2
         stats = decode_stats(engine, result)
-        stats.update(round=run + 1, overlap=overlap, place_s=place_s, o_direct=direct,
-                     disk_read_GB_s=read_bytes / read_s / 1e9 if read_s else float("nan"),
-                     dd_before_GB_s=dd_before, dd_after_GB_s=dd_after, dd_direct_GB_s=dd)
+        stats.update(
+            round=run + 1,
+            overlap=overlap,
+            place_s=place_s,
+            o_direct=direct,
+            disk_read_GB_s=read_bytes / read_s / 1e9 if read_s else float("nan"),
+            dd_before_GB_s=dd_before,
+            dd_after_GB_s=dd_after,
+            dd_direct_GB_s=dd,
+        )
         stats["decode_vs_bound"] = stats["decode_s"] / max(stats["weight_load_s"], stats["compute_s"])
         stats["read_vs_dd"] = stats["disk_read_GB_s"] / dd
         rows.append(stats)
@@ -90,18 +102,41 @@ def main(cfg: Config) -> pd.DataFrame:
             result.timeline.save(Path(cfg.out_dir) / name)
 
     df = pd.DataFrame(rows)
-    cols = ["round", "overlap", "decode_s", "weight_load_s", "compute_s", "decode_vs_bound", "io_hidden_fraction",
-            "disk_read_GB_s", "dd_before_GB_s", "dd_after_GB_s", "read_vs_dd", "o_direct", "throughput_tok_s"]
-    print(f"{cfg.preset}, weights all on disk (O_DIRECT), batch {cfg.gpu_batch_size}x{cfg.num_gpu_batches}, "
-          f"prompt {cfg.prompt_len}, {cfg.gen_len - 1} decode tokens, {dtype}, {device}")
+    cols = [
+        "round",
+        "overlap",
+        "decode_s",
+        "weight_load_s",
+        "compute_s",
+        "decode_vs_bound",
+        "io_hidden_fraction",
+        "disk_read_GB_s",
+        "dd_before_GB_s",
+        "dd_after_GB_s",
+        "read_vs_dd",
+        "o_direct",
+        "throughput_tok_s",
+    ]
+    print(
+        f"{cfg.preset}, weights all on disk (O_DIRECT), batch {cfg.gpu_batch_size}x{cfg.num_gpu_batches}, "
+        f"prompt {cfg.prompt_len}, {cfg.gen_len - 1} decode tokens, {dtype}, {device}"
+    )
     print(df[cols].to_string(index=False, float_format=lambda x: f"{x:.3f}"))
     on = df[df.overlap]
-    print(f"overlap on, median of {len(on)} rounds: decode / max(read, compute) = "
-          f"{on.decode_vs_bound.median():.2f}x (target <= 1.15), disk read / dd = {on.read_vs_dd.median():.0%} "
-          f"(target >= 80%; rounds: {', '.join(f'{r:.0%}' for r in on.read_vs_dd)})")
-    write_results(df, cfg, f"disk_offload_decode_{cfg.preset}_{device.type}", dtype=str(dtype),
-                  honest_disk="O_DIRECT reads (page cache bypassed)" if rows[0]["o_direct"] else
-                  "buffered reads: O_DIRECT was refused by the file system; numbers may include page-cache hits")
+    print(
+        f"overlap on, median of {len(on)} rounds: decode / max(read, compute) = "
+        f"{on.decode_vs_bound.median():.2f}x (target <= 1.15), disk read / dd = {on.read_vs_dd.median():.0%} "
+        f"(target >= 80%; rounds: {', '.join(f'{r:.0%}' for r in on.read_vs_dd)})"
+    )
+    write_results(
+        df,
+        cfg,
+        f"disk_offload_decode_{cfg.preset}_{device.type}",
+        dtype=str(dtype),
+        honest_disk="O_DIRECT reads (page cache bypassed)"
+        if rows[0]["o_direct"]
+        else "buffered reads: O_DIRECT was refused by the file system; numbers may include page-cache hits",
+    )
     return df
 
 

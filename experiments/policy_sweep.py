@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import pandas as pd
 import torch
+
 from _common import parse_config, policy_from, write_results
 
 # name -> FlexGen's six percentages (weights gpu/cpu, cache gpu/cpu, activations gpu/cpu),
@@ -65,27 +66,41 @@ def main(cfg: Config) -> pd.DataFrame:
     model.generate(prompts[:2], **kw)  # warm-up
     t0 = time.perf_counter()
     ref = model.generate(prompts, **kw)
-    reference = dict(policy="reference path", throughput_tok_s=ref.metrics["throughput_tok_s"],
-                     total_s=time.perf_counter() - t0)
+    reference = dict(
+        policy="reference path", throughput_tok_s=ref.metrics["throughput_tok_s"], total_s=time.perf_counter() - t0
+    )
     policies = {}
     for name, spec in POLICIES.items():
         percent, extra = spec if isinstance(spec, tuple) else (spec, {})
-        policies[name] = policy_from(percent, extra, gpu_batch_size=cfg.gpu_batch_size,
-                                     num_gpu_batches=cfg.num_gpu_batches, overlap=cfg.overlap)
+        policies[name] = policy_from(
+            percent, extra, gpu_batch_size=cfg.gpu_batch_size, num_gpu_batches=cfg.num_gpu_batches, overlap=cfg.overlap
+        )
     with tempfile.TemporaryDirectory(prefix="flexlab-sweep-") as offload:
         df = policy_sweep(model, policies, prompts, max_new_tokens=cfg.gen_len, offload_dir=offload)
     df = pd.concat([pd.DataFrame([reference]), df], ignore_index=True)
-    print(f"{cfg.preset} ({model.dtype}, {device}), {n} prompts of {cfg.prompt_len} tokens, {cfg.gen_len} new, "
-          f"batch {cfg.gpu_batch_size}x{cfg.num_gpu_batches}, overlap={cfg.overlap}")
-    cols = ["policy", "throughput_tok_s", "total_s", "io_hidden_fraction", "compute_idle_fraction",
-            "peak_bytes_gpu", "peak_bytes_cpu", "peak_bytes_disk"]
+    print(
+        f"{cfg.preset} ({model.dtype}, {device}), {n} prompts of {cfg.prompt_len} tokens, {cfg.gen_len} new, "
+        f"batch {cfg.gpu_batch_size}x{cfg.num_gpu_batches}, overlap={cfg.overlap}"
+    )
+    cols = [
+        "policy",
+        "throughput_tok_s",
+        "total_s",
+        "io_hidden_fraction",
+        "compute_idle_fraction",
+        "peak_bytes_gpu",
+        "peak_bytes_cpu",
+        "peak_bytes_disk",
+    ]
     print(df[cols].to_string(index=False, float_format=lambda x: f"{x:.3f}"))
     stem = f"policy_sweep_{cfg.preset}_{device.type}"
-    out = write_results(df, cfg, stem, dtype=str(model.dtype),
-                        note="disk reads use O_DIRECT where the file system allows it")
+    out = write_results(
+        df, cfg, stem, dtype=str(model.dtype), note="disk reads use O_DIRECT where the file system allows it"
+    )
     title = f"{cfg.preset} ({model.dtype}, {device.type}), batch {cfg.gpu_batch_size}x{cfg.num_gpu_batches}"
-    plot_throughput(df.fillna({"peak_bytes_gpu": 0, "peak_bytes_cpu": 0, "peak_bytes_disk": 0}),
-                    title=title).savefig(out / f"{stem}.png", dpi=110)
+    plot_throughput(df.fillna({"peak_bytes_gpu": 0, "peak_bytes_cpu": 0, "peak_bytes_disk": 0}), title=title).savefig(
+        out / f"{stem}.png", dpi=110
+    )
     plot_memory(df.iloc[1:].reset_index(drop=True), title=title).savefig(out / f"{stem}_memory.png", dpi=110)
     return df
 

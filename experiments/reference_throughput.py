@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import pandas as pd
 import torch
+
 from _common import parse_config, write_results
 
 
@@ -47,8 +48,9 @@ def main(cfg: Config) -> pd.DataFrame:
     import flexlab
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model = flexlab.Model.from_config(cfg.preset, seed=0, device=device,
-                                      dtype=None if cfg.dtype == "auto" else getattr(torch, cfg.dtype))
+    model = flexlab.Model.from_config(
+        cfg.preset, seed=0, device=device, dtype=None if cfg.dtype == "auto" else getattr(torch, cfg.dtype)
+    )
     hf = hf_model_with_same_weights(model, model.dtype, device)
     gen = torch.Generator().manual_seed(0)
     prompts = torch.randint(4, model.config.vocab_size, (cfg.batch, cfg.prompt_len), generator=gen)
@@ -60,10 +62,15 @@ def main(cfg: Config) -> pd.DataFrame:
 
     def run_hf():
         with torch.inference_mode():
-            out = hf.generate(prompts.to(device), attention_mask=torch.ones_like(prompts).to(device),
-                              max_new_tokens=cfg.gen_len, min_new_tokens=cfg.gen_len, do_sample=False,
-                              pad_token_id=1)
-        return out[:, cfg.prompt_len:].tolist()
+            out = hf.generate(
+                prompts.to(device),
+                attention_mask=torch.ones_like(prompts).to(device),
+                max_new_tokens=cfg.gen_len,
+                min_new_tokens=cfg.gen_len,
+                do_sample=False,
+                pad_token_id=1,
+            )
+        return out[:, cfg.prompt_len :].tolist()
 
     rows, outputs = [], {}
     for rep in range(cfg.repeats + 1):  # the first round warms up and is not recorded
@@ -76,8 +83,9 @@ def main(cfg: Config) -> pd.DataFrame:
                 torch.cuda.synchronize()
             seconds = time.perf_counter() - t0
             if rep:
-                rows.append(dict(system=name, repeat=rep, seconds=seconds,
-                                 tokens_per_s=cfg.batch * cfg.gen_len / seconds))
+                rows.append(
+                    dict(system=name, repeat=rep, seconds=seconds, tokens_per_s=cfg.batch * cfg.gen_len / seconds)
+                )
     df = pd.DataFrame(rows)
     summary = df.groupby("system").agg(median_s=("seconds", "median"), tokens_per_s=("tokens_per_s", "median"))
     a, b = outputs["flexlab reference"], outputs["transformers generate"]
@@ -87,8 +95,14 @@ def main(cfg: Config) -> pd.DataFrame:
     ratio = summary.loc["flexlab reference", "tokens_per_s"] / summary.loc["transformers generate", "tokens_per_s"]
     print(f"flexlab / transformers throughput: {ratio:.2f}x; greedy token agreement: {agreement:.1%}")
 
-    write_results(df, cfg, f"reference_throughput_{cfg.preset}_{device.type}", dtype=str(model.dtype), ratio=ratio,
-                  token_agreement=agreement)
+    write_results(
+        df,
+        cfg,
+        f"reference_throughput_{cfg.preset}_{device.type}",
+        dtype=str(model.dtype),
+        ratio=ratio,
+        token_agreement=agreement,
+    )
     return df
 
 

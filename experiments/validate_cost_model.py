@@ -27,8 +27,9 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from _common import parse_config, policy_from, write_results
 from flexlab.models.registry import weight_bytes
+
+from _common import parse_config, policy_from, write_results
 
 Q4 = dict(bits=4, group_size=64)
 # name -> FlexGen's six shares, plus other Policy fields
@@ -85,25 +86,45 @@ def main(cfg: Config) -> pd.DataFrame:
     def measure(name: str, policy: flexlab.Policy, offload: str) -> dict:
         runs = []  # (measured tok/s, prediction, probed profile) per repeat
         with flexlab.Engine(model, policy, offload_dir=offload) as engine:
-            engine.generate(prompts[:cfg.gpu_batch_size], max_new_tokens=2, stop_token_ids=None)  # warm-up
+            engine.generate(prompts[: cfg.gpu_batch_size], max_new_tokens=2, stop_token_ids=None)  # warm-up
             for _ in range(max(1, cfg.repeats)):
                 now = refresh(hw, device=device, dtype=dtype, offload_dir=offload)
                 result = engine.generate(prompts, max_new_tokens=cfg.gen_len, stop_token_ids=None)
-                pred = CostModel(model.config, policy, now, prompt_len=cfg.prompt_len, gen_len=cfg.gen_len,
-                                 itemsize=itemsize, num_prompts=n).predict()
+                pred = CostModel(
+                    model.config,
+                    policy,
+                    now,
+                    prompt_len=cfg.prompt_len,
+                    gen_len=cfg.gen_len,
+                    itemsize=itemsize,
+                    num_prompts=n,
+                ).predict()
                 runs.append((result.metrics["throughput_tok_s"], pred, now))
         measured = sorted(r[0] for r in runs)
         _, pred, now = sorted(runs, key=lambda r: r[1].throughput_tok_s)[len(runs) // 2]  # the median prediction
-        row = dict(policy=name, describe=policy.describe(), measured_tok_s=measured[len(runs) // 2],
-                   measured_min_tok_s=measured[0], measured_max_tok_s=measured[-1],
-                   predicted_tok_s=pred.throughput_tok_s, bottleneck=pred.bottleneck,
-                   probed_disk_read_GB_s=now.disk_read_bw / 1e9, probed_dequant_G_s=now.dequant_elems / 1e9)
+        row = dict(
+            policy=name,
+            describe=policy.describe(),
+            measured_tok_s=measured[len(runs) // 2],
+            measured_min_tok_s=measured[0],
+            measured_max_tok_s=measured[-1],
+            predicted_tok_s=pred.throughput_tok_s,
+            bottleneck=pred.bottleneck,
+            probed_disk_read_GB_s=now.disk_read_bw / 1e9,
+            probed_dequant_G_s=now.dequant_elems / 1e9,
+        )
         row["throughput_error"] = row["predicted_tok_s"] / row["measured_tok_s"] - 1
         for tier in ("gpu", "cpu", "disk"):
             row[f"measured_peak_{tier}"] = result.metrics[f"peak_bytes_{tier}"]
             row[f"predicted_peak_{tier}"] = pred.peak_bytes[tier]
-        worst = max((abs(row[f"predicted_peak_{t}"] / row[f"measured_peak_{t}"] - 1)
-                     for t in ("gpu", "cpu", "disk") if row[f"measured_peak_{t}"]), default=0.0)
+        worst = max(
+            (
+                abs(row[f"predicted_peak_{t}"] / row[f"measured_peak_{t}"] - 1)
+                for t in ("gpu", "cpu", "disk")
+                if row[f"measured_peak_{t}"]
+            ),
+            default=0.0,
+        )
         row["peak_memory_error"] = worst
         return row
 
@@ -114,25 +135,49 @@ def main(cfg: Config) -> pd.DataFrame:
         search_note = "not run (smoke)"
         if not cfg.smoke:
             weights = weight_bytes(model.config, itemsize)
-            limited = hw.replace(gpu_memory=cfg.limit_fraction * weights + 64 * 2**20,
-                                 cpu_memory=cfg.limit_fraction * weights)
-            found = search_policy(model.config, limited, prompt_len=cfg.prompt_len, gen_len=cfg.gen_len,
-                                  itemsize=itemsize, batch_sizes=(cfg.gpu_batch_size,),
-                                  num_batches=(cfg.num_gpu_batches,), compress=(None,), act_tiers=("gpu",))
+            limited = hw.replace(
+                gpu_memory=cfg.limit_fraction * weights + 64 * 2**20, cpu_memory=cfg.limit_fraction * weights
+            )
+            found = search_policy(
+                model.config,
+                limited,
+                prompt_len=cfg.prompt_len,
+                gen_len=cfg.gen_len,
+                itemsize=itemsize,
+                batch_sizes=(cfg.gpu_batch_size,),
+                num_batches=(cfg.num_gpu_batches,),
+                compress=(None,),
+                act_tiers=("gpu",),
+            )
             rows.append(measure("searched (limits)", found.policy, offload))
-            within = [r for r in rows[:-1] if fits({t: r[f"measured_peak_{t}"] for t in ("gpu", "cpu", "disk")},
-                                                   limited.replace(disk_space=math.inf))]
+            within = [
+                r
+                for r in rows[:-1]
+                if fits(
+                    {t: r[f"measured_peak_{t}"] for t in ("gpu", "cpu", "disk")}, limited.replace(disk_space=math.inf)
+                )
+            ]
             best = max(within, key=lambda r: r["measured_tok_s"]) if within else None
             searched = rows[-1]["measured_tok_s"]
-            search_note = (f"searched {found.policy.describe()}: {searched:.1f} tok/s measured; best tried policy "
-                           f"within the same limits: {best['policy']} at {best['measured_tok_s']:.1f} tok/s "
-                           f"({searched / best['measured_tok_s']:.2f}x)" if best else "no tried policy fits the limits")
+            search_note = (
+                f"searched {found.policy.describe()}: {searched:.1f} tok/s measured; best tried policy "
+                f"within the same limits: {best['policy']} at {best['measured_tok_s']:.1f} tok/s "
+                f"({searched / best['measured_tok_s']:.2f}x)"
+                if best
+                else "no tried policy fits the limits"
+            )
     df = pd.DataFrame(rows)
     errors = df.throughput_error.abs()
-    summary = dict(median_abs_throughput_error=float(errors.median()), worst_abs_throughput_error=float(errors.max()),
-                   worst_peak_memory_error=float(df.peak_memory_error.max()), search=search_note)
-    print(f"{cfg.preset} ({dtype}, {device}), {n} prompts of {cfg.prompt_len}, {cfg.gen_len} new, "
-          f"batch {cfg.gpu_batch_size}x{cfg.num_gpu_batches}; hardware: {hw.name} ({hw.source})")
+    summary = dict(
+        median_abs_throughput_error=float(errors.median()),
+        worst_abs_throughput_error=float(errors.max()),
+        worst_peak_memory_error=float(df.peak_memory_error.max()),
+        search=search_note,
+    )
+    print(
+        f"{cfg.preset} ({dtype}, {device}), {n} prompts of {cfg.prompt_len}, {cfg.gen_len} new, "
+        f"batch {cfg.gpu_batch_size}x{cfg.num_gpu_batches}; hardware: {hw.name} ({hw.source})"
+    )
     cols = ["policy", "measured_tok_s", "predicted_tok_s", "throughput_error", "peak_memory_error", "bottleneck"]
     print(df[cols].to_string(index=False, float_format=lambda x: f"{x:.3f}"))
     print({k: (round(v, 3) if isinstance(v, float) else v) for k, v in summary.items()})
@@ -140,7 +185,8 @@ def main(cfg: Config) -> pd.DataFrame:
     out = write_results(df, cfg, stem, dtype=str(dtype), hardware=hw.__dict__, **summary)
     hw.save(Path(out) / f"{stem}_hardware.json")
     plot_predicted_vs_measured(df, title=f"cost model vs measurement: {cfg.preset} on {hw.name}").savefig(
-        Path(out) / f"{stem}.png", dpi=110)
+        Path(out) / f"{stem}.png", dpi=110
+    )
     return df
 
 

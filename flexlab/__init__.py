@@ -18,14 +18,24 @@ __version__ = "0.1.0"
 
 # public name -> the module that defines it
 _EXPORTS = {
-    "Model": "flexlab.models", "ModelConfig": "flexlab.models", "GenerationResult": "flexlab.models",
-    "get_preset": "flexlab.models", "preset_names": "flexlab.models",
+    "Model": "flexlab.models",
+    "ModelConfig": "flexlab.models",
+    "GenerationResult": "flexlab.models",
+    "get_preset": "flexlab.models",
+    "preset_names": "flexlab.models",
     "pydoc_model_path": "flexlab.models.pydoc_model",
-    "Engine": "flexlab.engine", "Policy": "flexlab.engine", "PolicyError": "flexlab.engine",
+    "Engine": "flexlab.engine",
+    "Policy": "flexlab.engine",
+    "PolicyError": "flexlab.engine",
     "OffloadError": "flexlab.errors",
-    "QuantConfig": "flexlab.compress", "QTensor": "flexlab.compress", "QuantError": "flexlab.compress",
-    "Timeline": "flexlab.timeline", "Event": "flexlab.timeline",
-    "FlexlabError": "flexlab.errors", "ConfigError": "flexlab.errors", "CheckpointError": "flexlab.errors",
+    "QuantConfig": "flexlab.compress",
+    "QTensor": "flexlab.compress",
+    "QuantError": "flexlab.compress",
+    "Timeline": "flexlab.timeline",
+    "Event": "flexlab.timeline",
+    "FlexlabError": "flexlab.errors",
+    "ConfigError": "flexlab.errors",
+    "CheckpointError": "flexlab.errors",
     "PromptError": "flexlab.errors",
 }
 __all__ = list(_EXPORTS)

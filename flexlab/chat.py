@@ -31,9 +31,20 @@ class Chat:
     ``config.eos_token_ids``) end a templated answer as well as the tokenizer's own.
     """
 
-    def __init__(self, generate: Callable, tokenizer, max_positions: int, *, max_new_tokens: int = 96,
-                 user: str = "Human", bot: str = "Assistant", system: str = SYSTEM,
-                 example: tuple[str, str] | None = EXAMPLE, eos_token_ids: Sequence[int] = (), **sampling) -> None:
+    def __init__(
+        self,
+        generate: Callable,
+        tokenizer,
+        max_positions: int,
+        *,
+        max_new_tokens: int = 96,
+        user: str = "Human",
+        bot: str = "Assistant",
+        system: str = SYSTEM,
+        example: tuple[str, str] | None = EXAMPLE,
+        eos_token_ids: Sequence[int] = (),
+        **sampling,
+    ) -> None:
         self.generate, self.tokenizer, self.max_positions = generate, tokenizer, max_positions
         self.max_new_tokens, self.user, self.bot, self.system = max_new_tokens, user, bot, system
         self.example, self.sampling, self.eos_token_ids = example, sampling, tuple(eos_token_ids)
@@ -62,8 +73,10 @@ class Chat:
                 break
             history = history[1:]  # drop the oldest exchange
         if len(ids) > self.max_positions - self.max_new_tokens:
-            raise ValueError(f"the message is too long for the model's {self.max_positions} positions with "
-                             f"{self.max_new_tokens} new tokens; shorten it")
+            raise ValueError(
+                f"the message is too long for the model's {self.max_positions} positions with "
+                f"{self.max_new_tokens} new tokens; shorten it"
+            )
         return ids
 
     def prompt(self, message: str) -> str | list[int]:
@@ -71,8 +84,9 @@ class Chat:
         a chat template: the template's token ids)."""
         if self.templated:
             return self._templated_prompt(message)
-        head = [self.system] + ([f"{self.user}: {self.example[0]}", f"{self.bot}: {self.example[1]}"]
-                                if self.example else [])
+        head = [self.system] + (
+            [f"{self.user}: {self.example[0]}", f"{self.bot}: {self.example[1]}"] if self.example else []
+        )
         tail = [f"{self.user}: {message}", f"{self.bot}:"]
         turns = [line for q, a in self.history for line in (f"{self.user}: {q}", f"{self.bot}: {a}")]
         budget = self.max_positions - self.max_new_tokens
@@ -80,8 +94,10 @@ class Chat:
             turns = turns[2:]  # drop the oldest exchange
         text = "\n".join(head + turns + tail)
         if self._length(text) > budget:
-            raise ValueError(f"the message is too long for the model's {self.max_positions} positions with "
-                             f"{self.max_new_tokens} new tokens; shorten it")
+            raise ValueError(
+                f"the message is too long for the model's {self.max_positions} positions with "
+                f"{self.max_new_tokens} new tokens; shorten it"
+            )
         return text
 
     def reply(self, message: str) -> str:

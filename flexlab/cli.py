@@ -20,12 +20,18 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
 
+from flexlab.cli_args import (
+    DTYPES,
+    add_model_args,
+    add_policy_args,
+    add_sampling_args,
+    dtype_of,
+    load_model,
+    policy_flags,
+    policy_from_args,
+)
 from flexlab.cli_checks import out_dir, out_file, read_prompts, run_guarded
-from flexlab.cli_policy import add_policy_args, policy_flags, policy_from_args
-
-DTYPES = ("float32", "bfloat16", "float16")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -34,33 +40,6 @@ class _Parser(argparse.ArgumentParser):
     def error(self, message: str):
         print(f"{self.prog}: error: {message} (see {self.prog} --help)", file=sys.stderr)
         sys.exit(2)
-
-
-# ---- shared arguments ----------------------------------------------------------------------
-def _model_args(p: argparse.ArgumentParser, preset: bool = True) -> None:
-    g = p.add_argument_group("model")
-    g.add_argument("--model", help="checkpoint directory or hub id (default: the pydoc-trained model)")
-    if preset:
-        g.add_argument("--preset", help="a preset name instead (random weights), e.g. opt-1.3b; see `flexlab presets`")
-    g.add_argument("--dtype", choices=DTYPES, default=None, help="compute dtype (default: float16 on CUDA, "
-                   "bfloat16 on CPU)")
-
-
-def _dtype(name):
-    import torch
-
-    return getattr(torch, name) if name else None
-
-
-def _load_model(args):
-    import flexlab
-
-    if getattr(args, "preset", None):
-        if args.model:
-            raise ValueError("pass --model or --preset, not both")
-        return flexlab.Model.from_config(args.preset, seed=0, dtype=_dtype(args.dtype))
-    path = args.model or flexlab.pydoc_model_path()
-    return flexlab.Model.from_pretrained(path, dtype=_dtype(args.dtype))
 
 
 # ---- commands ------------------------------------------------------------------------------
@@ -82,8 +61,7 @@ def demo(args: argparse.Namespace) -> int:
     model = flexlab.Model.from_pretrained(path, dtype=dtype)
     print(model)
     # Weights partly on disk, KV cache on the cpu tier, two GPU batches per block.
-    policy = flexlab.Policy.from_percent([30, 30, 0, 100, 100, 0], gpu_batch_size=len(DEMO_PROMPTS),
-                                         num_gpu_batches=2)
+    policy = flexlab.Policy.from_percent([30, 30, 0, 100, 100, 0], gpu_batch_size=len(DEMO_PROMPTS), num_gpu_batches=2)
     prompts = DEMO_PROMPTS * 2
     with flexlab.Engine(model, policy, offload_dir=args.offload_dir, progress=True) as engine:
         print(engine)
@@ -93,23 +71,33 @@ def demo(args: argparse.Namespace) -> int:
         print(f"\n>>> {prompt}{text}")
 
     m, r = result.metrics, reference.metrics
-    print(f"\noffloaded ({policy.describe()}): {int(m['new_tokens'])} tokens in {m['total_s']:.3f} s "
-          f"-> {m['throughput_tok_s']:.1f} tokens/s")
-    print(f"reference path (no offloading): {r['throughput_tok_s']:.1f} tokens/s; "
-          f"same tokens: {'yes' if result.token_ids == reference.token_ids else 'NO'}")
-    print("peak bytes per tier: " + ", ".join(f"{t} {m[f'peak_bytes_{t}'] / 2**20:.2f} MiB" for t in ("gpu", "cpu", "disk")))
+    print(
+        f"\noffloaded ({policy.describe()}): {int(m['new_tokens'])} tokens in {m['total_s']:.3f} s "
+        f"-> {m['throughput_tok_s']:.1f} tokens/s"
+    )
+    print(
+        f"reference path (no offloading): {r['throughput_tok_s']:.1f} tokens/s; "
+        f"same tokens: {'yes' if result.token_ids == reference.token_ids else 'NO'}"
+    )
+    print(
+        "peak bytes per tier: "
+        + ", ".join(f"{t} {m[f'peak_bytes_{t}'] / 2**20:.2f} MiB" for t in ("gpu", "cpu", "disk"))
+    )
     s = result.timeline.summary()
-    print(f"timeline: {len(result.timeline)} events; I/O hidden under compute {s['io_hidden_fraction']:.0%}, "
-          f"compute idle {s['compute_idle_fraction']:.0%}")
+    print(
+        f"timeline: {len(result.timeline)} events; I/O hidden under compute {s['io_hidden_fraction']:.0%}, "
+        f"compute idle {s['compute_idle_fraction']:.0%}"
+    )
 
     with atomic_path(out / "timeline.png") as tmp:
         plot_timeline(result.timeline, tokens=(0, 2)).savefig(tmp, dpi=120)
     result.timeline.to_chrome_trace(out / "trace.json")
     result.timeline.save(out / "timeline.json")
-    print(f"wrote {out / 'timeline.png'} (first tokens), {out / 'trace.json'} (open in ui.perfetto.dev), "
-          f"{out / 'timeline.json'} (Timeline.load)")
+    print(
+        f"wrote {out / 'timeline.png'} (first tokens), {out / 'trace.json'} (open in ui.perfetto.dev), "
+        f"{out / 'timeline.json'} (Timeline.load)"
+    )
     return 0
-
 
 
 def generate(args: argparse.Namespace) -> int:
@@ -119,18 +107,29 @@ def generate(args: argparse.Namespace) -> int:
 
     prompts = read_prompts(args.prompt, args.prompts_file, args.prompt_ids)
     timeline = out_file(args.timeline, "--timeline") if args.timeline else None
-    model = _load_model(args)
+    model = load_model(args)
     policy = policy_from_args(args, gpu_batch_size=min(len(prompts), 8))
-    sampling = dict(max_new_tokens=args.max_new_tokens, do_sample=args.do_sample, temperature=args.temperature,
-                    top_k=None, top_p=args.top_p, seed=args.seed, stop_token_ids=(), stop_strings=None)
+    sampling = dict(
+        max_new_tokens=args.max_new_tokens,
+        do_sample=args.do_sample,
+        temperature=args.temperature,
+        top_k=None,
+        top_p=args.top_p,
+        seed=args.seed,
+        stop_token_ids=(),
+        stop_strings=None,
+    )
     prepare_generation(prompts, model.tokenizer, model.config, **sampling)  # bad prompts: refused before placing
     with flexlab.Engine(model, policy, offload_dir=args.offload_dir, progress=True) as engine:
         result = engine.generate(prompts, **sampling)
     for prompt, ids, text in zip(prompts, result.token_ids, result.texts or [None] * len(prompts)):
         print(f">>> {prompt}{text}" if text is not None else f">>> {prompt} -> {ids}")
     m = result.metrics
-    print(f"{policy.describe()}: {int(m['new_tokens'])} tokens in {m['total_s']:.3f} s -> "
-          f"{m['throughput_tok_s']:.1f} tokens/s", file=sys.stderr)
+    print(
+        f"{policy.describe()}: {int(m['new_tokens'])} tokens in {m['total_s']:.3f} s -> "
+        f"{m['throughput_tok_s']:.1f} tokens/s",
+        file=sys.stderr,
+    )
     if timeline is not None:
         result.timeline.save(timeline)
     return 0
@@ -145,12 +144,17 @@ def bench(args: argparse.Namespace) -> int:
     from flexlab.viz import plot_memory, plot_throughput
 
     out = out_dir(args.out, "--out")
-    model = _load_model(args)
+    model = load_model(args)
     base = policy_from_args(args, gpu_batch_size=8, num_gpu_batches=2)
     if args.sweep:
-        shares = {"all on gpu": [100, 0, 100, 0, 100, 0], "weights on cpu": [0, 100, 100, 0, 100, 0],
-                  "weights 50% disk": [0, 50, 100, 0, 100, 0], "weights on disk": [0, 0, 100, 0, 100, 0],
-                  "cache on cpu": [100, 0, 0, 100, 100, 0], "cache on disk": [100, 0, 0, 0, 100, 0]}
+        shares = {
+            "all on gpu": [100, 0, 100, 0, 100, 0],
+            "weights on cpu": [0, 100, 100, 0, 100, 0],
+            "weights 50% disk": [0, 50, 100, 0, 100, 0],
+            "weights on disk": [0, 0, 100, 0, 100, 0],
+            "cache on cpu": [100, 0, 0, 100, 100, 0],
+            "cache on disk": [100, 0, 0, 0, 100, 0],
+        }
         policies = {k: base.replace(**dict(zip(PERCENT_FIELDS, v))) for k, v in shares.items()}
     else:
         policies = {"policy": base}
@@ -158,15 +162,32 @@ def bench(args: argparse.Namespace) -> int:
     vocab = model.config.vocab_size
     prompts = [[2] + [4 + (i * 7 + j) % (vocab - 4) for j in range(args.prompt_len - 1)] for i in range(n)]
     df = policy_sweep(model, policies, prompts, max_new_tokens=args.gen_len, offload_dir=args.offload_dir)
-    cols = ["policy", "throughput_tok_s", "total_s", "io_hidden_fraction", "peak_bytes_gpu", "peak_bytes_cpu",
-            "peak_bytes_disk"]
+    cols = [
+        "policy",
+        "throughput_tok_s",
+        "total_s",
+        "io_hidden_fraction",
+        "peak_bytes_gpu",
+        "peak_bytes_cpu",
+        "peak_bytes_disk",
+    ]
     print(df[cols].to_string(index=False, float_format=lambda x: f"{x:.3f}"))
     with atomic_path(out / "bench.csv") as tmp:
         df.to_csv(tmp, index=False)
-    atomic_write(out / "bench.json", json.dumps({"model": model.config.name, "dtype": str(model.dtype),
-                                                 "prompt_len": args.prompt_len, "gen_len": args.gen_len,
-                                                 "policies": {k: p.to_dict() for k, p in policies.items()},
-                                                 "flexlab": flexlab.__version__}, indent=2))
+    atomic_write(
+        out / "bench.json",
+        json.dumps(
+            {
+                "model": model.config.name,
+                "dtype": str(model.dtype),
+                "prompt_len": args.prompt_len,
+                "gen_len": args.gen_len,
+                "policies": {k: p.to_dict() for k, p in policies.items()},
+                "flexlab": flexlab.__version__,
+            },
+            indent=2,
+        ),
+    )
     for name, plot in (("throughput.png", plot_throughput), ("memory.png", plot_memory)):
         with atomic_path(out / name) as tmp:
             plot(df).savefig(tmp, dpi=110)
@@ -181,17 +202,21 @@ def search(args: argparse.Namespace) -> int:
     from flexlab.files import atomic_write
 
     save = out_file(args.save_policy, "--save-policy") if args.save_policy else None
-    config = flexlab.get_preset(args.preset) if args.preset else _load_model(args).config
+    config = flexlab.get_preset(args.preset) if args.preset else load_model(args).config
     hw = get_hardware(args.hardware)
-    caps = {k: v * 2**30 for k, v in (("gpu_memory", args.gpu_mem), ("cpu_memory", args.cpu_mem),
-                                       ("disk_space", args.disk)) if v is not None}
+    caps = {
+        k: v * 2**30
+        for k, v in (("gpu_memory", args.gpu_mem), ("cpu_memory", args.cpu_mem), ("disk_space", args.disk))
+        if v is not None
+    }
     for k, v in caps.items():
         if v <= 0:
             raise ValueError(f"--{k.split('_')[0]} capacity must be positive, got {v / 2**30:g} GiB")
     hw = hw.replace(**caps)
     compress = (None, flexlab.QuantConfig(bits=4, group_size=64)) if args.compress else (None,)
-    found = search_policy(config, hw, prompt_len=args.prompt_len, gen_len=args.gen_len, compress=compress,
-                          progress=True)
+    found = search_policy(
+        config, hw, prompt_len=args.prompt_len, gen_len=args.gen_len, compress=compress, progress=True
+    )
     print(CostModel(config, found.policy, hw, prompt_len=args.prompt_len, gen_len=args.gen_len).explain())
     print(f"\npolicy: {found.policy.describe()}")
     try:
@@ -211,7 +236,7 @@ def calibrate(args: argparse.Namespace) -> int:
 
     out = out_file(args.out, "--out")
     offload = out_dir(args.offload_dir, "--offload-dir") if args.offload_dir else None
-    hw = measure(quick=args.quick, dtype=_dtype(args.dtype), offload_dir=offload)
+    hw = measure(quick=args.quick, dtype=dtype_of(args.dtype), offload_dir=offload)
     for key, value in hw.__dict__.items():
         print(f"{key:<22}{_human(key, value)}")
     hw.save(out)
@@ -227,10 +252,11 @@ def convert(args: argparse.Namespace) -> int:
     if args.random:
         import flexlab
 
-        out = save_checkpoint(flexlab.Model.from_config(args.source, seed=args.seed), args.target,
-                              dtype=_dtype(args.dtype or "float16"))
+        out = save_checkpoint(
+            flexlab.Model.from_config(args.source, seed=args.seed), args.target, dtype=dtype_of(args.dtype or "float16")
+        )
     else:
-        out = convert_checkpoint(args.source, args.target, dtype=_dtype(args.dtype))
+        out = convert_checkpoint(args.source, args.target, dtype=dtype_of(args.dtype))
     print(f"wrote {out}")
     return 0
 
@@ -240,14 +266,22 @@ def chat(args: argparse.Namespace) -> int:
     import flexlab
     from flexlab.chat import Chat
 
-    model = _load_model(args)
+    model = load_model(args)
     if model.tokenizer is None:
         raise ValueError(f"{model.config.name} has no tokenizer; chat needs a checkpoint directory with one")
     interactive = sys.stdin.isatty()
     with flexlab.Engine(model, policy_from_args(args), offload_dir=args.offload_dir) as engine:
-        bot = Chat(engine.generate, model.tokenizer, model.config.max_positions, max_new_tokens=args.max_new_tokens,
-                   eos_token_ids=model.config.eos_token_ids, do_sample=args.do_sample,
-                   temperature=args.temperature, top_p=args.top_p, seed=args.seed)
+        bot = Chat(
+            engine.generate,
+            model.tokenizer,
+            model.config.max_positions,
+            max_new_tokens=args.max_new_tokens,
+            eos_token_ids=model.config.eos_token_ids,
+            do_sample=args.do_sample,
+            temperature=args.temperature,
+            top_p=args.top_p,
+            seed=args.seed,
+        )
         while True:
             if interactive:
                 print("Human: ", end="", flush=True)
@@ -265,17 +299,11 @@ def presets(args: argparse.Namespace) -> int:
     print(f"{'preset':<16}{'params':>10}{'layers':>8}{'hidden':>8}{'fp16 GiB':>10}{'KV MiB/tok':>12}")
     for name in preset_names():
         c = get_preset(name)
-        print(f"{name:<16}{num_parameters(c) / 1e6:>9.1f}M{c.num_layers:>8}{c.hidden_size:>8}"
-              f"{weight_bytes(c, 2) / 2**30:>10.2f}{c.kv_cache_bytes_per_token(2) / 2**20:>12.3f}")
+        print(
+            f"{name:<16}{num_parameters(c) / 1e6:>9.1f}M{c.num_layers:>8}{c.hidden_size:>8}"
+            f"{weight_bytes(c, 2) / 2**30:>10.2f}{c.kv_cache_bytes_per_token(2) / 2**20:>12.3f}"
+        )
     return 0
-
-
-def _sampling_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--max-new-tokens", type=int, default=32)
-    p.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
-    p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--top-p", type=float, default=None)
-    p.add_argument("--seed", type=int, default=None)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -284,24 +312,25 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("demo", help="generate with an offloading policy, print throughput, plot the timeline")
     p.add_argument("--model", help="checkpoint directory or hub id (default: the pydoc-trained model)")
     p.add_argument("--max-new-tokens", type=int, default=32)
-    p.add_argument("--dtype", choices=DTYPES, default=None, help="compute dtype (default: float16 on CUDA, "
-                   "bfloat16 on CPU)")
+    p.add_argument(
+        "--dtype", choices=DTYPES, default=None, help="compute dtype (default: float16 on CUDA, bfloat16 on CPU)"
+    )
     p.add_argument("--offload-dir", default=None, help="where disk-tier data goes (default: a temp dir)")
     p.add_argument("--out", default="flexlab-demo", help="folder for the timeline picture and traces")
     p.set_defaults(func=demo)
 
     p = sub.add_parser("generate", help="generate for prompts under a policy")
-    _model_args(p)
+    add_model_args(p)
     add_policy_args(p)
     p.add_argument("--prompt", action="append", help="a text prompt (repeatable)")
     p.add_argument("--prompt-ids", action="append", help='a prompt as token ids, e.g. "2 5 6" (repeatable)')
     p.add_argument("--prompts-file", help="a file with one prompt per line")
     p.add_argument("--timeline", help="save the run's timeline as JSON here")
-    _sampling_args(p)
+    add_sampling_args(p)
     p.set_defaults(func=generate)
 
     p = sub.add_parser("bench", help="throughput of a policy or a sweep; writes CSV, JSON and plots")
-    _model_args(p)
+    add_model_args(p)
     add_policy_args(p)
     p.add_argument("--sweep", action="store_true", help="run the standard sweep of placements (on top of the policy)")
     p.add_argument("--prompt-len", type=int, default=64)
@@ -311,11 +340,15 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(func=bench)
 
     p = sub.add_parser("search", help="the fastest policy that fits, by the cost model")
-    _model_args(p)
+    add_model_args(p)
     p.add_argument("--hardware", default="colab-t4", help="colab-t4, h100, h200 or a JSON from `flexlab calibrate`")
     p.add_argument("--gpu-mem", type=float, help="GiB (default: the hardware's)")
-    p.add_argument("--cpu-mem", type=float, help="GiB (default: the hardware's); without a GPU the gpu and cpu "
-                   "tiers are one RAM and only the sum of the two counts")
+    p.add_argument(
+        "--cpu-mem",
+        type=float,
+        help="GiB (default: the hardware's); without a GPU the gpu and cpu "
+        "tiers are one RAM and only the sum of the two counts",
+    )
     p.add_argument("--disk", type=float, help="GiB (default: the hardware's)")
     p.add_argument("--prompt-len", type=int, default=512)
     p.add_argument("--gen-len", type=int, default=32)
@@ -333,17 +366,25 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("convert", help="checkpoint -> safetensors the engine reads in place from disk")
     p.add_argument("source", help="checkpoint directory or hub id (with --random: a preset name)")
     p.add_argument("target", help="a new directory")
-    p.add_argument("--dtype", choices=DTYPES, default=None,
-                   help="convert the weights to this dtype (with --random, default float16)")
-    p.add_argument("--random", action="store_true", help="write the preset's random weights (one tensor at a "
-                   "time: any size fits in memory), e.g. for benchmarks without a download")
+    p.add_argument(
+        "--dtype",
+        choices=DTYPES,
+        default=None,
+        help="convert the weights to this dtype (with --random, default float16)",
+    )
+    p.add_argument(
+        "--random",
+        action="store_true",
+        help="write the preset's random weights (one tensor at a "
+        "time: any size fits in memory), e.g. for benchmarks without a download",
+    )
     p.add_argument("--seed", type=int, default=0, help="with --random: the weights' seed")
     p.set_defaults(func=convert)
 
     p = sub.add_parser("chat", help="a multi-turn chat in the terminal")
-    _model_args(p, preset=False)
+    add_model_args(p, preset=False)
     add_policy_args(p)
-    _sampling_args(p)
+    add_sampling_args(p)
     p.set_defaults(func=chat, max_new_tokens=64)
 
     sub.add_parser("presets", help="list model presets and their sizes").set_defaults(func=presets)

@@ -81,10 +81,11 @@ def read_prompts(texts: list[str] | None, prompts_file: str | None, prompt_ids: 
         try:
             prompts.append([int(t) for t in ids.split()])
         except ValueError:
-            raise ValueError(f"--prompt-ids {ids!r}: token ids are integers separated by spaces, e.g. "
-                             '"2 5 6"') from None
+            raise ValueError(
+                f'--prompt-ids {ids!r}: token ids are integers separated by spaces, e.g. "2 5 6"'
+            ) from None
     if not prompts:
-        raise ValueError("no prompts: pass --prompt TEXT, --prompt-ids \"2 5 6\" or --prompts-file FILE")
+        raise ValueError('no prompts: pass --prompt TEXT, --prompt-ids "2 5 6" or --prompts-file FILE')
     return prompts
 
 
@@ -109,8 +110,11 @@ def _guarded(command: Callable, args) -> int:
     except Exception as e:  # a bug: still one line, the traceback on request
         if os.environ.get("FLEXLAB_DEBUG"):
             raise
-        print(f"flexlab: internal error: {type(e).__name__}: {_one_line(e)} (a bug; rerun with FLEXLAB_DEBUG=1 for "
-              "the traceback and report it)", file=sys.stderr)
+        print(
+            f"flexlab: internal error: {type(e).__name__}: {_one_line(e)} (a bug; rerun with FLEXLAB_DEBUG=1 for "
+            "the traceback and report it)",
+            file=sys.stderr,
+        )
         return 1
 
 

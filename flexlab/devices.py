@@ -1,8 +1,8 @@
 """The compute device and dtype a caller gets when it does not say: one rule for the whole package.
 
-    >>> import torch
-    >>> device_and_dtype("cpu")
-    (device(type='cpu'), torch.bfloat16)
+>>> import torch
+>>> device_and_dtype("cpu")
+(device(type='cpu'), torch.bfloat16)
 """
 
 from __future__ import annotations
@@ -23,8 +23,9 @@ def default_dtype(device: torch.device) -> torch.dtype:
     return torch.float16 if device.type == "cuda" else torch.bfloat16
 
 
-def device_and_dtype(device: str | torch.device | None = None,
-                     dtype: torch.dtype | None = None) -> tuple[torch.device, torch.dtype]:
+def device_and_dtype(
+    device: str | torch.device | None = None, dtype: torch.dtype | None = None
+) -> tuple[torch.device, torch.dtype]:
     """``device`` resolved and ``dtype`` defaulted for it."""
     device = resolve_device(device)
     return device, dtype or default_dtype(device)

@@ -1,7 +1,7 @@
 """What the notebooks share: smoke mode, and picking a model for the hardware at hand.
 
-    >>> setup = notebook_setup(smoke=True, train_if_missing=False)   # doctest: +SKIP
-    >>> setup.model, setup.smoke, setup.note                         # doctest: +SKIP
+>>> setup = notebook_setup(smoke=True, train_if_missing=False)   # doctest: +SKIP
+>>> setup.model, setup.smoke, setup.note                         # doctest: +SKIP
 """
 
 from __future__ import annotations
@@ -35,8 +35,9 @@ def is_smoke() -> bool:
     return os.environ.get("FLEXLAB_SMOKE", "").strip() not in ("", "0", "false", "no")
 
 
-def notebook_setup(*, smoke: bool | None = None, checkpoint: str = GPU_CHECKPOINT,
-                   train_if_missing: bool = True) -> NotebookSetup:
+def notebook_setup(
+    *, smoke: bool | None = None, checkpoint: str = GPU_CHECKPOINT, train_if_missing: bool = True
+) -> NotebookSetup:
     """A real OPT checkpoint (``checkpoint``, float16) on a GPU; otherwise — or in smoke mode,
     or when the checkpoint cannot be loaded — the small model trained on Python's docs."""
     smoke = is_smoke() if smoke is None else smoke
@@ -51,5 +52,4 @@ def notebook_setup(*, smoke: bool | None = None, checkpoint: str = GPU_CHECKPOIN
     path = pydoc_model_path(train_if_missing=train_if_missing, progress=not smoke)
     model = Model.from_pretrained(path)  # the device's fast dtype (flexlab.devices)
     dtype = model.dtype
-    return NotebookSetup(model, smoke, reason + f"the small model trained on Python's docs ({dtype}, "
-                                              f"{model.device})")
+    return NotebookSetup(model, smoke, reason + f"the small model trained on Python's docs ({dtype}, {model.device})")

@@ -85,8 +85,10 @@ class Timeline:
         """One row per event: lane, kind, token, stage, batch, start, end, duration, bytes."""
         import pandas as pd
 
-        df = pd.DataFrame([asdict(e) for e in self.events],
-                          columns=["lane", "kind", "token", "stage", "batch", "start", "end", "bytes", "stage_name"])
+        df = pd.DataFrame(
+            [asdict(e) for e in self.events],
+            columns=["lane", "kind", "token", "stage", "batch", "start", "end", "bytes", "stage_name"],
+        )
         df["duration"] = df["end"] - df["start"]
         return df
 
@@ -133,21 +135,30 @@ class Timeline:
         atomic_write(Path(path), json.dumps({"version": 1, "events": [asdict(e) for e in self.events]}))
 
     @classmethod
-    def load(cls, path: str | os.PathLike) -> "Timeline":
+    def load(cls, path: str | os.PathLike) -> Timeline:
         data = json.loads(Path(path).read_text())
         return cls([Event(**e) for e in data["events"]])
 
     def to_chrome_trace(self, path: str | os.PathLike) -> None:
         """A Chrome trace (open in https://ui.perfetto.dev or chrome://tracing): a row per lane."""
         tids = {lane: i for i, lane in enumerate(self.lanes)}
-        trace = [{"name": "thread_name", "ph": "M", "pid": 0, "tid": tid, "args": {"name": lane}}
-                 for lane, tid in tids.items()]
+        trace = [
+            {"name": "thread_name", "ph": "M", "pid": 0, "tid": tid, "args": {"name": lane}}
+            for lane, tid in tids.items()
+        ]
         for e in self.events:
-            trace.append({
-                "name": f"{e.kind} {e.stage_name}".strip(), "cat": e.kind, "ph": "X", "pid": 0, "tid": tids[e.lane],
-                "ts": e.start * 1e6, "dur": max(e.duration * 1e6, 0.001),
-                "args": {"token": e.token, "stage": e.stage, "batch": e.batch, "bytes": e.bytes},
-            })
+            trace.append(
+                {
+                    "name": f"{e.kind} {e.stage_name}".strip(),
+                    "cat": e.kind,
+                    "ph": "X",
+                    "pid": 0,
+                    "tid": tids[e.lane],
+                    "ts": e.start * 1e6,
+                    "dur": max(e.duration * 1e6, 0.001),
+                    "args": {"token": e.token, "stage": e.stage, "batch": e.batch, "bytes": e.bytes},
+                }
+            )
         atomic_write(Path(path), json.dumps({"traceEvents": trace, "displayTimeUnit": "ms"}))
 
     def _repr_html_(self) -> str:

@@ -74,8 +74,7 @@ class QuantConfig:
             if not isinstance(value, int) or isinstance(value, bool):
                 raise QuantError(f"QuantConfig.{name}={value!r} is invalid; it must be an int")
         if self.group_size < 1:
-            raise QuantError(f"QuantConfig.group_size={self.group_size} is invalid; it must be >= 1 "
-                             "(FlexGen used 64)")
+            raise QuantError(f"QuantConfig.group_size={self.group_size} is invalid; it must be >= 1 (FlexGen used 64)")
         if self.window < 0:
             raise QuantError(f"QuantConfig.window={self.window} is invalid; it must be >= 0 (0: no window)")
         if not isinstance(self.symmetric, bool):
@@ -88,9 +87,9 @@ class QuantConfig:
     @property
     def levels(self) -> int:
         """Distinct values a group can take."""
-        return 2 ** self.bits - 1 if self.symmetric else 2 ** self.bits
+        return 2**self.bits - 1 if self.symmetric else 2**self.bits
 
-    def replace(self, **changes) -> "QuantConfig":
+    def replace(self, **changes) -> QuantConfig:
         return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict:
@@ -100,7 +99,7 @@ class QuantConfig:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict) -> "QuantConfig":
+    def from_dict(cls, d: dict) -> QuantConfig:
         """A QuantConfig from :meth:`to_dict`'s values (or a hand-written JSON object of fields)."""
         d = fields_of(cls, d, QuantError, "a QuantConfig", '{"bits": 4, "group_size": 64}')
         if "scale_dtype" in d:
@@ -109,7 +108,7 @@ class QuantConfig:
         return cls(**d)
 
     @classmethod
-    def parse(cls, text: str) -> "QuantConfig":
+    def parse(cls, text: str) -> QuantConfig:
         """``"4"``, ``"4:64"`` or ``"2:32:per-channel"`` (bits, group size, KV layout), for command lines."""
         parts = text.split(":")
         try:
@@ -185,21 +184,25 @@ class QTensor:
         """The stored tensors, in a fixed order (see :meth:`with_tensors`)."""
         return [self.codes, self.scale] + ([] if self.zero is None else [self.zero])
 
-    def with_tensors(self, tensors: list[torch.Tensor]) -> "QTensor":
+    def with_tensors(self, tensors: list[torch.Tensor]) -> QTensor:
         """The same quantized tensor with its stored tensors replaced (moved, read from disk)."""
         zero = tensors[2] if self.zero is not None else None
         return dataclasses.replace(self, codes=tensors[0], scale=tensors[1], zero=zero)
 
-    def rows(self, index: torch.Tensor) -> "QTensor":
+    def rows(self, index: torch.Tensor) -> QTensor:
         """Rows ``index`` of a 2-D tensor quantized along its columns (an embedding table): only
         those rows' codes and scales, so a lookup dequantizes a few rows, not the table."""
         if len(self.shape) != 2 or self.config.group_dim % 2 != 1:
             raise QuantError("rows() needs a 2-D tensor grouped along its last dimension")
-        return dataclasses.replace(self, codes=self.codes[index], scale=self.scale[index],
-                                   zero=None if self.zero is None else self.zero[index],
-                                   shape=(len(index), self.shape[1]))
+        return dataclasses.replace(
+            self,
+            codes=self.codes[index],
+            scale=self.scale[index],
+            zero=None if self.zero is None else self.zero[index],
+            shape=(len(index), self.shape[1]),
+        )
 
-    def to(self, device, non_blocking: bool = False) -> "QTensor":
+    def to(self, device, non_blocking: bool = False) -> QTensor:
         return self.with_tensors([t.to(device, non_blocking=non_blocking) for t in self.tensors()])
 
     def max_error(self) -> torch.Tensor:
@@ -227,7 +230,7 @@ def _to_groups(x: torch.Tensor, group_size: int, group_dim: int) -> torch.Tensor
 
 def _from_groups(g: torch.Tensor, shape: tuple[int, ...], group_dim: int) -> torch.Tensor:
     dim = group_dim % len(shape)
-    flat = g.reshape(*g.shape[:-2], g.shape[-2] * g.shape[-1])[..., :shape[dim]]
+    flat = g.reshape(*g.shape[:-2], g.shape[-2] * g.shape[-1])[..., : shape[dim]]
     return flat.movedim(-1, dim)
 
 
@@ -239,8 +242,10 @@ def _check_finite(extremes: torch.Tensor) -> None:
 def quantize(x: torch.Tensor, config: QuantConfig) -> QTensor:
     """Quantize ``x`` (float16, bfloat16 or float32, at least 1-D) group-wise."""
     if not x.is_floating_point() or x.ndim == 0:
-        raise QuantError(f"quantize needs a floating-point tensor with at least one dimension, got "
-                         f"{x.dtype} with shape {tuple(x.shape)}")
+        raise QuantError(
+            f"quantize needs a floating-point tensor with at least one dimension, got "
+            f"{x.dtype} with shape {tuple(x.shape)}"
+        )
     if not -x.ndim <= config.group_dim < x.ndim:
         raise QuantError(f"QuantConfig.group_dim={config.group_dim} is out of range for a {x.ndim}-D tensor")
     g = _to_groups(x, config.group_size, config.group_dim)
@@ -261,11 +266,17 @@ def quantize(x: torch.Tensor, config: QuantConfig) -> QTensor:
         _check_finite(hi)
         zero = _round_toward(lo, sd, down=True)
         scale = _round_toward(torch.clamp((hi - zero.float()) / (config.levels - 1), min=tiny), sd, down=False)
-        codes = torch.sub(g, zero.float().unsqueeze(-1)).div_(scale.float().unsqueeze(-1)).round_().clamp_(
-            0, config.levels - 1)
+        codes = (
+            torch.sub(g, zero.float().unsqueeze(-1))
+            .div_(scale.float().unsqueeze(-1))
+            .round_()
+            .clamp_(0, config.levels - 1)
+        )
     if not torch.isfinite(scale).all() or (zero is not None and not torch.isfinite(zero).all()):
-        raise QuantError(f"values up to {float(x.abs().max()):.3g} overflow the scale dtype {sd}; "
-                         "use QuantConfig(scale_dtype=torch.float32)")
+        raise QuantError(
+            f"values up to {float(x.abs().max()):.3g} overflow the scale dtype {sd}; "
+            "use QuantConfig(scale_dtype=torch.float32)"
+        )
     per_unit = unit(config.bits)[0]
     codes = codes.to(torch.uint8)
     pad = (-config.group_size) % per_unit
@@ -287,10 +298,10 @@ def dequantize(q: QTensor, dtype: torch.dtype | None = None) -> torch.Tensor:
     out = torch.empty((codes.shape[0], cfg.group_size), dtype=dtype or q.dtype, device=codes.device)
     step = max(1, (4 << 20) // cfg.group_size)
     for i in range(0, codes.shape[0], step):
-        v = unpack_bits(codes[i:i + step], cfg.bits)[:, :cfg.group_size].to(torch.float32)
+        v = unpack_bits(codes[i : i + step], cfg.bits)[:, : cfg.group_size].to(torch.float32)
         if cfg.symmetric:
-            v.sub_(2 ** (cfg.bits - 1) - 1).mul_(scale[i:i + step].float())
+            v.sub_(2 ** (cfg.bits - 1) - 1).mul_(scale[i : i + step].float())
         else:
-            v.mul_(scale[i:i + step].float()).add_(zero[i:i + step].float())
-        out[i:i + step] = v
+            v.mul_(scale[i : i + step].float()).add_(zero[i : i + step].float())
+        out[i : i + step] = v
     return _from_groups(out.view(*q.scale.shape, cfg.group_size), q.shape, cfg.group_dim).contiguous()

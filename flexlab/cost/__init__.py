@@ -1,9 +1,19 @@
 """Cost model, hardware calibration and policy search."""
 
-from flexlab.cost.hardware import PRESETS, HardwareProfile, get_hardware
 from flexlab.cost.calibrate import calibrate, refresh
+from flexlab.cost.hardware import PRESETS, HardwareProfile, get_hardware
 from flexlab.cost.model import CostModel, Prediction
 from flexlab.cost.search import SearchResult, fits, search_policy
 
-__all__ = ["HardwareProfile", "get_hardware", "PRESETS", "CostModel", "Prediction", "calibrate", "refresh", "search_policy",
-           "SearchResult", "fits"]
+__all__ = [
+    "HardwareProfile",
+    "get_hardware",
+    "PRESETS",
+    "CostModel",
+    "Prediction",
+    "calibrate",
+    "refresh",
+    "search_policy",
+    "SearchResult",
+    "fits",
+]

@@ -21,8 +21,8 @@ from pathlib import Path
 import torch
 
 from flexlab.compress import QuantConfig, dequantize, quantize
-from flexlab.devices import device_and_dtype
 from flexlab.cost.hardware import HardwareProfile
+from flexlab.devices import device_and_dtype
 from flexlab.engine.tiers import DiskFiles, aligned_empty
 from flexlab.models.attention import attend
 
@@ -59,8 +59,9 @@ def _disk(directory: Path, size: int, repeats: int, write: bool = True) -> tuple
         try:
             # requests of a stage's size (16 MiB), as the engine reads weights
             req = 16 << 20
-            read = size / _best(lambda: [files.read(path, off, req, buf) for off in range(0, size, req)], repeats,
-                                torch.device("cpu"))
+            read = size / _best(
+                lambda: [files.read(path, off, req, buf) for off in range(0, size, req)], repeats, torch.device("cpu")
+            )
             small, count = 64 << 10, 100
             offsets = [(i * 7919 * small) % (size - small) // 4096 * 4096 for i in range(count)]
             start = time.perf_counter()
@@ -82,8 +83,13 @@ def _dequant_rate(device: torch.device, dtype: torch.dtype, repeats: int) -> flo
     return sum(q.numel for q in qs) / _best(lambda: [dequantize(q, dtype) for q in qs], repeats, device)
 
 
-def refresh(hw: HardwareProfile, *, device: str | torch.device | None = None, dtype: torch.dtype | None = None,
-            offload_dir: str | os.PathLike | None = None) -> HardwareProfile:
+def refresh(
+    hw: HardwareProfile,
+    *,
+    device: str | torch.device | None = None,
+    dtype: torch.dtype | None = None,
+    offload_dir: str | os.PathLike | None = None,
+) -> HardwareProfile:
     """``hw`` with its most volatile rates re-measured now (disk read, dequantization; about a
     second). On a shared machine these swing by 2x within minutes: a prediction compared with a
     measurement should use rates probed next to it."""
@@ -92,8 +98,9 @@ def refresh(hw: HardwareProfile, *, device: str | torch.device | None = None, dt
     return hw.replace(disk_read_bw=read, disk_latency_s=latency, dequant_elems=_dequant_rate(device, dtype, 3))
 
 
-def _engine_seconds(model, policy, prompts: list[list[int]], new: int, device: torch.device,
-                    offload_dir: Path | None = None) -> float:
+def _engine_seconds(
+    model, policy, prompts: list[list[int]], new: int, device: torch.device, offload_dir: Path | None = None
+) -> float:
     from flexlab.engine import Engine
 
     with Engine(model, policy, offload_dir=offload_dir) as engine:
@@ -129,29 +136,46 @@ def _step_overheads(device: torch.device, dtype: torch.dtype, offload_dir: Path)
     prompts = [[2] + list(range(10, 40))] * 8 * nb
     fast = _engine_seconds(model, Policy(gpu_batch_size=8, num_gpu_batches=nb), prompts, new, device)
     act_cpu = 100 if device.type == "cuda" else 0
-    lanes = _engine_seconds(model, Policy.from_percent([100, 0, 100, 0, 0, act_cpu], gpu_batch_size=8,
-                                                       num_gpu_batches=nb), prompts, new, device)
+    lanes = _engine_seconds(
+        model,
+        Policy.from_percent([100, 0, 100, 0, 0, act_cpu], gpu_batch_size=8, num_gpu_batches=nb),
+        prompts,
+        new,
+        device,
+    )
     transfers = nb * new * 2 * (1 + 2 * shape.num_layers)  # a store and a load between stages
     cache_tier = [100, 0, 0, 100, 100, 0] if device.type == "cuda" else [100, 0, 0, 0, 100, 0]
-    cache_lane = _engine_seconds(model, Policy.from_percent(cache_tier, gpu_batch_size=8, num_gpu_batches=nb),
-                                 prompts, new, device, offload_dir)
+    cache_lane = _engine_seconds(
+        model, Policy.from_percent(cache_tier, gpu_batch_size=8, num_gpu_batches=nb), prompts, new, device, offload_dir
+    )
     cache_moves = nb * shape.num_layers * (2 * new - 1)  # a store every token, a load every decode token
     cached = Policy.from_percent([100, 0, 0, 100, 100, 0], gpu_batch_size=8, num_gpu_batches=nb)
     plain = _engine_seconds(model, cached, prompts, new, device)
-    packed = _engine_seconds(model, cached.replace(compress_cache=QuantConfig(bits=4, group_size=64)), prompts,
-                             new, device)
+    packed = _engine_seconds(
+        model, cached.replace(compress_cache=QuantConfig(bits=4, group_size=64)), prompts, new, device
+    )
     width = len(prompts[0])
     # per layer, batch and key/value: the prefill's rows quantized, then each decode step
     # dequantizes the cache so far and quantizes one new row
-    elements = 2 * shape.num_layers * nb * 8 * shape.hidden_size * (
-        width + sum(width + t - 1 + 1 for t in range(1, new)))
-    return (step, max(0.0, lanes - fast) / transfers, max(0.0, cache_lane - fast) / cache_moves,
-            elements / max(packed - plain, 1e-9))
+    elements = (
+        2 * shape.num_layers * nb * 8 * shape.hidden_size * (width + sum(width + t - 1 + 1 for t in range(1, new)))
+    )
+    return (
+        step,
+        max(0.0, lanes - fast) / transfers,
+        max(0.0, cache_lane - fast) / cache_moves,
+        elements / max(packed - plain, 1e-9),
+    )
 
 
-def calibrate(*, device: str | torch.device | None = None, dtype: torch.dtype | None = None,
-              offload_dir: str | os.PathLike | None = None, quick: bool = False, progress: bool = True
-              ) -> HardwareProfile:
+def calibrate(
+    *,
+    device: str | torch.device | None = None,
+    dtype: torch.dtype | None = None,
+    offload_dir: str | os.PathLike | None = None,
+    quick: bool = False,
+    progress: bool = True,
+) -> HardwareProfile:
     """Measure the rates of this machine (``quick``: smaller sizes, a few seconds on a CPU)."""
     from tqdm.auto import tqdm
 
@@ -187,8 +211,9 @@ def calibrate(*, device: str | torch.device | None = None, dtype: torch.dtype | 
     results["attention_bw"] = attention_bw(device, dtype)
     step("attention")
     cpu_dtype = torch.float32 if dtype == torch.float16 else dtype  # as cpu_cache_compute runs it
-    results["cpu_attention_bw"] = (attention_bw(torch.device("cpu"), cpu_dtype) if device.type == "cuda"
-                                   else results["attention_bw"])
+    results["cpu_attention_bw"] = (
+        attention_bw(torch.device("cpu"), cpu_dtype) if device.type == "cuda" else results["attention_bw"]
+    )
     step("cpu attention")
     if device.type == "cuda":
         size = 64 << 20 * scale
@@ -201,13 +226,18 @@ def calibrate(*, device: str | torch.device | None = None, dtype: torch.dtype | 
     step("link")
     directory = Path(offload_dir or tempfile.gettempdir())
     results["disk_read_bw"], results["disk_write_bw"], results["disk_latency_s"] = _disk(
-        directory, (128 if quick else 512) << 20, repeats)
+        directory, (128 if quick else 512) << 20, repeats
+    )
     step("disk")
     results["dequant_elems"] = _dequant_rate(device, dtype, repeats)
 
     step("dequantize")
-    (results["step_overhead_s"], results["transfer_overhead_s"], results["cache_transfer_overhead_s"],
-     results["kv_codec_elems"]) = _step_overheads(device, dtype, directory)
+    (
+        results["step_overhead_s"],
+        results["transfer_overhead_s"],
+        results["cache_transfer_overhead_s"],
+        results["kv_codec_elems"],
+    ) = _step_overheads(device, dtype, directory)
     step("step overhead")
     bar.close()
     ram = float(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
@@ -216,7 +246,12 @@ def calibrate(*, device: str | torch.device | None = None, dtype: torch.dtype | 
     else:  # one RAM for both tiers: half each (the search pools them; counting it twice would not fit)
         gpu_memory = cpu_memory = ram / 2
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({os.cpu_count()} cores)"
-    return HardwareProfile(name=name, source=f"measured by flexlab.cost.calibrate on {time.strftime('%Y-%m-%d')} "
-                           f"({dtype}, {'quick' if quick else 'full'})",
-                           gpu_memory=gpu_memory, cpu_memory=cpu_memory,
-                           disk_space=float(shutil.disk_usage(directory).free), **results)
+    return HardwareProfile(
+        name=name,
+        source=f"measured by flexlab.cost.calibrate on {time.strftime('%Y-%m-%d')} "
+        f"({dtype}, {'quick' if quick else 'full'})",
+        gpu_memory=gpu_memory,
+        cpu_memory=cpu_memory,
+        disk_space=float(shutil.disk_usage(directory).free),
+        **results,
+    )

@@ -68,17 +68,22 @@ class HardwareProfile:
     def __post_init__(self) -> None:
         for f in fields(self):
             value = getattr(self, f.name)
-            if f.type == "float" and (not isinstance(value, (int, float)) or math.isnan(value) or value < 0
-                                      or (value == 0 and not f.name.endswith("_s"))):
-                raise FlexlabError(f"HardwareProfile.{f.name}={value!r} is invalid; rates and capacities must be "
-                                   "positive numbers")
+            if f.type == "float" and (
+                not isinstance(value, (int, float))
+                or math.isnan(value)
+                or value < 0
+                or (value == 0 and not f.name.endswith("_s"))
+            ):
+                raise FlexlabError(
+                    f"HardwareProfile.{f.name}={value!r} is invalid; rates and capacities must be positive numbers"
+                )
 
     @property
     def has_link(self) -> bool:
         """Whether gpu and cpu are separate memories (a real GPU)."""
         return math.isfinite(self.link_pinned_bw)
 
-    def replace(self, **changes) -> "HardwareProfile":
+    def replace(self, **changes) -> HardwareProfile:
         return HardwareProfile(**{**asdict(self), **changes})
 
     def save(self, path: str | os.PathLike) -> None:
@@ -87,14 +92,16 @@ class HardwareProfile:
         atomic_write(path, json.dumps(data, indent=2))
 
     @classmethod
-    def load(cls, path: str | os.PathLike) -> "HardwareProfile":
+    def load(cls, path: str | os.PathLike) -> HardwareProfile:
         data = json.loads(Path(path).read_text())
         names = {f.name for f in fields(cls)}
         if set(data) != names:
             missing, unknown = sorted(names - set(data)), sorted(set(data) - names)
-            raise FlexlabError(f"{path} is not a hardware profile of this flexlab version (missing: {missing or 'none'}; "
-                               f"unknown: {unknown or 'none'}); measure it again with flexlab.cost.calibrate() or "
-                               "`flexlab calibrate`")
+            raise FlexlabError(
+                f"{path} is not a hardware profile of this flexlab version (missing: {missing or 'none'}; "
+                f"unknown: {unknown or 'none'}); measure it again with flexlab.cost.calibrate() or "
+                "`flexlab calibrate`"
+            )
         return cls(**{k: float(v) if v == "inf" else v for k, v in data.items()})
 
     def _repr_html_(self) -> str:
@@ -123,26 +130,59 @@ INF = float("inf")
 # found), for machines that cannot be measured from here. Replace them with calibrate() there.
 PRESETS: dict[str, HardwareProfile] = {
     "colab-t4": HardwareProfile(
-        name="colab-t4", source="published: NVIDIA T4 data sheet (65 TFLOP/s fp16 tensor peak, 320 GB/s), "
+        name="colab-t4",
+        source="published: NVIDIA T4 data sheet (65 TFLOP/s fp16 tensor peak, 320 GB/s), "
         "PCIe 3.0 x16 (~12 GB/s pinned), Colab VM disk (~0.2 GB/s); effective rates assumed",
-        matmul_flops=25e12, weight_read_bw=220e9, attention_bw=200e9, cpu_attention_bw=8e9,
-        link_pinned_bw=11e9, link_pageable_bw=5e9, disk_read_bw=0.2e9, disk_write_bw=0.15e9,
-        dequant_elems=40e9, kv_codec_elems=25e9,
-        step_overhead_s=60e-6, transfer_overhead_s=30e-6, cache_transfer_overhead_s=60e-6, disk_latency_s=1e-3,
-        gpu_memory=15 * GiB, cpu_memory=12 * GiB, disk_space=80 * GiB),
+        matmul_flops=25e12,
+        weight_read_bw=220e9,
+        attention_bw=200e9,
+        cpu_attention_bw=8e9,
+        link_pinned_bw=11e9,
+        link_pageable_bw=5e9,
+        disk_read_bw=0.2e9,
+        disk_write_bw=0.15e9,
+        dequant_elems=40e9,
+        kv_codec_elems=25e9,
+        step_overhead_s=60e-6,
+        transfer_overhead_s=30e-6,
+        cache_transfer_overhead_s=60e-6,
+        disk_latency_s=1e-3,
+        gpu_memory=15 * GiB,
+        cpu_memory=12 * GiB,
+        disk_space=80 * GiB,
+    ),
     "h100": HardwareProfile(
-        name="h100", source="published: NVIDIA H100 SXM data sheet (989 TFLOP/s dense fp16, 3.35 TB/s), "
+        name="h100",
+        source="published: NVIDIA H100 SXM data sheet (989 TFLOP/s dense fp16, 3.35 TB/s), "
         "PCIe 5.0 (~50 GB/s); disk 1.8 GB/s as dd iflag=direct measured on the lent H100 machine (2026-11-25)",
-        matmul_flops=600e12, weight_read_bw=2.5e12, attention_bw=2.0e12, cpu_attention_bw=30e9,
-        link_pinned_bw=45e9, link_pageable_bw=15e9, disk_read_bw=1.8e9, disk_write_bw=1.2e9,
-        dequant_elems=500e9, kv_codec_elems=250e9,
-        step_overhead_s=40e-6, transfer_overhead_s=20e-6, cache_transfer_overhead_s=40e-6, disk_latency_s=0.2e-3,
-        gpu_memory=78 * GiB, cpu_memory=128 * GiB, disk_space=60 * GiB),
+        matmul_flops=600e12,
+        weight_read_bw=2.5e12,
+        attention_bw=2.0e12,
+        cpu_attention_bw=30e9,
+        link_pinned_bw=45e9,
+        link_pageable_bw=15e9,
+        disk_read_bw=1.8e9,
+        disk_write_bw=1.2e9,
+        dequant_elems=500e9,
+        kv_codec_elems=250e9,
+        step_overhead_s=40e-6,
+        transfer_overhead_s=20e-6,
+        cache_transfer_overhead_s=40e-6,
+        disk_latency_s=0.2e-3,
+        gpu_memory=78 * GiB,
+        cpu_memory=128 * GiB,
+        disk_space=60 * GiB,
+    ),
 }
 PRESETS["h200"] = PRESETS["h100"].replace(
-    name="h200", source="published: NVIDIA H200 data sheet (989 TFLOP/s dense fp16, 4.8 TB/s), PCIe 5.0; "
-    "the rest as the H100 machine's", weight_read_bw=3.5e12, attention_bw=3.0e12, dequant_elems=600e9,
-    gpu_memory=139 * GiB)
+    name="h200",
+    source="published: NVIDIA H200 data sheet (989 TFLOP/s dense fp16, 4.8 TB/s), PCIe 5.0; "
+    "the rest as the H100 machine's",
+    weight_read_bw=3.5e12,
+    attention_bw=3.0e12,
+    dequant_elems=600e9,
+    gpu_memory=139 * GiB,
+)
 
 
 def get_hardware(name_or_path: str | os.PathLike) -> HardwareProfile:
@@ -152,5 +192,7 @@ def get_hardware(name_or_path: str | os.PathLike) -> HardwareProfile:
     path = Path(name_or_path)
     if path.suffix == ".json" and path.exists():
         return HardwareProfile.load(path)
-    raise FlexlabError(f"unknown hardware {str(name_or_path)!r}: use one of {sorted(PRESETS)}, a JSON file written "
-                       "by HardwareProfile.save, or flexlab.cost.calibrate() to measure this machine")
+    raise FlexlabError(
+        f"unknown hardware {str(name_or_path)!r}: use one of {sorted(PRESETS)}, a JSON file written "
+        "by HardwareProfile.save, or flexlab.cost.calibrate() to measure this machine"
+    )

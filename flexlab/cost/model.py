@@ -31,8 +31,15 @@ import torch
 from flexlab.compress import QuantConfig
 from flexlab.cost.hardware import HardwareProfile
 from flexlab.engine.kvcodec import KVCodec
-from flexlab.engine.placement import (TIERS, align_up, cache_read_buffers, compresses, place_weights, read_region,
-                                      split_by_share)
+from flexlab.engine.placement import (
+    TIERS,
+    align_up,
+    cache_read_buffers,
+    compresses,
+    place_weights,
+    read_region,
+    split_by_share,
+)
 from flexlab.engine.policy import Policy
 from flexlab.engine.schedule import make_stages
 from flexlab.errors import FlexlabError
@@ -78,13 +85,24 @@ class CostModel:
     tokens; ``itemsize`` is the compute dtype's (2: float16/bfloat16).
     """
 
-    def __init__(self, config: ModelConfig, policy: Policy, hw: HardwareProfile, *, prompt_len: int, gen_len: int,
-                 itemsize: int = 2, num_prompts: int | None = None) -> None:
+    def __init__(
+        self,
+        config: ModelConfig,
+        policy: Policy,
+        hw: HardwareProfile,
+        *,
+        prompt_len: int,
+        gen_len: int,
+        itemsize: int = 2,
+        num_prompts: int | None = None,
+    ) -> None:
         if not isinstance(prompt_len, int) or not isinstance(gen_len, int) or prompt_len < 1 or gen_len < 1:
             raise FlexlabError(f"prompt_len={prompt_len!r} and gen_len={gen_len!r} must be ints >= 1")
         if prompt_len + gen_len > config.max_positions:
-            raise FlexlabError(f"prompt_len + gen_len = {prompt_len + gen_len} exceeds {config.name}'s "
-                               f"{config.max_positions} positions")
+            raise FlexlabError(
+                f"prompt_len + gen_len = {prompt_len + gen_len} exceeds {config.name}'s "
+                f"{config.max_positions} positions"
+            )
         self.config, self.policy, self.hw = config, policy, hw
         self.prompt_len, self.gen_len, self.itemsize = prompt_len, gen_len, itemsize
         self.num_prompts = num_prompts or policy.block_size
@@ -117,11 +135,25 @@ class CostModel:
                 table = next(s for s in mats if s.shape[0] == config.vocab_size)
                 deq, row_table, per_batch = 0, table.shape[1], sum(s.numel for s in mats if s is not table)
             elementwise = sum(family.elementwise(config, part) for part in stage.parts)
-            self._stage.append(_Stage(stage.name, stage.parts, params, 2.0 * params, w_bytes, params * itemsize, deq,
-                                      row_table, per_batch, elementwise))
+            self._stage.append(
+                _Stage(
+                    stage.name,
+                    stage.parts,
+                    params,
+                    2.0 * params,
+                    w_bytes,
+                    params * itemsize,
+                    deq,
+                    row_table,
+                    per_batch,
+                    elementwise,
+                )
+            )
             self.packed.append(packed)
-        self.codecs = {kv: KVCodec(policy.compress_cache, config.num_kv_heads, config.head_dim,
-                                   _dtype(itemsize), keys=kv == "k") for kv in ("k", "v")}
+        self.codecs = {
+            kv: KVCodec(policy.compress_cache, config.num_kv_heads, config.head_dim, _dtype(itemsize), keys=kv == "k")
+            for kv in ("k", "v")
+        }
 
     # ---- bytes --------------------------------------------------------------------------
     def _parts(self, shape, cfg: QuantConfig | None) -> list[int]:
@@ -135,7 +167,7 @@ class CostModel:
         for first in range(0, self.num_prompts, p.block_size):
             n = min(p.block_size, self.num_prompts - first)
             tiers = split_by_share([1] * n, p.cache_gpu_percent, p.cache_cpu_percent)
-            out.append([{t: tiers[i:i + bs].count(t) for t in TIERS} for i in range(0, n, bs)])
+            out.append([{t: tiers[i : i + bs].count(t) for t in TIERS} for i in range(0, n, bs)])
         return out
 
     # ---- the walk ----------------------------------------------------------------------
@@ -169,8 +201,9 @@ class CostModel:
                         disk += hw.disk_latency_s
                     for seqs in batches:
                         b = sum(seqs.values())
-                        compute += hw.step_overhead_s + max(st.flops_per_token * b * tokens / hw.matmul_flops,
-                                                            st.w_device_bytes / hw.weight_read_bw)
+                        compute += hw.step_overhead_s + max(
+                            st.flops_per_token * b * tokens / hw.matmul_flops, st.w_device_bytes / hw.weight_read_bw
+                        )
                         # the elementwise work around the matmuls (norms, bias, GELU, residuals)
                         compute += st.elementwise * b * tokens * cfg.hidden_size * self.itemsize / hw.attention_bw
                         if st.row_table:  # the rows looked up, plus the stage's other matrices
@@ -207,8 +240,15 @@ class CostModel:
         totals = {k: sum(r[f"{k}_s"] for r in stage_rows) for k in ("compute", "disk", "link")}
         bottleneck = max(totals, key=totals.get)
         total = prefill + decode
-        return Prediction(prefill, decode, self.num_prompts * self.gen_len / total if total else float("inf"),
-                          self.peak_bytes(), kinds, stage_rows, bottleneck)
+        return Prediction(
+            prefill,
+            decode,
+            self.num_prompts * self.gen_len / total if total else float("inf"),
+            self.peak_bytes(),
+            kinds,
+            stage_rows,
+            bottleneck,
+        )
 
     def _attention(self, seqs: dict[str, int], b: int, tokens: int, cached: int):
         """Compute, disk and link seconds and bytes by kind for one batch's attention."""
@@ -257,18 +297,19 @@ class CostModel:
         # On the compute device: the computing stage's copies of weights from other tiers and its
         # dequantized matrices, and the next stage's copies (prefetched); a CPU uses reads in place.
         copied = [(st.w_bytes["cpu"] + st.w_bytes["disk"]) if hw.has_link else 0 for st in self._stage]
-        working = [c + st.dequant_elems * self.itemsize + nxt
-                   for c, st, nxt in zip(copied, self._stage, copied[1:] + [0])]
+        working = [
+            c + st.dequant_elems * self.itemsize + nxt for c, st, nxt in zip(copied, self._stage, copied[1:] + [0])
+        ]
         out["gpu"] += max(working, default=0)
         capacity = self.prompt_len + self.gen_len - 1
         n = min(self.num_prompts, p.block_size)
         tiers = split_by_share([1] * n, p.cache_gpu_percent, p.cache_cpu_percent)
-        for kv, codec in self.codecs.items():
+        for codec in self.codecs.values():
             per_seq = cfg.num_layers * -(-capacity // codec.chunk) * codec.row_bytes
             for t in TIERS:
                 out[t] += tiers.count(t) * per_seq
             out["gpu"] += cfg.num_layers * n * codec.max_tail * cfg.kv_dim * self.itemsize
-        most = max((tiers[i:i + p.gpu_batch_size].count("disk") for i in range(0, n, p.gpu_batch_size)), default=0)
+        most = max((tiers[i : i + p.gpu_batch_size].count("disk") for i in range(0, n, p.gpu_batch_size)), default=0)
         row = max(-(-capacity // c.chunk) * c.row_bytes for c in self.codecs.values())
         _, count, size = cache_read_buffers(not hw.has_link, most, row)
         out["cpu" if hw.has_link else "gpu"] += count * size
@@ -279,14 +320,17 @@ class CostModel:
     def explain(self) -> str:
         """Per-stage seconds and the bottleneck, in words."""
         pred = self.predict()
-        lines = [f"{self.config.name}, {self.policy.describe()}, on {self.hw.name}: "
-                 f"{pred.throughput_tok_s:.1f} tok/s predicted (prefill {pred.prefill_s:.3f} s, "
-                 f"decode {pred.decode_s:.3f} s); bottleneck: {pred.bottleneck}",
-                 f"{'stage':<16}{'compute s':>12}{'disk s':>12}{'link s':>12}  bound"]
+        lines = [
+            f"{self.config.name}, {self.policy.describe()}, on {self.hw.name}: "
+            f"{pred.throughput_tok_s:.1f} tok/s predicted (prefill {pred.prefill_s:.3f} s, "
+            f"decode {pred.decode_s:.3f} s); bottleneck: {pred.bottleneck}",
+            f"{'stage':<16}{'compute s':>12}{'disk s':>12}{'link s':>12}  bound",
+        ]
         for row in pred.stages:
             bound = max(("compute", "disk", "link"), key=lambda k: row[f"{k}_s"])
-            lines.append(f"{row['stage']:<16}{row['compute_s']:>12.4f}{row['disk_s']:>12.4f}{row['link_s']:>12.4f}  "
-                         f"{bound}")
+            lines.append(
+                f"{row['stage']:<16}{row['compute_s']:>12.4f}{row['disk_s']:>12.4f}{row['link_s']:>12.4f}  {bound}"
+            )
         lines.append("peak GiB: " + ", ".join(f"{t} {v / 2**30:.3f}" for t, v in pred.peak_bytes.items()))
         return "\n".join(lines)
 

@@ -44,8 +44,13 @@ class SearchResult:
 
 
 # Placements whose predictions the LP interpolates between: (w_gpu, w_cpu, cache_gpu, cache_cpu).
-EXTREMES = {"base": (100, 0, 100, 0), "w_disk": (0, 0, 100, 0), "w_cpu": (0, 100, 100, 0),
-            "c_disk": (100, 0, 0, 0), "c_cpu": (100, 0, 0, 100)}
+EXTREMES = {
+    "base": (100, 0, 100, 0),
+    "w_disk": (0, 0, 100, 0),
+    "w_cpu": (0, 100, 100, 0),
+    "c_disk": (100, 0, 0, 0),
+    "c_cpu": (100, 0, 0, 100),
+}
 
 
 def _features(pred: Prediction) -> np.ndarray:
@@ -54,8 +59,9 @@ def _features(pred: Prediction) -> np.ndarray:
     return np.array(busy + [pred.peak_bytes[t] for t in ("gpu", "cpu", "disk")])
 
 
-def _solve_shares(base: Policy, config: ModelConfig, hw: HardwareProfile, prompt_len: int, gen_len: int,
-                  itemsize: int, margin: float) -> np.ndarray | None:
+def _solve_shares(
+    base: Policy, config: ModelConfig, hw: HardwareProfile, prompt_len: int, gen_len: int, itemsize: int, margin: float
+) -> np.ndarray | None:
     """The LP over ``(wg, wc, cg, cc, T)``; the shares as fractions, or None if nothing fits.
 
     Each feature is interpolated linearly from the extremes: with ``B`` all on gpu and ``E_*``
@@ -66,11 +72,13 @@ def _solve_shares(base: Policy, config: ModelConfig, hw: HardwareProfile, prompt
     f = {}
     for name, (wg, wc, cg, cc) in EXTREMES.items():
         policy = base.replace(w_gpu_percent=wg, w_cpu_percent=wc, cache_gpu_percent=cg, cache_cpu_percent=cc)
-        f[name] = _features(CostModel(config, policy, hw, prompt_len=prompt_len, gen_len=gen_len,
-                                      itemsize=itemsize).predict())
+        f[name] = _features(
+            CostModel(config, policy, hw, prompt_len=prompt_len, gen_len=gen_len, itemsize=itemsize).predict()
+        )
     const = f["w_disk"] + f["c_disk"] - f["base"]
-    coef = np.stack([f["base"] - f["w_disk"], f["w_cpu"] - f["w_disk"], f["base"] - f["c_disk"],
-                     f["c_cpu"] - f["c_disk"]], axis=1)  # [features, 4]
+    coef = np.stack(
+        [f["base"] - f["w_disk"], f["w_cpu"] - f["w_disk"], f["base"] - f["c_disk"], f["c_cpu"] - f["c_disk"]], axis=1
+    )  # [features, 4]
     a_ub = [list(coef[r]) + [-1.0] for r in range(3)]  # each resource's seconds <= T
     b_ub = [-const[r] for r in range(3)]
     caps = tuple((1 - margin) * c for c in (hw.gpu_memory, hw.cpu_memory, hw.disk_space))
@@ -85,8 +93,9 @@ def _solve_shares(base: Policy, config: ModelConfig, hw: HardwareProfile, prompt
     # Ties (compute-bound: any share under the compute) go to the faster tier: a tiny reward for
     # keeping things on gpu, then cpu.
     eps = 1e-4 * max(const[0], 1e-9)
-    res = linprog(c=[-2 * eps, -eps, -2 * eps, -eps, 1.0], A_ub=a_ub, b_ub=b_ub, bounds=[(0, 1)] * 4 + [(0, None)],
-                  method="highs")
+    res = linprog(
+        c=[-2 * eps, -eps, -2 * eps, -eps, 1.0], A_ub=a_ub, b_ub=b_ub, bounds=[(0, 1)] * 4 + [(0, None)], method="highs"
+    )
     return res.x[:4] if res.status == 0 else None
 
 
@@ -124,25 +133,40 @@ def _refine(found: tuple[Policy, Prediction], predict, hw: HardwareProfile) -> t
     fits of the LP's pick and a coarse grid of shares (halves), then a climb to the best
     neighbour while it is predicted faster, in steps of 10 then 2.5 points."""
     halves = [(g, c) for g in (0, 50, 100) for c in range(0, 101 - g, 50)]
-    grid = [found[0].replace(w_gpu_percent=wg, w_cpu_percent=wc, cache_gpu_percent=cg, cache_cpu_percent=cc)
-            for wg, wc in halves for cg, cc in halves]
+    grid = [
+        found[0].replace(w_gpu_percent=wg, w_cpu_percent=wc, cache_gpu_percent=cg, cache_cpu_percent=cc)
+        for wg, wc in halves
+        for cg, cc in halves
+    ]
     tried = [(p, predict(p)) for p in grid]
     best = max([found] + [t for t in tried if fits(t[1].peak_bytes, hw)], key=lambda t: t[1].throughput_tok_s)
     for step in (10.0, 2.5):
         while True:
             tried = [(p, predict(p)) for p in _neighbours(best[0], step)]
-            better = [t for t in tried if fits(t[1].peak_bytes, hw)
-                      and t[1].throughput_tok_s > best[1].throughput_tok_s * (1 + 1e-6)]
+            better = [
+                t
+                for t in tried
+                if fits(t[1].peak_bytes, hw) and t[1].throughput_tok_s > best[1].throughput_tok_s * (1 + 1e-6)
+            ]
             if not better:
                 break
             best = max(better, key=lambda t: t[1].throughput_tok_s)
     return best
 
 
-def search_policy(config: ModelConfig, hw: HardwareProfile, *, prompt_len: int, gen_len: int, itemsize: int = 2,
-                  batch_sizes=(1, 2, 4, 8, 16, 32, 64), num_batches=(1, 2, 4, 8),
-                  compress: tuple[QuantConfig | None, ...] = (None,), act_tiers=("gpu", "cpu"),
-                  progress: bool = False) -> SearchResult:
+def search_policy(
+    config: ModelConfig,
+    hw: HardwareProfile,
+    *,
+    prompt_len: int,
+    gen_len: int,
+    itemsize: int = 2,
+    batch_sizes=(1, 2, 4, 8, 16, 32, 64),
+    num_batches=(1, 2, 4, 8),
+    compress: tuple[QuantConfig | None, ...] = (None,),
+    act_tiers=("gpu", "cpu"),
+    progress: bool = False,
+) -> SearchResult:
     """The fastest policy (by the cost model) whose peak memory fits ``hw``'s capacities.
 
     Capacities are per tier. On a machine without a GPU the gpu and cpu tiers are the same RAM:
@@ -150,8 +174,9 @@ def search_policy(config: ModelConfig, hw: HardwareProfile, *, prompt_len: int, 
     half); the search counts only their sum (see :func:`fits`).
     """
     if prompt_len + gen_len > config.max_positions:
-        raise FlexlabError(f"prompt_len + gen_len = {prompt_len + gen_len} exceeds {config.name}'s "
-                           f"{config.max_positions} positions")
+        raise FlexlabError(
+            f"prompt_len + gen_len = {prompt_len + gen_len} exceeds {config.name}'s {config.max_positions} positions"
+        )
     from tqdm.auto import tqdm
 
     grid = list(itertools.product(batch_sizes, num_batches, act_tiers, compress))
@@ -162,23 +187,39 @@ def search_policy(config: ModelConfig, hw: HardwareProfile, *, prompt_len: int, 
     candidates, found_all = [], []
     smallest: dict[str, float] | None = None
     for bs, nb, act, cq in tqdm(grid, desc="policy search", disable=not progress):
-        base = Policy(gpu_batch_size=bs, num_gpu_batches=nb, act_gpu_percent=ACT_TIERS[act][0],
-                      act_cpu_percent=ACT_TIERS[act][1], compress_weight=cq, compress_cache=cq)
+        base = Policy(
+            gpu_batch_size=bs,
+            num_gpu_batches=nb,
+            act_gpu_percent=ACT_TIERS[act][0],
+            act_cpu_percent=ACT_TIERS[act][1],
+            compress_weight=cq,
+            compress_cache=cq,
+        )
         found = None
         x = _solve_shares(base, config, hw, prompt_len, gen_len, itemsize, margin=0.03)
         # The LP interpolates memory linearly, but whole tensors are placed and read buffers follow
         # the largest stage: if the exact footprint overshoots, move shares to disk step by step.
-        for keep in ((1.0, 0.9, 0.75, 0.5, 0.25, 0.0) if x is not None else ()):
+        for keep in (1.0, 0.9, 0.75, 0.5, 0.25, 0.0) if x is not None else ():
             wg, wc, cg, cc = (max(0.0, round(float(v) * keep * 100, 1)) for v in x)  # max: no -0.0
-            policy = base.replace(w_gpu_percent=wg, w_cpu_percent=min(wc, 100 - wg), cache_gpu_percent=cg,
-                                  cache_cpu_percent=min(cc, 100 - cg))
+            policy = base.replace(
+                w_gpu_percent=wg,
+                w_cpu_percent=min(wc, 100 - wg),
+                cache_gpu_percent=cg,
+                cache_cpu_percent=min(cc, 100 - cg),
+            )
             pred = predict(policy)
             if fits(pred.peak_bytes, hw):
                 found = (policy, pred)
                 break
         if found is None:
-            footprint = CostModel(config, base.replace(w_gpu_percent=0, cache_gpu_percent=0), hw,
-                                  prompt_len=prompt_len, gen_len=gen_len, itemsize=itemsize).peak_bytes()
+            footprint = CostModel(
+                config,
+                base.replace(w_gpu_percent=0, cache_gpu_percent=0),
+                hw,
+                prompt_len=prompt_len,
+                gen_len=gen_len,
+                itemsize=itemsize,
+            ).peak_bytes()
             if smallest is None or sum(footprint.values()) < sum(smallest.values()):
                 smallest = footprint
             continue
@@ -186,14 +227,18 @@ def search_policy(config: ModelConfig, hw: HardwareProfile, *, prompt_len: int, 
         candidates.append(_candidate(*found))
     if not found_all:
         need = smallest or {}
-        memory = (f"gpu {hw.gpu_memory / 2**30:.1f} GiB, cpu {hw.cpu_memory / 2**30:.1f} GiB" if hw.has_link else
-                  f"RAM {(hw.gpu_memory + hw.cpu_memory) / 2**30:.1f} GiB (gpu and cpu tiers together)")
+        memory = (
+            f"gpu {hw.gpu_memory / 2**30:.1f} GiB, cpu {hw.cpu_memory / 2**30:.1f} GiB"
+            if hw.has_link
+            else f"RAM {(hw.gpu_memory + hw.cpu_memory) / 2**30:.1f} GiB (gpu and cpu tiers together)"
+        )
         raise FlexlabError(
             f"no policy fits {config.name} (prompt {prompt_len}, gen {gen_len}) in {memory}, disk "
             f"{hw.disk_space / 2**30:.1f} GiB; the smallest "
             f"footprint tried (everything off the gpu) needs gpu {need.get('gpu', float('nan')) / 2**30:.2f}, cpu "
             f"{need.get('cpu', float('nan')) / 2**30:.2f} and disk {need.get('disk', float('nan')) / 2**30:.1f} GiB: "
-            "free disk space, allow compression, or try smaller batches")
+            "free disk space, allow compression, or try smaller batches"
+        )
     # The few best LP picks, each refined on the exact model; the fastest of them wins.
     top = sorted(found_all, key=lambda f: f[1].throughput_tok_s, reverse=True)[:REFINED]
     refined = [_refine(f, predict, hw) for f in top]
@@ -205,8 +250,14 @@ def search_policy(config: ModelConfig, hw: HardwareProfile, *, prompt_len: int, 
 def _candidate(policy: Policy, pred: Prediction) -> dict:
     """One row of ``SearchResult.candidates``."""
     cq = policy.compress_weight
-    return dict(policy=policy.describe(), gpu_batch_size=policy.gpu_batch_size, num_gpu_batches=policy.num_gpu_batches,
-                act_tier=next(t for t, shares in ACT_TIERS.items()
-                              if shares == (policy.act_gpu_percent, policy.act_cpu_percent)),
-                compress=cq.describe() if cq else "none", throughput_tok_s=pred.throughput_tok_s,
-                **{f"peak_bytes_{t}": v for t, v in pred.peak_bytes.items()})
+    return dict(
+        policy=policy.describe(),
+        gpu_batch_size=policy.gpu_batch_size,
+        num_gpu_batches=policy.num_gpu_batches,
+        act_tier=next(
+            t for t, shares in ACT_TIERS.items() if shares == (policy.act_gpu_percent, policy.act_cpu_percent)
+        ),
+        compress=cq.describe() if cq else "none",
+        throughput_tok_s=pred.throughput_tok_s,
+        **{f"peak_bytes_{t}": v for t, v in pred.peak_bytes.items()},
+    )

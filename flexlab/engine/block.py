@@ -10,12 +10,11 @@ only through a :class:`BlockContext`.
 from __future__ import annotations
 
 import time
-
-import torch
-
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+
+import torch
 
 from flexlab.compress import QTensor, dequantize
 from flexlab.engine.cache import KV, CacheStore, LoadedCache
@@ -66,18 +65,29 @@ class BlockRun:
             self.valid.append(valid)
         n = len(head.ids)
         capacity = self.width + max(self.num_tokens - 1, 0)
-        self.codecs = {kv: KVCodec(policy.compress_cache, cfg.num_kv_heads, cfg.head_dim, ctx.dtype, keys=kv == "k")
-                       for kv in KV}
+        self.codecs = {
+            kv: KVCodec(policy.compress_cache, cfg.num_kv_heads, cfg.head_dim, ctx.dtype, keys=kv == "k") for kv in KV
+        }
         disk_seqs = round(n * policy.cache_disk_percent / 100)
-        ctx.check_space(cfg.num_layers * disk_seqs * sum(-(-capacity // c.chunk) * c.row_bytes
-                                                         for c in self.codecs.values()),
-                        "the disk share of the KV cache")
-        self.cache = CacheStore(policy, [len(b) for b in batches], capacity, self.codecs, ctx.device,
-                                ctx.subdir("cache"), ctx.files, ctx.tracker)
+        ctx.check_space(
+            cfg.num_layers * disk_seqs * sum(-(-capacity // c.chunk) * c.row_bytes for c in self.codecs.values()),
+            "the disk share of the KV cache",
+        )
+        self.cache = CacheStore(
+            policy,
+            [len(b) for b in batches],
+            capacity,
+            self.codecs,
+            ctx.device,
+            ctx.subdir("cache"),
+            ctx.files,
+            ctx.tracker,
+        )
         # A compressed cache keeps its newest tokens in full precision on the device (see kvcodec).
         self.tails: dict[tuple[int, int, str], torch.Tensor] = {}
-        self.tail_bytes = sum(cfg.num_layers * n * c.max_tail * cfg.kv_dim * ctx.dtype.itemsize
-                              for c in self.codecs.values())
+        self.tail_bytes = sum(
+            cfg.num_layers * n * c.max_tail * cfg.kv_dim * ctx.dtype.itemsize for c in self.codecs.values()
+        )
         ctx.tracker.add("gpu", "kv tail", self.tail_bytes)
         self.acts = None
         if policy.act_tier != "gpu":
@@ -92,12 +102,25 @@ class BlockRun:
         """Run the block; returns its timeline events, prefill seconds and decode seconds."""
         ctx = self.ctx
         overlap = ctx.policy.overlap
-        steps = block_schedule(self.num_tokens, ctx.stages, len(self.tokens), prefetch=1 if overlap else 0,
-                               act_moves=self.acts is not None, cache_ahead=self.cache.read_ahead if overlap else 0)
-        handlers = {"load_weight": self.load_weight, "release_weight": self.release_weight,
-                    "load_cache": self.load_cache, "release_cache": self.release_cache, "load_act": self.load_act,
-                    "compute": self.compute, "store_cache": self.store_cache, "store_act": self.store_act,
-                    "inline": self.moves_nothing}
+        steps = block_schedule(
+            self.num_tokens,
+            ctx.stages,
+            len(self.tokens),
+            prefetch=1 if overlap else 0,
+            act_moves=self.acts is not None,
+            cache_ahead=self.cache.read_ahead if overlap else 0,
+        )
+        handlers = {
+            "load_weight": self.load_weight,
+            "release_weight": self.release_weight,
+            "load_cache": self.load_cache,
+            "release_cache": self.release_cache,
+            "load_act": self.load_act,
+            "compute": self.compute,
+            "store_cache": self.store_cache,
+            "store_act": self.store_act,
+            "inline": self.moves_nothing,
+        }
         start = time.perf_counter()
         try:
             ctx.executor.run(steps, handlers, self.head.finished)
@@ -174,7 +197,11 @@ class BlockRun:
             h = f.embed(w, cfg, ids, self._positions(t, k))
         else:
             w = self._weights(step, loaded)
-            h = inputs[("load_act", t, j, k)] if ("load_act", t, j, k) in inputs else inputs[("compute", t, j - 1, k)]["h"]
+            h = (
+                inputs[("load_act", t, j, k)]
+                if ("load_act", t, j, k) in inputs
+                else inputs[("compute", t, j - 1, k)]["h"]
+            )
 
         kv = None
         if "attention" in stage.parts:
@@ -216,8 +243,9 @@ class BlockRun:
         dtype = self.ctx.dtype
 
         def rows() -> dict:
-            out = {n: dequantize(t, dtype) if isinstance(t, QTensor) else t for n, t in loaded.tensors.items()
-                   if n != name}
+            out = {
+                n: dequantize(t, dtype) if isinstance(t, QTensor) else t for n, t in loaded.tensors.items() if n != name
+            }
             out[name] = dequantize(table.rows(unique), dtype)
             return out
 
@@ -232,15 +260,26 @@ class BlockRun:
             if rows is None:  # every sequence's cache stayed on the host (cpu_cache_compute)
                 out[kv] = None
                 continue
-            x = rows if codec.config is None else self.ctx.executor.timed(
-                "dequantize_cache", step, lambda: codec.decode(rows))
+            x = (
+                rows
+                if codec.config is None
+                else self.ctx.executor.timed("dequantize_cache", step, lambda: codec.decode(rows))
+            )
             tail = self.tails.get((layer, step.batch, kv))
             out[kv] = (x if tail is None else torch.cat([x, tail], dim=1)).transpose(1, 2)
         host = {kv: None if x is None else x.transpose(1, 2) for kv, x in (("k", loaded.host_k), ("v", loaded.host_v))}
         return LoadedCache(out["k"], out["v"], host["k"], host["v"], loaded.host_span)
 
-    def _sparse_attention(self, step: Step, layer: int, q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor,
-                          keys: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    def _sparse_attention(
+        self,
+        step: Step,
+        layer: int,
+        q: torch.Tensor,
+        k_new: torch.Tensor,
+        v_new: torch.Tensor,
+        keys: torch.Tensor,
+        bias: torch.Tensor,
+    ) -> torch.Tensor:
         """Top-k attention of the new token: every key is read, then only the value rows some
         head kept (from the cache's tier, or the full-precision tail)."""
         kept, w_new = sparse_weights(q, torch.cat([keys, k_new], dim=2), bias, self.ctx.policy.attn_sparsity)
@@ -250,8 +289,9 @@ class BlockRun:
         stored = codec.stored_tokens(kept.shape[-1])
         from_store = [[p for p in pos if p < stored] for pos in positions]
         executor = self.ctx.executor
-        rows = executor.timed("gather_values", step, lambda: self.cache.gather(layer, batch, "v", from_store),
-                              moves_bytes=True)
+        rows = executor.timed(
+            "gather_values", step, lambda: self.cache.gather(layer, batch, "v", from_store), moves_bytes=True
+        )
         if codec.config is not None:
             rows = executor.timed("dequantize_cache", step, lambda: codec.decode(rows))
         tail = self.tails.get((layer, batch, "v"))
@@ -261,7 +301,7 @@ class BlockRun:
             n = len(from_store[r])
             values[r, :n] = rows[r, :n]
             if len(pos) > n:  # kept tokens still in the full-precision tail
-                values[r, n:len(pos)] = tail[r, torch.tensor(pos[n:], device=tail.device) - stored]
+                values[r, n : len(pos)] = tail[r, torch.tensor(pos[n:], device=tail.device) - stored]
         idx = torch.tensor([pos + [0] * (width - len(pos)) for pos in positions], device=kept.device)
         weights = kept.gather(-1, idx[:, None, :].expand(-1, kept.shape[1], -1))  # [b, heads, width]
         pad = torch.tensor([[i >= len(pos) for i in range(width)] for pos in positions], device=kept.device)
@@ -280,11 +320,11 @@ class BlockRun:
             tail = self.tails.pop(key, None)
             pending = new[kv] if tail is None else torch.cat([tail, new[kv]], dim=1)  # tokens from stored(before)
             first, last = codec.stored_tokens(before), codec.stored_tokens(after)
-            leaving = pending[:, :last - first]
+            leaving = pending[:, : last - first]
             if codec.config is not None and last > first:
                 leaving = self.ctx.executor.timed("quantize_cache", step, lambda: codec.encode(leaving))
             if last - first < pending.shape[1]:
-                self.tails[key] = pending[:, last - first:].clone()  # clone: free the rest of ``pending``
+                self.tails[key] = pending[:, last - first :].clone()  # clone: free the rest of ``pending``
             out[kv] = (leaving, first // codec.chunk)
         return out
 

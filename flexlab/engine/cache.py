@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from flexlab.engine.kvcodec import KVCodec
-from flexlab.engine.placement import ALIGN, cache_layout, cache_read_buffers, near_tiers, split_by_share
+from flexlab.engine.placement import cache_layout, cache_read_buffers, near_tiers, split_by_share
 from flexlab.engine.tiers import BufferPool, DiskFiles, MemoryTracker, nbytes, preallocate, staging_tier
 
 KV = ("k", "v")
@@ -40,8 +40,17 @@ class LoadedCache:
 class CacheStore:
     """Rows of keys and values for every layer of one block, each sequence on one tier."""
 
-    def __init__(self, policy, batch_sizes: list[int], capacity: int, codecs: dict[str, KVCodec],
-                 device: torch.device, cache_dir: Path, files: DiskFiles, tracker: MemoryTracker) -> None:
+    def __init__(
+        self,
+        policy,
+        batch_sizes: list[int],
+        capacity: int,
+        codecs: dict[str, KVCodec],
+        device: torch.device,
+        cache_dir: Path,
+        files: DiskFiles,
+        tracker: MemoryTracker,
+    ) -> None:
         self.device, self.files, self.tracker, self.codecs = device, files, tracker, codecs
         self.cache_dir = cache_dir
         self.capacity = {kv: -(-capacity // c.chunk) for kv, c in codecs.items()}  # in rows
@@ -70,8 +79,9 @@ class CacheStore:
             else:
                 device = self.device if tier == "gpu" else torch.device("cpu")
                 pin = tier == "cpu" and self.device.type == "cuda"  # pinned: host<->GPU copies at full speed
-                self.slots[key] = torch.empty((count, self.capacity[kv], *codec.row_shape), dtype=codec.row_dtype,
-                                              device=device, pin_memory=pin)
+                self.slots[key] = torch.empty(
+                    (count, self.capacity[kv], *codec.row_shape), dtype=codec.row_dtype, device=device, pin_memory=pin
+                )
             self.slot_bytes[key] = size
             self.tracker.add(tier, "kv cache", size)
         return self.slots[key]
@@ -81,19 +91,20 @@ class CacheStore:
         moved = {"cpu": 0, "disk": 0}
         n, row_bytes = rows.shape[1], self.codecs[kv].row_bytes
         for tier, first, count in self.layout[batch]:
-            part = rows[first:first + count]
+            part = rows[first : first + count]
             slot = self._slot(layer, batch, tier, kv, count)
             if tier == "disk":  # rows start..start+n of every sequence: one stretch of the file
                 self.files.write(slot, start * count * row_bytes, part.to("cpu").transpose(0, 1))
                 moved["disk"] += nbytes(part)
             else:
-                slot[:, start:start + n].copy_(part, non_blocking=True)
+                slot[:, start : start + n].copy_(part, non_blocking=True)
                 if slot.device != part.device:
                     moved[tier] += nbytes(part)
         return moved
 
-    def load(self, layer: int, batch: int, rows: dict[str, int], cpu_rows_stay: bool = False
-             ) -> tuple[LoadedCache, dict[str, int]]:
+    def load(
+        self, layer: int, batch: int, rows: dict[str, int], cpu_rows_stay: bool = False
+    ) -> tuple[LoadedCache, dict[str, int]]:
         """The first ``rows[kv]`` rows of a batch's keys and values, and the bytes moved per tier.
 
         With ``cpu_rows_stay`` the cpu tier's sequences are left in host memory (for attention
@@ -123,8 +134,9 @@ class CacheStore:
         def join(parts: list) -> torch.Tensor | None:
             return None if not parts else parts[0] if len(parts) == 1 else torch.cat(parts)
 
-        loaded = LoadedCache(join(device_parts["k"]), join(device_parts["v"]), host.get("k"), host.get("v"), host_span,
-                             buffers)
+        loaded = LoadedCache(
+            join(device_parts["k"]), join(device_parts["v"]), host.get("k"), host.get("v"), host_span, buffers
+        )
         if any(len(parts) > 1 for parts in device_parts.values()):
             self.release(loaded)  # the join copied the rows out: the buffers are free now
         return loaded, moved
@@ -145,12 +157,12 @@ class CacheStore:
         moved = 0
         for tier, first, count in self.layout[batch]:
             slot = self._slot(layer, batch, tier, kv, count)
-            mine = positions[first:first + count]
+            mine = positions[first : first + count]
             if tier != "disk":
                 for i, pos in enumerate(mine):
                     if pos:
                         idx = torch.tensor(pos, device=slot.device)
-                        out[first + i, :len(pos)] = slot[i, idx].to(self.device, non_blocking=True)
+                        out[first + i, : len(pos)] = slot[i, idx].to(self.device, non_blocking=True)
                         moved += 0 if slot.device == self.device else len(pos) * codec.row_bytes
                 continue
             where = [{p: at for at, p in enumerate(pos)} for pos in mine]  # position -> index in out

@@ -21,19 +21,23 @@ from pathlib import Path
 import torch
 
 from flexlab.engine.block import BlockContext, BlockRun
-from flexlab.engine.heads import GenerateHead, Head, ScoreHead, TeacherHead
 from flexlab.engine.executor import Executor
+from flexlab.engine.heads import GenerateHead, Head, ScoreHead, TeacherHead
 from flexlab.engine.policy import Policy, PolicyError
 from flexlab.engine.schedule import make_stages
 from flexlab.engine.store import WeightStore
 from flexlab.engine.tiers import DiskFiles, MemoryTracker, return_freed_memory
-from flexlab.timeline import Timeline
-from flexlab.files import owned_dir, disown, remove, sweep_stale
 from flexlab.errors import FlexlabError, OffloadError
-from flexlab.models.generation import (GenerationResult, Sampler, encode_for_scoring, generation_metrics,
-                                       prepare_generation)
+from flexlab.files import owned_dir, remove, sweep_stale
+from flexlab.models.generation import (
+    GenerationResult,
+    Sampler,
+    encode_for_scoring,
+    generation_metrics,
+    prepare_generation,
+)
 from flexlab.models.registry import weight_bytes
-
+from flexlab.timeline import Timeline
 
 OFFLOAD_PREFIX = "flexlab-"  # each engine's directory inside offload_dir: flexlab-XXXXXXXX
 
@@ -41,8 +45,15 @@ OFFLOAD_PREFIX = "flexlab-"  # each engine's directory inside offload_dir: flexl
 class Engine:
     """Runs a :class:`~flexlab.Model` under a :class:`Policy`; see the module docstring."""
 
-    def __init__(self, model, policy: Policy | None = None, offload_dir: str | Path | None = None, *,
-                 direct_io: bool = True, progress: bool = False) -> None:
+    def __init__(
+        self,
+        model,
+        policy: Policy | None = None,
+        offload_dir: str | Path | None = None,
+        *,
+        direct_io: bool = True,
+        progress: bool = False,
+    ) -> None:
         policy = policy or Policy()
         if not isinstance(policy, Policy):
             raise PolicyError(f"policy must be a flexlab.Policy, got {type(policy).__name__}")
@@ -61,12 +72,32 @@ class Engine:
 
             n = len(model.family.weight_specs(model.config))
             with tqdm(total=n, desc="placing weights", disable=not progress, leave=False) as bar:
-                self.weights = WeightStore(model, self.stages, policy, self.device, self.dtype,
-                                           self.subdir("weights"), self.files, self.tracker, bar)
+                self.weights = WeightStore(
+                    model,
+                    self.stages,
+                    policy,
+                    self.device,
+                    self.dtype,
+                    self.subdir("weights"),
+                    self.files,
+                    self.tracker,
+                    bar,
+                )
             self._executor = Executor(self.device, policy.overlap, describe=lambda j: self.stages[j].name)
-            self._context = BlockContext(model.family, model.config, policy, self.stages, self.device, self.dtype,
-                                         self.weights, self._executor, self.tracker, self.files, self.subdir,
-                                         self.check_space)
+            self._context = BlockContext(
+                model.family,
+                model.config,
+                policy,
+                self.stages,
+                self.device,
+                self.dtype,
+                self.weights,
+                self._executor,
+                self.tracker,
+                self.files,
+                self.subdir,
+                self.check_space,
+            )
         except BaseException:
             self.close()
             raise
@@ -80,8 +111,10 @@ class Engine:
             sweep_stale(parent, OFFLOAD_PREFIX)  # left by engines whose process was killed
             return owned_dir(parent, OFFLOAD_PREFIX)
         except OSError as e:
-            raise OffloadError(f"offload_dir {str(parent)!r} is not usable ({e.strerror}); pass a writable "
-                               "directory with room for the disk share of weights and cache") from None
+            raise OffloadError(
+                f"offload_dir {str(parent)!r} is not usable ({e.strerror}); pass a writable "
+                "directory with room for the disk share of weights and cache"
+            ) from None
 
     def subdir(self, name: str) -> Path:
         """A folder (created if needed) inside the engine's offload directory."""
@@ -100,9 +133,11 @@ class Engine:
         """Raise OffloadError, before anything is written, if the offload disk lacks ``need`` bytes."""
         free = shutil.disk_usage(self._dir).free
         if need > free:
-            raise OffloadError(f"offload_dir {str(self._dir.parent)!r} has {free / 2**30:.2f} GiB free but "
-                               f"{what} needs {need / 2**30:.2f} GiB; free space, choose another directory, "
-                               "or lower the disk share in the policy")
+            raise OffloadError(
+                f"offload_dir {str(self._dir.parent)!r} has {free / 2**30:.2f} GiB free but "
+                f"{what} needs {need / 2**30:.2f} GiB; free space, choose another directory, "
+                "or lower the disk share in the policy"
+            )
 
     def close(self) -> None:
         """Stop the lanes, drop the stores and delete every file the engine created."""
@@ -114,7 +149,7 @@ class Engine:
             remove(self._dir)
             self._dir = None
 
-    def __enter__(self) -> "Engine":
+    def __enter__(self) -> Engine:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -127,9 +162,19 @@ class Engine:
             pass
 
     # ---- user API ----------------------------------------------------------------------
-    def generate(self, prompts, *, max_new_tokens: int = 32, do_sample: bool = False, temperature: float = 1.0,
-                 top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
-                 stop_token_ids=(), stop_strings=None) -> GenerationResult:
+    def generate(
+        self,
+        prompts,
+        *,
+        max_new_tokens: int = 32,
+        do_sample: bool = False,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        seed: int | None = None,
+        stop_token_ids=(),
+        stop_strings=None,
+    ) -> GenerationResult:
         """Generate for any number of prompts, in blocks of ``gpu_batch_size × num_gpu_batches``.
 
         Arguments as :meth:`flexlab.Model.generate`. With sampling, the same seed gives the same
@@ -137,24 +182,45 @@ class Engine:
         """
         self._check_open()
         ids, sampling, stop = prepare_generation(
-            prompts, self.model.tokenizer, self.model.config, max_new_tokens=max_new_tokens, do_sample=do_sample,
-            temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, stop_token_ids=stop_token_ids,
-            stop_strings=stop_strings)
+            prompts,
+            self.model.tokenizer,
+            self.model.config,
+            max_new_tokens=max_new_tokens,
+            do_sample=do_sample,
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+            seed=seed,
+            stop_token_ids=stop_token_ids,
+            stop_strings=stop_strings,
+        )
         sampler = Sampler(sampling, self.device)
         self._executor.restart_clock()
         self.tracker.reset_peaks()
         generated: list[list[int]] = [[] for _ in ids]
         events, prefill_s, decode_s = [], 0.0, 0.0
         for first in range(0, len(ids), self.policy.block_size):
-            head = GenerateHead(ids[first:first + self.policy.block_size], self.policy.gpu_batch_size, max_new_tokens,
-                                sampler=sampler, stop=stop, generated=generated, offset=first)
+            head = GenerateHead(
+                ids[first : first + self.policy.block_size],
+                self.policy.gpu_batch_size,
+                max_new_tokens,
+                sampler=sampler,
+                stop=stop,
+                generated=generated,
+                offset=first,
+            )
             block_events, p, d = self._run(head)
             events += block_events
             prefill_s, decode_s = prefill_s + p, decode_s + d
         metrics = generation_metrics(sum(map(len, generated)), prefill_s, decode_s)
         metrics.update({f"peak_bytes_{tier}": float(v) for tier, v in self.tracker.peaks().items()})
-        return GenerationResult(token_ids=generated, texts=stop.texts(generated), metrics=metrics,
-                                timeline=Timeline(events), memory=self.tracker.breakdown())
+        return GenerationResult(
+            token_ids=generated,
+            texts=stop.texts(generated),
+            metrics=metrics,
+            timeline=Timeline(events),
+            memory=self.tracker.breakdown(),
+        )
 
     def score(self, sequences, *, teacher_forced: bool = False) -> list[torch.Tensor]:
         """Per sequence, float32 log-probabilities of tokens ``1..n-1`` given their prefix.
@@ -168,10 +234,13 @@ class Engine:
         ids = encode_for_scoring(sequences, self.model.tokenizer, self.model.config)
         out = []
         for first in range(0, len(ids), self.policy.block_size):
-            chunk = ids[first:first + self.policy.block_size]
+            chunk = ids[first : first + self.policy.block_size]
             bs = self.policy.gpu_batch_size
-            head = (TeacherHead(chunk, bs, self.model.config.pad_token_id, self.device) if teacher_forced
-                    else ScoreHead(chunk, bs))
+            head = (
+                TeacherHead(chunk, bs, self.model.config.pad_token_id, self.device)
+                if teacher_forced
+                else ScoreHead(chunk, bs)
+            )
             self._run(head)
             out += head.scores
         return out
@@ -195,8 +264,10 @@ class Engine:
         if self._executor is None:
             raise FlexlabError("this Engine is closed; create a new one (or use it inside a `with` block)")
         if self._broken:
-            raise FlexlabError("this Engine was interrupted while it cleaned up after an earlier error, so its "
-                               "transfers may still be running; close it and create a new Engine")
+            raise FlexlabError(
+                "this Engine was interrupted while it cleaned up after an earlier error, so its "
+                "transfers may still be running; close it and create a new Engine"
+            )
 
     @property
     def executor(self) -> Executor:

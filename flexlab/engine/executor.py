@@ -22,8 +22,13 @@ import torch
 from flexlab.engine.schedule import Key, Step
 from flexlab.timeline import COMPUTE_LANE, Event
 
-LANES = {"load_weight": "load weight", "load_cache": "load cache", "load_act": "load act",
-         "store_cache": "store cache", "store_act": "store act"}
+LANES = {
+    "load_weight": "load weight",
+    "load_cache": "load cache",
+    "load_act": "load act",
+    "store_cache": "store cache",
+    "store_act": "store act",
+}
 
 
 class Clock:
@@ -78,8 +83,9 @@ class Executor:
         self.pending_events: list[tuple] = []
         self.clock = Clock(device)
 
-    def run(self, steps: Iterable[Step], handlers: dict[str, Callable],
-            should_stop: Callable[[], bool] = lambda: False) -> None:
+    def run(
+        self, steps: Iterable[Step], handlers: dict[str, Callable], should_stop: Callable[[], bool] = lambda: False
+    ) -> None:
         """Issue every step in order; stop issuing once ``should_stop()`` (checked after computes).
 
         However the run ends (done, stopped early, an error, Ctrl-C), nothing of it outlives the
@@ -122,8 +128,13 @@ class Executor:
         run's load would wait for one forever. Then drop every step's value."""
         for key, f in list(self.futures.items()):
             release = self.handlers.get("release_" + key[0].removeprefix("load_"))
-            if key[0].startswith("load_") and release is not None and f.done() and not f.cancelled() \
-                    and f.exception() is None:
+            if (
+                key[0].startswith("load_")
+                and release is not None
+                and f.done()
+                and not f.cancelled()
+                and f.exception() is None
+            ):
                 try:
                     release(key, f.result()[0])
                 except Exception:
@@ -153,6 +164,7 @@ class Executor:
                 stream.wait_stream(torch.cuda.current_stream())  # don't copy before it is computed
             work = lambda: (None, handler(step, computed))  # noqa: E731
         else:
+
             def work():
                 for d in deps:  # e.g. a cache load waits for the store of the previous token
                     d.result()
@@ -226,9 +238,20 @@ class Executor:
 
     def events(self) -> list[Event]:
         """Resolve the recorded marks into timeline events (after :meth:`drain`)."""
-        out = [Event(lane, kind, step.token, step.stage, step.batch, self.clock.resolve(a),
-                     self.clock.resolve(b), int(moved), self.describe(step.stage))
-               for lane, step, a, b, moved, kind in self.pending_events]
+        out = [
+            Event(
+                lane,
+                kind,
+                step.token,
+                step.stage,
+                step.batch,
+                self.clock.resolve(a),
+                self.clock.resolve(b),
+                int(moved),
+                self.describe(step.stage),
+            )
+            for lane, step, a, b, moved, kind in self.pending_events
+        ]
         self.pending_events.clear()
         return out
 

@@ -49,14 +49,15 @@ class GenerateHead(Head):
     """Samples each sequence's next token; new tokens go into ``generated`` (the caller's
     per-prompt lists, this block's prompts from ``offset``), checked by ``stop``."""
 
-    def __init__(self, ids, gpu_batch_size: int, max_new_tokens: int, *, sampler, stop,
-                 generated: list[list[int]], offset: int) -> None:
+    def __init__(
+        self, ids, gpu_batch_size: int, max_new_tokens: int, *, sampler, stop, generated: list[list[int]], offset: int
+    ) -> None:
         super().__init__(ids, gpu_batch_size, max_new_tokens)
         self.sampler, self.stop, self.generated, self.offset = sampler, stop, generated, offset
         self._new: list[torch.Tensor | None] = [None] * len(self.batch_rows)
 
     def finished(self) -> bool:
-        return all(self.stop.finished[self.offset:self.offset + len(self.ids)])
+        return all(self.stop.finished[self.offset : self.offset + len(self.ids)])
 
     def __call__(self, project, h, t, k):
         new = self._new[k] = self.sampler(project(h[:, -1]))  # stays on the device for the next embed
@@ -86,7 +87,7 @@ class ScoreHead(Head):
         for r, row in enumerate(self.batch_rows[k]):
             seq = self.ids[row]
             target = torch.tensor(seq[1:], device=logprobs.device)[:, None]
-            self.scores[row] = logprobs[r, self.width - len(seq):-1].gather(-1, target).squeeze(-1).cpu()
+            self.scores[row] = logprobs[r, self.width - len(seq) : -1].gather(-1, target).squeeze(-1).cpu()
         return None
 
 
@@ -97,8 +98,10 @@ class TeacherHead(Head):
         longest = max(map(len, ids))
         super().__init__(ids, gpu_batch_size, longest - 1)
         # right-padded: token i of every sequence in column i
-        self.targets = [torch.tensor([ids[r] + [pad_token_id] * (longest - len(ids[r])) for r in rows], device=device)
-                        for rows in self.batch_rows]
+        self.targets = [
+            torch.tensor([ids[r] + [pad_token_id] * (longest - len(ids[r])) for r in rows], device=device)
+            for rows in self.batch_rows
+        ]
         self._logprobs: list[list[torch.Tensor]] = [[] for _ in self.batch_rows]
         self.scores: list[torch.Tensor] = [torch.empty(0)] * len(ids)
 
@@ -112,5 +115,5 @@ class TeacherHead(Head):
         if t == self.num_tokens - 1:
             lp = torch.stack(self._logprobs[k], dim=1).cpu()  # [b, tokens]
             for r, row in enumerate(self.batch_rows[k]):
-                self.scores[row] = lp[r, :len(self.ids[row]) - 1]
+                self.scores[row] = lp[r, : len(self.ids[row]) - 1]
         return target  # the next input is the sequence's own next token

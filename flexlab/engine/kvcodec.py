@@ -33,8 +33,9 @@ from flexlab.compress import QTensor, QuantConfig, dequantize, quantize
 class KVCodec:
     """Rows for one of keys/values of every layer (they share shapes and settings)."""
 
-    def __init__(self, config: QuantConfig | None, num_heads: int, head_dim: int, dtype: torch.dtype, *,
-                 keys: bool) -> None:
+    def __init__(
+        self, config: QuantConfig | None, num_heads: int, head_dim: int, dtype: torch.dtype, *, keys: bool
+    ) -> None:
         self.config, self.dtype = config, dtype
         self.heads, self.head_dim = num_heads, head_dim
         per_channel = config is not None and keys and config.kv_layout == "per-channel"
@@ -47,8 +48,9 @@ class KVCodec:
         # along the hidden dimension per token. A dummy chunk fixes the byte layout of a row.
         self._qcfg = config.replace(group_dim=2 if per_channel else -1)
         self._template = quantize(torch.zeros(1, 1, self.chunk, num_heads * head_dim), self._qcfg)
-        self._parts = [(t.dtype, tuple(t.shape[2:]), t[0, 0].numel() * t.element_size())
-                       for t in self._template.tensors()]
+        self._parts = [
+            (t.dtype, tuple(t.shape[2:]), t[0, 0].numel() * t.element_size()) for t in self._template.tensors()
+        ]
         self.row_shape, self.row_dtype = (sum(size for _, _, size in self._parts),), torch.uint8
 
     @property
@@ -81,7 +83,7 @@ class KVCodec:
         b, r = rows.shape[:2]
         tensors, start = [], 0
         for dtype, shape, size in self._parts:
-            part = rows[..., start:start + size].contiguous().view(dtype)
+            part = rows[..., start : start + size].contiguous().view(dtype)
             tensors.append(part.reshape(b, r, *shape))
             start += size
         q: QTensor = self._template.with_tensors(tensors)

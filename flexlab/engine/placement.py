@@ -58,7 +58,7 @@ def cache_layout(seq_tiers: list[str], batch_sizes: list[int]) -> list[list[tupl
     sequence order (``seq_tiers``: every sequence of the block, by :func:`split_by_share`)."""
     out, start = [], 0
     for size in batch_sizes:
-        tiers = seq_tiers[start:start + size]
+        tiers = seq_tiers[start : start + size]
         out.append([(t, tiers.index(t), tiers.count(t)) for t in TIERS if t in tiers])
         start += size
     return out
@@ -80,8 +80,9 @@ def cache_read_buffers(on_cpu: bool, disk_sequences: int, sequence_bytes: int) -
     return ahead, 2 * (ahead + 1) if on_cpu else 2, disk_sequences * sequence_bytes + 2 * ALIGN
 
 
-def place_weights(specs: list[WeightSpec], stages: list[Stage], w_gpu_percent: float, w_cpu_percent: float
-                  ) -> list[list[tuple[WeightSpec, str, bool]]]:
+def place_weights(
+    specs: list[WeightSpec], stages: list[Stage], w_gpu_percent: float, w_cpu_percent: float
+) -> list[list[tuple[WeightSpec, str, bool]]]:
     """Per stage, ``(spec, tier, first)`` for every weight it reads; ``first`` is False for a tied
     weight placed by an earlier stage.
 
@@ -102,8 +103,9 @@ def place_weights(specs: list[WeightSpec], stages: list[Stage], w_gpu_percent: f
     tied = [s for s in unique.values() if readers[s.name] > 1]
     everything = sum(s.numel for s in unique.values())
     rest = everything - sum(s.numel for s in tied)
-    placed = dict(zip((s.name for s in tied), split_by_share([s.numel for s in tied] + [rest], w_gpu_percent,
-                                                             w_cpu_percent)))
+    placed = dict(
+        zip((s.name for s in tied), split_by_share([s.numel for s in tied] + [rest], w_gpu_percent, w_cpu_percent))
+    )
     # The shares of the rest: what the tied weights left of each tier's bytes.
     share = {}
     for tier, percent in (("gpu", w_gpu_percent), ("cpu", w_cpu_percent)):
@@ -117,8 +119,12 @@ def place_weights(specs: list[WeightSpec], stages: list[Stage], w_gpu_percent: f
     for stage, mine in zip(stages, per_stage):
         new = [s for s in mine if s.name not in placed]
         if stage.layer is None:
-            placed.update(zip((s.name for s in new), split_by_share([s.numel for s in new], 100 * share["gpu"],
-                                                                      100 * share["cpu"])))
+            placed.update(
+                zip(
+                    (s.name for s in new),
+                    split_by_share([s.numel for s in new], 100 * share["gpu"], 100 * share["cpu"]),
+                )
+            )
         for spec in new if stage.layer is not None else ():
             total += spec.numel
             tier = max(share, key=lambda t: share[t] * total - assigned[t])  # ties: gpu, then cpu

@@ -18,8 +18,14 @@ from flexlab.compress import QuantConfig
 from flexlab.errors import FlexlabError, fields_of
 
 # FlexGen's ``--percent wg wc cg cc hg hc``, in its order: the six shares of a policy.
-PERCENT_FIELDS = ("w_gpu_percent", "w_cpu_percent", "cache_gpu_percent", "cache_cpu_percent",
-                  "act_gpu_percent", "act_cpu_percent")
+PERCENT_FIELDS = (
+    "w_gpu_percent",
+    "w_cpu_percent",
+    "cache_gpu_percent",
+    "cache_cpu_percent",
+    "act_gpu_percent",
+    "act_cpu_percent",
+)
 
 
 class PolicyError(FlexlabError):
@@ -76,35 +82,47 @@ class Policy:
                 if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 <= value <= 100:
                     raise PolicyError(f"Policy.{name}={value!r} is invalid; shares are percentages in [0, 100]")
             if gpu + cpu > 100 + 1e-9:
-                raise PolicyError(f"Policy.{what}_gpu_percent + {what}_cpu_percent = {gpu} + {cpu} > 100; "
-                                  f"the shares must sum to at most 100 (disk takes the rest)")
+                raise PolicyError(
+                    f"Policy.{what}_gpu_percent + {what}_cpu_percent = {gpu} + {cpu} > 100; "
+                    f"the shares must sum to at most 100 (disk takes the rest)"
+                )
         if (self.act_gpu_percent, self.act_cpu_percent) not in ((100, 0), (0, 100), (0, 0)):
             raise PolicyError(
                 f"Policy.act_gpu_percent/act_cpu_percent = {self.act_gpu_percent}/{self.act_cpu_percent} splits "
                 "activations across tiers; a batch's hidden state is a few MB and is needed whole by the next "
-                "layer, so splitting buys nothing: use 100/0 (gpu), 0/100 (cpu) or 0/0 (disk)")
+                "layer, so splitting buys nothing: use 100/0 (gpu), 0/100 (cpu) or 0/0 (disk)"
+            )
         if not isinstance(self.attn_sparsity, (int, float)) or not 0 < self.attn_sparsity <= 1:
-            raise PolicyError(f"Policy.attn_sparsity={self.attn_sparsity!r} is invalid; it must be in (0, 1] "
-                              "(1.0 means dense attention)")
+            raise PolicyError(
+                f"Policy.attn_sparsity={self.attn_sparsity!r} is invalid; it must be in (0, 1] "
+                "(1.0 means dense attention)"
+            )
         for name in ("overlap", "sep_layer", "pin_weight", "cpu_cache_compute"):
             if not isinstance(getattr(self, name), bool):
                 raise PolicyError(f"Policy.{name}={getattr(self, name)!r} is invalid; it must be True or False")
         for name in ("compress_weight", "compress_cache"):
             value = getattr(self, name)
             if value is not None and not isinstance(value, QuantConfig):
-                raise PolicyError(f"Policy.{name}={value!r} is invalid; pass a flexlab.QuantConfig(bits=..., "
-                                  "group_size=...) or None")
+                raise PolicyError(
+                    f"Policy.{name}={value!r} is invalid; pass a flexlab.QuantConfig(bits=..., group_size=...) or None"
+                )
         cw = self.compress_weight
         if cw is not None and (cw.kv_layout != "per-token" or cw.window):
-            raise PolicyError("Policy.compress_weight sets kv_layout or window, which apply to the KV cache only; "
-                              "set them on compress_cache")
+            raise PolicyError(
+                "Policy.compress_weight sets kv_layout or window, which apply to the KV cache only; "
+                "set them on compress_cache"
+            )
         # What the engine cannot run is refused here, so a search never ranks it either.
         if self.compress_cache is not None and self.cpu_cache_compute:
-            raise PolicyError("Policy.cpu_cache_compute with compress_cache is not implemented (attention on the "
-                              "CPU reads the cache uncompressed); turn one of them off")
+            raise PolicyError(
+                "Policy.cpu_cache_compute with compress_cache is not implemented (attention on the "
+                "CPU reads the cache uncompressed); turn one of them off"
+            )
         if self.attn_sparsity < 1 and self.cpu_cache_compute:
-            raise PolicyError("Policy.attn_sparsity < 1 with cpu_cache_compute is not implemented (attention on the "
-                              "CPU is dense); turn one of them off")
+            raise PolicyError(
+                "Policy.attn_sparsity < 1 with cpu_cache_compute is not implemented (attention on the "
+                "CPU is dense); turn one of them off"
+            )
 
     # ---- derived shares ---------------------------------------------------------------
     @property
@@ -131,14 +149,16 @@ class Policy:
         return self.gpu_batch_size * self.num_gpu_batches
 
     @classmethod
-    def from_percent(cls, percent: list[float], **kwargs) -> "Policy":
+    def from_percent(cls, percent: list[float], **kwargs) -> Policy:
         """FlexGen's ``--percent wg wc cg cc hg hc`` six numbers, plus any other field."""
         if len(percent) != 6:
-            raise PolicyError(f"from_percent takes six numbers (w_gpu, w_cpu, cache_gpu, cache_cpu, act_gpu, "
-                              f"act_cpu), got {len(percent)}: {percent!r}")
+            raise PolicyError(
+                f"from_percent takes six numbers (w_gpu, w_cpu, cache_gpu, cache_cpu, act_gpu, "
+                f"act_cpu), got {len(percent)}: {percent!r}"
+            )
         return cls(**dict(zip(PERCENT_FIELDS, percent)), **kwargs)
 
-    def replace(self, **changes) -> "Policy":
+    def replace(self, **changes) -> Policy:
         return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict:
@@ -149,9 +169,11 @@ class Policy:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict) -> "Policy":
+    def from_dict(cls, d: dict) -> Policy:
         """A Policy from :meth:`to_dict`'s values (or a hand-written JSON object of fields)."""
-        d = fields_of(cls, d, PolicyError, "a policy", '{"w_gpu_percent": 20, "w_cpu_percent": 30, "gpu_batch_size": 8}')
+        d = fields_of(
+            cls, d, PolicyError, "a policy", '{"w_gpu_percent": 20, "w_cpu_percent": 30, "gpu_batch_size": 8}'
+        )
         for name in ("compress_weight", "compress_cache"):
             if isinstance(d.get(name), dict):
                 d[name] = QuantConfig.from_dict(d[name])
@@ -159,21 +181,28 @@ class Policy:
 
     def describe(self) -> str:
         """One line in FlexGen's notation."""
-        return (f"w {self.w_gpu_percent:g}/{self.w_cpu_percent:g}/{self.w_disk_percent:g} "
-                f"cache {self.cache_gpu_percent:g}/{self.cache_cpu_percent:g}/{self.cache_disk_percent:g} "
-                f"act {self.act_tier}, batch {self.gpu_batch_size}x{self.num_gpu_batches}, "
-                f"overlap {'on' if self.overlap else 'off'}"
-                + (f", weights {self.compress_weight.describe()}" if self.compress_weight else "")
-                + (f", cache {self.compress_cache.describe()}" if self.compress_cache else ""))
+        return (
+            f"w {self.w_gpu_percent:g}/{self.w_cpu_percent:g}/{self.w_disk_percent:g} "
+            f"cache {self.cache_gpu_percent:g}/{self.cache_cpu_percent:g}/{self.cache_disk_percent:g} "
+            f"act {self.act_tier}, batch {self.gpu_batch_size}x{self.num_gpu_batches}, "
+            f"overlap {'on' if self.overlap else 'off'}"
+            + (f", weights {self.compress_weight.describe()}" if self.compress_weight else "")
+            + (f", cache {self.compress_cache.describe()}" if self.compress_cache else "")
+        )
 
     def _repr_html_(self) -> str:
         cell = "<td style='text-align:right'>{:g}%</td>"
         rows = "".join(
             f"<tr><th>{what}</th>" + cell.format(g) + cell.format(c) + cell.format(100 - g - c) + "</tr>"
-            for what, g, c in (("weights", self.w_gpu_percent, self.w_cpu_percent),
-                               ("KV cache", self.cache_gpu_percent, self.cache_cpu_percent),
-                               ("activations", self.act_gpu_percent, self.act_cpu_percent)))
-        return (f"<table><tr><th></th><th>gpu</th><th>cpu</th><th>disk</th></tr>{rows}</table>"
-                f"<small>batch {self.gpu_batch_size} × {self.num_gpu_batches}, overlap={self.overlap}, "
-                f"sep_layer={self.sep_layer}, cpu_cache_compute={self.cpu_cache_compute}, "
-                f"attn_sparsity={self.attn_sparsity}</small>")
+            for what, g, c in (
+                ("weights", self.w_gpu_percent, self.w_cpu_percent),
+                ("KV cache", self.cache_gpu_percent, self.cache_cpu_percent),
+                ("activations", self.act_gpu_percent, self.act_cpu_percent),
+            )
+        )
+        return (
+            f"<table><tr><th></th><th>gpu</th><th>cpu</th><th>disk</th></tr>{rows}</table>"
+            f"<small>batch {self.gpu_batch_size} × {self.num_gpu_batches}, overlap={self.overlap}, "
+            f"sep_layer={self.sep_layer}, cpu_cache_compute={self.cpu_cache_compute}, "
+            f"attn_sparsity={self.attn_sparsity}</small>"
+        )

@@ -79,8 +79,15 @@ class Step:
         return f"{self.kind} t={self.token} stage={self.stage}{batch}"
 
 
-def block_schedule(num_tokens: int, stages: list[Stage], num_batches: int, *, prefetch: int,
-                   act_moves: bool, cache_ahead: int | None = None) -> Iterator[Step]:
+def block_schedule(
+    num_tokens: int,
+    stages: list[Stage],
+    num_batches: int,
+    *,
+    prefetch: int,
+    act_moves: bool,
+    cache_ahead: int | None = None,
+) -> Iterator[Step]:
     """Every step of one block, in issue order.
 
     ``num_tokens`` counts the prefill as token 0. ``act_moves`` says whether hidden states
@@ -109,9 +116,9 @@ def block_schedule(num_tokens: int, stages: list[Stage], num_batches: int, *, pr
 
     for n, (t, j, k) in enumerate(units):
         stage_index = t * n_stages + j
-        ahead = [Step("load_weight", tt, jj) for tt, jj in stage_steps[stage_index:stage_index + 1 + prefetch]]
-        ahead += [s for u in units[n:n + 1 + cache_ahead] for s in loads(*u, act=False)]
-        ahead += [s for u in units[n:n + 1 + prefetch] for s in loads(*u, cache=False)]
+        ahead = [Step("load_weight", tt, jj) for tt, jj in stage_steps[stage_index : stage_index + 1 + prefetch]]
+        ahead += [s for u in units[n : n + 1 + cache_ahead] for s in loads(*u, act=False)]
+        ahead += [s for u in units[n : n + 1 + prefetch] for s in loads(*u, cache=False)]
         for step in ahead:
             # A load whose data is not yet stored (the next stage's input, with one batch) is not
             # prefetched; it is issued when its own unit comes up.

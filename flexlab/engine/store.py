@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from flexlab.compress import QTensor, QuantConfig, dequantize, quantize
+from flexlab.compress import QTensor, dequantize, quantize
 from flexlab.engine.placement import ALIGN, compresses, near_tiers, place_weights, read_region
 from flexlab.engine.schedule import Stage
 from flexlab.engine.tiers import BufferPool, DiskFiles, MemoryTracker, nbytes, preallocate, staging_tier, write_packed
@@ -58,8 +58,18 @@ class WeightStore:
     on its tier, on disk and in transit; it is dequantized by the compute that uses it.
     """
 
-    def __init__(self, model, stages: list[Stage], policy, device: torch.device, dtype: torch.dtype,
-                 weight_dir: Path, files: DiskFiles, tracker: MemoryTracker, progress=None) -> None:
+    def __init__(
+        self,
+        model,
+        stages: list[Stage],
+        policy,
+        device: torch.device,
+        dtype: torch.dtype,
+        weight_dir: Path,
+        files: DiskFiles,
+        tracker: MemoryTracker,
+        progress=None,
+    ) -> None:
         self.device, self.dtype, self.files, self.tracker = device, dtype, files, tracker
         self.quant = policy.compress_weight
         specs = model.family.weight_specs(model.config)
@@ -77,8 +87,9 @@ class WeightStore:
                     self.placed[spec.name] = self._place(model, spec, tier, pin)
                 if progress is not None:
                     progress.update(1)
-            self.stage_files.append(self._pack(model, to_pack, weight_dir / f"stage{stage.index}.bin")
-                                    if to_pack else None)
+            self.stage_files.append(
+                self._pack(model, to_pack, weight_dir / f"stage{stage.index}.bin") if to_pack else None
+            )
             self.stage_weights.append([self.placed[s.name] for s, _, _ in placement])
         model.weights.release_pages()  # placed: the memory tiers hold copies, the disk tier reads files
         # Resident: read where it lies (on a CPU-only machine the cpu tier is the compute's RAM).
@@ -86,9 +97,13 @@ class WeightStore:
         self.resident = [all(w.tier in near for w in ws) for ws in self.stage_weights]
         # Disk reads land in one of two stage-sized aligned buffers (the stage computing and the one
         # prefetched). On a CPU the weights are used in place there: no copy after the read.
-        self.stage_disk_bytes = [(own[1] if own else 0) + sum(read_region(p.nbytes) for w in ws if w.tier == "disk"
-                                                              for p in w.parts if not (own and p.path == own[0]))
-                                 for ws, own in zip(self.stage_weights, self.stage_files)]
+        self.stage_disk_bytes = [
+            (own[1] if own else 0)
+            + sum(
+                read_region(p.nbytes) for w in ws if w.tier == "disk" for p in w.parts if not (own and p.path == own[0])
+            )
+            for ws, own in zip(self.stage_weights, self.stage_files)
+        ]
         largest = max(self.stage_disk_bytes, default=0)
         self.pool = BufferPool(largest, 2, pin) if largest else None
         self.buffer_bytes = 2 * largest
@@ -109,8 +124,10 @@ class WeightStore:
         stored = [self._stored(model, s) for s in specs]
         packed = iter(write_packed(path, (t for parts, _ in stored for t in parts)))
         for spec, (parts, qt) in zip(specs, stored):
-            disk = [TensorLocation(path, offset, nbytes(t), t.dtype, tuple(t.shape))
-                    for offset, t in (next(packed) for _ in parts)]
+            disk = [
+                TensorLocation(path, offset, nbytes(t), t.dtype, tuple(t.shape))
+                for offset, t in (next(packed) for _ in parts)
+            ]
             self.placed[spec.name] = w = PlacedWeight(spec, "disk", disk, qt)
             self.tracker.add("disk", "weights", w.nbytes)
         return path, path.stat().st_size
@@ -162,10 +179,10 @@ class WeightStore:
                         copied += nbytes(t)
                 else:
                     if own is not None and p.path == own[0]:
-                        raw = buf[p.offset:p.offset + p.nbytes]
+                        raw = buf[p.offset : p.offset + p.nbytes]
                     else:
                         size = read_region(p.nbytes)
-                        raw = self.files.read(p.path, p.offset, p.nbytes, buf[pos:pos + size])
+                        raw = self.files.read(p.path, p.offset, p.nbytes, buf[pos : pos + size])
                         pos += size
                     # Compressed parts keep their own dtypes; a plain weight becomes the compute dtype.
                     t = self._as_weight(raw, p, p.dtype if w.qt is not None else self.dtype)
@@ -184,9 +201,12 @@ class WeightStore:
     def dequantized(self, loaded: LoadedWeights) -> dict[str, torch.Tensor]:
         """A loaded stage's weights with every compressed one dequantized (once per load)."""
         if loaded.dequantized is None:
-            loaded.dequantized = {name: dequantize(t, self.dtype) if isinstance(t, QTensor) else t
-                                  for name, t in loaded.tensors.items()}
-            extra = sum(nbytes(t) for name, t in loaded.dequantized.items() if isinstance(loaded.tensors[name], QTensor))
+            loaded.dequantized = {
+                name: dequantize(t, self.dtype) if isinstance(t, QTensor) else t for name, t in loaded.tensors.items()
+            }
+            extra = sum(
+                nbytes(t) for name, t in loaded.dequantized.items() if isinstance(loaded.tensors[name], QTensor)
+            )
             loaded.copied_bytes += extra
             self.tracker.add("gpu", "working weights", extra)
         return loaded.dequantized
@@ -227,8 +247,9 @@ class ActStore:
     store would leave open descriptors reading the old one).
     """
 
-    def __init__(self, tier: str, device: torch.device, slot_bytes: int, act_dir: Path, files: DiskFiles,
-                 tracker: MemoryTracker) -> None:
+    def __init__(
+        self, tier: str, device: torch.device, slot_bytes: int, act_dir: Path, files: DiskFiles, tracker: MemoryTracker
+    ) -> None:
         self.tier, self.device, self.slot_bytes = tier, device, slot_bytes
         self.dir, self.files, self.tracker = act_dir, files, tracker
         self.slots: dict[int, tuple[torch.Tensor | Path, tuple[int, ...], torch.dtype]] = {}
@@ -264,7 +285,7 @@ class ActStore:
             self.pool.release(buf)
 
     def close(self) -> None:
-        for batch, (data, _, _) in self.slots.items():
+        for data, _, _ in self.slots.values():
             self.tracker.sub(self.tier, "activations", self.slot_bytes)
             if isinstance(data, Path):
                 self.files.remove(data)

@@ -24,7 +24,6 @@ from flexlab.engine.placement import ALIGN, TIERS, align_up
 from flexlab.errors import OffloadError
 
 
-
 class MemoryTracker:
     """Current and peak bytes per tier, by category (weights, cache, activations, buffers)."""
 
@@ -83,9 +82,11 @@ def disk_full(path: Path, need: int) -> OffloadError:
         free = shutil.disk_usage(path.parent).free
     except OSError:
         free = 0
-    return OffloadError(f"the disk holding {str(path.parent)!r} is full: writing {_human(need)} to {path.name} "
-                        f"failed with {_human(free)} free; free space, pass another offload_dir, or lower the "
-                        "policy's disk shares")
+    return OffloadError(
+        f"the disk holding {str(path.parent)!r} is full: writing {_human(need)} to {path.name} "
+        f"failed with {_human(free)} free; free space, pass another offload_dir, or lower the "
+        "policy's disk shares"
+    )
 
 
 def _human(n: float) -> str:
@@ -110,7 +111,7 @@ def aligned_empty(size: int, pin: bool = False) -> torch.Tensor:
     """A uint8 buffer of ``size`` bytes whose address is ALIGN-aligned (for O_DIRECT)."""
     raw = torch.empty(size + ALIGN, dtype=torch.uint8, pin_memory=pin)
     shift = (-raw.data_ptr()) % ALIGN
-    return raw[shift:shift + size]
+    return raw[shift : shift + size]
 
 
 def staging_tier(device: torch.device) -> str:
@@ -185,8 +186,14 @@ class DiskFiles:
     def _read(self, path: Path, offset: int, size: int, buf: torch.Tensor) -> torch.Tensor:
         if self._pool is not None and size >= 2 * self.CHUNK and offset % ALIGN == 0 and buf.data_ptr() % ALIGN == 0:
             # Each chunk starts aligned, so it lands at its own place in buf (list() re-raises errors).
-            list(self._pool.map(lambda a: self._read_one(path, offset + a, min(self.CHUNK, size - a),
-                                                         buf[a:a + self.CHUNK + ALIGN]), range(0, size, self.CHUNK)))
+            list(
+                self._pool.map(
+                    lambda a: self._read_one(
+                        path, offset + a, min(self.CHUNK, size - a), buf[a : a + self.CHUNK + ALIGN]
+                    ),
+                    range(0, size, self.CHUNK),
+                )
+            )
             return buf[:size]
         return self._read_one(path, offset, size, buf)
 
@@ -198,7 +205,7 @@ class DiskFiles:
                 try:
                     got = os.preadv(self._fd(path, True), [memoryview(buf[:length].numpy())], start)
                     if got >= offset - start + size:
-                        return buf[offset - start:offset - start + size]
+                        return buf[offset - start : offset - start + size]
                 except OSError:  # e.g. tmpfs refuses O_DIRECT: fall back to buffered reads
                     self.direct = False
         got = os.preadv(self._fd(path, False), [memoryview(buf[:size].numpy())], offset)

@@ -40,24 +40,28 @@ class AblationSetting:
         return f"{self.target} {self.bits}-bit g{self.group_size}{layout}"
 
     @classmethod
-    def from_row(cls, row) -> "AblationSetting":
+    def from_row(cls, row) -> AblationSetting:
         """The setting of one row of :func:`run_ablation`'s table (a pandas row or a dict)."""
         if row["target"] == "none":
             return cls("none")
         layout = row.get("kv_layout")
-        return cls(row["target"], int(row["bits"]), int(row["group_size"]),
-                   layout if isinstance(layout, str) else "per-token")  # NaN for weights-only rows
+        return cls(
+            row["target"], int(row["bits"]), int(row["group_size"]), layout if isinstance(layout, str) else "per-token"
+        )  # NaN for weights-only rows
 
     def policy(self, base: Policy) -> Policy:
         if self.target == "none":
             return base
         q = QuantConfig(bits=self.bits, group_size=self.group_size)
-        return base.replace(compress_weight=q if self.target in ("weights", "both") else None,
-                            compress_cache=q.replace(kv_layout=self.kv_layout) if self.target != "weights" else None)
+        return base.replace(
+            compress_weight=q if self.target in ("weights", "both") else None,
+            compress_cache=q.replace(kv_layout=self.kv_layout) if self.target != "weights" else None,
+        )
 
 
-def ablation_settings(bits=(8, 4, 3, 2), group_sizes=(32, 64, 128), targets=TARGETS,
-                      kv_layouts=("per-token", "per-channel")) -> list[AblationSetting]:
+def ablation_settings(
+    bits=(8, 4, 3, 2), group_sizes=(32, 64, 128), targets=TARGETS, kv_layouts=("per-token", "per-channel")
+) -> list[AblationSetting]:
     """The uncompressed baseline, then bits × group size × target (× KV layout where a cache is
     compressed)."""
     for t in targets:
@@ -67,14 +71,23 @@ def ablation_settings(bits=(8, 4, 3, 2), group_sizes=(32, 64, 128), targets=TARG
     for target in targets:
         for b in bits:
             for g in group_sizes:
-                for layout in (kv_layouts if target != "weights" else ("per-token",)):
+                for layout in kv_layouts if target != "weights" else ("per-token",):
                     out.append(AblationSetting(target, b, g, layout))
     return out
 
 
-def run_ablation(model, settings: list[AblationSetting], *, base_policy: Policy, sequences: list[list[int]],
-                 prompts: list[list[int]], gen_len: int = 16, last_word: list[LastWordItem] = (),
-                 offload_dir=None, progress: bool = True):
+def run_ablation(
+    model,
+    settings: list[AblationSetting],
+    *,
+    base_policy: Policy,
+    sequences: list[list[int]],
+    prompts: list[list[int]],
+    gen_len: int = 16,
+    last_word: list[LastWordItem] = (),
+    offload_dir=None,
+    progress: bool = True,
+):
     """Measure every setting; returns a pandas DataFrame, one row per setting (baseline first)."""
     import pandas as pd
     from tqdm.auto import tqdm
@@ -90,13 +103,19 @@ def run_ablation(model, settings: list[AblationSetting], *, base_policy: Policy,
             lw = last_word_accuracy(engine.generate, last_word, policy.block_size) if last_word else float("nan")
             stored = engine.weights.tier_bytes()
         reference = reference or gen.token_ids
-        row = {"setting": setting.name, "target": setting.target, "bits": setting.bits,
-               "group_size": setting.group_size, "kv_layout": setting.kv_layout if setting.target in ("cache", "both")
-               else None, "perplexity": ppl, "token_agreement": token_agreement(reference, gen.token_ids),
-               "last_word_accuracy": lw,
-               "weight_bits_per_element": _bits(policy.compress_weight, model.dtype),
-               "cache_bits_per_element": _bits(policy.compress_cache, model.dtype),
-               "throughput_tok_s": gen.metrics["throughput_tok_s"]}
+        row = {
+            "setting": setting.name,
+            "target": setting.target,
+            "bits": setting.bits,
+            "group_size": setting.group_size,
+            "kv_layout": setting.kv_layout if setting.target in ("cache", "both") else None,
+            "perplexity": ppl,
+            "token_agreement": token_agreement(reference, gen.token_ids),
+            "last_word_accuracy": lw,
+            "weight_bits_per_element": _bits(policy.compress_weight, model.dtype),
+            "cache_bits_per_element": _bits(policy.compress_cache, model.dtype),
+            "throughput_tok_s": gen.metrics["throughput_tok_s"],
+        }
         for tier in ("gpu", "cpu", "disk"):
             row[f"weights_bytes_{tier}"] = stored[tier]
             row[f"peak_bytes_{tier}"] = gen.metrics[f"peak_bytes_{tier}"]
@@ -110,8 +129,9 @@ def run_ablation(model, settings: list[AblationSetting], *, base_policy: Policy,
     return df
 
 
-def setting_generator(model, prompt: str | list[int], *, base_policy: Policy | None = None,
-                      max_new_tokens: int = 24, offload_dir=None) -> Callable[[object], str]:
+def setting_generator(
+    model, prompt: str | list[int], *, base_policy: Policy | None = None, max_new_tokens: int = 24, offload_dir=None
+) -> Callable[[object], str]:
     """A function that generates ``prompt`` greedily under one setting (on ``base_policy``) and
     returns the text; what :class:`flexlab.viz.CompressionExplorer` calls to compare settings.
     It takes an :class:`AblationSetting` or a row of the ablation table."""

@@ -1,7 +1,7 @@
 """Accuracy beyond perplexity: agreement with a reference generation, and last-word prediction.
 
-    >>> token_agreement([[5, 6, 7], [1, 2]], [[5, 6, 9], [1, 2]])
-    0.8
+>>> token_agreement([[5, 6, 7], [1, 2]], [[5, 6, 9], [1, 2]])
+0.8
 """
 
 from __future__ import annotations
@@ -34,8 +34,9 @@ class LastWordItem:
 _LAST_WORD = re.compile(r"^(.*\S)\s+([A-Za-z]{3,})[.!?]?\s*$", re.DOTALL)
 
 
-def last_word_items(texts: Sequence[str], tokenizer, *, min_words: int = 12, max_tokens: int = 200,
-                    limit: int | None = None) -> list[LastWordItem]:
+def last_word_items(
+    texts: Sequence[str], tokenizer, *, min_words: int = 12, max_tokens: int = 200, limit: int | None = None
+) -> list[LastWordItem]:
     """Passages (paragraphs of ``texts``) that end in a word, split into context and that word.
 
     The target is what the tokenizer makes of the whole passage after the context's tokens, so a
@@ -51,9 +52,9 @@ def last_word_items(texts: Sequence[str], tokenizer, *, min_words: int = 12, max
                 continue
             context = tokenizer(m.group(1))["input_ids"]
             full = tokenizer(m.group(1) + " " + m.group(2))["input_ids"]
-            if full[:len(context)] != context or len(full) > max_tokens or len(full) == len(context):
+            if full[: len(context)] != context or len(full) > max_tokens or len(full) == len(context):
                 continue
-            items.append(LastWordItem(context, full[len(context):], m.group(2)))
+            items.append(LastWordItem(context, full[len(context) :], m.group(2)))
             if limit is not None and len(items) == limit:
                 return items
     return items
@@ -69,8 +70,9 @@ def last_word_accuracy(generate: Callable[..., object], items: Sequence[LastWord
         raise ValueError("last_word_accuracy needs at least one item")
     correct = 0
     for i in range(0, len(items), batch_size):
-        chunk = items[i:i + batch_size]
-        result = generate([it.context for it in chunk], max_new_tokens=max(len(it.target) for it in chunk),
-                          stop_token_ids=None)
-        correct += sum(list(ids[:len(it.target)]) == it.target for ids, it in zip(result.token_ids, chunk))
+        chunk = items[i : i + batch_size]
+        result = generate(
+            [it.context for it in chunk], max_new_tokens=max(len(it.target) for it in chunk), stop_token_ids=None
+        )
+        correct += sum(list(ids[: len(it.target)]) == it.target for ids, it in zip(result.token_ids, chunk))
     return correct / len(items)

@@ -1,8 +1,8 @@
 """Evaluation text: WikiText-2 when it can be downloaded, else text that ships with Python.
 
-    >>> name, texts = eval_texts("pydoc")
-    >>> name, len(texts) >= 5
-    ('pydoc held-out topics', True)
+>>> name, texts = eval_texts("pydoc")
+>>> name, len(texts) >= 5
+('pydoc held-out topics', True)
 """
 
 from __future__ import annotations
@@ -34,10 +34,14 @@ def eval_texts(name: str = "auto") -> tuple[str, list[str]]:
         return "wikitext-2 (test)", ["".join(rows)]
     except Exception as e:  # not installed, offline, hub down: all mean "not here"
         if name == "wikitext-2":
-            raise FlexlabError(f"WikiText-2 could not be loaded ({type(e).__name__}: {e}); install `datasets` "
-                               "and check the network, or use eval_texts('pydoc') offline") from None
-        warnings.warn(f"WikiText-2 is not available here ({type(e).__name__}); evaluating on the pydoc held-out "
-                      "topics instead", stacklevel=2)
+            raise FlexlabError(
+                f"WikiText-2 could not be loaded ({type(e).__name__}: {e}); install `datasets` "
+                "and check the network, or use eval_texts('pydoc') offline"
+            ) from None
+        warnings.warn(
+            f"WikiText-2 is not available here ({type(e).__name__}); evaluating on the pydoc held-out topics instead",
+            stacklevel=2,
+        )
         return "pydoc held-out topics", pydoc_texts()[1]
 
 
@@ -47,5 +51,5 @@ def token_windows(texts: list[str], tokenizer, seq_len: int, limit: int | None =
     bos = tokenizer.bos_token_id
     stream = [t for text in texts for t in tokenizer(text, add_special_tokens=False)["input_ids"]]
     body = seq_len - 1
-    windows = [[bos] + stream[i:i + body] for i in range(0, len(stream) - body + 1, body)]
+    windows = [[bos] + stream[i : i + body] for i in range(0, len(stream) - body + 1, body)]
     return windows[:limit] if limit is not None else windows

@@ -1,13 +1,13 @@
 """Throughput per policy: run one model under several policies and tabulate what each did.
 
-    >>> import flexlab, torch
-    >>> model = flexlab.Model.from_config("opt-tiny", seed=0, dtype=torch.float32)
-    >>> df = policy_sweep(model, {"all on gpu": flexlab.Policy(gpu_batch_size=2),
-    ...                           "weights on disk": flexlab.Policy.from_percent([0, 0, 100, 0, 100, 0],
-    ...                                                                          gpu_batch_size=2)},
-    ...                   [[2, 5, 6, 7]] * 4, max_new_tokens=3, progress=False)
-    >>> list(df.policy)
-    ['all on gpu', 'weights on disk']
+>>> import flexlab, torch
+>>> model = flexlab.Model.from_config("opt-tiny", seed=0, dtype=torch.float32)
+>>> df = policy_sweep(model, {"all on gpu": flexlab.Policy(gpu_batch_size=2),
+...                           "weights on disk": flexlab.Policy.from_percent([0, 0, 100, 0, 100, 0],
+...                                                                          gpu_batch_size=2)},
+...                   [[2, 5, 6, 7]] * 4, max_new_tokens=3, progress=False)
+>>> list(df.policy)
+['all on gpu', 'weights on disk']
 """
 
 from __future__ import annotations
@@ -16,8 +16,16 @@ from flexlab.engine import Engine, Policy
 from flexlab.engine.placement import TIERS
 
 
-def policy_sweep(model, policies: dict[str, Policy], prompts, *, max_new_tokens: int = 16, warmup: bool = True,
-                 offload_dir=None, progress: bool = True):
+def policy_sweep(
+    model,
+    policies: dict[str, Policy],
+    prompts,
+    *,
+    max_new_tokens: int = 16,
+    warmup: bool = True,
+    offload_dir=None,
+    progress: bool = True,
+):
     """One row per policy: throughput, time split, overlap, peak bytes per tier and what filled
     each tier at its peak (``mem_<tier>_<category>`` columns). Greedy, no early stop, so every
     policy generates the same number of tokens. A warm-up run on one GPU batch comes first."""
@@ -30,12 +38,16 @@ def policy_sweep(model, policies: dict[str, Policy], prompts, *, max_new_tokens:
     for name, policy in tqdm(policies.items(), desc="policies", disable=not progress):
         with Engine(model, policy, offload_dir=offload_dir) as engine:
             if warmup:
-                engine.generate(prompts[:policy.gpu_batch_size], max_new_tokens=2, stop_token_ids=None)
+                engine.generate(prompts[: policy.gpu_batch_size], max_new_tokens=2, stop_token_ids=None)
             result = engine.generate(prompts, max_new_tokens=max_new_tokens, stop_token_ids=None)
         summary = result.timeline.summary()
-        row = {"policy": name, "describe": policy.describe(), **result.metrics,
-               "io_hidden_fraction": summary.get("io_hidden_fraction", 0.0),
-               "compute_idle_fraction": summary.get("compute_idle_fraction", 0.0)}
+        row = {
+            "policy": name,
+            "describe": policy.describe(),
+            **result.metrics,
+            "io_hidden_fraction": summary.get("io_hidden_fraction", 0.0),
+            "compute_idle_fraction": summary.get("compute_idle_fraction", 0.0),
+        }
         for tier in TIERS:
             for category, value in result.memory.get(tier, {}).items():
                 row[f"mem_{tier}_{category.replace(' ', '_')}"] = value

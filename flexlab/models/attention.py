@@ -54,8 +54,9 @@ def expand_kv(x: torch.Tensor, heads: int) -> torch.Tensor:
     return x if groups == 1 else x.repeat_interleave(groups, dim=1)
 
 
-def sparse_weights(q: torch.Tensor, k: torch.Tensor, bias: torch.Tensor, keep: float
-                   ) -> tuple[torch.Tensor, torch.Tensor]:
+def sparse_weights(
+    q: torch.Tensor, k: torch.Tensor, bias: torch.Tensor, keep: float
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-k sparse attention for one new token (FlexGen's ``attn_sparsity``), the weights part.
 
     ``k`` holds the cached keys *and* the new token's last (``[b, heads, L + 1, d]``). The softmax
@@ -75,8 +76,9 @@ def sparse_weights(q: torch.Tensor, k: torch.Tensor, bias: torch.Tensor, keep: f
     return kept, probs[..., -1:]
 
 
-def sparse_attend(weights: torch.Tensor, values: torch.Tensor, w_new: torch.Tensor, v_new: torch.Tensor
-                  ) -> torch.Tensor:
+def sparse_attend(
+    weights: torch.Tensor, values: torch.Tensor, w_new: torch.Tensor, v_new: torch.Tensor
+) -> torch.Tensor:
     """The output of sparse attention from the value rows that were read.
 
     ``weights`` ``[b, heads, U]`` and ``values`` ``[b, U, heads, d]`` cover the U cached tokens
@@ -90,9 +92,15 @@ def sparse_attend(weights: torch.Tensor, values: torch.Tensor, w_new: torch.Tens
     return out + w_new[..., None].to(v_new.dtype) * v_new
 
 
-def decode_attention(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, keys: torch.Tensor | None,
-                     values: torch.Tensor | None, bias: torch.Tensor,
-                     host: tuple[int, int, torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+def decode_attention(
+    q: torch.Tensor,
+    k_new: torch.Tensor,
+    v_new: torch.Tensor,
+    keys: torch.Tensor | None,
+    values: torch.Tensor | None,
+    bias: torch.Tensor,
+    host: tuple[int, int, torch.Tensor, torch.Tensor] | None = None,
+) -> torch.Tensor:
     """Attention of the new token (``q``, ``k_new``, ``v_new``: ``[b, heads, 1, d]``) over its
     cache (``keys``, ``values``: ``[b', kv_heads, L, d]`` on the compute device).
 
@@ -108,8 +116,9 @@ def decode_attention(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, 
     device_rows = [i for i in range(q.shape[0]) if not first <= i < first + count]
     if device_rows:
         idx = torch.tensor(device_rows, device=q.device)
-        out[idx] = attend(q[idx], torch.cat([keys, k_new[idx]], dim=2), torch.cat([values, v_new[idx]], dim=2),
-                          bias[idx])
+        out[idx] = attend(
+            q[idx], torch.cat([keys, k_new[idx]], dim=2), torch.cat([values, v_new[idx]], dim=2), bias[idx]
+        )
     # CPUs are slow in float16: attend in float32 there, as the cache is read anyway.
     dtype = torch.float32 if q.dtype == torch.float16 else q.dtype
     cpu = torch.device("cpu")

@@ -77,13 +77,17 @@ class ModelConfig:
         if self.num_kv_heads is None:
             object.__setattr__(self, "num_kv_heads", self.num_heads)
         if not isinstance(self.num_kv_heads, int) or self.num_kv_heads < 1 or self.num_heads % self.num_kv_heads:
-            raise ConfigError(f"ModelConfig.num_kv_heads={self.num_kv_heads!r} must divide num_heads={self.num_heads} "
-                              "(each key/value head serves a group of query heads)")
+            raise ConfigError(
+                f"ModelConfig.num_kv_heads={self.num_kv_heads!r} must divide num_heads={self.num_heads} "
+                "(each key/value head serves a group of query heads)"
+            )
         if self.sliding_window is not None and (not isinstance(self.sliding_window, int) or self.sliding_window < 1):
             raise ConfigError(f"ModelConfig.sliding_window={self.sliding_window!r} must be a positive int or None")
         if self.activation not in ("relu", "silu"):
-            raise ConfigError(f"ModelConfig.activation={self.activation!r} is not supported; use 'relu' (OPT) or "
-                              "'silu' (the LLaMA family)")
+            raise ConfigError(
+                f"ModelConfig.activation={self.activation!r} is not supported; use 'relu' (OPT) or "
+                "'silu' (the LLaMA family)"
+            )
 
     @property
     def eos_token_ids(self) -> tuple[int, ...]:
@@ -95,7 +99,7 @@ class ModelConfig:
         """Elements of one token's keys (or values) in one layer: ``num_kv_heads * head_dim``."""
         return self.num_kv_heads * self.head_dim
 
-    def replace(self, **changes) -> "ModelConfig":
+    def replace(self, **changes) -> ModelConfig:
         """A copy with some fields changed (the dataclass is frozen). Derived defaults follow
         what they derive from: a new ``hidden_size`` or ``num_heads`` gives a new ``head_dim``,
         a new ``num_heads`` a new ``num_kv_heads``, unless those are changed too."""
@@ -119,17 +123,57 @@ def _opt(name: str, hidden: int, layers: int, heads: int, **kw) -> ModelConfig:
     return ModelConfig(name=name, hidden_size=hidden, num_layers=layers, num_heads=heads, ffn_dim=4 * hidden, **kw)
 
 
-def _llama(name: str, family: str, vocab: int, hidden: int, layers: int, heads: int, kv_heads: int, ffn: int,
-           max_positions: int, theta: float, *, tied: bool = False, eps: float = 1e-5, llama3: float | None = None,
-           **kw) -> ModelConfig:
-    scaling = None if llama3 is None else (("rope_type", "llama3"), ("factor", llama3), ("high_freq_factor", 4.0),
-                                           ("low_freq_factor", 1.0), ("original_max_position_embeddings", 8192))
+def _llama(
+    name: str,
+    family: str,
+    vocab: int,
+    hidden: int,
+    layers: int,
+    heads: int,
+    kv_heads: int,
+    ffn: int,
+    max_positions: int,
+    theta: float,
+    *,
+    tied: bool = False,
+    eps: float = 1e-5,
+    llama3: float | None = None,
+    **kw,
+) -> ModelConfig:
+    scaling = (
+        None
+        if llama3 is None
+        else (
+            ("rope_type", "llama3"),
+            ("factor", llama3),
+            ("high_freq_factor", 4.0),
+            ("low_freq_factor", 1.0),
+            ("original_max_position_embeddings", 8192),
+        )
+    )
     ids = {"qwen2": (151643, 151643, 151643)}.get(family, (0, 1, 2))
-    return ModelConfig(name=name, family=family, vocab_size=vocab, hidden_size=hidden, num_layers=layers,
-                       num_heads=heads, num_kv_heads=kv_heads, ffn_dim=ffn, max_positions=max_positions,
-                       enable_bias=False, activation="silu", norm_eps=eps, rope_theta=theta, rope_scaling=scaling,
-                       tie_word_embeddings=tied, qkv_bias=family == "qwen2", pad_token_id=ids[0],
-                       bos_token_id=ids[1], eos_token_id=ids[2], **kw)
+    return ModelConfig(
+        name=name,
+        family=family,
+        vocab_size=vocab,
+        hidden_size=hidden,
+        num_layers=layers,
+        num_heads=heads,
+        num_kv_heads=kv_heads,
+        ffn_dim=ffn,
+        max_positions=max_positions,
+        enable_bias=False,
+        activation="silu",
+        norm_eps=eps,
+        rope_theta=theta,
+        rope_scaling=scaling,
+        tie_word_embeddings=tied,
+        qkv_bias=family == "qwen2",
+        pad_token_id=ids[0],
+        bos_token_id=ids[1],
+        eos_token_id=ids[2],
+        **kw,
+    )
 
 
 # Official OPT dimensions (Zhang et al. 2022, Table 1; the facebook/opt-* config.json files).
@@ -163,10 +207,20 @@ _PRESETS: dict[str, ModelConfig] = {
         _llama("qwen2.5-72b", "qwen2", 152064, 8192, 80, 64, 8, 29568, 32768, 1e6, eps=1e-6),
         # Tiny shapes for tests and demos: seconds on a CPU.
         _llama("llama-tiny", "llama", 512, 64, 2, 4, 2, 128, 256, 1e4),
-        ModelConfig(name="opt-tiny", vocab_size=512, hidden_size=64, num_layers=2, num_heads=4, ffn_dim=256,
-                    max_positions=256),
-        ModelConfig(name="opt-tiny-postln", vocab_size=512, hidden_size=64, num_layers=2, num_heads=4,
-                    ffn_dim=256, max_positions=256, word_embed_proj_dim=32, do_layer_norm_before=False),
+        ModelConfig(
+            name="opt-tiny", vocab_size=512, hidden_size=64, num_layers=2, num_heads=4, ffn_dim=256, max_positions=256
+        ),
+        ModelConfig(
+            name="opt-tiny-postln",
+            vocab_size=512,
+            hidden_size=64,
+            num_layers=2,
+            num_heads=4,
+            ffn_dim=256,
+            max_positions=256,
+            word_embed_proj_dim=32,
+            do_layer_norm_before=False,
+        ),
     )
 }
 

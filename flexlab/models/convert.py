@@ -17,16 +17,24 @@ from pathlib import Path
 
 import torch
 
-from flexlab.files import owned_dir, disown, remove, sweep_stale
 from flexlab.errors import CheckpointError
+from flexlab.files import disown, owned_dir, remove, sweep_stale
 
 SHARD_BYTES = 2 << 30
-COPIED = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json", "vocab.json",
-          "merges.txt", "special_tokens_map.json")
+COPIED = (
+    "config.json",
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "vocab.json",
+    "merges.txt",
+    "special_tokens_map.json",
+)
 
 
-def convert_checkpoint(source: str | os.PathLike, target: str | os.PathLike, *, dtype: torch.dtype | None = None,
-                       progress: bool = True) -> Path:
+def convert_checkpoint(
+    source: str | os.PathLike, target: str | os.PathLike, *, dtype: torch.dtype | None = None, progress: bool = True
+) -> Path:
     """Write ``source``'s weights (any checkpoint ``Model.from_pretrained`` reads) as safetensors
     shards in ``target``, with its config and tokenizer files; see :func:`save_checkpoint`."""
     from flexlab.models.model import Model
@@ -39,8 +47,9 @@ def convert_checkpoint(source: str | os.PathLike, target: str | os.PathLike, *, 
         model.weights.close()
 
 
-def save_checkpoint(model, target: str | os.PathLike, *, dtype: torch.dtype | None = None,
-                    progress: bool = True) -> Path:
+def save_checkpoint(
+    model, target: str | os.PathLike, *, dtype: torch.dtype | None = None, progress: bool = True
+) -> Path:
     """Write ``model``'s weights (from a checkpoint, or random) as safetensors shards of at most
     2 GiB in ``target``, with a ``config.json`` (and the source's tokenizer files, if any), one
     tensor at a time. ``transformers`` and ``Model.from_pretrained`` load the result. Atomic: the
@@ -119,5 +128,6 @@ def _check_target(target: Path) -> None:
         with tempfile.TemporaryDirectory(prefix=f".{target.name}.probe-", dir=target.parent):
             pass
     except OSError as e:
-        raise CheckpointError(f"cannot write a checkpoint in {target.parent} ({e.strerror}); pick a writable "
-                              "place for the target") from None
+        raise CheckpointError(
+            f"cannot write a checkpoint in {target.parent} ({e.strerror}); pick a writable place for the target"
+        ) from None

@@ -10,8 +10,9 @@ A family is data plus plain functions:
   ``embed`` → per layer ``attention_qkv`` → :func:`flexlab.models.attention.attend` →
   ``attention_out`` → ``mlp`` → ``head``. ``embed`` and ``attention_qkv`` receive each token's
   position (``[b, s]``, counting real tokens only, so left padding is invisible): learned
-  position embeddings read them once, rotary embeddings in every layer. Splitting attention at the cache lets the engine put
-  the KV cache anywhere, and run ``attend`` on the CPU next to a host-resident cache.
+  position embeddings read them once, rotary embeddings in every layer. Splitting attention at
+  the cache lets the engine put the KV cache anywhere, and run ``attend`` on the CPU next to a
+  host-resident cache.
 
 Weights reach these functions as a ``Mapping[str, Tensor]`` keyed by the *short* names of
 :attr:`WeightSpec.short` (``"q_proj.weight"``), so one function serves every layer.
@@ -73,8 +74,9 @@ class ModelFamily:
     weight_specs: Callable[[ModelConfig], list[WeightSpec]]
     canonical_name: Callable[[str, ModelConfig], str | None]
     embed: Callable[[Weights, ModelConfig, torch.Tensor, torch.Tensor], torch.Tensor]
-    attention_qkv: Callable[[Weights, ModelConfig, torch.Tensor, torch.Tensor],
-                            tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+    attention_qkv: Callable[
+        [Weights, ModelConfig, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+    ]
     attention_out: Callable[[Weights, ModelConfig, torch.Tensor, torch.Tensor], torch.Tensor]
     mlp: Callable[[Weights, ModelConfig, torch.Tensor], torch.Tensor]
     head: Callable[[Weights, ModelConfig, torch.Tensor], torch.Tensor]
@@ -94,6 +96,7 @@ def token_ids_from_hf(hf: dict, pad: int, bos: int, eos: int) -> dict:
     """The special-token fields of a ModelConfig from ``config.json`` (defaults where absent).
     An id may be a list (Llama 3: ``eos_token_id: [128001, 128008, 128009]``): its first entry
     is the canonical id, every entry of an eos list ends a sequence."""
+
     def first(key: str, default: int) -> int:
         value = hf.get(key)
         if isinstance(value, list):
@@ -102,8 +105,12 @@ def token_ids_from_hf(hf: dict, pad: int, bos: int, eos: int) -> dict:
 
     eos_list = hf.get("eos_token_id")
     extra = tuple(int(v) for v in eos_list[1:]) if isinstance(eos_list, list) else ()
-    return dict(pad_token_id=first("pad_token_id", pad), bos_token_id=first("bos_token_id", bos),
-                eos_token_id=first("eos_token_id", eos), extra_eos_token_ids=extra)
+    return dict(
+        pad_token_id=first("pad_token_id", pad),
+        bos_token_id=first("bos_token_id", bos),
+        eos_token_id=first("eos_token_id", eos),
+        extra_eos_token_ids=extra,
+    )
 
 
 def token_ids_to_hf(cfg: ModelConfig) -> dict:

@@ -16,16 +16,17 @@ import torch
 from flexlab.errors import PromptError
 
 
-def encode_prompts(prompts, tokenizer, *, max_positions: int, max_new_tokens: int,
-                   vocab_size: int) -> list[list[int]]:
+def encode_prompts(prompts, tokenizer, *, max_positions: int, max_new_tokens: int, vocab_size: int) -> list[list[int]]:
     """Token ids of each prompt, checked before any work starts.
 
     ``prompts`` is a list of strings (needs a tokenizer) or of token-id lists (or 1-d integer
     tensors); every id must be an integer in ``[0, vocab_size)``.
     """
     if isinstance(prompts, (str, bytes)) or not isinstance(prompts, Sequence):
-        raise PromptError(f"prompts must be a list of strings or of token-id lists, got {type(prompts).__name__}; "
-                          "wrap a single prompt in a list")
+        raise PromptError(
+            f"prompts must be a list of strings or of token-id lists, got {type(prompts).__name__}; "
+            "wrap a single prompt in a list"
+        )
     if len(prompts) == 0:
         raise PromptError("prompts is empty; pass at least one prompt")
     if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
@@ -40,8 +41,10 @@ def encode_prompts(prompts, tokenizer, *, max_positions: int, max_new_tokens: in
         if not p:
             raise PromptError(f"prompt {i} is empty; every prompt needs at least one token")
         if len(p) + max_new_tokens > max_positions:
-            raise PromptError(f"prompt {i} has {len(p)} tokens; with max_new_tokens={max_new_tokens} that exceeds the "
-                              f"model's {max_positions} positions; shorten the prompt or generate fewer tokens")
+            raise PromptError(
+                f"prompt {i} has {len(p)} tokens; with max_new_tokens={max_new_tokens} that exceeds the "
+                f"model's {max_positions} positions; shorten the prompt or generate fewer tokens"
+            )
         ids.append(p)
     return ids
 
@@ -51,33 +54,53 @@ def _token_ids(prompt, i: int, vocab_size: int) -> list[int]:
     fail deep inside a run, and a float id would be silently truncated."""
     if isinstance(prompt, torch.Tensor):
         if prompt.dim() != 1 or prompt.dtype.is_floating_point or prompt.dtype.is_complex or prompt.dtype == torch.bool:
-            raise PromptError(f"prompt {i} is a {prompt.dim()}-d {prompt.dtype} tensor; pass a 1-d integer tensor "
-                              "or a list of ints")
+            raise PromptError(
+                f"prompt {i} is a {prompt.dim()}-d {prompt.dtype} tensor; pass a 1-d integer tensor or a list of ints"
+            )
         prompt = prompt.tolist()
     elif isinstance(prompt, (bytes, dict)) or not isinstance(prompt, Sequence):
         raise PromptError(f"prompt {i} is a {type(prompt).__name__}; pass a string or a list of token ids")
     ids = []
     for pos, t in enumerate(prompt):
         if isinstance(t, bool) or not isinstance(t, numbers.Integral):
-            raise PromptError(f"prompt {i}, position {pos}: token id {t!r} is not an integer; pass ints in "
-                              f"[0, {vocab_size - 1}]")
+            raise PromptError(
+                f"prompt {i}, position {pos}: token id {t!r} is not an integer; pass ints in [0, {vocab_size - 1}]"
+            )
         if not 0 <= t < vocab_size:
-            raise PromptError(f"prompt {i}, position {pos}: token id {t} is outside the vocabulary [0, "
-                              f"{vocab_size - 1}]; check the tokenizer matches the model")
+            raise PromptError(
+                f"prompt {i}, position {pos}: token id {t} is outside the vocabulary [0, "
+                f"{vocab_size - 1}]; check the tokenizer matches the model"
+            )
         ids.append(int(t))
     return ids
 
 
-def prepare_generation(prompts, tokenizer, config, *, max_new_tokens: int, do_sample: bool, temperature: float,
-                       top_k: int | None, top_p: float | None, seed: int | None, stop_token_ids,
-                       stop_strings) -> tuple[list[list[int]], SamplingConfig, "StopCriteria"]:
+def prepare_generation(
+    prompts,
+    tokenizer,
+    config,
+    *,
+    max_new_tokens: int,
+    do_sample: bool,
+    temperature: float,
+    top_k: int | None,
+    top_p: float | None,
+    seed: int | None,
+    stop_token_ids,
+    stop_strings,
+) -> tuple[list[list[int]], SamplingConfig, StopCriteria]:
     """Checked token ids, sampling settings and stop rules of a ``generate`` call.
 
     ``stop_token_ids=()`` (the default of every ``generate``) means the model's end-of-sequence
     tokens (``config.eos_token_ids``), as in transformers; ``None`` means never stop early.
     """
-    ids = encode_prompts(prompts, tokenizer, max_positions=config.max_positions, max_new_tokens=max_new_tokens,
-                         vocab_size=config.vocab_size)
+    ids = encode_prompts(
+        prompts,
+        tokenizer,
+        max_positions=config.max_positions,
+        max_new_tokens=max_new_tokens,
+        vocab_size=config.vocab_size,
+    )
     sampling = SamplingConfig(do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
     if stop_token_ids == ():
         stop_token_ids = list(config.eos_token_ids)
@@ -86,24 +109,26 @@ def prepare_generation(prompts, tokenizer, config, *, max_new_tokens: int, do_sa
 
 def encode_for_scoring(sequences, tokenizer, config) -> list[list[int]]:
     """Token ids of sequences to score: each needs at least 2 tokens and fits the model."""
-    ids = encode_prompts(sequences, tokenizer, max_positions=config.max_positions + 1, max_new_tokens=1,
-                         vocab_size=config.vocab_size)
+    ids = encode_prompts(
+        sequences, tokenizer, max_positions=config.max_positions + 1, max_new_tokens=1, vocab_size=config.vocab_size
+    )
     short = [i for i, s in enumerate(ids) if len(s) < 2]
     if short:
         raise PromptError(f"sequence(s) {short} have fewer than 2 tokens; nothing to score")
     return ids
 
 
-def left_pad(ids: list[list[int]], pad_id: int, device: str | torch.device = "cpu",
-             width: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def left_pad(
+    ids: list[list[int]], pad_id: int, device: str | torch.device = "cpu", width: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """``[b, width]`` token ids padded on the left (``width`` defaults to the longest), and the
     ``[b, width]`` bool mask of real tokens."""
     width = width or max(len(p) for p in ids)
     tokens = torch.full((len(ids), width), pad_id, dtype=torch.long)
     valid = torch.zeros((len(ids), width), dtype=torch.bool)
     for row, p in enumerate(ids):
-        tokens[row, width - len(p):] = torch.tensor(p)
-        valid[row, width - len(p):] = True
+        tokens[row, width - len(p) :] = torch.tensor(p)
+        valid[row, width - len(p) :] = True
     return tokens.to(device), valid.to(device)
 
 
@@ -125,8 +150,9 @@ class SamplingConfig:
 
     def __post_init__(self) -> None:
         if not isinstance(self.temperature, numbers.Real) or not 0 < self.temperature < math.inf:
-            raise PromptError(f"temperature must be a finite number > 0, got {self.temperature!r}; use "
-                              "do_sample=False for greedy")
+            raise PromptError(
+                f"temperature must be a finite number > 0, got {self.temperature!r}; use do_sample=False for greedy"
+            )
         if self.top_k is not None and self.top_k < 1:
             raise PromptError(f"top_k must be >= 1 or None, got {self.top_k}")
         if self.top_p is not None and not 0 < self.top_p <= 1:
@@ -171,8 +197,10 @@ def _per_sequence(value, n: int, name: str) -> list[list]:
     value = list(value)
     if value and all(isinstance(v, (list, tuple)) for v in value):
         if len(value) != n:
-            raise PromptError(f"{name} has {len(value)} per-sequence lists for {n} prompts; give one per prompt "
-                              "or a single flat list for all")
+            raise PromptError(
+                f"{name} has {len(value)} per-sequence lists for {n} prompts; give one per prompt "
+                "or a single flat list for all"
+            )
         return [list(v) for v in value]
     return [value for _ in range(n)]
 
@@ -197,7 +225,7 @@ class StopCriteria:
                 self.finished[i] = True
             elif self.strings[i]:
                 # A stop string of L characters spans at most L tokens: decode only that tail.
-                tail = self.tokenizer.decode(toks[-max(map(len, self.strings[i])) - 1:])
+                tail = self.tokenizer.decode(toks[-max(map(len, self.strings[i])) - 1 :])
                 self.finished[i] = any(s in tail for s in self.strings[i])
         return self.finished
 
@@ -210,8 +238,9 @@ class StopCriteria:
         """The decoded new text of each sequence, cut at its stop string (None without a tokenizer)."""
         if self.tokenizer is None:
             return None
-        return [self.truncate_text(i, self.tokenizer.decode(g, skip_special_tokens=True))
-                for i, g in enumerate(generated)]
+        return [
+            self.truncate_text(i, self.tokenizer.decode(g, skip_special_tokens=True)) for i, g in enumerate(generated)
+        ]
 
 
 @dataclass

@@ -30,8 +30,12 @@ from flexlab.errors import ConfigError
 from flexlab.models.config import ModelConfig
 from flexlab.models.family import ModelFamily, Weights, WeightSpec, token_ids_from_hf, token_ids_to_hf
 
-MODEL_TYPES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
-               "qwen3": "Qwen3ForCausalLM"}
+MODEL_TYPES = {
+    "llama": "LlamaForCausalLM",
+    "mistral": "MistralForCausalLM",
+    "qwen2": "Qwen2ForCausalLM",
+    "qwen3": "Qwen3ForCausalLM",
+}
 ROPE_TYPES = ("default", "linear", "llama3")
 
 
@@ -48,22 +52,38 @@ def config_from_hf(hf: dict, name: str) -> ModelConfig:
     rope_type = rope.pop("rope_type", rope.pop("type", "default"))
     theta = float(rope.pop("rope_theta", hf.get("rope_theta", 10000.0)))
     if rope_type not in ROPE_TYPES:
-        raise ConfigError(f"{name}: rope_scaling type {rope_type!r} is not supported; supported: {', '.join(ROPE_TYPES)}")
+        raise ConfigError(
+            f"{name}: rope_scaling type {rope_type!r} is not supported; supported: {', '.join(ROPE_TYPES)}"
+        )
     window = hf.get("sliding_window") if model_type == "mistral" else None
     if model_type != "mistral" and hf.get("use_sliding_window") and hf.get("sliding_window"):
-        raise ConfigError(f"{name}: use_sliding_window=True ({model_type}'s per-layer windows) is not supported; "
-                          "set it to false to run with full attention, as the released checkpoints do")
+        raise ConfigError(
+            f"{name}: use_sliding_window=True ({model_type}'s per-layer windows) is not supported; "
+            "set it to false to run with full attention, as the released checkpoints do"
+        )
     heads = hf["num_attention_heads"]
     return ModelConfig(
-        name=name, family=model_type, vocab_size=hf["vocab_size"], hidden_size=hf["hidden_size"],
-        num_layers=hf["num_hidden_layers"], num_heads=heads, num_kv_heads=hf.get("num_key_value_heads") or heads,
-        head_dim=hf.get("head_dim") or hf["hidden_size"] // heads, ffn_dim=hf["intermediate_size"],
-        max_positions=hf.get("max_position_embeddings", 2048), sliding_window=int(window) if window else None,
-        enable_bias=False, activation=_activation(hf, name),
-        norm_eps=float(hf.get("rms_norm_eps", 1e-6)), rope_theta=theta,
+        name=name,
+        family=model_type,
+        vocab_size=hf["vocab_size"],
+        hidden_size=hf["hidden_size"],
+        num_layers=hf["num_hidden_layers"],
+        num_heads=heads,
+        num_kv_heads=hf.get("num_key_value_heads") or heads,
+        head_dim=hf.get("head_dim") or hf["hidden_size"] // heads,
+        ffn_dim=hf["intermediate_size"],
+        max_positions=hf.get("max_position_embeddings", 2048),
+        sliding_window=int(window) if window else None,
+        enable_bias=False,
+        activation=_activation(hf, name),
+        norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+        rope_theta=theta,
         rope_scaling=(("rope_type", rope_type), *sorted(rope.items())) if rope_type != "default" else None,
-        tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)), qkv_bias=model_type == "qwen2",
-        qk_norm=model_type == "qwen3", **token_ids_from_hf(hf, pad=0, bos=1, eos=2))
+        tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+        qkv_bias=model_type == "qwen2",
+        qk_norm=model_type == "qwen3",
+        **token_ids_from_hf(hf, pad=0, bos=1, eos=2),
+    )
 
 
 def _activation(hf: dict, name: str) -> str:
@@ -77,14 +97,27 @@ def config_to_hf(cfg: ModelConfig) -> dict:
     """The ``config.json`` dictionary of ``cfg``, for its own ``model_type``."""
     rope = {"rope_type": "default", "rope_theta": cfg.rope_theta, **dict(cfg.rope_scaling or ())}
     return dict(
-        model_type=cfg.family, architectures=[MODEL_TYPES[cfg.family]], vocab_size=cfg.vocab_size,
-        hidden_size=cfg.hidden_size, intermediate_size=cfg.ffn_dim, num_hidden_layers=cfg.num_layers,
-        num_attention_heads=cfg.num_heads, num_key_value_heads=cfg.num_kv_heads, head_dim=cfg.head_dim,
-        max_position_embeddings=cfg.max_positions, rms_norm_eps=cfg.norm_eps, hidden_act=cfg.activation,
-        rope_parameters=rope, rope_theta=cfg.rope_theta, tie_word_embeddings=cfg.tie_word_embeddings,
-        attention_bias=False, attention_dropout=0.0, sliding_window=cfg.sliding_window,
+        model_type=cfg.family,
+        architectures=[MODEL_TYPES[cfg.family]],
+        vocab_size=cfg.vocab_size,
+        hidden_size=cfg.hidden_size,
+        intermediate_size=cfg.ffn_dim,
+        num_hidden_layers=cfg.num_layers,
+        num_attention_heads=cfg.num_heads,
+        num_key_value_heads=cfg.num_kv_heads,
+        head_dim=cfg.head_dim,
+        max_position_embeddings=cfg.max_positions,
+        rms_norm_eps=cfg.norm_eps,
+        hidden_act=cfg.activation,
+        rope_parameters=rope,
+        rope_theta=cfg.rope_theta,
+        tie_word_embeddings=cfg.tie_word_embeddings,
+        attention_bias=False,
+        attention_dropout=0.0,
+        sliding_window=cfg.sliding_window,
         use_sliding_window=cfg.sliding_window is not None,
-        **token_ids_to_hf(cfg))
+        **token_ids_to_hf(cfg),
+    )
 
 
 # ---- weights ---------------------------------------------------------------------------------
@@ -102,12 +135,15 @@ def weight_specs(cfg: ModelConfig) -> list[WeightSpec]:
             if cfg.qkv_bias:
                 specs.append(WeightSpec(pre + f"self_attn.{proj}.bias", (rows,), i, ("attention",), "zeros"))
         if cfg.qk_norm:
-            specs += [WeightSpec(pre + f"self_attn.{n}.weight", (d,), i, ("attention",), "ones")
-                      for n in ("q_norm", "k_norm")]
+            specs += [
+                WeightSpec(pre + f"self_attn.{n}.weight", (d,), i, ("attention",), "ones") for n in ("q_norm", "k_norm")
+            ]
         specs.append(WeightSpec(pre + "self_attn.o_proj.weight", (h, q), i, ("attention",)))
         specs.append(WeightSpec(pre + "post_attention_layernorm.weight", (h,), i, ("mlp",), "ones"))
-        specs += [WeightSpec(pre + f"mlp.{n}.weight", shape, i, ("mlp",))
-                  for n, shape in (("gate_proj", (f, h)), ("up_proj", (f, h)), ("down_proj", (h, f)))]
+        specs += [
+            WeightSpec(pre + f"mlp.{n}.weight", shape, i, ("mlp",))
+            for n, shape in (("gate_proj", (f, h)), ("up_proj", (f, h)), ("down_proj", (h, f)))
+        ]
     specs.append(WeightSpec("model.norm.weight", (h,), None, ("head",), "ones"))
     if not cfg.tie_word_embeddings:
         specs.append(WeightSpec("lm_head.weight", (cfg.vocab_size, h), None, ("head",), local="lm_head.weight"))
@@ -164,8 +200,9 @@ def embed(w: Weights, cfg: ModelConfig, input_ids: torch.Tensor, positions: torc
     return F.embedding(input_ids, w["embed_tokens.weight"])
 
 
-def attention_qkv(w: Weights, cfg: ModelConfig, h: torch.Tensor,
-                  positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def attention_qkv(
+    w: Weights, cfg: ModelConfig, h: torch.Tensor, positions: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """q (rotated, pre-scaled) ``[b, heads, s, d]``; k (rotated) and v ``[b, kv_heads, s, d]``."""
     x = _rms_norm(h, w["input_layernorm.weight"], cfg.norm_eps)
     b, s, _ = x.shape
@@ -192,7 +229,9 @@ def attention_out(w: Weights, cfg: ModelConfig, h: torch.Tensor, attn: torch.Ten
 def mlp(w: Weights, cfg: ModelConfig, h: torch.Tensor) -> torch.Tensor:
     """SwiGLU MLP with its residual."""
     x = _rms_norm(h, w["post_attention_layernorm.weight"], cfg.norm_eps)
-    return h + _linear_fn(w, "mlp.down_proj", F.silu(_linear_fn(w, "mlp.gate_proj", x)) * _linear_fn(w, "mlp.up_proj", x))
+    return h + _linear_fn(
+        w, "mlp.down_proj", F.silu(_linear_fn(w, "mlp.gate_proj", x)) * _linear_fn(w, "mlp.up_proj", x)
+    )
 
 
 def head(w: Weights, cfg: ModelConfig, h: torch.Tensor) -> torch.Tensor:

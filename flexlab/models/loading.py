@@ -27,13 +27,25 @@ from flexlab.errors import CheckpointError
 from flexlab.models.family import WeightSpec
 
 SAFETENSORS_DTYPES = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
     "BOOL": torch.bool,
 }
-_WEIGHT_FILES = ("model.safetensors.index.json", "model.safetensors",
-                 "pytorch_model.bin.index.json", "pytorch_model.bin")
+_WEIGHT_FILES = (
+    "model.safetensors.index.json",
+    "model.safetensors",
+    "pytorch_model.bin.index.json",
+    "pytorch_model.bin",
+)
 
 
 @dataclass(frozen=True)
@@ -111,22 +123,27 @@ class CheckpointWeights(WeightSource):
         if missing:
             raise CheckpointError(
                 f"{self.directory}: {len(missing)} weight(s) missing from the checkpoint, e.g. "
-                f"{', '.join(missing[:4])}; is it complete, and does config.json match its weights?")
+                f"{', '.join(missing[:4])}; is it complete, and does config.json match its weights?"
+            )
         extra = [n for n in self._file_of if n not in self.specs]
         if extra:  # e.g. more layers than config.json says: running without them would be wrong
             raise CheckpointError(
                 f"{self.directory}: {len(extra)} weight(s) in the checkpoint that config.json does not describe, "
-                f"e.g. {', '.join(extra[:4])}; does config.json (num_hidden_layers, ...) match its weights?")
+                f"e.g. {', '.join(extra[:4])}; does config.json (num_hidden_layers, ...) match its weights?"
+            )
         for name, spec in self.specs.items():
             if self._stored_shape(name) != spec.shape:
-                raise CheckpointError(f"{self._file_of[name][0].name}: {name} has shape {self._stored_shape(name)} "
-                                      f"but config.json implies {spec.shape}; the config does not match the weights")
+                raise CheckpointError(
+                    f"{self._file_of[name][0].name}: {name} has shape {self._stored_shape(name)} "
+                    f"but config.json implies {spec.shape}; the config does not match the weights"
+                )
             dtype = self._stored_dtype(name)
             if not dtype.is_floating_point:  # a cast would turn quantized integers into nonsense weights
                 raise CheckpointError(
                     f"{self._file_of[name][0].name}: {name} is stored as {str(dtype).removeprefix('torch.')}, not "
                     "floats; flexlab reads float32/float16/bfloat16/float8 checkpoints: dequantize it first "
-                    "(flexlab compresses weights itself with Policy(compress_weight=...))")
+                    "(flexlab compresses weights itself with Policy(compress_weight=...))"
+                )
 
     def _stored_dtype(self, name: str) -> torch.dtype:
         path, stored = self._file_of[name]
@@ -151,16 +168,23 @@ class CheckpointWeights(WeightSource):
                 begin, end = (int(x) for x in meta["data_offsets"])
                 meta["dtype"], meta["shape"] = str(meta["dtype"]), [int(d) for d in meta["shape"]]
             except (KeyError, TypeError, ValueError):
-                raise CheckpointError(f"{path}: the header entry of {stored} is malformed ({meta!r}); the file is "
-                                      "corrupt: download or save it again") from None
+                raise CheckpointError(
+                    f"{path}: the header entry of {stored} is malformed ({meta!r}); the file is "
+                    "corrupt: download or save it again"
+                ) from None
             if data_start + end > size:
-                raise CheckpointError(f"{path} is truncated: {stored} ends at byte {data_start + end} but the file "
-                                      f"has {size} bytes; download or save it again")
+                raise CheckpointError(
+                    f"{path} is truncated: {stored} ends at byte {data_start + end} but the file "
+                    f"has {size} bytes; download or save it again"
+                )
             if meta["dtype"] not in SAFETENSORS_DTYPES:
-                raise CheckpointError(f"{path}: {stored} has dtype {meta['dtype']}, which flexlab cannot read; "
-                                      f"known: {', '.join(SAFETENSORS_DTYPES)}")
-            self._locations[(path, stored)] = TensorLocation(path, data_start + begin, end - begin,
-                                                        SAFETENSORS_DTYPES[meta["dtype"]], tuple(meta["shape"]))
+                raise CheckpointError(
+                    f"{path}: {stored} has dtype {meta['dtype']}, which flexlab cannot read; "
+                    f"known: {', '.join(SAFETENSORS_DTYPES)}"
+                )
+            self._locations[(path, stored)] = TensorLocation(
+                path, data_start + begin, end - begin, SAFETENSORS_DTYPES[meta["dtype"]], tuple(meta["shape"])
+            )
             names.append(stored)
         return names
 
@@ -168,14 +192,19 @@ class CheckpointWeights(WeightSource):
         try:
             state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
         except RuntimeError as e:
-            raise CheckpointError(f"{path} cannot be read as a PyTorch checkpoint ({e}); "
-                                  "it may be truncated: download or save it again") from None
+            raise CheckpointError(
+                f"{path} cannot be read as a PyTorch checkpoint ({e}); it may be truncated: download or save it again"
+            ) from None
         except Exception as e:  # weights_only refuses pickled objects other than tensors
-            raise CheckpointError(f"{path} holds more than tensors and flexlab will not unpickle it "
-                                  f"({type(e).__name__}); convert it to safetensors") from None
+            raise CheckpointError(
+                f"{path} holds more than tensors and flexlab will not unpickle it "
+                f"({type(e).__name__}); convert it to safetensors"
+            ) from None
         if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-            raise CheckpointError(f"{path} is not a state dict of named tensors; save the model's state_dict() "
-                                  "(or convert it to safetensors)")
+            raise CheckpointError(
+                f"{path} is not a state dict of named tensors; save the model's state_dict() "
+                "(or convert it to safetensors)"
+            )
         self._handles[path] = state
         return list(state)
 
@@ -219,8 +248,10 @@ def _read_safetensors_header(path: Path) -> tuple[dict, int]:
         if not isinstance(header, dict):
             raise ValueError("the header is not a JSON object")
     except (struct.error, ValueError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{path} is not a readable safetensors file ({e}); it may be truncated or "
-                              "corrupt: download or save it again") from None
+        raise CheckpointError(
+            f"{path} is not a readable safetensors file ({e}); it may be truncated or "
+            "corrupt: download or save it again"
+        ) from None
     return header, 8 + length
 
 
@@ -236,18 +267,24 @@ def _weight_files(directory: Path) -> list[Path]:
             weight_map = json.loads(path.read_text())["weight_map"]
             files = {str(f) for f in weight_map.values()}
         except (ValueError, KeyError, TypeError, AttributeError) as e:
-            raise CheckpointError(f"{path} is not a valid shard index ({type(e).__name__}: {e}); it needs "
-                                  '{"weight_map": {tensor name: shard file}}') from None
+            raise CheckpointError(
+                f"{path} is not a valid shard index ({type(e).__name__}: {e}); it needs "
+                '{"weight_map": {tensor name: shard file}}'
+            ) from None
         inside = directory.resolve()
         escaping = sorted(f for f in files if inside not in (directory / f).resolve().parents)
         if escaping:  # a checkpoint reads its own files only, never a path it names elsewhere
-            raise CheckpointError(f"{path} names shard(s) outside {directory}: {', '.join(escaping[:3])}; an index "
-                                  "may only name files in its own directory")
+            raise CheckpointError(
+                f"{path} names shard(s) outside {directory}: {', '.join(escaping[:3])}; an index "
+                "may only name files in its own directory"
+            )
         shards = sorted({directory / f for f in files})
         absent = [s.name for s in shards if not s.exists()]
         if absent:
-            raise CheckpointError(f"{directory}: shard(s) listed in {name} are missing: {', '.join(absent)}; "
-                                  "download or copy them into the directory")
+            raise CheckpointError(
+                f"{directory}: shard(s) listed in {name} are missing: {', '.join(absent)}; "
+                "download or copy them into the directory"
+            )
         return shards
     raise CheckpointError(f"{directory} has no weights: expected one of {', '.join(_WEIGHT_FILES)}")
 
@@ -263,11 +300,14 @@ def read_hf_config(directory: Path) -> dict:
     if not isinstance(hf, dict):
         raise CheckpointError(f"{path} holds a JSON {type(hf).__name__}, not an object of config fields")
     if hf.get("quantization_config"):  # e.g. float8 weights with separate scales: a cast would be wrong
-        method = hf["quantization_config"].get("quant_method", "?") if isinstance(hf["quantization_config"], dict) \
-            else "?"
-        raise CheckpointError(f"{path}: a pre-quantized checkpoint (quantization_config, method {method!r}) is not "
-                              "supported; use the unquantized checkpoint (flexlab compresses weights itself with "
-                              "Policy(compress_weight=...))")
+        method = (
+            hf["quantization_config"].get("quant_method", "?") if isinstance(hf["quantization_config"], dict) else "?"
+        )
+        raise CheckpointError(
+            f"{path}: a pre-quantized checkpoint (quantization_config, method {method!r}) is not "
+            "supported; use the unquantized checkpoint (flexlab compresses weights itself with "
+            "Policy(compress_weight=...))"
+        )
     return hf
 
 
@@ -315,5 +355,6 @@ def _download(repo_id: str) -> Path:
         raise CheckpointError(
             f"{repo_id!r} is not a local directory and could not be fetched from the Hugging Face hub "
             f"({type(e).__name__}). If this machine is offline, download it where there is a network "
-            f"(`hf download {repo_id} --local-dir DIR`), copy DIR here and pass its path") from None
+            f"(`hf download {repo_id} --local-dir DIR`), copy DIR here and pass its path"
+        ) from None
     return local

@@ -20,8 +20,14 @@ from flexlab.errors import CheckpointError, ConfigError
 from flexlab.models.config import ModelConfig, get_preset
 from flexlab.models.family import ModelFamily
 from flexlab.models.generation import GenerationResult, encode_for_scoring, prepare_generation
-from flexlab.models.loading import (CheckpointWeights, RandomWeights, WeightSource, generation_eos_ids,
-                                    read_hf_config, resolve_checkpoint)
+from flexlab.models.loading import (
+    CheckpointWeights,
+    RandomWeights,
+    WeightSource,
+    generation_eos_ids,
+    read_hf_config,
+    resolve_checkpoint,
+)
 from flexlab.models.reference import ReferenceRunner
 from flexlab.models.registry import get_family, num_parameters
 
@@ -35,9 +41,16 @@ class Model:
     (checkpoint files, or a seeded generator) until something needs them.
     """
 
-    def __init__(self, config: ModelConfig, weights: WeightSource, *, tokenizer=None,
-                 dtype: torch.dtype | None = None, device: str | torch.device | None = None,
-                 source: str = "") -> None:
+    def __init__(
+        self,
+        config: ModelConfig,
+        weights: WeightSource,
+        *,
+        tokenizer=None,
+        dtype: torch.dtype | None = None,
+        device: str | torch.device | None = None,
+        source: str = "",
+    ) -> None:
         self.config = config
         self.family: ModelFamily = get_family(config.family)
         self.weights = weights
@@ -48,8 +61,13 @@ class Model:
 
     # ---- construction ------------------------------------------------------------------
     @classmethod
-    def from_pretrained(cls, name_or_path: str | os.PathLike, *, dtype: torch.dtype | None = None,
-                        device: str | torch.device | None = None) -> "Model":
+    def from_pretrained(
+        cls,
+        name_or_path: str | os.PathLike,
+        *,
+        dtype: torch.dtype | None = None,
+        device: str | torch.device | None = None,
+    ) -> Model:
         """Load a Hugging Face checkpoint: a local directory, or a hub id (downloaded when online).
 
         Tensors are read lazily from memory-mapped files; nothing is loaded until used.
@@ -63,24 +81,35 @@ class Model:
         try:
             config = family.config_from_hf(hf, Path(str(name_or_path)).name)
         except KeyError as e:
-            raise CheckpointError(f"{directory}/config.json lacks {e.args[0]!r}, which a {model_type} config needs; "
-                                  "is it complete?") from None
+            raise CheckpointError(
+                f"{directory}/config.json lacks {e.args[0]!r}, which a {model_type} config needs; is it complete?"
+            ) from None
         except (TypeError, ValueError) as e:
             if isinstance(e, ConfigError):
                 raise
-            raise CheckpointError(f"{directory}/config.json has a field of the wrong type ({e}); is it a "
-                                  f"{model_type} config written by transformers?") from None
+            raise CheckpointError(
+                f"{directory}/config.json has a field of the wrong type ({e}); is it a "
+                f"{model_type} config written by transformers?"
+            ) from None
         more_eos = [i for i in generation_eos_ids(directory) if i not in config.eos_token_ids]
         if more_eos:
             config = config.replace(extra_eos_token_ids=(*config.extra_eos_token_ids, *more_eos))
-        weights = CheckpointWeights(directory, family.weight_specs(config),
-                                    lambda stored: family.canonical_name(stored, config))
-        return cls(config, weights, tokenizer=_load_tokenizer(directory), dtype=dtype, device=device,
-                   source=str(directory))
+        weights = CheckpointWeights(
+            directory, family.weight_specs(config), lambda stored: family.canonical_name(stored, config)
+        )
+        return cls(
+            config, weights, tokenizer=_load_tokenizer(directory), dtype=dtype, device=device, source=str(directory)
+        )
 
     @classmethod
-    def from_config(cls, preset_or_config: str | ModelConfig, *, seed: int = 0, dtype: torch.dtype | None = None,
-                    device: str | torch.device | None = None) -> "Model":
+    def from_config(
+        cls,
+        preset_or_config: str | ModelConfig,
+        *,
+        seed: int = 0,
+        dtype: torch.dtype | None = None,
+        device: str | torch.device | None = None,
+    ) -> Model:
         """Random weights of any size (FlexGen's dummy weights), generated tensor by tensor."""
         config = get_preset(preset_or_config) if isinstance(preset_or_config, str) else preset_or_config
         family = get_family(config.family)
@@ -95,9 +124,19 @@ class Model:
             self._reference = ReferenceRunner(self.family, self.config, self.weights, self.device, self.dtype)
         return self._reference
 
-    def generate(self, prompts, *, max_new_tokens: int = 32, do_sample: bool = False, temperature: float = 1.0,
-                 top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
-                 stop_token_ids=(), stop_strings=None) -> GenerationResult:
+    def generate(
+        self,
+        prompts,
+        *,
+        max_new_tokens: int = 32,
+        do_sample: bool = False,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        seed: int | None = None,
+        stop_token_ids=(),
+        stop_strings=None,
+    ) -> GenerationResult:
         """Generate on the reference path (no offloading).
 
         ``prompts``: strings or token-id lists. Greedy unless ``do_sample``. ``stop_token_ids``
@@ -105,9 +144,18 @@ class Model:
         generation stops at the model's end-of-sequence token (pass ``None`` to never stop early).
         """
         ids, sampling, stop = prepare_generation(
-            prompts, self.tokenizer, self.config, max_new_tokens=max_new_tokens, do_sample=do_sample,
-            temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, stop_token_ids=stop_token_ids,
-            stop_strings=stop_strings)
+            prompts,
+            self.tokenizer,
+            self.config,
+            max_new_tokens=max_new_tokens,
+            do_sample=do_sample,
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+            seed=seed,
+            stop_token_ids=stop_token_ids,
+            stop_strings=stop_strings,
+        )
         return self.reference.generate(ids, max_new_tokens, sampling, stop)
 
     def score(self, sequences) -> list[torch.Tensor]:
@@ -117,8 +165,10 @@ class Model:
 
     def __repr__(self) -> str:
         c = self.config
-        return (f"Model({c.name!r}, {num_parameters(c) / 1e6:.1f}M parameters, {c.num_layers} layers, "
-                f"dtype={self.dtype}, device={self.device}, source={self.source!r})")
+        return (
+            f"Model({c.name!r}, {num_parameters(c) / 1e6:.1f}M parameters, {c.num_layers} layers, "
+            f"dtype={self.dtype}, device={self.device}, source={self.source!r})"
+        )
 
 
 def _load_tokenizer(directory: Path):

@@ -26,8 +26,10 @@ POSITION_OFFSET = 2
 def config_from_hf(hf: dict, name: str) -> ModelConfig:
     """A :class:`ModelConfig` from an OPT ``config.json`` dictionary."""
     if hf.get("_remove_final_layer_norm", False):
-        raise ConfigError(f"{name}: checkpoints with _remove_final_layer_norm=True (pre-v4.20 fine-tunes) "
-                          "are not supported; re-save the model with a current transformers")
+        raise ConfigError(
+            f"{name}: checkpoints with _remove_final_layer_norm=True (pre-v4.20 fine-tunes) "
+            "are not supported; re-save the model with a current transformers"
+        )
     return ModelConfig(
         name=name,
         family="opt",
@@ -103,8 +105,10 @@ def _linear(name: str, out_dim: int, in_dim: int, layer: int, part, cfg: ModelCo
 def _norm(name: str, dim: int, layer: int | None, part, cfg: ModelConfig) -> list[WeightSpec]:
     if not cfg.layer_norm_elementwise_affine:
         return []
-    return [WeightSpec(name + ".weight", (dim,), layer, (part,), "ones"),
-            WeightSpec(name + ".bias", (dim,), layer, (part,), "zeros")]
+    return [
+        WeightSpec(name + ".weight", (dim,), layer, (part,), "ones"),
+        WeightSpec(name + ".bias", (dim,), layer, (part,), "zeros"),
+    ]
 
 
 def canonical_name(checkpoint_name: str, cfg: ModelConfig) -> str | None:
@@ -132,8 +136,9 @@ def embed(w: Weights, cfg: ModelConfig, input_ids: torch.Tensor, positions: torc
     return x + F.embedding(positions + POSITION_OFFSET, w["embed_positions.weight"])
 
 
-def attention_qkv(w: Weights, cfg: ModelConfig, h: torch.Tensor,
-                  positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def attention_qkv(
+    w: Weights, cfg: ModelConfig, h: torch.Tensor, positions: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Project ``h`` ``[b, s, hidden]`` to q (pre-scaled), k, v, each ``[b, heads, s, head_dim]``.
 
     ``positions`` (``[b, s]``, see :func:`embed`) is unused: OPT's positions are learned

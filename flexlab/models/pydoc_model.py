@@ -28,8 +28,8 @@ from typing import Literal
 
 import torch
 
-from flexlab.files import owned_dir, disown, remove, sweep_stale
 from flexlab.errors import ConfigError
+from flexlab.files import disown, owned_dir, remove, sweep_stale
 from flexlab.models.config import ModelConfig
 from flexlab.models.registry import get_family
 
@@ -61,16 +61,32 @@ class PydocRecipe:
             raise ConfigError(f"PydocRecipe.family={self.family!r}: the pydoc model comes as 'opt' or 'llama'")
 
     def config(self) -> ModelConfig:
-        shape = dict(vocab_size=self.vocab_size, hidden_size=self.hidden_size, num_layers=self.num_layers,
-                     num_heads=self.num_heads, max_positions=self.max_positions)
+        shape = dict(
+            vocab_size=self.vocab_size,
+            hidden_size=self.hidden_size,
+            num_layers=self.num_layers,
+            num_heads=self.num_heads,
+            max_positions=self.max_positions,
+        )
         if self.family == "opt":
             return ModelConfig(name="opt-pydoc", ffn_dim=4 * self.hidden_size, **shape)
         # SwiGLU has three matrices where OPT's MLP has two: 2/3 of OPT's width (rounded to 32)
         # keeps the parameter count alike. The tokenizer's ids are OPT's (pad 1, </s> 2).
         ffn = 32 * round(8 * self.hidden_size / 3 / 32)
-        return ModelConfig(name="llama-pydoc", family="llama", ffn_dim=ffn, num_kv_heads=self.num_kv_heads,
-                           enable_bias=False, activation="silu", norm_eps=1e-5, tie_word_embeddings=True,
-                           pad_token_id=1, bos_token_id=2, eos_token_id=2, **shape)
+        return ModelConfig(
+            name="llama-pydoc",
+            family="llama",
+            ffn_dim=ffn,
+            num_kv_heads=self.num_kv_heads,
+            enable_bias=False,
+            activation="silu",
+            norm_eps=1e-5,
+            tie_word_embeddings=True,
+            pad_token_id=1,
+            bos_token_id=2,
+            eos_token_id=2,
+            **shape,
+        )
 
     def fingerprint(self) -> str:
         return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:10]
@@ -94,8 +110,13 @@ def pydoc_texts(heldout_every: int = 10) -> tuple[list[str], list[str]]:
     return train, heldout
 
 
-def pydoc_model_path(recipe: PydocRecipe = PydocRecipe(), *, family: Literal["opt", "llama"] | None = None,
-                     train_if_missing: bool = True, progress: bool = True) -> Path:
+def pydoc_model_path(
+    recipe: PydocRecipe = PydocRecipe(),
+    *,
+    family: Literal["opt", "llama"] | None = None,
+    train_if_missing: bool = True,
+    progress: bool = True,
+) -> Path:
     """The cached checkpoint directory of the pydoc model, training it first if needed.
 
     ``family="llama"`` gives the LLaMA-family twin (the same recipe otherwise)."""
@@ -130,11 +151,13 @@ def train_tokenizer(texts: list[str], vocab_size: int):
     from transformers import PreTrainedTokenizerFast
 
     bpe = ByteLevelBPETokenizer()
-    bpe.train_from_iterator(texts, vocab_size=vocab_size, min_frequency=2, special_tokens=SPECIAL_TOKENS,
-                            show_progress=False)
+    bpe.train_from_iterator(
+        texts, vocab_size=vocab_size, min_frequency=2, special_tokens=SPECIAL_TOKENS, show_progress=False
+    )
     bpe.post_processor = TemplateProcessing(single="</s> $A", special_tokens=[("</s>", 2)])
-    return PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer, bos_token="</s>", eos_token="</s>",
-                                   pad_token="<pad>", unk_token="<unk>")
+    return PreTrainedTokenizerFast(
+        tokenizer_object=bpe._tokenizer, bos_token="</s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>"
+    )
 
 
 def train_pydoc_model(out_dir: Path, recipe: PydocRecipe = PydocRecipe(), *, progress: bool = True) -> None:
@@ -161,11 +184,12 @@ def train_pydoc_model(out_dir: Path, recipe: PydocRecipe = PydocRecipe(), *, pro
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
     gen = torch.Generator().manual_seed(recipe.seed)
     model.train()
-    bar = tqdm(range(recipe.steps), desc=f"training the pydoc model, {recipe.family} (once; cached)",
-               disable=not progress)
+    bar = tqdm(
+        range(recipe.steps), desc=f"training the pydoc model, {recipe.family} (once; cached)", disable=not progress
+    )
     for _ in bar:
         starts = torch.randint(0, len(stream) - recipe.seq_len, (recipe.batch_size,), generator=gen)
-        batch = torch.stack([stream[s:s + recipe.seq_len] for s in starts.tolist()])  # [batch, seq]
+        batch = torch.stack([stream[s : s + recipe.seq_len] for s in starts.tolist()])  # [batch, seq]
         loss = model(input_ids=batch, labels=batch).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

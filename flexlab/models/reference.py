@@ -13,8 +13,15 @@ import torch
 
 from flexlab.models.attention import attend, attention_bias
 from flexlab.models.family import ModelFamily, part_weights
-from flexlab.models.generation import (GenerationResult, Sampler, SamplingConfig, StopCriteria,
-                                       generation_metrics, left_pad, positions_from_mask)
+from flexlab.models.generation import (
+    GenerationResult,
+    Sampler,
+    SamplingConfig,
+    StopCriteria,
+    generation_metrics,
+    left_pad,
+    positions_from_mask,
+)
 
 
 class ReferenceRunner:
@@ -34,8 +41,9 @@ class ReferenceRunner:
         self.layers = [(load("attention", i), load("mlp", i)) for i in range(config.num_layers)]
 
     @torch.inference_mode()
-    def forward(self, tokens: torch.Tensor, valid: torch.Tensor, cache: list | None = None,
-                start: int = 0) -> torch.Tensor:
+    def forward(
+        self, tokens: torch.Tensor, valid: torch.Tensor, cache: list | None = None, start: int = 0
+    ) -> torch.Tensor:
         """Logits ``[b, s, vocab]`` of ``tokens`` ``[b, s]`` placed at cache slots ``start..start+s``.
 
         ``valid`` is ``[b, start + s]``: which cache slots hold real tokens. With ``cache``
@@ -44,28 +52,34 @@ class ReferenceRunner:
         """
         f, cfg = self.family, self.config
         s = tokens.shape[1]
-        positions = positions_from_mask(valid)[:, start:start + s]
+        positions = positions_from_mask(valid)[:, start : start + s]
         bias = attention_bias(valid, s, cfg.sliding_window)
         h = f.embed(self.embed_w, cfg, tokens, positions)
         for i, (attn_w, mlp_w) in enumerate(self.layers):
             q, k, v = f.attention_qkv(attn_w, cfg, h, positions)
             if cache is not None:
                 k_cache, v_cache = cache[i]
-                k_cache[:, :, start:start + s] = k
-                v_cache[:, :, start:start + s] = v
-                k, v = k_cache[:, :, :start + s], v_cache[:, :, :start + s]
+                k_cache[:, :, start : start + s] = k
+                v_cache[:, :, start : start + s] = v
+                k, v = k_cache[:, :, : start + s], v_cache[:, :, : start + s]
             h = f.attention_out(attn_w, cfg, h, attend(q, k, v, bias))
             h = f.mlp(mlp_w, cfg, h)
         return f.head(self.head_w, cfg, h)
 
     def new_cache(self, batch: int, capacity: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
         shape = (batch, self.config.num_kv_heads, capacity, self.config.head_dim)
-        return [(torch.empty(shape, dtype=self.dtype, device=self.device),
-                 torch.empty(shape, dtype=self.dtype, device=self.device)) for _ in range(self.config.num_layers)]
+        return [
+            (
+                torch.empty(shape, dtype=self.dtype, device=self.device),
+                torch.empty(shape, dtype=self.dtype, device=self.device),
+            )
+            for _ in range(self.config.num_layers)
+        ]
 
     @torch.inference_mode()
-    def generate(self, ids: list[list[int]], max_new_tokens: int, sampling: SamplingConfig,
-                 stop: StopCriteria) -> GenerationResult:
+    def generate(
+        self, ids: list[list[int]], max_new_tokens: int, sampling: SamplingConfig, stop: StopCriteria
+    ) -> GenerationResult:
         """Generate for already-encoded prompts ``ids`` (see ``Model.generate`` for the user API)."""
         tokens, valid = left_pad(ids, self.config.pad_token_id, self.device)
         batch, prompt_len = tokens.shape
@@ -103,8 +117,8 @@ class ReferenceRunner:
         out = []
         for row, seq in enumerate(ids):
             n, width = len(seq), tokens.shape[1]
-            lp = logprobs[row, width - n:-1]  # predictions for tokens 1..n-1
-            out.append(lp.gather(-1, tokens[row, width - n + 1:, None]).squeeze(-1).cpu())
+            lp = logprobs[row, width - n : -1]  # predictions for tokens 1..n-1
+            out.append(lp.gather(-1, tokens[row, width - n + 1 :, None]).squeeze(-1).cpu())
         return out
 
 

@@ -9,8 +9,16 @@ from flexlab.viz.cost import plot_predicted_vs_measured
 from flexlab.viz.policy import plot_memory, plot_throughput
 from flexlab.viz.timeline import plot_overlap_summary, plot_timeline
 
-__all__ = ["plot_timeline", "plot_overlap_summary", "plot_accuracy_vs_bits", "plot_predicted_vs_measured",
-           "plot_throughput", "plot_memory", "TimelineExplorer", "CompressionExplorer"]
+__all__ = [
+    "plot_timeline",
+    "plot_overlap_summary",
+    "plot_accuracy_vs_bits",
+    "plot_predicted_vs_measured",
+    "plot_throughput",
+    "plot_memory",
+    "TimelineExplorer",
+    "CompressionExplorer",
+]
 
 
 def __getattr__(name: str):

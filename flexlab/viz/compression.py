@@ -1,7 +1,7 @@
 """Accuracy against compression bits, from an ablation table (``flexlab.eval.run_ablation``).
 
-    >>> from flexlab.viz import plot_accuracy_vs_bits                  # doctest: +SKIP
-    >>> plot_accuracy_vs_bits(pd.read_csv("ablate_compression_opt-pydoc.csv")).savefig("bits.png")  # doctest: +SKIP
+>>> from flexlab.viz import plot_accuracy_vs_bits                  # doctest: +SKIP
+>>> plot_accuracy_vs_bits(pd.read_csv("ablate_compression_opt-pydoc.csv")).savefig("bits.png")  # doctest: +SKIP
 """
 
 from __future__ import annotations
@@ -9,12 +9,22 @@ from __future__ import annotations
 from matplotlib.figure import Figure
 
 TARGET_ORDER = ("weights", "cache", "both")
-LABELS = {"perplexity_change_pct": "perplexity change (%)", "perplexity": "perplexity",
-          "token_agreement": "token agreement with uncompressed", "last_word_accuracy": "last-word accuracy"}
+LABELS = {
+    "perplexity_change_pct": "perplexity change (%)",
+    "perplexity": "perplexity",
+    "token_agreement": "token agreement with uncompressed",
+    "last_word_accuracy": "last-word accuracy",
+}
 
 
-def plot_accuracy_vs_bits(df, metric: str = "perplexity_change_pct", *, title: str | None = None,
-                          width: float = 12.0, highlight: str | None = None) -> Figure:
+def plot_accuracy_vs_bits(
+    df,
+    metric: str = "perplexity_change_pct",
+    *,
+    title: str | None = None,
+    width: float = 12.0,
+    highlight: str | None = None,
+) -> Figure:
     """One column per target (weights, cache, both). Top: ``metric`` against bits, a line per
     group size (dashed: per-channel keys), the uncompressed value as a grey line. Bottom: peak
     memory saved over all tiers against bits per element. ``highlight``: a ``setting`` name

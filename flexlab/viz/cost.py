@@ -1,7 +1,8 @@
 """The cost model against measurement, from a table with predicted and measured columns.
 
-    >>> from flexlab.viz import plot_predicted_vs_measured                     # doctest: +SKIP
-    >>> plot_predicted_vs_measured(pd.read_csv("validate_cost_model_opt-125m_cpu.csv")).savefig("cost.png")  # doctest: +SKIP
+>>> from flexlab.viz import plot_predicted_vs_measured                     # doctest: +SKIP
+>>> df = pd.read_csv("validate_cost_model_opt-125m_cpu.csv")              # doctest: +SKIP
+>>> plot_predicted_vs_measured(df).savefig("cost.png")                   # doctest: +SKIP
 """
 
 from __future__ import annotations
@@ -24,8 +25,13 @@ def plot_predicted_vs_measured(df, *, label: str = "policy", title: str | None =
     _diagonal(left, df.measured_tok_s, df.predicted_tok_s)
     left.scatter(df.measured_tok_s, df.predicted_tok_s, color="#4C72B0", zorder=3)
     for _, row in df.iterrows():
-        left.annotate(str(row[label]), (row.measured_tok_s, row.predicted_tok_s), fontsize=6,
-                      xytext=(3, 2), textcoords="offset points")
+        left.annotate(
+            str(row[label]),
+            (row.measured_tok_s, row.predicted_tok_s),
+            fontsize=6,
+            xytext=(3, 2),
+            textcoords="offset points",
+        )
     left.set_xlabel("measured tokens/s")
     left.set_ylabel("predicted tokens/s")
     left.set_title("throughput", fontsize=10)

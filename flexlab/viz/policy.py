@@ -1,7 +1,7 @@
 """Throughput per policy and memory per tier, from a sweep table (``flexlab.eval.policy_sweep``).
 
-    >>> from flexlab.viz import plot_throughput, plot_memory           # doctest: +SKIP
-    >>> plot_throughput(df).savefig("throughput.png")                  # doctest: +SKIP
+>>> from flexlab.viz import plot_throughput, plot_memory           # doctest: +SKIP
+>>> plot_throughput(df).savefig("throughput.png")                  # doctest: +SKIP
 """
 
 from __future__ import annotations
@@ -9,8 +9,14 @@ from __future__ import annotations
 from matplotlib.figure import Figure
 
 TIERS = ("gpu", "cpu", "disk")
-CATEGORY_COLORS = {"weights": "#4C72B0", "kv_cache": "#55A868", "kv_tail": "#8FD19E", "activations": "#C44E52",
-                   "weight_read_buffers": "#DD8452", "working_weights": "#CCB974"}
+CATEGORY_COLORS = {
+    "weights": "#4C72B0",
+    "kv_cache": "#55A868",
+    "kv_tail": "#8FD19E",
+    "activations": "#C44E52",
+    "weight_read_buffers": "#DD8452",
+    "working_weights": "#CCB974",
+}
 
 
 def plot_throughput(df, *, title: str | None = None, width: float = 11.0) -> Figure:
@@ -58,8 +64,9 @@ def plot_memory(df, *, title: str | None = None, width: float = 11.0) -> Figure:
     cols = [c for c in df.columns if c.startswith("mem_")]
     if not cols:
         raise ValueError("no mem_<tier>_<category> columns; pass the table policy_sweep returns")
-    categories = sorted({c.split("_", 2)[2] for c in cols}, key=lambda c: list(CATEGORY_COLORS).index(c)
-                        if c in CATEGORY_COLORS else 99)
+    categories = sorted(
+        {c.split("_", 2)[2] for c in cols}, key=lambda c: list(CATEGORY_COLORS).index(c) if c in CATEGORY_COLORS else 99
+    )
     fig = Figure(figsize=(width, 3.6), layout="constrained")
     axes = fig.subplots(1, len(TIERS), sharey=False)
     for ax, tier in zip(axes, TIERS):
@@ -69,8 +76,13 @@ def plot_memory(df, *, title: str | None = None, width: float = 11.0) -> Figure:
             if col not in df.columns:
                 continue
             values = list(df[col] / 2**20)
-            ax.bar(range(len(df)), values, bottom=bottom, label=category.replace("_", " "),
-                   color=CATEGORY_COLORS.get(category, "grey"))
+            ax.bar(
+                range(len(df)),
+                values,
+                bottom=bottom,
+                label=category.replace("_", " "),
+                color=CATEGORY_COLORS.get(category, "grey"),
+            )
             bottom = [b + v for b, v in zip(bottom, values)]
         ax.set_xticks(range(len(df)), df.policy, rotation=60, ha="right", fontsize=7)
         ax.set_title(f"{tier}", fontsize=10)

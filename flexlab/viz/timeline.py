@@ -27,17 +27,26 @@ KIND_COLORS = {
 }
 
 
-def plot_timeline(timeline: Timeline, *, tokens: tuple[int, int] | None = None,
-                  stages: tuple[int, int] | None = None, lanes: list[str] | None = None,
-                  title: str | None = None, width: float = 12.0) -> Figure:
+def plot_timeline(
+    timeline: Timeline,
+    *,
+    tokens: tuple[int, int] | None = None,
+    stages: tuple[int, int] | None = None,
+    lanes: list[str] | None = None,
+    title: str | None = None,
+    width: float = 12.0,
+) -> Figure:
     """Gantt chart: a row per lane, a bar per event coloured by kind, token starts marked.
 
     ``tokens``/``stages``: inclusive ranges to show; ``lanes``: which rows (default all).
     """
-    events = [e for e in timeline.events
-              if (tokens is None or tokens[0] <= e.token <= tokens[1])
-              and (stages is None or stages[0] <= e.stage <= stages[1])
-              and (lanes is None or e.lane in lanes)]
+    events = [
+        e
+        for e in timeline.events
+        if (tokens is None or tokens[0] <= e.token <= tokens[1])
+        and (stages is None or stages[0] <= e.stage <= stages[1])
+        and (lanes is None or e.lane in lanes)
+    ]
     rows = [lane for lane in timeline.lanes if lanes is None or lane in lanes]
     fig = Figure(figsize=(width, 0.6 * len(rows) + 1.6), layout="constrained")
     ax = fig.add_subplot()
@@ -66,11 +75,20 @@ def plot_timeline(timeline: Timeline, *, tokens: tuple[int, int] | None = None,
     ax.set_ylim(len(rows) - 0.5, -0.5)
     ax.set_xlabel(f"time ({unit})")
     kinds = sorted({e.kind for e in events}, key=lambda k: list(KIND_COLORS).index(k) if k in KIND_COLORS else 99)
-    ax.legend(handles=[Patch(color=KIND_COLORS.get(k, "grey"), label=k) for k in kinds], loc="upper left",
-              bbox_to_anchor=(1.0, 1.0), fontsize=8, frameon=False)
+    ax.legend(
+        handles=[Patch(color=KIND_COLORS.get(k, "grey"), label=k) for k in kinds],
+        loc="upper left",
+        bbox_to_anchor=(1.0, 1.0),
+        fontsize=8,
+        frameon=False,
+    )
     s = Timeline(events).summary()
-    ax.set_title(title or f"{len(events)} events — I/O hidden under compute: {s['io_hidden_fraction']:.0%}, "
-                          f"compute idle: {s['compute_idle_fraction']:.0%}", fontsize=10)
+    ax.set_title(
+        title
+        or f"{len(events)} events — I/O hidden under compute: {s['io_hidden_fraction']:.0%}, "
+        f"compute idle: {s['compute_idle_fraction']:.0%}",
+        fontsize=10,
+    )
     return fig
 
 
@@ -80,8 +98,11 @@ def plot_overlap_summary(timeline: Timeline, width: float = 7.0) -> Figure:
     fig = Figure(figsize=(width, 3.2), layout="constrained")
     ax1, ax2 = fig.subplots(1, 2, width_ratios=[2, 1])
     lanes = timeline.lanes
-    ax1.barh(lanes, [s[f"busy_s[{lane}]"] for lane in lanes],
-             color=[KIND_COLORS["compute"] if lane == COMPUTE_LANE else "#999999" for lane in lanes])
+    ax1.barh(
+        lanes,
+        [s[f"busy_s[{lane}]"] for lane in lanes],
+        color=[KIND_COLORS["compute"] if lane == COMPUTE_LANE else "#999999" for lane in lanes],
+    )
     ax1.invert_yaxis()
     ax1.set_xlabel("busy (s)")
     ax1.set_title("busy time per lane", fontsize=10)

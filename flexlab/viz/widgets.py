@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import html
 import io
-
 from collections.abc import Callable
 
 from matplotlib.figure import Figure
@@ -42,16 +41,18 @@ class TimelineExplorer:
         stages = [e.stage for e in timeline.events]
         self.tokens = w.IntRangeSlider(value=(0, min(1, max(tokens))), min=0, max=max(tokens), description="tokens")
         self.stages = w.IntRangeSlider(value=(0, max(stages)), min=0, max=max(stages), description="stages")
-        self.lanes = w.SelectMultiple(options=timeline.lanes, value=tuple(timeline.lanes), description="lanes",
-                                      rows=min(6, len(timeline.lanes)))
+        self.lanes = w.SelectMultiple(
+            options=timeline.lanes, value=tuple(timeline.lanes), description="lanes", rows=min(6, len(timeline.lanes))
+        )
         self.event = w.IntSlider(value=0, min=0, max=0, description="event")
         self.image = w.Image(format="png")
         self.details = w.HTML()
         for control in (self.tokens, self.stages, self.lanes):
             control.observe(self._on_range, names="value")
         self.event.observe(lambda _: self._render(), names="value")
-        self.widget = w.VBox([w.HBox([w.VBox([self.tokens, self.stages, self.event]), self.lanes]), self.details,
-                              self.image])
+        self.widget = w.VBox(
+            [w.HBox([w.VBox([self.tokens, self.stages, self.event]), self.lanes]), self.details, self.image]
+        )
         self.figure: Figure | None = None
         self._on_range(None)
 
@@ -68,20 +69,32 @@ class TimelineExplorer:
 
     def _render(self) -> None:
         events = self.visible()
-        self.figure = plot_timeline(self.timeline, tokens=self.tokens.value, stages=self.stages.value,
-                                    lanes=list(self.lanes.value), width=self.width)
+        self.figure = plot_timeline(
+            self.timeline,
+            tokens=self.tokens.value,
+            stages=self.stages.value,
+            lanes=list(self.lanes.value),
+            width=self.width,
+        )
         if events:
             e = events[self.event.value]
             ax = self.figure.axes[0]
             rows = [lane for lane in self.timeline.lanes if lane in self.lanes.value]
             t0 = min(x.start for x in events)
             scale = 1e3 if max(x.end for x in events) - t0 < 10 else 1.0
-            ax.broken_barh([((e.start - t0) * scale, max(e.duration * scale, 1e-6))], (rows.index(e.lane) - 0.45, 0.9),
-                           facecolors="none", edgecolors="red", linewidth=1.5)
+            ax.broken_barh(
+                [((e.start - t0) * scale, max(e.duration * scale, 1e-6))],
+                (rows.index(e.lane) - 0.45, 0.9),
+                facecolors="none",
+                edgecolors="red",
+                linewidth=1.5,
+            )
             bandwidth = f", {e.bytes / e.duration / 1e9:.2f} GB/s" if e.bytes and e.duration > 0 else ""
-            self.details.value = (f"<b>{html.escape(e.kind)}</b> {html.escape(e.stage_name)} (stage {e.stage}), "
-                                  f"token {e.token}, batch {e.batch}, on <i>{html.escape(e.lane)}</i>: "
-                                  f"{e.duration * 1e3:.3f} ms, {e.bytes / 2**20:.2f} MiB{bandwidth}")
+            self.details.value = (
+                f"<b>{html.escape(e.kind)}</b> {html.escape(e.stage_name)} (stage {e.stage}), "
+                f"token {e.token}, batch {e.batch}, on <i>{html.escape(e.lane)}</i>: "
+                f"{e.duration * 1e3:.3f} ms, {e.bytes / 2**20:.2f} MiB{bandwidth}"
+            )
         else:
             self.details.value = "no events in this selection"
         self.image.value = _png(self.figure)
@@ -118,8 +131,15 @@ class CompressionExplorer:
         self.button.on_click(self._generate)
         for control in (self.target, self.bits, self.group, self.layout):
             control.observe(lambda _: self._render(), names="value")
-        self.widget = w.VBox([w.HBox([self.target, self.bits, self.group, self.layout]), self.details,
-                              self.image, self.button, self.texts])
+        self.widget = w.VBox(
+            [
+                w.HBox([self.target, self.bits, self.group, self.layout]),
+                self.details,
+                self.image,
+                self.button,
+                self.texts,
+            ]
+        )
         self.figure: Figure | None = None
         self._render()
 
@@ -141,8 +161,10 @@ class CompressionExplorer:
         else:
             saved = ", ".join(f"{t} {row.get(f'saved_{t}_pct', float('nan')):.0f}%" for t in ("gpu", "cpu", "disk"))
             bpe = row.weight_bits_per_element if self.target.value == "weights" else row.cache_bits_per_element
-            self.details.value = (f"<b>{html.escape(row.setting)}</b>: {bpe:.2f} bits per element, perplexity "
-                                  f"{row.perplexity:.2f} ({row.perplexity_change_pct:+.1f}%), memory saved: {saved}")
+            self.details.value = (
+                f"<b>{html.escape(row.setting)}</b>: {bpe:.2f} bits per element, perplexity "
+                f"{row.perplexity:.2f} ({row.perplexity_change_pct:+.1f}%), memory saved: {saved}"
+            )
         self.image.value = _png(self.figure)
 
     def _generate(self, _button=None) -> None:
@@ -151,8 +173,13 @@ class CompressionExplorer:
             return
         texts = [self.generate({"target": "none"}), self.generate(row)]
         cell = "<td style='vertical-align:top;white-space:pre-wrap;border:1px solid #ccc;padding:4px'>{}</td>"
-        self.texts.value = ("<table><tr><th>uncompressed</th><th>" + html.escape(row.setting) + "</th></tr><tr>"
-                            + "".join(cell.format(html.escape(t)) for t in texts) + "</tr></table>")
+        self.texts.value = (
+            "<table><tr><th>uncompressed</th><th>"
+            + html.escape(row.setting)
+            + "</th></tr><tr>"
+            + "".join(cell.format(html.escape(t)) for t in texts)
+            + "</tr></table>"
+        )
 
     def _ipython_display_(self) -> None:
         from IPython.display import display

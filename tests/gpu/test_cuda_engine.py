@@ -29,8 +29,9 @@ def test_every_policy_gives_transformers_tokens_on_cuda(name, cuda_model, tiny_h
 
 
 def test_cpu_tier_weights_are_pinned_and_copies_overlap_compute():
-    cfg = flexlab.get_preset("opt-tiny").replace(name="opt-mid", hidden_size=1024, num_heads=16, ffn_dim=4096,
-                                                 num_layers=8)
+    cfg = flexlab.get_preset("opt-tiny").replace(
+        name="opt-mid", hidden_size=1024, num_heads=16, ffn_dim=4096, num_layers=8
+    )
     model = flexlab.Model.from_config(cfg, seed=0, dtype=torch.float32, device="cuda")
     policy = Policy.from_percent([0, 100, 100, 0, 100, 0], gpu_batch_size=8, num_gpu_batches=4)
     with flexlab.Engine(model, policy) as engine:

@@ -11,8 +11,7 @@ import torch
 import flexlab
 from tests.integration.test_exactness import PROMPTS, flexlab_logits, hf_greedy, hf_logits
 
-pytestmark = [pytest.mark.gpu,
-              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 
 
 @pytest.mark.parametrize("which", ["pre_ln", "post_ln"])

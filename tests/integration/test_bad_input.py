@@ -139,25 +139,31 @@ def test_prompt_longer_than_max_positions(model):
         model.generate(too_long, max_new_tokens=4)
 
 
-@pytest.mark.parametrize("prompts, message", [
-    ([], "prompts is empty"),
-    ([[2, 3], []], "prompt 1 is empty"),
-    ("a string", "wrap a single prompt in a list"),
-    (["text"], "need a tokenizer"),
-])
+@pytest.mark.parametrize(
+    "prompts, message",
+    [
+        ([], "prompts is empty"),
+        ([[2, 3], []], "prompt 1 is empty"),
+        ("a string", "wrap a single prompt in a list"),
+        (["text"], "need a tokenizer"),
+    ],
+)
 def test_bad_prompts(model, prompts, message):
     with pytest.raises(PromptError, match=message):
         model.generate(prompts, max_new_tokens=2)
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    (dict(max_new_tokens=0), "max_new_tokens must be a positive int"),
-    (dict(do_sample=True, temperature=0.0), "temperature must be a finite number > 0"),
-    (dict(do_sample=True, top_p=1.5), r"top_p must be in \(0, 1\]"),
-    (dict(do_sample=True, top_k=0), "top_k must be >= 1"),
-    (dict(stop_token_ids=[[2], [2], [2]]), "3 per-sequence lists for 1 prompts"),
-    (dict(stop_strings=["x"]), "stop_strings need a tokenizer"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(max_new_tokens=0), "max_new_tokens must be a positive int"),
+        (dict(do_sample=True, temperature=0.0), "temperature must be a finite number > 0"),
+        (dict(do_sample=True, top_p=1.5), r"top_p must be in \(0, 1\]"),
+        (dict(do_sample=True, top_k=0), "top_k must be >= 1"),
+        (dict(stop_token_ids=[[2], [2], [2]]), "3 per-sequence lists for 1 prompts"),
+        (dict(stop_strings=["x"]), "stop_strings need a tokenizer"),
+    ],
+)
 def test_bad_generation_arguments(model, kwargs, message):
     kwargs.setdefault("max_new_tokens", 2)
     with pytest.raises(PromptError, match=message):
@@ -236,7 +242,7 @@ def test_float8_checkpoint_is_converted_correctly_also_read_in_place(tiny_hf, tm
     rounded = copy.deepcopy(tiny_hf)
     state = {}
     with torch.no_grad():
-        for name, p in rounded.named_parameters():
+        for p in rounded.parameters():
             if p.dim() == 2:
                 p.copy_(p.to(torch.float8_e4m3fn).float())
     for name, t in rounded.state_dict().items():
@@ -265,18 +271,22 @@ def test_unknown_safetensors_dtype_is_refused(tiny_dir, tmp_path):
     d = copy_checkpoint(tiny_dir, tmp_path / "c")
     raw = (d / "model.safetensors").read_bytes()
     n = int.from_bytes(raw[:8], "little")
-    header = raw[8:8 + n].replace(b'"F32"', b'"F4" ', 1)  # same length: the offsets stay right
-    (d / "model.safetensors").write_bytes(raw[:8] + header + raw[8 + n:])
+    header = raw[8 : 8 + n].replace(b'"F32"', b'"F4" ', 1)  # same length: the offsets stay right
+    (d / "model.safetensors").write_bytes(raw[:8] + header + raw[8 + n :])
     with pytest.raises(CheckpointError, match="has dtype F4, which flexlab cannot read"):
         flexlab.Model.from_pretrained(d)
 
 
 def test_more_layers_than_the_config_says_is_refused(tiny_hf, tmp_path):
     state = {k: v.contiguous() for k, v in tiny_hf.state_dict().items() if k != "lm_head.weight"}
-    d = write_safetensors_checkpoint(tiny_hf, tmp_path / "extra", state,
-                                     {"num_hidden_layers": tiny_hf.config.num_hidden_layers - 1})
-    with pytest.raises(CheckpointError, match=r"weight\(s\) in the checkpoint that config.json does not describe, "
-                                              r"e.g. decoder.layers.1"):
+    d = write_safetensors_checkpoint(
+        tiny_hf, tmp_path / "extra", state, {"num_hidden_layers": tiny_hf.config.num_hidden_layers - 1}
+    )
+    with pytest.raises(
+        CheckpointError,
+        match=r"weight\(s\) in the checkpoint that config.json does not describe, "
+        r"e.g. decoder.layers.1",
+    ):
         flexlab.Model.from_pretrained(d)
 
 
@@ -290,13 +300,16 @@ def test_a_shard_index_may_not_leave_its_directory(tiny_dir, tmp_path, shard):
         flexlab.Model.from_pretrained(d)
 
 
-@pytest.mark.parametrize("change, message", [
-    (lambda cfg: cfg.pop("hidden_size"), "config.json lacks 'hidden_size', which a opt config needs"),
-    (lambda cfg: cfg.update(num_hidden_layers=None), "ModelConfig.num_layers must be a positive int"),
-    (lambda cfg: cfg.update(vocab_size="many"), "ModelConfig.vocab_size must be a positive int"),
-    (lambda cfg: cfg.update(quantization_config={"quant_method": "fp8"}), "pre-quantized checkpoint .* 'fp8'"),
-    (lambda cfg: cfg.update(model_type=["opt"]), "no model_type string"),
-])
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (lambda cfg: cfg.pop("hidden_size"), "config.json lacks 'hidden_size', which a opt config needs"),
+        (lambda cfg: cfg.update(num_hidden_layers=None), "ModelConfig.num_layers must be a positive int"),
+        (lambda cfg: cfg.update(vocab_size="many"), "ModelConfig.vocab_size must be a positive int"),
+        (lambda cfg: cfg.update(quantization_config={"quant_method": "fp8"}), "pre-quantized checkpoint .* 'fp8'"),
+        (lambda cfg: cfg.update(model_type=["opt"]), "no model_type string"),
+    ],
+)
 def test_malformed_config(tiny_dir, tmp_path, change, message):
     d = copy_checkpoint(tiny_dir, tmp_path / "c")
     cfg = json.loads((d / "config.json").read_text())
@@ -313,11 +326,14 @@ def test_config_that_is_not_an_object(tiny_dir, tmp_path):
         flexlab.Model.from_pretrained(d)
 
 
-@pytest.mark.parametrize("header, message", [
-    (b"[1, 2, 3]", "not a readable safetensors file .*not a JSON object"),
-    (b'{"x": {"dtype": "F32"}}', "the header entry of x is malformed"),
-    (b'{"x": {"dtype": "F32", "shape": "big", "data_offsets": [0, 4]}}', "the header entry of x is malformed"),
-])
+@pytest.mark.parametrize(
+    "header, message",
+    [
+        (b"[1, 2, 3]", "not a readable safetensors file .*not a JSON object"),
+        (b'{"x": {"dtype": "F32"}}', "the header entry of x is malformed"),
+        (b'{"x": {"dtype": "F32", "shape": "big", "data_offsets": [0, 4]}}', "the header entry of x is malformed"),
+    ],
+)
 def test_malformed_safetensors_header(tiny_dir, tmp_path, header, message):
     d = copy_checkpoint(tiny_dir, tmp_path / "c")
     (d / "model.safetensors").write_bytes(len(header).to_bytes(8, "little") + header + b"\0" * 16)

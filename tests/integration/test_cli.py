@@ -22,32 +22,71 @@ def run(capsys, *argv):
 
 
 def test_generate_with_flexgen_flags_and_a_policy_file(capsys, tmp_path):
-    code, out, err = run(capsys, "generate", "--preset", "opt-tiny", "--dtype", "float32", "--prompt-ids", "2 5 6",
-                         "--prompt-ids", "2 7", "--percent", "0", "50", "0", "100", "100", "0", "--max-new-tokens",
-                         "3", "--timeline", str(tmp_path / "tl.json"))
+    code, out, err = run(
+        capsys,
+        "generate",
+        "--preset",
+        "opt-tiny",
+        "--dtype",
+        "float32",
+        "--prompt-ids",
+        "2 5 6",
+        "--prompt-ids",
+        "2 7",
+        "--percent",
+        "0",
+        "50",
+        "0",
+        "100",
+        "100",
+        "0",
+        "--max-new-tokens",
+        "3",
+        "--timeline",
+        str(tmp_path / "tl.json"),
+    )
     assert code == 0 and out.count(">>> ") == 2 and "w 0/50/50 cache 0/100/0" in err
     assert len(flexlab.Timeline.load(tmp_path / "tl.json")) > 0
     expected = flexlab.Model.from_config("opt-tiny", dtype=torch.float32).generate([[2, 5, 6]], max_new_tokens=3)
     assert f"[2, 5, 6] -> {expected.token_ids[0]}" in out
-    policy = flexlab.Policy.from_percent([0, 0, 100, 0, 0, 100], gpu_batch_size=1, num_gpu_batches=2,
-                                         compress_cache=flexlab.QuantConfig(bits=8, group_size=16))
+    policy = flexlab.Policy.from_percent(
+        [0, 0, 100, 0, 0, 100],
+        gpu_batch_size=1,
+        num_gpu_batches=2,
+        compress_cache=flexlab.QuantConfig(bits=8, group_size=16),
+    )
     (tmp_path / "p.json").write_text(json.dumps(policy.to_dict()))
-    code, out, err = run(capsys, "generate", "--preset", "opt-tiny", "--prompt-ids", "2 5 6", "--policy",
-                         str(tmp_path / "p.json"), "--max-new-tokens", "2")
+    code, out, err = run(
+        capsys,
+        "generate",
+        "--preset",
+        "opt-tiny",
+        "--prompt-ids",
+        "2 5 6",
+        "--policy",
+        str(tmp_path / "p.json"),
+        "--max-new-tokens",
+        "2",
+    )
     assert code == 0 and "batch 1x2" in err and "cache 8-bit g16" in err
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["generate", "--preset", "opt-tiny"], "no prompts"),
-    (["generate", "--preset", "opt-tiny", "--prompt-ids", "2 5", "--percent", "80", "40", "0", "0", "0", "0"],
-     "w_gpu_percent \\+ w_cpu_percent = 80.0 \\+ 40.0 > 100"),
-    (["generate", "--preset", "opt-tiny", "--prompt-ids", "2 5", "--compress-weight", "4:x"], "is not BITS"),
-    (["generate", "--preset", "opt-huge", "--prompt-ids", "2"], "opt-huge"),
-    (["generate", "--percent", "1", "2"], "expected 6 arguments"),
-    (["bench", "--frobnicate"], "unrecognized arguments: --frobnicate"),
-    (["search", "--preset", "opt-1.3b", "--gpu-mem", "-1"], "capacity must be positive"),
-    (["search", "--preset", "opt-1.3b", "--hardware", "tpu"], "unknown hardware 'tpu'"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["generate", "--preset", "opt-tiny"], "no prompts"),
+        (
+            ["generate", "--preset", "opt-tiny", "--prompt-ids", "2 5", "--percent", "80", "40", "0", "0", "0", "0"],
+            "w_gpu_percent \\+ w_cpu_percent = 80.0 \\+ 40.0 > 100",
+        ),
+        (["generate", "--preset", "opt-tiny", "--prompt-ids", "2 5", "--compress-weight", "4:x"], "is not BITS"),
+        (["generate", "--preset", "opt-huge", "--prompt-ids", "2"], "opt-huge"),
+        (["generate", "--percent", "1", "2"], "expected 6 arguments"),
+        (["bench", "--frobnicate"], "unrecognized arguments: --frobnicate"),
+        (["search", "--preset", "opt-1.3b", "--gpu-mem", "-1"], "capacity must be positive"),
+        (["search", "--preset", "opt-1.3b", "--hardware", "tpu"], "unknown hardware 'tpu'"),
+    ],
+)
 def test_bad_input_is_one_line_and_exit_2(capsys, argv, message):
     try:
         code = main(argv)
@@ -58,26 +97,64 @@ def test_bad_input_is_one_line_and_exit_2(capsys, argv, message):
 
 
 def test_bench_sweep_writes_its_results(capsys, tmp_path):
-    code, out, _ = run(capsys, "bench", "--preset", "opt-tiny", "--sweep", "--prompt-len", "8", "--gen-len", "2",
-                       "--gpu-batch-size", "2", "--num-gpu-batches", "1", "--out", str(tmp_path))
+    code, out, _ = run(
+        capsys,
+        "bench",
+        "--preset",
+        "opt-tiny",
+        "--sweep",
+        "--prompt-len",
+        "8",
+        "--gen-len",
+        "2",
+        "--gpu-batch-size",
+        "2",
+        "--num-gpu-batches",
+        "1",
+        "--out",
+        str(tmp_path),
+    )
     assert code == 0 and "weights on disk" in out
     assert {p.name for p in tmp_path.iterdir()} == {"bench.csv", "bench.json", "throughput.png", "memory.png"}
     assert len(json.loads((tmp_path / "bench.json").read_text())["policies"]) == 6
 
 
 def test_search_prints_a_policy_that_fits_and_saves_it(capsys, tmp_path):
-    code, out, _ = run(capsys, "search", "--preset", "opt-1.3b", "--gpu-mem", "1.5", "--cpu-mem", "1",
-                       "--prompt-len", "64", "--gen-len", "8", "--save-policy", str(tmp_path / "p.json"))
+    code, out, _ = run(
+        capsys,
+        "search",
+        "--preset",
+        "opt-1.3b",
+        "--gpu-mem",
+        "1.5",
+        "--cpu-mem",
+        "1",
+        "--prompt-len",
+        "64",
+        "--gen-len",
+        "8",
+        "--save-policy",
+        str(tmp_path / "p.json"),
+    )
     assert code == 0 and "bottleneck" in out and "--percent" in out
     policy = flexlab.Policy.from_dict(json.loads((tmp_path / "p.json").read_text()))
     assert policy.w_gpu_percent < 100  # 2.5 GB of weights do not fit 1.5 GiB
 
 
 def test_search_places_llama_3_1_8b_on_a_t4_with_compression(capsys, tmp_path):
-    from flexlab.cli_policy import policy_from_flags
+    from flexlab.cli_args import policy_from_flags
 
-    code, out, _ = run(capsys, "search", "--preset", "llama-3.1-8b", "--hardware", "colab-t4", "--compress",
-                       "--save-policy", str(tmp_path / "p.json"))
+    code, out, _ = run(
+        capsys,
+        "search",
+        "--preset",
+        "llama-3.1-8b",
+        "--hardware",
+        "colab-t4",
+        "--compress",
+        "--save-policy",
+        str(tmp_path / "p.json"),
+    )
     assert code == 0 and re.search(r"llama-3.1-8b, .* tok/s predicted .*; bottleneck: \w+", out)
     policy = flexlab.Policy.from_dict(json.loads((tmp_path / "p.json").read_text()))
     # 16 GB of bfloat16 weights do not fit a T4's GPU; 4-bit ones (about 4.5 GB) do
@@ -89,8 +166,9 @@ def test_search_places_llama_3_1_8b_on_a_t4_with_compression(capsys, tmp_path):
 
 
 def test_calibrate_writes_a_profile(capsys, tmp_path):
-    code, out, _ = run(capsys, "calibrate", "--quick", "--out", str(tmp_path / "hw.json"), "--offload-dir",
-                       str(tmp_path))
+    code, out, _ = run(
+        capsys, "calibrate", "--quick", "--out", str(tmp_path / "hw.json"), "--offload-dir", str(tmp_path)
+    )
     assert code == 0 and "disk_read_bw" in out
     assert get_hardware(tmp_path / "hw.json").matmul_flops > 0
 
@@ -112,8 +190,9 @@ def test_convert_writes_safetensors_the_engine_reads_in_place(capsys, tmp_path, 
 def test_convert_random_writes_a_checkpoint_transformers_loads(capsys, tmp_path):
     from transformers import OPTForCausalLM
 
-    code, out, _ = run(capsys, "convert", "opt-tiny", str(tmp_path / "rnd"), "--random", "--dtype", "float32",
-                       "--seed", "3")
+    code, out, _ = run(
+        capsys, "convert", "opt-tiny", str(tmp_path / "rnd"), "--random", "--dtype", "float32", "--seed", "3"
+    )
     assert code == 0 and (tmp_path / "rnd" / "config.json").exists()
     ours = flexlab.Model.from_config("opt-tiny", seed=3, dtype=torch.float32)
     hf = OPTForCausalLM.from_pretrained(tmp_path / "rnd", dtype=torch.float32)  # every weight loaded, none new
@@ -172,50 +251,96 @@ def _malformed(tmp_path, tiny_dir, what: str):
 
 
 BAD_PATHS = {  # name: (argv from tmp_path and a checkpoint dir, what the one line must say)
-    "prompts-file is a directory": (lambda t, c: ["generate", *_tiny_args(), "--prompts-file", str(t)],
-                                    "--prompts-file .*: is a directory"),
-    "prompts-file missing": (lambda t, c: ["generate", *_tiny_args(), "--prompts-file", str(t / "nope.txt")],
-                             "--prompts-file .*: does not exist"),
-    "prompts-file not text": (lambda t, c: ["generate", *_tiny_args(), "--prompts-file", _binary(t)],
-                              "--prompts-file .*: cannot read it as text"),
-    "timeline is a directory": (lambda t, c: ["generate", *_tiny_args(), "--prompt-ids", "2 5", "--timeline", str(t)],
-                                "--timeline .*: is a directory"),
-    "timeline read-only place": (lambda t, c: ["generate", *_tiny_args(), "--prompt-ids", "2 5", "--timeline",
-                                               "/proc/flexlab/t.json"], "--timeline .*cannot create it"),
-    "timeline under a file": (lambda t, c: ["generate", *_tiny_args(), "--prompt-ids", "2 5", "--timeline",
-                                            _file(t) + "/t.json"], "--timeline .*is a file"),
+    "prompts-file is a directory": (
+        lambda t, c: ["generate", *_tiny_args(), "--prompts-file", str(t)],
+        "--prompts-file .*: is a directory",
+    ),
+    "prompts-file missing": (
+        lambda t, c: ["generate", *_tiny_args(), "--prompts-file", str(t / "nope.txt")],
+        "--prompts-file .*: does not exist",
+    ),
+    "prompts-file not text": (
+        lambda t, c: ["generate", *_tiny_args(), "--prompts-file", _binary(t)],
+        "--prompts-file .*: cannot read it as text",
+    ),
+    "timeline is a directory": (
+        lambda t, c: ["generate", *_tiny_args(), "--prompt-ids", "2 5", "--timeline", str(t)],
+        "--timeline .*: is a directory",
+    ),
+    "timeline read-only place": (
+        lambda t, c: ["generate", *_tiny_args(), "--prompt-ids", "2 5", "--timeline", "/proc/flexlab/t.json"],
+        "--timeline .*cannot create it",
+    ),
+    "timeline under a file": (
+        lambda t, c: ["generate", *_tiny_args(), "--prompt-ids", "2 5", "--timeline", _file(t) + "/t.json"],
+        "--timeline .*is a file",
+    ),
     "bench out is a file": (lambda t, c: ["bench", *_tiny_args(), "--out", _file(t)], "--out .*: is a file"),
-    "bench out read-only": (lambda t, c: ["bench", *_tiny_args(), "--out", "/proc/flexlab-bench"],
-                            "--out .*cannot create it"),
+    "bench out read-only": (
+        lambda t, c: ["bench", *_tiny_args(), "--out", "/proc/flexlab-bench"],
+        "--out .*cannot create it",
+    ),
     "calibrate out is a directory": (lambda t, c: ["calibrate", "--quick", "--out", str(t)], "--out .*is a directory"),
-    "calibrate offload-dir is a file": (lambda t, c: ["calibrate", "--quick", "--out", str(t / "hw.json"),
-                                                      "--offload-dir", _file(t)], "--offload-dir .*: is a file"),
-    "calibrate offload-dir read-only": (lambda t, c: ["calibrate", "--quick", "--out", str(t / "hw.json"),
-                                                      "--offload-dir", "/proc/flexlab-x"], "--offload-dir .*cannot"),
+    "calibrate offload-dir is a file": (
+        lambda t, c: ["calibrate", "--quick", "--out", str(t / "hw.json"), "--offload-dir", _file(t)],
+        "--offload-dir .*: is a file",
+    ),
+    "calibrate offload-dir read-only": (
+        lambda t, c: ["calibrate", "--quick", "--out", str(t / "hw.json"), "--offload-dir", "/proc/flexlab-x"],
+        "--offload-dir .*cannot",
+    ),
     "convert target is a file": (lambda t, c: ["convert", "opt-tiny", _file(t), "--random"], "is a file; the target"),
-    "convert target read-only": (lambda t, c: ["convert", "opt-tiny", "/proc/flexlab-x/ckpt", "--random"],
-                                 "cannot write a checkpoint in /proc/flexlab-x"),
-    "search save-policy is a directory": (lambda t, c: ["search", "--preset", "opt-1.3b", "--save-policy", str(t)],
-                                          "--save-policy .*is a directory"),
-    "policy JSON of the wrong shape": (lambda t, c: ["generate", *_tiny_args(), "--prompt-ids", "2 5", "--policy",
-                                                     _json(t, [1, 2])], "a policy is a JSON object"),
-    "policy unknown QuantConfig key": (lambda t, c: ["generate", *_tiny_args(), "--prompt-ids", "2 5", "--policy",
-                                                     _json(t, {"compress_weight": {"bitz": 4}})],
-                                       r"unknown QuantConfig field\(s\) \['bitz'\]"),
-    "policy is a directory": (lambda t, c: ["generate", *_tiny_args(), "--prompt-ids", "2 5", "--policy", str(t)],
-                              "--policy .*is a directory"),
-    "temperature nan": (lambda t, c: ["generate", *_tiny_args(), "--prompt-ids", "2 5", "--do-sample",
-                                      "--temperature", "nan"], "temperature must be a finite number"),
-    "float token id": (lambda t, c: ["generate", *_tiny_args(), "--prompt-ids", "2 5.5"],
-                       "--prompt-ids '2 5.5': token ids are integers"),
-    "token id outside the vocabulary": (lambda t, c: ["generate", *_tiny_args(), "--prompt-ids", "2 99999"],
-                                        r"token id 99999 is outside the vocabulary \[0, 511\]"),
-    "negative token id": (lambda t, c: ["generate", *_tiny_args(), "--prompt-ids", "2 -1"],
-                          "token id -1 is outside the vocabulary"),
-    "config lacks a field": (lambda t, c: ["generate", "--model", _malformed(t, c, "config"), "--prompt-ids", "2"],
-                             "config.json lacks 'hidden_size'"),
-    "malformed safetensors header": (lambda t, c: ["generate", "--model", _malformed(t, c, "header"),
-                                                   "--prompt-ids", "2"], "not a readable safetensors file"),
+    "convert target read-only": (
+        lambda t, c: ["convert", "opt-tiny", "/proc/flexlab-x/ckpt", "--random"],
+        "cannot write a checkpoint in /proc/flexlab-x",
+    ),
+    "search save-policy is a directory": (
+        lambda t, c: ["search", "--preset", "opt-1.3b", "--save-policy", str(t)],
+        "--save-policy .*is a directory",
+    ),
+    "policy JSON of the wrong shape": (
+        lambda t, c: ["generate", *_tiny_args(), "--prompt-ids", "2 5", "--policy", _json(t, [1, 2])],
+        "a policy is a JSON object",
+    ),
+    "policy unknown QuantConfig key": (
+        lambda t, c: [
+            "generate",
+            *_tiny_args(),
+            "--prompt-ids",
+            "2 5",
+            "--policy",
+            _json(t, {"compress_weight": {"bitz": 4}}),
+        ],
+        r"unknown QuantConfig field\(s\) \['bitz'\]",
+    ),
+    "policy is a directory": (
+        lambda t, c: ["generate", *_tiny_args(), "--prompt-ids", "2 5", "--policy", str(t)],
+        "--policy .*is a directory",
+    ),
+    "temperature nan": (
+        lambda t, c: ["generate", *_tiny_args(), "--prompt-ids", "2 5", "--do-sample", "--temperature", "nan"],
+        "temperature must be a finite number",
+    ),
+    "float token id": (
+        lambda t, c: ["generate", *_tiny_args(), "--prompt-ids", "2 5.5"],
+        "--prompt-ids '2 5.5': token ids are integers",
+    ),
+    "token id outside the vocabulary": (
+        lambda t, c: ["generate", *_tiny_args(), "--prompt-ids", "2 99999"],
+        r"token id 99999 is outside the vocabulary \[0, 511\]",
+    ),
+    "negative token id": (
+        lambda t, c: ["generate", *_tiny_args(), "--prompt-ids", "2 -1"],
+        "token id -1 is outside the vocabulary",
+    ),
+    "config lacks a field": (
+        lambda t, c: ["generate", "--model", _malformed(t, c, "config"), "--prompt-ids", "2"],
+        "config.json lacks 'hidden_size'",
+    ),
+    "malformed safetensors header": (
+        lambda t, c: ["generate", "--model", _malformed(t, c, "header"), "--prompt-ids", "2"],
+        "not a readable safetensors file",
+    ),
 }
 
 
@@ -248,8 +373,17 @@ def test_every_bad_path_or_file_is_one_line_before_any_work(capsys, tmp_path, ti
 
 
 def test_a_missing_output_parent_is_created(capsys, tmp_path):
-    code, _, _ = run(capsys, "generate", *_tiny_args(), "--prompt-ids", "2 5", "--max-new-tokens", "2", "--timeline",
-                     str(tmp_path / "new" / "deeper" / "tl.json"))
+    code, _, _ = run(
+        capsys,
+        "generate",
+        *_tiny_args(),
+        "--prompt-ids",
+        "2 5",
+        "--max-new-tokens",
+        "2",
+        "--timeline",
+        str(tmp_path / "new" / "deeper" / "tl.json"),
+    )
     assert code == 0 and len(flexlab.Timeline.load(tmp_path / "new" / "deeper" / "tl.json")) > 0
 
 
@@ -262,11 +396,26 @@ def test_a_full_disk_during_a_cli_run_is_one_line(capsys, tmp_path, monkeypatch)
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(tiers.os, "pwrite", full)
-    code, out, err = run(capsys, "generate", *_tiny_args(), "--prompt-ids", "2 5", "--percent", "100", "0", "0", "0",
-                         "100", "0", "--offload-dir", str(tmp_path))
+    code, out, err = run(
+        capsys,
+        "generate",
+        *_tiny_args(),
+        "--prompt-ids",
+        "2 5",
+        "--percent",
+        "100",
+        "0",
+        "0",
+        "0",
+        "100",
+        "0",
+        "--offload-dir",
+        str(tmp_path),
+    )
     lines = err.strip().splitlines()
-    assert code == 2 and re.match(r"flexlab: error: the disk holding '.*' is full: writing \d+ bytes to kv_l0_b0_k.bin",
-                                  lines[-1])
+    assert code == 2 and re.match(
+        r"flexlab: error: the disk holding '.*' is full: writing \d+ bytes to kv_l0_b0_k.bin", lines[-1]
+    )
     assert list(tmp_path.iterdir()) == []
 
 
@@ -287,8 +436,10 @@ def _templated_tokenizer():
     tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     t = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
-    t.chat_template = ("<s> {% for m in messages %}{{ m['role'] }} : {{ m['content'] }} </s> {% endfor %}"
-                       "{% if add_generation_prompt %}assistant :{% endif %}")
+    t.chat_template = (
+        "<s> {% for m in messages %}{{ m['role'] }} : {{ m['content'] }} </s> {% endfor %}"
+        "{% if add_generation_prompt %}assistant :{% endif %}"
+    )
     return t
 
 
@@ -310,7 +461,9 @@ def test_chat_uses_the_tokenizers_chat_template_and_its_end_of_turn():
     assert tok.decode(ids) == "<s> system : be kind </s> user : hi there </s> assistant :"  # one <s>, no re-tokenizing
     assert rules["stop_token_ids"] == [tok.eos_token_id] and rules["stop_strings"] is None
     chat.reply("hi again")
-    assert tok.decode(calls[1][0]).endswith("user : hi there </s> assistant : fine </s> user : hi again </s> assistant :")
+    assert tok.decode(calls[1][0]).endswith(
+        "user : hi there </s> assistant : fine </s> user : hi again </s> assistant :"
+    )
     for _ in range(5):  # the oldest exchanges are dropped to fit 40 - 4 positions
         chat.reply("hi there again")
     assert len(calls[-1][0]) <= 36 and tok.decode(calls[-1][0]).startswith("<s> system : be kind")

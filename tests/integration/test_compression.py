@@ -47,8 +47,9 @@ def assert_scores_close(a, b, **tol):
 
 @pytest.mark.parametrize("percent", [[100, 0, 100, 0, 100, 0], [20, 30, 100, 0, 100, 0], [0, 0, 100, 0, 0, 0]])
 def test_compressed_weights_compute_exactly_the_quantized_model(model, percent, tmp_path):
-    quantized = flexlab.Model(model.config, FakeQuantized(model.weights, W4), tokenizer=model.tokenizer,
-                              dtype=torch.float32, device="cpu")
+    quantized = flexlab.Model(
+        model.config, FakeQuantized(model.weights, W4), tokenizer=model.tokenizer, dtype=torch.float32, device="cpu"
+    )
     expected = quantized.generate(PROMPTS, max_new_tokens=NEW).token_ids
     assert expected != model.generate(PROMPTS, max_new_tokens=NEW).token_ids  # 4 bits do change something
     policy = Policy.from_percent(percent, gpu_batch_size=2, num_gpu_batches=2, compress_weight=W4)
@@ -63,19 +64,27 @@ def test_teacher_forced_scores_equal_prefill_scores_without_compression(model, t
         assert_scores_close(teacher_scores(model, policy, tmp_path), model.score(PROMPTS), atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize("cache", [
-    QuantConfig(bits=4, group_size=16),
-    QuantConfig(bits=3, group_size=8, kv_layout="per-channel"),
-    QuantConfig(bits=2, group_size=4, kv_layout="per-channel", window=3),
-])
+@pytest.mark.parametrize(
+    "cache",
+    [
+        QuantConfig(bits=4, group_size=16),
+        QuantConfig(bits=3, group_size=8, kv_layout="per-channel"),
+        QuantConfig(bits=2, group_size=4, kv_layout="per-channel", window=3),
+    ],
+)
 def test_a_compressed_cache_gives_the_same_results_on_every_placement(model, cache, tmp_path):
     results = []
-    for percent in ([100, 0, 100, 0, 100, 0], [100, 0, 0, 100, 100, 0], [100, 0, 0, 0, 100, 0],
-                    [50, 50, 30, 30, 0, 100]):
+    for percent in (
+        [100, 0, 100, 0, 100, 0],
+        [100, 0, 0, 100, 100, 0],
+        [100, 0, 0, 0, 100, 0],
+        [50, 50, 30, 30, 0, 100],
+    ):
         policy = Policy.from_percent(percent, gpu_batch_size=2, num_gpu_batches=2, compress_cache=cache)
         with flexlab.Engine(model, policy, offload_dir=tmp_path) as engine:
-            results.append((engine.generate(PROMPTS, max_new_tokens=NEW).token_ids,
-                            engine.score(PROMPTS, teacher_forced=True)))
+            results.append(
+                (engine.generate(PROMPTS, max_new_tokens=NEW).token_ids, engine.score(PROMPTS, teacher_forced=True))
+            )
     for tokens, scores in results[1:]:
         assert tokens == results[0][0]
         assert_scores_close(scores, results[0][1], atol=1e-5, rtol=1e-5)
@@ -86,8 +95,10 @@ def test_a_compressed_cache_gives_the_same_results_on_every_placement(model, cac
 
 def test_a_cache_that_never_leaves_its_full_precision_tail_is_exact(model, tmp_path):
     longest = max(map(len, PROMPTS)) + NEW
-    for cache in (QuantConfig(bits=2, group_size=8, window=longest),
-                  QuantConfig(bits=2, group_size=longest, kv_layout="per-channel", window=0)):
+    for cache in (
+        QuantConfig(bits=2, group_size=8, window=longest),
+        QuantConfig(bits=2, group_size=longest, kv_layout="per-channel", window=0),
+    ):
         policy = Policy(gpu_batch_size=4, compress_cache=cache)
         tokens_ref = model.generate(PROMPTS, max_new_tokens=NEW).token_ids
         with flexlab.Engine(model, policy) as engine:
@@ -102,8 +113,9 @@ def test_eight_bit_cache_is_close_and_two_bit_is_worse(model, tmp_path):
     exact = model.score(PROMPTS)
 
     def error(bits):
-        scores = teacher_scores(model, Policy(gpu_batch_size=7, compress_cache=QuantConfig(bits=bits, group_size=16)),
-                                tmp_path)
+        scores = teacher_scores(
+            model, Policy(gpu_batch_size=7, compress_cache=QuantConfig(bits=bits, group_size=16)), tmp_path
+        )
         return max(float((a - b).abs().max()) for a, b in zip(scores, exact))
 
     e8, e2 = error(8), error(2)
@@ -117,17 +129,26 @@ def load_bytes(timeline, kind):
 
 def test_timeline_bytes_shrink_by_the_compression_ratio(model, tmp_path):
     per_token, placed = {}, {}
-    for name, policy in {"plain": Policy.from_percent([0, 0, 0, 0, 100, 0], gpu_batch_size=4),
-                         "4-bit": Policy.from_percent([0, 0, 0, 0, 100, 0], gpu_batch_size=4, compress_weight=W4,
-                                                      compress_cache=QuantConfig(bits=4, group_size=16))}.items():
+    for name, policy in {
+        "plain": Policy.from_percent([0, 0, 0, 0, 100, 0], gpu_batch_size=4),
+        "4-bit": Policy.from_percent(
+            [0, 0, 0, 0, 100, 0],
+            gpu_batch_size=4,
+            compress_weight=W4,
+            compress_cache=QuantConfig(bits=4, group_size=16),
+        ),
+    }.items():
         with flexlab.Engine(model, policy, offload_dir=tmp_path) as engine:
             result = engine.generate(PROMPTS[:4], max_new_tokens=NEW, stop_token_ids=None)
             # every stage's disk weights, once per token (the tied embedding twice: embed and head)
             placed[name] = sum(w.nbytes for ws in engine.weights.stage_weights for w in ws if w.tier == "disk")
         weights = load_bytes(result.timeline, "load_weight")
         assert (weights == placed[name]).all()
-        per_token[name] = (weights.iloc[-1], load_bytes(result.timeline, "load_cache").iloc[-1],
-                           load_bytes(result.timeline, "store_cache").iloc[-1])
+        per_token[name] = (
+            weights.iloc[-1],
+            load_bytes(result.timeline, "load_cache").iloc[-1],
+            load_bytes(result.timeline, "store_cache").iloc[-1],
+        )
     cfg = model.config
     specs = model.family.weight_specs(cfg)
     matrices = sum(s.numel for s in specs if len(s.shape) >= 2) + cfg.vocab_size * cfg.hidden_size  # + tied head

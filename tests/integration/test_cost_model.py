@@ -23,11 +23,17 @@ POLICIES = {
     "all on disk, acts on disk": Policy.from_percent([0, 0, 0, 0, 0, 0], gpu_batch_size=2, num_gpu_batches=2),
     "three-way split, acts on cpu": Policy.from_percent([20, 30, 20, 30, 0, 100], gpu_batch_size=2, num_gpu_batches=2),
     "compressed weights and cache": Policy.from_percent(
-        [30, 30, 30, 30, 100, 0], gpu_batch_size=2, num_gpu_batches=2,
-        compress_weight=QuantConfig(bits=4, group_size=32), compress_cache=QuantConfig(bits=4, group_size=16)),
+        [30, 30, 30, 30, 100, 0],
+        gpu_batch_size=2,
+        num_gpu_batches=2,
+        compress_weight=QuantConfig(bits=4, group_size=32),
+        compress_cache=QuantConfig(bits=4, group_size=16),
+    ),
     "per-channel keys with a window": Policy.from_percent(
-        [0, 0, 0, 0, 100, 0], gpu_batch_size=3, compress_cache=QuantConfig(bits=2, group_size=8,
-                                                                           kv_layout="per-channel", window=3)),
+        [0, 0, 0, 0, 100, 0],
+        gpu_batch_size=3,
+        compress_cache=QuantConfig(bits=2, group_size=8, kv_layout="per-channel", window=3),
+    ),
     "cpu attention": Policy.from_percent([50, 0, 0, 100, 100, 0], gpu_batch_size=4, cpu_cache_compute=True),
 }
 
@@ -44,8 +50,9 @@ def test_bytes_per_link_and_peak_memory_equal_the_engines(model, name, tmp_path)
     with flexlab.Engine(model, policy, offload_dir=tmp_path) as engine:
         result = engine.generate(PROMPTS, max_new_tokens=NEW, stop_token_ids=None)
     measured = result.timeline.to_pandas().groupby("kind").bytes.sum().to_dict()
-    pred = CostModel(model.config, policy, CPU_ONLY, prompt_len=len(PROMPTS[0]), gen_len=NEW, itemsize=4,
-                     num_prompts=len(PROMPTS)).predict()
+    pred = CostModel(
+        model.config, policy, CPU_ONLY, prompt_len=len(PROMPTS[0]), gen_len=NEW, itemsize=4, num_prompts=len(PROMPTS)
+    ).predict()
     for kind, value in pred.bytes_per_kind.items():
         assert value == measured.get(kind, 0), kind
     for tier in ("gpu", "cpu", "disk"):
@@ -93,16 +100,23 @@ def test_a_small_cpu_share_keeps_the_embedding_off_disk():
 def test_prediction_explains_the_bottleneck():
     cfg = flexlab.get_preset("opt-6.7b")
     hw = get_hardware("colab-t4")
-    on_disk = CostModel(cfg, Policy.from_percent([0, 0, 100, 0, 100, 0], gpu_batch_size=8), hw, prompt_len=512,
-                        gen_len=32).predict()
-    on_gpu = CostModel(cfg.replace(name="opt-tiny-ish", num_layers=2), Policy(gpu_batch_size=8), hw, prompt_len=512,
-                       gen_len=32).predict()
+    on_disk = CostModel(
+        cfg, Policy.from_percent([0, 0, 100, 0, 100, 0], gpu_batch_size=8), hw, prompt_len=512, gen_len=32
+    ).predict()
+    on_gpu = CostModel(
+        cfg.replace(name="opt-tiny-ish", num_layers=2), Policy(gpu_batch_size=8), hw, prompt_len=512, gen_len=32
+    ).predict()
     assert on_disk.bottleneck == "disk" and on_gpu.bottleneck == "compute"
     text = CostModel(cfg, Policy.from_percent([0, 0, 100, 0, 100, 0]), hw, prompt_len=64, gen_len=8).explain()
     assert "bottleneck: disk" in text and "attention.0" in text
     # overlap hides the smaller of compute and I/O
-    no_overlap = CostModel(cfg, Policy.from_percent([0, 0, 100, 0, 100, 0], gpu_batch_size=8, overlap=False), hw,
-                           prompt_len=512, gen_len=32).predict()
+    no_overlap = CostModel(
+        cfg,
+        Policy.from_percent([0, 0, 100, 0, 100, 0], gpu_batch_size=8, overlap=False),
+        hw,
+        prompt_len=512,
+        gen_len=32,
+    ).predict()
     assert no_overlap.total_s > on_disk.total_s
 
 
@@ -110,8 +124,9 @@ def test_prediction_explains_the_bottleneck():
 def test_search_respects_capacities_and_keeps_compression(compress):
     cfg = flexlab.get_preset("opt-6.7b")
     hw = get_hardware("colab-t4").replace(gpu_memory=6 * 2**30, cpu_memory=8 * 2**30)
-    found = search_policy(cfg, hw, prompt_len=256, gen_len=16, batch_sizes=(4, 16), num_batches=(1, 4),
-                          compress=(compress,))
+    found = search_policy(
+        cfg, hw, prompt_len=256, gen_len=16, batch_sizes=(4, 16), num_batches=(1, 4), compress=(compress,)
+    )
     assert found.policy.compress_weight == compress and found.policy.compress_cache == compress
     for tier, cap in (("gpu", hw.gpu_memory), ("cpu", hw.cpu_memory), ("disk", hw.disk_space)):
         assert found.prediction.peak_bytes[tier] <= cap
@@ -149,8 +164,13 @@ def test_search_finds_policies_off_the_lps_line():
     weights = weight_bytes(cfg, 2)
     limits = CPU_ONLY.replace(gpu_memory=0.3 * weights + 64 * 2**20, cpu_memory=0.3 * weights)
     shape = dict(batch_sizes=(8,), num_batches=(2,), compress=(None,), act_tiers=("gpu",))
-    hand = CostModel(cfg, Policy.from_percent([0, 50, 100, 0, 100, 0], gpu_batch_size=8, num_gpu_batches=2), limits,
-                     prompt_len=64, gen_len=8).predict()
+    hand = CostModel(
+        cfg,
+        Policy.from_percent([0, 50, 100, 0, 100, 0], gpu_batch_size=8, num_gpu_batches=2),
+        limits,
+        prompt_len=64,
+        gen_len=8,
+    ).predict()
     assert fits(hand.peak_bytes, limits)
     found = search_policy(cfg, limits, prompt_len=64, gen_len=8, **shape)
     assert fits(found.prediction.peak_bytes, limits)
@@ -160,8 +180,14 @@ def test_search_finds_policies_off_the_lps_line():
 def test_bad_input_is_refused_clearly():
     cfg = flexlab.get_preset("opt-1.3b")
     with pytest.raises(flexlab.FlexlabError, match="no policy fits opt-1.3b"):
-        search_policy(cfg, get_hardware("colab-t4").replace(disk_space=1e6, cpu_memory=1e6, gpu_memory=1e6),
-                      prompt_len=64, gen_len=8, batch_sizes=(1,), num_batches=(1,))
+        search_policy(
+            cfg,
+            get_hardware("colab-t4").replace(disk_space=1e6, cpu_memory=1e6, gpu_memory=1e6),
+            prompt_len=64,
+            gen_len=8,
+            batch_sizes=(1,),
+            num_batches=(1,),
+        )
     with pytest.raises(flexlab.FlexlabError, match="exceeds opt-1.3b's 2048 positions"):
         CostModel(cfg, Policy(), get_hardware("h100"), prompt_len=2040, gen_len=32)
     with pytest.raises(flexlab.FlexlabError, match="unknown hardware 'tpu'"):

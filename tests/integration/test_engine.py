@@ -27,16 +27,20 @@ GRID = {
     "cache split three ways": Policy.from_percent([100, 0, 30, 30, 100, 0], gpu_batch_size=2, num_gpu_batches=3),
     "activations on cpu": Policy.from_percent([100, 0, 100, 0, 0, 100], gpu_batch_size=2, num_gpu_batches=2),
     "activations on disk": Policy.from_percent([100, 0, 100, 0, 0, 0], gpu_batch_size=1, num_gpu_batches=4),
-    "everything offloaded, overlap off": Policy.from_percent([10, 40, 20, 40, 0, 0], gpu_batch_size=2,
-                                                             num_gpu_batches=2, overlap=False),
-    "everything offloaded, joint layers": Policy.from_percent([10, 40, 20, 40, 0, 100], gpu_batch_size=3,
-                                                              num_gpu_batches=2, sep_layer=False),
+    "everything offloaded, overlap off": Policy.from_percent(
+        [10, 40, 20, 40, 0, 0], gpu_batch_size=2, num_gpu_batches=2, overlap=False
+    ),
+    "everything offloaded, joint layers": Policy.from_percent(
+        [10, 40, 20, 40, 0, 100], gpu_batch_size=3, num_gpu_batches=2, sep_layer=False
+    ),
     "1 batch per block": Policy.from_percent([50, 50, 50, 50, 100, 0], gpu_batch_size=2, num_gpu_batches=1),
     "4 batches per block": Policy.from_percent([50, 0, 50, 0, 0, 100], gpu_batch_size=1, num_gpu_batches=4),
-    "cache on cpu, attention on cpu": Policy.from_percent([100, 0, 0, 100, 100, 0], gpu_batch_size=2,
-                                                          num_gpu_batches=2, cpu_cache_compute=True),
-    "cache split, attention on cpu": Policy.from_percent([30, 30, 25, 50, 0, 100], gpu_batch_size=4,
-                                                         num_gpu_batches=2, cpu_cache_compute=True),
+    "cache on cpu, attention on cpu": Policy.from_percent(
+        [100, 0, 0, 100, 100, 0], gpu_batch_size=2, num_gpu_batches=2, cpu_cache_compute=True
+    ),
+    "cache split, attention on cpu": Policy.from_percent(
+        [30, 30, 25, 50, 0, 100], gpu_batch_size=4, num_gpu_batches=2, cpu_cache_compute=True
+    ),
 }
 
 
@@ -101,7 +105,8 @@ def test_timeline_has_an_event_for_every_compute_and_transfer(model):
     computes = df[df.lane == "compute"]
     assert len(computes) == 3 * n_stages * 2
     assert set(zip(computes.token, computes.stage, computes.batch)) == {
-        (t, j, k) for t in range(3) for j in range(n_stages) for k in range(2)}
+        (t, j, k) for t in range(3) for j in range(n_stages) for k in range(2)
+    }
     disk_loads = df[df.kind == "load_weight"]
     assert len(disk_loads) == 3 * n_stages and (disk_loads.bytes > 0).all()
     assert set(df.lane) == {"compute", "load weight", "load cache", "store cache", "load act", "store act"}
@@ -109,8 +114,9 @@ def test_timeline_has_an_event_for_every_compute_and_transfer(model):
 
 
 def overlap_model():
-    cfg = flexlab.get_preset("opt-tiny").replace(name="opt-small", hidden_size=256, num_heads=4, ffn_dim=1024,
-                                                 num_layers=4)
+    cfg = flexlab.get_preset("opt-tiny").replace(
+        name="opt-small", hidden_size=256, num_heads=4, ffn_dim=1024, num_layers=4
+    )
     return flexlab.Model.from_config(cfg, seed=0, dtype=torch.float32, device="cpu")
 
 
@@ -182,10 +188,13 @@ def test_a_full_disk_is_refused_before_any_file_is_written(model, tmp_path, monk
     assert list(tmp_path.iterdir()) == []
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    (dict(attn_sparsity=0.5, cpu_cache_compute=True), "attn_sparsity < 1 with cpu_cache_compute"),
-    (dict(compress_cache=flexlab.QuantConfig(), cpu_cache_compute=True), "cpu_cache_compute with compress_cache"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(attn_sparsity=0.5, cpu_cache_compute=True), "attn_sparsity < 1 with cpu_cache_compute"),
+        (dict(compress_cache=flexlab.QuantConfig(), cpu_cache_compute=True), "cpu_cache_compute with compress_cache"),
+    ],
+)
 def test_unfinished_features_are_refused_clearly(kwargs, message):
     with pytest.raises(flexlab.PolicyError, match=message):  # by the Policy itself: a search never ranks them
         Policy(**kwargs)
@@ -229,14 +238,22 @@ def test_cpu_cache_compute_leaves_cpu_rows_on_the_host(model, monkeypatch):
     assert spans and all(span == (1, 2) for span in spans)  # of 4 sequences: 1 gpu, 2 cpu, 1 disk
 
 
-@pytest.mark.parametrize("policy", [
-    Policy.from_percent([100, 0, 0, 0, 100, 0], gpu_batch_size=2, num_gpu_batches=3),
-    Policy.from_percent([100, 0, 25, 50, 100, 0], gpu_batch_size=4, cpu_cache_compute=True),
-    Policy.from_percent([100, 0, 30, 30, 100, 0], gpu_batch_size=3, num_gpu_batches=2, overlap=False),
-    Policy.from_percent([100, 0, 0, 0, 100, 0], gpu_batch_size=2, num_gpu_batches=2, attn_sparsity=0.5),
-    Policy.from_percent([100, 0, 0, 0, 100, 0], gpu_batch_size=2, num_gpu_batches=2,
-                        compress_cache=flexlab.QuantConfig(bits=4, group_size=4)),
-], ids=["disk", "split, cpu attention", "split, overlap off", "sparse", "4-bit"])
+@pytest.mark.parametrize(
+    "policy",
+    [
+        Policy.from_percent([100, 0, 0, 0, 100, 0], gpu_batch_size=2, num_gpu_batches=3),
+        Policy.from_percent([100, 0, 25, 50, 100, 0], gpu_batch_size=4, cpu_cache_compute=True),
+        Policy.from_percent([100, 0, 30, 30, 100, 0], gpu_batch_size=3, num_gpu_batches=2, overlap=False),
+        Policy.from_percent([100, 0, 0, 0, 100, 0], gpu_batch_size=2, num_gpu_batches=2, attn_sparsity=0.5),
+        Policy.from_percent(
+            [100, 0, 0, 0, 100, 0],
+            gpu_batch_size=2,
+            num_gpu_batches=2,
+            compress_cache=flexlab.QuantConfig(bits=4, group_size=4),
+        ),
+    ],
+    ids=["disk", "split, cpu attention", "split, overlap off", "sparse", "4-bit"],
+)
 def test_every_cache_read_buffer_comes_back(model, monkeypatch, policy):
     """On a CPU, attention reads disk rows in the read buffers; each must be handed back once the
     compute is done with it (a lost one would stall a later read for ever)."""
@@ -284,12 +301,17 @@ def test_memory_tier_weights_are_copies_and_the_checkpoint_is_unmapped(tiny_dir)
     with flexlab.Engine(model, Policy.from_percent([30, 70, 100, 0, 100, 0], gpu_batch_size=2)) as engine:
         assert [w for w in engine.weights.placed.values() if w.tier != "disk"]
         assert not [line for line in open("/proc/self/maps") if str(tiny_dir) in line]
-        assert engine.generate([[2, 5, 6]], max_new_tokens=2).token_ids == \
-            model.generate([[2, 5, 6]], max_new_tokens=2).token_ids  # reads reopen the file
+        assert (
+            engine.generate([[2, 5, 6]], max_new_tokens=2).token_ids
+            == model.generate([[2, 5, 6]], max_new_tokens=2).token_ids
+        )  # reads reopen the file
 
 
-@pytest.mark.parametrize("policy", [Policy(gpu_batch_size=6), Policy.from_percent([0, 50, 0, 100, 0, 100], gpu_batch_size=3,
-                                                                     num_gpu_batches=2)], ids=["resident", "offloaded"])
+@pytest.mark.parametrize(
+    "policy",
+    [Policy(gpu_batch_size=6), Policy.from_percent([0, 50, 0, 100, 0, 100], gpu_batch_size=3, num_gpu_batches=2)],
+    ids=["resident", "offloaded"],
+)
 def test_every_layer_gets_the_positions_the_embedding_got(tiny_dir, policy):
     """The family seam: ``attention_qkv`` receives each token's position (rotary embeddings need
     them in every layer), the same the embedding got, left padding included."""

@@ -24,8 +24,9 @@ def hf_greedy(hf, ids: list[list[int]], n: int) -> list[list[int]]:
     tokens = torch.tensor([[1] * (width - len(s)) + s for s in ids])
     mask = torch.tensor([[0] * (width - len(s)) + [1] * len(s) for s in ids])
     with torch.no_grad():
-        out = hf.generate(input_ids=tokens, attention_mask=mask, max_new_tokens=n, do_sample=False,
-                          pad_token_id=1, eos_token_id=2)[:, width:].tolist()
+        out = hf.generate(
+            input_ids=tokens, attention_mask=mask, max_new_tokens=n, do_sample=False, pad_token_id=1, eos_token_id=2
+        )[:, width:].tolist()
     result = []
     for row in out:  # drop the padding transformers appends after an eos
         cut = row.index(2) + 1 if 2 in row else len(row)
@@ -39,7 +40,7 @@ def flexlab_logits(model, ids):
 
     tokens, valid = left_pad(ids, model.config.pad_token_id, model.device)
     logits = model.reference.forward(tokens, valid).cpu()
-    return [logits[i, tokens.shape[1] - len(s):] for i, s in enumerate(ids)]
+    return [logits[i, tokens.shape[1] - len(s) :] for i, s in enumerate(ids)]
 
 
 @pytest.mark.parametrize("which", ["pre_ln", "post_ln"])
@@ -88,4 +89,4 @@ def test_decode_with_cache_equals_full_recompute(tiny_dir):
     out = model.generate(PROMPTS, max_new_tokens=6, stop_token_ids=None).token_ids
     full = [p + o for p, o in zip(PROMPTS, out)]
     for seq, logits in zip(full, flexlab_logits(model, full)):
-        assert logits[len(seq) - 7:-1].argmax(-1).tolist() == seq[len(seq) - 6:]
+        assert logits[len(seq) - 7 : -1].argmax(-1).tolist() == seq[len(seq) - 6 :]

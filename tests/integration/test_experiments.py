@@ -15,12 +15,34 @@ ROOT = Path(__file__).resolve().parents[2]
 RUNS = {
     "reference_throughput": ["--preset", "opt-tiny", "--repeats", "1", "--prompt-len", "8", "--gen-len", "4"],
     "policy_sweep": ["--preset", "opt-tiny", "--prompt-len", "8", "--gen-len", "3", "--gpu-batch-size", "2"],
-    "disk_offload_decode": ["--preset", "opt-tiny", "--prompt-len", "8", "--gen-len", "3", "--gpu-batch-size", "2",
-                            "--num-gpu-batches", "2", "--dd-mb", "16"],
+    "disk_offload_decode": [
+        "--preset",
+        "opt-tiny",
+        "--prompt-len",
+        "8",
+        "--gen-len",
+        "3",
+        "--gpu-batch-size",
+        "2",
+        "--num-gpu-batches",
+        "2",
+        "--dd-mb",
+        "16",
+    ],
     "ablate_compression": ["--model", "opt-tiny", "--smoke", "true", "--gpu-batch-size", "2"],
     "compare_baselines": ["--quick", "true"],
-    "validate_cost_model": ["--preset", "opt-tiny", "--smoke", "true", "--prompt-len", "8", "--gen-len", "3",
-                            "--gpu-batch-size", "2"],
+    "validate_cost_model": [
+        "--preset",
+        "opt-tiny",
+        "--smoke",
+        "true",
+        "--prompt-len",
+        "8",
+        "--gen-len",
+        "3",
+        "--gpu-batch-size",
+        "2",
+    ],
 }
 
 

@@ -98,8 +98,9 @@ FAULTS = [  # (handler, on which call, what it raises)
 
 @pytest.mark.parametrize("policy_name", list(POLICIES))
 @pytest.mark.parametrize("method, n, error", FAULTS, ids=[f"{m}#{n}-{type(e).__name__}" for m, n, e in FAULTS])
-def test_a_failed_run_leaves_the_engine_as_it_was(model, expected, monkeypatch, tmp_path, policy_name, method, n,
-                                                  error):
+def test_a_failed_run_leaves_the_engine_as_it_was(
+    model, expected, monkeypatch, tmp_path, policy_name, method, n, error
+):
     policy = POLICIES[policy_name]
     with flexlab.Engine(model, policy, offload_dir=tmp_path) as engine:
         calls = fail_on_call(monkeypatch, method, n, error)
@@ -212,11 +213,15 @@ def track_hidden_states(monkeypatch):
     return refs, most
 
 
-@pytest.mark.parametrize("policy", [
-    Policy.from_percent([100, 0, 100, 0, 0, 100], gpu_batch_size=2, num_gpu_batches=2),  # activations on cpu
-    Policy.from_percent([100, 0, 100, 0, 0, 0], gpu_batch_size=2, num_gpu_batches=2),  # on disk
-    Policy.from_percent([100, 0, 100, 0, 100, 0], gpu_batch_size=2, num_gpu_batches=2),  # in memory
-], ids=["act cpu", "act disk", "act gpu"])
+@pytest.mark.parametrize(
+    "policy",
+    [
+        Policy.from_percent([100, 0, 100, 0, 0, 100], gpu_batch_size=2, num_gpu_batches=2),  # activations on cpu
+        Policy.from_percent([100, 0, 100, 0, 0, 0], gpu_batch_size=2, num_gpu_batches=2),  # on disk
+        Policy.from_percent([100, 0, 100, 0, 100, 0], gpu_batch_size=2, num_gpu_batches=2),  # in memory
+    ],
+    ids=["act cpu", "act disk", "act gpu"],
+)
 def test_hidden_states_are_freed_as_the_run_goes_and_none_survive_it(model, monkeypatch, policy):
     with flexlab.Engine(model, policy) as engine:
         peaks = []

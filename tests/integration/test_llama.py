@@ -15,10 +15,21 @@ NEW = 6
 
 VARIANTS = {  # name: (model_type, config overrides)
     "llama gqa untied": ("llama", dict(num_key_value_heads=2)),
-    "llama mha tied llama3-rope": ("llama", dict(num_key_value_heads=4, tie_word_embeddings=True, rope_theta=500000.0,
-                                                rope_scaling={"rope_type": "llama3", "factor": 8.0,
-                                                              "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                                                              "original_max_position_embeddings": 16})),
+    "llama mha tied llama3-rope": (
+        "llama",
+        dict(
+            num_key_value_heads=4,
+            tie_word_embeddings=True,
+            rope_theta=500000.0,
+            rope_scaling={
+                "rope_type": "llama3",
+                "factor": 8.0,
+                "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 16,
+            },
+        ),
+    ),
     "llama linear-rope": ("llama", dict(num_key_value_heads=1, rope_scaling={"rope_type": "linear", "factor": 2.0})),
     "mistral window": ("mistral", dict(num_key_value_heads=2, sliding_window=4)),  # prompts reach past it
     "qwen2 biases tied": ("qwen2", dict(num_key_value_heads=2, tie_word_embeddings=True)),
@@ -31,9 +42,20 @@ def hf_model(model_type: str, overrides: dict, seed: int = 0):
 
     cls = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2", "qwen3": "Qwen3"}[model_type]
     config = getattr(transformers, f"{cls}Config")(
-        vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-        max_position_embeddings=128, rms_norm_eps=1e-6, initializer_range=0.2, pad_token_id=0, bos_token_id=1,
-        eos_token_id=2, tie_word_embeddings=overrides.pop("tie_word_embeddings", False), **overrides)
+        vocab_size=300,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=128,
+        rms_norm_eps=1e-6,
+        initializer_range=0.2,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+        tie_word_embeddings=overrides.pop("tie_word_embeddings", False),
+        **overrides,
+    )
     torch.manual_seed(seed)
     model = getattr(transformers, f"{cls}ForCausalLM")(config).eval()
     with torch.no_grad():  # default init sets norms to 1 and biases to 0: randomise so they matter
@@ -80,10 +102,12 @@ def test_reference_path_equals_transformers(pair):
 GRID = {
     "weights gpu/cpu/disk": Policy.from_percent([20, 30, 100, 0, 100, 0], gpu_batch_size=2, num_gpu_batches=2),
     "cache split three ways": Policy.from_percent([100, 0, 30, 30, 100, 0], gpu_batch_size=3, num_gpu_batches=2),
-    "everything offloaded, overlap off": Policy.from_percent([10, 40, 20, 40, 0, 0], gpu_batch_size=2,
-                                                             num_gpu_batches=2, overlap=False),
-    "cache on cpu, attention on cpu": Policy.from_percent([30, 30, 25, 50, 0, 100], gpu_batch_size=4,
-                                                          cpu_cache_compute=True),
+    "everything offloaded, overlap off": Policy.from_percent(
+        [10, 40, 20, 40, 0, 0], gpu_batch_size=2, num_gpu_batches=2, overlap=False
+    ),
+    "cache on cpu, attention on cpu": Policy.from_percent(
+        [30, 30, 25, 50, 0, 100], gpu_batch_size=4, cpu_cache_compute=True
+    ),
 }
 
 
@@ -177,8 +201,11 @@ def test_every_end_of_sequence_id_ends_a_sequence(tmp_path):
 
     hf = hf_model("llama", dict(num_key_value_heads=2))
     hf.save_pretrained(tmp_path)
-    free = flexlab.Model.from_pretrained(tmp_path, dtype=torch.float32).generate(
-        PROMPTS[:1], max_new_tokens=NEW, stop_token_ids=None).token_ids[0]
+    free = (
+        flexlab.Model.from_pretrained(tmp_path, dtype=torch.float32)
+        .generate(PROMPTS[:1], max_new_tokens=NEW, stop_token_ids=None)
+        .token_ids[0]
+    )
     first, second = free[2], free[4]  # ids the model emits, third and fifth
     assert first not in free[:2] and 2 not in free[:3]
     config = json.loads((tmp_path / "config.json").read_text())

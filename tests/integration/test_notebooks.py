@@ -27,10 +27,15 @@ def test_notebook_runs_in_smoke_mode(path, tmp_path, monkeypatch):
     monkeypatch.setenv("FLEXLAB_SMOKE", "1")
     book = nbformat.read(path, as_version=4)
     start = time.perf_counter()
-    NotebookClient(book, timeout=240, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}},
-                   env=dict(os.environ)).execute()
+    NotebookClient(
+        book, timeout=240, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}, env=dict(os.environ)
+    ).execute()
     assert time.perf_counter() - start < 240
     errors = [o for c in book.cells if c.cell_type == "code" for o in c.outputs if o.output_type == "error"]
     assert not errors
-    assert any(o.output_type in ("display_data", "execute_result") and "image/png" in o.get("data", {})
-               for c in book.cells if c.cell_type == "code" for o in c.outputs), "no figure was shown"
+    assert any(
+        o.output_type in ("display_data", "execute_result") and "image/png" in o.get("data", {})
+        for c in book.cells
+        if c.cell_type == "code"
+        for o in c.outputs
+    ), "no figure was shown"

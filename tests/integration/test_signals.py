@@ -49,8 +49,9 @@ engine.generate([[2, 5, 6]] * 4, max_new_tokens=40)
 
 
 def run_until_inside(where: str, how: str, *args: str) -> subprocess.Popen:
-    child = subprocess.Popen([sys.executable, "-c", CHILD, where, how, *args], stdout=subprocess.PIPE,
-                             stderr=subprocess.PIPE, text=True)
+    child = subprocess.Popen(
+        [sys.executable, "-c", CHILD, where, how, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
     for line in child.stdout:
         if line.strip() == "INSIDE":
             return child
@@ -59,8 +60,28 @@ def run_until_inside(where: str, how: str, *args: str) -> subprocess.Popen:
 
 
 def generate_argv(offload: Path) -> list[str]:
-    return ["generate", "--preset", "opt-tiny", "--dtype", "float32", "--prompt-ids", "2 5 6", "--prompt-ids", "2 7",
-            "--percent", "0", "0", "0", "0", "0", "0", "--max-new-tokens", "40", "--offload-dir", str(offload)]
+    return [
+        "generate",
+        "--preset",
+        "opt-tiny",
+        "--dtype",
+        "float32",
+        "--prompt-ids",
+        "2 5 6",
+        "--prompt-ids",
+        "2 7",
+        "--percent",
+        "0",
+        "0",
+        "0",
+        "0",
+        "0",
+        "0",
+        "--max-new-tokens",
+        "40",
+        "--offload-dir",
+        str(offload),
+    ]
 
 
 def files_under(d: Path) -> list[str]:

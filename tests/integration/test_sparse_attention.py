@@ -24,8 +24,11 @@ def model(tiny_dir):
 def test_sparse_maths_keeps_the_top_weights_of_each_head():
     gen = torch.Generator().manual_seed(0)
     b, h, L, d = 3, 4, 9, 8
-    q, k, v = torch.randn(b, h, 1, d, generator=gen), torch.randn(b, h, L + 1, d, generator=gen), \
-        torch.randn(b, h, L + 1, d, generator=gen)
+    q, k, v = (
+        torch.randn(b, h, 1, d, generator=gen),
+        torch.randn(b, h, L + 1, d, generator=gen),
+        torch.randn(b, h, L + 1, d, generator=gen),
+    )
     bias = attention_bias(torch.ones(b, L + 1, dtype=torch.bool), 1)
     dense = attend(q, k, v, bias)
     values = v[:, :, :-1].transpose(1, 2)  # [b, L, heads, d]: token-major, as the cache stores them
@@ -55,11 +58,13 @@ def test_sparse_results_are_the_same_on_every_placement(model, cache, tmp_path):
     dense = model.score(PROMPTS)
     results = []
     for percent in PLACEMENTS:
-        policy = Policy.from_percent(percent, gpu_batch_size=2, num_gpu_batches=2, attn_sparsity=0.3,
-                                     compress_cache=cache)
+        policy = Policy.from_percent(
+            percent, gpu_batch_size=2, num_gpu_batches=2, attn_sparsity=0.3, compress_cache=cache
+        )
         with flexlab.Engine(model, policy, offload_dir=tmp_path) as engine:
-            results.append((engine.generate(PROMPTS, max_new_tokens=NEW).token_ids,
-                            engine.score(PROMPTS, teacher_forced=True)))
+            results.append(
+                (engine.generate(PROMPTS, max_new_tokens=NEW).token_ids, engine.score(PROMPTS, teacher_forced=True))
+            )
     for tokens, scores in results[1:]:
         assert tokens == results[0][0]
         for a, b in zip(scores, results[0][1]):

@@ -4,16 +4,15 @@ series and labels; widgets construct, and changing a control updates what they s
 from __future__ import annotations
 
 import matplotlib
-from matplotlib.collections import PathCollection
 import pandas as pd
 import pytest
 import torch
+from matplotlib.collections import PathCollection
 
 import flexlab
 from flexlab import Policy
 from flexlab.eval import policy_sweep
-from flexlab.viz import (plot_memory, plot_overlap_summary, plot_predicted_vs_measured, plot_throughput,
-                         plot_timeline)
+from flexlab.viz import plot_memory, plot_overlap_summary, plot_predicted_vs_measured, plot_throughput, plot_timeline
 
 matplotlib.use("Agg")
 PROMPTS = [[2, 5, 6, 7, 8]] * 4
@@ -26,18 +25,29 @@ def model():
 
 @pytest.fixture(scope="module")
 def timeline(model):
-    policy = Policy.from_percent([0, 50, 0, 0, 0, 100], gpu_batch_size=2, num_gpu_batches=2,
-                                 compress_weight=flexlab.QuantConfig(bits=4, group_size=32))
+    policy = Policy.from_percent(
+        [0, 50, 0, 0, 0, 100],
+        gpu_batch_size=2,
+        num_gpu_batches=2,
+        compress_weight=flexlab.QuantConfig(bits=4, group_size=32),
+    )
     with flexlab.Engine(model, policy) as engine:
         return engine.generate(PROMPTS, max_new_tokens=3, stop_token_ids=None).timeline
 
 
 @pytest.fixture(scope="module")
 def sweep(model):
-    return policy_sweep(model, {"all on gpu": Policy(gpu_batch_size=2),
-                                "weights on disk": Policy.from_percent([0, 0, 100, 0, 100, 0], gpu_batch_size=2),
-                                "cache on disk": Policy.from_percent([100, 0, 0, 0, 100, 0], gpu_batch_size=2)},
-                        PROMPTS, max_new_tokens=3, progress=False)
+    return policy_sweep(
+        model,
+        {
+            "all on gpu": Policy(gpu_batch_size=2),
+            "weights on disk": Policy.from_percent([0, 0, 100, 0, 100, 0], gpu_batch_size=2),
+            "cache on disk": Policy.from_percent([100, 0, 0, 0, 100, 0], gpu_batch_size=2),
+        },
+        PROMPTS,
+        max_new_tokens=3,
+        progress=False,
+    )
 
 
 def test_timeline_plot_has_a_row_per_lane_and_a_legend_per_kind(timeline):
@@ -77,9 +87,15 @@ def test_throughput_plot_keeps_rows_of_the_same_name_apart():
 
 
 def test_predicted_vs_measured_plot_has_a_point_per_row():
-    df = pd.DataFrame({"policy": ["a", "b", "c"], "measured_tok_s": [10.0, 20.0, 40.0],
-                       "predicted_tok_s": [12.0, 18.0, 41.0], "measured_peak_gpu": [1e6, 2e6, 0.0],
-                       "predicted_peak_gpu": [1e6, 2.1e6, 0.0]})
+    df = pd.DataFrame(
+        {
+            "policy": ["a", "b", "c"],
+            "measured_tok_s": [10.0, 20.0, 40.0],
+            "predicted_tok_s": [12.0, 18.0, 41.0],
+            "measured_peak_gpu": [1e6, 2e6, 0.0],
+            "predicted_peak_gpu": [1e6, 2.1e6, 0.0],
+        }
+    )
     fig = plot_predicted_vs_measured(df)
 
     def points(ax):
@@ -110,12 +126,25 @@ def test_compression_explorer_follows_its_controls_and_generates(model):
 
     rows = []
     for s in ablation_settings(bits=(4, 2), group_sizes=(32,), targets=("weights", "cache")):
-        rows.append(dict(setting=s.name, target=s.target, bits=s.bits, group_size=s.group_size,
-                         kv_layout=s.kv_layout if s.target != "weights" and s.target != "none" else None,
-                         perplexity=10.0 + (8 - (s.bits or 8)), perplexity_change_pct=(8 - (s.bits or 8)) * 10.0,
-                         weight_bits_per_element=(s.bits or 32) + 1.0, cache_bits_per_element=(s.bits or 32) + 1.0,
-                         peak_bytes_gpu=100.0, peak_bytes_cpu=0.0, peak_bytes_disk=0.0, saved_gpu_pct=50.0,
-                         saved_cpu_pct=0.0, saved_disk_pct=0.0))
+        rows.append(
+            dict(
+                setting=s.name,
+                target=s.target,
+                bits=s.bits,
+                group_size=s.group_size,
+                kv_layout=s.kv_layout if s.target != "weights" and s.target != "none" else None,
+                perplexity=10.0 + (8 - (s.bits or 8)),
+                perplexity_change_pct=(8 - (s.bits or 8)) * 10.0,
+                weight_bits_per_element=(s.bits or 32) + 1.0,
+                cache_bits_per_element=(s.bits or 32) + 1.0,
+                peak_bytes_gpu=100.0,
+                peak_bytes_cpu=0.0,
+                peak_bytes_disk=0.0,
+                saved_gpu_pct=50.0,
+                saved_cpu_pct=0.0,
+                saved_disk_pct=0.0,
+            )
+        )
     ex = CompressionExplorer(pd.DataFrame(rows), generate=setting_generator(model, [2, 5, 6], max_new_tokens=4))
     assert "weights 4-bit g32" in ex.details.value and "+40.0%" in ex.details.value
     before = ex.image.value

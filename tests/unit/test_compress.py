@@ -17,7 +17,7 @@ DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 def test_pack_unpack_round_trip_and_size(bits, units, rows, seed):
     per_unit, bytes_per_unit = unit(bits)
     g = torch.Generator().manual_seed(seed)
-    codes = torch.randint(0, 2 ** bits, (rows, units * per_unit), generator=g, dtype=torch.uint8)
+    codes = torch.randint(0, 2**bits, (rows, units * per_unit), generator=g, dtype=torch.uint8)
     packed = pack_bits(codes, bits)
     assert packed.dtype == torch.uint8 and packed.shape == (rows, units * bytes_per_unit)
     assert torch.equal(unpack_bits(packed, bits), codes)
@@ -31,10 +31,16 @@ def test_three_bit_codes_really_take_three_bits():
 
 
 @settings(max_examples=80, deadline=None)
-@given(bits=st.sampled_from(BITS), group_size=st.sampled_from([1, 3, 8, 32, 64, 128]),
-       shape=st.lists(st.integers(1, 40), min_size=1, max_size=3), dim=st.integers(-3, 2),
-       dtype=st.sampled_from(DTYPES), symmetric=st.booleans(), scale=st.sampled_from([1e-3, 1.0, 300.0]),
-       seed=st.integers(0, 2**16))
+@given(
+    bits=st.sampled_from(BITS),
+    group_size=st.sampled_from([1, 3, 8, 32, 64, 128]),
+    shape=st.lists(st.integers(1, 40), min_size=1, max_size=3),
+    dim=st.integers(-3, 2),
+    dtype=st.sampled_from(DTYPES),
+    symmetric=st.booleans(),
+    scale=st.sampled_from([1e-3, 1.0, 300.0]),
+    seed=st.integers(0, 2**16),
+)
 def test_round_trip_within_half_a_step(bits, group_size, shape, dim, dtype, symmetric, scale, seed):
     dim = dim % len(shape)
     x = (torch.randn(shape, generator=torch.Generator().manual_seed(seed)) * scale).to(dtype)
@@ -67,9 +73,16 @@ def test_constant_groups_and_zeros_are_exact(bits, dtype):
     assert ((back - x.float()).abs() <= q.max_error() * (1 + 1e-5)).all()
 
 
-@pytest.mark.parametrize("bits, group, symmetric, expected", [
-    (4, 64, False, 4.5), (3, 64, False, 3.5), (2, 32, False, 3.0), (8, 128, False, 8.25), (4, 64, True, 4.25),
-])
+@pytest.mark.parametrize(
+    "bits, group, symmetric, expected",
+    [
+        (4, 64, False, 4.5),
+        (3, 64, False, 3.5),
+        (2, 32, False, 3.0),
+        (8, 128, False, 8.25),
+        (4, 64, True, 4.25),
+    ],
+)
 def test_nbytes_are_what_the_bits_imply(bits, group, symmetric, expected):
     cfg = QuantConfig(bits=bits, group_size=group, symmetric=symmetric)
     q = quantize(torch.randn(64, 256), cfg)
@@ -114,8 +127,13 @@ def test_qtensor_moves_and_rebuilds():
 
 
 @settings(max_examples=40, deadline=None)
-@given(bits=st.sampled_from(BITS), group_size=st.sampled_from([1, 5, 32, 64]), symmetric=st.booleans(),
-       shape=st.lists(st.integers(1, 30), min_size=1, max_size=3), dim=st.integers(-3, 2))
+@given(
+    bits=st.sampled_from(BITS),
+    group_size=st.sampled_from([1, 5, 32, 64]),
+    symmetric=st.booleans(),
+    shape=st.lists(st.integers(1, 30), min_size=1, max_size=3),
+    dim=st.integers(-3, 2),
+)
 def test_predicted_nbytes_equal_the_stored_bytes(bits, group_size, symmetric, shape, dim):
     cfg = QuantConfig(bits=bits, group_size=group_size, symmetric=symmetric, group_dim=dim % len(shape))
     assert cfg.nbytes(tuple(shape)) == quantize(torch.randn(shape), cfg).nbytes

@@ -8,9 +8,17 @@ from flexlab.models.family import part_weights
 from flexlab.models.registry import get_family, num_parameters, weight_bytes
 
 # Parameter counts of the released OPT checkpoints, rounded to the printed precision.
-OFFICIAL_PARAMS_M = {"opt-125m": 125.2, "opt-350m": 331.2, "opt-1.3b": 1315.8, "opt-2.7b": 2651.6,
-                     "opt-6.7b": 6658.5, "opt-13b": 12853.5, "opt-30b": 29974.5, "opt-66b": 65719.7,
-                     "opt-175b": 174604.5}
+OFFICIAL_PARAMS_M = {
+    "opt-125m": 125.2,
+    "opt-350m": 331.2,
+    "opt-1.3b": 1315.8,
+    "opt-2.7b": 2651.6,
+    "opt-6.7b": 6658.5,
+    "opt-13b": 12853.5,
+    "opt-30b": 29974.5,
+    "opt-66b": 65719.7,
+    "opt-175b": 174604.5,
+}
 
 
 @pytest.mark.parametrize("name", list(OFFICIAL_PARAMS_M))
@@ -53,11 +61,14 @@ def test_parts_partition_layer_weights():
     assert [s.name for s in part_weights(specs, "head") if s.short == "embed_tokens.weight"]
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    (dict(hidden_size=100, num_heads=3), "not divisible by num_heads=3"),
-    (dict(num_layers=0), "num_layers must be a positive int"),
-    (dict(activation="gelu"), "not supported"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(hidden_size=100, num_heads=3), "not divisible by num_heads=3"),
+        (dict(num_layers=0), "num_layers must be a positive int"),
+        (dict(activation="gelu"), "not supported"),
+    ],
+)
 def test_invalid_configs(kwargs, message):
     base = dict(name="x", hidden_size=64, num_layers=2, num_heads=4, ffn_dim=256)
     with pytest.raises(ConfigError, match=message):

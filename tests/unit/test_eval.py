@@ -10,8 +10,14 @@ import pandas as pd
 import pytest
 
 from flexlab.errors import FlexlabError
-from flexlab.eval import (ablation_settings, eval_texts, last_word_accuracy, last_word_items, token_agreement,
-                          token_windows)
+from flexlab.eval import (
+    ablation_settings,
+    eval_texts,
+    last_word_accuracy,
+    last_word_items,
+    token_agreement,
+    token_windows,
+)
 from flexlab.viz import plot_accuracy_vs_bits
 
 matplotlib.use("Agg")
@@ -53,7 +59,7 @@ def test_last_word_accuracy_compares_the_generated_prefix():
     items = last_word_items([PASSAGE, PASSAGE.replace("tree", "bridge")], tok, min_words=5)
 
     def generate(prompts, max_new_tokens, stop_token_ids):  # always says "tree", then more
-        return SimpleNamespace(token_ids=[[tok.vocab["tree"], 99][:max_new_tokens + 1] for _ in prompts])
+        return SimpleNamespace(token_ids=[[tok.vocab["tree"], 99][: max_new_tokens + 1] for _ in prompts])
 
     assert last_word_accuracy(generate, items) == 0.5
 
@@ -93,14 +99,31 @@ def test_ablation_grid():
 
 
 def test_accuracy_plot_has_a_column_per_target_and_a_line_per_group():
-    rows = [dict(target="none", bits=None, group_size=None, kv_layout=None, perplexity_change_pct=0.0,
-                 weight_bits_per_element=32.0, cache_bits_per_element=32.0)]
+    rows = [
+        dict(
+            target="none",
+            bits=None,
+            group_size=None,
+            kv_layout=None,
+            perplexity_change_pct=0.0,
+            weight_bits_per_element=32.0,
+            cache_bits_per_element=32.0,
+        )
+    ]
     for target in ("weights", "cache"):
         for g in (32, 64):
             for b in (2, 4, 8):
-                rows.append(dict(target=target, bits=b, group_size=g, kv_layout="per-token" if target == "cache" else None,
-                                 perplexity_change_pct=100 / b, weight_bits_per_element=b + 32 / g,
-                                 cache_bits_per_element=b + 32 / g))
+                rows.append(
+                    dict(
+                        target=target,
+                        bits=b,
+                        group_size=g,
+                        kv_layout="per-token" if target == "cache" else None,
+                        perplexity_change_pct=100 / b,
+                        weight_bits_per_element=b + 32 / g,
+                        cache_bits_per_element=b + 32 / g,
+                    )
+                )
     df = pd.DataFrame(rows)
     for t in ("gpu", "cpu", "disk"):
         df[f"peak_bytes_{t}"] = 1000 - 10 * df.bits.fillna(0)

@@ -84,8 +84,9 @@ def test_sampling_stops_early_and_is_reproducible(model):
 
 def test_top_k_one_sampling_equals_greedy(model):
     greedy = model.generate([[2, 9, 8, 7]], max_new_tokens=8, stop_token_ids=None).token_ids
-    sampled = model.generate([[2, 9, 8, 7]], max_new_tokens=8, stop_token_ids=None, do_sample=True,
-                             top_k=1, seed=3).token_ids
+    sampled = model.generate(
+        [[2, 9, 8, 7]], max_new_tokens=8, stop_token_ids=None, do_sample=True, top_k=1, seed=3
+    ).token_ids
     assert greedy == sampled
 
 

@@ -1,7 +1,7 @@
 import pytest
 
 from flexlab import Policy, PolicyError, QuantConfig
-from flexlab.cli_policy import policy_flags, policy_from_flags
+from flexlab.cli_args import policy_flags, policy_from_flags
 
 
 def test_defaults_put_everything_on_the_gpu_tier():
@@ -15,16 +15,19 @@ def test_from_percent_takes_flexgens_six_numbers():
     assert (p.cache_cpu_percent, p.act_tier, p.block_size) == (100, "disk", 32)
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    (dict(w_gpu_percent=120), r"w_gpu_percent=120 is invalid; shares are percentages in \[0, 100\]"),
-    (dict(cache_cpu_percent=-5), "cache_cpu_percent=-5 is invalid"),
-    (dict(w_gpu_percent=60, w_cpu_percent=50), "w_gpu_percent \\+ w_cpu_percent = 60 \\+ 50 > 100"),
-    (dict(gpu_batch_size=0), "gpu_batch_size=0 is invalid; it must be an int >= 1"),
-    (dict(num_gpu_batches=1.5), "num_gpu_batches=1.5 is invalid"),
-    (dict(attn_sparsity=0), r"attn_sparsity=0 is invalid; it must be in \(0, 1\]"),
-    (dict(act_gpu_percent=50, act_cpu_percent=50), "splits activations across tiers"),
-    (dict(overlap="yes"), "overlap='yes' is invalid"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(w_gpu_percent=120), r"w_gpu_percent=120 is invalid; shares are percentages in \[0, 100\]"),
+        (dict(cache_cpu_percent=-5), "cache_cpu_percent=-5 is invalid"),
+        (dict(w_gpu_percent=60, w_cpu_percent=50), "w_gpu_percent \\+ w_cpu_percent = 60 \\+ 50 > 100"),
+        (dict(gpu_batch_size=0), "gpu_batch_size=0 is invalid; it must be an int >= 1"),
+        (dict(num_gpu_batches=1.5), "num_gpu_batches=1.5 is invalid"),
+        (dict(attn_sparsity=0), r"attn_sparsity=0 is invalid; it must be in \(0, 1\]"),
+        (dict(act_gpu_percent=50, act_cpu_percent=50), "splits activations across tiers"),
+        (dict(overlap="yes"), "overlap='yes' is invalid"),
+    ],
+)
 def test_invalid_values_name_the_field_and_the_fix(kwargs, message):
     with pytest.raises(PolicyError, match=message):
         Policy(**kwargs)
@@ -47,13 +50,19 @@ def test_policy_shows_itself_in_a_notebook():
     assert "<table>" in html and "50%" in html
 
 
-@pytest.mark.parametrize("policy", [
-    Policy(),
-    Policy.from_percent([100 / 3, 50, 0, 100, 0, 0], gpu_batch_size=3, num_gpu_batches=5, overlap=False),
-    Policy(compress_weight=QuantConfig(bits=3, group_size=32),
-           compress_cache=QuantConfig(bits=2, group_size=64, kv_layout="per-channel"), attn_sparsity=0.25),
-    Policy.from_percent([0, 0, 0, 100, 0, 100], cpu_cache_compute=True),
-])
+@pytest.mark.parametrize(
+    "policy",
+    [
+        Policy(),
+        Policy.from_percent([100 / 3, 50, 0, 100, 0, 0], gpu_batch_size=3, num_gpu_batches=5, overlap=False),
+        Policy(
+            compress_weight=QuantConfig(bits=3, group_size=32),
+            compress_cache=QuantConfig(bits=2, group_size=64, kv_layout="per-channel"),
+            attn_sparsity=0.25,
+        ),
+        Policy.from_percent([0, 0, 0, 100, 0, 100], cpu_cache_compute=True),
+    ],
+)
 def test_printed_flags_make_the_same_policy(policy):
     assert policy_from_flags(policy_flags(policy)) == policy
 

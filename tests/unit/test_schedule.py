@@ -6,8 +6,16 @@ from flexlab.engine.schedule import block_schedule, make_stages
 
 
 def steps(tokens=3, layers=2, batches=3, prefetch=1, act_moves=True, sep_layer=True, cache_ahead=None):
-    return list(block_schedule(tokens, make_stages(layers, sep_layer), batches, prefetch=prefetch,
-                               act_moves=act_moves, cache_ahead=cache_ahead))
+    return list(
+        block_schedule(
+            tokens,
+            make_stages(layers, sep_layer),
+            batches,
+            prefetch=prefetch,
+            act_moves=act_moves,
+            cache_ahead=cache_ahead,
+        )
+    )
 
 
 @pytest.mark.parametrize("prefetch, cache_ahead", [(0, None), (1, None), (1, 4)])

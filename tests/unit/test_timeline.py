@@ -6,12 +6,14 @@ from flexlab.timeline import Event, Timeline
 
 
 def make():
-    return Timeline([
-        Event("compute", "compute", 0, 1, 0, 0.0, 1.0),
-        Event("compute", "compute", 0, 1, 1, 1.5, 2.0),
-        Event("load weight", "load_weight", 0, 2, None, 0.5, 1.5, 2_000_000_000),
-        Event("store cache", "store_cache", 0, 1, 0, 3.0, 4.0, 1_000),
-    ])
+    return Timeline(
+        [
+            Event("compute", "compute", 0, 1, 0, 0.0, 1.0),
+            Event("compute", "compute", 0, 1, 1, 1.5, 2.0),
+            Event("load weight", "load_weight", 0, 2, None, 0.5, 1.5, 2_000_000_000),
+            Event("store cache", "store_cache", 0, 1, 0, 3.0, 4.0, 1_000),
+        ]
+    )
 
 
 def test_summary_measures_hidden_and_exposed_io():

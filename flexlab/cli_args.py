@@ -1,6 +1,8 @@
-"""FlexGen's policy flags and a :class:`~flexlab.Policy`, both ways: the flags the commands take,
-the Policy they make, and the flags that make a given Policy (what ``flexlab search`` prints, so
-that copying its line runs exactly the policy it searched).
+"""The arguments the commands share: the model, the sampling, and FlexGen's policy flags.
+
+Policy flags go both ways: the flags the commands take, the Policy they make, and the flags that
+make a given Policy (what ``flexlab search`` prints, so that copying its line runs exactly the
+policy it searched).
 
     >>> from flexlab import Policy, QuantConfig
     >>> policy = Policy.from_percent([20, 30, 0, 100, 100, 0], gpu_batch_size=8,
@@ -18,12 +20,58 @@ import json
 
 from flexlab.cli_checks import in_file
 
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def add_model_args(p: argparse.ArgumentParser, preset: bool = True) -> None:
+    """``--model``, ``--preset`` (random weights; not for ``chat``) and ``--dtype``."""
+    g = p.add_argument_group("model")
+    g.add_argument("--model", help="checkpoint directory or hub id (default: the pydoc-trained model)")
+    if preset:
+        g.add_argument("--preset", help="a preset name instead (random weights), e.g. opt-1.3b; see `flexlab presets`")
+    g.add_argument(
+        "--dtype", choices=DTYPES, default=None, help="compute dtype (default: float16 on CUDA, bfloat16 on CPU)"
+    )
+
+
+def dtype_of(name: str | None):
+    """The torch dtype a ``--dtype`` value names (None: the device's default)."""
+    import torch
+
+    return getattr(torch, name) if name else None
+
+
+def load_model(args: argparse.Namespace):
+    """The model ``--model``/``--preset`` say (default: the pydoc-trained model)."""
+    import flexlab
+
+    if getattr(args, "preset", None):
+        if args.model:
+            raise ValueError("pass --model or --preset, not both")
+        return flexlab.Model.from_config(args.preset, seed=0, dtype=dtype_of(args.dtype))
+    path = args.model or flexlab.pydoc_model_path()
+    return flexlab.Model.from_pretrained(path, dtype=dtype_of(args.dtype))
+
+
+def add_sampling_args(p: argparse.ArgumentParser) -> None:
+    """How many tokens, and greedy or sampled."""
+    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--seed", type=int, default=None)
+
 
 def add_policy_args(p: argparse.ArgumentParser) -> None:
     """The policy flags of ``generate``, ``bench`` and ``chat``."""
     g = p.add_argument_group("policy (FlexGen's flags)")
-    g.add_argument("--percent", nargs=6, type=float, metavar=("WG", "WC", "CG", "CC", "HG", "HC"),
-                   help="weights, cache and activations on gpu/cpu in percent (disk gets the rest)")
+    g.add_argument(
+        "--percent",
+        nargs=6,
+        type=float,
+        metavar=("WG", "WC", "CG", "CC", "HG", "HC"),
+        help="weights, cache and activations on gpu/cpu in percent (disk gets the rest)",
+    )
     g.add_argument("--policy", help="a JSON file of Policy fields (as Policy.to_dict writes); flags override it")
     g.add_argument("--gpu-batch-size", type=int)
     g.add_argument("--num-gpu-batches", type=int)
@@ -86,8 +134,14 @@ def policy_flags(policy) -> str:
             missing.append(f"{name}={q}")
     if missing:
         raise ValueError(f"no flags set {', '.join(missing)}; pass the policy as --policy FILE")
-    flags = ["--percent", *map(_number, policy.percent), "--gpu-batch-size", str(policy.gpu_batch_size),
-             "--num-gpu-batches", str(policy.num_gpu_batches)]
+    flags = [
+        "--percent",
+        *map(_number, policy.percent),
+        "--gpu-batch-size",
+        str(policy.gpu_batch_size),
+        "--num-gpu-batches",
+        str(policy.num_gpu_batches),
+    ]
     if policy.compress_weight is not None:
         flags += ["--compress-weight", _quant(policy.compress_weight)]
     if policy.compress_cache is not None:
