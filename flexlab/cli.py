@@ -10,8 +10,8 @@
     flexlab chat --model DIR
     flexlab presets
 
-Model families: OPT and the LLaMA family (Llama 2/3, Mistral, Qwen2/2.5, Qwen3); ``flexlab presets``
-lists their sizes. Every command takes ``--help``. Bad input ends with one line on stderr and exit
+Model families: OPT, the LLaMA family (Llama 2/3, Mistral, Qwen2/2.5, Qwen3) and BLOOM;
+``flexlab presets`` lists their sizes. Every command takes ``--help``. Bad input ends with one line on stderr and exit
 status 2.
 """
 

@@ -345,5 +345,7 @@ class BlockRun:
         """Batch ``k``'s attention mask for token ``t``."""
         if self._masks.get(k, (None,))[0] != t:
             valid = self._valid(t, k)
-            self._masks[k] = (t, attention_bias(valid, valid.shape[1] if t == 0 else 1, self.ctx.config.sliding_window))
+            cfg, per_head = self.ctx.config, self.ctx.family.position_bias
+            keys_bias = None if per_head is None else (lambda positions: per_head(cfg, positions))
+            self._masks[k] = (t, attention_bias(valid, valid.shape[1] if t == 0 else 1, cfg.sliding_window, keys_bias))
         return self._masks[k][1]

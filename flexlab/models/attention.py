@@ -7,17 +7,27 @@ next to a host-resident cache, with ``cpu_cache_compute``).
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 
+from flexlab.models.generation import positions_from_mask
 
-def attention_bias(valid: torch.Tensor, q_len: int, window: int | None = None) -> torch.Tensor:
+
+def attention_bias(
+    valid: torch.Tensor,
+    q_len: int,
+    window: int | None = None,
+    position_bias: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> torch.Tensor:
     """Additive float32 mask for the last ``q_len`` positions attending over ``valid.shape[1]`` keys.
 
     ``valid`` is ``[batch, kv_len]`` bool/int (False/0 marks left padding). Query ``i`` sits at
     key position ``kv_len - q_len + i`` and may see keys at or before it that are valid, and
     with a sliding ``window`` only the last ``window`` of those (itself included). Padding sits
     on the left only, so distances between slots are distances between tokens.
+    ``position_bias`` (a family's, e.g. ALiBi) maps each key's position ``[batch, kv_len]`` to
+    per-head biases ``[batch, heads, 1, kv_len]`` that are added: the result is then per head.
     Returns ``[batch, 1, q_len, kv_len]`` with 0 where allowed and float32's most negative value
     elsewhere: finite, so a padding query that sees nothing gets a uniform (unused) row, not NaN.
     """
@@ -29,7 +39,11 @@ def attention_bias(valid: torch.Tensor, q_len: int, window: int | None = None) -
         causal &= q_pos - k_pos < window
     allowed = causal[None, None] & valid.bool()[:, None, None, :]  # [b, 1, q, kv]
     bias = torch.zeros(allowed.shape, dtype=torch.float32, device=valid.device)
-    return bias.masked_fill_(~allowed, torch.finfo(torch.float32).min)
+    bias.masked_fill_(~allowed, torch.finfo(torch.float32).min)
+    if position_bias is None:
+        return bias
+    # min + a finite bias stays hugely negative (float32 rounds it back to min): still masked
+    return bias + position_bias(positions_from_mask(valid))
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:

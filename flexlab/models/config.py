@@ -20,6 +20,9 @@ from dataclasses import dataclass
 
 from flexlab.errors import ConfigError
 
+# The MLP activations the families use, and who uses them.
+ACTIVATIONS = {"relu": "OPT", "silu": "the LLaMA family", "gelu_tanh": "BLOOM, CodeGen"}
+
 
 @dataclass(frozen=True, kw_only=True)
 class ModelConfig:
@@ -46,7 +49,7 @@ class ModelConfig:
     do_layer_norm_before: bool = True
     enable_bias: bool = True
     layer_norm_elementwise_affine: bool = True
-    activation: str = "relu"  # OPT: relu; the LLaMA family: silu (SwiGLU)
+    activation: str = "relu"  # one of ACTIVATIONS
     norm_eps: float = 1e-5
     rope_theta: float = 10000.0
     rope_scaling: tuple[tuple[str, object], ...] | None = None  # config.json's dict, as sorted items
@@ -83,10 +86,10 @@ class ModelConfig:
             )
         if self.sliding_window is not None and (not isinstance(self.sliding_window, int) or self.sliding_window < 1):
             raise ConfigError(f"ModelConfig.sliding_window={self.sliding_window!r} must be a positive int or None")
-        if self.activation not in ("relu", "silu"):
+        if self.activation not in ACTIVATIONS:
             raise ConfigError(
-                f"ModelConfig.activation={self.activation!r} is not supported; use 'relu' (OPT) or "
-                "'silu' (the LLaMA family)"
+                f"ModelConfig.activation={self.activation!r} is not supported; use one of "
+                + ", ".join(f"{a!r} ({who})" for a, who in ACTIVATIONS.items())
             )
 
     @property
@@ -176,6 +179,22 @@ def _llama(
     )
 
 
+def _bloom(name: str, hidden: int, layers: int, heads: int, vocab: int = 250880) -> ModelConfig:
+    return ModelConfig(
+        name=name,
+        family="bloom",
+        vocab_size=vocab,
+        hidden_size=hidden,
+        num_layers=layers,
+        num_heads=heads,
+        ffn_dim=4 * hidden,
+        activation="gelu_tanh",
+        pad_token_id=3,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+
+
 # Official OPT dimensions (Zhang et al. 2022, Table 1; the facebook/opt-* config.json files).
 _PRESETS: dict[str, ModelConfig] = {
     c.name: c
@@ -205,8 +224,16 @@ _PRESETS: dict[str, ModelConfig] = {
         _llama("qwen2.5-14b", "qwen2", 152064, 5120, 48, 40, 8, 13824, 32768, 1e6, eps=1e-6),
         _llama("qwen2.5-32b", "qwen2", 152064, 5120, 64, 40, 8, 27648, 32768, 1e6, eps=1e-6),
         _llama("qwen2.5-72b", "qwen2", 152064, 8192, 80, 64, 8, 29568, 32768, 1e6, eps=1e-6),
+        # BLOOM (bigscience/bloom-* config.json): ALiBi, so no position table; trained on 2048 tokens.
+        _bloom("bloom-560m", 1024, 24, 16),
+        _bloom("bloom-1b1", 1536, 24, 16),
+        _bloom("bloom-1b7", 2048, 24, 16),
+        _bloom("bloom-3b", 2560, 30, 32),
+        _bloom("bloom-7b1", 4096, 30, 32),
+        _bloom("bloom-176b", 14336, 70, 112),
         # Tiny shapes for tests and demos: seconds on a CPU.
         _llama("llama-tiny", "llama", 512, 64, 2, 4, 2, 128, 256, 1e4),
+        _bloom("bloom-tiny", 48, 2, 6, vocab=512),  # 6 heads: ALiBi's slopes for a count not a power of two
         ModelConfig(
             name="opt-tiny", vocab_size=512, hidden_size=64, num_layers=2, num_heads=4, ffn_dim=256, max_positions=256
         ),

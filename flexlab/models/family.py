@@ -84,6 +84,9 @@ class ModelFamily:
     # ops (norms, biases, activations, rotations, residuals), around its matmuls.
     elementwise: Callable[[ModelConfig, Part], float]
     token_table: str = "embed_tokens.weight"  # the short name of the token embedding
+    # Per-head biases on the attention scores from each key's position (BLOOM's ALiBi):
+    # ``(cfg, key_positions [b, kv]) -> [b, heads, 1, kv]`` float32, or None for none.
+    position_bias: Callable[[ModelConfig, torch.Tensor], torch.Tensor] | None = None
 
 
 def part_weights(specs: list[WeightSpec], part: Part, layer: int | None = None) -> list[WeightSpec]:

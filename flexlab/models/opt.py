@@ -30,6 +30,10 @@ def config_from_hf(hf: dict, name: str) -> ModelConfig:
             f"{name}: checkpoints with _remove_final_layer_norm=True (pre-v4.20 fine-tunes) "
             "are not supported; re-save the model with a current transformers"
         )
+    if hf.get("activation_function", "relu") != "relu":  # every released OPT; the maths below is ReLU
+        raise ConfigError(
+            f"{name}: activation_function={hf['activation_function']!r} is not supported; OPT uses 'relu'"
+        )
     return ModelConfig(
         name=name,
         family="opt",

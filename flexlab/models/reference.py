@@ -53,7 +53,8 @@ class ReferenceRunner:
         f, cfg = self.family, self.config
         s = tokens.shape[1]
         positions = positions_from_mask(valid)[:, start : start + s]
-        bias = attention_bias(valid, s, cfg.sliding_window)
+        per_head = None if f.position_bias is None else (lambda positions: f.position_bias(cfg, positions))
+        bias = attention_bias(valid, s, cfg.sliding_window, per_head)
         h = f.embed(self.embed_w, cfg, tokens, positions)
         for i, (attn_w, mlp_w) in enumerate(self.layers):
             q, k, v = f.attention_qkv(attn_w, cfg, h, positions)

@@ -12,12 +12,16 @@ Example:
 from __future__ import annotations
 
 from flexlab.errors import ConfigError
-from flexlab.models import llama, opt
+from flexlab.models import bloom, llama, opt
 from flexlab.models.config import ModelConfig
 from flexlab.models.family import ModelFamily
 
 # Hugging Face ``model_type`` -> the family that runs it.
-_FAMILIES: dict[str, ModelFamily] = {"opt": opt.FAMILY, **dict.fromkeys(llama.MODEL_TYPES, llama.FAMILY)}
+_FAMILIES: dict[str, ModelFamily] = {
+    "opt": opt.FAMILY,
+    **dict.fromkeys(llama.MODEL_TYPES, llama.FAMILY),
+    "bloom": bloom.FAMILY,
+}
 
 
 def get_family(name: str) -> ModelFamily:
