@@ -60,7 +60,7 @@ class BlockRun:
         self.width = max(len(s) for b in batches for s in b)
         self.tokens, self.valid = [], []  # per batch: the prefill's ids and which slots hold tokens
         for b in batches:  # every batch padded to the block's width, so cache positions line up
-            tokens, valid = left_pad(b, cfg.pad_token_id, ctx.device, width=self.width)
+            tokens, valid = left_pad(b, cfg.padding_id, ctx.device, width=self.width)
             self.tokens.append(tokens)
             self.valid.append(valid)
         n = len(head.ids)

@@ -237,7 +237,7 @@ class Engine:
             chunk = ids[first : first + self.policy.block_size]
             bs = self.policy.gpu_batch_size
             head = (
-                TeacherHead(chunk, bs, self.model.config.pad_token_id, self.device)
+                TeacherHead(chunk, bs, self.model.config.padding_id, self.device)
                 if teacher_forced
                 else ScoreHead(chunk, bs)
             )

@@ -57,6 +57,7 @@ class ModelConfig:
     qkv_bias: bool = False  # Qwen2: biases on q/k/v only
     qk_norm: bool = False  # Qwen3: RMSNorm of each head's q and k
     sliding_window: int | None = None  # Mistral v0.1: each token attends to the last N tokens only
+    rotary_dim: int | None = None  # CodeGen, GLM: only the first N dimensions of each head rotate (None: all)
     pad_token_id: int = 1
     bos_token_id: int = 2
     eos_token_id: int = 2
@@ -86,11 +87,27 @@ class ModelConfig:
             )
         if self.sliding_window is not None and (not isinstance(self.sliding_window, int) or self.sliding_window < 1):
             raise ConfigError(f"ModelConfig.sliding_window={self.sliding_window!r} must be a positive int or None")
+        if self.rotary_dim is not None and (
+            not isinstance(self.rotary_dim, int)
+            or self.rotary_dim < 2
+            or self.rotary_dim % 2
+            or self.rotary_dim > self.head_dim
+        ):
+            raise ConfigError(
+                f"ModelConfig.rotary_dim={self.rotary_dim!r} must be an even int in [2, "
+                f"head_dim={self.head_dim}] or None"
+            )
         if self.activation not in ACTIVATIONS:
             raise ConfigError(
                 f"ModelConfig.activation={self.activation!r} is not supported; use one of "
                 + ", ".join(f"{a!r} ({who})" for a, who in ACTIVATIONS.items())
             )
+
+    @property
+    def padding_id(self) -> int:
+        """The id padding slots are filled with: ``pad_token_id`` where the vocabulary has it,
+        else 0 (padding is masked, so any id in the table does; some configs name one outside)."""
+        return self.pad_token_id if 0 <= self.pad_token_id < self.vocab_size else 0
 
     @property
     def eos_token_ids(self) -> tuple[int, ...]:
@@ -195,6 +212,24 @@ def _bloom(name: str, hidden: int, layers: int, heads: int, vocab: int = 250880)
     )
 
 
+def _codegen(name: str, hidden: int, layers: int, heads: int, rotary: int, vocab: int = 51200) -> ModelConfig:
+    return ModelConfig(
+        name=name,
+        family="codegen",
+        vocab_size=vocab,
+        hidden_size=hidden,
+        num_layers=layers,
+        num_heads=heads,
+        ffn_dim=4 * hidden,
+        activation="gelu_tanh",
+        rotary_dim=rotary,
+        tie_word_embeddings=False,
+        pad_token_id=50256,
+        bos_token_id=50256,
+        eos_token_id=50256,
+    )
+
+
 # Official OPT dimensions (Zhang et al. 2022, Table 1; the facebook/opt-* config.json files).
 _PRESETS: dict[str, ModelConfig] = {
     c.name: c
@@ -231,9 +266,15 @@ _PRESETS: dict[str, ModelConfig] = {
         _bloom("bloom-3b", 2560, 30, 32),
         _bloom("bloom-7b1", 4096, 30, 32),
         _bloom("bloom-176b", 14336, 70, 112),
+        # CodeGen (Salesforce/codegen-*-{mono,multi,nl} config.json; the three share shapes).
+        _codegen("codegen-350m", 1024, 20, 16, 32),
+        _codegen("codegen-2b", 2560, 32, 32, 64),
+        _codegen("codegen-6b", 4096, 33, 16, 64),
+        _codegen("codegen-16b", 6144, 34, 24, 64),
         # Tiny shapes for tests and demos: seconds on a CPU.
         _llama("llama-tiny", "llama", 512, 64, 2, 4, 2, 128, 256, 1e4),
         _bloom("bloom-tiny", 48, 2, 6, vocab=512),  # 6 heads: ALiBi's slopes for a count not a power of two
+        _codegen("codegen-tiny", 64, 2, 8, 4, vocab=512),
         ModelConfig(
             name="opt-tiny", vocab_size=512, hidden_size=64, num_layers=2, num_heads=4, ffn_dim=256, max_positions=256
         ),

@@ -82,7 +82,7 @@ class ReferenceRunner:
         self, ids: list[list[int]], max_new_tokens: int, sampling: SamplingConfig, stop: StopCriteria
     ) -> GenerationResult:
         """Generate for already-encoded prompts ``ids`` (see ``Model.generate`` for the user API)."""
-        tokens, valid = left_pad(ids, self.config.pad_token_id, self.device)
+        tokens, valid = left_pad(ids, self.config.padding_id, self.device)
         batch, prompt_len = tokens.shape
         cache = self.new_cache(batch, prompt_len + max_new_tokens)
         sampler = Sampler(sampling, self.device)
@@ -113,7 +113,7 @@ class ReferenceRunner:
     @torch.inference_mode()
     def score(self, ids: list[list[int]]) -> list[torch.Tensor]:
         """Per sequence, float32 log-probabilities of tokens ``1..n-1`` given their prefix."""
-        tokens, valid = left_pad(ids, self.config.pad_token_id, self.device)
+        tokens, valid = left_pad(ids, self.config.padding_id, self.device)
         logprobs = torch.log_softmax(self.forward(tokens, valid).float(), dim=-1)
         out = []
         for row, seq in enumerate(ids):

@@ -12,7 +12,7 @@ Example:
 from __future__ import annotations
 
 from flexlab.errors import ConfigError
-from flexlab.models import bloom, llama, opt
+from flexlab.models import bloom, codegen, llama, opt
 from flexlab.models.config import ModelConfig
 from flexlab.models.family import ModelFamily
 
@@ -21,6 +21,7 @@ _FAMILIES: dict[str, ModelFamily] = {
     "opt": opt.FAMILY,
     **dict.fromkeys(llama.MODEL_TYPES, llama.FAMILY),
     "bloom": bloom.FAMILY,
+    "codegen": codegen.FAMILY,
 }
 
 

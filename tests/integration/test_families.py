@@ -20,9 +20,28 @@ def _bloom(**overrides):
     return transformers.BloomForCausalLM(transformers.BloomConfig(**{**config, **overrides}))
 
 
+def _codegen(**overrides):
+    import transformers
+
+    config = dict(
+        vocab_size=300,
+        n_embd=64,
+        n_layer=2,
+        n_head=8,
+        n_positions=128,
+        rotary_dim=4,
+        initializer_range=0.3,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+    return transformers.CodeGenForCausalLM(transformers.CodeGenConfig(**{**config, **overrides}))
+
+
 VARIANTS = {  # name: builder of a transformers model
     "bloom 4 heads": lambda: _bloom(),
     "bloom 6 heads (ALiBi slopes beyond a power of two)": lambda: _bloom(n_head=6),
+    "codegen partial rotary": lambda: _codegen(),
+    "codegen full rotary, own ffn width": lambda: _codegen(n_head=4, rotary_dim=16, n_inner=80),
 }
 
 
@@ -98,7 +117,7 @@ def test_sparse_attention_keeping_everything_is_exact(pair, tmp_path):
         assert engine.generate(PROMPTS, max_new_tokens=NEW).token_ids == hf_greedy(hf, PROMPTS, NEW)
 
 
-@pytest.mark.parametrize("preset, cls", [("bloom-tiny", "BloomForCausalLM")])
+@pytest.mark.parametrize("preset, cls", [("bloom-tiny", "BloomForCausalLM"), ("codegen-tiny", "CodeGenForCausalLM")])
 def test_random_preset_checkpoint_loads_in_transformers(tmp_path, preset, cls):
     import transformers
 
