@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from flexlab.errors import ConfigError
 from flexlab.models.config import ModelConfig
 from flexlab.models.family import ModelFamily, Weights, WeightSpec, token_ids_from_hf, token_ids_to_hf
+from flexlab.models.layers import layer_norm, linear
 
 PREFIX = "transformer."
 
@@ -119,14 +120,6 @@ def canonical_name(checkpoint_name: str, cfg: ModelConfig) -> str | None:
 
 
 # ---- maths -----------------------------------------------------------------------------------
-def _layer_norm(w: Weights, name: str, x: torch.Tensor, eps: float) -> torch.Tensor:
-    return F.layer_norm(x, x.shape[-1:], w[name + ".weight"], w[name + ".bias"], eps)
-
-
-def _linear_fn(w: Weights, name: str, x: torch.Tensor) -> torch.Tensor:
-    return F.linear(x, w[name + ".weight"], w[name + ".bias"])
-
-
 @functools.lru_cache(maxsize=16)
 def alibi_slopes(num_heads: int) -> torch.Tensor:
     """Each head's ALiBi slope (float32, on the CPU): ``2^(-8i/n)`` for ``n`` the largest power of
@@ -147,16 +140,16 @@ def position_bias(cfg: ModelConfig, key_positions: torch.Tensor) -> torch.Tensor
 def embed(w: Weights, cfg: ModelConfig, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
     """Word embedding and its LayerNorm (positions enter as ALiBi biases, not here)."""
     x = F.embedding(input_ids, w["word_embeddings.weight"])
-    return _layer_norm(w, "word_embeddings_layernorm", x, cfg.norm_eps)
+    return layer_norm(w, "word_embeddings_layernorm", x, cfg.norm_eps)
 
 
 def attention_qkv(
     w: Weights, cfg: ModelConfig, h: torch.Tensor, positions: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """q (pre-scaled), k, v as ``[b, heads, s, d]`` from the fused, head-interleaved projection."""
-    x = _layer_norm(w, "input_layernorm", h, cfg.norm_eps)
+    x = layer_norm(w, "input_layernorm", h, cfg.norm_eps)
     b, s, _ = x.shape
-    fused = _linear_fn(w, "self_attention.query_key_value", x).view(b, s, cfg.num_heads, 3, cfg.head_dim)
+    fused = linear(w, "self_attention.query_key_value", x).view(b, s, cfg.num_heads, 3, cfg.head_dim)
     q, k, v = (fused[..., i, :].transpose(1, 2) for i in range(3))
     return q * cfg.head_dim**-0.5, k, v
 
@@ -164,18 +157,18 @@ def attention_qkv(
 def attention_out(w: Weights, cfg: ModelConfig, h: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
     """Output projection and residual: ``attn`` ``[b, heads, s, d]``."""
     b, _, s, _ = attn.shape
-    return h + _linear_fn(w, "self_attention.dense", attn.transpose(1, 2).reshape(b, s, cfg.hidden_size))
+    return h + linear(w, "self_attention.dense", attn.transpose(1, 2).reshape(b, s, cfg.hidden_size))
 
 
 def mlp(w: Weights, cfg: ModelConfig, h: torch.Tensor) -> torch.Tensor:
     """LayerNorm, GELU (tanh) MLP and residual."""
-    x = _layer_norm(w, "post_attention_layernorm", h, cfg.norm_eps)
-    return h + _linear_fn(w, "mlp.dense_4h_to_h", F.gelu(_linear_fn(w, "mlp.dense_h_to_4h", x), approximate="tanh"))
+    x = layer_norm(w, "post_attention_layernorm", h, cfg.norm_eps)
+    return h + linear(w, "mlp.dense_4h_to_h", F.gelu(linear(w, "mlp.dense_h_to_4h", x), approximate="tanh"))
 
 
 def head(w: Weights, cfg: ModelConfig, h: torch.Tensor) -> torch.Tensor:
     """Final LayerNorm and the tied output projection → logits."""
-    return F.linear(_layer_norm(w, "ln_f", h, cfg.norm_eps), w["word_embeddings.weight"])
+    return F.linear(layer_norm(w, "ln_f", h, cfg.norm_eps), w["word_embeddings.weight"])
 
 
 def elementwise(cfg: ModelConfig, part: str) -> float:

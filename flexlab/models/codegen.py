@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from flexlab.errors import ConfigError
 from flexlab.models.config import ModelConfig
 from flexlab.models.family import ModelFamily, Weights, WeightSpec, token_ids_from_hf, token_ids_to_hf
+from flexlab.models.layers import layer_norm, rotate_pairs
 
 PREFIX = "transformer."
 MP_NUM = 4  # the model-parallel shards the fused projection is laid out for
@@ -124,16 +125,6 @@ def canonical_name(checkpoint_name: str, cfg: ModelConfig) -> str | None:
 
 
 # ---- maths -----------------------------------------------------------------------------------
-def _layer_norm(w: Weights, name: str, x: torch.Tensor, eps: float) -> torch.Tensor:
-    return F.layer_norm(x, x.shape[-1:], w[name + ".weight"], w[name + ".bias"], eps)
-
-
-def _rotate_pairs(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotary embedding of ``x`` ``[b, s, heads, r]`` by interleaved pairs; cos/sin ``[b, s, 1, r/2]``."""
-    even, odd = x[..., ::2], x[..., 1::2]
-    return torch.stack((even * cos - odd * sin, odd * cos + even * sin), dim=-1).flatten(-2)
-
-
 def embed(w: Weights, cfg: ModelConfig, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
     """Token embedding only (positions enter by rotation in each layer)."""
     return F.embedding(input_ids, w["wte.weight"])
@@ -143,7 +134,7 @@ def attention_qkv(
     w: Weights, cfg: ModelConfig, h: torch.Tensor, positions: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """q (rotated, pre-scaled), k (rotated), v as ``[b, heads, s, d]``."""
-    x = _layer_norm(w, "ln_1", h, cfg.norm_eps)
+    x = layer_norm(w, "ln_1", h, cfg.norm_eps)
     b, s, _ = x.shape
     local = cfg.hidden_size // MP_NUM
     fused = F.linear(x, w["attn.qkv_proj.weight"]).view(b, s, MP_NUM, 3 * local)
@@ -152,15 +143,15 @@ def attention_qkv(
     inv = 1.0 / (10000 ** (torch.arange(0, r, 2, dtype=torch.int64, device=x.device) / r))
     angles = (positions[..., None].float() * inv)[:, :, None, :]  # [b, s, 1, r/2], float32 as transformers
     cos, sin = angles.cos(), angles.sin()
-    q = torch.cat([_rotate_pairs(q[..., :r], cos, sin), q[..., r:]], dim=-1).to(v.dtype)
-    k = torch.cat([_rotate_pairs(k[..., :r], cos, sin), k[..., r:]], dim=-1).to(v.dtype)
+    q = torch.cat([rotate_pairs(q[..., :r], cos, sin), q[..., r:]], dim=-1).to(v.dtype)
+    k = torch.cat([rotate_pairs(k[..., :r], cos, sin), k[..., r:]], dim=-1).to(v.dtype)
     return q.transpose(1, 2) * cfg.head_dim**-0.5, k.transpose(1, 2), v.transpose(1, 2)
 
 
 def attention_out(w: Weights, cfg: ModelConfig, h: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
     """The whole parallel block: ``h + out_proj(attn) + mlp(ln_1(h))``."""
     b, _, s, _ = attn.shape
-    x = _layer_norm(w, "ln_1", h, cfg.norm_eps)
+    x = layer_norm(w, "ln_1", h, cfg.norm_eps)
     ff = F.linear(x, w["mlp.fc_in.weight"], w["mlp.fc_in.bias"])
     ff = F.linear(F.gelu(ff, approximate="tanh"), w["mlp.fc_out.weight"], w["mlp.fc_out.bias"])
     out = F.linear(attn.transpose(1, 2).reshape(b, s, cfg.hidden_size), w["attn.out_proj.weight"])
@@ -174,7 +165,7 @@ def mlp(w: Weights, cfg: ModelConfig, h: torch.Tensor) -> torch.Tensor:
 
 def head(w: Weights, cfg: ModelConfig, h: torch.Tensor) -> torch.Tensor:
     """Final LayerNorm and the output projection (with its bias; the token table when tied)."""
-    x = _layer_norm(w, "ln_f", h, cfg.norm_eps)
+    x = layer_norm(w, "ln_f", h, cfg.norm_eps)
     if cfg.tie_word_embeddings:
         return F.linear(x, w["wte.weight"])
     return F.linear(x, w["lm_head.weight"], w["lm_head.bias"])

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from flexlab.errors import ConfigError
 from flexlab.models.config import ModelConfig
 from flexlab.models.family import ModelFamily, Weights, WeightSpec, token_ids_from_hf, token_ids_to_hf
+from flexlab.models.layers import linear, rms_norm, rotate_halves
 
 MODEL_TYPES = {
     "llama": "LlamaForCausalLM",
@@ -160,15 +161,6 @@ def canonical_name(checkpoint_name: str, cfg: ModelConfig) -> str | None:
 
 
 # ---- maths -----------------------------------------------------------------------------------
-def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    x32 = x.float()
-    return weight * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
-
-
-def _linear_fn(w: Weights, name: str, x: torch.Tensor) -> torch.Tensor:
-    return F.linear(x, w[name + ".weight"], w.get(name + ".bias"))
-
-
 @functools.lru_cache(maxsize=32)
 def _inv_freq(head_dim: int, theta: float, scaling: tuple | None) -> torch.Tensor:
     """The rotation frequencies of each pair of a head's dimensions (float32, on the CPU)."""
@@ -189,12 +181,6 @@ def _inv_freq(head_dim: int, theta: float, scaling: tuple | None) -> torch.Tenso
     return inv
 
 
-def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotary embedding of ``x`` ``[b, heads, s, d]``: the first half of each head pairs with the second."""
-    first, second = x.chunk(2, dim=-1)
-    return x * cos + torch.cat([-second, first], dim=-1) * sin
-
-
 def embed(w: Weights, cfg: ModelConfig, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
     """Token embedding only (positions enter by rotation in each layer): ``[b, s]`` → ``[b, s, hidden]``."""
     return F.embedding(input_ids, w["embed_tokens.weight"])
@@ -204,39 +190,37 @@ def attention_qkv(
     w: Weights, cfg: ModelConfig, h: torch.Tensor, positions: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """q (rotated, pre-scaled) ``[b, heads, s, d]``; k (rotated) and v ``[b, kv_heads, s, d]``."""
-    x = _rms_norm(h, w["input_layernorm.weight"], cfg.norm_eps)
+    x = rms_norm(h, w["input_layernorm.weight"], cfg.norm_eps)
     b, s, _ = x.shape
-    q = _linear_fn(w, "self_attn.q_proj", x).view(b, s, cfg.num_heads, cfg.head_dim)
-    k = _linear_fn(w, "self_attn.k_proj", x).view(b, s, cfg.num_kv_heads, cfg.head_dim)
-    v = _linear_fn(w, "self_attn.v_proj", x).view(b, s, cfg.num_kv_heads, cfg.head_dim)
+    q = linear(w, "self_attn.q_proj", x).view(b, s, cfg.num_heads, cfg.head_dim)
+    k = linear(w, "self_attn.k_proj", x).view(b, s, cfg.num_kv_heads, cfg.head_dim)
+    v = linear(w, "self_attn.v_proj", x).view(b, s, cfg.num_kv_heads, cfg.head_dim)
     if cfg.qk_norm:  # Qwen3: each head's q and k normalised before the rotation
-        q = _rms_norm(q, w["self_attn.q_norm.weight"], cfg.norm_eps)
-        k = _rms_norm(k, w["self_attn.k_norm.weight"], cfg.norm_eps)
+        q = rms_norm(q, w["self_attn.q_norm.weight"], cfg.norm_eps)
+        k = rms_norm(k, w["self_attn.k_norm.weight"], cfg.norm_eps)
     q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [b, heads, s, d]
     inv = _inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling).to(x.device)
     angles = positions[..., None].float() * inv  # [b, s, d/2], in float32 as transformers
     angles = torch.cat([angles, angles], dim=-1)[:, None]  # [b, 1, s, d]
     cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
-    return _rotate(q, cos, sin) * cfg.head_dim**-0.5, _rotate(k, cos, sin), v
+    return rotate_halves(q, cos, sin) * cfg.head_dim**-0.5, rotate_halves(k, cos, sin), v
 
 
 def attention_out(w: Weights, cfg: ModelConfig, h: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
     """Output projection and residual: ``attn`` ``[b, heads, s, d]``."""
     b, _, s, _ = attn.shape
-    return h + _linear_fn(w, "self_attn.o_proj", attn.transpose(1, 2).reshape(b, s, cfg.num_heads * cfg.head_dim))
+    return h + linear(w, "self_attn.o_proj", attn.transpose(1, 2).reshape(b, s, cfg.num_heads * cfg.head_dim))
 
 
 def mlp(w: Weights, cfg: ModelConfig, h: torch.Tensor) -> torch.Tensor:
     """SwiGLU MLP with its residual."""
-    x = _rms_norm(h, w["post_attention_layernorm.weight"], cfg.norm_eps)
-    return h + _linear_fn(
-        w, "mlp.down_proj", F.silu(_linear_fn(w, "mlp.gate_proj", x)) * _linear_fn(w, "mlp.up_proj", x)
-    )
+    x = rms_norm(h, w["post_attention_layernorm.weight"], cfg.norm_eps)
+    return h + linear(w, "mlp.down_proj", F.silu(linear(w, "mlp.gate_proj", x)) * linear(w, "mlp.up_proj", x))
 
 
 def head(w: Weights, cfg: ModelConfig, h: torch.Tensor) -> torch.Tensor:
     """Final RMSNorm and the output projection (the token table when tied) → logits."""
-    x = _rms_norm(h, w["norm.weight"], cfg.norm_eps)
+    x = rms_norm(h, w["norm.weight"], cfg.norm_eps)
     return F.linear(x, w["embed_tokens.weight"] if cfg.tie_word_embeddings else w["lm_head.weight"])
 
 

@@ -18,8 +18,10 @@ import torch.nn.functional as F
 from flexlab.errors import ConfigError
 from flexlab.models.config import ModelConfig
 from flexlab.models.family import ModelFamily, Weights, WeightSpec, token_ids_from_hf, token_ids_to_hf
+from flexlab.models.layers import layer_norm, linear
 
 POSITION_OFFSET = 2
+LN_EPS = 1e-5  # every OPT LayerNorm
 
 
 # ---- config ----------------------------------------------------------------------------------
@@ -124,14 +126,6 @@ def canonical_name(checkpoint_name: str, cfg: ModelConfig) -> str | None:
 
 
 # ---- maths -----------------------------------------------------------------------------------
-def _layer_norm(w: Weights, name: str, x: torch.Tensor) -> torch.Tensor:
-    return F.layer_norm(x, x.shape[-1:], w.get(name + ".weight"), w.get(name + ".bias"), eps=1e-5)
-
-
-def _linear_fn(w: Weights, name: str, x: torch.Tensor) -> torch.Tensor:
-    return F.linear(x, w[name + ".weight"], w.get(name + ".bias"))
-
-
 def embed(w: Weights, cfg: ModelConfig, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
     """Token plus learned position embedding: ``[b, s]`` ids and positions → ``[b, s, hidden]``."""
     x = F.embedding(input_ids, w["embed_tokens.weight"])
@@ -147,36 +141,36 @@ def attention_qkv(
 
     ``positions`` (``[b, s]``, see :func:`embed`) is unused: OPT's positions are learned
     embeddings added once, at the bottom (families with rotary embeddings rotate q and k here)."""
-    x = _layer_norm(w, "self_attn_layer_norm", h) if cfg.do_layer_norm_before else h
+    x = layer_norm(w, "self_attn_layer_norm", h, LN_EPS) if cfg.do_layer_norm_before else h
     b, s, _ = x.shape
 
     def heads(t: torch.Tensor) -> torch.Tensor:
         return t.view(b, s, cfg.num_heads, cfg.head_dim).transpose(1, 2)  # [b, heads, s, d]
 
     # Scale q before the product, as transformers does, so rounding matches it.
-    q = _linear_fn(w, "self_attn.q_proj", x) * cfg.head_dim**-0.5
-    return heads(q), heads(_linear_fn(w, "self_attn.k_proj", x)), heads(_linear_fn(w, "self_attn.v_proj", x))
+    q = linear(w, "self_attn.q_proj", x) * cfg.head_dim**-0.5
+    return heads(q), heads(linear(w, "self_attn.k_proj", x)), heads(linear(w, "self_attn.v_proj", x))
 
 
 def attention_out(w: Weights, cfg: ModelConfig, h: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
     """Output projection and residual: ``h`` is the layer input, ``attn`` is ``[b, heads, s, d]``."""
     b, _, s, _ = attn.shape
     attn = attn.transpose(1, 2).reshape(b, s, cfg.hidden_size)  # [b, s, hidden]
-    h = h + _linear_fn(w, "self_attn.out_proj", attn)
-    return h if cfg.do_layer_norm_before else _layer_norm(w, "self_attn_layer_norm", h)
+    h = h + linear(w, "self_attn.out_proj", attn)
+    return h if cfg.do_layer_norm_before else layer_norm(w, "self_attn_layer_norm", h, LN_EPS)
 
 
 def mlp(w: Weights, cfg: ModelConfig, h: torch.Tensor) -> torch.Tensor:
     """The ReLU feed-forward block with its residual (and post-LayerNorm for opt-350m)."""
-    x = _layer_norm(w, "final_layer_norm", h) if cfg.do_layer_norm_before else h
-    h = h + _linear_fn(w, "fc2", F.relu(_linear_fn(w, "fc1", x)))
-    return h if cfg.do_layer_norm_before else _layer_norm(w, "final_layer_norm", h)
+    x = layer_norm(w, "final_layer_norm", h, LN_EPS) if cfg.do_layer_norm_before else h
+    h = h + linear(w, "fc2", F.relu(linear(w, "fc1", x)))
+    return h if cfg.do_layer_norm_before else layer_norm(w, "final_layer_norm", h, LN_EPS)
 
 
 def head(w: Weights, cfg: ModelConfig, h: torch.Tensor) -> torch.Tensor:
     """Final norm, projection out, and logits through the tied token embedding."""
     if cfg.do_layer_norm_before:
-        h = _layer_norm(w, "final_layer_norm", h)
+        h = layer_norm(w, "final_layer_norm", h, LN_EPS)
     if "project_out.weight" in w:
         h = F.linear(h, w["project_out.weight"])
     return F.linear(h, w["embed_tokens.weight"])
