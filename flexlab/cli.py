@@ -10,7 +10,7 @@
     flexlab chat --model DIR
     flexlab presets
 
-Model families: OPT, the LLaMA family (Llama 2/3, Mistral, Qwen2/2.5, Qwen3), BLOOM and CodeGen;
+Model families: OPT, the LLaMA family (Llama 2/3, Mistral, Qwen2/2.5, Qwen3), BLOOM, CodeGen, GLM-4;
 ``flexlab presets`` lists their sizes. Every command takes ``--help``. Bad input ends with one line on stderr and exit
 status 2.
 """

@@ -230,6 +230,43 @@ def _codegen(name: str, hidden: int, layers: int, heads: int, rotary: int, vocab
     )
 
 
+def _glm(
+    name: str,
+    family: str,
+    vocab: int,
+    hidden: int,
+    layers: int,
+    heads: int,
+    kv_heads: int,
+    ffn: int,
+    max_positions: int,
+    ids: tuple[int, ...] = (151329, 151329, 151329, 151336, 151338),  # pad, bos, eos, more eos
+) -> ModelConfig:
+    head_dim = hidden // heads
+    return ModelConfig(
+        name=name,
+        family=family,
+        vocab_size=vocab,
+        hidden_size=hidden,
+        num_layers=layers,
+        num_heads=heads,
+        num_kv_heads=kv_heads,
+        head_dim=head_dim,
+        ffn_dim=ffn,
+        max_positions=max_positions,
+        enable_bias=False,
+        activation="silu",
+        norm_eps=1.5625e-7,
+        rotary_dim=head_dim // 2,
+        tie_word_embeddings=False,
+        qkv_bias=True,
+        pad_token_id=ids[0],
+        bos_token_id=ids[1],
+        eos_token_id=ids[2],
+        extra_eos_token_ids=ids[3:],
+    )
+
+
 # Official OPT dimensions (Zhang et al. 2022, Table 1; the facebook/opt-* config.json files).
 _PRESETS: dict[str, ModelConfig] = {
     c.name: c
@@ -271,10 +308,13 @@ _PRESETS: dict[str, ModelConfig] = {
         _codegen("codegen-2b", 2560, 32, 32, 64),
         _codegen("codegen-6b", 4096, 33, 16, 64),
         _codegen("codegen-16b", 6144, 34, 24, 64),
+        # GLM (THUDM/glm-4-9b-hf config.json): half of each head rotates.
+        _glm("glm-4-9b", "glm", 151552, 4096, 40, 32, 2, 13696, 131072),
         # Tiny shapes for tests and demos: seconds on a CPU.
         _llama("llama-tiny", "llama", 512, 64, 2, 4, 2, 128, 256, 1e4),
         _bloom("bloom-tiny", 48, 2, 6, vocab=512),  # 6 heads: ALiBi's slopes for a count not a power of two
         _codegen("codegen-tiny", 64, 2, 8, 4, vocab=512),
+        _glm("glm-tiny", "glm4", 512, 64, 2, 4, 2, 128, 256, ids=(0, 1, 2)),  # glm4: the extra post-norms too
         ModelConfig(
             name="opt-tiny", vocab_size=512, hidden_size=64, num_layers=2, num_heads=4, ffn_dim=256, max_positions=256
         ),

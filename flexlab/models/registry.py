@@ -12,7 +12,7 @@ Example:
 from __future__ import annotations
 
 from flexlab.errors import ConfigError
-from flexlab.models import bloom, codegen, llama, opt
+from flexlab.models import bloom, codegen, glm, llama, opt
 from flexlab.models.config import ModelConfig
 from flexlab.models.family import ModelFamily
 
@@ -22,11 +22,14 @@ _FAMILIES: dict[str, ModelFamily] = {
     **dict.fromkeys(llama.MODEL_TYPES, llama.FAMILY),
     "bloom": bloom.FAMILY,
     "codegen": codegen.FAMILY,
+    **dict.fromkeys(glm.MODEL_TYPES, glm.FAMILY),
 }
 
 
 def get_family(name: str) -> ModelFamily:
     """The family that runs ``name`` (a Hugging Face ``model_type``, as ``ModelConfig.family``)."""
+    if name in glm.REMOTE_ONLY:
+        raise glm.refuse_remote_code(name)
     if name not in _FAMILIES:
         raise ConfigError(f"unsupported model type {name!r}; supported: {', '.join(_FAMILIES)}")
     return _FAMILIES[name]

@@ -38,7 +38,7 @@ POLICIES = {
 }
 
 
-@pytest.fixture(scope="module", params=["opt-tiny", "llama-tiny", "bloom-tiny", "codegen-tiny"])
+@pytest.fixture(scope="module", params=["opt-tiny", "llama-tiny", "bloom-tiny", "codegen-tiny", "glm-tiny"])
 def model(request):
     """OPT, and a LLaMA-family model with grouped-query attention (a cache of fewer heads)."""
     return flexlab.Model.from_config(request.param, seed=0, dtype=torch.float32)

@@ -37,11 +37,34 @@ def _codegen(**overrides):
     return transformers.CodeGenForCausalLM(transformers.CodeGenConfig(**{**config, **overrides}))
 
 
+def _glm(cls: str = "Glm", **overrides):
+    import transformers
+
+    config = dict(
+        vocab_size=300,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        head_dim=16,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        initializer_range=0.2,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+    config = getattr(transformers, f"{cls}Config")(**{**config, **overrides})
+    return getattr(transformers, f"{cls}ForCausalLM")(config)
+
+
 VARIANTS = {  # name: builder of a transformers model
     "bloom 4 heads": lambda: _bloom(),
     "bloom 6 heads (ALiBi slopes beyond a power of two)": lambda: _bloom(n_head=6),
     "codegen partial rotary": lambda: _codegen(),
     "codegen full rotary, own ffn width": lambda: _codegen(n_head=4, rotary_dim=16, n_inner=80),
+    "glm gqa, q/k/v biases": lambda: _glm(),
+    "glm4 post-norms, tied": lambda: _glm("Glm4", num_key_value_heads=4, tie_word_embeddings=True),
 }
 
 
@@ -117,7 +140,10 @@ def test_sparse_attention_keeping_everything_is_exact(pair, tmp_path):
         assert engine.generate(PROMPTS, max_new_tokens=NEW).token_ids == hf_greedy(hf, PROMPTS, NEW)
 
 
-@pytest.mark.parametrize("preset, cls", [("bloom-tiny", "BloomForCausalLM"), ("codegen-tiny", "CodeGenForCausalLM")])
+@pytest.mark.parametrize(
+    "preset, cls",
+    [("bloom-tiny", "BloomForCausalLM"), ("codegen-tiny", "CodeGenForCausalLM"), ("glm-tiny", "Glm4ForCausalLM")],
+)
 def test_random_preset_checkpoint_loads_in_transformers(tmp_path, preset, cls):
     import transformers
 
@@ -154,3 +180,12 @@ def test_alibi_slopes_follow_the_paper():
     assert alibi_slopes(8).tolist() == [2.0**-i for i in range(1, 9)]  # 2^(-8/n), its powers
     six = alibi_slopes(6).tolist()  # four of the 4-head sequence, then the odd ones of the 8-head one
     assert six == pytest.approx([2**-2, 2**-4, 2**-6, 2**-8, 2**-1, 2**-3])
+
+
+@pytest.mark.parametrize("model_type", ["chatglm", "glm130b"])
+def test_remote_code_only_glm_is_refused_naming_the_native_classes(tmp_path, model_type):
+    import json
+
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": model_type, "auto_map": {}}))
+    with pytest.raises(flexlab.ConfigError, match="trust_remote_code.*GlmForCausalLM, Glm4ForCausalLM"):
+        flexlab.Model.from_pretrained(tmp_path)

@@ -32,7 +32,7 @@ FLOORS = {
     "__main__": 7,
     "__init__": 7,
 }
-FAMILY_MODULES = {f"flexlab.models.{m}" for m in ("opt", "llama", "bloom", "codegen")}
+FAMILY_MODULES = {f"flexlab.models.{m}" for m in ("opt", "llama", "bloom", "codegen", "glm")}
 
 
 def _modules() -> dict[str, Path]:
