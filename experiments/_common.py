@@ -9,6 +9,7 @@ import platform
 import re
 import subprocess
 import time
+import uuid
 from dataclasses import asdict
 from pathlib import Path
 
@@ -67,3 +68,38 @@ def dd_direct_bandwidth(directory: Path, size_mb: int = 1024) -> float:
         return max(1, size_mb // 16) * 16 * 2**20 / seconds / 1e9
     finally:
         path.unlink(missing_ok=True)
+
+
+# ---- memory limits for the baseline comparisons ----------------------------------------------
+def cgroup_for(limit_bytes: int | None) -> tuple[Path | None, str]:
+    """A fresh memory cgroup limited to ``limit_bytes`` (v1 or v2), or None and why not."""
+    if limit_bytes is None:
+        return None, "no limit"
+    if os.geteuid() != 0:
+        return None, "not root: memory NOT limited, page cache not controlled"
+    name = f"flexlab-bench-{uuid.uuid4().hex[:8]}"
+    v2 = Path("/sys/fs/cgroup/cgroup.controllers")
+    try:
+        if v2.exists() and "memory" in v2.read_text():
+            path = Path("/sys/fs/cgroup") / name
+            path.mkdir()
+            (path / "memory.max").write_text(str(limit_bytes))
+            (path / "memory.swap.max").write_text("0") if (path / "memory.swap.max").exists() else None
+        else:
+            path = Path("/sys/fs/cgroup/memory") / name
+            path.mkdir()
+            (path / "memory.limit_in_bytes").write_text(str(limit_bytes))
+            if (path / "memory.memsw.limit_in_bytes").exists():  # no escaping into swap
+                (path / "memory.memsw.limit_in_bytes").write_text(str(limit_bytes))
+        return path, f"cgroup memory limit {limit_bytes / 1e9:.2f} GB (page cache charged to it)"
+    except OSError as e:
+        return None, f"no cgroup ({e.strerror}): memory NOT limited, page cache not controlled"
+
+
+def drop_page_cache() -> bool:
+    try:
+        os.sync()
+        Path("/proc/sys/vm/drop_caches").write_text("3")
+        return True
+    except OSError:
+        return False

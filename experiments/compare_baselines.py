@@ -37,13 +37,12 @@ import subprocess
 import sys
 import tempfile
 import time
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
 
-from _common import dd_direct_bandwidth, parse_config, write_results
+from _common import cgroup_for, dd_direct_bandwidth, drop_page_cache, parse_config, write_results
 
 
 @dataclass
@@ -191,40 +190,6 @@ def worker(job: dict) -> dict:
 
 
 # ---- the parent: memory limits and the table ----------------------------------------------
-def cgroup_for(limit_bytes: int | None) -> tuple[Path | None, str]:
-    """A fresh memory cgroup limited to ``limit_bytes`` (v1 or v2), or None and why not."""
-    if limit_bytes is None:
-        return None, "no limit"
-    if os.geteuid() != 0:
-        return None, "not root: memory NOT limited, page cache not controlled"
-    name = f"flexlab-bench-{uuid.uuid4().hex[:8]}"
-    v2 = Path("/sys/fs/cgroup/cgroup.controllers")
-    try:
-        if v2.exists() and "memory" in v2.read_text():
-            path = Path("/sys/fs/cgroup") / name
-            path.mkdir()
-            (path / "memory.max").write_text(str(limit_bytes))
-            (path / "memory.swap.max").write_text("0") if (path / "memory.swap.max").exists() else None
-        else:
-            path = Path("/sys/fs/cgroup/memory") / name
-            path.mkdir()
-            (path / "memory.limit_in_bytes").write_text(str(limit_bytes))
-            if (path / "memory.memsw.limit_in_bytes").exists():  # no escaping into swap
-                (path / "memory.memsw.limit_in_bytes").write_text(str(limit_bytes))
-        return path, f"cgroup memory limit {limit_bytes / 1e9:.2f} GB (page cache charged to it)"
-    except OSError as e:
-        return None, f"no cgroup ({e.strerror}): memory NOT limited, page cache not controlled"
-
-
-def drop_page_cache() -> bool:
-    try:
-        os.sync()
-        Path("/proc/sys/vm/drop_caches").write_text("3")
-        return True
-    except OSError:
-        return False
-
-
 def run_job(job: dict, limit_bytes: int | None) -> dict:
     cgroup, note = cgroup_for(limit_bytes)
     dropped = drop_page_cache()

@@ -96,6 +96,7 @@ class BlockRun:
         # Per batch, built once per token and shared by every layer: (token, positions / mask).
         self._masks: dict[int, tuple[int, torch.Tensor]] = {}
         self._pos: dict[int, tuple[int, torch.Tensor]] = {}
+        self._grown: dict[int, tuple[int, torch.Tensor]] = {}
 
     # ---- running -----------------------------------------------------------------------
     def run(self) -> tuple[list, float, float]:
@@ -330,9 +331,12 @@ class BlockRun:
 
     def _valid(self, t: int, k: int) -> torch.Tensor:
         """Which cache slots of batch ``k`` hold tokens once token ``t`` is in: the prefill's,
-        then one more per token."""
-        valid = self.valid[k]
-        return valid if t == 0 else torch.cat([valid, torch.ones_like(valid[:, :1]).expand(-1, t)], dim=1)
+        then one more per token (built once per token, for the positions and the mask)."""
+        if self._grown.get(k, (None,))[0] != t:
+            valid = self.valid[k]
+            grown = valid if t == 0 else torch.cat([valid, torch.ones_like(valid[:, :1]).expand(-1, t)], dim=1)
+            self._grown[k] = (t, grown)
+        return self._grown[k][1]
 
     def _positions(self, t: int, k: int) -> torch.Tensor:
         """Batch ``k``'s positions of the tokens computed at token ``t`` (``[b, s]``)."""

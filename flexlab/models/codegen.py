@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from flexlab.errors import ConfigError
 from flexlab.models.config import ModelConfig
 from flexlab.models.family import ModelFamily, Weights, WeightSpec, token_ids_from_hf, token_ids_to_hf
-from flexlab.models.layers import layer_norm, rotate_pairs
+from flexlab.models.layers import layer_norm, rotate_leading_pairs
 
 PREFIX = "transformer."
 MP_NUM = 4  # the model-parallel shards the fused projection is laid out for
@@ -140,11 +140,7 @@ def attention_qkv(
     fused = F.linear(x, w["attn.qkv_proj.weight"]).view(b, s, MP_NUM, 3 * local)
     q, v, k = (part.reshape(b, s, cfg.num_heads, cfg.head_dim) for part in fused.split(local, dim=-1))
     r = cfg.rotary_dim or cfg.head_dim
-    inv = 1.0 / (10000 ** (torch.arange(0, r, 2, dtype=torch.int64, device=x.device) / r))
-    angles = (positions[..., None].float() * inv)[:, :, None, :]  # [b, s, 1, r/2], float32 as transformers
-    cos, sin = angles.cos(), angles.sin()
-    q = torch.cat([rotate_pairs(q[..., :r], cos, sin), q[..., r:]], dim=-1).to(v.dtype)
-    k = torch.cat([rotate_pairs(k[..., :r], cos, sin), k[..., r:]], dim=-1).to(v.dtype)
+    q, k = (rotate_leading_pairs(t, positions, r, 10000.0, heads_dim=2) for t in (q, k))
     return q.transpose(1, 2) * cfg.head_dim**-0.5, k.transpose(1, 2), v.transpose(1, 2)
 
 

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from flexlab.errors import ConfigError
 from flexlab.models.config import ModelConfig
 from flexlab.models.family import ModelFamily, Weights, WeightSpec, token_ids_from_hf, token_ids_to_hf
-from flexlab.models.layers import linear, rms_norm, rotate_pairs
+from flexlab.models.layers import linear, rms_norm, rotate_leading_pairs
 
 MODEL_TYPES = {"glm": "GlmForCausalLM", "glm4": "Glm4ForCausalLM"}
 REMOTE_ONLY = ("chatglm", "glm130b")  # model_type values of checkpoints that need trust_remote_code
@@ -151,11 +151,7 @@ def attention_qkv(
     k = linear(w, "self_attn.k_proj", x).view(b, s, cfg.num_kv_heads, cfg.head_dim).transpose(1, 2)
     v = linear(w, "self_attn.v_proj", x).view(b, s, cfg.num_kv_heads, cfg.head_dim).transpose(1, 2)
     r = cfg.rotary_dim or cfg.head_dim
-    inv = 1.0 / (cfg.rope_theta ** (torch.arange(0, r, 2, dtype=torch.float32, device=x.device) / r))
-    angles = (positions[..., None].float() * inv)[:, None]  # [b, 1, s, r/2], float32 as transformers
-    cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
-    q = torch.cat([rotate_pairs(q[..., :r], cos, sin), q[..., r:]], dim=-1)
-    k = torch.cat([rotate_pairs(k[..., :r], cos, sin), k[..., r:]], dim=-1)
+    q, k = (rotate_leading_pairs(t, positions, r, cfg.rope_theta, heads_dim=1, in_float32=False) for t in (q, k))
     return q * cfg.head_dim**-0.5, k, v
 
 

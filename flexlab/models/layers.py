@@ -39,3 +39,20 @@ def rotate_halves(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torc
     of ``x`` ``[..., d]``; ``cos``/``sin`` ``[..., d]`` (each angle twice)."""
     first, second = x.chunk(2, dim=-1)
     return x * cos + torch.cat([-second, first], dim=-1) * sin
+
+
+def rotate_leading_pairs(
+    x: torch.Tensor, positions: torch.Tensor, rotary_dim: int, theta: float, heads_dim: int, in_float32: bool = True
+) -> torch.Tensor:
+    """Partial rotary embedding (CodeGen, GLM): the first ``rotary_dim`` dimensions of each head
+    of ``x`` rotate by interleaved pairs at each token's position (``positions`` ``[b, s]``), the
+    rest pass. ``heads_dim``: where the heads are in ``x`` (1: ``[b, heads, s, d]``, 2:
+    ``[b, s, heads, d]``). Angles in float32, as transformers computes them; the rotation in
+    float32 too (CodeGen) or, ``in_float32=False``, in ``x``'s dtype (GLM), as each family's does."""
+    inv = 1.0 / (theta ** (torch.arange(0, rotary_dim, 2, dtype=torch.int64, device=x.device) / rotary_dim))
+    angles = positions[..., None].float() * inv  # [b, s, r/2]
+    angles = angles[:, None] if heads_dim == 1 else angles[:, :, None]
+    dtype = torch.float32 if in_float32 else x.dtype
+    cos, sin = angles.cos().to(dtype), angles.sin().to(dtype)
+    rotated = rotate_pairs(x[..., :rotary_dim].to(dtype), cos, sin).to(x.dtype)
+    return torch.cat([rotated, x[..., rotary_dim:]], dim=-1)
