@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import random
+import shutil
 
 import pytest
 import torch
@@ -291,16 +292,19 @@ def test_a_failing_transfer_surfaces_and_leaves_nothing_behind(model, tmp_path, 
 
 
 @pytest.mark.skipif(not os.path.exists("/proc/self/maps"), reason="reads Linux's /proc/self/maps")
-def test_memory_tier_weights_are_copies_and_the_checkpoint_is_unmapped(tiny_dir):
+def test_memory_tier_weights_are_copies_and_the_checkpoint_is_unmapped(tiny_dir, tmp_path):
     """A tensor mapped from the checkpoint is page cache: under a memory limit the kernel may drop
     it and read it back by page faults in the middle of a compute, or squeeze everything else
     to keep it. Weights kept in memory are copies, and the engine lets go of the file's maps."""
-    model = flexlab.Model.from_pretrained(tiny_dir, dtype=torch.float32)
+    # A private copy of the checkpoint: models of other tests, built from the shared directory and
+    # not yet collected, keep their own maps of its file.
+    own = shutil.copytree(tiny_dir, tmp_path / "checkpoint")
+    model = flexlab.Model.from_pretrained(own, dtype=torch.float32)
     model.weights.get("decoder.embed_tokens.weight")  # the checkpoint is mapped now
-    assert any(str(tiny_dir) in line for line in open("/proc/self/maps"))
+    assert any(str(own) in line for line in open("/proc/self/maps"))
     with flexlab.Engine(model, Policy.from_percent([30, 70, 100, 0, 100, 0], gpu_batch_size=2)) as engine:
         assert [w for w in engine.weights.placed.values() if w.tier != "disk"]
-        assert not [line for line in open("/proc/self/maps") if str(tiny_dir) in line]
+        assert not [line for line in open("/proc/self/maps") if str(own) in line]
         assert (
             engine.generate([[2, 5, 6]], max_new_tokens=2).token_ids
             == model.generate([[2, 5, 6]], max_new_tokens=2).token_ids
