@@ -34,6 +34,7 @@ class Event:
     end: float
     bytes: int = 0
     stage_name: str = ""
+    rank: int = 0  # the pipeline rank that ran it (0 in one process)
 
     @property
     def duration(self) -> float:
@@ -78,8 +79,18 @@ class Timeline:
         return len(self.events)
 
     @property
+    def ranks(self) -> list[int]:
+        return sorted({e.rank for e in self.events})
+
+    def lane_of(self, e: Event) -> str:
+        """The row an event is drawn on: its lane, per rank when the run had several."""
+        return e.lane if len(self.ranks) < 2 else f"rank {e.rank} {e.lane}"
+
+    @property
     def lanes(self) -> list[str]:
-        return sorted({e.lane for e in self.events}, key=lambda lane: (lane != COMPUTE_LANE, lane))
+        """Rows, a group per rank, compute first in each."""
+        rows = {(e.rank, e.lane != COMPUTE_LANE, e.lane): self.lane_of(e) for e in self.events}
+        return [rows[key] for key in sorted(rows)]
 
     def to_pandas(self):
         """One row per event: lane, kind, token, stage, batch, start, end, duration, bytes."""
@@ -87,7 +98,7 @@ class Timeline:
 
         df = pd.DataFrame(
             [asdict(e) for e in self.events],
-            columns=["lane", "kind", "token", "stage", "batch", "start", "end", "bytes", "stage_name"],
+            columns=["lane", "kind", "token", "stage", "batch", "start", "end", "bytes", "stage_name", "rank"],
         )
         df["duration"] = df["end"] - df["start"]
         return df
@@ -114,7 +125,7 @@ class Timeline:
             "compute_idle_fraction": 1 - _length(compute) / wall if wall > 0 else 0.0,
         }
         for lane in self.lanes:
-            evs = [e for e in self.events if e.lane == lane]
+            evs = [e for e in self.events if self.lane_of(e) == lane]
             busy = _length(_union([(e.start, e.end) for e in evs]))
             out[f"busy_s[{lane}]"] = busy
             moved = sum(e.bytes for e in evs)
@@ -140,11 +151,13 @@ class Timeline:
         return cls([Event(**e) for e in data["events"]])
 
     def to_chrome_trace(self, path: str | os.PathLike) -> None:
-        """A Chrome trace (open in https://ui.perfetto.dev or chrome://tracing): a row per lane."""
-        tids = {lane: i for i, lane in enumerate(self.lanes)}
-        trace = [
-            {"name": "thread_name", "ph": "M", "pid": 0, "tid": tid, "args": {"name": lane}}
-            for lane, tid in tids.items()
+        """A Chrome trace (open in https://ui.perfetto.dev or chrome://tracing): a process per
+        rank, a row per lane."""
+        tids = {(e.rank, e.lane): i for i, e in enumerate({(e.rank, e.lane): e for e in self.events}.values())}
+        trace = [{"name": "process_name", "ph": "M", "pid": r, "args": {"name": f"rank {r}"}} for r in self.ranks]
+        trace += [
+            {"name": "thread_name", "ph": "M", "pid": rank, "tid": tid, "args": {"name": lane}}
+            for (rank, lane), tid in tids.items()
         ]
         for e in self.events:
             trace.append(
@@ -152,8 +165,8 @@ class Timeline:
                     "name": f"{e.kind} {e.stage_name}".strip(),
                     "cat": e.kind,
                     "ph": "X",
-                    "pid": 0,
-                    "tid": tids[e.lane],
+                    "pid": e.rank,
+                    "tid": tids[(e.rank, e.lane)],
                     "ts": e.start * 1e6,
                     "dur": max(e.duration * 1e6, 0.001),
                     "args": {"token": e.token, "stage": e.stage, "batch": e.batch, "bytes": e.bytes},

@@ -13,6 +13,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import torch
 
@@ -31,6 +32,23 @@ from flexlab.models.family import ModelFamily
 from flexlab.models.generation import left_pad, positions_from_mask
 
 
+class Peers(Protocol):
+    """A pipeline rank's neighbours in the ring of ranks (see :mod:`flexlab.distributed`).
+
+    Messages go in order, one per ``send`` step, to the next rank; ``send(None)`` tells it that
+    the pipeline stops (the last rank decides when every sequence has stopped; each other rank
+    passes the word on), and ``recv`` then returns ``(None, 0)``.
+    """
+
+    is_last: bool
+
+    def reset(self) -> None: ...  # a new block: nobody has stopped
+
+    def recv(self, device: torch.device) -> tuple[torch.Tensor | None, int]: ...
+
+    def send(self, x: torch.Tensor | None) -> int: ...
+
+
 @dataclass(frozen=True)
 class BlockContext:
     """What a block needs of the engine that runs it (and nothing more)."""
@@ -47,6 +65,7 @@ class BlockContext:
     files: DiskFiles
     subdir: Callable[[str], Path]  # a folder of the engine's offload directory
     check_space: Callable[[float, str], None]  # raises OffloadError if the disk lacks the bytes
+    peers: Peers | None = None  # a pipeline rank's neighbours; ``stages`` are then its share
 
 
 class BlockRun:
@@ -55,6 +74,7 @@ class BlockRun:
 
     def __init__(self, ctx: BlockContext, head: Head) -> None:
         self.ctx, self.head, self.num_tokens = ctx, head, head.num_tokens
+        self._stage = {s.index: s for s in ctx.stages}  # a pipeline rank holds a run of them
         policy, cfg = ctx.policy, ctx.config
         batches = head.prefill_ids()
         self.width = max(len(s) for b in batches for s in b)
@@ -64,13 +84,14 @@ class BlockRun:
             self.tokens.append(tokens)
             self.valid.append(valid)
         n = len(head.ids)
+        layers = len({s.layer for s in ctx.stages if s.has_cache})  # this rank's, in a pipeline
         capacity = self.width + max(self.num_tokens - 1, 0)
         self.codecs = {
             kv: KVCodec(policy.compress_cache, cfg.num_kv_heads, cfg.head_dim, ctx.dtype, keys=kv == "k") for kv in KV
         }
         disk_seqs = round(n * policy.cache_disk_percent / 100)
         ctx.check_space(
-            cfg.num_layers * disk_seqs * sum(-(-capacity // c.chunk) * c.row_bytes for c in self.codecs.values()),
+            layers * disk_seqs * sum(-(-capacity // c.chunk) * c.row_bytes for c in self.codecs.values()),
             "the disk share of the KV cache",
         )
         self.cache = CacheStore(
@@ -85,9 +106,7 @@ class BlockRun:
         )
         # A compressed cache keeps its newest tokens in full precision on the device (see kvcodec).
         self.tails: dict[tuple[int, int, str], torch.Tensor] = {}
-        self.tail_bytes = sum(
-            cfg.num_layers * n * c.max_tail * cfg.kv_dim * ctx.dtype.itemsize for c in self.codecs.values()
-        )
+        self.tail_bytes = sum(layers * n * c.max_tail * cfg.kv_dim * ctx.dtype.itemsize for c in self.codecs.values())
         ctx.tracker.add("gpu", "kv tail", self.tail_bytes)
         self.acts = None
         if policy.act_tier != "gpu":
@@ -97,6 +116,7 @@ class BlockRun:
         self._masks: dict[int, tuple[int, torch.Tensor]] = {}
         self._pos: dict[int, tuple[int, torch.Tensor]] = {}
         self._grown: dict[int, tuple[int, torch.Tensor]] = {}
+        self.stopped = False  # a pipeline rank was told to stop
 
     # ---- running -----------------------------------------------------------------------
     def run(self) -> tuple[list, float, float]:
@@ -110,6 +130,7 @@ class BlockRun:
             prefetch=1 if overlap else 0,
             act_moves=self.acts is not None,
             cache_ahead=self.cache.read_ahead if overlap else 0,
+            peers=ctx.peers is not None,
         )
         handlers = {
             "load_weight": self.load_weight,
@@ -120,11 +141,21 @@ class BlockRun:
             "compute": self.compute,
             "store_cache": self.store_cache,
             "store_act": self.store_act,
+            "recv": self.recv,
+            "send": self.send,
             "inline": self.moves_nothing,
         }
+        # In a pipeline only a word from the previous rank stops a rank: the last one, where the
+        # head sees every sequence stop, still owes the next tokens' message (the stop) and must
+        # take in what the other ranks computed meanwhile.
+        should_stop = self.head.finished if ctx.peers is None else (lambda: self.stopped)
+        if ctx.peers is not None:
+            ctx.peers.reset()
         start = time.perf_counter()
         try:
-            ctx.executor.run(steps, handlers, self.head.finished)
+            ctx.executor.run(steps, handlers, should_stop)
+            if self.stopped and not ctx.peers.is_last:
+                ctx.peers.send(None)  # pass the stop on (after every earlier send: the run drained them)
         finally:
             self.cache.close()
             self.tails.clear()
@@ -143,6 +174,8 @@ class BlockRun:
             return self.ctx.weights.resident[step.stage]
         if step.kind in ("load_cache", "store_cache"):
             return self.cache.resident[step.batch]
+        if step.kind in ("recv", "send"):
+            return False
         return self.acts is not None and self.acts.tier == "cpu" and self.ctx.device.type == "cpu"
 
     def load_weight(self, step: Step):
@@ -157,7 +190,7 @@ class BlockRun:
         return 0 if t == 0 else self.width + t - 1
 
     def load_cache(self, step: Step):
-        layer = self.ctx.stages[step.stage].layer
+        layer = self._stage[step.stage].layer
         n = self._cached_tokens(step.token)
         rows = {kv: c.stored_tokens(n) // c.chunk for kv, c in self.codecs.items()}
         if self.ctx.policy.attn_sparsity < 1:  # sparse attention reads only the value rows it keeps
@@ -171,7 +204,7 @@ class BlockRun:
     def store_cache(self, step: Step, computed: dict) -> int:
         if computed["kv"] is None:  # nothing will read it
             return 0
-        layer = self.ctx.stages[step.stage].layer
+        layer = self._stage[step.stage].layer
         moved = 0
         for kv, (rows, start) in computed["kv"].items():
             if rows.shape[1]:
@@ -184,25 +217,31 @@ class BlockRun:
     def store_act(self, step: Step, computed: dict) -> int:
         return self.acts.store(step.batch, computed["h"])
 
+    def recv(self, step: Step):
+        return self.ctx.peers.recv(self.ctx.device)
+
+    def send(self, step: Step, computed: dict) -> int:
+        if computed.get("stop"):
+            return self.ctx.peers.send(None)
+        return self.ctx.peers.send(computed["next"] if "next" in computed else computed["h"])
+
     # ---- compute -----------------------------------------------------------------------
     def compute(self, step: Step, inputs: dict) -> dict:
         """The family's maths for one stage and batch; inputs come from the steps it waited on.
         Returns the new hidden state and cache rows, or, from the head, the next token ids."""
         t, j, k = step.token, step.stage, step.batch
-        stage, ctx = self.ctx.stages[j], self.ctx
-        f, cfg = ctx.family, ctx.config
+        ctx = self.ctx
+        stage, f, cfg = self._stage[j], ctx.family, ctx.config
         loaded = inputs[("load_weight", t, j, None)]
+        x = self.tokens[k] if t == 0 and "embed" in stage.parts else self._input(step, inputs)
+        if x is None:  # the previous rank says the pipeline stops here
+            self.stopped = True
+            return {"h": None, "kv": None}
         if "embed" in stage.parts:
-            ids = self.tokens[k] if t == 0 else inputs[("compute", t - 1, len(ctx.stages) - 1, k)]["next"][:, None]
-            w, ids = self._embedding_weights(step, loaded, ids)
+            w, ids = self._embedding_weights(step, loaded, x if t == 0 else x[:, None])
             h = f.embed(w, cfg, ids, self._positions(t, k))
         else:
-            w = self._weights(step, loaded)
-            h = (
-                inputs[("load_act", t, j, k)]
-                if ("load_act", t, j, k) in inputs
-                else inputs[("compute", t, j - 1, k)]["h"]
-            )
+            w, h = self._weights(step, loaded), x
 
         kv = None
         if "attention" in stage.parts:
@@ -222,8 +261,19 @@ class BlockRun:
         if "mlp" in stage.parts:
             h = f.mlp(w, cfg, h)
         if "head" in stage.parts:
-            return {"next": self.head(lambda x: f.head(w, cfg, x), h, t, k)}
+            return {"next": self.head(lambda x: f.head(w, cfg, x), h, t, k), "stop": self.head.finished()}
         return {"h": h, "kv": kv}
+
+    def _input(self, step: Step, inputs: dict) -> torch.Tensor | None:
+        """What the stage reads: the hidden state (the next tokens, for the embedding) from the
+        previous rank, from the activation store, or in memory from the compute before it."""
+        t, j, k = step.token, step.stage, step.batch
+        for key in (("recv", t, j, k), ("load_act", t, j, k)):
+            if key in inputs:
+                return inputs[key]
+        if j == 0:
+            return inputs[("compute", t - 1, self.ctx.stages[-1].index, k)]["next"]
+        return inputs[("compute", t, j - 1, k)]["h"]
 
     def _weights(self, step: Step, loaded) -> dict:
         """A loaded stage's weights, compressed ones dequantized (once per stage and token)."""

@@ -20,15 +20,16 @@ from pathlib import Path
 
 import torch
 
-from flexlab.engine.block import BlockContext, BlockRun
+from flexlab.engine.block import BlockContext, BlockRun, Peers
 from flexlab.engine.executor import Executor
 from flexlab.engine.heads import GenerateHead, Head, ScoreHead, TeacherHead
 from flexlab.engine.policy import Policy, PolicyError
-from flexlab.engine.schedule import make_stages
+from flexlab.engine.schedule import make_stages, share_of
 from flexlab.engine.store import WeightStore
 from flexlab.engine.tiers import DiskFiles, MemoryTracker, return_freed_memory
 from flexlab.errors import FlexlabError, OffloadError
 from flexlab.files import owned_dir, remove, sweep_stale
+from flexlab.models.family import part_weights
 from flexlab.models.generation import (
     GenerationResult,
     Sampler,
@@ -53,13 +54,22 @@ class Engine:
         *,
         direct_io: bool = True,
         progress: bool = False,
+        layers: range | None = None,
+        peers: Peers | None = None,
     ) -> None:
+        """``layers`` and ``peers`` make the engine one rank of a pipeline (see
+        :mod:`flexlab.distributed`, which builds them): it holds and runs only those layers (with
+        the embedding if they start at 0, the head if they end at the last), and hands hidden
+        states and next tokens to its neighbours through ``peers``."""
         policy = policy or Policy()
         if not isinstance(policy, Policy):
             raise PolicyError(f"policy must be a flexlab.Policy, got {type(policy).__name__}")
         self.model, self.policy = model, policy
         self.device, self.dtype = model.device, model.dtype
         self.stages = make_stages(model.config.num_layers, policy.sep_layer)
+        if layers is not None:
+            self.stages = share_of(self.stages, layers, model.config.num_layers)
+        self.peers = peers
         self.tracker = MemoryTracker()
         self.files = DiskFiles(direct=direct_io)
         self._dir: Path | None = None
@@ -70,7 +80,8 @@ class Engine:
             self._check_space_for_weights()
             from tqdm.auto import tqdm
 
-            n = len(model.family.weight_specs(model.config))
+            specs = model.family.weight_specs(model.config)
+            n = len({w.name for s in self.stages for p in s.parts for w in part_weights(specs, p, s.layer)})
             with tqdm(total=n, desc="placing weights", disable=not progress, leave=False) as bar:
                 self.weights = WeightStore(
                     model,
@@ -83,7 +94,8 @@ class Engine:
                     self.tracker,
                     bar,
                 )
-            self._executor = Executor(self.device, policy.overlap, describe=lambda j: self.stages[j].name)
+            names = {s.index: s.name for s in self.stages}
+            self._executor = Executor(self.device, policy.overlap, describe=names.__getitem__)
             self._context = BlockContext(
                 model.family,
                 model.config,
@@ -97,6 +109,7 @@ class Engine:
                 self.files,
                 self.subdir,
                 self.check_space,
+                peers,
             )
         except BaseException:
             self.close()

@@ -28,7 +28,10 @@ LANES = {
     "load_act": "load act",
     "store_cache": "store cache",
     "store_act": "store act",
+    "recv": "recv",  # from the previous pipeline rank
+    "send": "send",  # to the next pipeline rank
 }
+OUTPUTS = ("store_cache", "store_act", "send")  # steps that take a compute's value away
 
 
 class Clock:
@@ -68,7 +71,8 @@ class Executor:
     """Executes steps with the given handlers and records one event per step that did work.
 
     Handlers: ``load_*(step) -> (value, bytes)``, ``compute(step, inputs) -> value`` where
-    ``inputs`` maps dependency keys to values, ``store_*(step, computed) -> bytes``; optional
+    ``inputs`` maps dependency keys to values, ``store_*(step, computed) -> bytes`` (``recv`` is
+    a load, ``send`` a store); optional
     ``release_weight(key, value)`` / ``release_cache(key, value)`` once the last compute that
     reads a load is done (its buffers may be reused), and ``inline(step) -> bool`` for
     transfers that move nothing and so run on the calling thread.
@@ -156,7 +160,7 @@ class Executor:
         # on the compute stream: a thread hand-off and a stream sync would cost more than it does.
         inline = self.handlers.get("inline", _never)(step)
         stream = None if inline else self.streams.get(lane)
-        if step.kind.startswith("store"):
+        if step.kind in OUTPUTS:
             computed = deps[0].result()  # the compute ran on this thread: its value is ready
             for key in step.releases:  # this store is its last reader: let it go once stored
                 self.futures.pop(key, None)
@@ -179,7 +183,7 @@ class Executor:
                 if stream is not None:
                     ready = torch.cuda.Event()
                     ready.record()
-                    if step.kind.startswith("store"):
+                    if step.kind in OUTPUTS:
                         # A later load waits on this task's future: make "done" mean done on the device.
                         stream.synchronize()
             if moved:

@@ -26,7 +26,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Literal
 
-StepKind = Literal["load_weight", "load_cache", "load_act", "compute", "store_cache", "store_act"]
+StepKind = Literal["load_weight", "load_cache", "load_act", "recv", "compute", "store_cache", "store_act", "send"]
 Key = tuple  # (kind, token, stage, batch); batch is None for weights
 
 
@@ -59,6 +59,20 @@ def make_stages(num_layers: int, sep_layer: bool) -> list[Stage]:
     return stages
 
 
+def share_of(stages: list[Stage], layers: range, num_layers: int) -> list[Stage]:
+    """A pipeline rank's stages: those of ``layers``, with the embedding if they start at layer
+    0 and the head if they end at the last (indices stay the whole model's)."""
+    if not (0 <= layers.start < layers.stop <= num_layers and layers.step == 1):
+        raise ValueError(f"layers {layers} is not a non-empty run of the model's {num_layers} layers")
+
+    def mine(s: Stage) -> bool:
+        if s.layer is not None:
+            return s.layer in layers
+        return layers.start == 0 if "embed" in s.parts else layers.stop == num_layers  # embed, or head
+
+    return [s for s in stages if mine(s)]
+
+
 @dataclass(frozen=True)
 class Step:
     """One thing to do. ``deps`` must finish first; ``releases`` may be freed after a compute."""
@@ -87,6 +101,7 @@ def block_schedule(
     prefetch: int,
     act_moves: bool,
     cache_ahead: int | None = None,
+    peers: bool = False,
 ) -> Iterator[Step]:
     """Every step of one block, in issue order.
 
@@ -94,19 +109,28 @@ def block_schedule(
     are stored and loaded between stages (activations off the gpu tier) or stay in memory.
     ``cache_ahead`` (default ``prefetch``): how many units (stage and batch) ahead of the
     computing one a cache load is requested; each one requested holds its buffers till computed.
+
+    ``stages`` may be a contiguous run of the model's (one pipeline rank's share, global
+    indices). With ``peers`` the ranks form a ring: the first stage's input comes by a ``recv``
+    step (the previous rank's hidden state; for the embedding after the prefill, the head's next
+    tokens from the last rank) and the last stage's output leaves by a ``send`` step (the
+    hidden state, or the head's next tokens for every token but the last).
     """
     cache_ahead = prefetch if cache_ahead is None else cache_ahead
-    n_stages = len(stages)
-    stage_steps = [(t, j) for t in range(num_tokens) for j in range(n_stages)]
+    first, last = stages[0].index, stages[-1].index
+    by_index = {s.index: s for s in stages}
+    stage_steps = [(t, s.index) for t in range(num_tokens) for s in stages]
     units = [(t, j, k) for t, j in stage_steps for k in range(num_batches)]
     issued: set[Key] = set()
 
     def loads(t: int, j: int, k: int, cache: bool = True, act: bool = True) -> list[Step]:
         """The loads unit (t, j, k) needs, beyond its stage's weights."""
         out = []
-        if cache and stages[j].has_cache and t > 0:  # the prefill has no cache to read
+        if cache and by_index[j].has_cache and t > 0:  # the prefill has no cache to read
             out.append(Step("load_cache", t, j, k, deps=(("store_cache", t - 1, j, k),)))
-        if act and act_moves and j > 0:  # the embedding reads token ids, not activations
+        if act and peers and j == first and (j > 0 or t > 0):  # the prefill's embedding reads the prompt
+            out.append(Step("recv", t, j, k))
+        elif act and act_moves and j > first:  # the embedding reads token ids, not activations
             out.append(Step("load_act", t, j, k, deps=(("store_act", t, j - 1, k),)))
         return out
 
@@ -115,7 +139,7 @@ def block_schedule(
         return step
 
     for n, (t, j, k) in enumerate(units):
-        stage_index = t * n_stages + j
+        stage_index = n // num_batches
         ahead = [Step("load_weight", tt, jj) for tt, jj in stage_steps[stage_index : stage_index + 1 + prefetch]]
         ahead += [s for u in units[n : n + 1 + cache_ahead] for s in loads(*u, act=False)]
         ahead += [s for u in units[n : n + 1 + prefetch] for s in loads(*u, cache=False)]
@@ -126,23 +150,25 @@ def block_schedule(
                 yield emit(step)
 
         needs = [("load_weight", t, j, None)] + [s.key for s in loads(t, j, k)]
-        if not act_moves and j > 0:
+        if not act_moves and j > first:
             needs.append(("compute", t, j - 1, k))  # the hidden state handed over in memory
-        if j == 0 and t > 0:
-            needs.append(("compute", t - 1, n_stages - 1, k))  # the head's next tokens: this embedding's input
+        if j == 0 and t > 0 and not peers:
+            needs.append(("compute", t - 1, last, k))  # the head's next tokens: this embedding's input
         releases = [key for key in needs if key[0] != "load_weight"]
         if k == num_batches - 1:
             releases.append(("load_weight", t, j, None))  # the block is done with this stage's weights
         # A compute's value (hidden state, new cache rows) is freed by the last step that reads
-        # it: the next stage's compute, or the store of the activation; the head's (the next
-        # tokens) by the next token's embedding, or by itself after the last token.
+        # it: the next stage's compute, or the store or send of the activation; the head's (the
+        # next tokens) by the next token's embedding or their send, or by itself after the last token.
         me = ("compute", t, j, k)
-        stores_act = act_moves and j < n_stages - 1
-        if j == n_stages - 1 and t == num_tokens - 1:
+        final_head = "head" in by_index[j].parts and t == num_tokens - 1
+        if final_head:
             releases.append(me)
         yield emit(Step("compute", t, j, k, deps=tuple(needs), releases=tuple(releases)))
 
-        if stages[j].has_cache:
+        if by_index[j].has_cache:
             yield emit(Step("store_cache", t, j, k, deps=(me,)))
-        if stores_act:
+        if peers and j == last and not final_head:
+            yield emit(Step("send", t, j, k, deps=(me,), releases=(me,)))
+        elif act_moves and j < last:
             yield emit(Step("store_act", t, j, k, deps=(me,), releases=(me,)))

@@ -75,8 +75,9 @@ class WeightStore:
         specs = model.family.weight_specs(model.config)
         pin = policy.pin_weight and device.type == "cuda"
         self.placed: dict[str, PlacedWeight] = {}
-        self.stage_weights: list[list[PlacedWeight]] = []
-        self.stage_files: list[tuple[Path, int] | None] = []  # a stage's own packed file and its size
+        # Per stage index (a pipeline rank places only its own stages):
+        self.stage_weights: dict[int, list[PlacedWeight]] = {}
+        self.stage_files: dict[int, tuple[Path, int] | None] = {}  # a stage's own packed file and its size
         for stage, placement in zip(stages, place_weights(specs, stages, policy.w_gpu_percent, policy.w_cpu_percent)):
             to_pack = []
             for spec, tier in ((s, t) for s, t, first in placement if first):  # a tied weight is placed once
@@ -87,24 +88,23 @@ class WeightStore:
                     self.placed[spec.name] = self._place(model, spec, tier, pin)
                 if progress is not None:
                     progress.update(1)
-            self.stage_files.append(
-                self._pack(model, to_pack, weight_dir / f"stage{stage.index}.bin") if to_pack else None
-            )
-            self.stage_weights.append([self.placed[s.name] for s, _, _ in placement])
+            own = self._pack(model, to_pack, weight_dir / f"stage{stage.index}.bin") if to_pack else None
+            self.stage_files[stage.index] = own
+            self.stage_weights[stage.index] = [self.placed[s.name] for s, _, _ in placement]
         model.weights.release_pages()  # placed: the memory tiers hold copies, the disk tier reads files
         # Resident: read where it lies (on a CPU-only machine the cpu tier is the compute's RAM).
         near = near_tiers(device.type == "cuda")
-        self.resident = [all(w.tier in near for w in ws) for ws in self.stage_weights]
+        self.resident = {j: all(w.tier in near for w in ws) for j, ws in self.stage_weights.items()}
         # Disk reads land in one of two stage-sized aligned buffers (the stage computing and the one
         # prefetched). On a CPU the weights are used in place there: no copy after the read.
-        self.stage_disk_bytes = [
-            (own[1] if own else 0)
+        self.stage_disk_bytes = {
+            j: (own[1] if own else 0)
             + sum(
                 read_region(p.nbytes) for w in ws if w.tier == "disk" for p in w.parts if not (own and p.path == own[0])
             )
-            for ws, own in zip(self.stage_weights, self.stage_files)
-        ]
-        largest = max(self.stage_disk_bytes, default=0)
+            for (j, ws), own in zip(self.stage_weights.items(), self.stage_files.values())
+        }
+        largest = max(self.stage_disk_bytes.values(), default=0)
         self.pool = BufferPool(largest, 2, pin) if largest else None
         self.buffer_bytes = 2 * largest
         self.buffer_tier = staging_tier(device)

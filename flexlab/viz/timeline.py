@@ -24,6 +24,8 @@ KIND_COLORS = {
     "dequantize_weight": "#DA8BC3",  # (de)compression inside a compute, drawn over it
     "quantize_cache": "#8C8C8C",
     "dequantize_cache": "#CCB974",
+    "recv": "#64B5CD",  # hand-offs between pipeline ranks
+    "send": "#2F6F8F",
 }
 
 
@@ -45,7 +47,7 @@ def plot_timeline(
         for e in timeline.events
         if (tokens is None or tokens[0] <= e.token <= tokens[1])
         and (stages is None or stages[0] <= e.stage <= stages[1])
-        and (lanes is None or e.lane in lanes)
+        and (lanes is None or timeline.lane_of(e) in lanes)
     ]
     rows = [lane for lane in timeline.lanes if lanes is None or lane in lanes]
     fig = Figure(figsize=(width, 0.6 * len(rows) + 1.6), layout="constrained")
@@ -56,16 +58,18 @@ def plot_timeline(
     t0 = min(e.start for e in events)
     scale, unit = (1e3, "ms") if max(e.end for e in events) - t0 < 10 else (1.0, "s")
     for y, lane in enumerate(rows):
-        bars = [((e.start - t0) * scale, max(e.duration * scale, 1e-6)) for e in events if e.lane == lane]
-        colors = [KIND_COLORS.get(e.kind, "grey") for e in events if e.lane == lane]
+        bars = [((e.start - t0) * scale, max(e.duration * scale, 1e-6)) for e in events if timeline.lane_of(e) == lane]
+        colors = [KIND_COLORS.get(e.kind, "grey") for e in events if timeline.lane_of(e) == lane]
         ax.broken_barh(bars, (y - 0.38, 0.76), facecolors=colors, edgecolor="white", linewidth=0.3)
     token_starts, stage_starts = {}, {}
+    first_compute = next((timeline.lane_of(e) for e in events if e.lane == COMPUTE_LANE), None)  # rank 0's
     for e in events:
         if e.lane == COMPUTE_LANE:
             token_starts[e.token] = min(token_starts.get(e.token, e.start), e.start)
+        if timeline.lane_of(e) == first_compute:
             stage_starts[(e.token, e.stage)] = min(stage_starts.get((e.token, e.stage), e.start), e.start)
-    if COMPUTE_LANE in rows and len(stage_starts) <= 80:  # layer boundaries: ticks on the compute row
-        y = rows.index(COMPUTE_LANE)
+    if first_compute in rows and len(stage_starts) <= 80:  # layer boundaries: ticks on the compute row
+        y = rows.index(first_compute)
         ax.vlines([(s - t0) * scale for s in stage_starts.values()], y - 0.5, y - 0.38, color="black", linewidth=0.5)
     for token, start in sorted(token_starts.items()):
         x = (start - t0) * scale
@@ -101,7 +105,7 @@ def plot_overlap_summary(timeline: Timeline, width: float = 7.0) -> Figure:
     ax1.barh(
         lanes,
         [s[f"busy_s[{lane}]"] for lane in lanes],
-        color=[KIND_COLORS["compute"] if lane == COMPUTE_LANE else "#999999" for lane in lanes],
+        color=[KIND_COLORS["compute"] if lane.endswith(COMPUTE_LANE) else "#999999" for lane in lanes],
     )
     ax1.invert_yaxis()
     ax1.set_xlabel("busy (s)")

@@ -141,7 +141,7 @@ def test_timeline_bytes_shrink_by_the_compression_ratio(model, tmp_path):
         with flexlab.Engine(model, policy, offload_dir=tmp_path) as engine:
             result = engine.generate(PROMPTS[:4], max_new_tokens=NEW, stop_token_ids=None)
             # every stage's disk weights, once per token (the tied embedding twice: embed and head)
-            placed[name] = sum(w.nbytes for ws in engine.weights.stage_weights for w in ws if w.tier == "disk")
+            placed[name] = sum(w.nbytes for ws in engine.weights.stage_weights.values() for w in ws if w.tier == "disk")
         weights = load_bytes(result.timeline, "load_weight")
         assert (weights == placed[name]).all()
         per_token[name] = (

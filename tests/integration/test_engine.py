@@ -140,7 +140,7 @@ def test_peak_bytes_per_tier_match_the_placement(model):
         result = engine.generate(PROMPTS[:4], max_new_tokens=NEW, stop_token_ids=None)
         placed = engine.weights.tier_bytes()
         buffers = engine.weights.buffer_bytes
-        largest_stage = max(sum(w.nbytes for w in ws) for ws in engine.weights.stage_weights)
+        largest_stage = max(sum(w.nbytes for w in ws) for ws in engine.weights.stage_weights.values())
     width = max(map(len, PROMPTS[:4]))
     cache_row = 2 * cfg.num_layers * (width + NEW - 1) * cfg.hidden_size * itemsize  # one sequence's K and V
     seq_tiers = {"gpu": 1, "cpu": 1, "disk": 2}  # 4 sequences at 20/30/50

@@ -24,6 +24,7 @@ FLOORS = {
     "engine": 2,  # plots of plain data (never the runtime); the runtime
     "cost": 3,
     "eval": 3,
+    "distributed": 4,  # pipeline ranks: engines over a share of the layers, on torch.distributed
     "notebook": 4,
     "chat": 4,
     "cli_checks": 4,

@@ -1,0 +1,104 @@
+"""Pipeline parallelism across processes and machines, on ``torch.distributed``.
+
+A pipeline of N stages (ranks) splits the model's layers into N contiguous runs (see
+:mod:`~flexlab.distributed.plan`); each rank runs the usual block schedule over its own layers,
+with its own Policy, tiers and offload directory, and hands hidden states to the next rank and
+the head's next tokens back to the first (see :mod:`~flexlab.distributed.channel`). Tokens and
+log-probabilities are the one-process engine's, exactly.
+
+    >>> import flexlab, torch
+    >>> from flexlab import distributed
+    >>> model = flexlab.Model.from_config("opt-tiny", seed=0, dtype=torch.float32)
+    >>> result = distributed.generate(model, [[2, 5, 6], [2, 7]], stages=2, max_new_tokens=4)  # doctest: +SKIP
+    >>> result.token_ids == model.generate([[2, 5, 6], [2, 7]], max_new_tokens=4).token_ids  # doctest: +SKIP
+    True
+
+From a shell: ``flexlab generate --pipeline 2 ...`` starts the processes itself;
+``torchrun --nproc-per-node 2 -m flexlab generate ...`` (with ``--nnodes`` and a rendezvous for
+several machines) runs one rank in each process torchrun starts.
+"""
+
+from __future__ import annotations
+
+from flexlab.distributed.launch import run_local
+from flexlab.distributed.plan import PipelineError, PipelinePlan, make_plan, split_layers
+from flexlab.distributed.stage import ModelSource, PipelineJob
+
+__all__ = ["PipelineError", "PipelinePlan", "generate", "make_plan", "score", "split_layers"]
+
+
+def generate(
+    model,
+    prompts,
+    *,
+    stages: int = 2,
+    policy=None,
+    layers=None,
+    offload_dir=None,
+    threads: int | None = None,
+    timeout_s: float = 300.0,
+    **options,
+):
+    """Generate as :meth:`flexlab.Engine.generate` does (same keywords in ``options``), on a
+    pipeline of ``stages`` local processes; returns one GenerationResult whose timeline has a
+    group of lanes per rank.
+
+    ``model``: a :class:`flexlab.Model` (rebuilt in each process from its checkpoint or seed), a
+    checkpoint directory or a preset name. ``policy``: one Policy, or one per stage. ``layers``:
+    how many layers each stage holds (default: balanced by weight). ``threads``: torch threads
+    per process. ``timeout_s``: the longest a stage waits for a neighbour's message.
+    """
+    job = _job(model, stages, policy, layers, offload_dir, threads, "generate", prompts, options)
+    return run_local(job, timeout_s=timeout_s)
+
+
+def score(
+    model,
+    sequences,
+    *,
+    stages: int = 2,
+    policy=None,
+    layers=None,
+    offload_dir=None,
+    threads: int | None = None,
+    timeout_s: float = 300.0,
+    teacher_forced: bool = False,
+):
+    """:meth:`flexlab.Engine.score` on a pipeline of ``stages`` local processes."""
+    job = _job(
+        model, stages, policy, layers, offload_dir, threads, "score", sequences, {"teacher_forced": teacher_forced}
+    )
+    return run_local(job, timeout_s=timeout_s)
+
+
+_GENERATE_DEFAULTS = dict(
+    max_new_tokens=32,
+    do_sample=False,
+    temperature=1.0,
+    top_k=None,
+    top_p=None,
+    seed=None,
+    stop_token_ids=(),
+    stop_strings=None,
+)
+
+
+def _job(model, stages, policy, layers, offload_dir, threads, task, inputs, options) -> PipelineJob:
+    """The job, with everything checked here, before any process starts."""
+    import torch
+
+    from flexlab.models.generation import encode_for_scoring, prepare_generation
+    from flexlab.models.model import Model
+
+    source = ModelSource.of(model)
+    built = model if isinstance(model, Model) else source.load(torch.device("cpu"))  # lazy: reads no weights
+    plan = make_plan(built.config, stages, policy, layers)
+    if task == "generate":
+        unknown = sorted(set(options) - set(_GENERATE_DEFAULTS))
+        if unknown:
+            raise TypeError(f"generate() got unknown options {unknown}; it takes {sorted(_GENERATE_DEFAULTS)}")
+        prepare_generation(inputs, built.tokenizer, built.config, **{**_GENERATE_DEFAULTS, **options})
+    else:
+        encode_for_scoring(inputs, built.tokenizer, built.config)
+    where = None if offload_dir is None else str(offload_dir)
+    return PipelineJob(source, plan, task, list(inputs), dict(options), where, threads)

@@ -1,0 +1,151 @@
+"""Starting a pipeline: N local processes (for notebooks and ``flexlab generate --pipeline N``), or
+the processes ``torchrun`` started (``torchrun --nproc-per-node N -m flexlab generate ...``).
+
+Either way each process joins one ``torch.distributed`` process group (gloo on CPUs, NCCL when
+every rank has a GPU) with a timeout on every message, and runs :func:`~flexlab.distributed.stage.run_rank`.
+
+Faults: a rank that raises reports its error and leaves; its neighbours' messages then fail at
+once (the connection closes), and so does every rank in turn. The local launcher reports the
+first rank's own error (not the "peer closed" errors it set off), ends every process still
+running, and removes the directory all ranks' offload files are in — also when a rank was killed
+outright and could not clean up itself.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import os
+import socket
+import tempfile
+import threading
+import time
+import traceback
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from flexlab.distributed.plan import PipelineError
+from flexlab.distributed.stage import PipelineJob, rank_device, run_rank
+from flexlab.files import owned_dir, remove, sweep_stale
+
+SCRATCH_PREFIX = "flexlab-pipeline-"
+_PEER_GONE = ("Connection closed by peer", "Connection reset by peer", "Broken pipe")
+
+
+def run_local(job: PipelineJob, *, timeout_s: float = 300.0, startup_s: float = 120.0):
+    """Run ``job`` in ``job.plan.num_ranks`` local processes and return rank 0's result.
+
+    ``timeout_s``: the longest any rank waits for a message from a neighbour (a hung peer ends
+    the run with an error after it); ``startup_s``: the longest for every process to start.
+    """
+    import multiprocessing as mp
+
+    parent = Path(job.offload_dir).expanduser() if job.offload_dir else Path(tempfile.gettempdir())
+    parent.mkdir(parents=True, exist_ok=True)
+    sweep_stale(parent, SCRATCH_PREFIX)
+    scratch = owned_dir(parent, SCRATCH_PREFIX)  # every rank's offload files, removed below
+    job = dataclasses.replace(job, offload_dir=str(scratch))
+    ctx = mp.get_context("spawn")  # a fresh interpreter per rank: no forked threads or CUDA state
+    address = f"tcp://127.0.0.1:{_free_port()}"
+    pipes = [ctx.Pipe(duplex=False) for _ in range(job.plan.num_ranks)]  # (read end, write end) per rank
+    procs = [
+        ctx.Process(
+            target=_rank_main,
+            args=(job, r, len(pipes), address, timeout_s, pipes[r][1]),
+            name=f"flexlab-stage-{r}",
+            daemon=True,
+        )
+        for r in range(len(pipes))
+    ]
+    try:
+        for p, (_, write) in zip(procs, pipes):
+            p.start()
+            write.close()  # the child holds it now: its end of file is the child's
+        return _collect(procs, [read for read, _ in pipes], timeout_s + startup_s)
+    finally:
+        for p in procs:
+            if p.is_alive():
+                p.terminate()  # SIGTERM: its engine removes its files (flexlab.files)
+        for p in procs:
+            p.join(5)
+            if p.is_alive():
+                p.kill()
+                p.join()
+        for read, _ in pipes:
+            read.close()
+        remove(scratch)
+
+
+def _collect(procs, reads, patience_s: float):
+    """Rank 0's result, or a PipelineError naming the rank that failed first."""
+    from multiprocessing.connection import wait
+
+    pending = dict(enumerate(reads))
+    errors: dict[int, str] = {}
+    result, last_news = None, time.monotonic()
+    while pending:
+        ready = wait(list(pending.values()), timeout=0.5)
+        now = time.monotonic()
+        for r in [r for r, conn in pending.items() if conn in ready]:
+            try:
+                kind, payload = pending.pop(r).recv()
+            except EOFError:  # it died without a word: killed, or out of memory
+                kind, payload = "error", f"the process died (exit code {procs[r].exitcode})"
+            last_news = now
+            if kind == "error":
+                errors[r] = payload
+            elif r == 0:
+                result = payload
+        if errors and now - last_news > 2.0:
+            break  # the others have had time to report how the failure reached them
+        if not ready and now - last_news > patience_s:
+            raise PipelineError(f"no stage reported for {patience_s:.0f} s; ended every stage")
+    if errors:
+        own = [r for r, e in sorted(errors.items()) if not any(s in e for s in _PEER_GONE)]
+        rank = (own or sorted(errors))[0]
+        raise PipelineError(f"pipeline stage {rank} failed: {errors[rank]}")
+    return result
+
+
+def _rank_main(job: PipelineJob, rank: int, world: int, address: str, timeout_s: float, report) -> None:
+    """A local process's life: join the group, run the rank, report, leave."""
+    from tqdm.auto import tqdm
+
+    tqdm.set_lock(threading.RLock())  # not tqdm's default process-shared lock, which outlives the process
+    try:
+        backend = "nccl" if rank_device(job.source).type == "cuda" else "gloo"
+        if backend == "nccl":
+            os.environ.setdefault("LOCAL_RANK", str(rank))
+            torch.cuda.set_device(rank_device(job.source))
+        dist.init_process_group(
+            backend, init_method=address, rank=rank, world_size=world, timeout=datetime.timedelta(seconds=timeout_s)
+        )
+        report.send(("ok", run_rank(job, rank, world)))
+    except BaseException as e:
+        report.send(("error", "".join(traceback.format_exception_only(type(e), e)).strip()))
+    finally:
+        report.close()  # sent before this process's sockets close: its own error arrives first
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def init_from_torchrun(timeout_s: float = 300.0) -> tuple[int, int] | None:
+    """Join the process group ``torchrun`` set up (its RANK/WORLD_SIZE/MASTER_* variables);
+    returns ``(rank, world size)``, or None when this process was not started by torchrun."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world < 2 or "RANK" not in os.environ:
+        return None
+    if not dist.is_initialized():
+        cuda = torch.cuda.is_available() and torch.cuda.device_count() > 0
+        if cuda:
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        dist.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(seconds=timeout_s))
+    return dist.get_rank(), dist.get_world_size()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
