@@ -101,8 +101,10 @@ def demo(args: argparse.Namespace) -> int:
 
 
 def generate(args: argparse.Namespace) -> int:
-    """Generate for prompts under a policy; print the texts and the metrics."""
+    """Generate for prompts under a policy; print the texts and the metrics (or JSON). With
+    ``--pipeline N``, or in the processes torchrun started, on a pipeline of ranks."""
     import flexlab
+    from flexlab.distributed.launch import init_from_torchrun
     from flexlab.models.generation import prepare_generation
 
     prompts = read_prompts(args.prompt, args.prompts_file, args.prompt_ids)
@@ -120,14 +122,41 @@ def generate(args: argparse.Namespace) -> int:
         stop_strings=None,
     )
     prepare_generation(prompts, model.tokenizer, model.config, **sampling)  # bad prompts: refused before placing
-    with flexlab.Engine(model, policy, offload_dir=args.offload_dir, progress=True) as engine:
-        result = engine.generate(prompts, **sampling)
-    for prompt, ids, text in zip(prompts, result.token_ids, result.texts or [None] * len(prompts)):
-        print(f">>> {prompt}{text}" if text is not None else f">>> {prompt} -> {ids}")
+    ranks = init_from_torchrun()  # (rank, world size) when torchrun started this process
+    if ranks is not None and args.pipeline not in (1, ranks[1]):
+        raise ValueError(f"--pipeline {args.pipeline}, but torchrun started {ranks[1]} processes; drop --pipeline")
+    if ranks is not None or args.pipeline != 1:
+        from flexlab.distributed import make_plan
+        from flexlab.distributed.launch import run_local
+        from flexlab.distributed.stage import ModelSource, PipelineJob, run_rank
+
+        plan = make_plan(model.config, ranks[1] if ranks else args.pipeline, policy, args.pipeline_layers)
+        job = PipelineJob(ModelSource.of(model), plan, "generate", prompts, sampling, args.offload_dir)
+        if ranks is None:
+            result = run_local(job)
+        else:
+            import torch.distributed as dist
+
+            try:
+                result = run_rank(job, *ranks)
+            finally:
+                dist.destroy_process_group()
+        if ranks is not None and ranks[0] != 0:
+            return 0  # rank 0 speaks for the pipeline
+        what = plan.describe()
+    else:
+        with flexlab.Engine(model, policy, offload_dir=args.offload_dir, progress=True) as engine:
+            result = engine.generate(prompts, **sampling)
+        what = policy.describe()
     m = result.metrics
+    if args.json:
+        fields = {"token_ids": result.token_ids, "texts": result.texts, "metrics": m, "policy": what}
+        print(json.dumps(fields))
+    else:
+        for prompt, ids, text in zip(prompts, result.token_ids, result.texts or [None] * len(prompts)):
+            print(f">>> {prompt}{text}" if text is not None else f">>> {prompt} -> {ids}")
     print(
-        f"{policy.describe()}: {int(m['new_tokens'])} tokens in {m['total_s']:.3f} s -> "
-        f"{m['throughput_tok_s']:.1f} tokens/s",
+        f"{what}: {int(m['new_tokens'])} tokens in {m['total_s']:.3f} s -> {m['throughput_tok_s']:.1f} tokens/s",
         file=sys.stderr,
     )
     if timeline is not None:
@@ -326,6 +355,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--prompt-ids", action="append", help='a prompt as token ids, e.g. "2 5 6" (repeatable)')
     p.add_argument("--prompts-file", help="a file with one prompt per line")
     p.add_argument("--timeline", help="save the run's timeline as JSON here")
+    p.add_argument("--json", action="store_true", help="print the result as one JSON object (ids, texts, metrics)")
+    p.add_argument(
+        "--pipeline",
+        type=int,
+        default=1,
+        metavar="N",
+        help="run on a pipeline of N local processes, each holding a share of the layers "
+        "(under torchrun: one rank per process it starts)",
+    )
+    p.add_argument(
+        "--pipeline-layers",
+        type=lambda v: [int(x) for x in v.replace(",", " ").split()],
+        metavar='"L0 L1 ..."',
+        help="layers per stage (default: balanced by weight)",
+    )
     add_sampling_args(p)
     p.set_defaults(func=generate)
 

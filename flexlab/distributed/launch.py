@@ -20,7 +20,6 @@ import socket
 import tempfile
 import threading
 import time
-import traceback
 from pathlib import Path
 
 import torch
@@ -92,6 +91,7 @@ def _collect(procs, reads, patience_s: float):
             try:
                 kind, payload = pending.pop(r).recv()
             except EOFError:  # it died without a word: killed, or out of memory
+                procs[r].join(1)  # its exit code is known a moment after its pipe closes
                 kind, payload = "error", f"the process died (exit code {procs[r].exitcode})"
             last_news = now
             if kind == "error":
@@ -124,7 +124,7 @@ def _rank_main(job: PipelineJob, rank: int, world: int, address: str, timeout_s:
         )
         report.send(("ok", run_rank(job, rank, world)))
     except BaseException as e:
-        report.send(("error", "".join(traceback.format_exception_only(type(e), e)).strip()))
+        report.send(("error", f"{type(e).__name__}: {e}".strip()))
     finally:
         report.close()  # sent before this process's sockets close: its own error arrives first
         if dist.is_initialized():

@@ -1,0 +1,190 @@
+"""Pipelines of 2 and 3 local processes (gloo, float32, CPU) equal one process and transformers:
+greedy and sampled tokens, early stops, scores, uneven splits and batches, disk in some stages.
+Each run starts fresh interpreters (a few seconds), so each test checks several things at once."""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+import torch
+
+import flexlab
+from flexlab import Policy, distributed
+from flexlab.distributed import PipelineError
+from flexlab.models.config import get_preset
+from tests.conftest import hf_opt
+from tests.integration.test_exactness import hf_greedy
+from tests.integration.test_llama import hf_model
+
+PROMPTS = [[2, 5, 6, 7], [2, 7], [2, 30, 31, 32, 33, 9], [2, 11, 12], [2, 40]]  # two blocks of 2x2
+NEW = 6
+
+
+@pytest.fixture(scope="module")
+def four_layers(tmp_path_factory):
+    hf = hf_opt(get_preset("opt-tiny").replace(num_layers=4), seed=3)
+    d = tmp_path_factory.mktemp("opt-tiny-4l")
+    hf.save_pretrained(d)
+    return hf, d
+
+
+def one_process(model, policy, prompts=PROMPTS, **kw):
+    with flexlab.Engine(model, policy) as engine:
+        return engine.generate(prompts, **kw)
+
+
+def test_two_stages_equal_one_process_and_transformers(tiny_hf, tiny_dir, tmp_path):
+    model = flexlab.Model.from_pretrained(tiny_dir, dtype=torch.float32)
+    policy = Policy(gpu_batch_size=2, num_gpu_batches=2)
+    result = distributed.generate(model, PROMPTS, stages=2, policy=policy, max_new_tokens=NEW, offload_dir=tmp_path)
+    assert (
+        result.token_ids == hf_greedy(tiny_hf, PROMPTS, NEW) == one_process(model, policy, max_new_tokens=NEW).token_ids
+    )
+    # one timeline: a group of lanes per rank, hidden states sent one way and tokens the other
+    tl = result.timeline
+    assert tl.ranks == [0, 1] and {"rank 0 send", "rank 1 recv", "rank 1 send", "rank 0 recv"} <= set(tl.lanes)
+    first = {}  # the first block's first sends: its batch 0's prefill
+    for e in tl.events:
+        if e.kind == "send" and e.token == 0 and e.batch == 0:
+            first.setdefault(e.rank, e.bytes)
+    assert first[0] == 2 * 6 * model.config.hidden_size * 4  # hidden states [2, width 6, hidden], float32
+    assert first[1] == 2 * 8  # the two next tokens, int64
+    assert result.metrics["peak_bytes_gpu[rank 0]"] > 0 and result.metrics["peak_bytes_gpu[rank 1]"] > 0
+    assert list(tmp_path.iterdir()) == []  # every rank's offload directory is gone
+
+
+def test_three_stages_uneven_split_disk_in_one_stage_and_scores(four_layers, tmp_path):
+    hf, directory = four_layers
+    model = flexlab.Model.from_pretrained(directory, dtype=torch.float32)
+    shape = dict(gpu_batch_size=2, num_gpu_batches=2)
+    policies = [
+        Policy(**shape),
+        Policy.from_percent([0, 0, 0, 0, 100, 0], **shape),  # weights and cache on disk
+        Policy.from_percent([50, 50, 0, 100, 0, 100], **shape),  # cache and activations on the cpu tier
+    ]
+    kw = dict(stages=3, policy=policies, layers=[1, 2, 1], offload_dir=tmp_path)
+    result = distributed.generate(model, PROMPTS, max_new_tokens=NEW, **kw)
+    assert result.token_ids == hf_greedy(hf, PROMPTS, NEW)
+    assert result.metrics["peak_bytes_disk[rank 1]"] > 0 and result.metrics["peak_bytes_disk[rank 0]"] == 0
+    scores = distributed.score(model, PROMPTS, **kw)
+    with torch.no_grad():
+        for seq, got in zip(PROMPTS, scores):
+            logprobs = torch.log_softmax(hf(torch.tensor([seq])).logits[0].float(), dim=-1)
+            want = logprobs[:-1].gather(-1, torch.tensor(seq[1:])[:, None]).squeeze(-1)
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_sampling_and_early_stops_behave_as_in_one_process(tiny_dir):
+    """A shared seed draws the same tokens; when every sequence of a block meets a stop token
+    before max_new_tokens, every rank stops (the stop goes round the ring) and the next block runs."""
+    model = flexlab.Model.from_pretrained(tiny_dir, dtype=torch.float32)
+    policy = Policy(gpu_batch_size=2, num_gpu_batches=2)
+    sampled = dict(max_new_tokens=NEW, do_sample=True, temperature=1.5, seed=7)
+    assert (
+        distributed.generate(model, PROMPTS, policy=policy, **sampled).token_ids
+        == one_process(model, policy, **sampled).token_ids
+    )
+    free = one_process(model, policy, max_new_tokens=12, stop_token_ids=None).token_ids
+    stops = sorted({seq[1] for seq in free[:4]})  # each of the first block's sequences stops by its 2nd token
+    early = dict(max_new_tokens=12, stop_token_ids=stops)
+    want = one_process(model, policy, **early).token_ids
+    assert max(map(len, want[:4])) <= 2 < 12
+    result = distributed.generate(model, PROMPTS, policy=policy, **early)
+    assert result.token_ids == want
+    first_block = [e.token for e in result.timeline.events if e.kind == "compute" and e.rank == 0]
+    assert max(first_block) < 12  # no rank ran on to max_new_tokens
+
+
+def test_llama_gqa_two_stages_equal_transformers(tmp_path):
+    hf = hf_model("llama", dict(num_key_value_heads=2))
+    hf.save_pretrained(tmp_path / "llama")
+    model = flexlab.Model.from_pretrained(tmp_path / "llama", dtype=torch.float32)
+    prompts = [[1, 17, 40, 99, 5], [1, 7], [1, 250, 31]]
+    policy = Policy.from_percent([50, 50, 50, 50, 100, 0], gpu_batch_size=2, num_gpu_batches=2)
+    result = distributed.generate(model, prompts, stages=2, policy=policy, max_new_tokens=NEW)
+    assert result.token_ids == hf_greedy(hf, prompts, NEW)
+
+
+@pytest.mark.parametrize(
+    "kw, message",
+    [
+        (dict(stages=0), "1 or more stages"),
+        (dict(stages=3), "3 stages for 2 layers"),
+        (dict(stages=2, layers=[2, 1]), "add up to 3"),
+        (dict(stages=2, layers=[2, 0]), "1 or more layers"),
+        (dict(stages=2, policy=[Policy()]), "one per stage"),
+        (dict(stages=2, policy=[Policy(gpu_batch_size=2), Policy(gpu_batch_size=4)]), "same GPU batches"),
+        (dict(stages=2, max_new_tokens=0), "max_new_tokens"),
+        (dict(stages=2, beams=4), "unknown options"),
+    ],
+)
+def test_bad_input_is_refused_before_any_process_starts(tiny_dir, kw, message):
+    model = flexlab.Model.from_pretrained(tiny_dir, dtype=torch.float32)
+    with pytest.raises((PipelineError, TypeError, ValueError), match=message):
+        distributed.generate(model, PROMPTS, **kw)
+    assert multiprocessing.active_children() == []
+
+
+def test_a_killed_stage_ends_the_pipeline_with_its_rank_and_no_files(tmp_path):
+    """Rank 1 is killed (as by the OOM killer) once it has written offload files: the run ends
+    within seconds with an error naming it, and nothing is left in the offload directory."""
+    stop = threading.Event()
+
+    def kill_rank_1():
+        while not stop.wait(0.02):
+            mine = [p for p in multiprocessing.active_children() if p.name == "flexlab-stage-1"]
+            if mine and any(f.is_file() for f in tmp_path.glob("*/rank1/*/*/*")):  # its packed weights
+                os.kill(mine[0].pid, signal.SIGKILL)
+                return
+
+    model = flexlab.Model.from_config("opt-tiny", seed=0, dtype=torch.float32)
+    killer = threading.Thread(target=kill_rank_1)
+    killer.start()
+    start = time.monotonic()
+    try:
+        with pytest.raises(PipelineError, match=r"stage 1 failed: the process died \(exit code -9\)"):
+            policy = Policy.from_percent([0, 0, 0, 0, 100, 0], gpu_batch_size=4, num_gpu_batches=4)  # files
+            distributed.generate(model, [[2, 5]] * 64, policy=policy, max_new_tokens=250, offload_dir=tmp_path)
+    finally:
+        stop.set()
+        killer.join()
+    assert time.monotonic() - start < 40
+    assert list(tmp_path.iterdir()) == [] and multiprocessing.active_children() == []
+
+
+def test_a_stage_that_raises_reports_its_own_error(tiny_dir, tmp_path):
+    copy = shutil.copytree(tiny_dir, tmp_path / "checkpoint")
+    model = flexlab.Model.from_pretrained(copy, dtype=torch.float32)
+    (copy / "model.safetensors").write_bytes(b"\0" * 16)  # the ranks open it after this
+    with pytest.raises(PipelineError, match=r"stage \d failed: CheckpointError"):
+        distributed.generate(model, PROMPTS, max_new_tokens=2, offload_dir=tmp_path / "offload")
+    assert list((tmp_path / "offload").iterdir()) == []
+
+
+@pytest.mark.parametrize("launcher", ["--pipeline", "torchrun"])
+def test_the_command_line_runs_a_pipeline_and_prints_json(launcher):
+    import json
+
+    args = ["generate", "--preset", "opt-tiny", "--dtype", "float32", "--prompt-ids", "2 5 6", "--prompt-ids", "2 7"]
+    args += ["--max-new-tokens", "3", "--json"]
+    if launcher == "torchrun":
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m", "flexlab", *args]
+    else:
+        cmd = [sys.executable, "-m", "flexlab", *args, "--pipeline", "2"]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    lines = [line for line in out.stdout.splitlines() if line.startswith("{")]
+    assert len(lines) == 1  # rank 0 speaks for the pipeline
+    printed = json.loads(lines[0])
+    model = flexlab.Model.from_config("opt-tiny", seed=0, dtype=torch.float32)
+    assert printed["token_ids"] == model.generate([[2, 5, 6], [2, 7]], max_new_tokens=3).token_ids
+    assert "rank 1: layers 1-1" in printed["policy"]
