@@ -342,7 +342,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", help="checkpoint directory or hub id (default: the pydoc-trained model)")
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument(
-        "--dtype", choices=DTYPES, default=None, help="compute dtype (default: float16 on CUDA, bfloat16 on CPU)"
+        "--dtype",
+        choices=DTYPES,
+        default=None,
+        help="compute dtype (default: float16 on CUDA; bfloat16 on a CPU with native bf16, else float32)",
     )
     p.add_argument("--offload-dir", default=None, help="where disk-tier data goes (default: a temp dir)")
     p.add_argument("--out", default="flexlab-demo", help="folder for the timeline picture and traces")

@@ -30,7 +30,10 @@ def add_model_args(p: argparse.ArgumentParser, preset: bool = True) -> None:
     if preset:
         g.add_argument("--preset", help="a preset name instead (random weights), e.g. opt-1.3b; see `flexlab presets`")
     g.add_argument(
-        "--dtype", choices=DTYPES, default=None, help="compute dtype (default: float16 on CUDA, bfloat16 on CPU)"
+        "--dtype",
+        choices=DTYPES,
+        default=None,
+        help="compute dtype (default: float16 on CUDA; bfloat16 on a CPU with native bf16, else float32)",
     )
 
 
