@@ -130,7 +130,8 @@ def generate(args: argparse.Namespace) -> int:
         from flexlab.distributed.launch import run_local
         from flexlab.distributed.stage import ModelSource, PipelineJob, run_rank
 
-        plan = make_plan(model.config, ranks[1] if ranks else args.pipeline, policy, args.pipeline_layers)
+        stages = ranks[1] if ranks else args.pipeline
+        plan = make_plan(model.config, stages, policy, args.pipeline_layers, args.pipeline_groups)
         job = PipelineJob(ModelSource.of(model), plan, "generate", prompts, sampling, args.offload_dir)
         if ranks is None:
             result = run_local(job)
@@ -372,6 +373,12 @@ def main(argv: list[str] | None = None) -> int:
         type=lambda v: [int(x) for x in v.replace(",", " ").split()],
         metavar='"L0 L1 ..."',
         help="layers per stage (default: balanced by weight)",
+    )
+    p.add_argument(
+        "--pipeline-groups",
+        type=int,
+        metavar="G",
+        help="groups of GPU batches taking turns, so the stages work at once (default: one per stage)",
     )
     add_sampling_args(p)
     p.set_defaults(func=generate)

@@ -34,6 +34,7 @@ def generate(
     stages: int = 2,
     policy=None,
     layers=None,
+    groups: int | None = None,
     offload_dir=None,
     threads: int | None = None,
     timeout_s: float = 300.0,
@@ -45,10 +46,11 @@ def generate(
 
     ``model``: a :class:`flexlab.Model` (rebuilt in each process from its checkpoint or seed), a
     checkpoint directory or a preset name. ``policy``: one Policy, or one per stage. ``layers``:
-    how many layers each stage holds (default: balanced by weight). ``threads``: torch threads
-    per process. ``timeout_s``: the longest a stage waits for a neighbour's message.
+    how many layers each stage holds (default: balanced by weight). ``groups``: groups of GPU
+    batches that take turns (default: one per stage; see :func:`make_plan`). ``threads``: torch
+    threads per process. ``timeout_s``: the longest a stage waits for a neighbour's message.
     """
-    job = _job(model, stages, policy, layers, offload_dir, threads, "generate", prompts, options)
+    job = _job(model, stages, policy, layers, groups, offload_dir, threads, "generate", prompts, options)
     return run_local(job, timeout_s=timeout_s)
 
 
@@ -59,6 +61,7 @@ def score(
     stages: int = 2,
     policy=None,
     layers=None,
+    groups: int | None = None,
     offload_dir=None,
     threads: int | None = None,
     timeout_s: float = 300.0,
@@ -66,7 +69,16 @@ def score(
 ):
     """:meth:`flexlab.Engine.score` on a pipeline of ``stages`` local processes."""
     job = _job(
-        model, stages, policy, layers, offload_dir, threads, "score", sequences, {"teacher_forced": teacher_forced}
+        model,
+        stages,
+        policy,
+        layers,
+        groups,
+        offload_dir,
+        threads,
+        "score",
+        sequences,
+        {"teacher_forced": teacher_forced},
     )
     return run_local(job, timeout_s=timeout_s)
 
@@ -83,7 +95,7 @@ _GENERATE_DEFAULTS = dict(
 )
 
 
-def _job(model, stages, policy, layers, offload_dir, threads, task, inputs, options) -> PipelineJob:
+def _job(model, stages, policy, layers, groups, offload_dir, threads, task, inputs, options) -> PipelineJob:
     """The job, with everything checked here, before any process starts."""
     import torch
 
@@ -92,7 +104,7 @@ def _job(model, stages, policy, layers, offload_dir, threads, task, inputs, opti
 
     source = ModelSource.of(model)
     built = model if isinstance(model, Model) else source.load(torch.device("cpu"))  # lazy: reads no weights
-    plan = make_plan(built.config, stages, policy, layers)
+    plan = make_plan(built.config, stages, policy, layers, groups)
     if task == "generate":
         unknown = sorted(set(options) - set(_GENERATE_DEFAULTS))
         if unknown:

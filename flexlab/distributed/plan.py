@@ -27,20 +27,23 @@ class PipelineError(FlexlabError):
 
 @dataclass(frozen=True)
 class PipelinePlan:
-    """Per rank: its layers and its Policy."""
+    """Per rank: its layers and its Policy; and into how many groups of GPU batches, taking
+    turns, every rank splits a block (see :func:`~flexlab.engine.schedule.block_schedule`)."""
 
     layers: tuple[range, ...]
     policies: tuple[Policy, ...]
+    groups: int = 1
 
     @property
     def num_ranks(self) -> int:
         return len(self.layers)
 
     def describe(self) -> str:
-        return " | ".join(
+        ranks = " | ".join(
             f"rank {r}: layers {rs.start}-{rs.stop - 1} {p.describe()}"
             for r, (rs, p) in enumerate(zip(self.layers, self.policies))
         )
+        return f"{ranks} | {self.groups} group(s) of batches"
 
 
 def make_plan(
@@ -48,9 +51,13 @@ def make_plan(
     num_ranks: int,
     policy: Policy | list[Policy] | tuple[Policy, ...] | None = None,
     layers: list[int] | tuple[int, ...] | None = None,
+    groups: int | None = None,
 ) -> PipelinePlan:
     """The plan for ``num_ranks`` ranks; ``policy`` is one for all or one per rank, ``layers`` the
-    number of layers of each rank (default: balanced). Raises PipelineError on bad input."""
+    number of layers of each rank (default: balanced), ``groups`` the groups of GPU batches
+    (default: one per rank, so that every rank has one to work on, at most one per batch; 1
+    loads each rank's weights once per token, but the ranks then mostly take turns). Raises
+    PipelineError on bad input."""
     if not isinstance(num_ranks, int) or isinstance(num_ranks, bool) or num_ranks < 1:
         raise PipelineError(f"a pipeline needs 1 or more stages, got {num_ranks!r}")
     if num_ranks > config.num_layers:
@@ -76,7 +83,15 @@ def make_plan(
             "every stage runs the same GPU batches (they are the pipeline's micro-batches): give the "
             f"policies one gpu_batch_size and num_gpu_batches, not {sorted(batch_shapes)}"
         )
-    return PipelinePlan(tuple(ranges), tuple(policies))
+    batches = policies[0].num_gpu_batches
+    if groups is None:
+        groups = min(num_ranks, batches)
+    if not isinstance(groups, int) or isinstance(groups, bool) or not 1 <= groups <= batches:
+        raise PipelineError(
+            f"groups must be from 1 to num_gpu_batches ({batches}), got {groups!r}; raise num_gpu_batches "
+            "to give each group its own batches"
+        )
+    return PipelinePlan(tuple(ranges), tuple(policies), groups)
 
 
 def split_layers(config: ModelConfig, num_ranks: int) -> list[range]:

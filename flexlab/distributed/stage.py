@@ -108,7 +108,8 @@ def run_rank(job: PipelineJob, rank: int, world: int) -> GenerationResult | list
     wire = device if dist.get_backend() == "nccl" else torch.device("cpu")
     offload = None if job.offload_dir is None else Path(job.offload_dir) / f"rank{rank}"
     policy, layers = job.plan.policies[rank], job.plan.layers[rank]
-    with Engine(model, policy, offload_dir=offload, layers=layers, peers=Channel(rank, world, wire)) as engine:
+    peers = Channel(rank, world, wire)
+    with Engine(model, policy, offload_dir=offload, layers=layers, peers=peers, groups=job.plan.groups) as engine:
         dist.barrier()  # every rank has placed its weights: the clocks start together
         if job.task == "generate":
             out = engine.generate(job.inputs, **job.options)

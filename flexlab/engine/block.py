@@ -66,6 +66,7 @@ class BlockContext:
     subdir: Callable[[str], Path]  # a folder of the engine's offload directory
     check_space: Callable[[float, str], None]  # raises OffloadError if the disk lacks the bytes
     peers: Peers | None = None  # a pipeline rank's neighbours; ``stages`` are then its share
+    groups: int = 1  # groups of batches that take turns (see block_schedule)
 
 
 class BlockRun:
@@ -131,6 +132,7 @@ class BlockRun:
             act_moves=self.acts is not None,
             cache_ahead=self.cache.read_ahead if overlap else 0,
             peers=ctx.peers is not None,
+            groups=ctx.groups,
         )
         handlers = {
             "load_weight": self.load_weight,
@@ -232,11 +234,16 @@ class BlockRun:
         t, j, k = step.token, step.stage, step.batch
         ctx = self.ctx
         stage, f, cfg = self._stage[j], ctx.family, ctx.config
-        loaded = inputs[("load_weight", t, j, None)]
+        loaded = next(v for key, v in inputs.items() if key[0] == "load_weight")  # the group's load
         x = self.tokens[k] if t == 0 and "embed" in stage.parts else self._input(step, inputs)
         if x is None:  # the previous rank says the pipeline stops here
             self.stopped = True
             return {"h": None, "kv": None}
+        if "head" in stage.parts and self.head.finished():
+            # The last rank of a pipeline, still taking in what was computed before the others
+            # heard of the stop: the head must not run (a sampler would draw, and the next block
+            # draw differently from one process).
+            return {"next": None, "stop": True}
         if "embed" in stage.parts:
             w, ids = self._embedding_weights(step, loaded, x if t == 0 else x[:, None])
             h = f.embed(w, cfg, ids, self._positions(t, k))

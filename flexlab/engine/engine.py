@@ -56,11 +56,13 @@ class Engine:
         progress: bool = False,
         layers: range | None = None,
         peers: Peers | None = None,
+        groups: int = 1,
     ) -> None:
-        """``layers`` and ``peers`` make the engine one rank of a pipeline (see
+        """``layers``, ``peers`` and ``groups`` make the engine one rank of a pipeline (see
         :mod:`flexlab.distributed`, which builds them): it holds and runs only those layers (with
-        the embedding if they start at 0, the head if they end at the last), and hands hidden
-        states and next tokens to its neighbours through ``peers``."""
+        the embedding if they start at 0, the head if they end at the last), hands hidden states
+        and next tokens to its neighbours through ``peers``, and runs the block's batches in
+        ``groups`` that take turns, so that the ranks work on different groups at once."""
         policy = policy or Policy()
         if not isinstance(policy, Policy):
             raise PolicyError(f"policy must be a flexlab.Policy, got {type(policy).__name__}")
@@ -110,6 +112,7 @@ class Engine:
                 self.subdir,
                 self.check_space,
                 peers,
+                groups,
             )
         except BaseException:
             self.close()

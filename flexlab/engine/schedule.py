@@ -102,6 +102,7 @@ def block_schedule(
     act_moves: bool,
     cache_ahead: int | None = None,
     peers: bool = False,
+    groups: int = 1,
 ) -> Iterator[Step]:
     """Every step of one block, in issue order.
 
@@ -115,12 +116,22 @@ def block_schedule(
     step (the previous rank's hidden state; for the embedding after the prefill, the head's next
     tokens from the last rank) and the last stage's output leaves by a ``send`` step (the
     hidden state, or the head's next tokens for every token but the last).
+
+    ``groups`` > 1 splits the block's batches into that many groups of consecutive batches that
+    take turns: token t of group 0 runs every stage, then token t of group 1, and so on; each
+    group loads a stage's weights again (its weight steps' ``batch`` is the group). In a
+    pipeline that is what keeps every rank busy: while rank 1 computes group 0, rank 0 computes
+    group 1, and group 0's next tokens are back before rank 0 needs them.
     """
     cache_ahead = prefetch if cache_ahead is None else cache_ahead
     first, last = stages[0].index, stages[-1].index
     by_index = {s.index: s for s in stages}
-    stage_steps = [(t, s.index) for t in range(num_tokens) for s in stages]
-    units = [(t, j, k) for t, j in stage_steps for k in range(num_batches)]
+    members = split_batches(num_batches, groups)
+    # (token, stage, group): one load of a stage's weights, and the batches it serves
+    stage_steps = [(t, s.index, g) for t in range(num_tokens) for g in range(len(members)) for s in stages]
+    units = [(t, j, k) for t, j, g in stage_steps for k in members[g]]
+    unit_stage = [n for n, (_, _, g) in enumerate(stage_steps) for _ in members[g]]
+    weight_batch = (lambda g: None) if len(members) == 1 else (lambda g: g)
     issued: set[Key] = set()
 
     def loads(t: int, j: int, k: int, cache: bool = True, act: bool = True) -> list[Step]:
@@ -139,8 +150,12 @@ def block_schedule(
         return step
 
     for n, (t, j, k) in enumerate(units):
-        stage_index = n // num_batches
-        ahead = [Step("load_weight", tt, jj) for tt, jj in stage_steps[stage_index : stage_index + 1 + prefetch]]
+        stage_index = unit_stage[n]
+        g = stage_steps[stage_index][2]
+        ahead = [
+            Step("load_weight", tt, jj, weight_batch(gg))
+            for tt, jj, gg in stage_steps[stage_index : stage_index + 1 + prefetch]
+        ]
         ahead += [s for u in units[n : n + 1 + cache_ahead] for s in loads(*u, act=False)]
         ahead += [s for u in units[n : n + 1 + prefetch] for s in loads(*u, cache=False)]
         for step in ahead:
@@ -149,14 +164,14 @@ def block_schedule(
             if step.key not in issued and all(d in issued for d in step.deps):
                 yield emit(step)
 
-        needs = [("load_weight", t, j, None)] + [s.key for s in loads(t, j, k)]
+        needs = [("load_weight", t, j, weight_batch(g))] + [s.key for s in loads(t, j, k)]
         if not act_moves and j > first:
             needs.append(("compute", t, j - 1, k))  # the hidden state handed over in memory
         if j == 0 and t > 0 and not peers:
             needs.append(("compute", t - 1, last, k))  # the head's next tokens: this embedding's input
         releases = [key for key in needs if key[0] != "load_weight"]
-        if k == num_batches - 1:
-            releases.append(("load_weight", t, j, None))  # the block is done with this stage's weights
+        if k == members[g][-1]:
+            releases.append(("load_weight", t, j, weight_batch(g)))  # the group is done with this stage's weights
         # A compute's value (hidden state, new cache rows) is freed by the last step that reads
         # it: the next stage's compute, or the store or send of the activation; the head's (the
         # next tokens) by the next token's embedding or their send, or by itself after the last token.
@@ -172,3 +187,15 @@ def block_schedule(
             yield emit(Step("send", t, j, k, deps=(me,), releases=(me,)))
         elif act_moves and j < last:
             yield emit(Step("store_act", t, j, k, deps=(me,), releases=(me,)))
+
+
+def split_batches(num_batches: int, groups: int) -> list[range]:
+    """``num_batches`` batches in ``groups`` runs of consecutive ones, as even as they can be
+    (never more groups than batches)::
+
+        >>> split_batches(5, 2)
+        [range(0, 3), range(3, 5)]
+    """
+    groups = max(1, min(groups, num_batches))
+    bounds = [-(-i * num_batches // groups) for i in range(groups + 1)]
+    return [range(a, b) for a, b in zip(bounds, bounds[1:])]

@@ -110,7 +110,7 @@ def test_llama_gqa_two_stages_equal_transformers(tmp_path):
     model = flexlab.Model.from_pretrained(tmp_path / "llama", dtype=torch.float32)
     prompts = [[1, 17, 40, 99, 5], [1, 7], [1, 250, 31]]
     policy = Policy.from_percent([50, 50, 50, 50, 100, 0], gpu_batch_size=2, num_gpu_batches=2)
-    result = distributed.generate(model, prompts, stages=2, policy=policy, max_new_tokens=NEW)
+    result = distributed.generate(model, prompts, stages=2, policy=policy, groups=1, max_new_tokens=NEW)
     assert result.token_ids == hf_greedy(hf, prompts, NEW)
 
 
@@ -125,6 +125,7 @@ def test_llama_gqa_two_stages_equal_transformers(tmp_path):
         (dict(stages=2, policy=[Policy(gpu_batch_size=2), Policy(gpu_batch_size=4)]), "same GPU batches"),
         (dict(stages=2, max_new_tokens=0), "max_new_tokens"),
         (dict(stages=2, beams=4), "unknown options"),
+        (dict(stages=2, groups=3, policy=Policy(num_gpu_batches=2)), "groups must be from 1 to num_gpu_batches"),
     ],
 )
 def test_bad_input_is_refused_before_any_process_starts(tiny_dir, kw, message):

@@ -114,3 +114,98 @@ def test_each_token_is_embedded_from_the_heads_output_of_the_one_before(act_move
         assert (feedback in s.deps and feedback in s.releases) == (j == 0 and t > 0)
         if j == head:
             assert (s.key in s.releases) == (t == 2)  # only the last token's head frees itself
+
+
+# ---- pipelines: a rank's share of the stages, hand-offs, groups of batches --------------------
+def rank_schedules(counts, tokens=3, batches=4, groups=1, act_moves=False):
+    """Each rank's schedule for layer counts ``counts`` (one process with ``[n]``)."""
+    from flexlab.engine.schedule import share_of
+
+    n = sum(counts)
+    stages, start, out = make_stages(n, sep_layer=False), 0, []
+    for c in counts:
+        share = share_of(stages, range(start, start + c), n)
+        peers = len(counts) > 1
+        out.append(
+            list(block_schedule(tokens, share, batches, prefetch=1, act_moves=act_moves, peers=peers, groups=groups))
+        )
+        start += c
+    return out
+
+
+def run_ring(schedules):
+    """Run every rank's steps in order as the executor does: a recv is posted and the rank goes
+    on; a compute waits until the messages it reads have come; messages between two ranks match
+    posted recvs in order. Returns (rank, recv, the send it got); fails on a deadlock."""
+    from collections import deque
+
+    inbox = [deque() for _ in schedules]  # sends not yet matched
+    posted = [deque() for _ in schedules]  # recvs not yet matched
+    done: list[dict] = [{} for _ in schedules]  # recv key -> the send it got
+    pos, got = [0] * len(schedules), []
+
+    def match(r):
+        while inbox[r] and posted[r]:
+            recv, sent = posted[r].popleft(), inbox[r].popleft()
+            done[r][recv.key] = sent
+            got.append((r, recv, sent))
+
+    moved = True
+    while moved:
+        moved = False
+        for r, steps in enumerate(schedules):
+            while pos[r] < len(steps):
+                s = steps[pos[r]]
+                if s.kind == "compute" and any(d[0] == "recv" and d not in done[r] for d in s.deps):
+                    break
+                if s.kind == "recv":
+                    posted[r].append(s)
+                elif s.kind == "send":
+                    inbox[(r + 1) % len(schedules)].append(s)
+                    match((r + 1) % len(schedules))
+                match(r)
+                pos[r] += 1
+                moved = True
+    assert pos == [len(s) for s in schedules], f"deadlock at {pos}"
+    assert not any(inbox) and not any(posted), "a message nobody received"
+    return got
+
+
+@pytest.mark.parametrize("counts", [[1, 1], [1, 2, 1], [3, 1]])
+@pytest.mark.parametrize("groups", [1, 2, 3])
+def test_ranks_hand_each_batch_to_the_next_and_tokens_back_in_order(counts, groups):
+    schedules = rank_schedules(counts, groups=groups)
+    for steps in schedules:
+        seen = set()
+        for s in steps:
+            assert all(d in seen for d in s.deps), f"{s} before its dependency"
+            seen.add(s.key)
+    for r, recv, sent in run_ring(schedules):
+        assert recv.batch == sent.batch
+        # a hidden state of the same token, or the head's next tokens for the token after
+        assert recv.token == sent.token + (1 if r == 0 else 0)
+    n_stage = sum(counts) + 2
+    heads = [s for s in schedules[-1] if s.kind == "send"]
+    assert len(heads) == 2 * 4 and all(s.stage == n_stage - 1 for s in heads)  # tokens 0 and 1 of 4 batches
+
+
+@pytest.mark.parametrize("groups", [1, 2])
+def test_one_process_has_no_hand_offs_and_the_same_computes_with_groups(groups):
+    (steps,) = rank_schedules([2], groups=groups)
+    assert not [s for s in steps if s.kind in ("recv", "send")]
+    computes = [(s.token, s.stage, s.batch) for s in steps if s.kind == "compute"]
+    assert sorted(computes) == sorted((t, j, k) for t in range(3) for j in range(4) for k in range(4))
+
+
+def test_groups_take_turns_and_each_loads_a_stages_weights_once_per_token():
+    (steps,) = rank_schedules([2], batches=5, groups=2)  # groups: batches 0-2 and 3-4
+    computes = [(s.token, s.stage, s.batch) for s in steps if s.kind == "compute"]
+    first = [(0, j, k) for j in range(4) for k in range(3)] + [(0, j, k) for j in range(4) for k in (3, 4)]
+    assert computes[: len(first)] == first
+    loads = [(s.token, s.stage, s.batch) for s in steps if s.kind == "load_weight"]
+    assert len(loads) == len(set(loads)) == 3 * 4 * 2  # tokens x stages x groups
+    for s in steps:
+        if s.kind == "compute":
+            weight = [d for d in s.deps if d[0] == "load_weight"]
+            assert weight == [("load_weight", s.token, s.stage, 0 if s.batch < 3 else 1)]
+            assert (weight[0] in s.releases) == (s.batch in (2, 4))  # after the group's last batch
