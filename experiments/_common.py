@@ -26,6 +26,14 @@ def parse_config(config_cls, doc: str | None):
     return config_cls(**vars(parser.parse_args()))
 
 
+def cpu_dtype(name: str) -> torch.dtype:
+    """The dtype a ``dtype`` field names; ``"auto"``: the CPU's fast one (bfloat16 where it has
+    native kernels, else float32: emulated bfloat16 is ~100x slower, see flexlab.devices)."""
+    from flexlab.devices import default_dtype
+
+    return default_dtype(torch.device("cpu")) if name == "auto" else getattr(torch, name)
+
+
 def write_results(df: pd.DataFrame, cfg, stem: str, **meta) -> Path:
     """``<out_dir>/<stem>.csv`` (the table) and ``<stem>.json`` (config, machine, date, extras)."""
     out = Path(cfg.out_dir)

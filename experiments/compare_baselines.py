@@ -42,13 +42,13 @@ from pathlib import Path
 
 import pandas as pd
 
-from _common import cgroup_for, dd_direct_bandwidth, drop_page_cache, parse_config, write_results
+from _common import cgroup_for, cpu_dtype, dd_direct_bandwidth, drop_page_cache, parse_config, write_results
 
 
 @dataclass
 class Config:
     preset: str = "opt-1.3b"
-    dtype: str = "bfloat16"
+    dtype: str = "auto"  # on a CPU: bfloat16 where it is native, else float32
     prompt_len: int = 32
     gen_len: int = 32
     memory_limit_gb: float = 2.0
@@ -274,6 +274,7 @@ def main(cfg: Config) -> pd.DataFrame:
     from flexlab.cost import calibrate, get_hardware
     from flexlab.errors import FlexlabError
 
+    cfg.dtype = str(cpu_dtype(cfg.dtype)).removeprefix("torch.")  # named once: the jobs and the results say it
     if cfg.quick:
         cfg.preset, cfg.prompt_len, cfg.gen_len, cfg.transformers_batch = "opt-tiny", 8, 4, 4
         cfg.accelerate_batches, cfg.memory_limit_gb = "4", 0.0

@@ -25,7 +25,7 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from _common import dd_direct_bandwidth, parse_config, write_results
+from _common import cpu_dtype, dd_direct_bandwidth, parse_config, write_results
 
 
 @dataclass
@@ -35,7 +35,7 @@ class Config:
     num_gpu_batches: int = 4
     prompt_len: int = 16
     gen_len: int = 4  # tokens 1..gen_len-1 are decode steps
-    dtype: str = "bfloat16"  # fast on CPUs; float16 on a GPU
+    dtype: str = "auto"  # on a CPU: bfloat16 where it is native, else float32; float16 on a GPU
     offload_dir: str = ""  # default: a temporary directory on the same disk as /tmp
     dd_mb: int = 1024  # size of the file dd reads
     rounds: int = 3  # overlapped runs, each between two dd probes (the overlap-off run: once)
@@ -59,7 +59,7 @@ def main(cfg: Config) -> pd.DataFrame:
     import flexlab
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = getattr(torch, cfg.dtype) if device.type == "cpu" else torch.float16
+    dtype = cpu_dtype(cfg.dtype) if device.type == "cpu" else torch.float16
     model = flexlab.Model.from_config(cfg.preset, seed=0, dtype=dtype, device=device)
     base = Path(cfg.offload_dir or tempfile.gettempdir())
     prompts = [[2] + list(range(10, 10 + cfg.prompt_len - 1))] * (cfg.gpu_batch_size * cfg.num_gpu_batches)

@@ -5,7 +5,7 @@ The "no offloading" baseline: flexlab's reference path (everything on the comput
 that machine noise hits both. Prints a table and writes CSV + JSON metadata under
 ``experiments/results/``.
 
-    python experiments/reference_throughput.py                 # CPU: opt-125m in bfloat16
+    python experiments/reference_throughput.py                 # CPU: opt-125m in the CPU's fast dtype
     python experiments/reference_throughput.py --preset opt-1.3b --batch 16   # e.g. on a GPU
 """
 
@@ -27,7 +27,7 @@ class Config:
     prompt_len: int = 128
     gen_len: int = 32
     repeats: int = 3
-    dtype: str = "auto"  # float16 on CUDA, bfloat16 on CPU
+    dtype: str = "auto"  # float16 on CUDA; on a CPU bfloat16 where it is native, else float32
     out_dir: str = "experiments/results"
 
 

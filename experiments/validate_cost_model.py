@@ -12,7 +12,7 @@ each policy runs; the other rates come from the one calibration. Each policy is 
 minute of the disk does not decide a row; the CSV keeps the slowest and fastest run. Writes CSV
 + JSON (with the hardware profile) and a predicted-vs-measured plot to experiments/results/.
 
-    python experiments/validate_cost_model.py                    # opt-125m, bfloat16, CPU: ~2 min
+    python experiments/validate_cost_model.py                    # opt-125m, the CPU's fast dtype: ~2 min
     python experiments/validate_cost_model.py --preset opt-1.3b --prompt-len 512 --gen-len 32 \\
         --gpu-batch-size 32 --num-gpu-batches 4                  # a GPU
 """
@@ -29,7 +29,7 @@ import torch
 
 from flexlab.models.registry import weight_bytes
 
-from _common import parse_config, policy_from, write_results
+from _common import cpu_dtype, parse_config, policy_from, write_results
 
 Q4 = dict(bits=4, group_size=64)
 # name -> FlexGen's six shares, plus other Policy fields
@@ -53,7 +53,7 @@ POLICIES = {
 @dataclass
 class Config:
     preset: str = "opt-125m"
-    dtype: str = "bfloat16"  # float16 on a GPU
+    dtype: str = "auto"  # on a CPU: bfloat16 where it is native, else float32; float16 on a GPU
     prompt_len: int = 64
     gen_len: int = 8
     gpu_batch_size: int = 8
@@ -72,7 +72,7 @@ def main(cfg: Config) -> pd.DataFrame:
     from flexlab.viz import plot_predicted_vs_measured
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = getattr(torch, cfg.dtype) if device.type == "cpu" else torch.float16
+    dtype = cpu_dtype(cfg.dtype) if device.type == "cpu" else torch.float16
     hw = get_hardware(cfg.hardware) if cfg.hardware else calibrate(device=device, dtype=dtype, quick=cfg.smoke)
     model = flexlab.Model.from_config(cfg.preset, seed=0, dtype=dtype, device=device)
     n = cfg.gpu_batch_size * cfg.num_gpu_batches

@@ -31,6 +31,8 @@ RUNS = {
     ],
     "ablate_compression": ["--model", "opt-tiny", "--smoke", "true", "--gpu-batch-size", "2"],
     "compare_baselines": ["--quick", "true"],
+    "pipeline_scaling": ["--preset", "opt-tiny", "--rounds", "1", "--prompt-len", "8", "--gen-len", "3"]
+    + ["--gpu-batch-size", "2", "--num-gpu-batches", "2", "--dd-mb", "16"],
     "validate_cost_model": [
         "--preset",
         "opt-tiny",
@@ -51,6 +53,8 @@ def test_experiment_runs_and_writes_results(script, tmp_path):
     args = [sys.executable, str(ROOT / "experiments" / f"{script}.py"), "--out-dir", str(tmp_path), *RUNS[script]]
     if script == "disk_offload_decode":
         args += ["--offload-dir", str(tmp_path)]
+    if script == "pipeline_scaling":
+        args += ["--work-dir", str(tmp_path)]
     done = subprocess.run(args, capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert done.returncode == 0, done.stderr[-2000:]
     csv = next(tmp_path.glob(f"{script}_*.csv"))

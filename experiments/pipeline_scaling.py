@@ -1,0 +1,153 @@
+"""Pipeline scaling on one machine: one process with every core against N stages with a core each.
+
+On an OPT-1.3B-shaped model with its weights on disk (a float16 safetensors checkpoint read in
+place with O_DIRECT, so the page cache cannot make the disk look fast), the same block runs
+
+* in one process with ``threads`` torch threads, and
+* on a pipeline of ``stages`` processes with ``threads / stages`` threads each, with the batches
+  in one group (each rank reads its weights once per token; the ranks mostly take turns) and in
+  ``stages`` groups (the ranks work at once; each reads its weights once per group),
+
+side by side in one run, ``rounds`` times each (median). Reported per row: throughput and its
+ratio to one process, the bubble (the share of the run each rank's compute lane stood idle, mean
+over ranks), the bytes read from disk per decode token and the bound they set at the bandwidth
+``dd iflag=direct`` measures on the same disk, and the compute time. The cost model does not
+predict pipelines yet: no prediction column (see the README's status table).
+
+    python experiments/pipeline_scaling.py                # ~4 min on 2 CPU cores
+"""
+
+from __future__ import annotations
+
+import statistics
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+
+from _common import dd_direct_bandwidth, parse_config, write_results
+
+
+@dataclass
+class Config:
+    preset: str = "opt-1.3b"
+    stages: int = 2
+    threads: int = 2  # the machine's cores: one process gets them all, each stage its share
+    percent: str = "0 0 100 0 100 0"  # FlexGen's six shares: weights on disk, cache and activations in memory
+    gpu_batch_size: int = 8
+    num_gpu_batches: int = 4
+    prompt_len: int = 32
+    gen_len: int = 4
+    rounds: int = 2
+    dd_mb: int = 512
+    work_dir: str = ""  # the checkpoint and offload files (default: the temp directory's disk)
+    out_dir: str = "experiments/results"
+
+
+def run_row(cfg: Config, model, policy, prompts, stages: int, groups: int, offload: Path) -> dict:
+    import torch
+
+    import flexlab
+    from flexlab import distributed
+
+    kw = dict(max_new_tokens=cfg.gen_len, stop_token_ids=None)
+    start = time.perf_counter()
+    if stages == 1:
+        torch.set_num_threads(cfg.threads)
+        with flexlab.Engine(model, policy, offload_dir=offload) as engine:
+            result = engine.generate(prompts, **kw)
+    else:
+        result = distributed.generate(
+            model,
+            prompts,
+            stages=stages,
+            policy=policy,
+            groups=groups,
+            threads=max(1, cfg.threads // stages),
+            offload_dir=offload,
+            **kw,
+        )
+    wall = time.perf_counter() - start
+    tl = result.timeline
+    df = tl.to_pandas()
+    decode = df[df.token >= 1]
+    idle = []
+    for rank in tl.ranks:
+        mine = df[(df["rank"] == rank) & (df.lane == "compute")]
+        span = df.end.max() - df.start.min()
+        idle.append(1 - mine.duration.sum() / span)
+    tokens = max(1, cfg.gen_len - 1)
+    return {
+        "stages": stages,
+        "groups": groups,
+        "threads_each": cfg.threads if stages == 1 else max(1, cfg.threads // stages),
+        "throughput_tok_s": result.metrics["throughput_tok_s"],
+        "total_s": result.metrics["total_s"],
+        "wall_with_start_s": wall,
+        "bubble": statistics.mean(idle),
+        "compute_s": df[df.lane == "compute"].duration.sum(),
+        "disk_GB_per_token": decode[decode.kind == "load_weight"].bytes.sum() / tokens / 1e9,
+    }
+
+
+def main(cfg: Config) -> pd.DataFrame:
+    import torch
+
+    import flexlab
+    from flexlab.files import owned_dir, remove
+    from flexlab.models.convert import save_checkpoint
+
+    base = Path(cfg.work_dir or tempfile.gettempdir())
+    scratch = owned_dir(base, "flexlab-pipeline-bench-")
+    try:
+        checkpoint = scratch / "checkpoint"
+        print(f"writing a random {cfg.preset} checkpoint (float16) to {checkpoint} ...", flush=True)
+        save_checkpoint(flexlab.Model.from_config(cfg.preset, seed=0), checkpoint, dtype=torch.float16)
+        model = flexlab.Model.from_pretrained(checkpoint)  # computes in the CPU's fast dtype
+        policy = flexlab.Policy.from_percent(
+            [float(x) for x in cfg.percent.split()],
+            gpu_batch_size=cfg.gpu_batch_size,
+            num_gpu_batches=cfg.num_gpu_batches,
+        )
+        prompts = [[2] + list(range(10, 10 + cfg.prompt_len - 1))] * policy.block_size
+        plans = [(1, 1), (cfg.stages, 1), (cfg.stages, cfg.stages)]
+        rows = []
+        for r in range(cfg.rounds):
+            for stages, groups in plans:  # interleaved, so a slow minute of the shared disk hits all rows
+                dd_before = dd_direct_bandwidth(scratch, cfg.dd_mb)
+                row = run_row(cfg, model, policy, prompts, stages, groups, scratch)
+                row.update(round=r + 1, dd_GB_s=(dd_before + dd_direct_bandwidth(scratch, cfg.dd_mb)) / 2)
+                rows.append(row)
+                print(
+                    f"  round {r + 1}: {stages} stage(s), {groups} group(s): {row['throughput_tok_s']:.2f} tok/s",
+                    flush=True,
+                )
+    finally:
+        remove(scratch)
+    df = pd.DataFrame(rows)
+    df["disk_bound_tok_s"] = policy.block_size / (df.disk_GB_per_token / df.dd_GB_s)
+    table = df.groupby(["stages", "groups", "threads_each"], sort=False).median(numeric_only=True).reset_index()
+    one = table.throughput_tok_s[(table.stages == 1)].iloc[0]
+    table["vs_one_process"] = table.throughput_tok_s / one
+    cols = ["stages", "groups", "threads_each", "throughput_tok_s", "vs_one_process", "bubble", "compute_s"]
+    cols += ["disk_GB_per_token", "dd_GB_s", "disk_bound_tok_s"]
+    print(
+        f"\n{cfg.preset}, weights on disk (float16 checkpoint, O_DIRECT), compute {model.dtype}, batch "
+        f"{cfg.gpu_batch_size}x{cfg.num_gpu_batches}, prompt {cfg.prompt_len}, {cfg.gen_len} new tokens; "
+        f"median of {cfg.rounds} rounds"
+    )
+    print(table[cols].to_string(index=False, float_format=lambda x: f"{x:.3f}"))
+    write_results(
+        df,
+        cfg,
+        f"pipeline_scaling_{cfg.preset}_{cfg.stages}stages",
+        dtype=str(model.dtype),
+        table=table.to_dict("records"),
+    )
+    return table
+
+
+if __name__ == "__main__":
+    main(parse_config(Config, __doc__))
