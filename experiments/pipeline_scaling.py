@@ -11,8 +11,10 @@ place with O_DIRECT, so the page cache cannot make the disk look fast), the same
 side by side in one run, ``rounds`` times each (median). Reported per row: throughput and its
 ratio to one process, the bubble (the share of the run each rank's compute lane stood idle, mean
 over ranks), the bytes read from disk per decode token and the bound they set at the bandwidth
-``dd iflag=direct`` measures on the same disk, and the compute time. The cost model does not
-predict pipelines yet: no prediction column (see the README's status table).
+``dd iflag=direct`` measures on the same disk, and the compute time; beside each, the cost
+model's prediction (``CostModel`` for one process, ``predict_pipeline`` for the stages) from
+``calibrate()`` run here with each row's threads. The model gives every rank the whole disk's
+bandwidth: where the ranks read at once, it is optimistic.
 
     python experiments/pipeline_scaling.py                # ~4 min on 2 CPU cores
 """
@@ -73,11 +75,6 @@ def run_row(cfg: Config, model, policy, prompts, stages: int, groups: int, offlo
     tl = result.timeline
     df = tl.to_pandas()
     decode = df[df.token >= 1]
-    idle = []
-    for rank in tl.ranks:
-        mine = df[(df["rank"] == rank) & (df.lane == "compute")]
-        span = df.end.max() - df.start.min()
-        idle.append(1 - mine.duration.sum() / span)
     tokens = max(1, cfg.gen_len - 1)
     return {
         "stages": stages,
@@ -86,10 +83,46 @@ def run_row(cfg: Config, model, policy, prompts, stages: int, groups: int, offlo
         "throughput_tok_s": result.metrics["throughput_tok_s"],
         "total_s": result.metrics["total_s"],
         "wall_with_start_s": wall,
-        "bubble": statistics.mean(idle),
+        "bubble": 1 - statistics.mean(busy_fraction(df, r) for r in tl.ranks),
         "compute_s": df[df.lane == "compute"].duration.sum(),
         "disk_GB_per_token": decode[decode.kind == "load_weight"].bytes.sum() / tokens / 1e9,
     }
+
+
+def predictions(cfg: Config, model, policy, scratch: Path) -> dict[tuple[int, int], dict]:
+    """Per (stages, groups): the predicted throughput and bubble, on profiles measured here."""
+    import torch
+
+    from flexlab.cost import CostModel, calibrate, predict_pipeline
+    from flexlab.engine.pipeline import make_plan
+
+    kw = dict(prompt_len=cfg.prompt_len, gen_len=cfg.gen_len, itemsize=model.dtype.itemsize)
+    out, before = {}, torch.get_num_threads()
+    try:
+        torch.set_num_threads(cfg.threads)
+        whole = calibrate(dtype=model.dtype, quick=True, offload_dir=scratch)
+        torch.set_num_threads(max(1, cfg.threads // cfg.stages))
+        share = calibrate(dtype=model.dtype, quick=True, offload_dir=scratch)
+    finally:
+        torch.set_num_threads(before)
+    one = CostModel(model.config, policy, whole, **kw).predict()
+    out[(1, 1)] = {"predicted_tok_s": one.throughput_tok_s, "predicted_bubble": float("nan")}
+    for groups in (1, cfg.stages):
+        plan = make_plan(model.config, cfg.stages, policy, groups=groups)
+        p = predict_pipeline(model.config, plan, share, **kw)
+        out[(cfg.stages, groups)] = {"predicted_tok_s": p.throughput_tok_s, "predicted_bubble": p.bubble}
+    return out
+
+
+def busy_fraction(df: pd.DataFrame, rank: int) -> float:
+    """Share of the run a rank had compute or its own I/O going (waits for its neighbours excluded)."""
+    mine = df[(df["rank"] == rank) & ~df.lane.isin(["recv", "send"])].sort_values("start")
+    busy, end = 0.0, float("-inf")
+    for a, b in zip(mine.start, mine.end):
+        if b > end:
+            busy += b - max(a, end)
+            end = b
+    return busy / (df.end.max() - df.start.min())
 
 
 def main(cfg: Config) -> pd.DataFrame:
@@ -113,12 +146,14 @@ def main(cfg: Config) -> pd.DataFrame:
         )
         prompts = [[2] + list(range(10, 10 + cfg.prompt_len - 1))] * policy.block_size
         plans = [(1, 1), (cfg.stages, 1), (cfg.stages, cfg.stages)]
+        predicted = predictions(cfg, model, policy, scratch)
         rows = []
         for r in range(cfg.rounds):
             for stages, groups in plans:  # interleaved, so a slow minute of the shared disk hits all rows
                 dd_before = dd_direct_bandwidth(scratch, cfg.dd_mb)
                 row = run_row(cfg, model, policy, prompts, stages, groups, scratch)
                 row.update(round=r + 1, dd_GB_s=(dd_before + dd_direct_bandwidth(scratch, cfg.dd_mb)) / 2)
+                row.update(predicted[(stages, groups)])
                 rows.append(row)
                 print(
                     f"  round {r + 1}: {stages} stage(s), {groups} group(s): {row['throughput_tok_s']:.2f} tok/s",
@@ -131,7 +166,8 @@ def main(cfg: Config) -> pd.DataFrame:
     table = df.groupby(["stages", "groups", "threads_each"], sort=False).median(numeric_only=True).reset_index()
     one = table.throughput_tok_s[(table.stages == 1)].iloc[0]
     table["vs_one_process"] = table.throughput_tok_s / one
-    cols = ["stages", "groups", "threads_each", "throughput_tok_s", "vs_one_process", "bubble", "compute_s"]
+    cols = ["stages", "groups", "threads_each", "throughput_tok_s", "predicted_tok_s", "vs_one_process", "bubble"]
+    cols += ["predicted_bubble", "compute_s"]
     cols += ["disk_GB_per_token", "dd_GB_s", "disk_bound_tok_s"]
     print(
         f"\n{cfg.preset}, weights on disk (float16 checkpoint, O_DIRECT), compute {model.dtype}, batch "

@@ -3,6 +3,7 @@
 from flexlab.cost.calibrate import calibrate, refresh
 from flexlab.cost.hardware import PRESETS, HardwareProfile, get_hardware
 from flexlab.cost.model import CostModel, Prediction
+from flexlab.cost.pipeline import PipelinePrediction, predict_pipeline
 from flexlab.cost.search import SearchResult, fits, search_policy
 
 __all__ = [
@@ -11,6 +12,8 @@ __all__ = [
     "PRESETS",
     "CostModel",
     "Prediction",
+    "PipelinePrediction",
+    "predict_pipeline",
     "calibrate",
     "refresh",
     "search_policy",

@@ -41,7 +41,7 @@ from flexlab.engine.placement import (
     split_by_share,
 )
 from flexlab.engine.policy import Policy
-from flexlab.engine.schedule import make_stages
+from flexlab.engine.schedule import make_stages, share_of
 from flexlab.errors import FlexlabError
 from flexlab.models.config import ModelConfig
 from flexlab.models.registry import get_family
@@ -82,7 +82,9 @@ class CostModel:
     """Time, bytes and memory of ``policy`` for ``config`` on ``hw``; see the module docstring.
 
     ``num_prompts`` defaults to one block (``policy.block_size``); prompts all have ``prompt_len``
-    tokens; ``itemsize`` is the compute dtype's (2: float16/bfloat16).
+    tokens; ``itemsize`` is the compute dtype's (2: float16/bfloat16). ``layers``: only those
+    layers (a pipeline rank's share, with the embedding if they start at 0 and the head if they
+    end at the last; see :mod:`flexlab.cost.pipeline`).
     """
 
     def __init__(
@@ -95,6 +97,7 @@ class CostModel:
         gen_len: int,
         itemsize: int = 2,
         num_prompts: int | None = None,
+        layers: range | None = None,
     ) -> None:
         if not isinstance(prompt_len, int) or not isinstance(gen_len, int) or prompt_len < 1 or gen_len < 1:
             raise FlexlabError(f"prompt_len={prompt_len!r} and gen_len={gen_len!r} must be ints >= 1")
@@ -108,6 +111,10 @@ class CostModel:
         self.num_prompts = num_prompts or policy.block_size
         family = get_family(config.family)
         self.stages = make_stages(config.num_layers, policy.sep_layer)
+        self.num_layers = config.num_layers
+        if layers is not None:
+            self.stages = share_of(self.stages, layers, config.num_layers)
+            self.num_layers = len(layers)
         placement = place_weights(family.weight_specs(config), self.stages, policy.w_gpu_percent, policy.w_cpu_percent)
         cw = policy.compress_weight
         self._stage = []
@@ -305,10 +312,10 @@ class CostModel:
         n = min(self.num_prompts, p.block_size)
         tiers = split_by_share([1] * n, p.cache_gpu_percent, p.cache_cpu_percent)
         for codec in self.codecs.values():
-            per_seq = cfg.num_layers * -(-capacity // codec.chunk) * codec.row_bytes
+            per_seq = self.num_layers * -(-capacity // codec.chunk) * codec.row_bytes
             for t in TIERS:
                 out[t] += tiers.count(t) * per_seq
-            out["gpu"] += cfg.num_layers * n * codec.max_tail * cfg.kv_dim * self.itemsize
+            out["gpu"] += self.num_layers * n * codec.max_tail * cfg.kv_dim * self.itemsize
         most = max((tiers[i : i + p.gpu_batch_size].count("disk") for i in range(0, n, p.gpu_batch_size)), default=0)
         row = max(-(-capacity // c.chunk) * c.row_bytes for c in self.codecs.values())
         _, count, size = cache_read_buffers(not hw.has_link, most, row)

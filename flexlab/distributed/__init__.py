@@ -1,7 +1,7 @@
 """Pipeline parallelism across processes and machines, on ``torch.distributed``.
 
 A pipeline of N stages (ranks) splits the model's layers into N contiguous runs (see
-:mod:`~flexlab.distributed.plan`); each rank runs the usual block schedule over its own layers,
+:mod:`~flexlab.engine.pipeline`); each rank runs the usual block schedule over its own layers,
 with its own Policy, tiers and offload directory, and hands hidden states to the next rank and
 the head's next tokens back to the first (see :mod:`~flexlab.distributed.channel`). Tokens and
 log-probabilities are the one-process engine's, exactly.
@@ -21,8 +21,8 @@ several machines) runs one rank in each process torchrun starts.
 from __future__ import annotations
 
 from flexlab.distributed.launch import run_local
-from flexlab.distributed.plan import PipelineError, PipelinePlan, make_plan, split_layers
 from flexlab.distributed.stage import ModelSource, PipelineJob
+from flexlab.engine.pipeline import PipelineError, PipelinePlan, make_plan, split_layers
 
 __all__ = ["PipelineError", "PipelinePlan", "generate", "make_plan", "score", "split_layers"]
 

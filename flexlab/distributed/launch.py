@@ -25,8 +25,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from flexlab.distributed.plan import PipelineError
 from flexlab.distributed.stage import PipelineJob, rank_device, run_rank
+from flexlab.engine.pipeline import PipelineError
 from flexlab.files import owned_dir, remove, sweep_stale
 
 SCRATCH_PREFIX = "flexlab-pipeline-"

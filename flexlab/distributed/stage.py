@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 
 from flexlab.distributed.channel import Channel
-from flexlab.distributed.plan import PipelinePlan
+from flexlab.engine.pipeline import PipelinePlan
 from flexlab.models.config import ModelConfig, get_preset
 from flexlab.models.generation import GenerationResult
 from flexlab.timeline import Timeline

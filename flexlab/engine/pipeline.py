@@ -97,37 +97,49 @@ def make_plan(
 def split_layers(config: ModelConfig, num_ranks: int) -> list[range]:
     """Contiguous runs of layers whose weights (with the embedding on the first, the head on the
     last) are as even as they can be: the largest rank's share is the smallest possible."""
-    specs = get_family(config.family).weight_specs(config)
-    per_layer = sum(s.numel for s in specs if s.layer == 0)
-    embed = sum(s.numel for s in part_weights(specs, "embed"))
-    head = sum(s.numel for s in part_weights(specs, "head"))
+    embed, per_layer, head = _weight_parts(config)
     n = config.num_layers
 
-    def ranks_needed(limit: float) -> list[int] | None:
-        """Greedy: fill each rank up to ``limit``; the counts, or None if N ranks cannot."""
+    def fill(limit: float) -> list[int] | None:
+        """Each rank filled with layers up to ``limit`` in turn (which leaves the least to the last
+        rank); the counts, or None if N ranks cannot hold the model within it."""
         counts, left = [], n
         for r in range(num_ranks):
-            load = embed if r == 0 else 0
-            take = 0
+            load, take = embed if r == 0 else 0, 0
             while take < left - (num_ranks - r - 1) and load + per_layer <= limit:
                 take, load = take + 1, load + per_layer
-            if r == num_ranks - 1:
-                if take < left or load + head > limit:
-                    return None
-            if take == 0:
+            if take == 0 or (r == num_ranks - 1 and (take < left or load + head > limit)):
                 return None
             counts.append(take)
             left -= take
         return counts
 
+    # the largest share is some run of layers' weights: try them from the smallest up
     candidates = sorted(
         {embed * (a == 0) + head * (b == n) + per_layer * (b - a) for a in range(n) for b in range(a + 1, n + 1)}
     )
-    for limit in candidates:  # the smallest largest share that works
-        counts = ranks_needed(limit)
+    for limit in candidates:
+        counts = fill(limit)
         if counts is not None:
             return _ranges(counts)
     raise AssertionError("one layer per rank always fits the largest candidate")
+
+
+def _weight_parts(config: ModelConfig) -> tuple[int, int, int]:
+    """Elements of the weights the embedding, one layer, and the head read (a tied table in both)."""
+    specs = get_family(config.family).weight_specs(config)
+    per_layer = sum(s.numel for s in specs if s.layer == 0)
+    return (
+        sum(s.numel for s in part_weights(specs, "embed")),
+        per_layer,
+        sum(s.numel for s in part_weights(specs, "head")),
+    )
+
+
+def _shares(config: ModelConfig, counts: list[int]) -> list[int]:
+    """Each rank's weight elements, for ``counts`` layers per rank."""
+    embed, per_layer, head = _weight_parts(config)
+    return [embed * (r == 0) + head * (r == len(counts) - 1) + per_layer * c for r, c in enumerate(counts)]
 
 
 def _ranges(counts: list[int]) -> list[range]:

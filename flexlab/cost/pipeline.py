@@ -1,0 +1,121 @@
+"""Predicting a pipeline: each rank's time from the cost model over its share, then the ring.
+
+A rank runs its layers for each of the G groups of the block's batches in turn (see
+:func:`~flexlab.engine.schedule.block_schedule`). With ``t_r`` the seconds rank r is busy with one
+group's token (the cost model over its share and that group's batches: every group loads the
+rank's weights again) and ``m_r`` the hand-off of the group's hidden states (or, from the last
+rank, its next tokens) to the next rank, which runs on a lane beside the compute, the steady
+period of a token is
+
+    period = max(max_r G * t_r, sum_r (t_r + m_r))
+
+the busiest rank has G groups to do; and a group must go round the ring before its next token can
+start. G = 1 makes the ranks take turns (the period is the sum); G = N keeps balanced ranks busy
+at once (the period is N * t). The prefill adds the fill: its last group leaves the last rank
+after ``sum_r (t_r + m_r) + (G - 1) * max_r t_r``. The bubble is the share of the ranks' time
+left idle.
+
+    >>> from flexlab import Policy, get_preset
+    >>> from flexlab.cost import get_hardware
+    >>> from flexlab.engine.pipeline import make_plan
+    >>> cfg, policy = get_preset("opt-6.7b"), Policy(gpu_batch_size=8, num_gpu_batches=4)  # each share on its GPU
+    >>> turns, busy = (predict_pipeline(cfg, make_plan(cfg, 4, policy, groups=g), get_hardware("colab-t4"),
+    ...                                 prompt_len=512, gen_len=32) for g in (1, 4))
+    >>> busy.throughput_tok_s > 2 * turns.throughput_tok_s   # four groups keep four T4s busy at once
+    True
+    >>> round(turns.bubble, 2), round(busy.bubble, 2)         # taking turns, each GPU idles 3/4 of the time
+    (0.75, 0.32)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from flexlab.cost.hardware import HardwareProfile
+from flexlab.cost.model import CostModel
+from flexlab.engine.pipeline import PipelinePlan
+from flexlab.engine.schedule import split_batches
+from flexlab.models.config import ModelConfig
+
+LOOPBACK_BW = 2e9  # bytes/s of a gloo message between processes of one machine (TCP over loopback)
+
+
+@dataclass
+class PipelinePrediction:
+    """What the cost model predicts for one block on a pipeline; ``ranks``: per rank, its layers,
+    seconds per group token (prefill, decode), hand-off seconds and peak bytes per tier."""
+
+    prefill_s: float
+    decode_s: float
+    throughput_tok_s: float
+    bubble: float
+    ranks: list[dict] = field(repr=False)
+
+    @property
+    def total_s(self) -> float:
+        return self.prefill_s + self.decode_s
+
+
+def predict_pipeline(
+    config: ModelConfig,
+    plan: PipelinePlan,
+    hw: HardwareProfile | list[HardwareProfile],
+    *,
+    prompt_len: int,
+    gen_len: int,
+    itemsize: int = 2,
+    hand_off_bw: float | None = None,
+) -> PipelinePrediction:
+    """The prediction for ``plan`` on ``hw``
+    (one profile for every rank, or one per rank). ``hand_off_bw``: bytes/s between ranks
+    (default: the host link where there is one, else :data:`LOOPBACK_BW`)."""
+    profiles = hw if isinstance(hw, list) else [hw] * plan.num_ranks
+    policy0 = plan.policies[0]
+    groups = split_batches(policy0.num_gpu_batches, plan.groups)
+    prompts = [len(g) * policy0.gpu_batch_size for g in groups]
+    decode_tokens = max(gen_len - 1, 0)
+    ranks, busy = [], 0.0
+    prefill_t, decode_t, prefill_m, decode_m = [], [], [], []
+    for r, (layers, policy, rank_hw) in enumerate(zip(plan.layers, plan.policies, profiles)):
+        bw = hand_off_bw or (rank_hw.link_pageable_bw if rank_hw.has_link else LOOPBACK_BW)
+        last = r == plan.num_ranks - 1
+        tp = td = mp = md = 0.0
+        peaks: dict[str, float] = {}
+        for g, n in zip(groups, prompts):
+            cm = CostModel(
+                config,
+                policy.replace(num_gpu_batches=len(g)),
+                rank_hw,
+                prompt_len=prompt_len,
+                gen_len=gen_len,
+                itemsize=itemsize,
+                num_prompts=n,
+                layers=layers,
+            )
+            pred = cm.predict()
+            tp, td = max(tp, pred.prefill_s), max(td, pred.decode_s / decode_tokens if decode_tokens else 0.0)
+            if plan.num_ranks > 1:  # the hand-off: the next token ids, or hidden states
+                per_token = 8 if last else config.hidden_size * itemsize
+                mp, md = max(mp, n * prompt_len * per_token / bw), max(md, n * per_token / bw)
+            busy += pred.prefill_s + pred.decode_s
+            peaks = {t: max(peaks.get(t, 0.0), v) for t, v in pred.peak_bytes.items()}
+        ranks.append(
+            dict(rank=r, layers=layers, prefill_group_s=tp, decode_group_token_s=td, hand_off_s=md, peak_bytes=peaks)
+        )
+        prefill_t.append(tp)
+        decode_t.append(td)
+        prefill_m.append(mp)
+        decode_m.append(md)
+    n_groups = len(groups)
+    prefill = sum(prefill_t) + sum(prefill_m) + (n_groups - 1) * max(prefill_t)
+    period = max(n_groups * max(decode_t), sum(decode_t) + sum(decode_m))
+    decode = decode_tokens * period
+    total = prefill + decode
+    new_tokens = sum(prompts) * gen_len
+    return PipelinePrediction(
+        prefill,
+        decode,
+        new_tokens / total if total else float("inf"),
+        1 - busy / (plan.num_ranks * total) if total else 0.0,
+        ranks,
+    )

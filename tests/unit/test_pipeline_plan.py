@@ -1,0 +1,70 @@
+"""Pipeline plans (layer splits, checks) and their cost-model prediction, without processes."""
+
+from __future__ import annotations
+
+import pytest
+
+from flexlab import Policy
+from flexlab.cost import CostModel, get_hardware, predict_pipeline
+from flexlab.engine.pipeline import PipelineError, make_plan, split_layers
+from flexlab.models.config import get_preset
+
+
+@pytest.mark.parametrize("preset, n", [("opt-1.3b", 2), ("opt-1.3b", 4), ("llama-3.1-8b", 3), ("opt-tiny", 2)])
+def test_a_split_covers_every_layer_once_in_order_and_is_as_even_as_can_be(preset, n):
+    cfg = get_preset(preset)
+    ranges = split_layers(cfg, n)
+    assert [i for r in ranges for i in r] == list(range(cfg.num_layers)) and all(len(r) for r in ranges)
+    # moving one layer across any boundary cannot lower the largest share
+    from flexlab.engine.pipeline import _shares
+
+    best = max(_shares(cfg, [len(r) for r in ranges]))
+    for b in range(n - 1):
+        for d in (-1, 1):
+            counts = [len(r) for r in ranges]
+            counts[b] += d
+            counts[b + 1] -= d
+            if min(counts) >= 1:
+                assert max(_shares(cfg, counts)) >= best
+
+
+def test_plan_checks_name_the_fix():
+    cfg = get_preset("opt-tiny")
+    with pytest.raises(PipelineError, match="at most 2 stages"):
+        make_plan(cfg, 3)
+    with pytest.raises(PipelineError, match="groups must be from 1 to num_gpu_batches"):
+        make_plan(cfg, 2, Policy(num_gpu_batches=2), groups=3)
+    assert make_plan(cfg, 2, Policy(num_gpu_batches=4)).groups == 2  # one group per stage by default
+    assert make_plan(cfg, 2, Policy(num_gpu_batches=1)).groups == 1
+
+
+def test_one_stage_is_predicted_as_the_cost_model_predicts_one_process():
+    cfg, hw = get_preset("opt-1.3b"), get_hardware("colab-t4")
+    policy = Policy.from_percent([30, 70, 100, 0, 100, 0], gpu_batch_size=8, num_gpu_batches=2)
+    one = CostModel(cfg, policy, hw, prompt_len=64, gen_len=8).predict()
+    piped = predict_pipeline(cfg, make_plan(cfg, 1, policy, groups=1), hw, prompt_len=64, gen_len=8)
+    assert piped.throughput_tok_s == pytest.approx(one.throughput_tok_s, rel=1e-9)
+
+
+def test_ranks_hold_the_models_bytes_between_them():
+    """Each rank's cost model counts its own layers' weights and cache: together the whole
+    model's, plus the tied token table, held by the first rank and the last."""
+    cfg, hw = get_preset("opt-1.3b"), get_hardware("colab-t4")
+    policy = Policy(gpu_batch_size=4, num_gpu_batches=2)
+    whole = CostModel(cfg, policy, hw, prompt_len=32, gen_len=4)
+    parts = [CostModel(cfg, policy, hw, prompt_len=32, gen_len=4, layers=r) for r in split_layers(cfg, 3)]
+    table = cfg.vocab_size * cfg.hidden_size * 2
+    assert sum(p.weight_bytes["gpu"] for p in parts) == whole.weight_bytes["gpu"] + table
+    cache = [m.peak_bytes()["gpu"] - m.weight_bytes["gpu"] for m in (whole, *parts)]
+    assert sum(cache[1:]) == pytest.approx(cache[0], rel=0.02)  # the cache is per layer (read buffers aside)
+
+
+def test_groups_keep_compute_bound_ranks_busy_and_taking_turns_leaves_n_minus_1_of_n_idle():
+    cfg, hw = get_preset("opt-6.7b"), get_hardware("h100")
+    policy = Policy(gpu_batch_size=16, num_gpu_batches=4)
+    kw = dict(prompt_len=256, gen_len=32)
+    turns = predict_pipeline(cfg, make_plan(cfg, 4, policy, groups=1), hw, **kw)
+    busy = predict_pipeline(cfg, make_plan(cfg, 4, policy, groups=4), hw, **kw)
+    assert turns.bubble == pytest.approx(0.75, abs=0.05)
+    assert busy.throughput_tok_s > 2 * turns.throughput_tok_s and busy.bubble < turns.bubble
+    assert [len(r["layers"]) for r in busy.ranks] == [len(r) for r in split_layers(cfg, 4)]
