@@ -24,12 +24,14 @@ import sys
 from flexlab.cli_args import (
     DTYPES,
     add_model_args,
+    add_pipeline_args,
     add_policy_args,
     add_sampling_args,
     dtype_of,
     load_model,
     policy_flags,
     policy_from_args,
+    sampling_from_args,
 )
 from flexlab.cli_checks import out_dir, out_file, read_prompts, run_guarded
 
@@ -43,61 +45,11 @@ class _Parser(argparse.ArgumentParser):
 
 
 # ---- commands ------------------------------------------------------------------------------
-DEMO_PROMPTS = ["The for statement", "Exceptions are raised when", "A class definition"]
-
-
 def demo(args: argparse.Namespace) -> int:
     """Generate with an offloading policy on a small model; print throughput; write the timeline."""
-    import torch
+    from flexlab.demo import run_demo
 
-    import flexlab
-    from flexlab.files import atomic_path
-    from flexlab.models.pydoc_model import pydoc_model_path
-    from flexlab.viz import plot_timeline
-
-    out = out_dir(args.out, "--out")
-    path = args.model or pydoc_model_path()
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}.get(args.dtype)
-    model = flexlab.Model.from_pretrained(path, dtype=dtype)
-    print(model)
-    # Weights partly on disk, KV cache on the cpu tier, two GPU batches per block.
-    policy = flexlab.Policy.from_percent([30, 30, 0, 100, 100, 0], gpu_batch_size=len(DEMO_PROMPTS), num_gpu_batches=2)
-    prompts = DEMO_PROMPTS * 2
-    with flexlab.Engine(model, policy, offload_dir=args.offload_dir, progress=True) as engine:
-        print(engine)
-        result = engine.generate(prompts, max_new_tokens=args.max_new_tokens)
-    reference = model.generate(prompts, max_new_tokens=args.max_new_tokens)
-    for prompt, text in zip(DEMO_PROMPTS, result.texts or []):
-        print(f"\n>>> {prompt}{text}")
-
-    m, r = result.metrics, reference.metrics
-    print(
-        f"\noffloaded ({policy.describe()}): {int(m['new_tokens'])} tokens in {m['total_s']:.3f} s "
-        f"-> {m['throughput_tok_s']:.1f} tokens/s"
-    )
-    print(
-        f"reference path (no offloading): {r['throughput_tok_s']:.1f} tokens/s; "
-        f"same tokens: {'yes' if result.token_ids == reference.token_ids else 'NO'}"
-    )
-    print(
-        "peak bytes per tier: "
-        + ", ".join(f"{t} {m[f'peak_bytes_{t}'] / 2**20:.2f} MiB" for t in ("gpu", "cpu", "disk"))
-    )
-    s = result.timeline.summary()
-    print(
-        f"timeline: {len(result.timeline)} events; I/O hidden under compute {s['io_hidden_fraction']:.0%}, "
-        f"compute idle {s['compute_idle_fraction']:.0%}"
-    )
-
-    with atomic_path(out / "timeline.png") as tmp:
-        plot_timeline(result.timeline, tokens=(0, 2)).savefig(tmp, dpi=120)
-    result.timeline.to_chrome_trace(out / "trace.json")
-    result.timeline.save(out / "timeline.json")
-    print(
-        f"wrote {out / 'timeline.png'} (first tokens), {out / 'trace.json'} (open in ui.perfetto.dev), "
-        f"{out / 'timeline.json'} (Timeline.load)"
-    )
-    return 0
+    return run_demo(args)
 
 
 def generate(args: argparse.Namespace) -> int:
@@ -111,39 +63,22 @@ def generate(args: argparse.Namespace) -> int:
     timeline = out_file(args.timeline, "--timeline") if args.timeline else None
     model = load_model(args)
     policy = policy_from_args(args, gpu_batch_size=min(len(prompts), 8))
-    sampling = dict(
-        max_new_tokens=args.max_new_tokens,
-        do_sample=args.do_sample,
-        temperature=args.temperature,
-        top_k=None,
-        top_p=args.top_p,
-        seed=args.seed,
-        stop_token_ids=(),
-        stop_strings=None,
-    )
+    sampling = sampling_from_args(args)
     prepare_generation(prompts, model.tokenizer, model.config, **sampling)  # bad prompts: refused before placing
     ranks = init_from_torchrun()  # (rank, world size) when torchrun started this process
-    if ranks is not None and args.pipeline not in (1, ranks[1]):
-        raise ValueError(f"--pipeline {args.pipeline}, but torchrun started {ranks[1]} processes; drop --pipeline")
     if ranks is not None or args.pipeline != 1:
         from flexlab.distributed import make_plan
-        from flexlab.distributed.launch import run_local
-        from flexlab.distributed.stage import ModelSource, PipelineJob, run_rank
+        from flexlab.distributed.launch import run_job
+        from flexlab.distributed.stage import ModelSource, PipelineJob
 
-        stages = ranks[1] if ranks else args.pipeline
-        plan = make_plan(model.config, stages, policy, args.pipeline_layers, args.pipeline_groups)
-        job = PipelineJob(ModelSource.of(model), plan, "generate", prompts, sampling, args.offload_dir)
-        if ranks is None:
-            result = run_local(job)
-        else:
-            import torch.distributed as dist
-
-            try:
-                result = run_rank(job, *ranks)
-            finally:
-                dist.destroy_process_group()
-        if ranks is not None and ranks[0] != 0:
-            return 0  # rank 0 speaks for the pipeline
+        if ranks is not None and args.pipeline not in (1, ranks[1]):
+            raise ValueError(f"--pipeline {args.pipeline}, but torchrun started {ranks[1]} processes; drop --pipeline")
+        plan = make_plan(model.config, ranks[1] if ranks else args.pipeline, policy, args.pipeline_layers, args.groups)
+        result = run_job(
+            PipelineJob(ModelSource.of(model), plan, "generate", prompts, sampling, args.offload_dir), ranks
+        )
+        if result is None:
+            return 0  # a torchrun process other than rank 0, which speaks for the pipeline
         what = plan.describe()
     else:
         with flexlab.Engine(model, policy, offload_dir=args.offload_dir, progress=True) as engine:
@@ -305,12 +240,12 @@ def chat(args: argparse.Namespace) -> int:
             engine.generate,
             model.tokenizer,
             model.config.max_positions,
-            max_new_tokens=args.max_new_tokens,
             eos_token_ids=model.config.eos_token_ids,
-            do_sample=args.do_sample,
-            temperature=args.temperature,
-            top_p=args.top_p,
-            seed=args.seed,
+            **{
+                k: v
+                for k, v in sampling_from_args(args).items()
+                if k not in ("top_k", "stop_token_ids", "stop_strings")
+            },
         )
         while True:
             if interactive:
@@ -360,26 +295,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--prompts-file", help="a file with one prompt per line")
     p.add_argument("--timeline", help="save the run's timeline as JSON here")
     p.add_argument("--json", action="store_true", help="print the result as one JSON object (ids, texts, metrics)")
-    p.add_argument(
-        "--pipeline",
-        type=int,
-        default=1,
-        metavar="N",
-        help="run on a pipeline of N local processes, each holding a share of the layers "
-        "(under torchrun: one rank per process it starts)",
-    )
-    p.add_argument(
-        "--pipeline-layers",
-        type=lambda v: [int(x) for x in v.replace(",", " ").split()],
-        metavar='"L0 L1 ..."',
-        help="layers per stage (default: balanced by weight)",
-    )
-    p.add_argument(
-        "--pipeline-groups",
-        type=int,
-        metavar="G",
-        help="groups of GPU batches taking turns, so the stages work at once (default: one per stage)",
-    )
+    add_pipeline_args(p)
     add_sampling_args(p)
     p.set_defaults(func=generate)
 

@@ -65,6 +65,44 @@ def add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=None)
 
 
+def sampling_from_args(args: argparse.Namespace) -> dict:
+    """The keywords of ``generate`` that the sampling flags set (stop rules: the model's eos)."""
+    return dict(
+        max_new_tokens=args.max_new_tokens,
+        do_sample=args.do_sample,
+        temperature=args.temperature,
+        top_k=None,
+        top_p=args.top_p,
+        seed=args.seed,
+        stop_token_ids=(),
+        stop_strings=None,
+    )
+
+
+def add_pipeline_args(p: argparse.ArgumentParser) -> None:
+    """``--pipeline N`` and how its stages share the model."""
+    g = p.add_argument_group("pipeline (several processes; see flexlab.distributed)")
+    g.add_argument(
+        "--pipeline",
+        type=int,
+        default=1,
+        metavar="N",
+        help="run on N local processes, each holding a share of the layers (under torchrun: its processes)",
+    )
+    g.add_argument(
+        "--pipeline-layers",
+        type=lambda v: [int(x) for x in v.replace(",", " ").split()],
+        metavar='"L0 L1 ..."',
+        help="layers per stage (default: balanced by weight)",
+    )
+    g.add_argument(
+        "--groups",
+        type=int,
+        metavar="G",
+        help="groups of GPU batches taking turns, so that the stages work at once (default: one per stage)",
+    )
+
+
 def add_policy_args(p: argparse.ArgumentParser) -> None:
     """The policy flags of ``generate``, ``bench`` and ``chat``."""
     g = p.add_argument_group("policy (FlexGen's flags)")

@@ -33,6 +33,18 @@ SCRATCH_PREFIX = "flexlab-pipeline-"
 _PEER_GONE = ("Connection closed by peer", "Connection reset by peer", "Broken pipe")
 
 
+def run_job(job: PipelineJob, ranks: tuple[int, int] | None = None):
+    """Rank 0's result of ``job``: from local processes started here (``ranks`` None), or as the
+    rank ``ranks = (rank, world)`` that torchrun started this process as (None on every rank but
+    0); the process group is left after."""
+    if ranks is None:
+        return run_local(job)
+    try:
+        return run_rank(job, *ranks)
+    finally:
+        dist.destroy_process_group()
+
+
 def run_local(job: PipelineJob, *, timeout_s: float = 300.0, startup_s: float = 120.0):
     """Run ``job`` in ``job.plan.num_ranks`` local processes and return rank 0's result.
 

@@ -23,13 +23,14 @@ from flexlab.engine.executor import Executor
 from flexlab.engine.heads import Head
 from flexlab.engine.kvcodec import KVCodec
 from flexlab.engine.policy import Policy
+from flexlab.engine.positions import TokenPlaces
 from flexlab.engine.schedule import Stage, Step, block_schedule
 from flexlab.engine.store import ActStore, WeightStore
 from flexlab.engine.tiers import DiskFiles, MemoryTracker
-from flexlab.models.attention import attend, attention_bias, decode_attention, sparse_attend, sparse_weights
+from flexlab.models.attention import attend, decode_attention, sparse_attend, sparse_weights
 from flexlab.models.config import ModelConfig
 from flexlab.models.family import ModelFamily
-from flexlab.models.generation import left_pad, positions_from_mask
+from flexlab.models.generation import left_pad
 
 
 class Peers(Protocol):
@@ -113,10 +114,7 @@ class BlockRun:
         if policy.act_tier != "gpu":
             slot_bytes = policy.gpu_batch_size * self.width * cfg.hidden_size * ctx.dtype.itemsize  # the prefill's
             self.acts = ActStore(policy.act_tier, ctx.device, slot_bytes, ctx.subdir("act"), ctx.files, ctx.tracker)
-        # Per batch, built once per token and shared by every layer: (token, positions / mask).
-        self._masks: dict[int, tuple[int, torch.Tensor]] = {}
-        self._pos: dict[int, tuple[int, torch.Tensor]] = {}
-        self._grown: dict[int, tuple[int, torch.Tensor]] = {}
+        self.where = TokenPlaces(self.valid, cfg, ctx.family)
         self.stopped = False  # a pipeline rank was told to stop
 
     # ---- running -----------------------------------------------------------------------
@@ -246,22 +244,22 @@ class BlockRun:
             return {"next": None, "stop": True}
         if "embed" in stage.parts:
             w, ids = self._embedding_weights(step, loaded, x if t == 0 else x[:, None])
-            h = f.embed(w, cfg, ids, self._positions(t, k))
+            h = f.embed(w, cfg, ids, self.where.positions(t, k))
         else:
             w, h = self._weights(step, loaded), x
 
         kv = None
         if "attention" in stage.parts:
-            q, k_new, v_new = f.attention_qkv(w, cfg, h, self._positions(t, k))
+            q, k_new, v_new = f.attention_qkv(w, cfg, h, self.where.positions(t, k))
             if t == 0:
-                o = attend(q, k_new, v_new, self._bias(t, k))
+                o = attend(q, k_new, v_new, self.where.bias(t, k))
             else:
                 cache = self._with_tail(step, stage.layer, inputs[("load_cache", t, j, k)])
                 if ctx.policy.attn_sparsity < 1:
-                    o = self._sparse_attention(step, stage.layer, q, k_new, v_new, cache.k, self._bias(t, k))
+                    o = self._sparse_attention(step, stage.layer, q, k_new, v_new, cache.k, self.where.bias(t, k))
                 else:
                     host = None if cache.host_span is None else (*cache.host_span, cache.host_k, cache.host_v)
-                    o = decode_attention(q, k_new, v_new, cache.k, cache.v, self._bias(t, k), host)
+                    o = decode_attention(q, k_new, v_new, cache.k, cache.v, self.where.bias(t, k), host)
             h = f.attention_out(w, cfg, h, o)
             if self.head.keeps_cache:  # the cache takes the new keys and values token-major, as stored
                 kv = self._to_store(step, stage.layer, {"k": k_new.transpose(1, 2), "v": v_new.transpose(1, 2)})
@@ -385,28 +383,3 @@ class BlockRun:
                 self.tails[key] = pending[:, last - first :].clone()  # clone: free the rest of ``pending``
             out[kv] = (leaving, first // codec.chunk)
         return out
-
-    def _valid(self, t: int, k: int) -> torch.Tensor:
-        """Which cache slots of batch ``k`` hold tokens once token ``t`` is in: the prefill's,
-        then one more per token (built once per token, for the positions and the mask)."""
-        if self._grown.get(k, (None,))[0] != t:
-            valid = self.valid[k]
-            grown = valid if t == 0 else torch.cat([valid, torch.ones_like(valid[:, :1]).expand(-1, t)], dim=1)
-            self._grown[k] = (t, grown)
-        return self._grown[k][1]
-
-    def _positions(self, t: int, k: int) -> torch.Tensor:
-        """Batch ``k``'s positions of the tokens computed at token ``t`` (``[b, s]``)."""
-        if self._pos.get(k, (None,))[0] != t:
-            positions = positions_from_mask(self._valid(t, k))
-            self._pos[k] = (t, positions if t == 0 else positions[:, -1:])
-        return self._pos[k][1]
-
-    def _bias(self, t: int, k: int) -> torch.Tensor:
-        """Batch ``k``'s attention mask for token ``t``."""
-        if self._masks.get(k, (None,))[0] != t:
-            valid = self._valid(t, k)
-            cfg, per_head = self.ctx.config, self.ctx.family.position_bias
-            keys_bias = None if per_head is None else (lambda positions: per_head(cfg, positions))
-            self._masks[k] = (t, attention_bias(valid, valid.shape[1] if t == 0 else 1, cfg.sliding_window, keys_bias))
-        return self._masks[k][1]

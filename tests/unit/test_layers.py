@@ -28,6 +28,7 @@ FLOORS = {
     "notebook": 4,
     "chat": 4,
     "cli_checks": 4,
+    "demo": 5,  # the README's main job
     "cli_args": 5,
     "cli": 6,
     "__main__": 7,
