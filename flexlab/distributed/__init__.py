@@ -50,8 +50,8 @@ def generate(
     batches that take turns (default: one per stage; see :func:`make_plan`). ``threads``: torch
     threads per process. ``timeout_s``: the longest a stage waits for a neighbour's message.
     """
-    job = _job(model, stages, policy, layers, groups, offload_dir, threads, "generate", prompts, options)
-    return run_local(job, timeout_s=timeout_s)
+    job = _job(model, stages, policy, layers, groups, offload_dir, threads, timeout_s, "generate", prompts, options)
+    return run_local(job)
 
 
 def score(
@@ -76,11 +76,12 @@ def score(
         groups,
         offload_dir,
         threads,
+        timeout_s,
         "score",
         sequences,
         {"teacher_forced": teacher_forced},
     )
-    return run_local(job, timeout_s=timeout_s)
+    return run_local(job)
 
 
 _GENERATE_DEFAULTS = dict(
@@ -95,7 +96,7 @@ _GENERATE_DEFAULTS = dict(
 )
 
 
-def _job(model, stages, policy, layers, groups, offload_dir, threads, task, inputs, options) -> PipelineJob:
+def _job(model, stages, policy, layers, groups, offload_dir, threads, timeout_s, task, inputs, options) -> PipelineJob:
     """The job, with everything checked here, before any process starts."""
     import torch
 
@@ -113,4 +114,4 @@ def _job(model, stages, policy, layers, groups, offload_dir, threads, task, inpu
     else:
         encode_for_scoring(inputs, built.tokenizer, built.config)
     where = None if offload_dir is None else str(offload_dir)
-    return PipelineJob(source, plan, task, list(inputs), dict(options), where, threads)
+    return PipelineJob(source, plan, task, list(inputs), dict(options), where, threads, timeout_s)

@@ -17,6 +17,7 @@ import dataclasses
 import datetime
 import os
 import socket
+import sys
 import tempfile
 import threading
 import time
@@ -40,16 +41,28 @@ def run_job(job: PipelineJob, ranks: tuple[int, int] | None = None):
     if ranks is None:
         return run_local(job)
     try:
-        return run_rank(job, *ranks)
-    finally:
-        dist.destroy_process_group()
+        result = run_rank(job, *ranks)
+    except BaseException as e:
+        print(f"flexlab: error: pipeline rank {ranks[0]} failed: {type(e).__name__}: {e}", file=sys.stderr)
+        _leave_now(1)
+    dist.destroy_process_group()
+    return result
 
 
-def run_local(job: PipelineJob, *, timeout_s: float = 300.0, startup_s: float = 120.0):
+def _leave_now(status: int) -> None:
+    """End a failed rank's process at once. Its neighbours may be waiting on it (and its own
+    hand-off threads on them): only its exit, which closes its connections, frees them all. Its
+    engine has removed its files already (the ``with`` block closed before the error got here)."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)
+
+
+def run_local(job: PipelineJob, *, startup_s: float = 120.0):
     """Run ``job`` in ``job.plan.num_ranks`` local processes and return rank 0's result.
 
-    ``timeout_s``: the longest any rank waits for a message from a neighbour (a hung peer ends
-    the run with an error after it); ``startup_s``: the longest for every process to start.
+    ``job.timeout_s``: the longest any rank waits for a neighbour (a hung peer ends the run with
+    an error after it); ``startup_s``: the longest for every process to start.
     """
     import multiprocessing as mp
 
@@ -64,7 +77,7 @@ def run_local(job: PipelineJob, *, timeout_s: float = 300.0, startup_s: float = 
     procs = [
         ctx.Process(
             target=_rank_main,
-            args=(job, r, len(pipes), address, timeout_s, pipes[r][1]),
+            args=(job, r, len(pipes), address, pipes[r][1]),
             name=f"flexlab-stage-{r}",
             daemon=True,
         )
@@ -74,7 +87,7 @@ def run_local(job: PipelineJob, *, timeout_s: float = 300.0, startup_s: float = 
         for p, (_, write) in zip(procs, pipes):
             p.start()
             write.close()  # the child holds it now: its end of file is the child's
-        return _collect(procs, [read for read, _ in pipes], timeout_s + startup_s)
+        return _collect(procs, [read for read, _ in pipes], job.timeout_s + startup_s)
     finally:
         for p in procs:
             if p.is_alive():
@@ -121,7 +134,7 @@ def _collect(procs, reads, patience_s: float):
     return result
 
 
-def _rank_main(job: PipelineJob, rank: int, world: int, address: str, timeout_s: float, report) -> None:
+def _rank_main(job: PipelineJob, rank: int, world: int, address: str, report) -> None:
     """A local process's life: join the group, run the rank, report, leave."""
     from tqdm.auto import tqdm
 
@@ -132,15 +145,15 @@ def _rank_main(job: PipelineJob, rank: int, world: int, address: str, timeout_s:
             os.environ.setdefault("LOCAL_RANK", str(rank))
             torch.cuda.set_device(rank_device(job.source))
         dist.init_process_group(
-            backend, init_method=address, rank=rank, world_size=world, timeout=datetime.timedelta(seconds=timeout_s)
+            backend, init_method=address, rank=rank, world_size=world, timeout=datetime.timedelta(seconds=job.timeout_s)
         )
         report.send(("ok", run_rank(job, rank, world)))
     except BaseException as e:
         report.send(("error", f"{type(e).__name__}: {e}".strip()))
-    finally:
         report.close()  # sent before this process's sockets close: its own error arrives first
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        _leave_now(1)
+    report.close()
+    dist.destroy_process_group()
 
 
 def init_from_torchrun(timeout_s: float = 300.0) -> tuple[int, int] | None:

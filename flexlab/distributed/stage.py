@@ -79,6 +79,7 @@ class PipelineJob:
     options: dict = field(default_factory=dict)
     offload_dir: str | None = None
     threads: int | None = None  # torch threads per rank (default: torch's own choice)
+    timeout_s: float = 300.0  # the longest a rank waits for a neighbour's message
 
 
 @dataclass

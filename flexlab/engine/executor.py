@@ -32,6 +32,10 @@ LANES = {
     "send": "send",  # to the next pipeline rank
 }
 OUTPUTS = ("store_cache", "store_act", "send")  # steps that take a compute's value away
+# Hand-offs to other processes wait on them, and touch no buffer of the engine (a recv makes its own
+# tensor, a send holds its own reference): after an error they are not waited for, since the
+# neighbour they wait on may be waiting on this process; its exit is what ends them.
+DETACHED = ("recv", "send")
 
 
 class Clock:
@@ -88,7 +92,10 @@ class Executor:
         self.clock = Clock(device)
 
     def run(
-        self, steps: Iterable[Step], handlers: dict[str, Callable], should_stop: Callable[[], bool] = lambda: False
+        self,
+        steps: Iterable[Step],
+        handlers: dict[str, Callable],
+        should_stop: Callable[[], bool] = lambda: False,
     ) -> None:
         """Issue every step in order; stop issuing once ``should_stop()`` (checked after computes).
 
@@ -116,11 +123,12 @@ class Executor:
         self.handlers = {}
 
     def _abandon(self) -> None:
-        """Cancel transfers not yet started and wait for the running ones, ignoring their errors."""
+        """Cancel transfers not yet started and wait for the running ones (but hand-offs),
+        ignoring their errors."""
         for f in self.futures.values():
             f.cancel()
-        for f in self.futures.values():
-            if not f.cancelled():
+        for key, f in self.futures.items():
+            if not f.cancelled() and key[0] not in DETACHED:
                 try:
                     f.result()
                 except BaseException:
@@ -260,8 +268,8 @@ class Executor:
         return out
 
     def close(self) -> None:
-        for pool in self.lanes.values():
-            pool.shutdown(wait=True, cancel_futures=True)
+        for lane, pool in self.lanes.items():
+            pool.shutdown(wait=lane not in (LANES[k] for k in DETACHED), cancel_futures=True)
 
 
 def _record_stream(value, stream) -> None:

@@ -19,6 +19,7 @@ import torch
 import flexlab
 from flexlab import Policy, distributed
 from flexlab.distributed import PipelineError
+from flexlab.distributed.stage import ModelSource
 from flexlab.models.config import get_preset
 from tests.conftest import hf_opt
 from tests.integration.test_exactness import hf_greedy
@@ -169,6 +170,45 @@ def test_a_stage_that_raises_reports_its_own_error(tiny_dir, tmp_path):
     with pytest.raises(PipelineError, match=r"stage \d failed: CheckpointError"):
         distributed.generate(model, PROMPTS, max_new_tokens=2, offload_dir=tmp_path / "offload")
     assert list((tmp_path / "offload").iterdir()) == []
+
+
+class FailingSource(ModelSource):
+    """The model, except that on rank 1 the MLP fails at its third call: an error in the middle
+    of a run, while the other rank waits on it."""
+
+    def load(self, device):
+        import dataclasses
+
+        import torch.distributed as dist
+
+        model = super().load(device)
+        if dist.get_rank() == 1:
+            calls = iter(range(1000))
+            mlp = model.family.mlp
+
+            def failing(*args):
+                if next(calls) == 2:
+                    raise RuntimeError("injected fault in rank 1's MLP")
+                return mlp(*args)
+
+            model.family = dataclasses.replace(model.family, mlp=failing)
+        return model
+
+
+def test_a_stage_failing_mid_run_ends_every_stage_with_its_error(tiny_dir, tmp_path):
+    from flexlab.distributed.launch import run_local
+    from flexlab.distributed.stage import PipelineJob
+    from flexlab.engine.pipeline import make_plan
+
+    model = flexlab.Model.from_pretrained(tiny_dir, dtype=torch.float32)
+    source = FailingSource(path=str(tiny_dir), dtype="float32")
+    plan = make_plan(model.config, 2, Policy.from_percent([0, 0, 0, 0, 100, 0], gpu_batch_size=2, num_gpu_batches=2))
+    job = PipelineJob(source, plan, "generate", PROMPTS, {"max_new_tokens": 20}, str(tmp_path), timeout_s=60)
+    start = time.monotonic()
+    with pytest.raises(PipelineError, match="stage 1 failed: RuntimeError: injected fault in rank 1's MLP"):
+        run_local(job)
+    assert time.monotonic() - start < 30  # not the 60 s timeout: the neighbours heard at once
+    assert list(tmp_path.iterdir()) == [] and multiprocessing.active_children() == []
 
 
 @pytest.mark.parametrize("launcher", ["--pipeline", "torchrun"])
