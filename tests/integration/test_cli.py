@@ -206,6 +206,15 @@ def test_convert_random_writes_a_checkpoint_transformers_loads(capsys, tmp_path)
 
 
 @pytest.mark.slow
+def test_demo_generates_the_reference_tokens_and_writes_its_timeline(capsys, tmp_path):
+    """The README's main job (``make demo``) on the pydoc model."""
+    code, out, _ = run(capsys, "demo", "--max-new-tokens", "6", "--out", str(tmp_path), "--offload-dir", str(tmp_path))
+    assert code == 0 and "same tokens: yes" in out
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["timeline.json", "timeline.png", "trace.json"]
+    assert len(flexlab.Timeline.load(tmp_path / "timeline.json")) > 0
+
+
+@pytest.mark.slow
 def test_chat_answers_each_line_and_keeps_history(capsys, monkeypatch):
     monkeypatch.setattr("sys.stdin", io.StringIO("What is a list?\nAnd a tuple?\n\n"))
     code, out, _ = run(capsys, "chat", "--max-new-tokens", "12")
