@@ -74,6 +74,7 @@ class Timeline:
 
     def __init__(self, events: list[Event] | None = None) -> None:
         self.events: list[Event] = sorted(events or [], key=lambda e: (e.start, e.lane))
+        self._several_ranks = len({e.rank for e in self.events}) > 1  # asked once per event by plots
 
     def __len__(self) -> int:
         return len(self.events)
@@ -84,7 +85,7 @@ class Timeline:
 
     def lane_of(self, e: Event) -> str:
         """The row an event is drawn on: its lane, per rank when the run had several."""
-        return e.lane if len(self.ranks) < 2 else f"rank {e.rank} {e.lane}"
+        return f"rank {e.rank} {e.lane}" if self._several_ranks else e.lane
 
     @property
     def lanes(self) -> list[str]:

@@ -84,33 +84,28 @@ def score(
     return run_local(job)
 
 
-_GENERATE_DEFAULTS = dict(
-    max_new_tokens=32,
-    do_sample=False,
-    temperature=1.0,
-    top_k=None,
-    top_p=None,
-    seed=None,
-    stop_token_ids=(),
-    stop_strings=None,
-)
-
-
 def _job(model, stages, policy, layers, groups, offload_dir, threads, timeout_s, task, inputs, options) -> PipelineJob:
     """The job, with everything checked here, before any process starts."""
+    import inspect
+
     import torch
 
+    from flexlab.engine.engine import Engine
     from flexlab.models.generation import encode_for_scoring, prepare_generation
     from flexlab.models.model import Model
 
     source = ModelSource.of(model)
     built = model if isinstance(model, Model) else source.load(torch.device("cpu"))  # lazy: reads no weights
     plan = make_plan(built.config, stages, policy, layers, groups)
-    if task == "generate":
-        unknown = sorted(set(options) - set(_GENERATE_DEFAULTS))
+    if task == "generate":  # Engine.generate's own keywords and defaults: an unknown one is a TypeError
+        signature = inspect.signature(Engine.generate)
+        unknown = sorted(k for k in options if k not in signature.parameters or k in ("self", "prompts"))
         if unknown:
-            raise TypeError(f"generate() got unknown options {unknown}; it takes {sorted(_GENERATE_DEFAULTS)}")
-        prepare_generation(inputs, built.tokenizer, built.config, **{**_GENERATE_DEFAULTS, **options})
+            raise TypeError(f"generate() got unknown options {unknown}; it takes those of Engine.generate")
+        call = signature.bind(None, inputs, **options)
+        call.apply_defaults()
+        keywords = {k: v for k, v in call.arguments.items() if k not in ("self", "prompts")}
+        prepare_generation(inputs, built.tokenizer, built.config, **keywords)
     else:
         encode_for_scoring(inputs, built.tokenizer, built.config)
     where = None if offload_dir is None else str(offload_dir)

@@ -237,7 +237,7 @@ class BlockRun:
         if x is None:  # the previous rank says the pipeline stops here
             self.stopped = True
             return {"h": None, "kv": None}
-        if "head" in stage.parts and self.head.finished():
+        if "head" in stage.parts and ctx.peers is not None and self.head.finished():
             # The last rank of a pipeline, still taking in what was computed before the others
             # heard of the stop: the head must not run (a sampler would draw, and the next block
             # draw differently from one process).
@@ -266,7 +266,8 @@ class BlockRun:
         if "mlp" in stage.parts:
             h = f.mlp(w, cfg, h)
         if "head" in stage.parts:
-            return {"next": self.head(lambda x: f.head(w, cfg, x), h, t, k), "stop": self.head.finished()}
+            new = self.head(lambda x: f.head(w, cfg, x), h, t, k)
+            return {"next": new, "stop": ctx.peers is not None and self.head.finished()}  # the stop is sent on
         return {"h": h, "kv": kv}
 
     def _input(self, step: Step, inputs: dict) -> torch.Tensor | None:
