@@ -23,7 +23,8 @@ the KV codec), so its byte counts are the engine's, exactly; times come from a
 
 from __future__ import annotations
 
-import math
+import functools
+from collections import Counter
 from dataclasses import dataclass, field
 
 import torch
@@ -41,7 +42,7 @@ from flexlab.engine.placement import (
     split_by_share,
 )
 from flexlab.engine.policy import Policy
-from flexlab.engine.schedule import make_stages, share_of
+from flexlab.engine.schedule import Stage, make_stages, share_of
 from flexlab.errors import FlexlabError
 from flexlab.models.config import ModelConfig
 from flexlab.models.registry import get_family
@@ -64,7 +65,7 @@ class Prediction:
         return self.prefill_s + self.decode_s
 
 
-@dataclass
+@dataclass(frozen=True)
 class _Stage:
     name: str
     parts: tuple[str, ...]
@@ -109,64 +110,21 @@ class CostModel:
         self.config, self.policy, self.hw = config, policy, hw
         self.prompt_len, self.gen_len, self.itemsize = prompt_len, gen_len, itemsize
         self.num_prompts = num_prompts or policy.block_size
-        family = get_family(config.family)
         self.stages = make_stages(config.num_layers, policy.sep_layer)
         self.num_layers = config.num_layers
         if layers is not None:
             self.stages = share_of(self.stages, layers, config.num_layers)
             self.num_layers = len(layers)
-        placement = place_weights(family.weight_specs(config), self.stages, policy.w_gpu_percent, policy.w_cpu_percent)
-        cw = policy.compress_weight
-        self._stage = []
-        self.weight_bytes = {t: 0 for t in TIERS}
-        self.packed = []  # per stage: bytes of its packed disk file
-        for stage, items in zip(self.stages, placement):
-            w_bytes, packed = {t: 0 for t in TIERS}, 0
-            for spec, tier, first in items:
-                qcfg = cw if compresses(spec, cw) else None
-                size = qcfg.nbytes(spec.shape) if qcfg is not None else spec.numel * itemsize
-                w_bytes[tier] += size
-                if first:
-                    self.weight_bytes[tier] += size
-                if tier == "disk":  # the engine's read buffer: its own packed file, plus room for a tied weight
-                    packed += sum(align_up(n) if first else read_region(n) for n in self._parts(spec.shape, qcfg))
-            mats = [s for s, _, _ in items if len(s.shape) >= 2]
-            matmul = [s for s in mats if not ("embed" in stage.parts and s.layer is None)]  # a lookup, no matmul
-            if "head" in stage.parts:
-                matmul = [s for s in mats if s.shape[0] == config.vocab_size]
-            params = sum(s.numel for s in matmul)
-            deq = sum(s.numel for s in mats) if cw is not None else 0
-            row_table = per_batch = 0
-            if cw is not None and "embed" in stage.parts and cw.group_dim % 2 == 1:
-                # the engine dequantizes only the looked-up rows of the token table, per batch
-                table = next(s for s in mats if s.shape[0] == config.vocab_size)
-                deq, row_table, per_batch = 0, table.shape[1], sum(s.numel for s in mats if s is not table)
-            elementwise = sum(family.elementwise(config, part) for part in stage.parts)
-            self._stage.append(
-                _Stage(
-                    stage.name,
-                    stage.parts,
-                    params,
-                    2.0 * params,
-                    w_bytes,
-                    params * itemsize,
-                    deq,
-                    row_table,
-                    per_batch,
-                    elementwise,
-                )
-            )
-            self.packed.append(packed)
+        self._stage, weight_bytes, self.packed = _price_weights(
+            config, tuple(self.stages), policy.w_gpu_percent, policy.w_cpu_percent, policy.compress_weight, itemsize
+        )
+        self.weight_bytes = dict(weight_bytes)  # stored bytes per tier (the cached original stays as it was)
         self.codecs = {
             kv: KVCodec(policy.compress_cache, config.num_kv_heads, config.head_dim, _dtype(itemsize), keys=kv == "k")
             for kv in ("k", "v")
         }
 
     # ---- bytes --------------------------------------------------------------------------
-    def _parts(self, shape, cfg: QuantConfig | None) -> list[int]:
-        """Bytes of each stored tensor of a weight (one plain tensor, or a QTensor's parts)."""
-        return [math.prod(shape) * self.itemsize] if cfg is None else cfg.part_nbytes(shape)
-
     def _blocks(self) -> list[list[dict[str, int]]]:
         """Per block, per GPU batch: sequences on each tier (the engine's split)."""
         p, bs = self.policy, self.policy.gpu_batch_size
@@ -179,73 +137,41 @@ class CostModel:
 
     # ---- the walk ----------------------------------------------------------------------
     def predict(self) -> Prediction:
-        """Walk every token, stage and batch of every block; sum times and bytes."""
-        hw, p, cfg = self.hw, self.policy, self.config
-        link = hw.has_link
+        """Walk every token, stage and batch of every block; sum times and bytes.
+
+        Stages with the same weights, shapes and position in the chain cost the same, and so do
+        GPU batches with the same tiers: each distinct (stage, batch) is priced once per token and
+        counted as often as it occurs, which keeps the walk's result and makes it fast enough for
+        the search (a 96-layer model has ~200 stages but only a handful of distinct ones)."""
+        p = self.policy
         kinds = {k: 0.0 for k in ("load_weight", "load_cache", "store_cache", "load_act", "store_act")}
-        stage_rows = [{"stage": s.name, "compute_s": 0.0, "disk_s": 0.0, "link_s": 0.0} for s in self._stage]
+        reps, of_stage = self._stage_classes()
+        counts = Counter(of_stage)
+        totals = [[0.0, 0.0, 0.0] for _ in reps]  # per class: compute, disk, link seconds of one member
         prefill = decode = 0.0
-        width = self.prompt_len
-        act_item = cfg.hidden_size * self.itemsize
         for batches in self._blocks():
+            groups = Counter(tuple(seqs[t] for t in TIERS) for seqs in batches)  # distinct batches, counted
             for t in range(self.gen_len):
-                tokens = width if t == 0 else 1
-                cached = 0 if t == 0 else width + t - 1
+                tokens = self.prompt_len if t == 0 else 1
+                cached = 0 if t == 0 else self.prompt_len + t - 1
                 step_s = 0.0
-                for j, st in enumerate(self._stage):
-                    compute = disk = lnk = 0.0
-                    # weights: one load per stage and token serves every batch
-                    w_disk, w_cpu = st.w_bytes["disk"], st.w_bytes["cpu"] if link else 0
-                    kinds["load_weight"] += w_disk + w_cpu
-                    disk += w_disk / hw.disk_read_bw
-                    lnk += w_cpu / (hw.link_pinned_bw if p.pin_weight else hw.link_pageable_bw) if link else 0.0
-                    if link:  # disk weights cross the link too on their way to the GPU
-                        lnk += w_disk / hw.link_pinned_bw
-                    compute += st.dequant_elems / hw.dequant_elems
-                    if st.w_bytes["disk"] or (link and st.w_bytes["cpu"]):  # a load on a lane (else inline)
-                        compute += hw.transfer_overhead_s
-                    if st.w_bytes["disk"]:  # one request: the stage's packed file
-                        disk += hw.disk_latency_s
-                    for seqs in batches:
-                        b = sum(seqs.values())
-                        compute += hw.step_overhead_s + max(
-                            st.flops_per_token * b * tokens / hw.matmul_flops, st.w_device_bytes / hw.weight_read_bw
-                        )
-                        # the elementwise work around the matmuls (norms, bias, GELU, residuals)
-                        compute += st.elementwise * b * tokens * cfg.hidden_size * self.itemsize / hw.attention_bw
-                        if st.row_table:  # the rows looked up, plus the stage's other matrices
-                            rows = min(b * tokens, cfg.vocab_size)
-                            compute += (rows * st.row_table + st.batch_dequant_elems) / hw.dequant_elems
-                        if "attention" in st.parts:
-                            if seqs["disk"] or (link and seqs["cpu"]):  # a load (decode) and a store on lanes
-                                compute += hw.cache_transfer_overhead_s * (1 + (t > 0))
-                            c, d, lk, moved = self._attention(seqs, b, tokens, cached)
-                            compute, disk, lnk = compute + c, disk + d, lnk + lk
-                            for kind, v in moved.items():
-                                kinds[kind] += v
-                        if p.act_tier != "gpu":
-                            h = b * tokens * act_item
-                            n_moves = (j > 0) + (j < len(self._stage) - 1)
-                            kinds["load_act"] += h * (j > 0)
-                            kinds["store_act"] += h * (j < len(self._stage) - 1)
-                            if link or p.act_tier == "disk":  # else inline: the cpu tier is the CPU's RAM
-                                compute += n_moves * hw.transfer_overhead_s
-                            if p.act_tier == "disk":
-                                disk += h * ((j > 0) / hw.disk_read_bw + (j < len(self._stage) - 1) / hw.disk_write_bw)
-                                disk += n_moves * hw.disk_latency_s
-                            elif link:
-                                lnk += n_moves * h / hw.link_pageable_bw
-                    row = stage_rows[j]
-                    row["compute_s"] += compute
-                    row["disk_s"] += disk
-                    row["link_s"] += lnk
-                    step_s += max(compute, disk, lnk) if p.overlap else compute + disk + lnk
+                for c, j in enumerate(reps):
+                    count = counts[c]
+                    compute, disk, lnk, moved = self._stage_token(j, groups, tokens, cached)
+                    for kind, v in moved.items():
+                        kinds[kind] += count * v
+                    for i, v in enumerate((compute, disk, lnk)):
+                        totals[c][i] += v
+                    step_s += count * (max(compute, disk, lnk) if p.overlap else compute + disk + lnk)
                 if t == 0:
                     prefill += step_s
                 else:
                     decode += step_s
-        totals = {k: sum(r[f"{k}_s"] for r in stage_rows) for k in ("compute", "disk", "link")}
-        bottleneck = max(totals, key=totals.get)
+        stage_rows = [
+            {"stage": st.name, **dict(zip(("compute_s", "disk_s", "link_s"), totals[c]))}
+            for st, c in zip(self._stage, of_stage)
+        ]
+        busy = {k: sum(r[f"{k}_s"] for r in stage_rows) for k in ("compute", "disk", "link")}
         total = prefill + decode
         return Prediction(
             prefill,
@@ -254,8 +180,87 @@ class CostModel:
             self.peak_bytes(),
             kinds,
             stage_rows,
-            bottleneck,
+            max(busy, key=busy.get),
         )
+
+    def _stage_classes(self) -> tuple[list[int], list[int]]:
+        """Stages that cost the same: (the first stage of each class, each stage's class). A
+        stage's cost depends on its weights and shapes, and on whether its activations come from
+        and go to other stages (the first and the last stage differ)."""
+        reps: list[int] = []
+        of_stage: list[int] = []
+        seen: dict[tuple, int] = {}
+        for j, st in enumerate(self._stage):
+            key = (
+                st.parts,
+                st.matmul_params,
+                tuple(st.w_bytes[t] for t in TIERS),
+                st.dequant_elems,
+                st.row_table,
+                st.batch_dequant_elems,
+                st.elementwise,
+                j > 0,
+                j < len(self._stage) - 1,
+            )
+            if key not in seen:
+                seen[key] = len(reps)
+                reps.append(j)
+            of_stage.append(seen[key])
+        return reps, of_stage
+
+    def _stage_token(self, j: int, groups: Counter, tokens: int, cached: int):
+        """Compute, disk and link seconds of stage ``j`` for one token over the block's batches
+        (``groups``: each distinct batch's sequences per tier, and how many batches are so), and
+        the bytes it moves by kind."""
+        hw, p, cfg, st = self.hw, self.policy, self.config, self._stage[j]
+        link = hw.has_link
+        moved = dict.fromkeys(("load_weight", "load_cache", "store_cache", "load_act", "store_act"), 0.0)
+        compute = disk = lnk = 0.0
+        # weights: one load per stage and token serves every batch
+        w_disk, w_cpu = st.w_bytes["disk"], st.w_bytes["cpu"] if link else 0
+        moved["load_weight"] += w_disk + w_cpu
+        disk += w_disk / hw.disk_read_bw
+        if link:  # cpu weights cross the link, and disk weights too on their way to the GPU
+            lnk += w_cpu / (hw.link_pinned_bw if p.pin_weight else hw.link_pageable_bw) + w_disk / hw.link_pinned_bw
+        compute += st.dequant_elems / hw.dequant_elems
+        if w_disk or w_cpu:  # a load on a lane (else inline)
+            compute += hw.transfer_overhead_s
+        if w_disk:  # one request: the stage's packed file
+            disk += hw.disk_latency_s
+        last = len(self._stage) - 1
+        for tiers, m in groups.items():
+            seqs = dict(zip(TIERS, tiers))
+            b = sum(tiers)
+            c = hw.step_overhead_s + max(
+                st.flops_per_token * b * tokens / hw.matmul_flops, st.w_device_bytes / hw.weight_read_bw
+            )
+            # the elementwise work around the matmuls (norms, bias, GELU, residuals)
+            c += st.elementwise * b * tokens * cfg.hidden_size * self.itemsize / hw.attention_bw
+            d = lk = 0.0
+            if st.row_table:  # the rows looked up, plus the stage's other matrices
+                rows = min(b * tokens, cfg.vocab_size)
+                c += (rows * st.row_table + st.batch_dequant_elems) / hw.dequant_elems
+            if "attention" in st.parts:
+                if seqs["disk"] or (link and seqs["cpu"]):  # a load (decode) and a store on lanes
+                    c += hw.cache_transfer_overhead_s * (1 + (cached > 0))
+                ac, ad, al, kv_moved = self._attention(seqs, b, tokens, cached)
+                c, d, lk = c + ac, d + ad, lk + al
+                for kind, v in kv_moved.items():
+                    moved[kind] += m * v
+            if p.act_tier != "gpu":
+                h = b * tokens * cfg.hidden_size * self.itemsize
+                n_moves = (j > 0) + (j < last)
+                moved["load_act"] += m * h * (j > 0)
+                moved["store_act"] += m * h * (j < last)
+                if link or p.act_tier == "disk":  # else inline: the cpu tier is the CPU's RAM
+                    c += n_moves * hw.transfer_overhead_s
+                if p.act_tier == "disk":
+                    d += h * ((j > 0) / hw.disk_read_bw + (j < last) / hw.disk_write_bw)
+                    d += n_moves * hw.disk_latency_s
+                elif link:
+                    lk += n_moves * h / hw.link_pageable_bw
+            compute, disk, lnk = compute + m * c, disk + m * d, lnk + m * lk
+        return compute, disk, lnk, moved
 
     def _attention(self, seqs: dict[str, int], b: int, tokens: int, cached: int):
         """Compute, disk and link seconds and bytes by kind for one batch's attention."""
@@ -340,6 +345,63 @@ class CostModel:
             )
         lines.append("peak GiB: " + ", ".join(f"{t} {v / 2**30:.3f}" for t, v in pred.peak_bytes.items()))
         return "\n".join(lines)
+
+
+@functools.lru_cache(maxsize=256)
+def _price_weights(
+    config: ModelConfig,
+    stages: tuple[Stage, ...],
+    w_gpu_percent: float,
+    w_cpu_percent: float,
+    cw: QuantConfig | None,
+    itemsize: int,
+) -> tuple[list[_Stage], dict[str, int], list[int]]:
+    """Per stage: what its weights cost (bytes per tier, matmul sizes, dequantization); the
+    model's stored weight bytes per tier; per stage the bytes of its packed disk file.
+
+    Pure in its arguments and cached: the search prices thousands of policies that share a
+    weight placement and differ only in batches or the cache (callers must not mutate it)."""
+    family = get_family(config.family)
+    placement = place_weights(family.weight_specs(config), list(stages), w_gpu_percent, w_cpu_percent)
+    priced, weight_bytes, packed_bytes = [], {t: 0 for t in TIERS}, []
+    for stage, items in zip(stages, placement):
+        w_bytes, packed = {t: 0 for t in TIERS}, 0
+        for spec, tier, first in items:
+            qcfg = cw if compresses(spec, cw) else None
+            parts = qcfg.part_nbytes(spec.shape) if qcfg is not None else [spec.numel * itemsize]
+            w_bytes[tier] += sum(parts)
+            if first:
+                weight_bytes[tier] += sum(parts)
+            if tier == "disk":  # the engine's read buffer: its own packed file, plus room for a tied weight
+                packed += sum(align_up(n) if first else read_region(n) for n in parts)
+        mats = [s for s, _, _ in items if len(s.shape) >= 2]
+        matmul = [s for s in mats if not ("embed" in stage.parts and s.layer is None)]  # a lookup, no matmul
+        if "head" in stage.parts:
+            matmul = [s for s in mats if s.shape[0] == config.vocab_size]
+        params = sum(s.numel for s in matmul)
+        deq = sum(s.numel for s in mats) if cw is not None else 0
+        row_table = per_batch = 0
+        if cw is not None and "embed" in stage.parts and cw.group_dim % 2 == 1:
+            # the engine dequantizes only the looked-up rows of the token table, per batch
+            table = next(s for s in mats if s.shape[0] == config.vocab_size)
+            deq, row_table, per_batch = 0, table.shape[1], sum(s.numel for s in mats if s is not table)
+        elementwise = sum(family.elementwise(config, part) for part in stage.parts)
+        priced.append(
+            _Stage(
+                stage.name,
+                stage.parts,
+                params,
+                2.0 * params,
+                w_bytes,
+                params * itemsize,
+                deq,
+                row_table,
+                per_batch,
+                elementwise,
+            )
+        )
+        packed_bytes.append(packed)
+    return priced, weight_bytes, packed_bytes
 
 
 def _dtype(itemsize: int) -> torch.dtype:

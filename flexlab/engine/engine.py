@@ -29,7 +29,7 @@ from flexlab.engine.store import WeightStore
 from flexlab.engine.tiers import DiskFiles, MemoryTracker, return_freed_memory
 from flexlab.errors import FlexlabError, OffloadError
 from flexlab.files import owned_dir, remove, sweep_stale
-from flexlab.models.family import part_weights
+from flexlab.models.family import specs_by_part
 from flexlab.models.generation import (
     GenerationResult,
     Sampler,
@@ -82,8 +82,8 @@ class Engine:
             self._check_space_for_weights()
             from tqdm.auto import tqdm
 
-            specs = model.family.weight_specs(model.config)
-            n = len({w.name for s in self.stages for p in s.parts for w in part_weights(specs, p, s.layer)})
+            by_part = specs_by_part(model.family.weight_specs(model.config))
+            n = len({w.name for s in self.stages for p in s.parts for w in by_part.get((p, s.layer), [])})
             with tqdm(total=n, desc="placing weights", disable=not progress, leave=False) as bar:
                 self.weights = WeightStore(
                     model,

@@ -25,6 +25,8 @@ tokens, :meth:`KVCodec.stored_tokens` says how many are in rows; the rest are th
 
 from __future__ import annotations
 
+from functools import cached_property
+
 import torch
 
 from flexlab.compress import QTensor, QuantConfig, dequantize, quantize
@@ -45,13 +47,24 @@ class KVCodec:
             self.row_shape, self.row_dtype = (num_heads, head_dim), dtype
             return
         # A chunk is quantized as [..., chunk, hidden]: along the tokens (dim 2) per channel, or
-        # along the hidden dimension per token. A dummy chunk fixes the byte layout of a row.
+        # along the hidden dimension per token. Its stored size is known from the shape alone
+        # (the cost model builds codecs by the hundred and never encodes).
         self._qcfg = config.replace(group_dim=2 if per_channel else -1)
-        self._template = quantize(torch.zeros(1, 1, self.chunk, num_heads * head_dim), self._qcfg)
-        self._parts = [
-            (t.dtype, tuple(t.shape[2:]), t[0, 0].numel() * t.element_size()) for t in self._template.tensors()
-        ]
-        self.row_shape, self.row_dtype = (sum(size for _, _, size in self._parts),), torch.uint8
+        self.row_shape, self.row_dtype = (self._qcfg.nbytes(self._chunk_shape(1, 1)),), torch.uint8
+
+    def _chunk_shape(self, b: int, r: int) -> tuple[int, int, int, int]:
+        return (b, r, self.chunk, self.heads * self.head_dim)
+
+    @cached_property
+    def _template(self) -> QTensor:
+        """A quantized dummy chunk: the byte layout (dtype, shape, size) of each part of a row."""
+        return quantize(torch.zeros(self._chunk_shape(1, 1)), self._qcfg)
+
+    @cached_property
+    def _parts(self) -> list[tuple[torch.dtype, tuple[int, ...], int]]:
+        parts = [(t.dtype, tuple(t.shape[2:]), t[0, 0].numel() * t.element_size()) for t in self._template.tensors()]
+        assert sum(size for _, _, size in parts) == self.row_bytes, "QuantConfig.part_nbytes disagrees with quantize"
+        return parts
 
     @property
     def row_bytes(self) -> int:
@@ -73,7 +86,7 @@ class KVCodec:
         if self.config is None:
             return x
         b, n = x.shape[:2]
-        q = quantize(x.reshape(b, n // self.chunk, self.chunk, self.heads * self.head_dim), self._qcfg)
+        q = quantize(x.reshape(self._chunk_shape(b, n // self.chunk)), self._qcfg)
         return torch.cat([t.reshape(b, n // self.chunk, -1).view(torch.uint8) for t in q.tensors()], dim=-1)
 
     def decode(self, rows: torch.Tensor) -> torch.Tensor:
@@ -87,5 +100,5 @@ class KVCodec:
             tensors.append(part.reshape(b, r, *shape))
             start += size
         q: QTensor = self._template.with_tensors(tensors)
-        q.shape = (b, r, self.chunk, self.heads * self.head_dim)
+        q.shape = self._chunk_shape(b, r)
         return dequantize(q, self.dtype).reshape(b, r * self.chunk, self.heads, self.head_dim)

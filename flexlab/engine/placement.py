@@ -15,7 +15,7 @@ from collections import Counter
 
 from flexlab.compress import QuantConfig
 from flexlab.engine.schedule import Stage
-from flexlab.models.family import WeightSpec, part_weights
+from flexlab.models.family import WeightSpec, specs_by_part
 
 TIERS = ("gpu", "cpu", "disk")
 ALIGN = 4096  # O_DIRECT needs offsets, lengths and buffer addresses aligned to the block size
@@ -97,7 +97,8 @@ def place_weights(
     the layers (position embeddings, final norm) are split on their own by the midpoint rule, so
     their large tensors do not unbalance the layers.
     """
-    per_stage = [[s for part in stage.parts for s in part_weights(specs, part, stage.layer)] for stage in stages]
+    by_part = specs_by_part(specs)
+    per_stage = [[s for part in stage.parts for s in by_part.get((part, stage.layer), [])] for stage in stages]
     unique = {s.name: s for mine in per_stage for s in mine}
     readers = Counter(name for mine in per_stage for name in {s.name for s in mine})
     tied = [s for s in unique.values() if readers[s.name] > 1]

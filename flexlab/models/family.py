@@ -94,6 +94,16 @@ def part_weights(specs: list[WeightSpec], part: Part, layer: int | None = None) 
     return [s for s in specs if s.layer == layer and part in s.parts]
 
 
+def specs_by_part(specs: list[WeightSpec]) -> dict[tuple[Part, int | None], list[WeightSpec]]:
+    """``part_weights`` for every ``(part, layer)`` at once, in one pass (a model has thousands of
+    specs and hundreds of stages: asking per stage would be quadratic)."""
+    out: dict[tuple[Part, int | None], list[WeightSpec]] = {}
+    for s in specs:
+        for part in s.parts:
+            out.setdefault((part, s.layer), []).append(s)
+    return out
+
+
 # ---- helpers for config_from_hf / config_to_hf ------------------------------------------------
 def token_ids_from_hf(hf: dict, pad: int, bos: int, eos: int) -> dict:
     """The special-token fields of a ModelConfig from ``config.json`` (defaults where absent).

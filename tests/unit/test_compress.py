@@ -145,3 +145,17 @@ def test_quantize_leaves_its_input_alone(symmetric):
     before = x.clone()
     quantize(x, QuantConfig(bits=4, group_size=64, symmetric=symmetric))
     assert torch.equal(x, before)
+
+
+@pytest.mark.parametrize("layout", ["per-token", "per-channel"])
+@pytest.mark.parametrize("bits,group_size,symmetric", [(2, 8, False), (4, 16, True), (8, 5, False)])
+def test_kv_rows_are_the_bytes_the_codec_announces(layout, bits, group_size, symmetric):
+    """The codec sizes a row from the shape alone (no quantizing); encode must fill exactly that."""
+    from flexlab.engine.kvcodec import KVCodec
+
+    cfg = QuantConfig(bits=bits, group_size=group_size, symmetric=symmetric, kv_layout=layout)
+    codec = KVCodec(cfg, 3, 8, torch.float32, keys=True)
+    x = torch.randn(2, 4 * codec.chunk, 3, 8)
+    rows = codec.encode(x)
+    assert rows.shape == (2, 4, codec.row_bytes)
+    assert codec.decode(rows).shape == x.shape
