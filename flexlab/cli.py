@@ -164,6 +164,7 @@ def search(args: argparse.Namespace) -> int:
     """Search the fastest policy that fits a machine; print it, its prediction and why."""
     import flexlab
     from flexlab.cost import CostModel, get_hardware, search_policy
+    from flexlab.cost.report import stage_table, summary
     from flexlab.files import atomic_write
 
     save = out_file(args.save_policy, "--save-policy") if args.save_policy else None
@@ -182,12 +183,19 @@ def search(args: argparse.Namespace) -> int:
     found = search_policy(
         config, hw, prompt_len=args.prompt_len, gen_len=args.gen_len, compress=compress, progress=True
     )
-    print(CostModel(config, found.policy, hw, prompt_len=args.prompt_len, gen_len=args.gen_len).explain())
-    print(f"\npolicy: {found.policy.describe()}")
+    cm = CostModel(config, found.policy, hw, prompt_len=args.prompt_len, gen_len=args.gen_len)
+    pred = cm.predict()
+    print(summary(cm, pred))
     try:
         print(f"flags: {policy_flags(found.policy)}")
     except ValueError as e:  # a field no flag sets
         print(f"flags: {e}")
+    if args.verbose:
+        print("\n" + stage_table(pred))
+        ranked = sorted(found.candidates, key=lambda c: -c["throughput_tok_s"])[:10]
+        print(f"\nbest of {len(found.candidates)} candidates (tok/s, policy):")
+        for c in ranked:
+            print(f"{c['throughput_tok_s']:>10.3g}  {c['policy']}")
     if save is not None:
         atomic_write(save, json.dumps(found.policy.to_dict(), indent=2))
         print(f"wrote {args.save_policy} (pass it to --policy)")
@@ -324,6 +332,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--gen-len", type=int, default=32)
     p.add_argument("--compress", action="store_true", help="also consider 4-bit weights and cache")
     p.add_argument("--save-policy", help="write the policy as JSON (for --policy)")
+    p.add_argument("--verbose", action="store_true", help="also seconds per stage and the best candidates")
     p.set_defaults(func=search)
 
     p = sub.add_parser("calibrate", help="measure this machine for the cost model")

@@ -64,6 +64,14 @@ class Prediction:
     def total_s(self) -> float:
         return self.prefill_s + self.decode_s
 
+    @property
+    def utilisation(self) -> dict[str, float]:
+        """Busy seconds of compute, disk and link as a fraction of the run."""
+        return {
+            r: sum(row[f"{r}_s"] for row in self.stages) / self.total_s if self.total_s else 0.0
+            for r in ("compute", "disk", "link")
+        }
+
 
 @dataclass(frozen=True)
 class _Stage:
@@ -330,21 +338,12 @@ class CostModel:
         return out
 
     def explain(self) -> str:
-        """Per-stage seconds and the bottleneck, in words."""
+        """The answer in a few lines (see :func:`flexlab.cost.report.summary`), then seconds per
+        stage with the bound of each."""
+        from flexlab.cost.report import stage_table, summary
+
         pred = self.predict()
-        lines = [
-            f"{self.config.name}, {self.policy.describe()}, on {self.hw.name}: "
-            f"{pred.throughput_tok_s:.1f} tok/s predicted (prefill {pred.prefill_s:.3f} s, "
-            f"decode {pred.decode_s:.3f} s); bottleneck: {pred.bottleneck}",
-            f"{'stage':<16}{'compute s':>12}{'disk s':>12}{'link s':>12}  bound",
-        ]
-        for row in pred.stages:
-            bound = max(("compute", "disk", "link"), key=lambda k: row[f"{k}_s"])
-            lines.append(
-                f"{row['stage']:<16}{row['compute_s']:>12.4f}{row['disk_s']:>12.4f}{row['link_s']:>12.4f}  {bound}"
-            )
-        lines.append("peak GiB: " + ", ".join(f"{t} {v / 2**30:.3f}" for t, v in pred.peak_bytes.items()))
-        return "\n".join(lines)
+        return summary(self, pred) + "\n" + stage_table(pred)
 
 
 @functools.lru_cache(maxsize=256)

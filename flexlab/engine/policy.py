@@ -188,6 +188,10 @@ class Policy:
             f"overlap {'on' if self.overlap else 'off'}"
             + (f", weights {self.compress_weight.describe()}" if self.compress_weight else "")
             + (f", cache {self.compress_cache.describe()}" if self.compress_cache else "")
+            + (", attention of cpu rows on the cpu" if self.cpu_cache_compute else "")
+            + (f", attention sparsity {self.attn_sparsity:g}" if self.attn_sparsity < 1 else "")
+            + ("" if self.sep_layer else ", attention and MLP as one stage")
+            + ("" if self.pin_weight else ", weights not pinned")
         )
 
     def _repr_html_(self) -> str:

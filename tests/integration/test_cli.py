@@ -139,6 +139,23 @@ def test_search_prints_a_policy_that_fits_and_saves_it(capsys, tmp_path):
     assert code == 0 and "bottleneck" in out and "--percent" in out
     policy = flexlab.Policy.from_dict(json.loads((tmp_path / "p.json").read_text()))
     assert policy.w_gpu_percent < 100  # 2.5 GB of weights do not fit 1.5 GiB
+    code, verbose, _ = run(
+        capsys,
+        "search",
+        "--preset",
+        "opt-1.3b",
+        "--gpu-mem",
+        "1.5",
+        "--cpu-mem",
+        "1",
+        "--prompt-len",
+        "64",
+        "--gen-len",
+        "8",
+        "--verbose",
+    )
+    assert code == 0 and verbose.startswith(out.split("wrote")[0].rstrip("\n"))  # the same answer, then detail
+    assert re.search(r"^attention [\d,\-…]+.*\d+\.\d{4}", verbose, re.M) and "best of " in verbose
 
 
 def test_search_places_llama_3_1_8b_on_a_t4_with_compression(capsys, tmp_path):
@@ -155,13 +172,17 @@ def test_search_places_llama_3_1_8b_on_a_t4_with_compression(capsys, tmp_path):
         "--save-policy",
         str(tmp_path / "p.json"),
     )
-    assert code == 0 and re.search(r"llama-3.1-8b, .* tok/s predicted .*; bottleneck: \w+", out)
+    lines = out.splitlines()  # the answer first: throughput, policy, time and bottleneck, memory, flags
+    assert code == 0 and re.match(r"llama-3.1-8b on colab-t4 .*: [\d.]+ tok/s predicted$", lines[0])
+    assert lines[1].startswith("policy: ") and re.search(r"bottleneck: \w+ \(busy \d+%", lines[2])
+    assert lines[3].startswith("peak GiB: ") and lines[4].startswith("flags: ")
+    assert "compute s" not in out  # the per-stage table only with --verbose
     policy = flexlab.Policy.from_dict(json.loads((tmp_path / "p.json").read_text()))
     # 16 GB of bfloat16 weights do not fit a T4's GPU; 4-bit ones (about 4.5 GB) do
     assert policy.compress_weight is not None and policy.compress_weight.bits == 4
     flags = re.search(r"^flags: (.*)$", out, re.M).group(1)  # copying the line runs exactly this policy
     assert policy_from_flags(flags) == policy
-    peak = re.search(r"peak GiB: gpu ([\d.]+)", out)
+    peak = re.search(r"peak GiB: gpu ([\d.]+) of 15.00", out)
     assert peak and float(peak.group(1)) <= 15.0
 
 
