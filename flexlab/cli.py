@@ -163,8 +163,7 @@ def bench(args: argparse.Namespace) -> int:
 def search(args: argparse.Namespace) -> int:
     """Search the fastest policy that fits a machine; print it, its prediction and why."""
     import flexlab
-    from flexlab.cost import CostModel, get_hardware, search_policy
-    from flexlab.cost.report import stage_table, summary
+    from flexlab.cost import get_hardware, search_policy
     from flexlab.files import atomic_write
 
     save = out_file(args.save_policy, "--save-policy") if args.save_policy else None
@@ -183,15 +182,14 @@ def search(args: argparse.Namespace) -> int:
     found = search_policy(
         config, hw, prompt_len=args.prompt_len, gen_len=args.gen_len, compress=compress, progress=True
     )
-    cm = CostModel(config, found.policy, hw, prompt_len=args.prompt_len, gen_len=args.gen_len)
-    pred = cm.predict()
-    print(summary(cm, pred))
+    pred = found.prediction
+    print(pred.summary())
     try:
         print(f"flags: {policy_flags(found.policy)}")
     except ValueError as e:  # a field no flag sets
         print(f"flags: {e}")
     if args.verbose:
-        print("\n" + stage_table(pred))
+        print("\n" + pred.stage_table())
         ranked = sorted(found.candidates, key=lambda c: -c["throughput_tok_s"])[:10]
         print(f"\nbest of {len(found.candidates)} candidates (tok/s, policy):")
         for c in ranked:
@@ -319,7 +317,11 @@ def main(argv: list[str] | None = None) -> int:
 
     p = sub.add_parser("search", help="the fastest policy that fits, by the cost model")
     add_model_args(p)
-    p.add_argument("--hardware", default="colab-t4", help="colab-t4, h100, h200 or a JSON from `flexlab calibrate`")
+    p.add_argument(
+        "--hardware",
+        default="colab-t4",
+        help="colab-t4, flexgen-t4 (FlexGen's paper machine), h100, h200, or a JSON from `flexlab calibrate`",
+    )
     p.add_argument("--gpu-mem", type=float, help="GiB (default: the hardware's)")
     p.add_argument(
         "--cpu-mem",

@@ -174,6 +174,28 @@ PRESETS: dict[str, HardwareProfile] = {
         disk_space=60 * GiB,
     ),
 }
+# FlexGen's own machine (its paper: a GCP T4 with 208 GB DRAM and a 1.5 TB SSD), with the rates
+# FlexGen fitted to its runs there (its experimental/cost_model.py; its GB is 2**30) where a rate
+# means the same here: prefill matmuls, decode attention on the GPU and on the CPU (its FLOP
+# rates, which equal bytes of fp16 cache read per second), host->device copies, disk reads and
+# cache writes. It fitted nothing for compression or step overheads: those are colab-t4's. Its
+# device->host cache copies (0.97 GiB/s) and decode matmuls (4.3 TFLOP/s) have no term of
+# their own here (see experiments/flexgen_published.py).
+PRESETS["flexgen-t4"] = PRESETS["colab-t4"].replace(
+    name="flexgen-t4",
+    source="FlexGen's paper machine (T4 16 GB, 208 GB DRAM, 1.5 TB SSD) with FlexGen's fitted rates "
+    "(experimental/cost_model.py); compression and overheads as colab-t4",
+    matmul_flops=21.24e12,
+    attention_bw=0.079e12,
+    cpu_attention_bw=0.0123e12,
+    link_pinned_bw=12.89 * GiB,
+    link_pageable_bw=12.89 * GiB,
+    disk_read_bw=0.473 * GiB,
+    disk_write_bw=0.746 * GiB,
+    gpu_memory=15 * GiB,
+    cpu_memory=204 * GiB,
+    disk_space=1500 * GiB,
+)
 PRESETS["h200"] = PRESETS["h100"].replace(
     name="h200",
     source="published: NVIDIA H200 data sheet (989 TFLOP/s dense fp16, 4.8 TB/s), PCIe 5.0; "
@@ -186,7 +208,7 @@ PRESETS["h200"] = PRESETS["h100"].replace(
 
 
 def get_hardware(name_or_path: str | os.PathLike) -> HardwareProfile:
-    """A preset by name (``colab-t4``, ``h100``, ``h200``) or a profile saved as JSON."""
+    """A preset by name (``colab-t4``, ``flexgen-t4``, ``h100``, ``h200``) or a profile saved as JSON."""
     if isinstance(name_or_path, str) and name_or_path in PRESETS:
         return PRESETS[name_or_path]
     path = Path(name_or_path)

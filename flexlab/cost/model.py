@@ -25,12 +25,13 @@ from __future__ import annotations
 
 import functools
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
 from flexlab.compress import QuantConfig
 from flexlab.cost.hardware import HardwareProfile
+from flexlab.cost.prediction import Prediction
 from flexlab.engine.kvcodec import KVCodec
 from flexlab.engine.placement import (
     TIERS,
@@ -46,31 +47,6 @@ from flexlab.engine.schedule import Stage, make_stages, share_of
 from flexlab.errors import FlexlabError
 from flexlab.models.config import ModelConfig
 from flexlab.models.registry import get_family
-
-
-@dataclass
-class Prediction:
-    """What the cost model predicts for one block of prompts."""
-
-    prefill_s: float
-    decode_s: float
-    throughput_tok_s: float
-    peak_bytes: dict[str, float]
-    bytes_per_kind: dict[str, float]  # over the whole run, keyed like the timeline's event kinds
-    stages: list[dict] = field(repr=False)  # per stage: name and seconds of compute, disk, link
-    bottleneck: str = ""
-
-    @property
-    def total_s(self) -> float:
-        return self.prefill_s + self.decode_s
-
-    @property
-    def utilisation(self) -> dict[str, float]:
-        """Busy seconds of compute, disk and link as a fraction of the run."""
-        return {
-            r: sum(row[f"{r}_s"] for row in self.stages) / self.total_s if self.total_s else 0.0
-            for r in ("compute", "disk", "link")
-        }
 
 
 @dataclass(frozen=True)
@@ -189,6 +165,10 @@ class CostModel:
             kinds,
             stage_rows,
             max(busy, key=busy.get),
+            title=f"{self.config.name} on {self.hw.name} (prompt {self.prompt_len}, gen {self.gen_len}, "
+            f"{self.num_prompts} prompts)",
+            policy=self.policy,
+            hw=self.hw,
         )
 
     def _stage_classes(self) -> tuple[list[int], list[int]]:
@@ -338,12 +318,9 @@ class CostModel:
         return out
 
     def explain(self) -> str:
-        """The answer in a few lines (see :func:`flexlab.cost.report.summary`), then seconds per
-        stage with the bound of each."""
-        from flexlab.cost.report import stage_table, summary
-
+        """The answer in a few lines (:meth:`Prediction.summary`), then seconds per stage."""
         pred = self.predict()
-        return summary(self, pred) + "\n" + stage_table(pred)
+        return pred.summary() + "\n" + pred.stage_table()
 
 
 @functools.lru_cache(maxsize=256)

@@ -164,7 +164,10 @@ def search_policy(
     batch_sizes=(1, 2, 4, 8, 16, 32, 64),
     num_batches=(1, 2, 4, 8),
     compress: tuple[QuantConfig | None, ...] = (None,),
+    compress_cache: tuple[QuantConfig | None, ...] | None = None,
     act_tiers=("gpu", "cpu"),
+    cpu_cache_compute: tuple[bool, ...] | None = None,
+    sep_layer: tuple[bool, ...] = (True,),
     progress: bool = False,
 ) -> SearchResult:
     """The fastest policy (by the cost model) whose peak memory fits ``hw``'s capacities.
@@ -172,6 +175,12 @@ def search_policy(
     Capacities are per tier. On a machine without a GPU the gpu and cpu tiers are the same RAM:
     split the RAM you allow between ``gpu_memory`` and ``cpu_memory`` (``calibrate()`` gives each
     half); the search counts only their sum (see :func:`fits`).
+
+    The grid: every combination of ``batch_sizes`` x ``num_batches``, activation tier, weight
+    compression (``compress``), cache compression (``compress_cache``; default: the same options
+    as ``compress``, chosen independently), ``cpu_cache_compute`` (default: both where there is
+    a GPU; on a CPU the host tier is attended in place anyway) and ``sep_layer``; combinations
+    the engine refuses (a compressed cache attended on the CPU) are skipped.
     """
     if prompt_len + gen_len > config.max_positions:
         raise FlexlabError(
@@ -179,21 +188,29 @@ def search_policy(
         )
     from tqdm.auto import tqdm
 
-    grid = list(itertools.product(batch_sizes, num_batches, act_tiers, compress))
+    cache_options = compress if compress_cache is None else compress_cache
+    cpu_options = cpu_cache_compute if cpu_cache_compute is not None else ((False, True) if hw.has_link else (False,))
+    grid = [
+        g
+        for g in itertools.product(batch_sizes, num_batches, act_tiers, compress, cache_options, cpu_options, sep_layer)
+        if not (g[4] is not None and g[5])  # the engine does not attend a compressed cache on the CPU
+    ]
 
     def predict(policy: Policy) -> Prediction:
         return CostModel(config, policy, hw, prompt_len=prompt_len, gen_len=gen_len, itemsize=itemsize).predict()
 
     candidates, found_all = [], []
     smallest: dict[str, float] | None = None
-    for bs, nb, act, cq in tqdm(grid, desc="policy search", disable=not progress):
+    for bs, nb, act, cw, cc, on_cpu, sep in tqdm(grid, desc="policy search", disable=not progress):
         base = Policy(
             gpu_batch_size=bs,
             num_gpu_batches=nb,
             act_gpu_percent=ACT_TIERS[act][0],
             act_cpu_percent=ACT_TIERS[act][1],
-            compress_weight=cq,
-            compress_cache=cq,
+            compress_weight=cw,
+            compress_cache=cc,
+            cpu_cache_compute=on_cpu,
+            sep_layer=sep,
         )
         found = None
         x = _solve_shares(base, config, hw, prompt_len, gen_len, itemsize, margin=0.03)
@@ -249,7 +266,7 @@ def search_policy(
 
 def _candidate(policy: Policy, pred: Prediction) -> dict:
     """One row of ``SearchResult.candidates``."""
-    cq = policy.compress_weight
+    cw, cc = policy.compress_weight, policy.compress_cache
     return dict(
         policy=policy.describe(),
         gpu_batch_size=policy.gpu_batch_size,
@@ -257,7 +274,10 @@ def _candidate(policy: Policy, pred: Prediction) -> dict:
         act_tier=next(
             t for t, shares in ACT_TIERS.items() if shares == (policy.act_gpu_percent, policy.act_cpu_percent)
         ),
-        compress=cq.describe() if cq else "none",
+        compress_weight=cw.describe() if cw else "none",
+        compress_cache=cc.describe() if cc else "none",
+        cpu_cache_compute=policy.cpu_cache_compute,
+        sep_layer=policy.sep_layer,
         throughput_tok_s=pred.throughput_tok_s,
         **{f"peak_bytes_{t}": v for t, v in pred.peak_bytes.items()},
     )
