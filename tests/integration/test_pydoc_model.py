@@ -13,16 +13,22 @@ from flexlab.models.pydoc_model import PydocRecipe, pydoc_model_path, pydoc_text
 
 pytestmark = pytest.mark.slow
 
+# The OPT is the demo's model (trained in full: other tests use it too). The LLaMA twin's recipe
+# is tested shortened to 250 of its 600 steps, which halves its training on CI's two cores and
+# still reaches a held-out perplexity of 80 against the unigram's 382 (measured 2026-12-02): the
+# tests check that the LLaMA recipe trains a useful model, not the 600-step twin the ablation uses.
+RECIPES = {"opt": PydocRecipe(), "llama": PydocRecipe(family="llama", steps=250)}
 
-@pytest.fixture(scope="module", params=["opt", "llama"])
+
+@pytest.fixture(scope="module", params=list(RECIPES))
 def model(request):
-    return flexlab.Model.from_pretrained(pydoc_model_path(family=request.param), dtype=torch.float32)
+    return flexlab.Model.from_pretrained(pydoc_model_path(RECIPES[request.param]), dtype=torch.float32)
 
 
 def test_the_twin_is_a_llama_with_grouped_query_attention():
     import transformers
 
-    path = pydoc_model_path(family="llama")
+    path = pydoc_model_path(RECIPES["llama"])
     twin = flexlab.Model.from_pretrained(path, dtype=torch.float32)
     assert twin.config.family == "llama" and twin.config.num_kv_heads < twin.config.num_heads
     assert isinstance(transformers.AutoModelForCausalLM.from_pretrained(path), transformers.LlamaForCausalLM)
@@ -63,8 +69,8 @@ def test_cached_model_is_reused_without_training(monkeypatch):
         raise AssertionError("retrained although cached")
 
     monkeypatch.setattr(pydoc_model, "train_pydoc_model", boom)
-    for family in ("opt", "llama"):
-        assert (pydoc_model_path(family=family) / "config.json").exists()
+    for recipe in RECIPES.values():
+        assert (pydoc_model_path(recipe) / "config.json").exists()
 
 
 def test_interrupted_training_leaves_nothing_behind(monkeypatch, tmp_path):
