@@ -60,6 +60,11 @@ def generate(args: argparse.Namespace) -> int:
     from flexlab.models.generation import prepare_generation
 
     prompts = read_prompts(args.prompt, args.prompts_file, args.prompt_ids)
+    if args.preset and (args.prompt or args.prompts_file):  # before building the model
+        raise ValueError(
+            f"--preset {args.preset} has random weights and no tokenizer: pass token ids "
+            '(--prompt-ids "2 5 7"), or --model DIR for text prompts'
+        )
     timeline = out_file(args.timeline, "--timeline") if args.timeline else None
     model = load_model(args)
     policy = policy_from_args(args, gpu_batch_size=min(len(prompts), 8))
@@ -237,6 +242,11 @@ def chat(args: argparse.Namespace) -> int:
     import flexlab
     from flexlab.chat import Chat
 
+    if args.preset:  # before building the model
+        raise ValueError(
+            f"--preset {args.preset} has random weights and no tokenizer, and chat needs text: pass --model DIR "
+            "(a checkpoint with a tokenizer; default: the pydoc-trained model)"
+        )
     model = load_model(args)
     if model.tokenizer is None:
         raise ValueError(f"{model.config.name} has no tokenizer; chat needs a checkpoint directory with one")
@@ -363,7 +373,7 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(func=convert)
 
     p = sub.add_parser("chat", help="a multi-turn chat in the terminal")
-    add_model_args(p, preset=False)
+    add_model_args(p)
     add_policy_args(p)
     add_sampling_args(p)
     p.set_defaults(func=chat, max_new_tokens=64)

@@ -23,12 +23,11 @@ from flexlab.cli_checks import in_file
 DTYPES = ("float32", "bfloat16", "float16")
 
 
-def add_model_args(p: argparse.ArgumentParser, preset: bool = True) -> None:
-    """``--model``, ``--preset`` (random weights; not for ``chat``) and ``--dtype``."""
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    """``--model``, ``--preset`` (random weights) and ``--dtype``."""
     g = p.add_argument_group("model")
     g.add_argument("--model", help="checkpoint directory or hub id (default: the pydoc-trained model)")
-    if preset:
-        g.add_argument("--preset", help="a preset name instead (random weights), e.g. opt-1.3b; see `flexlab presets`")
+    g.add_argument("--preset", help="a preset name instead (random weights), e.g. opt-1.3b; see `flexlab presets`")
     g.add_argument(
         "--dtype",
         choices=DTYPES,
@@ -116,11 +115,24 @@ def add_policy_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--policy", help="a JSON file of Policy fields (as Policy.to_dict writes); flags override it")
     g.add_argument("--gpu-batch-size", type=int)
     g.add_argument("--num-gpu-batches", type=int)
-    g.add_argument("--compress-weight", metavar="BITS[:GROUP]", help="quantize weights, e.g. 4:64")
-    g.add_argument("--compress-cache", metavar="BITS[:GROUP[:LAYOUT]]", help="quantize the KV cache, e.g. 4:64")
+    # FlexGen's spellings work as FlexGen wrote them: a bare --compress-weight is 4-bit groups of
+    # 64, and --overlap / --sep-layer / --pin-weight take True/False (or 1/0).
+    g.add_argument(
+        "--compress-weight", nargs="?", const="4:64", metavar="BITS[:GROUP]", help="quantize weights (bare: 4:64)"
+    )
+    g.add_argument(
+        "--compress-cache",
+        nargs="?",
+        const="4:64",
+        metavar="BITS[:GROUP[:LAYOUT]]",
+        help="quantize the KV cache (bare: 4:64)",
+    )
     g.add_argument("--cpu-cache-compute", action="store_true", help="decode attention over cpu-tier cache on the CPU")
     g.add_argument("--attn-sparsity", type=float, help="keep this fraction of attention weights in decode")
-    g.add_argument("--no-overlap", action="store_true", help="run every transfer before its compute")
+    g.add_argument("--overlap", type=_bool, metavar="BOOL", help="overlap transfers with compute (default True)")
+    g.add_argument("--no-overlap", action="store_true", help="the same as --overlap False")
+    g.add_argument("--sep-layer", type=_bool, metavar="BOOL", help="attention and MLP as two stages (default True)")
+    g.add_argument("--pin-weight", type=_bool, metavar="BOOL", help="pin cpu-tier weights for the GPU (default True)")
     g.add_argument("--offload-dir", help="where disk-tier data goes (default: a temporary directory)")
 
 
@@ -149,9 +161,24 @@ def policy_from_args(args: argparse.Namespace, **defaults):
             fields[name] = QuantConfig.parse(getattr(args, name))
     if args.cpu_cache_compute:
         fields["cpu_cache_compute"] = True
+    if args.no_overlap and args.overlap:
+        raise ValueError("--no-overlap and --overlap True disagree; pass one of them")
     if args.no_overlap:
         fields["overlap"] = False
+    for name in ("overlap", "sep_layer", "pin_weight"):
+        if getattr(args, name) is not None:
+            fields[name] = getattr(args, name)
     return Policy.from_dict(fields)
+
+
+def _bool(value: str) -> bool:
+    """``True``/``False`` as FlexGen's flags take them (also 1/0, yes/no; any case)."""
+    word = value.strip().lower()
+    if word in ("true", "1", "yes"):
+        return True
+    if word in ("false", "0", "no"):
+        return False
+    raise argparse.ArgumentTypeError(f"{value!r} is not a boolean: pass True or False (or 1/0)")
 
 
 def policy_from_flags(flags: str):
@@ -168,7 +195,7 @@ def policy_flags(policy) -> str:
     (pass such a policy as ``--policy FILE``)."""
     from flexlab.compress import QuantConfig
 
-    missing = [f"{name}={getattr(policy, name)}" for name in ("sep_layer", "pin_weight") if not getattr(policy, name)]
+    missing = []
     for name in ("compress_weight", "compress_cache"):
         q = getattr(policy, name)
         if q is not None and q != QuantConfig.parse(_quant(q)):
@@ -192,7 +219,11 @@ def policy_flags(policy) -> str:
     if policy.attn_sparsity < 1:
         flags += ["--attn-sparsity", _number(policy.attn_sparsity)]
     if not policy.overlap:
-        flags.append("--no-overlap")
+        flags += ["--overlap", "False"]
+    if not policy.sep_layer:
+        flags += ["--sep-layer", "False"]
+    if not policy.pin_weight:
+        flags += ["--pin-weight", "False"]
     return " ".join(flags)
 
 

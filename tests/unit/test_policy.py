@@ -61,6 +61,7 @@ def test_policy_shows_itself_in_a_notebook():
             attn_sparsity=0.25,
         ),
         Policy.from_percent([0, 0, 0, 100, 0, 100], cpu_cache_compute=True),
+        Policy.from_percent([0, 50, 0, 0, 0, 100], sep_layer=False, pin_weight=False, gpu_batch_size=32),
     ],
 )
 def test_printed_flags_make_the_same_policy(policy):
@@ -68,5 +69,33 @@ def test_printed_flags_make_the_same_policy(policy):
 
 
 def test_a_policy_no_flags_express_says_which_fields():
-    with pytest.raises(ValueError, match="no flags set sep_layer=False.*compress_cache=.*--policy FILE"):
-        policy_flags(Policy(sep_layer=False, compress_cache=QuantConfig(bits=4, window=8)))
+    with pytest.raises(ValueError, match="no flags set compress_cache=.*--policy FILE"):
+        policy_flags(Policy(compress_cache=QuantConfig(bits=4, window=8)))
+
+
+def test_flexgen_spellings_make_flexgens_policy():
+    """FlexGen's own command for OPT-175B on a T4, with compression, as its README spells it."""
+    flags = (
+        "--percent 0 50 0 0 0 100 --gpu-batch-size 32 --num-gpu-batches 8 --cpu-cache-compute "
+        "--pin-weight 0 --sep-layer False --overlap False --compress-weight"
+    )
+    q4 = QuantConfig(bits=4, group_size=64)
+    expected = Policy.from_percent(
+        [0, 50, 0, 0, 0, 100],
+        gpu_batch_size=32,
+        num_gpu_batches=8,
+        cpu_cache_compute=True,
+        pin_weight=False,
+        sep_layer=False,
+        overlap=False,
+        compress_weight=q4,
+    )
+    assert policy_from_flags(flags) == expected
+    assert policy_from_flags("--compress-cache --overlap true").compress_cache == q4
+
+
+def test_a_flag_that_is_not_a_boolean_is_refused_by_name():
+    with pytest.raises(SystemExit):  # argparse prints the one-line reason and exits 2
+        policy_from_flags("--overlap maybe")
+    with pytest.raises(ValueError, match="--no-overlap and --overlap True disagree"):
+        policy_from_flags("--no-overlap --overlap True")
