@@ -15,6 +15,7 @@ import shutil
 import statistics
 import tempfile
 import time
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -160,12 +161,38 @@ def _step_overheads(device: torch.device, dtype: torch.dtype, offload_dir: Path)
     elements = (
         2 * shape.num_layers * nb * 8 * shape.hidden_size * (width + sum(width + t - 1 + 1 for t in range(1, new)))
     )
+    codec = _difference_rate(elements, packed, plain, "the KV codec's rate beside the engine's lanes")
+    if codec is None:  # the codec alone: an upper bound on its rate inside the engine
+        codec = _codec_rate(device, dtype, shape.hidden_size)
+        warnings.warn(f"calibrate: using the KV codec's rate alone, {codec / 1e9:.2f} G elements/s", stacklevel=3)
     return (
         step,
         max(0.0, lanes - fast) / transfers,
         max(0.0, cache_lane - fast) / cache_moves,
-        elements / max(packed - plain, 1e-9),
+        codec,
     )
+
+
+def _difference_rate(work: float, slow: float, fast: float, what: str) -> float | None:
+    """``work / (slow - fast)``: the rate of what makes one run slower than another; None (with a
+    warning) where the difference is within the noise of two timings on a shared machine, which
+    would otherwise give an absurd rate (a near-zero divisor)."""
+    if slow - fast > 0.05 * fast:
+        return work / (slow - fast)
+    warnings.warn(
+        f"calibrate: {what} could not be measured: the run with it took {slow:.3f} s, without it {fast:.3f} s "
+        "(within noise; the machine is likely busy). Rerun calibrate() on a quieter machine for a better value",
+        stacklevel=3,
+    )
+    return None
+
+
+def _codec_rate(device: torch.device, dtype: torch.dtype, hidden: int) -> float:
+    """Elements/s quantizing and dequantizing a batch of cache rows with nothing beside it."""
+    g = torch.Generator().manual_seed(0)
+    rows = torch.randn(8, 256, hidden, generator=g).to(device, dtype)
+    cfg = QuantConfig(bits=4, group_size=64)
+    return 2 * rows.numel() / _best(lambda: dequantize(quantize(rows, cfg), dtype), 3, device)
 
 
 def calibrate(

@@ -212,3 +212,13 @@ def test_hardware_profiles_round_trip_and_calibrate_runs(tmp_path):
     (tmp_path / "old.json").write_text(json.dumps(old))
     with pytest.raises(flexlab.FlexlabError, match=r"missing: \['cache_transfer_overhead_s'\].*calibrate"):
         get_hardware(tmp_path / "old.json")
+
+
+def test_calibrate_warns_instead_of_dividing_by_noise():
+    """Rates derived from the difference of two runs: a difference within noise is no rate."""
+    from flexlab.cost.calibrate import _codec_rate, _difference_rate
+
+    assert _difference_rate(1e9, slow=2.0, fast=1.0, what="x") == pytest.approx(1e9)
+    with pytest.warns(UserWarning, match="the codec could not be measured: .*within noise"):
+        assert _difference_rate(1e9, slow=1.01, fast=1.0, what="the codec") is None
+    assert 1e6 < _codec_rate(torch.device("cpu"), torch.float32, 64) < 1e12  # the fallback probe runs
