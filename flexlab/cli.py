@@ -33,7 +33,7 @@ from flexlab.cli_args import (
     policy_from_args,
     sampling_from_args,
 )
-from flexlab.cli_checks import out_dir, out_file, read_prompts, run_guarded
+from flexlab.cli_checks import in_file, out_dir, out_file, read_prompts, run_guarded
 
 
 class _Parser(argparse.ArgumentParser):
@@ -70,6 +70,18 @@ def generate(args: argparse.Namespace) -> int:
     policy = policy_from_args(args, gpu_batch_size=min(len(prompts), 8))
     sampling = sampling_from_args(args)
     prepare_generation(prompts, model.tokenizer, model.config, **sampling)  # bad prompts: refused before placing
+    plan = None
+    if args.plan:  # one policy per stage, as the search wrote them
+        from flexlab.distributed import PipelinePlan
+
+        try:
+            data = json.loads(in_file(args.plan, "--plan").read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ValueError(f"--plan {args.plan}: cannot read a JSON plan ({e})") from None
+        plan = PipelinePlan.from_dict(model.config, data)
+        if args.pipeline not in (1, plan.num_ranks):
+            raise ValueError(f"--pipeline {args.pipeline}, but --plan {args.plan} has {plan.num_ranks} stages")
+        args.pipeline = plan.num_ranks
     ranks = init_from_torchrun()  # (rank, world size) when torchrun started this process
     if ranks is not None or args.pipeline != 1:
         from flexlab.distributed import make_plan
@@ -78,7 +90,12 @@ def generate(args: argparse.Namespace) -> int:
 
         if ranks is not None and args.pipeline not in (1, ranks[1]):
             raise ValueError(f"--pipeline {args.pipeline}, but torchrun started {ranks[1]} processes; drop --pipeline")
-        plan = make_plan(model.config, ranks[1] if ranks else args.pipeline, policy, args.pipeline_layers, args.groups)
+        if plan is not None and ranks is not None and ranks[1] != plan.num_ranks:
+            raise ValueError(f"--plan {args.plan} has {plan.num_ranks} stages, but torchrun started {ranks[1]}")
+        if plan is None:
+            plan = make_plan(
+                model.config, ranks[1] if ranks else args.pipeline, policy, args.pipeline_layers, args.groups
+            )
         result = run_job(
             PipelineJob(ModelSource.of(model), plan, "generate", prompts, sampling, args.offload_dir), ranks
         )
@@ -185,8 +202,10 @@ def search(args: argparse.Namespace) -> int:
     hw = hw.replace(**caps)
     compress = (None, flexlab.QuantConfig(bits=4, group_size=64)) if args.compress else (None,)
     found = search_policy(
-        config, hw, prompt_len=args.prompt_len, gen_len=args.gen_len, compress=compress, progress=True
+        config, hw, prompt_len=args.prompt_len, gen_len=args.gen_len, compress=compress, progress=args.pipeline == 1
     )
+    if args.pipeline != 1:
+        return _search_pipeline(args, config, hw, compress, found, save)
     pred = found.prediction
     print(pred.summary())
     try:
@@ -202,6 +221,44 @@ def search(args: argparse.Namespace) -> int:
     if save is not None:
         atomic_write(save, json.dumps(found.policy.to_dict(), indent=2))
         print(f"wrote {args.save_policy} (pass it to --policy)")
+    return 0
+
+
+def _search_pipeline(args, config, hw, compress, one, save) -> int:
+    """``search --pipeline N``: the fastest plan of N stages (each with the hardware given), beside
+    the one-process answer; ``--save-policy`` writes the plan for ``generate --plan``."""
+    from flexlab.cost import search_pipeline
+    from flexlab.files import atomic_write
+
+    found = search_pipeline(
+        config,
+        hw,
+        args.pipeline,
+        prompt_len=args.prompt_len,
+        gen_len=args.gen_len,
+        layers=args.pipeline_layers,
+        groups=args.groups,
+        compress=compress,
+    )
+    pred, base = found.prediction, one.prediction.throughput_tok_s
+    print(
+        f"{config.name} on {args.pipeline} x {hw.name} (prompt {args.prompt_len}, gen {args.gen_len}): "
+        f"{pred.throughput_tok_s:.3g} tok/s predicted, {pred.throughput_tok_s / base:.2f}x one {hw.name} "
+        f"({base:.3g} tok/s); bubble {pred.bubble:.0%}"
+    )
+    for r, (layers, policy) in enumerate(zip(found.plan.layers, found.plan.policies)):
+        peak = ", ".join(f"{t} {v / 2**30:.2f}" for t, v in pred.ranks[r]["peak_bytes"].items())
+        print(f"stage {r}: layers {layers.start}-{layers.stop - 1}: {policy.describe()}; peak GiB {peak}")
+    print(f"groups: {found.plan.groups}")
+    if args.verbose:
+        for t in found.tried:
+            print(
+                f"{t['gpu_batch_size']:>4}x{t['num_gpu_batches']:<3}",
+                f"{t['throughput_tok_s']:.3g} tok/s" if t["throughput_tok_s"] else t["why"],
+            )
+    if save is not None:
+        atomic_write(save, json.dumps(found.plan.to_dict(), indent=2))
+        print(f"wrote {args.save_policy} (run it: flexlab generate --plan {args.save_policy} ...)")
     return 0
 
 
@@ -345,6 +402,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--compress", action="store_true", help="also consider 4-bit weights and cache")
     p.add_argument("--save-policy", help="write the policy as JSON (for --policy)")
     p.add_argument("--verbose", action="store_true", help="also seconds per stage and the best candidates")
+    add_pipeline_args(p)
     p.set_defaults(func=search)
 
     p = sub.add_parser("calibrate", help="measure this machine for the cost model")

@@ -100,6 +100,9 @@ def add_pipeline_args(p: argparse.ArgumentParser) -> None:
         metavar="G",
         help="groups of GPU batches taking turns, so that the stages work at once (default: one per stage)",
     )
+    g.add_argument(
+        "--plan", help="a plan JSON (as `flexlab search --pipeline N --save-policy` writes): stages, policies"
+    )
 
 
 def add_policy_args(p: argparse.ArgumentParser) -> None:

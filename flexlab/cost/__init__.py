@@ -3,7 +3,7 @@
 from flexlab.cost.calibrate import calibrate, refresh
 from flexlab.cost.hardware import PRESETS, HardwareProfile, get_hardware
 from flexlab.cost.model import CostModel, Prediction
-from flexlab.cost.pipeline import PipelinePrediction, predict_pipeline
+from flexlab.cost.pipeline import PipelinePrediction, PipelineSearchResult, predict_pipeline, search_pipeline
 from flexlab.cost.search import SearchResult, fits, search_policy
 
 __all__ = [
@@ -14,6 +14,8 @@ __all__ = [
     "Prediction",
     "PipelinePrediction",
     "predict_pipeline",
+    "search_pipeline",
+    "PipelineSearchResult",
     "calibrate",
     "refresh",
     "search_policy",

@@ -80,7 +80,6 @@ def predict_pipeline(
         bw = hand_off_bw or (rank_hw.link_pageable_bw if rank_hw.has_link else LOOPBACK_BW)
         last = r == plan.num_ranks - 1
         tp = td = mp = md = 0.0
-        peaks: dict[str, float] = {}
         for g, n in zip(groups, prompts):
             cm = CostModel(
                 config,
@@ -98,7 +97,10 @@ def predict_pipeline(
                 per_token = 8 if last else config.hidden_size * itemsize
                 mp, md = max(mp, n * prompt_len * per_token / bw), max(md, n * per_token / bw)
             busy += pred.prefill_s + pred.decode_s
-            peaks = {t: max(peaks.get(t, 0.0), v) for t, v in pred.peak_bytes.items()}
+        # every group's cache is resident on the rank at once: its memory is the whole block's
+        peaks = CostModel(
+            config, policy, rank_hw, prompt_len=prompt_len, gen_len=gen_len, itemsize=itemsize, layers=layers
+        ).peak_bytes()
         ranks.append(
             dict(rank=r, layers=layers, prefill_group_s=tp, decode_group_token_s=td, hand_off_s=md, peak_bytes=peaks)
         )
@@ -119,3 +121,65 @@ def predict_pipeline(
         1 - busy / (plan.num_ranks * total) if total else 0.0,
         ranks,
     )
+
+
+@dataclass
+class PipelineSearchResult:
+    """The fastest plan found, its prediction, and every block shape tried (tok/s, or why not)."""
+
+    plan: PipelinePlan
+    prediction: PipelinePrediction
+    tried: list[dict] = field(repr=False)
+
+
+def search_pipeline(
+    config: ModelConfig,
+    hw: HardwareProfile,
+    num_ranks: int,
+    *,
+    prompt_len: int,
+    gen_len: int,
+    itemsize: int = 2,
+    layers: list[int] | None = None,
+    groups: int | None = None,
+    batch_sizes=(4, 8, 16, 32, 64),
+    num_batches=(1, 2, 4, 8),
+    **grid,
+) -> PipelineSearchResult:
+    """The fastest plan for ``num_ranks`` ranks, each with ``hw`` of its own (its GPU, host memory
+    and disk). Layers are split as given, else balanced by weight; for each block shape every
+    rank's placement and compression are searched over its share (``search_policy(layers=...)``,
+    ``grid``: its other options), and the plans are ranked by :func:`predict_pipeline`.
+    ``groups``: as :func:`~flexlab.engine.pipeline.make_plan` (default: one per rank)."""
+    import itertools
+
+    from flexlab.cost.search import search_policy
+    from flexlab.engine.pipeline import make_plan
+    from flexlab.errors import FlexlabError
+
+    ranges = make_plan(config, num_ranks, layers=layers).layers  # checks num_ranks and layers first
+    best: tuple[PipelinePlan, PipelinePrediction] | None = None
+    tried = []
+    for bs, nb in itertools.product(batch_sizes, num_batches):
+        shape = dict(batch_sizes=(bs,), num_batches=(nb,))
+        try:
+            policies = [
+                search_policy(
+                    config, hw, prompt_len=prompt_len, gen_len=gen_len, itemsize=itemsize, layers=r, **shape, **grid
+                ).policy
+                for r in ranges
+            ]
+            plan = make_plan(config, num_ranks, policies, [len(r) for r in ranges], groups)
+        except FlexlabError as e:  # nothing fits a rank with this shape, or too few batches for the groups
+            tried.append(dict(gpu_batch_size=bs, num_gpu_batches=nb, throughput_tok_s=None, why=str(e)))
+            continue
+        pred = predict_pipeline(config, plan, hw, prompt_len=prompt_len, gen_len=gen_len, itemsize=itemsize)
+        tried.append(dict(gpu_batch_size=bs, num_gpu_batches=nb, throughput_tok_s=pred.throughput_tok_s, why=""))
+        if best is None or pred.throughput_tok_s > best[1].throughput_tok_s:
+            best = (plan, pred)
+    if best is None:
+        raise FlexlabError(
+            f"no plan of {num_ranks} ranks fits {config.name} (prompt {prompt_len}, gen {gen_len}) on {hw.name}: "
+            f"{tried[-1]['why']}"
+        )
+    return PipelineSearchResult(best[0], best[1], tried)

@@ -59,9 +59,7 @@ def _features(pred: Prediction) -> np.ndarray:
     return np.array(busy + [pred.peak_bytes[t] for t in ("gpu", "cpu", "disk")])
 
 
-def _solve_shares(
-    base: Policy, config: ModelConfig, hw: HardwareProfile, prompt_len: int, gen_len: int, itemsize: int, margin: float
-) -> np.ndarray | None:
+def _solve_shares(base: Policy, predict, hw: HardwareProfile, margin: float) -> np.ndarray | None:
     """The LP over ``(wg, wc, cg, cc, T)``; the shares as fractions, or None if nothing fits.
 
     Each feature is interpolated linearly from the extremes: with ``B`` all on gpu and ``E_*``
@@ -72,9 +70,7 @@ def _solve_shares(
     f = {}
     for name, (wg, wc, cg, cc) in EXTREMES.items():
         policy = base.replace(w_gpu_percent=wg, w_cpu_percent=wc, cache_gpu_percent=cg, cache_cpu_percent=cc)
-        f[name] = _features(
-            CostModel(config, policy, hw, prompt_len=prompt_len, gen_len=gen_len, itemsize=itemsize).predict()
-        )
+        f[name] = _features(predict(policy))
     const = f["w_disk"] + f["c_disk"] - f["base"]
     coef = np.stack(
         [f["base"] - f["w_disk"], f["w_cpu"] - f["w_disk"], f["base"] - f["c_disk"], f["c_cpu"] - f["c_disk"]], axis=1
@@ -168,6 +164,7 @@ def search_policy(
     act_tiers=("gpu", "cpu"),
     cpu_cache_compute: tuple[bool, ...] | None = None,
     sep_layer: tuple[bool, ...] = (True,),
+    layers: range | None = None,
     progress: bool = False,
 ) -> SearchResult:
     """The fastest policy (by the cost model) whose peak memory fits ``hw``'s capacities.
@@ -180,7 +177,8 @@ def search_policy(
     compression (``compress``), cache compression (``compress_cache``; default: the same options
     as ``compress``, chosen independently), ``cpu_cache_compute`` (default: both where there is
     a GPU; on a CPU the host tier is attended in place anyway) and ``sep_layer``; combinations
-    the engine refuses (a compressed cache attended on the CPU) are skipped.
+    the engine refuses (a compressed cache attended on the CPU) are skipped. ``layers``: search
+    for a pipeline rank holding only those layers (see :func:`flexlab.cost.search_pipeline`).
     """
     if prompt_len + gen_len > config.max_positions:
         raise FlexlabError(
@@ -196,8 +194,11 @@ def search_policy(
         if not (g[4] is not None and g[5])  # the engine does not attend a compressed cache on the CPU
     ]
 
+    def model(policy: Policy) -> CostModel:
+        return CostModel(config, policy, hw, prompt_len=prompt_len, gen_len=gen_len, itemsize=itemsize, layers=layers)
+
     def predict(policy: Policy) -> Prediction:
-        return CostModel(config, policy, hw, prompt_len=prompt_len, gen_len=gen_len, itemsize=itemsize).predict()
+        return model(policy).predict()
 
     candidates, found_all = [], []
     smallest: dict[str, float] | None = None
@@ -213,7 +214,7 @@ def search_policy(
             sep_layer=sep,
         )
         found = None
-        x = _solve_shares(base, config, hw, prompt_len, gen_len, itemsize, margin=0.03)
+        x = _solve_shares(base, predict, hw, margin=0.03)
         # The LP interpolates memory linearly, but whole tensors are placed and read buffers follow
         # the largest stage: if the exact footprint overshoots, move shares to disk step by step.
         for keep in (1.0, 0.9, 0.75, 0.5, 0.25, 0.0) if x is not None else ():
@@ -229,14 +230,7 @@ def search_policy(
                 found = (policy, pred)
                 break
         if found is None:
-            footprint = CostModel(
-                config,
-                base.replace(w_gpu_percent=0, cache_gpu_percent=0),
-                hw,
-                prompt_len=prompt_len,
-                gen_len=gen_len,
-                itemsize=itemsize,
-            ).peak_bytes()
+            footprint = model(base.replace(w_gpu_percent=0, cache_gpu_percent=0)).peak_bytes()
             if smallest is None or sum(footprint.values()) < sum(smallest.values()):
                 smallest = footprint
             continue

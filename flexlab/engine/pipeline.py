@@ -45,6 +45,21 @@ class PipelinePlan:
         )
         return f"{ranks} | {self.groups} group(s) of batches"
 
+    def to_dict(self) -> dict:
+        """JSON-ready: layers per rank, groups, and each rank's policy (``flexlab generate --plan``)."""
+        return dict(
+            layers=[len(r) for r in self.layers], groups=self.groups, policies=[p.to_dict() for p in self.policies]
+        )
+
+    @classmethod
+    def from_dict(cls, config: ModelConfig, d: dict) -> PipelinePlan:
+        """The plan ``to_dict`` wrote, checked against ``config`` as :func:`make_plan` checks it."""
+        try:
+            policies = [Policy.from_dict(p) for p in d["policies"]]
+            return make_plan(config, len(policies), policies, d["layers"], d["groups"])
+        except (KeyError, TypeError) as e:
+            raise PipelineError(f"not a pipeline plan (layers, groups, policies): {e!r}") from None
+
 
 def make_plan(
     config: ModelConfig,

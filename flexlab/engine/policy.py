@@ -181,9 +181,13 @@ class Policy:
 
     def describe(self) -> str:
         """One line in FlexGen's notation."""
+
+        def pct(x: float) -> str:  # 100 - 92.6 - 7.4 is 5e-15, not a share worth printing
+            return f"{round(x, 2) + 0.0:g}"
+
         return (
-            f"w {self.w_gpu_percent:g}/{self.w_cpu_percent:g}/{self.w_disk_percent:g} "
-            f"cache {self.cache_gpu_percent:g}/{self.cache_cpu_percent:g}/{self.cache_disk_percent:g} "
+            f"w {pct(self.w_gpu_percent)}/{pct(self.w_cpu_percent)}/{pct(self.w_disk_percent)} "
+            f"cache {pct(self.cache_gpu_percent)}/{pct(self.cache_cpu_percent)}/{pct(self.cache_disk_percent)} "
             f"act {self.act_tier}, batch {self.gpu_batch_size}x{self.num_gpu_batches}, "
             f"overlap {'on' if self.overlap else 'off'}"
             + (f", weights {self.compress_weight.describe()}" if self.compress_weight else "")

@@ -4,8 +4,10 @@ Each run starts fresh interpreters (a few seconds), so each test checks several 
 
 from __future__ import annotations
 
+import json
 import multiprocessing
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -229,3 +231,56 @@ def test_the_command_line_runs_a_pipeline_and_prints_json(launcher):
     model = flexlab.Model.from_config("opt-tiny", seed=0, dtype=torch.float32)
     assert printed["token_ids"] == model.generate([[2, 5, 6], [2, 7]], max_new_tokens=3).token_ids
     assert "rank 1: layers 1-1" in printed["policy"]
+
+
+def test_the_search_plans_a_pipeline_that_generate_runs(tmp_path):
+    """``search --pipeline 2 --save-policy`` writes one policy per stage; ``generate --plan`` runs
+    exactly that plan and gives the reference tokens."""
+    plan_file = tmp_path / "plan.json"
+    shape = ["--preset", "opt-tiny", "--prompt-len", "8", "--gen-len", "4"]
+    out = subprocess.run(
+        [sys.executable, "-m", "flexlab", "search", *shape, "--pipeline", "2", "--save-policy", str(plan_file)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 0, out.stderr
+    assert re.search(r"on 2 x colab-t4 .*: [\d.e+]+ tok/s predicted, [\d.]+x one colab-t4", out.stdout)
+    assert "stage 0: layers 0-0" in out.stdout and "stage 1: layers 1-1" in out.stdout
+    plan = distributed.PipelinePlan.from_dict(flexlab.get_preset("opt-tiny"), json.loads(plan_file.read_text()))
+    assert plan.num_ranks == 2
+    args = ["generate", "--preset", "opt-tiny", "--dtype", "float32", "--prompt-ids", "2 5 6", "--max-new-tokens", "3"]
+    out = subprocess.run(
+        [sys.executable, "-m", "flexlab", *args, "--plan", str(plan_file), "--json"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 0, out.stderr
+    printed = json.loads(next(line for line in out.stdout.splitlines() if line.startswith("{")))
+    model = flexlab.Model.from_config("opt-tiny", seed=0, dtype=torch.float32)
+    assert printed["token_ids"] == model.generate([[2, 5, 6]], max_new_tokens=3).token_ids
+    assert printed["policy"] == plan.describe()
+
+
+def test_a_plan_for_another_model_is_refused_before_any_work(tmp_path):
+    plan_file = tmp_path / "plan.json"
+    plan_file.write_text(json.dumps({"layers": [1, 5], "groups": 1, "policies": [{}, {}]}))
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "flexlab",
+            "generate",
+            "--preset",
+            "opt-tiny",
+            "--prompt-ids",
+            "2",
+            "--plan",
+            str(plan_file),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert out.returncode == 2 and "add up to 6, but the model has 2" in out.stderr, out.stderr

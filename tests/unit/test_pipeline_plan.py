@@ -68,3 +68,19 @@ def test_groups_keep_compute_bound_ranks_busy_and_taking_turns_leaves_n_minus_1_
     assert turns.bubble == pytest.approx(0.75, abs=0.05)
     assert busy.throughput_tok_s > 2 * turns.throughput_tok_s and busy.bubble < turns.bubble
     assert [len(r["layers"]) for r in busy.ranks] == [len(r) for r in split_layers(cfg, 4)]
+
+
+def test_the_pipeline_search_holds_on_gpus_what_one_gpu_offloads():
+    """FlexGen's super-linear scaling: a model one GPU must offload fits two GPUs' memory, so
+    two stages are predicted more than twice as fast, and every stage's pick fits its machine."""
+    from flexlab.cost import fits, get_hardware, search_pipeline, search_policy
+
+    cfg = get_preset("opt-6.7b")  # 13.4 GB of weights
+    hw = get_hardware("colab-t4").replace(gpu_memory=9 * 2**30)
+    grid = dict(prompt_len=256, gen_len=16, batch_sizes=(8,), num_batches=(2,))
+    one = search_policy(cfg, hw, **grid)
+    two = search_pipeline(cfg, hw, 2, **grid)
+    assert one.policy.w_gpu_percent < 100 and all(p.w_gpu_percent == 100 for p in two.plan.policies)
+    assert two.prediction.throughput_tok_s > 2 * one.prediction.throughput_tok_s
+    assert all(fits(r["peak_bytes"], hw) for r in two.prediction.ranks)
+    assert [t["throughput_tok_s"] for t in two.tried] == [two.prediction.throughput_tok_s]
