@@ -200,9 +200,12 @@ def search(args: argparse.Namespace) -> int:
         if v <= 0:
             raise ValueError(f"--{k.split('_')[0]} capacity must be positive, got {v / 2**30:g} GiB")
     hw = hw.replace(**caps)
-    compress = (None, flexlab.QuantConfig(bits=4, group_size=64)) if args.compress else (None,)
+    options = [flexlab.QuantConfig.parse(o) for o in args.compress.split(",")] if args.compress else []
+    # a per-channel layout or a full-precision window applies to the cache only
+    weights = (None, *(q for q in options if q.kv_layout == "per-token" and not q.window))
+    compress = dict(compress=weights, compress_cache=(None, *options))
     found = search_policy(
-        config, hw, prompt_len=args.prompt_len, gen_len=args.gen_len, compress=compress, progress=args.pipeline == 1
+        config, hw, prompt_len=args.prompt_len, gen_len=args.gen_len, progress=args.pipeline == 1, **compress
     )
     if args.pipeline != 1:
         return _search_pipeline(args, config, hw, compress, found, save)
@@ -238,7 +241,7 @@ def _search_pipeline(args, config, hw, compress, one, save) -> int:
         gen_len=args.gen_len,
         layers=args.pipeline_layers,
         groups=args.groups,
-        compress=compress,
+        **compress,
     )
     pred, base = found.prediction, one.prediction.throughput_tok_s
     print(
@@ -399,7 +402,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--disk", type=float, help="GiB (default: the hardware's)")
     p.add_argument("--prompt-len", type=int, default=512)
     p.add_argument("--gen-len", type=int, default=32)
-    p.add_argument("--compress", action="store_true", help="also consider 4-bit weights and cache")
+    p.add_argument(
+        "--compress",
+        nargs="?",
+        const="4:64",
+        metavar="BITS:GROUP[,...]",
+        help="also consider compressed weights and cache, each chosen apart (bare: 4:64; a list such as "
+        "3:64,4:64,4:128 tries each, and each option multiplies the search's time)",
+    )
     p.add_argument("--save-policy", help="write the policy as JSON (for --policy)")
     p.add_argument("--verbose", action="store_true", help="also seconds per stage and the best candidates")
     add_pipeline_args(p)

@@ -161,6 +161,23 @@ def test_search_prints_a_policy_that_fits_and_saves_it(capsys, tmp_path):
     assert re.search(r"^attention [\d,\-…]+.*\d+\.\d{4}", verbose, re.M) and "best of " in verbose
 
 
+def test_search_tries_each_compression_given_and_prints_flags_for_its_pick(capsys, tmp_path):
+    from flexlab.cli_args import policy_from_flags
+
+    argv = ["search", "--preset", "opt-125m", "--gpu-mem", "0.12", "--cpu-mem", "0.1", "--prompt-len", "64"]
+    argv += ["--gen-len", "8", "--compress", "3:64,8:32:per-channel", "--save-policy", str(tmp_path / "p.json")]
+    code, out, _ = run(capsys, *argv)
+    policy = flexlab.Policy.from_dict(json.loads((tmp_path / "p.json").read_text()))
+    assert code == 0 and policy_from_flags(re.search(r"^flags: (.*)$", out, re.M).group(1)) == policy
+    # 250 MB of float16 weights in 0.12 GiB of GPU: 3-bit weights (the per-channel option is the cache's only)
+    assert policy.compress_weight == flexlab.QuantConfig(bits=3, group_size=64)
+    assert policy.compress_cache in (
+        None,
+        flexlab.QuantConfig.parse("3:64"),
+        flexlab.QuantConfig.parse("8:32:per-channel"),
+    )
+
+
 def test_search_places_llama_3_1_8b_on_a_t4_with_compression(capsys, tmp_path):
     from flexlab.cli_args import policy_from_flags
 
