@@ -103,8 +103,9 @@ def generate(args: argparse.Namespace) -> int:
             return 0  # a torchrun process other than rank 0, which speaks for the pipeline
         what = plan.describe()
     else:
-        with flexlab.Engine(model, policy, offload_dir=args.offload_dir, progress=True) as engine:
-            result = engine.generate(prompts, **sampling)
+        on_terminal = sys.stderr.isatty()  # bars only where someone watches (not in logs or pipes)
+        with flexlab.Engine(model, policy, offload_dir=args.offload_dir, progress=on_terminal) as engine:
+            result = engine.generate(prompts, **sampling, progress=on_terminal)
         what = policy.describe()
     m = result.metrics
     if args.json:

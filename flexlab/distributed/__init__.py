@@ -102,9 +102,11 @@ def _job(model, stages, policy, layers, groups, offload_dir, threads, timeout_s,
         unknown = sorted(k for k in options if k not in signature.parameters or k in ("self", "prompts"))
         if unknown:
             raise TypeError(f"generate() got unknown options {unknown}; it takes those of Engine.generate")
+        if "progress" in options:  # the ranks run apart: no one process sees every token
+            raise TypeError("generate() on a pipeline takes no progress bar; drop progress=")
         call = signature.bind(None, inputs, **options)
         call.apply_defaults()
-        keywords = {k: v for k, v in call.arguments.items() if k not in ("self", "prompts")}
+        keywords = {k: v for k, v in call.arguments.items() if k not in ("self", "prompts", "progress")}
         prepare_generation(inputs, built.tokenizer, built.config, **keywords)
     else:
         encode_for_scoring(inputs, built.tokenizer, built.config)

@@ -190,11 +190,13 @@ class Engine:
         seed: int | None = None,
         stop_token_ids=(),
         stop_strings=None,
+        progress: bool = False,
     ) -> GenerationResult:
         """Generate for any number of prompts, in blocks of ``gpu_batch_size × num_gpu_batches``.
 
-        Arguments as :meth:`flexlab.Model.generate`. With sampling, the same seed gives the same
-        tokens from run to run, though not the reference path's tokens (batches draw in turn).
+        Arguments as :meth:`flexlab.Model.generate`; ``progress``: a bar over the new tokens. With
+        sampling, the same seed gives the same tokens from run to run, though not the reference
+        path's tokens (batches draw in turn).
         """
         self._check_open()
         ids, sampling, stop = prepare_generation(
@@ -215,19 +217,23 @@ class Engine:
         self.tracker.reset_peaks()
         generated: list[list[int]] = [[] for _ in ids]
         events, prefill_s, decode_s = [], 0.0, 0.0
-        for first in range(0, len(ids), self.policy.block_size):
-            head = GenerateHead(
-                ids[first : first + self.policy.block_size],
-                self.policy.gpu_batch_size,
-                max_new_tokens,
-                sampler=sampler,
-                stop=stop,
-                generated=generated,
-                offset=first,
-            )
-            block_events, p, d = self._run(head)
-            events += block_events
-            prefill_s, decode_s = prefill_s + p, decode_s + d
+        from tqdm.auto import tqdm
+
+        with tqdm(total=len(ids) * max_new_tokens, desc="generating", unit="tok", disable=not progress) as bar:
+            for first in range(0, len(ids), self.policy.block_size):
+                head = GenerateHead(
+                    ids[first : first + self.policy.block_size],
+                    self.policy.gpu_batch_size,
+                    max_new_tokens,
+                    sampler=sampler,
+                    stop=stop,
+                    generated=generated,
+                    offset=first,
+                    on_token=bar.update,
+                )
+                block_events, p, d = self._run(head)
+                events += block_events
+                prefill_s, decode_s = prefill_s + p, decode_s + d
         metrics = generation_metrics(sum(map(len, generated)), prefill_s, decode_s)
         metrics.update({f"peak_bytes_{tier}": float(v) for tier, v in self.tracker.peaks().items()})
         return GenerationResult(

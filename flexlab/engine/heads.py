@@ -47,13 +47,24 @@ class Head:
 
 class GenerateHead(Head):
     """Samples each sequence's next token; new tokens go into ``generated`` (the caller's
-    per-prompt lists, this block's prompts from ``offset``), checked by ``stop``."""
+    per-prompt lists, this block's prompts from ``offset``), checked by ``stop``; ``on_token``
+    is called once per token of the block, with the sequences still running (a progress bar)."""
 
     def __init__(
-        self, ids, gpu_batch_size: int, max_new_tokens: int, *, sampler, stop, generated: list[list[int]], offset: int
+        self,
+        ids,
+        gpu_batch_size: int,
+        max_new_tokens: int,
+        *,
+        sampler,
+        stop,
+        generated: list[list[int]],
+        offset: int,
+        on_token: Callable[[int], None] | None = None,
     ) -> None:
         super().__init__(ids, gpu_batch_size, max_new_tokens)
         self.sampler, self.stop, self.generated, self.offset = sampler, stop, generated, offset
+        self.on_token = on_token
         self._new: list[torch.Tensor | None] = [None] * len(self.batch_rows)
 
     def finished(self) -> bool:
@@ -63,10 +74,14 @@ class GenerateHead(Head):
         new = self._new[k] = self.sampler(project(h[:, -1]))  # stays on the device for the next embed
         if k == len(self.batch_rows) - 1:
             # After the block's last batch: one host sync per token brings every new token over.
+            running = 0
             for row, tok in enumerate(torch.cat(self._new).tolist()):
                 if not self.stop.finished[self.offset + row]:
                     self.generated[self.offset + row].append(tok)
+                    running += 1
             self.stop.update(self.generated)
+            if self.on_token is not None:
+                self.on_token(running)
             if t == 0:
                 self.prefill_done = time.perf_counter()  # .tolist() waited for the device: the prefill is done
         return new

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import random
+import re
 import shutil
 
 import pytest
@@ -349,3 +350,19 @@ def test_every_layer_gets_the_positions_the_embedding_got(tiny_dir, policy):
             checked += len(positions)  # sequences in the batch
     assert checked == model.config.num_layers * 6 * 3  # every sequence, layer and token
     assert any(-1 in row for _, p in calls for row in p)  # left padding was there to get right
+
+
+def test_generate_shows_progress_over_the_new_tokens(capsys):
+    model = flexlab.Model.from_config("opt-tiny", seed=0, dtype=torch.float32)
+    with flexlab.Engine(model, flexlab.Policy(gpu_batch_size=2, num_gpu_batches=2)) as engine:
+        out = engine.generate([[2, 5]] * 6, max_new_tokens=4, stop_token_ids=None, progress=True)
+        assert re.findall(r"(\d+)/24", capsys.readouterr().err)[-1] == "24"
+        stopped = engine.generate(
+            [[2, 5], [2, 6, 7]], max_new_tokens=6, stop_token_ids=[out.token_ids[0][1]], progress=True
+        )
+    counted = int(re.findall(r"(\d+)/12", capsys.readouterr().err)[-1])
+    assert counted == sum(map(len, stopped.token_ids)) < 12  # tokens made, not steps run
+    from flexlab import distributed
+
+    with pytest.raises(TypeError, match="no progress bar"):  # refused before any process starts
+        distributed.generate(model, [[2, 5]], stages=2, progress=True)
