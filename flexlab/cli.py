@@ -354,6 +354,7 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("demo", help="generate with an offloading policy, print throughput, plot the timeline")
     p.add_argument("--model", help="checkpoint directory or hub id (default: the pydoc-trained model)")
     p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--repeats", type=int, default=3, help="runs of each path, compared by their medians")
     p.add_argument(
         "--dtype",
         choices=DTYPES,

@@ -249,8 +249,10 @@ def test_convert_random_writes_a_checkpoint_transformers_loads(capsys, tmp_path)
 @pytest.mark.slow
 def test_demo_generates_the_reference_tokens_and_writes_its_timeline(capsys, tmp_path):
     """The README's main job (``make demo``) on the pydoc model."""
-    code, out, _ = run(capsys, "demo", "--max-new-tokens", "6", "--out", str(tmp_path), "--offload-dir", str(tmp_path))
+    argv = ["demo", "--max-new-tokens", "6", "--repeats", "2", "--out", str(tmp_path), "--offload-dir", str(tmp_path)]
+    code, out, _ = run(capsys, *argv)
     assert code == 0 and "same tokens: yes" in out
+    assert re.search(r"median of 2 runs [\d.]+ tokens/s \(runs [\d.]+-[\d.]+\)", out) and "offloaded / reference" in out
     assert sorted(p.name for p in tmp_path.iterdir()) == ["timeline.json", "timeline.png", "trace.json"]
     assert len(flexlab.Timeline.load(tmp_path / "timeline.json")) > 0
 
