@@ -281,7 +281,9 @@ class CostModel:
                     lnk += (load + store) / hw.link_pinned_bw if link else 0.0
                 else:
                     lnk += (load + store) / hw.link_pinned_bw if link else 0.0
-            if codec.config is not None:  # dequantize what was read, quantize the rows that leave the tail
+            # dequantize what was read, quantize the rows that leave the tail (the rows attended on the
+            # host with cpu_cache_compute are decoded there; charged at the same rate: not calibrated apart)
+            if codec.config is not None:
                 compute += b * (rows + new_rows) * codec.chunk * self.config.kv_dim / hw.kv_codec_elems
         return compute, disk, lnk, moved
 

@@ -176,8 +176,7 @@ def search_policy(
     The grid: every combination of ``batch_sizes`` x ``num_batches``, activation tier, weight
     compression (``compress``), cache compression (``compress_cache``; default: the same options
     as ``compress``, chosen independently), ``cpu_cache_compute`` (default: both where there is
-    a GPU; on a CPU the host tier is attended in place anyway) and ``sep_layer``; combinations
-    the engine refuses (a compressed cache attended on the CPU) are skipped. ``layers``: search
+    a GPU; on a CPU the host tier is attended in place anyway) and ``sep_layer``. ``layers``: search
     for a pipeline rank holding only those layers (see :func:`flexlab.cost.search_pipeline`).
     """
     if prompt_len + gen_len > config.max_positions:
@@ -188,11 +187,7 @@ def search_policy(
 
     cache_options = compress if compress_cache is None else compress_cache
     cpu_options = cpu_cache_compute if cpu_cache_compute is not None else ((False, True) if hw.has_link else (False,))
-    grid = [
-        g
-        for g in itertools.product(batch_sizes, num_batches, act_tiers, compress, cache_options, cpu_options, sep_layer)
-        if not (g[4] is not None and g[5])  # the engine does not attend a compressed cache on the CPU
-    ]
+    grid = list(itertools.product(batch_sizes, num_batches, act_tiers, compress, cache_options, cpu_options, sep_layer))
 
     def model(policy: Policy) -> CostModel:
         return CostModel(config, policy, hw, prompt_len=prompt_len, gen_len=gen_len, itemsize=itemsize, layers=layers)

@@ -310,22 +310,33 @@ class BlockRun:
 
     def _with_tail(self, step: Step, layer: int, loaded: LoadedCache) -> LoadedCache:
         """The loaded rows as keys/values ``[b, heads, tokens, d]``: dequantized, then the
-        full-precision tail appended."""
-        out = {}
+        full-precision tail appended. Rows kept on the host (``cpu_cache_compute``) are decoded
+        there, where their attention runs, and take their sequences' share of the tail along."""
+        out: dict[str, torch.Tensor | None] = {}
+        host: dict[str, torch.Tensor | None] = {}
+        span = loaded.host_span
         for kv in KV:
-            codec, rows = self.codecs[kv], getattr(loaded, kv)
-            if rows is None:  # every sequence's cache stayed on the host (cpu_cache_compute)
-                out[kv] = None
-                continue
-            x = (
-                rows
-                if codec.config is None
-                else self.ctx.executor.timed("dequantize_cache", step, lambda: codec.decode(rows))
-            )
+            codec, rows, kept = self.codecs[kv], getattr(loaded, kv), getattr(loaded, f"host_{kv}")
             tail = self.tails.get((layer, step.batch, kv))
-            out[kv] = (x if tail is None else torch.cat([x, tail], dim=1)).transpose(1, 2)
-        host = {kv: None if x is None else x.transpose(1, 2) for kv, x in (("k", loaded.host_k), ("v", loaded.host_v))}
-        return LoadedCache(out["k"], out["v"], host["k"], host["v"], loaded.host_span)
+            host_tail = None
+            if span is not None and tail is not None:  # the tail covers the batch: split it as the rows are
+                first, count = span
+                tail, host_tail = torch.cat([tail[:first], tail[first + count :]]), tail[first : first + count]
+            out[kv] = None if rows is None else self._decoded(step, codec, rows, tail).transpose(1, 2)
+            if kept is not None:
+                # float16 is slow on CPUs: decode in float32 there, as the attention reads it
+                cpu_dtype = torch.float32 if self.ctx.dtype == torch.float16 else None
+                host[kv] = self._decoded(step, codec, kept, host_tail, cpu_dtype).transpose(1, 2)
+        return LoadedCache(out["k"], out["v"], host.get("k"), host.get("v"), span)
+
+    def _decoded(self, step: Step, codec, rows, tail, dtype=None) -> torch.Tensor:
+        """Stored rows as ``[b, tokens, heads, d]``, the full-precision ``tail`` appended."""
+        x = (
+            rows
+            if codec.config is None
+            else self.ctx.executor.timed("dequantize_cache", step, lambda: codec.decode(rows, dtype))
+        )
+        return x if tail is None else torch.cat([x, tail.to(x.device, x.dtype)], dim=1)
 
     def _sparse_attention(
         self,

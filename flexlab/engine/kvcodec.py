@@ -89,8 +89,9 @@ class KVCodec:
         q = quantize(x.reshape(self._chunk_shape(b, n // self.chunk)), self._qcfg)
         return torch.cat([t.reshape(b, n // self.chunk, -1).view(torch.uint8) for t in q.tensors()], dim=-1)
 
-    def decode(self, rows: torch.Tensor) -> torch.Tensor:
-        """Rows ``[b, r, ...]`` back to ``[b, r * chunk, heads, head_dim]`` in the compute dtype."""
+    def decode(self, rows: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """Rows ``[b, r, ...]`` back to ``[b, r * chunk, heads, head_dim]`` in ``dtype`` (default:
+        the compute dtype)."""
         if self.config is None:
             return rows
         b, r = rows.shape[:2]
@@ -101,4 +102,4 @@ class KVCodec:
             start += size
         q: QTensor = self._template.with_tensors(tensors)
         q.shape = self._chunk_shape(b, r)
-        return dequantize(q, self.dtype).reshape(b, r * self.chunk, self.heads, self.head_dim)
+        return dequantize(q, dtype or self.dtype).reshape(b, r * self.chunk, self.heads, self.head_dim)

@@ -113,11 +113,6 @@ class Policy:
                 "set them on compress_cache"
             )
         # What the engine cannot run is refused here, so a search never ranks it either.
-        if self.compress_cache is not None and self.cpu_cache_compute:
-            raise PolicyError(
-                "Policy.cpu_cache_compute with compress_cache is not implemented (attention on the "
-                "CPU reads the cache uncompressed); turn one of them off"
-            )
         if self.attn_sparsity < 1 and self.cpu_cache_compute:
             raise PolicyError(
                 "Policy.attn_sparsity < 1 with cpu_cache_compute is not implemented (attention on the "

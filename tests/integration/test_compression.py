@@ -74,13 +74,17 @@ def test_teacher_forced_scores_equal_prefill_scores_without_compression(model, t
 )
 def test_a_compressed_cache_gives_the_same_results_on_every_placement(model, cache, tmp_path):
     results = []
-    for percent in (
-        [100, 0, 100, 0, 100, 0],
-        [100, 0, 0, 100, 100, 0],
-        [100, 0, 0, 0, 100, 0],
-        [50, 50, 30, 30, 0, 100],
+    for percent, on_cpu in (
+        ([100, 0, 100, 0, 100, 0], False),
+        ([100, 0, 0, 100, 100, 0], False),
+        ([100, 0, 0, 0, 100, 0], False),
+        ([50, 50, 30, 30, 0, 100], False),
+        ([100, 0, 0, 100, 100, 0], True),  # the cpu rows decoded and attended on the host
+        ([50, 50, 30, 30, 0, 100], True),  # ...beside gpu and disk rows in one batch
     ):
-        policy = Policy.from_percent(percent, gpu_batch_size=2, num_gpu_batches=2, compress_cache=cache)
+        policy = Policy.from_percent(
+            percent, gpu_batch_size=2, num_gpu_batches=2, compress_cache=cache, cpu_cache_compute=on_cpu
+        )
         with flexlab.Engine(model, policy, offload_dir=tmp_path) as engine:
             results.append(
                 (engine.generate(PROMPTS, max_new_tokens=NEW).token_ids, engine.score(PROMPTS, teacher_forced=True))

@@ -36,6 +36,13 @@ POLICIES = {
         compress_cache=QuantConfig(bits=2, group_size=8, kv_layout="per-channel", window=3),
     ),
     "cpu attention": Policy.from_percent([50, 0, 0, 100, 100, 0], gpu_batch_size=4, cpu_cache_compute=True),
+    "cpu attention over a compressed cache": Policy.from_percent(
+        [30, 0, 30, 40, 100, 0],
+        gpu_batch_size=2,
+        num_gpu_batches=2,
+        cpu_cache_compute=True,
+        compress_cache=QuantConfig(bits=4, group_size=16),
+    ),
 }
 
 

@@ -194,7 +194,6 @@ def test_a_full_disk_is_refused_before_any_file_is_written(model, tmp_path, monk
     "kwargs, message",
     [
         (dict(attn_sparsity=0.5, cpu_cache_compute=True), "attn_sparsity < 1 with cpu_cache_compute"),
-        (dict(compress_cache=flexlab.QuantConfig(), cpu_cache_compute=True), "cpu_cache_compute with compress_cache"),
     ],
 )
 def test_unfinished_features_are_refused_clearly(kwargs, message):

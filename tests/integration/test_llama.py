@@ -150,11 +150,14 @@ def test_a_compressed_cache_gives_the_same_result_on_every_placement(pair, tmp_p
     hf, model = pair
     q4 = flexlab.QuantConfig(bits=4, group_size=8)
     runs = []
-    for percent in ([100, 0, 100, 0, 100, 0], [50, 20, 0, 0, 0, 100], [0, 0, 30, 30, 0, 0]):
-        policy = Policy.from_percent(percent, gpu_batch_size=2, num_gpu_batches=2, compress_cache=q4)
+    placements = [([100, 0, 100, 0, 100, 0], False), ([50, 20, 0, 0, 0, 100], False), ([0, 0, 30, 30, 0, 0], False)]
+    for percent, on_cpu in placements + [([0, 0, 30, 30, 0, 0], True)]:  # cpu rows decoded, attended on the host
+        policy = Policy.from_percent(
+            percent, gpu_batch_size=2, num_gpu_batches=2, compress_cache=q4, cpu_cache_compute=on_cpu
+        )
         with flexlab.Engine(model, policy, offload_dir=tmp_path) as engine:
             runs.append(engine.generate(PROMPTS, max_new_tokens=NEW, stop_token_ids=None).token_ids)
-    assert runs[0] == runs[1] == runs[2]
+    assert all(r == runs[0] for r in runs[1:])
 
 
 def test_random_preset_checkpoint_loads_in_transformers(tmp_path):
