@@ -96,8 +96,8 @@ class KVCodec:
             return rows
         b, r = rows.shape[:2]
         tensors, start = [], 0
-        for dtype, shape, size in self._parts:
-            part = rows[..., start : start + size].contiguous().view(dtype)
+        for part_dtype, shape, size in self._parts:
+            part = rows[..., start : start + size].contiguous().view(part_dtype)
             tensors.append(part.reshape(b, r, *shape))
             start += size
         q: QTensor = self._template.with_tensors(tensors)

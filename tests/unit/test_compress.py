@@ -154,8 +154,11 @@ def test_kv_rows_are_the_bytes_the_codec_announces(layout, bits, group_size, sym
     from flexlab.engine.kvcodec import KVCodec
 
     cfg = QuantConfig(bits=bits, group_size=group_size, symmetric=symmetric, kv_layout=layout)
-    codec = KVCodec(cfg, 3, 8, torch.float32, keys=True)
-    x = torch.randn(2, 4 * codec.chunk, 3, 8)
+    codec = KVCodec(cfg, 3, 8, torch.bfloat16, keys=True)
+    x = torch.randn(2, 4 * codec.chunk, 3, 8, dtype=torch.bfloat16)
     rows = codec.encode(x)
     assert rows.shape == (2, 4, codec.row_bytes)
-    assert codec.decode(rows).shape == x.shape
+    back = codec.decode(rows)
+    assert back.shape == x.shape and back.dtype == torch.bfloat16  # the compute dtype by default
+    wide = codec.decode(rows, torch.float32)  # or as asked (the host's float32): the same values, finer
+    assert wide.dtype == torch.float32 and torch.allclose(wide, back.float(), atol=2e-2, rtol=1e-2)
