@@ -104,6 +104,7 @@ def searched_policy(spec: str, cfg: Config, hw) -> dict:
         prompt_len=cfg.prompt_len,
         gen_len=cfg.gen_len,
         itemsize=getattr(torch, cfg.dtype).itemsize,
+        checkpoint_itemsize=getattr(torch, cfg.dtype).itemsize,  # written in the dtype, read in place
         compress=compress,
     )
     return found.policy.to_dict()

@@ -93,10 +93,15 @@ def predictions(cfg: Config, model, policy, scratch: Path) -> dict[tuple[int, in
     """Per (stages, groups): the predicted throughput and bubble, on profiles measured here."""
     import torch
 
-    from flexlab.cost import CostModel, calibrate, predict_pipeline
+    from flexlab.cost import CostModel, calibrate, checkpoint_itemsize, predict_pipeline
     from flexlab.engine.pipeline import make_plan
 
-    kw = dict(prompt_len=cfg.prompt_len, gen_len=cfg.gen_len, itemsize=model.dtype.itemsize)
+    kw = dict(
+        prompt_len=cfg.prompt_len,
+        gen_len=cfg.gen_len,
+        itemsize=model.dtype.itemsize,
+        checkpoint_itemsize=checkpoint_itemsize(model),  # its disk weights are read in place, as stored
+    )
     out, before = {}, torch.get_num_threads()
     try:
         torch.set_num_threads(cfg.threads)

@@ -186,11 +186,18 @@ def bench(args: argparse.Namespace) -> int:
 def search(args: argparse.Namespace) -> int:
     """Search the fastest policy that fits a machine; print it, its prediction and why."""
     import flexlab
-    from flexlab.cost import get_hardware, search_policy
+    from flexlab.cost import checkpoint_itemsize, get_hardware, search_policy
     from flexlab.files import atomic_write
 
     save = out_file(args.save_policy, "--save-policy") if args.save_policy else None
-    config = flexlab.get_preset(args.preset) if args.preset else load_model(args).config
+    # the compute dtype the target runs (default float16, as on a GPU); a checkpoint's own dtype
+    # is what its disk weights are read in
+    sizes = dict(itemsize=dtype_of(args.dtype).itemsize if args.dtype else 2)
+    if args.preset:
+        config = flexlab.get_preset(args.preset)
+    else:
+        model = load_model(args)
+        config, sizes["checkpoint_itemsize"] = model.config, checkpoint_itemsize(model)
     hw = get_hardware(args.hardware)
     caps = {
         k: v * 2**30
@@ -206,10 +213,10 @@ def search(args: argparse.Namespace) -> int:
     weights = (None, *(q for q in options if q.kv_layout == "per-token" and not q.window))
     compress = dict(compress=weights, compress_cache=(None, *options))
     found = search_policy(
-        config, hw, prompt_len=args.prompt_len, gen_len=args.gen_len, progress=args.pipeline == 1, **compress
+        config, hw, prompt_len=args.prompt_len, gen_len=args.gen_len, progress=args.pipeline == 1, **compress, **sizes
     )
     if args.pipeline != 1:
-        return _search_pipeline(args, config, hw, compress, found, save)
+        return _search_pipeline(args, config, hw, {**compress, **sizes}, found, save)
     pred = found.prediction
     print(pred.summary())
     try:
@@ -228,7 +235,7 @@ def search(args: argparse.Namespace) -> int:
     return 0
 
 
-def _search_pipeline(args, config, hw, compress, one, save) -> int:
+def _search_pipeline(args, config, hw, options: dict, one, save) -> int:
     """``search --pipeline N``: the fastest plan of N stages (each with the hardware given), beside
     the one-process answer; ``--save-policy`` writes the plan for ``generate --plan``."""
     from flexlab.cost import search_pipeline
@@ -242,7 +249,7 @@ def _search_pipeline(args, config, hw, compress, one, save) -> int:
         gen_len=args.gen_len,
         layers=args.pipeline_layers,
         groups=args.groups,
-        **compress,
+        **options,
     )
     pred, base = found.prediction, one.prediction.throughput_tok_s
     print(

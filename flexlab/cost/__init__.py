@@ -2,7 +2,7 @@
 
 from flexlab.cost.calibrate import calibrate, refresh
 from flexlab.cost.hardware import PRESETS, HardwareProfile, get_hardware
-from flexlab.cost.model import CostModel, Prediction
+from flexlab.cost.model import CostModel, Prediction, checkpoint_itemsize
 from flexlab.cost.pipeline import PipelinePrediction, PipelineSearchResult, predict_pipeline, search_pipeline
 from flexlab.cost.search import SearchResult, fits, search_policy
 
@@ -11,6 +11,7 @@ __all__ = [
     "get_hardware",
     "PRESETS",
     "CostModel",
+    "checkpoint_itemsize",
     "Prediction",
     "PipelinePrediction",
     "predict_pipeline",

@@ -61,6 +61,9 @@ class _Stage:
     row_table: int = 0  # a compressed token table looked up by rows: its row length (dequantized per batch)
     batch_dequant_elems: int = 0  # with a row table, the stage's other matrices (dequantized per batch)
     elementwise: int = 0  # hidden-sized vectors read or written per token by its elementwise ops
+    # fresh tensors a load of the stage makes (with a GPU: every weight not on it, as loaded; on
+    # a CPU: disk weights read in place whose dtype is not the compute dtype, converted)
+    copies: tuple[int, int] = (0, 0)  # (with a link, without)
 
 
 class CostModel:
@@ -69,7 +72,10 @@ class CostModel:
     ``num_prompts`` defaults to one block (``policy.block_size``); prompts all have ``prompt_len``
     tokens; ``itemsize`` is the compute dtype's (2: float16/bfloat16). ``layers``: only those
     layers (a pipeline rank's share, with the embedding if they start at 0 and the head if they
-    end at the last; see :mod:`flexlab.cost.pipeline`).
+    end at the last; see :mod:`flexlab.cost.pipeline`). ``checkpoint_itemsize``: the bytes per
+    element of a safetensors checkpoint, from which the engine reads uncompressed disk weights in
+    place (:func:`checkpoint_itemsize` of a Model); None: the engine writes them itself, in the
+    compute dtype (random weights, ``.bin`` checkpoints, compressed weights).
     """
 
     def __init__(
@@ -83,6 +89,7 @@ class CostModel:
         itemsize: int = 2,
         num_prompts: int | None = None,
         layers: range | None = None,
+        checkpoint_itemsize: int | None = None,
     ) -> None:
         if not isinstance(prompt_len, int) or not isinstance(gen_len, int) or prompt_len < 1 or gen_len < 1:
             raise FlexlabError(f"prompt_len={prompt_len!r} and gen_len={gen_len!r} must be ints >= 1")
@@ -100,7 +107,13 @@ class CostModel:
             self.stages = share_of(self.stages, layers, config.num_layers)
             self.num_layers = len(layers)
         self._stage, weight_bytes, self.packed = _price_weights(
-            config, tuple(self.stages), policy.w_gpu_percent, policy.w_cpu_percent, policy.compress_weight, itemsize
+            config,
+            tuple(self.stages),
+            policy.w_gpu_percent,
+            policy.w_cpu_percent,
+            policy.compress_weight,
+            itemsize,
+            checkpoint_itemsize,
         )
         self.weight_bytes = dict(weight_bytes)  # stored bytes per tier (the cached original stays as it was)
         self.codecs = {
@@ -297,11 +310,12 @@ class CostModel:
         buffers = 2 * max(stage_disk, default=0)
         out["cpu" if hw.has_link else "gpu"] += buffers
         # On the compute device: the computing stage's copies of weights from other tiers and its
-        # dequantized matrices, and the next stage's copies (prefetched); a CPU uses reads in place.
-        copied = [(st.w_bytes["cpu"] + st.w_bytes["disk"]) if hw.has_link else 0 for st in self._stage]
-        working = [
-            c + st.dequant_elems * self.itemsize + nxt for c, st, nxt in zip(copied, self._stage, copied[1:] + [0])
-        ]
+        # dequantized matrices, and the next stage's copies (prefetched; after the last stage
+        # comes the first, for the next token or group); a CPU uses its reads in place unless
+        # they need converting to the compute dtype.
+        copied = [st.copies[0 if hw.has_link else 1] for st in self._stage]
+        after = copied[1:] + (copied[:1] if self.gen_len > 1 or p.num_gpu_batches > 1 else [0])
+        working = [c + st.dequant_elems * self.itemsize + nxt for c, st, nxt in zip(copied, self._stage, after)]
         out["gpu"] += max(working, default=0)
         capacity = self.prompt_len + self.gen_len - 1
         n = min(self.num_prompts, p.block_size)
@@ -333,6 +347,7 @@ def _price_weights(
     w_cpu_percent: float,
     cw: QuantConfig | None,
     itemsize: int,
+    checkpoint_itemsize: int | None = None,
 ) -> tuple[list[_Stage], dict[str, int], list[int]]:
     """Per stage: what its weights cost (bytes per tier, matmul sizes, dequantization); the
     model's stored weight bytes per tier; per stage the bytes of its packed disk file.
@@ -343,15 +358,25 @@ def _price_weights(
     placement = place_weights(family.weight_specs(config), list(stages), w_gpu_percent, w_cpu_percent)
     priced, weight_bytes, packed_bytes = [], {t: 0 for t in TIERS}, []
     for stage, items in zip(stages, placement):
-        w_bytes, packed = {t: 0 for t in TIERS}, 0
+        w_bytes, packed, copies = {t: 0 for t in TIERS}, 0, [0, 0]
         for spec, tier, first in items:
             qcfg = cw if compresses(spec, cw) else None
-            parts = qcfg.part_nbytes(spec.shape) if qcfg is not None else [spec.numel * itemsize]
+            # read in place from the checkpoint, in its dtype; else written by the engine
+            in_place = tier == "disk" and qcfg is None and checkpoint_itemsize is not None
+            parts = (
+                qcfg.part_nbytes(spec.shape)
+                if qcfg is not None
+                else [spec.numel * (checkpoint_itemsize if in_place else itemsize)]
+            )
             w_bytes[tier] += sum(parts)
             if first:
                 weight_bytes[tier] += sum(parts)
-            if tier == "disk":  # the engine's read buffer: its own packed file, plus room for a tied weight
-                packed += sum(align_up(n) if first else read_region(n) for n in parts)
+            if tier == "disk":  # the read buffer: the stage's packed file, plus room for each read elsewhere
+                packed += sum(align_up(n) if first and not in_place else read_region(n) for n in parts)
+            if tier != "gpu":  # loaded: plain weights in the compute dtype, compressed ones as stored
+                copies[0] += spec.numel * itemsize if qcfg is None else sum(parts)
+            if in_place and checkpoint_itemsize != itemsize:
+                copies[1] += spec.numel * itemsize
         mats = [s for s, _, _ in items if len(s.shape) >= 2]
         matmul = [s for s in mats if not ("embed" in stage.parts and s.layer is None)]  # a lookup, no matmul
         if "head" in stage.parts:
@@ -376,10 +401,20 @@ def _price_weights(
                 row_table,
                 per_batch,
                 elementwise,
+                tuple(copies),
             )
         )
         packed_bytes.append(packed)
     return priced, weight_bytes, packed_bytes
+
+
+def checkpoint_itemsize(model) -> int | None:
+    """For :class:`CostModel`: the bytes per element of the safetensors the engine reads ``model``'s
+    disk weights from in place, or None where it writes them itself (random weights, ``.bin``)."""
+    specs = model.family.weight_specs(model.config)
+    where = [model.weights.location(s.name) for s in specs]
+    sizes = {loc.dtype.itemsize for loc in where if loc is not None}
+    return sizes.pop() if len(sizes) == 1 and all(loc is not None for loc in where) else None
 
 
 def _dtype(itemsize: int) -> torch.dtype:

@@ -65,10 +65,12 @@ def predict_pipeline(
     gen_len: int,
     itemsize: int = 2,
     hand_off_bw: float | None = None,
+    checkpoint_itemsize: int | None = None,
 ) -> PipelinePrediction:
     """The prediction for ``plan`` on ``hw``
     (one profile for every rank, or one per rank). ``hand_off_bw``: bytes/s between ranks
-    (default: the host link where there is one, else :data:`LOOPBACK_BW`)."""
+    (default: the host link where there is one, else :data:`LOOPBACK_BW`); ``checkpoint_itemsize``:
+    as :class:`~flexlab.cost.CostModel`'s."""
     profiles = hw if isinstance(hw, list) else [hw] * plan.num_ranks
     policy0 = plan.policies[0]
     groups = split_batches(policy0.num_gpu_batches, plan.groups)
@@ -90,6 +92,7 @@ def predict_pipeline(
                 itemsize=itemsize,
                 num_prompts=n,
                 layers=layers,
+                checkpoint_itemsize=checkpoint_itemsize,
             )
             pred = cm.predict()
             tp, td = max(tp, pred.prefill_s), max(td, pred.decode_s / decode_tokens if decode_tokens else 0.0)
@@ -99,7 +102,14 @@ def predict_pipeline(
             busy += pred.prefill_s + pred.decode_s
         # every group's cache is resident on the rank at once: its memory is the whole block's
         peaks = CostModel(
-            config, policy, rank_hw, prompt_len=prompt_len, gen_len=gen_len, itemsize=itemsize, layers=layers
+            config,
+            policy,
+            rank_hw,
+            prompt_len=prompt_len,
+            gen_len=gen_len,
+            itemsize=itemsize,
+            layers=layers,
+            checkpoint_itemsize=checkpoint_itemsize,
         ).peak_bytes()
         ranks.append(
             dict(rank=r, layers=layers, prefill_group_s=tp, decode_group_token_s=td, hand_off_s=md, peak_bytes=peaks)
@@ -144,6 +154,7 @@ def search_pipeline(
     groups: int | None = None,
     batch_sizes=(4, 8, 16, 32, 64),
     num_batches=(1, 2, 4, 8),
+    checkpoint_itemsize: int | None = None,
     **grid,
 ) -> PipelineSearchResult:
     """The fastest plan for ``num_ranks`` ranks, each with ``hw`` of its own (its GPU, host memory
@@ -165,7 +176,15 @@ def search_pipeline(
         try:
             policies = [
                 search_policy(
-                    config, hw, prompt_len=prompt_len, gen_len=gen_len, itemsize=itemsize, layers=r, **shape, **grid
+                    config,
+                    hw,
+                    prompt_len=prompt_len,
+                    gen_len=gen_len,
+                    itemsize=itemsize,
+                    layers=r,
+                    checkpoint_itemsize=checkpoint_itemsize,
+                    **shape,
+                    **grid,
                 ).policy
                 for r in ranges
             ]
@@ -173,7 +192,15 @@ def search_pipeline(
         except FlexlabError as e:  # nothing fits a rank with this shape, or too few batches for the groups
             tried.append(dict(gpu_batch_size=bs, num_gpu_batches=nb, throughput_tok_s=None, why=str(e)))
             continue
-        pred = predict_pipeline(config, plan, hw, prompt_len=prompt_len, gen_len=gen_len, itemsize=itemsize)
+        pred = predict_pipeline(
+            config,
+            plan,
+            hw,
+            prompt_len=prompt_len,
+            gen_len=gen_len,
+            itemsize=itemsize,
+            checkpoint_itemsize=checkpoint_itemsize,
+        )
         tried.append(dict(gpu_batch_size=bs, num_gpu_batches=nb, throughput_tok_s=pred.throughput_tok_s, why=""))
         if best is None or pred.throughput_tok_s > best[1].throughput_tok_s:
             best = (plan, pred)

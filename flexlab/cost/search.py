@@ -165,6 +165,7 @@ def search_policy(
     cpu_cache_compute: tuple[bool, ...] | None = None,
     sep_layer: tuple[bool, ...] = (True,),
     layers: range | None = None,
+    checkpoint_itemsize: int | None = None,
     progress: bool = False,
 ) -> SearchResult:
     """The fastest policy (by the cost model) whose peak memory fits ``hw``'s capacities.
@@ -178,6 +179,7 @@ def search_policy(
     as ``compress``, chosen independently), ``cpu_cache_compute`` (default: both where there is
     a GPU; on a CPU the host tier is attended in place anyway) and ``sep_layer``. ``layers``: search
     for a pipeline rank holding only those layers (see :func:`flexlab.cost.search_pipeline`).
+    ``checkpoint_itemsize``: as :class:`CostModel`'s (a checkpoint read in place from disk).
     """
     if prompt_len + gen_len > config.max_positions:
         raise FlexlabError(
@@ -190,7 +192,16 @@ def search_policy(
     grid = list(itertools.product(batch_sizes, num_batches, act_tiers, compress, cache_options, cpu_options, sep_layer))
 
     def model(policy: Policy) -> CostModel:
-        return CostModel(config, policy, hw, prompt_len=prompt_len, gen_len=gen_len, itemsize=itemsize, layers=layers)
+        return CostModel(
+            config,
+            policy,
+            hw,
+            prompt_len=prompt_len,
+            gen_len=gen_len,
+            itemsize=itemsize,
+            layers=layers,
+            checkpoint_itemsize=checkpoint_itemsize,
+        )
 
     def predict(policy: Policy) -> Prediction:
         return model(policy).predict()

@@ -229,3 +229,43 @@ def test_calibrate_warns_instead_of_dividing_by_noise():
     with pytest.warns(UserWarning, match="the codec could not be measured: .*within noise"):
         assert _difference_rate(1e9, slow=1.01, fast=1.0, what="the codec") is None
     assert 1e6 < _codec_rate(torch.device("cpu"), torch.float32, 64) < 1e12  # the fallback probe runs
+
+
+def test_disk_weights_read_in_place_are_counted_in_the_checkpoints_dtype(tmp_path):
+    """A float16 checkpoint computed in float32: its disk weights are read as stored (2 bytes an
+    element), the memory tiers hold float32 copies; the model must count both as the engine does."""
+    from flexlab.cost.model import checkpoint_itemsize
+    from flexlab.models.convert import save_checkpoint
+
+    save_checkpoint(
+        flexlab.Model.from_config("opt-tiny", seed=0), tmp_path / "ckpt", dtype=torch.float16, progress=False
+    )
+    model = flexlab.Model.from_pretrained(tmp_path / "ckpt", dtype=torch.float32)
+    assert checkpoint_itemsize(model) == 2 and checkpoint_itemsize(flexlab.Model.from_config("opt-tiny")) is None
+
+    def cm_of(model, policy):
+        return CostModel(
+            model.config,
+            policy,
+            CPU_ONLY,
+            prompt_len=len(PROMPTS[0]),
+            gen_len=NEW,
+            itemsize=4,
+            num_prompts=len(PROMPTS),
+            checkpoint_itemsize=2,
+        )
+
+    for percent in ([0, 0, 100, 0, 100, 0], [30, 30, 0, 100, 100, 0]):
+        policy = Policy.from_percent(percent, gpu_batch_size=2, num_gpu_batches=2)
+        with flexlab.Engine(model, policy, offload_dir=tmp_path) as engine:
+            result = engine.generate(PROMPTS, max_new_tokens=NEW, stop_token_ids=None)
+        measured = result.timeline.to_pandas().groupby("kind").bytes.sum().to_dict()
+        pred = cm_of(model, policy).predict()
+        assert pred.bytes_per_kind["load_weight"] == measured["load_weight"] > 0
+        for tier in ("cpu", "disk"):
+            assert pred.peak_bytes[tier] == result.metrics[f"peak_bytes_{tier}"], (percent, tier)
+        # The converted copies: whether the next stage's load overlaps this stage's compute
+        # depends on timing. The model counts the overlap (the worst case); the run holds at
+        # least one stage's copies fewer.
+        largest = max(s.copies[1] for s in cm_of(model, policy)._stage)
+        assert pred.peak_bytes["gpu"] - largest <= result.metrics["peak_bytes_gpu"] <= pred.peak_bytes["gpu"]
