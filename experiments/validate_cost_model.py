@@ -46,6 +46,7 @@ POLICIES = {
     "weights 4-bit on disk": ([0, 0, 100, 0, 100, 0], {"compress_weight": Q4}),
     "cache 4-bit on disk": ([100, 0, 0, 0, 100, 0], {"compress_cache": Q4}),
     "cache on cpu, cpu attention": ([100, 0, 0, 100, 100, 0], {"cpu_cache_compute": True}),
+    "cache 4-bit on cpu, cpu attention": ([100, 0, 0, 100, 100, 0], {"cpu_cache_compute": True, "compress_cache": Q4}),
     "three-way split": ([30, 30, 30, 30, 100, 0], {}),
 }
 
