@@ -161,7 +161,8 @@ def search_pipeline(
     and disk). Layers are split as given, else balanced by weight; for each block shape every
     rank's placement and compression are searched over its share (``search_policy(layers=...)``,
     ``grid``: its other options), and the plans are ranked by :func:`predict_pipeline`.
-    ``groups``: as :func:`~flexlab.engine.pipeline.make_plan` (default: one per rank)."""
+    ``groups``: the groups of batches taking turns (default: each from 1 to the block's batches
+    is tried; it changes only the schedule, not what a rank holds)."""
     import itertools
 
     from flexlab.cost.search import search_policy
@@ -169,6 +170,7 @@ def search_pipeline(
     from flexlab.errors import FlexlabError
 
     ranges = make_plan(config, num_ranks, layers=layers).layers  # checks num_ranks and layers first
+    counts = [len(r) for r in ranges]
     best: tuple[PipelinePlan, PipelinePrediction] | None = None
     tried = []
     for bs, nb in itertools.product(batch_sizes, num_batches):
@@ -188,22 +190,34 @@ def search_pipeline(
                 ).policy
                 for r in ranges
             ]
-            plan = make_plan(config, num_ranks, policies, [len(r) for r in ranges], groups)
+            # every rank holds the whole block's cache whatever the groups: its pick stands for each
+            plans = [
+                make_plan(config, num_ranks, policies, counts, g) for g in ([groups] if groups else range(1, nb + 1))
+            ]
         except FlexlabError as e:  # nothing fits a rank with this shape, or too few batches for the groups
-            tried.append(dict(gpu_batch_size=bs, num_gpu_batches=nb, throughput_tok_s=None, why=str(e)))
+            tried.append(dict(gpu_batch_size=bs, num_gpu_batches=nb, groups=groups, throughput_tok_s=None, why=str(e)))
             continue
-        pred = predict_pipeline(
-            config,
-            plan,
-            hw,
-            prompt_len=prompt_len,
-            gen_len=gen_len,
-            itemsize=itemsize,
-            checkpoint_itemsize=checkpoint_itemsize,
-        )
-        tried.append(dict(gpu_batch_size=bs, num_gpu_batches=nb, throughput_tok_s=pred.throughput_tok_s, why=""))
-        if best is None or pred.throughput_tok_s > best[1].throughput_tok_s:
-            best = (plan, pred)
+        for plan in plans:
+            pred = predict_pipeline(
+                config,
+                plan,
+                hw,
+                prompt_len=prompt_len,
+                gen_len=gen_len,
+                itemsize=itemsize,
+                checkpoint_itemsize=checkpoint_itemsize,
+            )
+            tried.append(
+                dict(
+                    gpu_batch_size=bs,
+                    num_gpu_batches=nb,
+                    groups=plan.groups,
+                    throughput_tok_s=pred.throughput_tok_s,
+                    why="",
+                )
+            )
+            if best is None or pred.throughput_tok_s > best[1].throughput_tok_s:
+                best = (plan, pred)
     if best is None:
         raise FlexlabError(
             f"no plan of {num_ranks} ranks fits {config.name} (prompt {prompt_len}, gen {gen_len}) on {hw.name}: "
