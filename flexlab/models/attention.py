@@ -46,16 +46,35 @@ def attention_bias(
     return bias + position_bias(positions_from_mask(valid))
 
 
-def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+SCORE_BYTES = 64 << 20  # the most float32 attention scores held at once (a prefill's grow with prompt²)
+
+
+def attend(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor, score_bytes: int = SCORE_BYTES
+) -> torch.Tensor:
     """Softmax attention. ``q`` is pre-scaled.
 
     Shapes: q ``[b, heads, q_len, d]``, k and v ``[b, kv_heads, kv_len, d]``, bias
-    ``[b, 1, q_len, kv_len]`` → ``[b, heads, q_len, d]``. With grouped-query attention
+    ``[b, 1 or heads, q_len, kv_len]`` → ``[b, heads, q_len, d]``. With grouped-query attention
     (``kv_heads < heads``) each key/value head serves ``heads / kv_heads`` consecutive query
     heads. Scores and softmax are in float32 (float16 scores plus a large negative mask can
-    overflow to -inf and give NaN rows).
+    overflow to -inf and give NaN rows). Queries are taken in chunks so that their scores stay
+    under ``score_bytes``: a 2048-token prefill of 8 sequences and 32 heads would otherwise hold
+    4 GiB of them (each query's softmax is its own, so chunks change nothing).
     """
     k, v = expand_kv(k, q.shape[1]), expand_kv(v, q.shape[1])
+    b, heads, q_len, _ = q.shape
+    rows = max(1, score_bytes // (4 * b * heads * k.shape[2]))
+    if rows >= q_len:
+        return _attend_rows(q, k, v, bias)
+    out = torch.empty(b, heads, q_len, v.shape[-1], dtype=v.dtype, device=q.device)
+    for first in range(0, q_len, rows):
+        part = slice(first, first + rows)
+        out[:, :, part] = _attend_rows(q[:, :, part], k, v, bias[:, :, part])
+    return out
+
+
+def _attend_rows(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
     scores = torch.matmul(q, k.transpose(-1, -2)).float() + bias
     probs = torch.softmax(scores, dim=-1).to(v.dtype)
     return torch.matmul(probs, v)

@@ -94,3 +94,23 @@ def test_metrics_count_tokens(model):
     r = model.generate([[2, 3], [2, 4, 5]], max_new_tokens=5, stop_token_ids=None)
     assert r.metrics["new_tokens"] == 10
     assert r.metrics["throughput_tok_s"] == pytest.approx(10 / (r.metrics["prefill_s"] + r.metrics["decode_s"]))
+
+
+@pytest.mark.parametrize("heads, kv_heads, per_head_bias", [(4, 4, False), (4, 2, False), (6, 3, True)])
+def test_attention_in_chunks_of_queries_equals_all_at_once(heads, kv_heads, per_head_bias):
+    """A long prefill's scores are computed a chunk of queries at a time (memory); the result
+    must not change, with grouped-query heads and with per-head biases (ALiBi) alike."""
+    from flexlab.models.attention import attend
+
+    g = torch.Generator().manual_seed(0)
+    b, n, d = 2, 37, 8
+    q = torch.randn(b, heads, n, d, generator=g)
+    k, v = (torch.randn(b, kv_heads, n, d, generator=g) for _ in range(2))
+    valid = torch.ones(b, n, dtype=torch.bool)
+    valid[0, :5] = False  # left padding
+    bias = attention_bias(valid, n)
+    if per_head_bias:
+        bias = bias + torch.randn(b, heads, 1, n, generator=g)
+    whole = attend(q, k, v, bias)
+    chunked = attend(q, k, v, bias, score_bytes=4 * b * heads * n * 5)  # 5 queries at a time, 8 chunks
+    assert torch.allclose(chunked, whole, atol=1e-6, rtol=1e-6)
