@@ -166,6 +166,7 @@ def search_policy(
     sep_layer: tuple[bool, ...] = (True,),
     layers: range | None = None,
     checkpoint_itemsize: int | None = None,
+    refined: int = REFINED,
     progress: bool = False,
 ) -> SearchResult:
     """The fastest policy (by the cost model) whose peak memory fits ``hw``'s capacities.
@@ -180,6 +181,7 @@ def search_policy(
     a GPU; on a CPU the host tier is attended in place anyway) and ``sep_layer``. ``layers``: search
     for a pipeline rank holding only those layers (see :func:`flexlab.cost.search_pipeline`).
     ``checkpoint_itemsize``: as :class:`CostModel`'s (a checkpoint read in place from disk).
+    ``refined``: how many of the best LP picks are refined on the exact model.
     """
     if prompt_len + gen_len > config.max_positions:
         raise FlexlabError(
@@ -257,7 +259,7 @@ def search_policy(
             "free disk space, allow compression, or try smaller batches"
         )
     # The few best LP picks, each refined on the exact model; the fastest of them wins.
-    top = sorted(found_all, key=lambda f: f[1].throughput_tok_s, reverse=True)[:REFINED]
+    top = sorted(found_all, key=lambda f: f[1].throughput_tok_s, reverse=True)[: max(1, refined)]
     refined = [_refine(f, predict, hw) for f in top]
     candidates += [_candidate(*r) for r, f in zip(refined, top) if r[0] != f[0]]
     best = max(refined, key=lambda r: r[1].throughput_tok_s)
