@@ -13,12 +13,14 @@ from __future__ import annotations
 
 import json
 import os
+import zlib
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from flexlab.files import atomic_write
 
 COMPUTE_LANE = "compute"
+WAITED_ON = ("load_weight", "load_cache", "load_act", "recv")  # what a compute step waits for
 
 
 @dataclass(frozen=True)
@@ -151,13 +153,22 @@ class Timeline:
         data = json.loads(Path(path).read_text())
         return cls([Event(**e) for e in data["events"]])
 
-    def to_chrome_trace(self, path: str | os.PathLike) -> None:
+    def to_chrome_trace(self, path: str | os.PathLike, *, run: str | None = None) -> None:
         """A Chrome trace (open in https://ui.perfetto.dev or chrome://tracing): a process per
-        rank, a row per lane."""
+        rank, a row per lane, and an arrow from each load to the compute that waited on it.
+
+        Process ids are this run's own (from ``run``, a label shown in the process names, or
+        else from the events), so traces of two runs merge in Perfetto side by side."""
+        key = run if run is not None else json.dumps([asdict(e) for e in self.events[:64]])
+        base = zlib.crc32(key.encode()) % 100_000 * 100
+        label = f" ({run})" if run else ""
         tids = {(e.rank, e.lane): i for i, e in enumerate({(e.rank, e.lane): e for e in self.events}.values())}
-        trace = [{"name": "process_name", "ph": "M", "pid": r, "args": {"name": f"rank {r}"}} for r in self.ranks]
+        trace = [
+            {"name": "process_name", "ph": "M", "pid": base + r, "args": {"name": f"rank {r}{label}"}}
+            for r in self.ranks
+        ]
         trace += [
-            {"name": "thread_name", "ph": "M", "pid": rank, "tid": tid, "args": {"name": lane}}
+            {"name": "thread_name", "ph": "M", "pid": base + rank, "tid": tid, "args": {"name": lane}}
             for (rank, lane), tid in tids.items()
         ]
         for e in self.events:
@@ -166,14 +177,37 @@ class Timeline:
                     "name": f"{e.kind} {e.stage_name}".strip(),
                     "cat": e.kind,
                     "ph": "X",
-                    "pid": e.rank,
+                    "pid": base + e.rank,
                     "tid": tids[(e.rank, e.lane)],
                     "ts": e.start * 1e6,
                     "dur": max(e.duration * 1e6, 0.001),
                     "args": {"token": e.token, "stage": e.stage, "batch": e.batch, "bytes": e.bytes},
                 }
             )
+        for n, (load, compute) in enumerate(self._waits()):
+            ends = [(load, "s", load.end - 0.01 * load.duration), (compute, "f", compute.start)]
+            for e, ph, at in ends:  # a flow binds to the slice around its time: inside each end
+                flow = {"name": "waits on", "cat": "flow", "ph": ph, "id": n, "pid": base + e.rank, "ts": at * 1e6}
+                trace.append({**flow, "tid": tids[(e.rank, e.lane)], **({"bp": "e"} if ph == "f" else {})})
         atomic_write(Path(path), json.dumps({"traceEvents": trace, "displayTimeUnit": "ms"}))
+
+    def _waits(self) -> list[tuple[Event, Event]]:
+        """(load, compute) pairs: each load or receive of a (token, stage, batch) and the compute of
+        it on the same rank; a weight load serves every batch, and goes to the stage's first."""
+        computes: dict[tuple, list[Event]] = {}
+        for e in self.events:
+            if e.kind == "compute":
+                computes.setdefault((e.rank, e.token, e.stage), []).append(e)
+        pairs = []
+        for e in self.events:
+            if e.kind not in WAITED_ON:
+                continue
+            mine = computes.get((e.rank, e.token, e.stage), [])
+            if e.batch is not None:
+                mine = [c for c in mine if c.batch == e.batch]
+            if mine:
+                pairs.append((e, min(mine, key=lambda c: c.start)))
+        return pairs
 
     def _repr_html_(self) -> str:
         s = self.summary()

@@ -28,6 +28,28 @@ def test_summary_measures_hidden_and_exposed_io():
     assert s["GB_per_s[load weight]"] == pytest.approx(2.0)
 
 
+def check_trace_event_format(trace: dict) -> list[dict]:
+    """The parts of the Trace Event Format (Chrome's, which Perfetto reads) a flexlab trace uses."""
+    events = trace["traceEvents"]
+    assert trace.get("displayTimeUnit") in ("ms", "ns")
+    flows: dict[int, list[str]] = {}
+    for e in events:
+        assert isinstance(e["name"], str) and isinstance(e["pid"], int), e
+        if e["ph"] == "M":
+            assert e["name"] in ("process_name", "thread_name") and isinstance(e["args"]["name"], str), e
+            assert e["name"] == "process_name" or isinstance(e["tid"], int), e
+        elif e["ph"] == "X":
+            assert isinstance(e["tid"], int) and e["ts"] >= 0 and e["dur"] > 0 and isinstance(e["cat"], str), e
+        elif e["ph"] in ("s", "f"):
+            assert isinstance(e["id"], int) and isinstance(e["tid"], int) and e["ts"] >= 0 and e["cat"], e
+            assert e["ph"] == "s" or e.get("bp") == "e", e  # a flow's end binds to the slice it enters
+            flows.setdefault(e["id"], []).append(e["ph"])
+        else:
+            raise AssertionError(f"phase {e['ph']!r} is not one a flexlab trace writes: {e}")
+    assert all(sorted(v) == ["f", "s"] for v in flows.values()), flows  # every arrow has both ends
+    return events
+
+
 def test_pandas_save_load_and_chrome_trace(tmp_path):
     tl = make()
     df = tl.to_pandas()
@@ -36,7 +58,7 @@ def test_pandas_save_load_and_chrome_trace(tmp_path):
     tl.save(tmp_path / "t.json")
     assert Timeline.load(tmp_path / "t.json").events == tl.events
     tl.to_chrome_trace(tmp_path / "trace.json")
-    trace = json.loads((tmp_path / "trace.json").read_text())["traceEvents"]
+    trace = check_trace_event_format(json.loads((tmp_path / "trace.json").read_text()))
     spans = [e for e in trace if e["ph"] == "X"]
     assert len(spans) == 4 and spans[1]["dur"] == pytest.approx(1e6)
     assert {e["args"]["name"] for e in trace if e["name"] == "thread_name"} == {"compute", "load weight", "store cache"}
@@ -59,14 +81,46 @@ def test_a_pipeline_timeline_groups_lanes_by_rank(tmp_path):
     assert s["busy_s[rank 0 compute]"] == pytest.approx(1.0) and s["busy_s[rank 1 compute]"] == pytest.approx(0.7)
     assert s["compute_busy_s"] == pytest.approx(1.7)  # the time some rank computes
     tl.to_chrome_trace(tmp_path / "trace.json")
-    trace = json.loads((tmp_path / "trace.json").read_text())["traceEvents"]
+    trace = check_trace_event_format(json.loads((tmp_path / "trace.json").read_text()))
     assert {e["args"]["name"] for e in trace if e["name"] == "process_name"} == {"rank 0", "rank 1"}
-    assert {(e["pid"], e["args"]["name"]) for e in trace if e["name"] == "thread_name"} == {
+    base = min(e["pid"] for e in trace)
+    assert {(e["pid"] - base, e["args"]["name"]) for e in trace if e["name"] == "thread_name"} == {
         (0, "compute"),
         (0, "send"),
         (1, "recv"),
         (1, "compute"),
     }
+    # the receive on rank 1 is waited on by rank 1's compute: one arrow, on rank 1's rows
+    arrows = [e for e in trace if e["ph"] in ("s", "f")]
+    assert [(e["ph"], e["pid"] - base) for e in arrows] == [("s", 1), ("f", 1)]
     old = {"version": 1, "events": [{k: v for k, v in vars(e).items() if k != "rank"} for e in tl.events]}
     (tmp_path / "old.json").write_text(json.dumps(old))
     assert {e.rank for e in Timeline.load(tmp_path / "old.json").events} == {0}
+
+
+def test_trace_arrows_lead_from_each_load_to_the_compute_that_waits_and_runs_merge(tmp_path):
+    tl = Timeline(
+        [
+            Event("load weight", "load_weight", 0, 1, None, 0.0, 0.5, 100),
+            Event("load cache", "load_cache", 0, 1, 1, 0.2, 0.9, 10),
+            Event("compute", "compute", 0, 1, 0, 0.5, 1.0),
+            Event("compute", "compute", 0, 1, 1, 1.0, 1.5),
+            Event("compute", "compute", 0, 2, 0, 1.5, 2.0),  # nothing loaded for it: no arrow
+        ]
+    )
+    tl.to_chrome_trace(tmp_path / "a.json", run="policy A")
+    tl.to_chrome_trace(tmp_path / "b.json", run="policy B")
+    a, b = (check_trace_event_format(json.loads((tmp_path / f"{n}.json").read_text())) for n in "ab")
+    spans = {(e["args"]["batch"], e["args"]["stage"], e["cat"]): e for e in a if e["ph"] == "X"}
+    ends = {(e["id"], e["ph"]): e for e in a if e["ph"] in ("s", "f")}
+    assert len(ends) == 4  # two arrows
+    weight, cache = spans[(None, 1, "load_weight")], spans[(1, 1, "load_cache")]
+    first, second = spans[(0, 1, "compute")], spans[(1, 1, "compute")]
+    for (start, end), (load, compute) in zip(
+        sorted(((ends[(i, "s")], ends[(i, "f")]) for i in (0, 1)), key=lambda p: p[0]["ts"]),
+        [(weight, first), (cache, second)],  # the weights serve the stage's first batch first
+    ):
+        assert load["ts"] <= start["ts"] <= load["ts"] + load["dur"] and start["tid"] == load["tid"]
+        assert end["ts"] == compute["ts"] and end["tid"] == compute["tid"]
+    assert {e["args"]["name"] for e in a if e["name"] == "process_name"} == {"rank 0 (policy A)"}
+    assert {e["pid"] for e in a}.isdisjoint({e["pid"] for e in b})  # two runs merge without clashing
