@@ -65,10 +65,29 @@ def _never(step: Step) -> bool:
     return False
 
 
-def _done(value) -> Future:
-    f: Future = Future()
-    f.set_result(value)
-    return f
+class _Done:
+    """A value already at hand, answering as a finished Future does (a real Future costs a lock
+    and a condition per step, which on a small model is much of the step)."""
+
+    __slots__ = ("value",)
+
+    def __init__(self, value) -> None:
+        self.value = value
+
+    def result(self, timeout: float | None = None):
+        return self.value
+
+    def done(self) -> bool:
+        return True
+
+    def cancel(self) -> bool:
+        return False
+
+    def cancelled(self) -> bool:
+        return False
+
+    def exception(self, timeout: float | None = None) -> None:
+        return None
 
 
 class Executor:
@@ -87,7 +106,7 @@ class Executor:
         self.handlers: dict[str, Callable] = {}
         self.lanes = {lane: ThreadPoolExecutor(1, thread_name_prefix=f"flexlab-{lane}") for lane in set(LANES.values())}
         self.streams = {lane: torch.cuda.Stream(device) for lane in self.lanes} if device.type == "cuda" else {}
-        self.futures: dict[Key, Future] = {}
+        self.futures: dict[Key, Future | _Done] = {}
         self.pending_events: list[tuple] = []
         self.clock = Clock(device)
 
@@ -106,13 +125,8 @@ class Executor:
         self.handlers = handlers
         self.futures.clear()
         try:
-            for step in steps:
-                if step.kind == "compute":
-                    self._compute(step)
-                    if should_stop():
-                        break
-                else:
-                    self._issue(step)
+            with torch.inference_mode():  # no autograd bookkeeping per op (thread-local: lanes too)
+                self._issue_all(steps, should_stop)
             self.drain()
         except BaseException:  # an error or Ctrl-C: no transfer may outlive the data it touches
             self._abandon()
@@ -160,6 +174,15 @@ class Executor:
         cleaned up after an error may have left some)."""
         return all(f.done() for f in self.futures.values())
 
+    def _issue_all(self, steps: Iterable[Step], should_stop: Callable[[], bool]) -> None:
+        for step in steps:
+            if step.kind == "compute":
+                self._compute(step)
+                if should_stop():
+                    break
+            else:
+                self._issue(step)
+
     def _issue(self, step: Step) -> None:
         lane = LANES[step.kind]
         handler = self.handlers[step.kind]
@@ -183,7 +206,7 @@ class Executor:
                 return handler(step)
 
         def task():
-            with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
+            with torch.inference_mode(), torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
                 start = self.clock.mark()
                 value, moved = work()
                 end = self.clock.mark()
@@ -199,7 +222,7 @@ class Executor:
             return value, ready
 
         if inline:
-            self.futures[step.key] = _done(task())
+            self.futures[step.key] = _Done(task())
             return
         future = self.lanes[lane].submit(task)
         self.futures[step.key] = future
@@ -220,7 +243,7 @@ class Executor:
         value = self.handlers["compute"](step, inputs)
         end = self.clock.mark()
         self.pending_events.append((COMPUTE_LANE, step, start, end, 0, step.kind))
-        self.futures[step.key] = _done(value)
+        self.futures[step.key] = _Done(value)
         del value
         for key in step.releases:
             released = self.futures.pop(key, None)

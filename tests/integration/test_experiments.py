@@ -46,6 +46,7 @@ RUNS = {
         "2",
     ],
     "flexgen_published": ["--search", "false"],  # predictions only (the search is tested elsewhere)
+    "engine_overhead": ["--preset", "opt-tiny", "--repeats", "1", "--gen-len", "3"],
     "pipeline_prediction": ["--preset", "opt-tiny", "--stages", "1,2", "--prompt-len", "8", "--gen-len", "4"],
 }
 

@@ -1,0 +1,89 @@
+"""The engine's host overhead per step: what the loop costs when the maths costs nothing.
+
+On a model too small for its maths to matter (``opt-tiny``: 2 layers of width 64), the wall time
+of a generation divided by its (stage, batch) steps is the engine's own cost per step: the
+schedule, the executor's hand-offs and timing, the handlers' Python. For each block shape and
+placement this prints wall time per step, the compute handler's own time per step (the compute
+lane of the timeline: its Python and the tiny kernels), and the rest (hand-offs, waits,
+bookkeeping), as medians of ``repeats`` runs. ``--profile true`` adds the torch profiler's table
+of the operators' self time for the first row.
+
+    python experiments/engine_overhead.py
+    python experiments/engine_overhead.py --preset opt-125m --dtype auto    # with real maths
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass
+
+import pandas as pd
+import torch
+
+import flexlab
+
+from _common import cpu_dtype, parse_config, write_results
+
+PLACEMENTS = {
+    "resident": [100, 0, 100, 0, 100, 0],
+    "weights on disk": [0, 0, 100, 0, 100, 0],
+    "cache on disk": [100, 0, 0, 0, 100, 0],
+}
+SHAPES = [(1, 1), (4, 1), (2, 4), (8, 2)]  # gpu batch size x batches
+
+
+@dataclass
+class Config:
+    preset: str = "opt-tiny"
+    dtype: str = "float32"
+    prompt_len: int = 8
+    gen_len: int = 32
+    repeats: int = 5
+    profile: bool = False
+    out_dir: str = "experiments/results"
+
+
+def main(cfg: Config) -> None:
+    model = flexlab.Model.from_config(cfg.preset, seed=0, dtype=cpu_dtype(cfg.dtype))
+    rows = []
+    for (bs, nb), (where, percent) in ((s, p) for p in PLACEMENTS.items() for s in SHAPES):
+        policy = flexlab.Policy.from_percent(percent, gpu_batch_size=bs, num_gpu_batches=nb)
+        prompts = [[2] + [10 + (i + j) % 50 for j in range(cfg.prompt_len - 1)] for i in range(bs * nb)]
+        with flexlab.Engine(model, policy) as engine:
+            engine.generate(prompts, max_new_tokens=2, stop_token_ids=None)  # warm-up
+            walls, computes = [], []
+            for _ in range(cfg.repeats):
+                start = time.perf_counter()
+                result = engine.generate(prompts, max_new_tokens=cfg.gen_len, stop_token_ids=None)
+                walls.append(time.perf_counter() - start)
+                computes.append(sum(e.duration for e in result.timeline.events if e.lane == "compute"))
+            steps = sum(1 for e in result.timeline.events if e.kind == "compute")
+            if cfg.profile and not rows:
+                from torch.profiler import ProfilerActivity, profile
+
+                with profile(activities=[ProfilerActivity.CPU]) as prof:
+                    engine.generate(prompts, max_new_tokens=cfg.gen_len, stop_token_ids=None)
+                print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15))
+        wall, compute = statistics.median(walls) / steps * 1e6, statistics.median(computes) / steps * 1e6
+        rows.append(
+            dict(
+                placement=where,
+                block=f"{bs}x{nb}",
+                steps=steps,
+                wall_us_per_step=round(wall, 1),
+                compute_us_per_step=round(compute, 1),
+                rest_us_per_step=round(wall - compute, 1),
+                slowest_run_us_per_step=round(max(walls) / steps * 1e6, 1),
+            )
+        )
+    df = pd.DataFrame(rows)
+    print(df.to_string(index=False))
+    print(f"median wall per step: {df.wall_us_per_step.median():.0f} µs")
+    stem = f"engine_overhead_{cfg.preset}"
+    out = write_results(df, cfg, stem, torch_threads=torch.get_num_threads())
+    print(f"wrote {out}/{stem}.csv and .json")
+
+
+if __name__ == "__main__":
+    main(parse_config(Config, __doc__))
