@@ -271,6 +271,29 @@ def _search_pipeline(args, config, hw, options: dict, one, save) -> int:
     return 0
 
 
+def evaluate(args: argparse.Namespace) -> int:
+    """``flexlab eval ...``: lm-eval's own command line with ``--model flexlab`` (see
+    :mod:`flexlab.eval.lm_eval` for the model_args: pretrained, dtype, percent, compression)."""
+    rest = list(args.rest)
+    if "--model" in rest:
+        raise ValueError(
+            "flexlab eval runs lm-eval with --model flexlab: drop --model (set the policy in --model_args)"
+        )
+    try:
+        from lm_eval.__main__ import cli_evaluate
+
+        import flexlab.eval.lm_eval  # noqa: F401  (registers the model)
+    except ImportError as e:
+        raise ValueError(f"flexlab eval needs lm-evaluation-harness ({e}): pip install 'flexlab[eval]'") from None
+    rest = rest[1:] if rest[:1] == ["run"] else rest  # `flexlab eval run ...` as lm-eval spells it too
+    saved, sys.argv = sys.argv, ["lm_eval", "run", "--model", "flexlab", *rest]
+    try:
+        cli_evaluate()
+    finally:
+        sys.argv = saved
+    return 0
+
+
 def calibrate(args: argparse.Namespace) -> int:
     """Measure this machine for the cost model and save the profile."""
     from flexlab.cost import calibrate as measure
@@ -453,7 +476,17 @@ def main(argv: list[str] | None = None) -> int:
     add_sampling_args(p)
     p.set_defaults(func=chat, max_new_tokens=64)
 
+    p = sub.add_parser(
+        "eval",
+        help="lm-evaluation-harness with flexlab as the model (the rest is lm-eval's: --tasks, --model_args, ...)",
+        add_help=False,
+    )
+    p.set_defaults(func=evaluate, rest=[])  # (main hands the rest of the line over before parsing)
+
     sub.add_parser("presets", help="list model presets and their sizes").set_defaults(func=presets)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["eval"]:  # the rest is lm-eval's own line, options included: argparse would claim them
+        return run_guarded(evaluate, argparse.Namespace(rest=argv[1:]))
     args = parser.parse_args(argv)
     return run_guarded(args.func, args)
 

@@ -18,8 +18,6 @@ import shutil
 import tempfile
 from pathlib import Path
 
-import torch
-
 from flexlab.engine.block import BlockContext, BlockRun, Peers
 from flexlab.engine.executor import Executor
 from flexlab.engine.heads import GenerateHead, Head, ScoreHead, TeacherHead
@@ -244,13 +242,15 @@ class Engine:
             memory=self.tracker.breakdown(),
         )
 
-    def score(self, sequences, *, teacher_forced: bool = False) -> list[torch.Tensor]:
+    def score(self, sequences, *, teacher_forced: bool = False, greedy: bool = False) -> list:
         """Per sequence, float32 log-probabilities of tokens ``1..n-1`` given their prefix.
 
         By default one prefill per block computes them, which never reads the KV cache back. With
         ``teacher_forced=True`` each sequence is fed one token at a time through decode, so every
         token attends over the cache as stored (compressed, offloaded) — how a compressed cache's
-        cost in accuracy is measured.
+        cost in accuracy is measured. With ``greedy=True`` each entry is a pair: the
+        log-probabilities, and whether each token is the most likely one there (lm-eval's
+        ``is_greedy``).
         """
         self._check_open()
         ids = encode_for_scoring(sequences, self.model.tokenizer, self.model.config)
@@ -264,7 +264,7 @@ class Engine:
                 else ScoreHead(chunk, bs)
             )
             self._run(head)
-            out += head.scores
+            out += list(zip(head.scores, head.greedy)) if greedy else head.scores
         return out
 
     def _run(self, head: Head):

@@ -88,21 +88,29 @@ class GenerateHead(Head):
 
 
 class ScoreHead(Head):
-    """One prefill; ``scores[i]``: float32 log-probabilities of tokens ``1..n-1`` of sequence ``i``."""
+    """One prefill; ``scores[i]``: float32 log-probabilities of tokens ``1..n-1`` of sequence ``i``;
+    ``greedy[i]``: whether each of them is the most likely token there (bool)."""
 
     keeps_cache = False
 
     def __init__(self, ids, gpu_batch_size: int) -> None:
         super().__init__(ids, gpu_batch_size, 1)
-        self.width = max(map(len, ids))  # sequences are left-padded to it
+        self.width = max(map(len, ids)) - 1  # the fed tokens (all but each last) are left-padded to it
         self.scores: list[torch.Tensor] = [torch.empty(0)] * len(ids)
+        self.greedy: list[torch.Tensor] = [torch.empty(0, dtype=torch.bool)] * len(ids)
+
+    def prefill_ids(self):
+        # A sequence's last token is only predicted: feeding it would cost a position and compute.
+        return [[self.ids[r][:-1] for r in rows] for rows in self.batch_rows]
 
     def __call__(self, project, h, t, k):
         logprobs = torch.log_softmax(project(h).float(), dim=-1)  # [b, s, vocab]
         for r, row in enumerate(self.batch_rows[k]):
             seq = self.ids[row]
             target = torch.tensor(seq[1:], device=logprobs.device)[:, None]
-            self.scores[row] = logprobs[r, self.width - len(seq) : -1].gather(-1, target).squeeze(-1).cpu()
+            mine = logprobs[r, self.width - (len(seq) - 1) :]
+            self.scores[row] = mine.gather(-1, target).squeeze(-1).cpu()
+            self.greedy[row] = (mine.argmax(-1) == target.squeeze(-1)).cpu()
         return None
 
 
@@ -118,7 +126,9 @@ class TeacherHead(Head):
             for rows in self.batch_rows
         ]
         self._logprobs: list[list[torch.Tensor]] = [[] for _ in self.batch_rows]
+        self._greedy: list[list[torch.Tensor]] = [[] for _ in self.batch_rows]
         self.scores: list[torch.Tensor] = [torch.empty(0)] * len(ids)
+        self.greedy: list[torch.Tensor] = [torch.empty(0, dtype=torch.bool)] * len(ids)
 
     def prefill_ids(self):
         return [[self.ids[r][:1] for r in rows] for rows in self.batch_rows]  # the rest come one by one
@@ -127,8 +137,11 @@ class TeacherHead(Head):
         logprobs = torch.log_softmax(project(h[:, -1]).float(), dim=-1)  # [b, vocab]
         target = self.targets[k][:, min(t + 1, self.targets[k].shape[1] - 1)]
         self._logprobs[k].append(logprobs.gather(-1, target[:, None]).squeeze(-1))
+        self._greedy[k].append(logprobs.argmax(-1) == target)
         if t == self.num_tokens - 1:
             lp = torch.stack(self._logprobs[k], dim=1).cpu()  # [b, tokens]
+            top = torch.stack(self._greedy[k], dim=1).cpu()
             for r, row in enumerate(self.batch_rows[k]):
                 self.scores[row] = lp[r, : len(self.ids[row]) - 1]
+                self.greedy[row] = top[r, : len(self.ids[row]) - 1]
         return target  # the next input is the sequence's own next token

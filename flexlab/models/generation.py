@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -108,13 +109,20 @@ def prepare_generation(
 
 
 def encode_for_scoring(sequences, tokenizer, config) -> list[list[int]]:
-    """Token ids of sequences to score: each needs at least 2 tokens and fits the model."""
+    """Token ids of sequences to score: each needs at least 2 tokens and at most one more than the
+    model's positions (the last token is only predicted, never fed)."""
     ids = encode_prompts(
-        sequences, tokenizer, max_positions=config.max_positions + 1, max_new_tokens=1, vocab_size=config.vocab_size
+        sequences, tokenizer, max_positions=sys.maxsize, max_new_tokens=1, vocab_size=config.vocab_size
     )
     short = [i for i, s in enumerate(ids) if len(s) < 2]
     if short:
         raise PromptError(f"sequence(s) {short} have fewer than 2 tokens; nothing to score")
+    long = [i for i, s in enumerate(ids) if len(s) > config.max_positions + 1]
+    if long:
+        raise PromptError(
+            f"sequence(s) {long} have more than {config.max_positions + 1} tokens: the model has "
+            f"{config.max_positions} positions (the last token is only predicted); score them in windows"
+        )
     return ids
 
 

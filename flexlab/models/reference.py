@@ -113,13 +113,14 @@ class ReferenceRunner:
     @torch.inference_mode()
     def score(self, ids: list[list[int]]) -> list[torch.Tensor]:
         """Per sequence, float32 log-probabilities of tokens ``1..n-1`` given their prefix."""
-        tokens, valid = left_pad(ids, self.config.padding_id, self.device)
+        # each sequence's last token is only predicted, never fed (it may be one past the positions)
+        tokens, valid = left_pad([seq[:-1] for seq in ids], self.config.padding_id, self.device)
         logprobs = torch.log_softmax(self.forward(tokens, valid).float(), dim=-1)
         out = []
         for row, seq in enumerate(ids):
-            n, width = len(seq), tokens.shape[1]
-            lp = logprobs[row, width - n : -1]  # predictions for tokens 1..n-1
-            out.append(lp.gather(-1, tokens[row, width - n + 1 :, None]).squeeze(-1).cpu())
+            lp = logprobs[row, tokens.shape[1] - (len(seq) - 1) :]  # predictions for tokens 1..n-1
+            target = torch.tensor(seq[1:], device=lp.device)[:, None]
+            out.append(lp.gather(-1, target).squeeze(-1).cpu())
         return out
 
 

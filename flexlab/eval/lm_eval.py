@@ -1,0 +1,186 @@
+"""flexlab as an lm-evaluation-harness backend: ``lm_eval --model flexlab`` under any policy.
+
+Importing this module registers the model ``flexlab`` with lm-eval (``pip install
+flexlab[eval]``). Its arguments are a checkpoint and a policy in FlexGen's terms::
+
+    flexlab eval --tasks hellaswag --model_args pretrained=DIR,dtype=float32,percent=20:30:0:100:100:0,\\
+        gpu_batch_size=8,num_gpu_batches=4,compress_weight=4:64,compress_cache=4:64:per-channel
+
+In Python (after ``import flexlab.eval.lm_eval``)::
+
+    lm_eval.simple_evaluate(model="flexlab", model_args="pretrained=DIR", tasks=["lambada_openai"])
+    lm_eval.simple_evaluate(model=FlexlabLM(model=model, policy=policy), tasks=[...])   # in a notebook
+
+Without ``percent`` everything is resident, as with lm-eval's ``hf`` backend. Tokenization follows
+lm-eval's conventions (its ``TemplateLM``, as the ``hf`` backend does), so the two backends score
+the same tokens: the tests compare them request by request. Requests go through the engine's
+blocks, so offloading amortises over many requests as it does in generation.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections import defaultdict
+
+from lm_eval.api.model import TemplateLM
+from lm_eval.api.registry import register_model
+from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
+from tqdm.auto import tqdm
+
+from flexlab.compress import QuantConfig
+from flexlab.engine import Engine, Policy
+from flexlab.errors import FlexlabError
+from flexlab.models.model import Model
+
+CHUNK = 64  # sequences scored per engine call (a progress bar moves per chunk)
+
+
+@register_model("flexlab")
+class FlexlabLM(TemplateLM):
+    """An lm-eval model running on flexlab's engine; see the module docstring for its arguments."""
+
+    def __init__(
+        self,
+        pretrained: str | None = None,
+        *,
+        model: Model | None = None,
+        policy: Policy | None = None,
+        dtype: str | None = None,
+        device: str | None = None,
+        percent: str | None = None,
+        gpu_batch_size: int | None = None,
+        num_gpu_batches: int = 1,
+        compress_weight: str | None = None,
+        compress_cache: str | None = None,
+        cpu_cache_compute: bool = False,
+        offload_dir: str | None = None,
+        max_gen_toks: int = 256,
+        batch_size: int | str | None = None,
+        max_batch_size: int | None = None,
+        **unknown,
+    ) -> None:
+        super().__init__()
+        if unknown:
+            raise FlexlabError(
+                f"flexlab model_args: unknown {sorted(unknown)}; it takes pretrained, dtype, device, percent, "
+                "gpu_batch_size, num_gpu_batches, compress_weight, compress_cache, cpu_cache_compute, offload_dir, "
+                "max_gen_toks"
+            )
+        if (model is None) == (pretrained is None):
+            raise FlexlabError("flexlab model_args: give pretrained=DIR (or, in Python, model=flexlab.Model)")
+        if model is None:
+            import torch
+
+            if str(device or "").startswith("cuda") and not torch.cuda.is_available():
+                # lm-eval's command line asks for cuda unless told otherwise
+                warnings.warn(f"device={device!r} asked, but there is no CUDA device: running on the CPU", stacklevel=2)
+                device = "cpu"
+
+            torch_dtype = None if dtype in (None, "auto") else getattr(torch, str(dtype), None)
+            if dtype not in (None, "auto") and not isinstance(torch_dtype, torch.dtype):
+                raise FlexlabError(f"flexlab model_args: dtype={dtype!r} is not a torch dtype (float32, bfloat16, ...)")
+            model = Model.from_pretrained(str(pretrained), dtype=torch_dtype, device=device)
+        if model.tokenizer is None:
+            raise FlexlabError(f"{model.config.name} has no tokenizer: lm-eval's tasks are text")
+        if policy is None:
+            bs = gpu_batch_size or (batch_size if isinstance(batch_size, int) else 8)
+            shares = [float(x) for x in str(percent).replace(":", " ").split()] if percent else [100, 0, 100, 0, 100, 0]
+            quant = {
+                name: QuantConfig.parse(str(spec))
+                for name, spec in (("compress_weight", compress_weight), ("compress_cache", compress_cache))
+                if spec
+            }
+            policy = Policy.from_percent(
+                shares, gpu_batch_size=bs, num_gpu_batches=num_gpu_batches, cpu_cache_compute=cpu_cache_compute, **quant
+            )
+        self.model, self.policy, self.offload_dir = model, policy, offload_dir
+        self.tokenizer = model.tokenizer
+        self.max_gen_toks = max_gen_toks
+
+    # ---- what TemplateLM needs -----------------------------------------------------------------
+    @property
+    def eot_token_id(self) -> int:
+        return self.tokenizer.eos_token_id
+
+    @property
+    def prefix_token_id(self) -> int:
+        bos = self.tokenizer.bos_token_id
+        return bos if bos is not None else self.eot_token_id
+
+    @property
+    def max_length(self) -> int:
+        return self.model.config.max_positions
+
+    def tok_encode(self, string: str, add_special_tokens: bool | None = None, **kwargs) -> list[int]:
+        """As lm-eval's ``hf`` backend: the tokenizer's own special tokens unless told, and none
+        added to a string that already starts with the BOS text."""
+        if add_special_tokens is None:
+            bos = self.tokenizer.decode([self.prefix_token_id])
+            add_special_tokens = not (bos and string.startswith(bos))
+        return self.tokenizer.encode(string, add_special_tokens=add_special_tokens)
+
+    def _engine(self) -> Engine:
+        return Engine(self.model, self.policy, offload_dir=self.offload_dir)
+
+    def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs) -> list[tuple[float, bool]]:
+        """Each ``(_, context ids, continuation ids)``: the continuation's log-likelihood and
+        whether greedy decoding would produce it, scored in one prefill per sequence."""
+        sequences, lengths = [], []
+        for _, context, continuation in requests:
+            # the context gives way from the left; the last token is only predicted, so one more fits
+            whole = (context + continuation)[-(self.max_length + 1) :]
+            sequences.append(whole)
+            lengths.append(len(continuation))
+        order = sorted(range(len(sequences)), key=lambda i: -len(sequences[i]))  # alike lengths pad little
+        out: list[tuple[float, bool]] = [(0.0, False)] * len(sequences)
+        with self._engine() as engine:
+            for first in tqdm(range(0, len(order), CHUNK), desc="flexlab loglikelihood", disable=disable_tqdm):
+                chunk = order[first : first + CHUNK]
+                for i, (logprobs, greedy) in zip(chunk, engine.score([sequences[i] for i in chunk], greedy=True)):
+                    n = lengths[i]
+                    out[i] = (float(logprobs[-n:].sum()), bool(greedy[-n:].all()))
+        return out
+
+    def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
+        """Each text's log-likelihood over windows of the model's length, each token predicted once."""
+        windows, owner = [], []
+        for i, req in enumerate(requests):
+            (text,) = req.args
+            rolled = get_rolling_token_windows(
+                token_list=self.tok_encode(text),
+                prefix_token=self.prefix_token_id,
+                max_seq_len=self.max_length,
+                context_len=1,
+            )
+            for context, continuation in map(make_disjoint_window, rolled):
+                windows.append((None, context, continuation))
+                owner.append(i)
+        totals = [0.0] * len(requests)
+        for i, (logprob, _) in zip(owner, self._loglikelihood_tokens(windows, disable_tqdm=disable_tqdm)):
+            totals[i] += logprob
+        return totals
+
+    def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
+        """Greedy (or sampled, as the task asks) continuations cut at the first stop string."""
+        groups: dict[str, list[int]] = defaultdict(list)
+        for i, req in enumerate(requests):
+            groups[repr(sorted(req.args[1].items()))].append(i)
+        out = [""] * len(requests)
+        with self._engine() as engine:
+            for members in tqdm(groups.values(), desc="flexlab generate_until", disable=disable_tqdm):
+                kwargs = dict(requests[members[0]].args[1])
+                until = kwargs.pop("until", None) or [self.tokenizer.decode([self.eot_token_id])]
+                until = [until] if isinstance(until, str) else list(until)
+                new = int(kwargs.pop("max_gen_toks", self.max_gen_toks))
+                room = max(1, self.max_length - new)
+                prompts = [self.tok_encode(requests[i].args[0])[-room:] or [self.prefix_token_id] for i in members]
+                sampling = dict(do_sample=bool(kwargs.get("do_sample", False)))
+                if sampling["do_sample"]:
+                    sampling.update(temperature=float(kwargs.get("temperature", 1.0)), seed=kwargs.get("seed"))
+                result = engine.generate(prompts, max_new_tokens=new, stop_strings=until, **sampling)
+                for i, ids in zip(members, result.token_ids):
+                    text = self.tokenizer.decode(ids, skip_special_tokens=True)
+                    for stop in until:
+                        text = text.split(stop)[0]
+                    out[i] = text
+        return out

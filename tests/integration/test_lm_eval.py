@@ -1,0 +1,122 @@
+"""flexlab as an lm-evaluation-harness backend: the same scores as lm-eval's own ``hf`` backend on
+the same checkpoint, request by request, under offloading; tasks run end to end."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")  # a local task needs no hub
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+lm_eval = pytest.importorskip("lm_eval")
+
+import flexlab  # noqa: E402
+from flexlab.eval.lm_eval import FlexlabLM  # noqa: E402
+from flexlab.models.pydoc_model import pydoc_model_path  # noqa: E402
+
+pytestmark = pytest.mark.slow  # the pydoc model (trained once)
+
+CONTEXTS = [
+    ("The for statement", " is used to iterate"),
+    ("A class definition", " creates a class object"),
+    ("", "Exceptions are raised"),  # empty context: the prefix token stands in
+    ("The while loop ", "repeats"),  # a trailing space moves to the continuation
+    ("x", " y"),
+]
+DOCS = [
+    ("The for statement is used to", [" iterate over the elements of a sequence", " paint a picture"]),
+    ("A class definition", [" defines a class", " bakes bread"]),
+    ("Exceptions are raised when", [" an error occurs", " the sun sets"]),
+    ("The import statement", [" finds and loads a module", " waters the plants"]),
+]
+
+
+@pytest.fixture(scope="module")
+def hf():
+    from lm_eval.models.huggingface import HFLM
+
+    return HFLM(pretrained=str(pydoc_model_path()), dtype="float32", device="cpu", batch_size=2)
+
+
+def requests(kind: str, args: list) -> list:
+    from lm_eval.api.instance import Instance
+
+    return [Instance(kind, {}, a, i) for i, a in enumerate(args)]
+
+
+@pytest.mark.parametrize(
+    "model_args",
+    [
+        dict(),  # everything resident
+        dict(percent="30:30:0:100:100:0", gpu_batch_size=2, num_gpu_batches=2),  # weights on all tiers
+        dict(percent="0:0:0:0:0:100", gpu_batch_size=1, num_gpu_batches=3),  # weights and cache on disk
+    ],
+)
+def test_the_same_scores_and_texts_as_lm_evals_hf_backend(hf, model_args, tmp_path):
+    ours = FlexlabLM(pretrained=str(pydoc_model_path()), dtype="float32", offload_dir=str(tmp_path), **model_args)
+    got, want = (
+        ours.loglikelihood(requests("loglikelihood", CONTEXTS)),
+        hf.loglikelihood(requests("loglikelihood", CONTEXTS)),
+    )
+    assert [g for _, g in got] == [g for _, g in want]
+    assert [lp for lp, _ in got] == pytest.approx([lp for lp, _ in want], abs=1e-4)
+    text = ["The for statement is used to iterate over the elements of a sequence. " * 40]  # > 512 tokens: windows
+    assert ours.loglikelihood_rolling(requests("loglikelihood_rolling", [(t,) for t in text])) == pytest.approx(
+        hf.loglikelihood_rolling(requests("loglikelihood_rolling", [(t,) for t in text])), rel=1e-5
+    )
+    gen = [("The for statement", {"until": ["\n\n", "."], "max_gen_toks": 12}), ("A class", {"until": "."})]
+    assert ours.generate_until(requests("generate_until", gen)) == hf.generate_until(requests("generate_until", gen))
+
+
+def test_a_task_runs_through_simple_evaluate_and_compression_is_measured(tmp_path):
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(json.dumps({"question": q, "choices": c, "answer": 0}) + "\n" for q, c in DOCS))
+    task = {
+        "task": "flexlab_pydoc_choices",
+        "dataset_path": "json",
+        "dataset_kwargs": {"data_files": {"test": str(data)}},
+        "test_split": "test",
+        "output_type": "multiple_choice",
+        "doc_to_text": "{{question}}",
+        "doc_to_choice": "{{choices}}",
+        "doc_to_target": "{{answer}}",
+        "metric_list": [{"metric": "acc"}],
+    }
+    base = f"pretrained={pydoc_model_path()},dtype=float32,gpu_batch_size=2,num_gpu_batches=2"
+    accs = {}
+    for name, extra in (("exact", ""), ("2-bit", ",compress_weight=2:64,compress_cache=2:32")):
+        out = lm_eval.simple_evaluate(model="flexlab", model_args=base + extra, tasks=[task])
+        accs[name] = out["results"]["flexlab_pydoc_choices"]["acc,none"]
+    assert accs["exact"] >= 0.75  # the pydoc model knows its docs
+    assert 0 <= accs["2-bit"] <= 1
+
+
+def test_flexlab_eval_forwards_to_lm_evals_command_line(tmp_path):
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(json.dumps({"question": q, "choices": c, "answer": 0}) + "\n" for q, c in DOCS))
+    (tmp_path / "tasks").mkdir()
+    (tmp_path / "tasks" / "choices.yaml").write_text(
+        "task: flexlab_cli_choices\ndataset_path: json\n"
+        f"dataset_kwargs:\n  data_files:\n    test: {data}\ntest_split: test\noutput_type: multiple_choice\n"
+        "doc_to_text: '{{question}}'\ndoc_to_choice: '{{choices}}'\ndoc_to_target: '{{answer}}'\n"
+        "metric_list:\n  - metric: acc\n"
+    )
+    args = ["--tasks", "flexlab_cli_choices", "--include_path", str(tmp_path / "tasks"), "--output_path", str(tmp_path)]
+    args += ["--model_args", f"pretrained={pydoc_model_path()},dtype=float32,percent=50:50:0:100:100:0"]
+    done = subprocess.run([sys.executable, "-m", "flexlab", "eval", *args], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    written = list(tmp_path.rglob("results_*.json"))
+    assert written and "flexlab_cli_choices" in json.loads(written[0].read_text())["results"]
+
+
+def test_bad_model_args_are_refused_by_name():
+    with pytest.raises(flexlab.FlexlabError, match="unknown \\['gpu_batches'\\]"):
+        FlexlabLM(pretrained=str(pydoc_model_path()), gpu_batches=2)
+    with pytest.raises(flexlab.FlexlabError, match="dtype='float33' is not a torch dtype"):
+        FlexlabLM(pretrained=str(pydoc_model_path()), dtype="float33")
+    with pytest.raises(flexlab.FlexlabError, match="give pretrained=DIR"):
+        FlexlabLM()
