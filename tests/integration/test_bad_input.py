@@ -175,6 +175,14 @@ def test_score_needs_two_tokens(model):
         model.score([[2, 3, 4], [2]])
 
 
+def test_score_takes_one_token_past_the_positions_and_no_more(model):
+    n = model.config.max_positions
+    fits = [2] + [5] * n  # the last token is only predicted: n + 1 tokens need n positions
+    assert model.score([fits])[0].shape == (n,)
+    with pytest.raises(PromptError, match=f"sequence\\(s\\) \\[0\\] have more than {n + 1} tokens.*in windows"):
+        model.score([fits + [5]])
+
+
 def test_temperature_nan_and_inf_are_refused(model):
     for bad in (float("nan"), float("inf")):
         with pytest.raises(PromptError, match="temperature must be a finite number > 0"):
