@@ -19,6 +19,8 @@ blocks, so offloading amortises over many requests as it does in generation.
 
 from __future__ import annotations
 
+import contextlib
+import time
 import warnings
 from collections import defaultdict
 
@@ -96,6 +98,26 @@ class FlexlabLM(TemplateLM):
         self.model, self.policy, self.offload_dir = model, policy, offload_dir
         self.tokenizer = model.tokenizer
         self.max_gen_toks = max_gen_toks
+        # what the runs cost, for the results file (get_model_info): tokens scored or generated
+        self.runs = {"calls": 0, "sequences": 0, "tokens": 0, "seconds": 0.0}
+        self.peak_bytes = {"gpu": 0.0, "cpu": 0.0, "disk": 0.0}
+
+    def get_model_info(self) -> dict:
+        """lm-eval adds this to its results' ``config``: the policy, compression, and what the runs
+        cost (tokens scored or generated per second, peak bytes per tier)."""
+        seconds = self.runs["seconds"]
+        return {
+            "flexlab": {
+                "version": __import__("flexlab").__version__,
+                "model": self.model.config.name,
+                "dtype": str(self.model.dtype).removeprefix("torch."),
+                "policy": self.policy.to_dict(),
+                "policy_described": self.policy.describe(),
+                **self.runs,
+                "tokens_per_s": self.runs["tokens"] / seconds if seconds else None,
+                "peak_bytes": dict(self.peak_bytes),
+            }
+        }
 
     # ---- what TemplateLM needs -----------------------------------------------------------------
     @property
@@ -119,8 +141,16 @@ class FlexlabLM(TemplateLM):
             add_special_tokens = not (bos and string.startswith(bos))
         return self.tokenizer.encode(string, add_special_tokens=add_special_tokens)
 
-    def _engine(self) -> Engine:
-        return Engine(self.model, self.policy, offload_dir=self.offload_dir)
+    @contextlib.contextmanager
+    def _engine(self):
+        """An engine for one batch of requests; its time and peak bytes are added to the tally."""
+        start = time.perf_counter()
+        with Engine(self.model, self.policy, offload_dir=self.offload_dir) as engine:
+            yield engine
+            peaks = engine.tracker.peaks()
+        self.runs["calls"] += 1
+        self.runs["seconds"] += time.perf_counter() - start
+        self.peak_bytes = {t: max(v, float(peaks[t])) for t, v in self.peak_bytes.items()}
 
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs) -> list[tuple[float, bool]]:
         """Each ``(_, context ids, continuation ids)``: the continuation's log-likelihood and
@@ -139,6 +169,8 @@ class FlexlabLM(TemplateLM):
                 for i, (logprobs, greedy) in zip(chunk, engine.score([sequences[i] for i in chunk], greedy=True)):
                     n = lengths[i]
                     out[i] = (float(logprobs[-n:].sum()), bool(greedy[-n:].all()))
+        self.runs["sequences"] += len(sequences)
+        self.runs["tokens"] += sum(map(len, sequences))
         return out
 
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
@@ -166,6 +198,7 @@ class FlexlabLM(TemplateLM):
         for i, req in enumerate(requests):
             groups[repr(sorted(req.args[1].items()))].append(i)
         out = [""] * len(requests)
+        made = 0
         with self._engine() as engine:
             for members in tqdm(groups.values(), desc="flexlab generate_until", disable=disable_tqdm):
                 kwargs = dict(requests[members[0]].args[1])
@@ -178,9 +211,12 @@ class FlexlabLM(TemplateLM):
                 if sampling["do_sample"]:
                     sampling.update(temperature=float(kwargs.get("temperature", 1.0)), seed=kwargs.get("seed"))
                 result = engine.generate(prompts, max_new_tokens=new, stop_strings=until, **sampling)
+                made += sum(map(len, result.token_ids))
                 for i, ids in zip(members, result.token_ids):
                     text = self.tokenizer.decode(ids, skip_special_tokens=True)
                     for stop in until:
                         text = text.split(stop)[0]
                     out[i] = text
+        self.runs["sequences"] += len(requests)
+        self.runs["tokens"] += made
         return out

@@ -91,6 +91,9 @@ def test_a_task_runs_through_simple_evaluate_and_compression_is_measured(tmp_pat
     for name, extra in (("exact", ""), ("2-bit", ",compress_weight=2:64,compress_cache=2:32")):
         out = lm_eval.simple_evaluate(model="flexlab", model_args=base + extra, tasks=[task])
         accs[name] = out["results"]["flexlab_pydoc_choices"]["acc,none"]
+        run = out["config"]["flexlab"]  # what ran and what it cost, beside lm-eval's own config
+        assert run["policy"]["gpu_batch_size"] == 2 and (("2-bit" in run["policy_described"]) == (name == "2-bit"))
+        assert run["sequences"] == 2 * len(DOCS) and run["tokens_per_s"] > 0 and run["peak_bytes"]["gpu"] > 0
     assert accs["exact"] >= 0.75  # the pydoc model knows its docs
     assert 0 <= accs["2-bit"] <= 1
 
@@ -110,7 +113,9 @@ def test_flexlab_eval_forwards_to_lm_evals_command_line(tmp_path):
     done = subprocess.run([sys.executable, "-m", "flexlab", "eval", *args], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     written = list(tmp_path.rglob("results_*.json"))
-    assert written and "flexlab_cli_choices" in json.loads(written[0].read_text())["results"]
+    saved = json.loads(written[0].read_text())
+    assert "flexlab_cli_choices" in saved["results"]
+    assert saved["config"]["flexlab"]["policy"]["w_gpu_percent"] == 50  # the run's metadata is in the file
 
 
 def test_bad_model_args_are_refused_by_name():
