@@ -12,6 +12,8 @@ experiments/results/.
     python experiments/ablate_compression.py --model facebook/opt-1.3b --dataset wikitext-2 \\
         --dtype float16 --num-seqs 64 --seq-len 512                 # a Colab GPU
     python experiments/ablate_compression.py --smoke true           # seconds: a few settings, short text
+    python experiments/ablate_compression.py --model facebook/opt-1.3b --lm-eval-tasks hellaswag,piqa \
+        --lm-eval-limit 200                                         # standard tasks too (pip install flexlab[eval])
 """
 
 from __future__ import annotations
@@ -43,6 +45,9 @@ class Config:
     gpu_batch_size: int = 8
     num_gpu_batches: int = 2
     smoke: bool = False  # a few settings on short text, for CI and notebooks
+    lm_eval_tasks: str = ""  # lm-evaluation-harness tasks run under each setting too, e.g. "hellaswag,piqa"
+    lm_eval_include: str = ""  # a directory of task YAMLs of your own (lm-eval's --include_path)
+    lm_eval_limit: int = 0  # documents per task (0: all)
     out_dir: str = "experiments/results"
 
 
@@ -57,6 +62,18 @@ def load_model(cfg: Config):
     if cfg.model in flexlab.preset_names():
         return flexlab.Model.from_config(cfg.model, seed=0, dtype=dtype, device=device)
     return flexlab.Model.from_pretrained(cfg.model, dtype=dtype, device=device)
+
+
+def lm_eval_args(cfg: Config) -> dict:
+    """run_ablation's lm-eval keywords from the config (none when no task is named)."""
+    if not cfg.lm_eval_tasks:
+        return {}
+    options: dict = {"limit": cfg.lm_eval_limit or None}
+    if cfg.lm_eval_include:
+        from lm_eval.tasks import TaskManager
+
+        options["task_manager"] = TaskManager(include_path=cfg.lm_eval_include)
+    return dict(lm_eval_tasks=cfg.lm_eval_tasks.split(","), lm_eval_options=options)
 
 
 def main(cfg: Config):
@@ -100,6 +117,7 @@ def main(cfg: Config):
             gen_len=cfg.gen_len,
             last_word=items,
             offload_dir=offload,
+            **lm_eval_args(cfg),
         )
     name = model.config.name
     print(
@@ -118,7 +136,7 @@ def main(cfg: Config):
         "saved_cpu_pct",
         "saved_disk_pct",
         "throughput_tok_s",
-    ]
+    ] + [c for c in df if c.startswith("lm_eval:")]
     print(df[cols].to_string(index=False, float_format=lambda x: f"{x:.3f}"))
     stem = f"ablate_compression_{name}" + ("_smoke" if cfg.smoke else "")
     out = write_results(

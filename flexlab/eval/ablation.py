@@ -87,8 +87,15 @@ def run_ablation(
     last_word: list[LastWordItem] = (),
     offload_dir=None,
     progress: bool = True,
+    lm_eval_tasks: list | None = None,
+    lm_eval_options: dict | None = None,
 ):
-    """Measure every setting; returns a pandas DataFrame, one row per setting (baseline first)."""
+    """Measure every setting; returns a pandas DataFrame, one row per setting (baseline first).
+
+    ``lm_eval_tasks``: lm-evaluation-harness tasks (names, or task config dicts) run under each
+    setting too (``pip install flexlab[eval]``); each task's metrics become columns
+    ``lm_eval:TASK:METRIC``. ``lm_eval_options``: more keywords of ``lm_eval.simple_evaluate``
+    (``limit``, ``task_manager``, ``num_fewshot``, ...)."""
     import pandas as pd
     from tqdm.auto import tqdm
 
@@ -103,6 +110,7 @@ def run_ablation(
             lw = last_word_accuracy(engine.generate, last_word, policy.block_size) if last_word else float("nan")
             stored = engine.weights.tier_bytes()
         reference = reference or gen.token_ids
+        scores = _lm_eval_scores(model, policy, offload_dir, lm_eval_tasks, lm_eval_options) if lm_eval_tasks else {}
         row = {
             "setting": setting.name,
             "target": setting.target,
@@ -119,7 +127,7 @@ def run_ablation(
         for tier in ("gpu", "cpu", "disk"):
             row[f"weights_bytes_{tier}"] = stored[tier]
             row[f"peak_bytes_{tier}"] = gen.metrics[f"peak_bytes_{tier}"]
-        rows.append(row)
+        rows.append({**row, **scores})
     df = pd.DataFrame(rows)
     base = df.iloc[0]
     df["perplexity_change_pct"] = 100 * (df["perplexity"] / base["perplexity"] - 1)
@@ -127,6 +135,22 @@ def run_ablation(
         before = base[f"peak_bytes_{tier}"]
         df[f"saved_{tier}_pct"] = 100 * (1 - df[f"peak_bytes_{tier}"] / before) if before else 0.0
     return df
+
+
+def _lm_eval_scores(model, policy: Policy, offload_dir, tasks: list, options: dict | None) -> dict[str, float]:
+    """lm-eval's metrics of ``tasks`` under ``policy``, as ``{"lm_eval:TASK:METRIC": value}``."""
+    import lm_eval
+
+    from flexlab.eval.lm_eval import FlexlabLM
+
+    lm = FlexlabLM(model=model, policy=policy, offload_dir=None if offload_dir is None else str(offload_dir))
+    out = lm_eval.simple_evaluate(model=lm, tasks=list(tasks), **(options or {}))
+    return {
+        f"lm_eval:{task}:{metric}": float(value)
+        for task, metrics in out["results"].items()
+        for metric, value in metrics.items()
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and "stderr" not in metric
+    }
 
 
 def setting_generator(

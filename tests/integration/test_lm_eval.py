@@ -98,7 +98,9 @@ def test_a_task_runs_through_simple_evaluate_and_compression_is_measured(tmp_pat
     assert 0 <= accs["2-bit"] <= 1
 
 
-def test_flexlab_eval_forwards_to_lm_evals_command_line(tmp_path):
+@pytest.fixture
+def task_dir(tmp_path):
+    """A directory of one task YAML (lm-eval's --include_path): multiple choice over DOCS."""
     data = tmp_path / "data.jsonl"
     data.write_text("".join(json.dumps({"question": q, "choices": c, "answer": 0}) + "\n" for q, c in DOCS))
     (tmp_path / "tasks").mkdir()
@@ -108,7 +110,11 @@ def test_flexlab_eval_forwards_to_lm_evals_command_line(tmp_path):
         "doc_to_text: '{{question}}'\ndoc_to_choice: '{{choices}}'\ndoc_to_target: '{{answer}}'\n"
         "metric_list:\n  - metric: acc\n"
     )
-    args = ["--tasks", "flexlab_cli_choices", "--include_path", str(tmp_path / "tasks"), "--output_path", str(tmp_path)]
+    return tmp_path / "tasks"
+
+
+def test_flexlab_eval_forwards_to_lm_evals_command_line(task_dir, tmp_path):
+    args = ["--tasks", "flexlab_cli_choices", "--include_path", str(task_dir), "--output_path", str(tmp_path)]
     args += ["--model_args", f"pretrained={pydoc_model_path()},dtype=float32,percent=50:50:0:100:100:0"]
     done = subprocess.run([sys.executable, "-m", "flexlab", "eval", *args], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -116,6 +122,29 @@ def test_flexlab_eval_forwards_to_lm_evals_command_line(tmp_path):
     saved = json.loads(written[0].read_text())
     assert "flexlab_cli_choices" in saved["results"]
     assert saved["config"]["flexlab"]["policy"]["w_gpu_percent"] == 50  # the run's metadata is in the file
+
+
+def test_the_compression_ablation_runs_lm_eval_tasks_under_each_setting(task_dir, tmp_path):
+    script = os.path.join(os.path.dirname(__file__), "..", "..", "experiments", "ablate_compression.py")
+    args = [
+        "--smoke",
+        "true",
+        "--targets",
+        "weights",
+        "--out-dir",
+        str(tmp_path),
+        "--lm-eval-tasks",
+        "flexlab_cli_choices",
+    ]
+    done = subprocess.run(
+        [sys.executable, script, *args, "--lm-eval-include", str(task_dir)], capture_output=True, text=True, timeout=600
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    import pandas as pd
+
+    df = pd.read_csv(next(tmp_path.glob("ablate_compression_*.csv")))
+    accs = df["lm_eval:flexlab_cli_choices:acc,none"]
+    assert len(df) >= 3 and accs.between(0, 1).all() and accs.iloc[0] >= 0.75  # the baseline knows its docs
 
 
 def test_bad_model_args_are_refused_by_name():
