@@ -49,7 +49,7 @@ def notebook_setup(
             reason = f"{checkpoint} could not be loaded ({type(e).__name__}: {e}); "
     else:
         reason = "smoke mode; " if smoke else "no GPU; "
-    path = pydoc_model_path(train_if_missing=train_if_missing, progress=not smoke)
+    path = pydoc_model_path(train_if_missing=train_if_missing, progress=True)  # a first training takes minutes
     model = Model.from_pretrained(path)  # the device's fast dtype (flexlab.devices)
     dtype = model.dtype
     return NotebookSetup(model, smoke, reason + f"the small model trained on Python's docs ({dtype}, {model.device})")
