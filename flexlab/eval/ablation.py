@@ -89,20 +89,36 @@ def run_ablation(
     progress: bool = True,
     lm_eval_tasks: list | None = None,
     lm_eval_options: dict | None = None,
+    max_settings: int | None = None,
 ):
     """Measure every setting; returns a pandas DataFrame, one row per setting (baseline first).
 
     ``lm_eval_tasks``: lm-evaluation-harness tasks (names, or task config dicts) run under each
     setting too (``pip install flexlab[eval]``); each task's metrics become columns
     ``lm_eval:TASK:METRIC``. ``lm_eval_options``: more keywords of ``lm_eval.simple_evaluate``
-    (``limit``, ``task_manager``, ``num_fewshot``, ...)."""
+    (``limit``, ``task_manager``, ``num_fewshot``, ...). ``max_settings``: measure only the first
+    that many (the baseline included), to cut a large grid short. After the baseline the time the
+    rest will take is estimated from it (compressed settings are slower: dequantization).
+    """
+    import time
+
     import pandas as pd
     from tqdm.auto import tqdm
 
     if not settings or settings[0].target != "none":
         settings = [AblationSetting("none"), *settings]
+    if max_settings is not None and len(settings) > max_settings:
+        tqdm.write(f"measuring the first {max_settings} of {len(settings)} settings (max_settings)")
+        settings = settings[: max(1, max_settings)]
     rows, reference = [], None
-    for setting in tqdm(settings, desc="compression settings", disable=not progress):
+    start = time.perf_counter()
+    for i, setting in enumerate(tqdm(settings, desc="compression settings", disable=not progress)):
+        if i == 1 and progress:
+            each = time.perf_counter() - start
+            tqdm.write(
+                f"the baseline took {each:.1f} s: the other {len(settings) - 1} settings, about "
+                f"{each * (len(settings) - 1) / 60:.1f} min or more (pass max_settings= to cut the grid)"
+            )
         policy = setting.policy(base_policy)
         with Engine(model, policy, offload_dir=offload_dir) as engine:
             ppl = perplexity(lambda s: engine.score(s, teacher_forced=True), sequences, batch_size=policy.block_size)

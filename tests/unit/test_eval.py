@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-import importlib.util
+import re
+import sys
 from types import SimpleNamespace
 
 import matplotlib
@@ -77,8 +78,8 @@ def test_eval_texts_offline_and_bad_names():
         eval_texts("wiki")
 
 
-@pytest.mark.skipif(importlib.util.find_spec("datasets") is not None, reason="datasets is installed here")
-def test_wikitext_without_datasets_says_how_to_get_it():
+def test_wikitext_without_datasets_says_how_to_get_it(monkeypatch):
+    monkeypatch.setitem(sys.modules, "datasets", None)  # as without the package (lm-eval brings it in dev)
     with pytest.raises(FlexlabError, match="install `datasets`"):
         eval_texts("wikitext-2")
     with pytest.warns(UserWarning, match="pydoc held-out topics instead"):
@@ -134,3 +135,28 @@ def test_accuracy_plot_has_a_column_per_target_and_a_line_per_group():
     assert list(top[0].get_lines()[0].get_ydata()) == [50.0, 25.0, 12.5]
     with pytest.raises(ValueError, match="metric 'bleu' is not a column"):
         plot_accuracy_vs_bits(df, "bleu")
+
+
+def test_the_ablation_says_how_long_the_grid_will_take_and_can_be_cut(capsys):
+    import torch
+
+    import flexlab
+    from flexlab.eval import run_ablation
+
+    model = flexlab.Model.from_config("opt-tiny", seed=0, dtype=torch.float32)
+    settings = ablation_settings(bits=(4, 2), group_sizes=(16,), targets=("weights",))  # baseline + 2
+    seqs = [[2, 5, 6, 7, 8, 9]] * 2
+    df = run_ablation(
+        model,
+        settings,
+        base_policy=flexlab.Policy(gpu_batch_size=2),
+        sequences=seqs,
+        prompts=seqs,
+        gen_len=2,
+        max_settings=2,
+    )
+    out = capsys.readouterr()
+    assert list(df.setting)[:1] == ["none"] and len(df) == 2
+    text = out.out + out.err
+    assert "measuring the first 2 of 3 settings" in text
+    assert re.search(r"the baseline took [\d.]+ s: the other 1 settings, about [\d.]+ min", text)
