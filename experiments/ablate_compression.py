@@ -48,6 +48,7 @@ class Config:
     lm_eval_tasks: str = ""  # lm-evaluation-harness tasks run under each setting too, e.g. "hellaswag,piqa"
     lm_eval_include: str = ""  # a directory of task YAMLs of your own (lm-eval's --include_path)
     lm_eval_limit: int = 0  # documents per task (0: all)
+    max_settings: int = 0  # measure only the first this many settings, the baseline included (0: all)
     out_dir: str = "experiments/results"
 
 
@@ -117,6 +118,7 @@ def main(cfg: Config):
             gen_len=cfg.gen_len,
             last_word=items,
             offload_dir=offload,
+            max_settings=cfg.max_settings or None,
             **lm_eval_args(cfg),
         )
     name = model.config.name
