@@ -256,7 +256,11 @@ def search_policy(
             f"{hw.disk_space / 2**30:.1f} GiB; the smallest "
             f"footprint tried (everything off the gpu) needs gpu {need.get('gpu', float('nan')) / 2**30:.2f}, cpu "
             f"{need.get('cpu', float('nan')) / 2**30:.2f} and disk {need.get('disk', float('nan')) / 2**30:.1f} GiB: "
-            "free disk space, allow compression, or try smaller batches"
+            + (
+                "free disk space, or try fewer bits (e.g. 3:64) or smaller batches"
+                if any(q is not None for q in (*compress, *cache_options))
+                else "free disk space, allow compression (--compress), or try smaller batches"
+            )
         )
     # The few best LP picks, each refined on the exact model; the fastest of them wins.
     top = sorted(found_all, key=lambda f: f[1].throughput_tok_s, reverse=True)[: max(1, refined)]
