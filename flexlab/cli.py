@@ -29,11 +29,11 @@ from flexlab.cli_args import (
     add_sampling_args,
     dtype_of,
     load_model,
-    policy_flags,
     policy_from_args,
     sampling_from_args,
 )
 from flexlab.cli_checks import in_file, out_dir, out_file, read_prompts, run_guarded
+from flexlab.cli_cost import calibrate, search
 
 
 class _Parser(argparse.ArgumentParser):
@@ -183,94 +183,6 @@ def bench(args: argparse.Namespace) -> int:
     return 0
 
 
-def search(args: argparse.Namespace) -> int:
-    """Search the fastest policy that fits a machine; print it, its prediction and why."""
-    import flexlab
-    from flexlab.cost import checkpoint_itemsize, get_hardware, search_policy
-    from flexlab.files import atomic_write
-
-    save = out_file(args.save_policy, "--save-policy") if args.save_policy else None
-    # the compute dtype the target runs (default float16, as on a GPU); a checkpoint's own dtype
-    # is what its disk weights are read in
-    sizes = dict(itemsize=dtype_of(args.dtype).itemsize if args.dtype else 2)
-    if args.preset:
-        config = flexlab.get_preset(args.preset)
-    else:
-        model = load_model(args)
-        config, sizes["checkpoint_itemsize"] = model.config, checkpoint_itemsize(model)
-    hw = get_hardware(args.hardware)
-    caps = {
-        k: v * 2**30
-        for k, v in (("gpu_memory", args.gpu_mem), ("cpu_memory", args.cpu_mem), ("disk_space", args.disk))
-        if v is not None
-    }
-    for k, v in caps.items():
-        if v <= 0:
-            raise ValueError(f"--{k.split('_')[0]} capacity must be positive, got {v / 2**30:g} GiB")
-    hw = hw.replace(**caps)
-    options = [flexlab.QuantConfig.parse(o) for o in args.compress.split(",")] if args.compress else []
-    # a per-channel layout or a full-precision window applies to the cache only
-    weights = (None, *(q for q in options if q.kv_layout == "per-token" and not q.window))
-    compress = dict(compress=weights, compress_cache=(None, *options))
-    found = search_policy(
-        config, hw, prompt_len=args.prompt_len, gen_len=args.gen_len, progress=args.pipeline == 1, **compress, **sizes
-    )
-    if args.pipeline != 1:
-        return _search_pipeline(args, config, hw, {**compress, **sizes}, found, save)
-    pred = found.prediction
-    print(pred.summary())
-    try:
-        print(f"flags: {policy_flags(found.policy)}")
-    except ValueError as e:  # a field no flag sets
-        print(f"flags: {e}")
-    if args.verbose:
-        print("\n" + pred.stage_table())
-        ranked = sorted(found.candidates, key=lambda c: -c["throughput_tok_s"])[:10]
-        print(f"\nbest of {len(found.candidates)} candidates (tok/s, policy):")
-        for c in ranked:
-            print(f"{c['throughput_tok_s']:>10.3g}  {c['policy']}")
-    if save is not None:
-        atomic_write(save, json.dumps(found.policy.to_dict(), indent=2))
-        print(f"wrote {args.save_policy} (pass it to --policy)")
-    return 0
-
-
-def _search_pipeline(args, config, hw, options: dict, one, save) -> int:
-    """``search --pipeline N``: the fastest plan of N stages (each with the hardware given), beside
-    the one-process answer; ``--save-policy`` writes the plan for ``generate --plan``."""
-    from flexlab.cost import search_pipeline
-    from flexlab.files import atomic_write
-
-    found = search_pipeline(
-        config,
-        hw,
-        args.pipeline,
-        prompt_len=args.prompt_len,
-        gen_len=args.gen_len,
-        layers=args.pipeline_layers,
-        groups=args.groups,
-        **options,
-    )
-    pred, base = found.prediction, one.prediction.throughput_tok_s
-    print(
-        f"{config.name} on {args.pipeline} x {hw.name} (prompt {args.prompt_len}, gen {args.gen_len}): "
-        f"{pred.throughput_tok_s:.3g} tok/s predicted, {pred.throughput_tok_s / base:.2f}x one {hw.name} "
-        f"({base:.3g} tok/s); bubble {pred.bubble:.0%}"
-    )
-    for r, (layers, policy) in enumerate(zip(found.plan.layers, found.plan.policies)):
-        peak = ", ".join(f"{t} {v / 2**30:.2f}" for t, v in pred.ranks[r]["peak_bytes"].items())
-        print(f"stage {r}: layers {layers.start}-{layers.stop - 1}: {policy.describe()}; peak GiB {peak}")
-    print(f"groups: {found.plan.groups}")
-    if args.verbose:
-        for t in found.tried:
-            what = f"{t['throughput_tok_s']:.3g} tok/s" if t["throughput_tok_s"] else t["why"]
-            print(f"{t['gpu_batch_size']:>4}x{t['num_gpu_batches']:<3} groups {t['groups'] or '-'}: {what}")
-    if save is not None:
-        atomic_write(save, json.dumps(found.plan.to_dict(), indent=2))
-        print(f"wrote {args.save_policy} (run it: flexlab generate --plan {args.save_policy} ...)")
-    return 0
-
-
 def evaluate(args: argparse.Namespace) -> int:
     """``flexlab eval ...``: lm-eval's own command line with ``--model flexlab`` (see
     :mod:`flexlab.eval.lm_eval` for the model_args: pretrained, dtype, percent, compression)."""
@@ -291,21 +203,6 @@ def evaluate(args: argparse.Namespace) -> int:
         cli_evaluate()
     finally:
         sys.argv = saved
-    return 0
-
-
-def calibrate(args: argparse.Namespace) -> int:
-    """Measure this machine for the cost model and save the profile."""
-    from flexlab.cost import calibrate as measure
-    from flexlab.cost.hardware import _human
-
-    out = out_file(args.out, "--out")
-    offload = out_dir(args.offload_dir, "--offload-dir") if args.offload_dir else None
-    hw = measure(quick=args.quick, dtype=dtype_of(args.dtype), offload_dir=offload)
-    for key, value in hw.__dict__.items():
-        print(f"{key:<22}{_human(key, value)}")
-    hw.save(out)
-    print(f"wrote {args.out} (use it with --hardware {args.out})")
     return 0
 
 

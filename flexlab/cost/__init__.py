@@ -2,9 +2,10 @@
 
 from flexlab.cost.calibrate import calibrate, refresh
 from flexlab.cost.hardware import PRESETS, HardwareProfile, get_hardware
-from flexlab.cost.model import CostModel, Prediction, checkpoint_itemsize
+from flexlab.cost.model import CostModel, Prediction
 from flexlab.cost.pipeline import PipelinePrediction, PipelineSearchResult, predict_pipeline, search_pipeline
 from flexlab.cost.search import SearchResult, fits, search_policy
+from flexlab.cost.weights import checkpoint_itemsize
 
 __all__ = [
     "HardwareProfile",

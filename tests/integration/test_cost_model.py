@@ -234,7 +234,7 @@ def test_calibrate_warns_instead_of_dividing_by_noise():
 def test_disk_weights_read_in_place_are_counted_in_the_checkpoints_dtype(tmp_path):
     """A float16 checkpoint computed in float32: its disk weights are read as stored (2 bytes an
     element), the memory tiers hold float32 copies; the model must count both as the engine does."""
-    from flexlab.cost.model import checkpoint_itemsize
+    from flexlab.cost import checkpoint_itemsize
     from flexlab.models.convert import save_checkpoint
 
     save_checkpoint(
