@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 
 from flexlab.cli_args import (
     DTYPES,
@@ -66,6 +67,7 @@ def generate(args: argparse.Namespace) -> int:
             '(--prompt-ids "2 5 7"), or --model DIR for text prompts'
         )
     timeline = out_file(args.timeline, "--timeline") if args.timeline else None
+    log_file = out_file(args.log_file, "--log-file") if args.log_file else None
     model = load_model(args)
     policy = policy_from_args(args, gpu_batch_size=min(len(prompts), 8))
     sampling = sampling_from_args(args)
@@ -120,6 +122,10 @@ def generate(args: argparse.Namespace) -> int:
     )
     if timeline is not None:
         result.timeline.save(timeline)
+    if log_file is not None:  # FlexGen's --log-file: a line per run, appended in one write
+        entry = {"date": time.strftime("%Y-%m-%d %H:%M:%S"), "model": model.config.name, "policy": what, **m}
+        with open(log_file, "a", encoding="utf-8") as f:
+            f.write(json.dumps(entry) + "\n")
     return 0
 
 
@@ -297,6 +303,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--prompt-ids", action="append", help='a prompt as token ids, e.g. "2 5 6" (repeatable)')
     p.add_argument("--prompts-file", help="a file with one prompt per line")
     p.add_argument("--timeline", help="save the run's timeline as JSON here")
+    p.add_argument("--log-file", help="append a line of JSON per run here (model, policy, metrics), as FlexGen's")
     p.add_argument("--json", action="store_true", help="print the result as one JSON object (ids, texts, metrics)")
     add_pipeline_args(p)
     add_sampling_args(p)

@@ -521,3 +521,14 @@ def test_chat_uses_the_tokenizers_chat_template_and_its_end_of_turn():
     assert len(calls[-1][0]) <= 36 and tok.decode(calls[-1][0]).startswith("<s> system : be kind")
     Chat(generate, tokenizer=tok, max_positions=40, max_new_tokens=4, eos_token_ids=[7, tok.eos_token_id]).reply("hi")
     assert calls[-1][1]["stop_token_ids"] == [tok.eos_token_id, 7]  # the model's end ids too, once each
+
+
+def test_generate_appends_a_line_per_run_to_its_log_file(capsys, tmp_path):
+    log = tmp_path / "logs" / "runs.jsonl"
+    argv = ["generate", "--preset", "opt-tiny", "--dtype", "float32", "--prompt-ids", "2 5 6", "--max-new-tokens", "3"]
+    for _ in range(2):
+        code, _, _ = run(capsys, *argv, "--percent", "0", "0", "100", "0", "100", "0", "--log-file", str(log))
+        assert code == 0
+    lines = [json.loads(line) for line in log.read_text().splitlines()]
+    assert len(lines) == 2 and all(e["model"] == "opt-tiny" and e["new_tokens"] == 3 for e in lines)
+    assert lines[0]["policy"].startswith("w 0/0/100") and lines[0]["throughput_tok_s"] > 0
