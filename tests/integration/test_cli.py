@@ -123,40 +123,13 @@ def test_bench_sweep_writes_its_results(capsys, tmp_path):
 
 
 def test_search_prints_a_policy_that_fits_and_saves_it(capsys, tmp_path):
-    code, out, _ = run(
-        capsys,
-        "search",
-        "--preset",
-        "opt-1.3b",
-        "--gpu-mem",
-        "1.5",
-        "--cpu-mem",
-        "1",
-        "--prompt-len",
-        "64",
-        "--gen-len",
-        "8",
-        "--save-policy",
-        str(tmp_path / "p.json"),
-    )
+    argv = ["search", "--preset", "opt-1.3b", "--gpu-mem", "1.5", "--cpu-mem", "1", "--prompt-len", "64"]
+    argv += ["--gen-len", "8"]
+    code, out, _ = run(capsys, *argv, "--save-policy", str(tmp_path / "p.json"))
     assert code == 0 and "bottleneck" in out and "--percent" in out
     policy = flexlab.Policy.from_dict(json.loads((tmp_path / "p.json").read_text()))
     assert policy.w_gpu_percent < 100  # 2.5 GB of weights do not fit 1.5 GiB
-    code, verbose, _ = run(
-        capsys,
-        "search",
-        "--preset",
-        "opt-1.3b",
-        "--gpu-mem",
-        "1.5",
-        "--cpu-mem",
-        "1",
-        "--prompt-len",
-        "64",
-        "--gen-len",
-        "8",
-        "--verbose",
-    )
+    code, verbose, _ = run(capsys, *argv, "--verbose")
     assert code == 0 and verbose.startswith(out.split("wrote")[0].rstrip("\n"))  # the same answer, then detail
     assert re.search(r"^attention [\d,\-…]+.*\d+\.\d{4}", verbose, re.M) and "best of " in verbose
 
