@@ -19,6 +19,7 @@ from collections.abc import Callable
 
 import torch
 
+LOGIT_BYTES = 64 << 20  # the most float32 log-probabilities a ScoreHead holds at once
 Project = Callable[[torch.Tensor], torch.Tensor]  # hidden states [..., hidden] -> logits [..., vocab]
 
 
@@ -93,8 +94,9 @@ class ScoreHead(Head):
 
     keeps_cache = False
 
-    def __init__(self, ids, gpu_batch_size: int) -> None:
+    def __init__(self, ids, gpu_batch_size: int, vocab_size: int) -> None:
         super().__init__(ids, gpu_batch_size, 1)
+        self.positions = max(1, LOGIT_BYTES // (4 * vocab_size))  # per chunk of log-probabilities
         self.width = max(map(len, ids)) - 1  # the fed tokens (all but each last) are left-padded to it
         self.scores: list[torch.Tensor] = [torch.empty(0)] * len(ids)
         self.greedy: list[torch.Tensor] = [torch.empty(0, dtype=torch.bool)] * len(ids)
@@ -104,13 +106,20 @@ class ScoreHead(Head):
         return [[self.ids[r][:-1] for r in rows] for rows in self.batch_rows]
 
     def __call__(self, project, h, t, k):
-        logprobs = torch.log_softmax(project(h).float(), dim=-1)  # [b, s, vocab]
+        # A sequence's positions at a time, in chunks whose float32 log-probabilities stay under
+        # LOGIT_BYTES: all of a batch's at once would be b x s x vocab floats (GiBs for a long window).
         for r, row in enumerate(self.batch_rows[k]):
             seq = self.ids[row]
-            target = torch.tensor(seq[1:], device=logprobs.device)[:, None]
-            mine = logprobs[r, self.width - (len(seq) - 1) :]
-            self.scores[row] = mine.gather(-1, target).squeeze(-1).cpu()
-            self.greedy[row] = (mine.argmax(-1) == target.squeeze(-1)).cpu()
+            first = self.width - (len(seq) - 1)
+            target = torch.tensor(seq[1:], device=h.device)
+            step = self.positions
+            scores, greedy = [], []
+            for i in range(0, len(seq) - 1, step):
+                logprobs = torch.log_softmax(project(h[r, first + i : first + i + step]).float(), dim=-1)
+                mine = target[i : i + step]
+                scores.append(logprobs.gather(-1, mine[:, None]).squeeze(-1))
+                greedy.append(logprobs.argmax(-1) == mine)
+            self.scores[row], self.greedy[row] = torch.cat(scores).cpu(), torch.cat(greedy).cpu()
         return None
 
 

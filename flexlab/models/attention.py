@@ -75,9 +75,13 @@ def attend(
 
 
 def _attend_rows(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-    scores = torch.matmul(q, k.transpose(-1, -2)).float() + bias
-    probs = torch.softmax(scores, dim=-1).to(v.dtype)
-    return torch.matmul(probs, v)
+    # In place where it changes nothing, so that at most two float32 copies of the scores live at
+    # once (the scores and their softmax): the workspace the cost model charges (``SCORE_LIVE``).
+    scores = torch.matmul(q, k.transpose(-1, -2)).float()
+    scores += bias
+    probs = torch.softmax(scores, dim=-1)
+    del scores
+    return torch.matmul(probs.to(v.dtype), v)
 
 
 def expand_kv(x: torch.Tensor, heads: int) -> torch.Tensor:

@@ -70,6 +70,18 @@ def test_tokens_and_scores_equal_transformers(name, model, expected, tmp_path):
     assert list(tmp_path.iterdir()) == []  # every file the engine made is gone
 
 
+def test_scores_in_chunks_of_positions_equal_transformers(model, expected, monkeypatch):
+    # a few positions' log-probabilities at a time (as for a long window over a large vocabulary)
+    monkeypatch.setattr("flexlab.engine.heads.LOGIT_BYTES", 3 * 4 * model.config.vocab_size)
+    with flexlab.Engine(model, Policy(gpu_batch_size=2, num_gpu_batches=2)) as engine:
+        scored = engine.score(PROMPTS, greedy=True)
+    for (lp, top), lg, seq in zip(scored, expected[1], PROMPTS):
+        target = torch.tensor(seq[1:])
+        ref = torch.log_softmax(lg[:-1], -1).gather(-1, target[:, None]).squeeze(-1)
+        torch.testing.assert_close(lp, ref, atol=1e-4, rtol=0)
+        assert top.tolist() == (lg[:-1].argmax(-1) == target).tolist()
+
+
 def test_weights_from_a_bin_checkpoint_are_converted_once(tiny_hf, tmp_path, expected):
     write_bin_checkpoint(tiny_hf, tmp_path / "ckpt")
     model = flexlab.Model.from_pretrained(tmp_path / "ckpt", dtype=torch.float32, device="cpu")
