@@ -156,7 +156,7 @@ def main(cfg: Config) -> None:
                 flexlab_over_published=round(pred.throughput_tok_s / published, 2),
                 flexgen_model_over_published=round(theirs / published, 2),
                 flexlab_bottleneck=pred.bottleneck,
-                fits=fits(pred.peak_bytes, hw),
+                fits=fits(pred.footprint, hw),
                 matching_dequant_g_elems_s=round(matching_codec_rate(config, policy, hw, cfg, published) / 1e9, 2)
                 if policy.compress_weight or policy.compress_cache
                 else float("nan"),

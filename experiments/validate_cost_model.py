@@ -19,6 +19,7 @@ minute of the disk does not decide a row; the CSV keeps the slowest and fastest 
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import tempfile
 from dataclasses import dataclass
@@ -127,9 +128,13 @@ def main(cfg: Config) -> pd.DataFrame:
             default=0.0,
         )
         row["peak_memory_error"] = worst
+        # the process's footprint with the bytes the engine measured, for the search's comparison
+        measured_peaks[name] = dataclasses.replace(
+            pred.footprint, tracked={t: row[f"measured_peak_{t}"] for t in ("gpu", "cpu", "disk")}
+        )
         return row
 
-    rows = []
+    rows, measured_peaks = [], {}
     with tempfile.TemporaryDirectory(prefix="flexlab-validate-") as offload:
         for name, (percent, extra) in policies.items():
             rows.append(measure(name, policy_of(percent, extra), offload))
@@ -151,13 +156,7 @@ def main(cfg: Config) -> pd.DataFrame:
                 act_tiers=("gpu",),
             )
             rows.append(measure("searched (limits)", found.policy, offload))
-            within = [
-                r
-                for r in rows[:-1]
-                if fits(
-                    {t: r[f"measured_peak_{t}"] for t in ("gpu", "cpu", "disk")}, limited.replace(disk_space=math.inf)
-                )
-            ]
+            within = [r for r in rows[:-1] if fits(measured_peaks[r["policy"]], limited.replace(disk_space=math.inf))]
             best = max(within, key=lambda r: r["measured_tok_s"]) if within else None
             searched = rows[-1]["measured_tok_s"]
             search_note = (

@@ -30,6 +30,7 @@ from flexlab.cli_args import (
     add_sampling_args,
     dtype_of,
     load_model,
+    memory_limit_from_args,
     policy_from_args,
     sampling_from_args,
 )
@@ -106,7 +107,10 @@ def generate(args: argparse.Namespace) -> int:
         what = plan.describe()
     else:
         on_terminal = sys.stderr.isatty()  # bars only where someone watches (not in logs or pipes)
-        with flexlab.Engine(model, policy, offload_dir=args.offload_dir, progress=on_terminal) as engine:
+        limit = memory_limit_from_args(args)
+        with flexlab.Engine(
+            model, policy, offload_dir=args.offload_dir, progress=on_terminal, memory_limit=limit
+        ) as engine:
             result = engine.generate(prompts, **sampling, progress=on_terminal)
         what = policy.describe()
     m = result.metrics
@@ -243,7 +247,8 @@ def chat(args: argparse.Namespace) -> int:
     if model.tokenizer is None:
         raise ValueError(f"{model.config.name} has no tokenizer; chat needs a checkpoint directory with one")
     interactive = sys.stdin.isatty()
-    with flexlab.Engine(model, policy_from_args(args), offload_dir=args.offload_dir) as engine:
+    limit = memory_limit_from_args(args)
+    with flexlab.Engine(model, policy_from_args(args), offload_dir=args.offload_dir, memory_limit=limit) as engine:
         bot = Chat(
             engine.generate,
             model.tokenizer,
@@ -334,6 +339,13 @@ def main(argv: list[str] | None = None) -> int:
         "tiers are one RAM and only the sum of the two counts",
     )
     p.add_argument("--disk", type=float, help="GiB (default: the hardware's)")
+    p.add_argument(
+        "--memory-limit-gb",
+        type=float,
+        metavar="GB",
+        help="host RAM the whole process may use, in GB (10^9 bytes; default: the hardware's RAM); the policy "
+        "found passes `generate --memory-limit-gb` with the same limit",
+    )
     p.add_argument("--prompt-len", type=int, default=512)
     p.add_argument("--gen-len", type=int, default=32)
     p.add_argument(

@@ -137,6 +137,23 @@ def add_policy_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--sep-layer", type=_bool, metavar="BOOL", help="attention and MLP as two stages (default True)")
     g.add_argument("--pin-weight", type=_bool, metavar="BOOL", help="pin cpu-tier weights for the GPU (default True)")
     g.add_argument("--offload-dir", help="where disk-tier data goes (default: a temporary directory)")
+    g.add_argument(
+        "--memory-limit-gb",
+        type=float,
+        metavar="GB",
+        help="host RAM the whole process may use, in GB (10^9 bytes); a policy predicted to need more is refused "
+        "before it starts (default: the cgroup's limit, else the memory available; inf: no check)",
+    )
+
+
+def memory_limit_from_args(args: argparse.Namespace) -> float | None:
+    """``--memory-limit-gb`` in bytes (None: the engine's default)."""
+    gb = getattr(args, "memory_limit_gb", None)
+    if gb is None:
+        return None
+    if not gb > 0:
+        raise ValueError(f"--memory-limit-gb must be positive (inf: no check), got {gb:g}")
+    return gb * 1e9
 
 
 def policy_from_args(args: argparse.Namespace, **defaults):

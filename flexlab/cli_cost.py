@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from flexlab.cli_args import dtype_of, load_model, policy_flags
+from flexlab.cli_args import dtype_of, load_model, memory_limit_from_args, policy_flags
 from flexlab.cli_checks import out_dir, out_file
 
 
@@ -33,6 +33,9 @@ def search(args: argparse.Namespace) -> int:
     for k, v in caps.items():
         if v <= 0:
             raise ValueError(f"--{k.split('_')[0]} capacity must be positive, got {v / 2**30:g} GiB")
+    if args.memory_limit_gb is not None:  # the whole process on the host, as the engine checks it
+        limit = memory_limit_from_args(args)
+        caps.update(dict(cpu_memory=limit) if hw.has_link else dict(gpu_memory=limit / 2, cpu_memory=limit / 2))
     hw = hw.replace(**caps)
     options = [flexlab.QuantConfig.parse(o) for o in args.compress.split(",")] if args.compress else []
     # a per-channel layout or a full-precision window applies to the cache only

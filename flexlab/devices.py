@@ -7,6 +7,8 @@ True
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 
 
@@ -41,3 +43,59 @@ def device_and_dtype(
     """``device`` resolved and ``dtype`` defaulted for it."""
     device = resolve_device(device)
     return device, dtype or default_dtype(device)
+
+
+# ---- host memory as the operating system sees it -------------------------------------------
+def resident_bytes(peak: bool = False) -> int | None:
+    """This process's resident memory now (``peak``: the most it has held, VmHWM), from
+    /proc/self/status; None where there is no /proc (not Linux)."""
+    key = "VmHWM:" if peak else "VmRSS:"
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(key):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def cgroup_memory_limit() -> int | None:
+    """The memory limit of this process's cgroup (v2 ``memory.max`` or v1
+    ``memory.limit_in_bytes``, with the page cache charged to it), or None when there is none."""
+    try:
+        lines = Path("/proc/self/cgroup").read_text().splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        _, controllers, path = line.split(":", 2)
+        candidates = []
+        if controllers == "":
+            candidates.append(Path("/sys/fs/cgroup") / path.lstrip("/") / "memory.max")
+        elif "memory" in controllers.split(","):
+            candidates.append(Path("/sys/fs/cgroup/memory") / path.lstrip("/") / "memory.limit_in_bytes")
+        for file in candidates:
+            try:
+                text = file.read_text().strip()
+            except OSError:
+                continue
+            if text != "max" and int(text) < 2**60:  # v1 writes "no limit" as a page-rounded 2**63
+                return int(text)
+    return None
+
+
+def available_memory() -> int | None:
+    """What this process may still grow to, in bytes: its cgroup's limit when one is set, else
+    the machine's available memory (MemAvailable) plus what the process holds now; None where
+    neither can be read."""
+    limit = cgroup_memory_limit()
+    if limit is not None:
+        return limit
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024 + (resident_bytes() or 0)
+    except OSError:
+        pass
+    return None

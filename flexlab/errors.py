@@ -35,3 +35,7 @@ class PromptError(FlexlabError):
 
 class OffloadError(FlexlabError):
     """The offload directory cannot be used (not writable, not enough space, the disk filled)."""
+
+
+class MemoryLimitError(FlexlabError):
+    """A policy whose predicted peak memory exceeds the process's memory limit."""

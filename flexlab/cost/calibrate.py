@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from flexlab.compress import QuantConfig, dequantize, quantize
-from flexlab.cost.hardware import HardwareProfile
+from flexlab.cost.hardware import RUNTIME_BASE_CPU, RUNTIME_BASE_CUDA, HardwareProfile
 from flexlab.devices import device_and_dtype
 from flexlab.engine.tiers import DiskFiles, aligned_empty
 from flexlab.models.attention import attend
@@ -195,6 +195,40 @@ def _codec_rate(device: torch.device, dtype: torch.dtype, hidden: int) -> float:
     return 2 * rows.numel() / _best(lambda: dequantize(quantize(rows, cfg), dtype), 3, device)
 
 
+_BASE_PROBE = """
+import sys, torch, flexlab
+from flexlab.devices import resident_bytes
+model = flexlab.Model.from_config("opt-tiny", seed=0, dtype=getattr(torch, sys.argv[2]), device=sys.argv[1])
+with flexlab.Engine(model) as engine:
+    result = engine.generate([[2, 5, 6]] * 2, max_new_tokens=4, stop_token_ids=None)
+tracked = sum(result.metrics[f"peak_bytes_{t}"] for t in ("gpu", "cpu")) if sys.argv[1] == "cpu" else 0
+print(int(resident_bytes(peak=True) - tracked))
+"""
+
+
+def _runtime_base(device: torch.device, dtype: torch.dtype) -> float:
+    """Host bytes a fresh process holds once torch and flexlab are loaded and an engine has run
+    (its libraries, interpreter, thread pools; with CUDA its context), less what the engine
+    tracked: the base that :class:`~flexlab.engine.footprint.Footprint` adds to a run's bytes."""
+    import subprocess
+    import sys
+
+    out = subprocess.run(
+        [sys.executable, "-c", _BASE_PROBE, device.type, str(dtype).removeprefix("torch.")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    if out.returncode != 0 or not out.stdout.strip().isdigit():
+        warnings.warn(
+            f"calibrate: the runtime base could not be measured ({out.stderr.strip()[-200:]}); "
+            "using the default for this kind of machine",
+            stacklevel=3,
+        )
+        return RUNTIME_BASE_CUDA if device.type == "cuda" else RUNTIME_BASE_CPU
+    return float(out.stdout.strip())
+
+
 def calibrate(
     *,
     device: str | torch.device | None = None,
@@ -210,7 +244,17 @@ def calibrate(
     scale = 1 if quick else 2
     h, repeats = 1024 * scale, 5
     results: dict[str, float] = {}
-    steps = ["matmul", "weight read", "attention", "cpu attention", "link", "disk", "dequantize", "step overhead"]
+    steps = [
+        "matmul",
+        "weight read",
+        "attention",
+        "cpu attention",
+        "link",
+        "disk",
+        "dequantize",
+        "step overhead",
+        "runtime base",
+    ]
     bar = tqdm(steps, desc="calibrating", disable=not progress, leave=False)
 
     def step(name: str) -> None:
@@ -266,6 +310,8 @@ def calibrate(
         results["kv_codec_elems"],
     ) = _step_overheads(device, dtype, directory)
     step("step overhead")
+    results["runtime_base_bytes"] = _runtime_base(device, dtype)
+    step("runtime base")
     bar.close()
     ram = float(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
     if device.type == "cuda":

@@ -13,11 +13,14 @@ from __future__ import annotations
 import json
 import math
 import os
-from dataclasses import asdict, dataclass, fields
+from dataclasses import MISSING, asdict, dataclass, fields
 from pathlib import Path
 
 from flexlab.errors import FlexlabError
 from flexlab.files import atomic_write
+
+RUNTIME_BASE_CPU = 0.3 * 2**30  # a CPU build of torch, flexlab and a tokenizer (measured here: 0.22-0.29 GiB)
+RUNTIME_BASE_CUDA = 1.5 * 2**30  # a CUDA build and its context: an estimate, not measured; calibrate() measures it
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -43,6 +46,9 @@ class HardwareProfile:
             which moves more and costs the cores more than an activation transfer.
         disk_latency_s: fixed cost of one disk request (each KV cache read and write pays it).
         gpu_memory, cpu_memory, disk_space: capacities in bytes.
+        runtime_base_bytes: host RAM a process holds before the engine allocates anything (the
+            interpreter, torch, a loaded model's metadata; with CUDA, its libraries and
+            context), measured by ``calibrate()`` in a fresh process.
     """
 
     name: str
@@ -64,6 +70,7 @@ class HardwareProfile:
     gpu_memory: float
     cpu_memory: float
     disk_space: float
+    runtime_base_bytes: float = RUNTIME_BASE_CPU
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -95,7 +102,8 @@ class HardwareProfile:
     def load(cls, path: str | os.PathLike) -> HardwareProfile:
         data = json.loads(Path(path).read_text())
         names = {f.name for f in fields(cls)}
-        if set(data) != names:
+        optional = {f.name for f in fields(cls) if f.default is not MISSING}  # added later: defaults
+        if not names - optional <= set(data) <= names:
             missing, unknown = sorted(names - set(data)), sorted(set(data) - names)
             raise FlexlabError(
                 f"{path} is not a hardware profile of this flexlab version (missing: {missing or 'none'}; "
@@ -150,6 +158,7 @@ PRESETS: dict[str, HardwareProfile] = {
         gpu_memory=15 * GiB,
         cpu_memory=12 * GiB,
         disk_space=80 * GiB,
+        runtime_base_bytes=RUNTIME_BASE_CUDA,
     ),
     "h100": HardwareProfile(
         name="h100",
@@ -172,6 +181,7 @@ PRESETS: dict[str, HardwareProfile] = {
         gpu_memory=78 * GiB,
         cpu_memory=128 * GiB,
         disk_space=60 * GiB,
+        runtime_base_bytes=RUNTIME_BASE_CUDA,
     ),
 }
 # FlexGen's own machine (its paper: a GCP T4 with 208 GB DRAM and a 1.5 TB SSD), with the rates

@@ -25,13 +25,10 @@ from __future__ import annotations
 
 from collections import Counter
 
-import torch
-
 from flexlab.cost.hardware import HardwareProfile
 from flexlab.cost.prediction import Prediction
-from flexlab.cost.weights import price_weights
-from flexlab.engine.kvcodec import KVCodec
-from flexlab.engine.placement import TIERS, cache_read_buffers, split_by_share
+from flexlab.engine.footprint import Footprint, engine_peak, footprint, kv_codecs, price_weights
+from flexlab.engine.placement import TIERS, split_by_share
 from flexlab.engine.policy import Policy
 from flexlab.engine.schedule import make_stages, share_of
 from flexlab.errors import FlexlabError
@@ -88,10 +85,8 @@ class CostModel:
             checkpoint_itemsize,
         )
         self.weight_bytes = dict(weight_bytes)  # stored bytes per tier (the cached original stays as it was)
-        self.codecs = {
-            kv: KVCodec(policy.compress_cache, config.num_kv_heads, config.head_dim, _dtype(itemsize), keys=kv == "k")
-            for kv in ("k", "v")
-        }
+        self.codecs = dict(zip("kv", kv_codecs(config, policy, itemsize)))
+        self.layers, self.checkpoint_itemsize = layers, checkpoint_itemsize
 
     # ---- bytes --------------------------------------------------------------------------
     def _blocks(self) -> list[list[dict[str, int]]]:
@@ -142,11 +137,12 @@ class CostModel:
         ]
         busy = {k: sum(r[f"{k}_s"] for r in stage_rows) for k in ("compute", "disk", "link")}
         total = prefill + decode
+        fp = self.footprint()
         return Prediction(
             prefill,
             decode,
             self.num_prompts * self.gen_len / total if total else float("inf"),
-            self.peak_bytes(),
+            fp.tracked,
             kinds,
             stage_rows,
             max(busy, key=busy.get),
@@ -154,6 +150,7 @@ class CostModel:
             f"{self.num_prompts} prompts)",
             policy=self.policy,
             hw=self.hw,
+            footprint=fp,
         )
 
     def _stage_classes(self) -> tuple[list[int], list[int]]:
@@ -274,42 +271,38 @@ class CostModel:
 
     # ---- memory ------------------------------------------------------------------------
     def peak_bytes(self) -> dict[str, float]:
-        """Peak bytes per tier as the engine accounts them: weights, read buffers, working
-        weights, KV cache, its full-precision tail, activation slots."""
-        p, cfg, hw = self.policy, self.config, self.hw
-        out = {t: float(v) for t, v in self.weight_bytes.items()}
-        stage_disk = [self.packed[j] for j in range(len(self._stage))]
-        buffers = 2 * max(stage_disk, default=0)
-        out["cpu" if hw.has_link else "gpu"] += buffers
-        # On the compute device: the computing stage's copies of weights from other tiers and its
-        # dequantized matrices, and the next stage's copies (prefetched; after the last stage
-        # comes the first, for the next token or group); a CPU uses its reads in place unless
-        # they need converting to the compute dtype.
-        copied = [st.copies[0 if hw.has_link else 1] for st in self._stage]
-        after = copied[1:] + (copied[:1] if self.gen_len > 1 or p.num_gpu_batches > 1 else [0])
-        working = [c + st.dequant_elems * self.itemsize + nxt for c, st, nxt in zip(copied, self._stage, after)]
-        out["gpu"] += max(working, default=0)
-        capacity = self.prompt_len + self.gen_len - 1
-        n = min(self.num_prompts, p.block_size)
-        tiers = split_by_share([1] * n, p.cache_gpu_percent, p.cache_cpu_percent)
-        for codec in self.codecs.values():
-            per_seq = self.num_layers * -(-capacity // codec.chunk) * codec.row_bytes
-            for t in TIERS:
-                out[t] += tiers.count(t) * per_seq
-            out["gpu"] += self.num_layers * n * codec.max_tail * cfg.kv_dim * self.itemsize
-        most = max((tiers[i : i + p.gpu_batch_size].count("disk") for i in range(0, n, p.gpu_batch_size)), default=0)
-        row = max(-(-capacity // c.chunk) * c.row_bytes for c in self.codecs.values())
-        _, count, size = cache_read_buffers(not hw.has_link, most, row)
-        out["cpu" if hw.has_link else "gpu"] += count * size
-        if p.act_tier != "gpu":
-            out[p.act_tier] += p.num_gpu_batches * p.gpu_batch_size * self.prompt_len * cfg.hidden_size * self.itemsize
-        return out
+        """Peak bytes per tier as the engine accounts them (:func:`~flexlab.engine.footprint.engine_peak`)."""
+        return engine_peak(
+            self.config,
+            self.policy,
+            self._stage,
+            self.weight_bytes,
+            self.packed,
+            on_cuda=self.hw.has_link,
+            itemsize=self.itemsize,
+            prompt_len=self.prompt_len,
+            gen_len=self.gen_len,
+            num_prompts=self.num_prompts,
+            num_layers=self.num_layers,
+        )
+
+    def footprint(self) -> Footprint:
+        """The whole process's peak (:class:`~flexlab.engine.footprint.Footprint`), with the
+        hardware profile's runtime base."""
+        return footprint(
+            self.config,
+            self.policy,
+            on_cuda=self.hw.has_link,
+            itemsize=self.itemsize,
+            prompt_len=self.prompt_len,
+            gen_len=self.gen_len,
+            num_prompts=self.num_prompts,
+            layers=self.layers,
+            checkpoint_itemsize=self.checkpoint_itemsize,
+            runtime_base=self.hw.runtime_base_bytes,
+        )
 
     def explain(self) -> str:
         """The answer in a few lines (:meth:`Prediction.summary`), then seconds per stage."""
         pred = self.predict()
         return pred.summary() + "\n" + pred.stage_table()
-
-
-def _dtype(itemsize: int) -> torch.dtype:
-    return {2: torch.bfloat16, 4: torch.float32}[itemsize]

@@ -101,7 +101,7 @@ def predict_pipeline(
                 mp, md = max(mp, n * prompt_len * per_token / bw), max(md, n * per_token / bw)
             busy += pred.prefill_s + pred.decode_s
         # every group's cache is resident on the rank at once: its memory is the whole block's
-        peaks = CostModel(
+        whole = CostModel(
             config,
             policy,
             rank_hw,
@@ -110,9 +110,17 @@ def predict_pipeline(
             itemsize=itemsize,
             layers=layers,
             checkpoint_itemsize=checkpoint_itemsize,
-        ).peak_bytes()
+        ).footprint()
         ranks.append(
-            dict(rank=r, layers=layers, prefill_group_s=tp, decode_group_token_s=td, hand_off_s=md, peak_bytes=peaks)
+            dict(
+                rank=r,
+                layers=layers,
+                prefill_group_s=tp,
+                decode_group_token_s=td,
+                hand_off_s=md,
+                peak_bytes=whole.tracked,
+                footprint=whole,
+            )
         )
         prefill_t.append(tp)
         decode_t.append(td)

@@ -14,6 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from flexlab.cost.hardware import HardwareProfile
+from flexlab.engine.footprint import Footprint
 from flexlab.engine.policy import Policy
 
 RESOURCES = ("compute", "disk", "link")
@@ -34,6 +35,7 @@ class Prediction:
     title: str = ""
     policy: Policy | None = field(default=None, repr=False)
     hw: HardwareProfile | None = field(default=None, repr=False)
+    footprint: Footprint | None = field(default=None, repr=False)  # the whole process's peak
 
     @property
     def total_s(self) -> float:
@@ -66,7 +68,17 @@ class Prediction:
                 f"RAM {gib['gpu'] + gib['cpu']:.2f} of {(hw.gpu_memory + hw.cpu_memory) / 2**30:.2f} (gpu and cpu "
                 f"tiers: {gib['gpu']:.2f} + {gib['cpu']:.2f}), disk {gib['disk']:.2f} of {hw.disk_space / 2**30:.2f}"
             )
-        return "\n".join([*lines, f"peak GiB: {memory}"])
+        lines.append(f"peak GiB: {memory}")
+        fp = self.footprint
+        if fp is not None:
+            gib = 2**-30
+            lines.append(
+                f"process peak GiB: host {fp.host * gib:.2f}"
+                + (f", gpu {fp.device * gib:.2f}" if fp.on_cuda else "")
+                + f" (runtime base {fp.runtime_base * gib:.2f}, workspace {fp.workspace * gib:.2f} "
+                f"x{fp.slack:g} slack, placing weights {fp.placing * gib:.2f})"
+            )
+        return "\n".join(lines)
 
     def stage_table(self) -> str:
         """Seconds per stage over the run; stages that would print the same line are one line (a

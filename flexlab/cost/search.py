@@ -26,6 +26,7 @@ from scipy.optimize import linprog
 from flexlab.compress import QuantConfig
 from flexlab.cost.hardware import HardwareProfile
 from flexlab.cost.model import CostModel, Prediction
+from flexlab.engine.footprint import Footprint
 from flexlab.engine.policy import Policy
 from flexlab.errors import FlexlabError
 from flexlab.models.config import ModelConfig
@@ -70,14 +71,22 @@ def _solve_shares(base: Policy, predict, hw: HardwareProfile, margin: float) -> 
     f = {}
     for name, (wg, wc, cg, cc) in EXTREMES.items():
         policy = base.replace(w_gpu_percent=wg, w_cpu_percent=wc, cache_gpu_percent=cg, cache_cpu_percent=cc)
-        f[name] = _features(predict(policy))
+        pred = predict(policy)
+        f[name] = _features(pred)
+        if name == "base":
+            gpu_extra, host_extra = _overheads(pred, hw)
     const = f["w_disk"] + f["c_disk"] - f["base"]
     coef = np.stack(
         [f["base"] - f["w_disk"], f["w_cpu"] - f["w_disk"], f["base"] - f["c_disk"], f["c_cpu"] - f["c_disk"]], axis=1
     )  # [features, 4]
     a_ub = [list(coef[r]) + [-1.0] for r in range(3)]  # each resource's seconds <= T
     b_ub = [-const[r] for r in range(3)]
-    caps = tuple((1 - margin) * c for c in (hw.gpu_memory, hw.cpu_memory, hw.disk_space))
+    # the engine's bytes may use what the process's other needs leave (nearly the same for every share)
+    caps = (
+        (1 - margin) * hw.gpu_memory - gpu_extra,
+        (1 - margin) * hw.cpu_memory - host_extra,
+        (1 - margin) * hw.disk_space,
+    )
     if hw.has_link:
         a_ub += [list(coef[3 + i]) + [0.0] for i in range(3)]  # memory per tier <= its capacity
         b_ub += [caps[i] - const[3 + i] for i in range(3)]
@@ -95,15 +104,28 @@ def _solve_shares(base: Policy, predict, hw: HardwareProfile, margin: float) -> 
     return res.x[:4] if res.status == 0 else None
 
 
-def fits(peak_bytes: dict[str, float], hw: HardwareProfile) -> bool:
-    """Whether peak bytes per tier fit ``hw``'s capacities. Without a GPU (``hw.has_link`` is
-    False) the gpu and cpu tiers are the same RAM: only their sum counts, against the sum of
-    the two capacities, so the RAM may be split between the tiers however the policy needs."""
-    if peak_bytes["disk"] > hw.disk_space:
+def fits(fp: Footprint, hw: HardwareProfile) -> bool:
+    """Whether a predicted run (its ``Prediction.footprint``) fits ``hw``'s capacities, as the
+    whole process: its host peak
+    (runtime base, engine bytes on host tiers, workspace and slack; see
+    :class:`~flexlab.engine.footprint.Footprint`) within the host RAM, the GPU's within its
+    memory, the disk tier within the disk. Without a GPU (``hw.has_link`` is False) the gpu and
+    cpu tiers are the same RAM: the process counts against the sum of the two capacities, so the
+    RAM may be split between the tiers however the policy needs."""
+    if fp.tracked["disk"] > hw.disk_space:
         return False
     if not hw.has_link:
-        return peak_bytes["gpu"] + peak_bytes["cpu"] <= hw.gpu_memory + hw.cpu_memory
-    return peak_bytes["gpu"] <= hw.gpu_memory and peak_bytes["cpu"] <= hw.cpu_memory
+        return fp.host <= hw.gpu_memory + hw.cpu_memory
+    return fp.device <= hw.gpu_memory and fp.host <= hw.cpu_memory
+
+
+def _overheads(pred: Prediction, hw: HardwareProfile) -> tuple[float, float]:
+    """What the process holds beyond the engine's tracked bytes, on the GPU and on the host (on a
+    CPU the two are one RAM: all of it on the host): the LP's capacities are reduced by these."""
+    fp = pred.footprint
+    if hw.has_link:
+        return fp.device - fp.tracked["gpu"], fp.host - fp.tracked["cpu"]
+    return 0.0, fp.host - fp.tracked["gpu"] - fp.tracked["cpu"]
 
 
 def _neighbours(policy: Policy, step: float) -> list[Policy]:
@@ -135,14 +157,14 @@ def _refine(found: tuple[Policy, Prediction], predict, hw: HardwareProfile) -> t
         for cg, cc in halves
     ]
     tried = [(p, predict(p)) for p in grid]
-    best = max([found] + [t for t in tried if fits(t[1].peak_bytes, hw)], key=lambda t: t[1].throughput_tok_s)
+    best = max([found] + [t for t in tried if fits(t[1].footprint, hw)], key=lambda t: t[1].throughput_tok_s)
     for step in (10.0, 2.5):
         while True:
             tried = [(p, predict(p)) for p in _neighbours(best[0], step)]
             better = [
                 t
                 for t in tried
-                if fits(t[1].peak_bytes, hw) and t[1].throughput_tok_s > best[1].throughput_tok_s * (1 + 1e-6)
+                if fits(t[1].footprint, hw) and t[1].throughput_tok_s > best[1].throughput_tok_s * (1 + 1e-6)
             ]
             if not better:
                 break
@@ -209,7 +231,7 @@ def search_policy(
         return model(policy).predict()
 
     candidates, found_all = [], []
-    smallest: dict[str, float] | None = None
+    smallest: Footprint | None = None
     for bs, nb, act, cw, cc, on_cpu, sep in tqdm(grid, desc="policy search", disable=not progress):
         base = Policy(
             gpu_batch_size=bs,
@@ -234,28 +256,32 @@ def search_policy(
                 cache_cpu_percent=min(cc, 100 - cg),
             )
             pred = predict(policy)
-            if fits(pred.peak_bytes, hw):
+            if fits(pred.footprint, hw):
                 found = (policy, pred)
                 break
         if found is None:
-            footprint = model(base.replace(w_gpu_percent=0, cache_gpu_percent=0)).peak_bytes()
-            if smallest is None or sum(footprint.values()) < sum(smallest.values()):
-                smallest = footprint
+            least = model(base.replace(w_gpu_percent=0, cache_gpu_percent=0)).footprint()
+            if smallest is None or least.host + least.device < smallest.host + smallest.device:
+                smallest = least
             continue
         found_all.append(found)
         candidates.append(_candidate(*found))
     if not found_all:
-        need = smallest or {}
         memory = (
             f"gpu {hw.gpu_memory / 2**30:.1f} GiB, cpu {hw.cpu_memory / 2**30:.1f} GiB"
             if hw.has_link
             else f"RAM {(hw.gpu_memory + hw.cpu_memory) / 2**30:.1f} GiB (gpu and cpu tiers together)"
         )
+        need = "nothing was tried"
+        if smallest is not None:
+            gpu = f"gpu {smallest.device / 2**30:.2f} GiB, " if hw.has_link else ""
+            need = (
+                f"{gpu}host {smallest.host / 2**30:.2f} GiB as a whole process (runtime base "
+                f"{smallest.runtime_base / 2**30:.2f}) and disk {smallest.tracked['disk'] / 2**30:.1f} GiB"
+            )
         raise FlexlabError(
             f"no policy fits {config.name} (prompt {prompt_len}, gen {gen_len}) in {memory}, disk "
-            f"{hw.disk_space / 2**30:.1f} GiB; the smallest "
-            f"footprint tried (everything off the gpu) needs gpu {need.get('gpu', float('nan')) / 2**30:.2f}, cpu "
-            f"{need.get('cpu', float('nan')) / 2**30:.2f} and disk {need.get('disk', float('nan')) / 2**30:.1f} GiB: "
+            f"{hw.disk_space / 2**30:.1f} GiB; the smallest footprint tried (everything off the gpu) needs {need}: "
             + (
                 "free disk space, or try fewer bits (e.g. 3:64) or smaller batches"
                 if any(q is not None for q in (*compress, *cache_options))

@@ -20,7 +20,16 @@ import torch
 from flexlab.compress import QTensor, dequantize, quantize
 from flexlab.engine.placement import ALIGN, compresses, near_tiers, place_weights, read_region
 from flexlab.engine.schedule import Stage
-from flexlab.engine.tiers import BufferPool, DiskFiles, MemoryTracker, nbytes, preallocate, staging_tier, write_packed
+from flexlab.engine.tiers import (
+    BufferPool,
+    DiskFiles,
+    MemoryTracker,
+    nbytes,
+    preallocate,
+    return_freed_memory,
+    staging_tier,
+    write_packed,
+)
 from flexlab.models.family import WeightSpec
 from flexlab.models.loading import TensorLocation
 
@@ -89,6 +98,10 @@ class WeightStore:
                 if progress is not None:
                     progress.update(1)
             own = self._pack(model, to_pack, weight_dir / f"stage{stage.index}.bin") if to_pack else None
+            # glibc keeps the blocks of the weights read and converted so far (how many depends on
+            # which threads freed them): hand them back per stage, so placing peaks where the
+            # footprint says, at the largest weight read
+            return_freed_memory()
             self.stage_files[stage.index] = own
             self.stage_weights[stage.index] = [self.placed[s.name] for s, _, _ in placement]
         model.weights.release_pages()  # placed: the memory tiers hold copies, the disk tier reads files

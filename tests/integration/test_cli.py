@@ -123,7 +123,8 @@ def test_bench_sweep_writes_its_results(capsys, tmp_path):
 
 
 def test_search_prints_a_policy_that_fits_and_saves_it(capsys, tmp_path):
-    argv = ["search", "--preset", "opt-1.3b", "--gpu-mem", "1.5", "--cpu-mem", "1", "--prompt-len", "64"]
+    # --cpu-mem is the whole process's host RAM: colab-t4's runtime base (1.5 GiB) and 1 GiB more
+    argv = ["search", "--preset", "opt-1.3b", "--gpu-mem", "1.5", "--cpu-mem", "2.5", "--prompt-len", "64"]
     argv += ["--gen-len", "8"]
     code, out, _ = run(capsys, *argv, "--save-policy", str(tmp_path / "p.json"))
     assert code == 0 and "bottleneck" in out and "--percent" in out
@@ -137,7 +138,7 @@ def test_search_prints_a_policy_that_fits_and_saves_it(capsys, tmp_path):
 def test_search_tries_each_compression_given_and_prints_flags_for_its_pick(capsys, tmp_path):
     from flexlab.cli_args import policy_from_flags
 
-    argv = ["search", "--preset", "opt-125m", "--gpu-mem", "0.12", "--cpu-mem", "0.1", "--prompt-len", "64"]
+    argv = ["search", "--preset", "opt-125m", "--gpu-mem", "0.12", "--cpu-mem", "2", "--prompt-len", "64"]
     argv += ["--gen-len", "8", "--compress", "3:64,8:32:per-channel", "--save-policy", str(tmp_path / "p.json")]
     code, out, _ = run(capsys, *argv)
     policy = flexlab.Policy.from_dict(json.loads((tmp_path / "p.json").read_text()))
@@ -168,7 +169,9 @@ def test_search_places_llama_3_1_8b_on_a_t4_with_compression(capsys, tmp_path):
     lines = out.splitlines()  # the answer first: throughput, policy, time and bottleneck, memory, flags
     assert code == 0 and re.match(r"llama-3.1-8b on colab-t4 .*: [\d.]+ tok/s predicted$", lines[0])
     assert lines[1].startswith("policy: ") and re.search(r"bottleneck: \w+ \(busy \d+%", lines[2])
-    assert lines[3].startswith("peak GiB: ") and lines[4].startswith("flags: ")
+    assert lines[3].startswith("peak GiB: ") and lines[5].startswith("flags: ")
+    host = re.match(r"process peak GiB: host ([\d.]+), gpu ([\d.]+) ", lines[4])  # the whole process fits too
+    assert host and float(host.group(1)) <= 12.0 and float(host.group(2)) <= 15.0
     assert "compute s" not in out  # the per-stage table only with --verbose
     policy = flexlab.Policy.from_dict(json.loads((tmp_path / "p.json").read_text()))
     # 16 GB of bfloat16 weights do not fit a T4's GPU; 4-bit ones (about 4.5 GB) do

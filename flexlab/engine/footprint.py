@@ -1,0 +1,446 @@
+"""What a policy holds in memory, as pure functions of shapes: per stage what its weights cost,
+per tier the engine's peak bytes, and the whole process's peak as the operating system sees it.
+
+The engine checks a policy against a memory limit with these before it allocates anything, and
+the cost model and the search predict with the same functions, so a searched policy passes the
+engine's check. A process's peak resident memory is the sum of
+
+* the engine's **tracked** bytes (:func:`engine_peak`: weights, read buffers, working copies,
+  KV cache, activation slots) — exact, from the placement rules;
+* the **workspace** of its largest step (:func:`workspace`: tensors a stage's maths makes and
+  drops — hidden-sized vectors, a chunk of attention scores, the head's logits), from the
+  shapes, times the allocator's slack: glibc keeps freed blocks for reuse, so a run's resident
+  memory grows by about twice its workspace (measured; once with :func:`lean_allocator`);
+* the **runtime base**: interpreter, torch, the model's metadata (the engine measures the process
+  as it is; the cost model takes ``HardwareProfile.runtime_base_bytes``, which ``calibrate()``
+  measures in a fresh process).
+
+    >>> from flexlab import Policy, get_preset
+    >>> fp = footprint(get_preset("opt-125m"), Policy(gpu_batch_size=8), on_cuda=False, itemsize=2,
+    ...                prompt_len=512, gen_len=8, runtime_base=0.25 * 2**30)
+    >>> round(fp.tracked["gpu"] / 2**20), round(fp.workspace / 2**20), round(fp.host / 2**30, 2)
+    (385, 202, 1.02)
+"""
+
+from __future__ import annotations
+
+import ctypes
+import dataclasses
+import functools
+from dataclasses import dataclass
+
+import torch
+
+from flexlab.compress import QuantConfig
+from flexlab.engine.kvcodec import KVCodec
+from flexlab.engine.placement import (
+    TIERS,
+    align_up,
+    cache_read_buffers,
+    compresses,
+    place_weights,
+    read_region,
+    split_by_share,
+)
+from flexlab.engine.policy import Policy
+from flexlab.engine.schedule import Stage, make_stages, share_of
+from flexlab.models.attention import SCORE_BYTES
+from flexlab.models.config import ModelConfig
+from flexlab.models.family import part_weights
+from flexlab.models.registry import get_family
+
+
+@dataclass(frozen=True)
+class StageCost:
+    name: str
+    parts: tuple[str, ...]
+    matmul_params: int  # elements of the matrices its matmuls read
+    flops_per_token: float
+    w_bytes: dict[str, int]  # stored bytes of its weights per tier
+    w_device_bytes: int  # its matrices in the compute dtype (what a decode matmul streams)
+    dequant_elems: int  # compressed elements dequantized once per token (kept until the stage is done)
+    row_table: int = 0  # a compressed token table looked up by rows: its row length (dequantized per batch)
+    batch_dequant_elems: int = 0  # with a row table, the stage's other matrices (dequantized per batch)
+    elementwise: int = 0  # hidden-sized vectors read or written per token by its elementwise ops
+    # fresh tensors a load of the stage makes (with a GPU: every weight not on it, as loaded; on
+    # a CPU: disk weights read in place whose dtype is not the compute dtype, converted)
+    copies: tuple[int, int] = (0, 0)  # (with a link, without)
+
+
+@functools.lru_cache(maxsize=256)
+def price_weights(
+    config: ModelConfig,
+    stages: tuple[Stage, ...],
+    w_gpu_percent: float,
+    w_cpu_percent: float,
+    cw: QuantConfig | None,
+    itemsize: int,
+    checkpoint_itemsize: int | None = None,
+) -> tuple[list[StageCost], dict[str, int], list[int]]:
+    """Per stage: what its weights cost (bytes per tier, matmul sizes, dequantization); the
+    model's stored weight bytes per tier; per stage the bytes of its packed disk file.
+
+    Pure in its arguments and cached: the search prices thousands of policies that share a
+    weight placement and differ only in batches or the cache (callers must not mutate it)."""
+    family = get_family(config.family)
+    placement = place_weights(family.weight_specs(config), list(stages), w_gpu_percent, w_cpu_percent)
+    priced, weight_bytes, packed_bytes = [], {t: 0 for t in TIERS}, []
+    for stage, items in zip(stages, placement):
+        w_bytes, packed, copies = {t: 0 for t in TIERS}, 0, [0, 0]
+        for spec, tier, first in items:
+            qcfg = cw if compresses(spec, cw) else None
+            # read in place from the checkpoint, in its dtype; else written by the engine
+            in_place = tier == "disk" and qcfg is None and checkpoint_itemsize is not None
+            parts = (
+                qcfg.part_nbytes(spec.shape)
+                if qcfg is not None
+                else [spec.numel * (checkpoint_itemsize if in_place else itemsize)]
+            )
+            w_bytes[tier] += sum(parts)
+            if first:
+                weight_bytes[tier] += sum(parts)
+            if tier == "disk":  # the read buffer: the stage's packed file, plus room for each read elsewhere
+                packed += sum(align_up(n) if first and not in_place else read_region(n) for n in parts)
+            if tier != "gpu":  # loaded: plain weights in the compute dtype, compressed ones as stored
+                copies[0] += spec.numel * itemsize if qcfg is None else sum(parts)
+            if in_place and checkpoint_itemsize != itemsize:
+                copies[1] += spec.numel * itemsize
+        mats = [s for s, _, _ in items if len(s.shape) >= 2]
+        matmul = [s for s in mats if not ("embed" in stage.parts and s.layer is None)]  # a lookup, no matmul
+        if "head" in stage.parts:
+            matmul = [s for s in mats if s.shape[0] == config.vocab_size]
+        params = sum(s.numel for s in matmul)
+        deq = sum(s.numel for s in mats) if cw is not None else 0
+        row_table = per_batch = 0
+        if cw is not None and "embed" in stage.parts and cw.group_dim % 2 == 1:
+            # the engine dequantizes only the looked-up rows of the token table, per batch
+            table = next(s for s in mats if s.shape[0] == config.vocab_size)
+            deq, row_table, per_batch = 0, table.shape[1], sum(s.numel for s in mats if s is not table)
+        elementwise = sum(family.elementwise(config, part) for part in stage.parts)
+        priced.append(
+            StageCost(
+                stage.name,
+                stage.parts,
+                params,
+                2.0 * params,
+                w_bytes,
+                params * itemsize,
+                deq,
+                row_table,
+                per_batch,
+                elementwise,
+                tuple(copies),
+            )
+        )
+        packed_bytes.append(packed)
+    return priced, weight_bytes, packed_bytes
+
+
+def checkpoint_itemsize(model) -> int | None:
+    """For :class:`CostModel`: the bytes per element of the safetensors the engine reads ``model``'s
+    disk weights from in place, or None where it writes them itself (random weights, ``.bin``)."""
+    specs = model.family.weight_specs(model.config)
+    where = [model.weights.location(s.name) for s in specs]
+    sizes = {loc.dtype.itemsize for loc in where if loc is not None}
+    return sizes.pop() if len(sizes) == 1 and all(loc is not None for loc in where) else None
+
+
+# ---- the engine's tracked bytes ------------------------------------------------------------
+def engine_peak(
+    config: ModelConfig,
+    policy: Policy,
+    priced: list[StageCost],
+    weight_bytes: dict[str, int],
+    packed: list[int],
+    *,
+    on_cuda: bool,
+    itemsize: int,
+    prompt_len: int,
+    gen_len: int,
+    num_prompts: int,
+    num_layers: int,
+) -> dict[str, float]:
+    """Peak bytes per tier as the engine's tracker counts them: weights, read buffers, working
+    weights, KV cache, its full-precision tail, activation slots (``priced``, ``weight_bytes``,
+    ``packed``: :func:`price_weights` of the stages run)."""
+    p, cfg = policy, config
+    out = {t: float(v) for t, v in weight_bytes.items()}
+    out["cpu" if on_cuda else "gpu"] += 2 * max(packed, default=0)  # read buffers: a stage's file, twice
+    # On the compute device: the computing stage's copies of weights from other tiers and its
+    # dequantized matrices, and the next stage's copies (prefetched; after the last stage comes
+    # the first, for the next token or group); a CPU uses its reads in place unless they need
+    # converting to the compute dtype.
+    copied = [st.copies[0 if on_cuda else 1] for st in priced]
+    after = copied[1:] + (copied[:1] if gen_len > 1 or p.num_gpu_batches > 1 else [0])
+    working = [c + st.dequant_elems * itemsize + nxt for c, st, nxt in zip(copied, priced, after)]
+    out["gpu"] += max(working, default=0)
+    capacity = prompt_len + gen_len - 1
+    n = min(num_prompts, p.block_size)
+    tiers = split_by_share([1] * n, p.cache_gpu_percent, p.cache_cpu_percent)
+    codecs = kv_codecs(cfg, p, itemsize)
+    for codec in codecs:
+        per_seq = num_layers * -(-capacity // codec.chunk) * codec.row_bytes
+        for t in TIERS:
+            out[t] += tiers.count(t) * per_seq
+        out["gpu"] += num_layers * n * codec.max_tail * cfg.kv_dim * itemsize
+    most = max((tiers[i : i + p.gpu_batch_size].count("disk") for i in range(0, n, p.gpu_batch_size)), default=0)
+    row = max(-(-capacity // c.chunk) * c.row_bytes for c in codecs)
+    _, count, size = cache_read_buffers(not on_cuda, most, row)
+    out["cpu" if on_cuda else "gpu"] += count * size
+    if p.act_tier != "gpu":
+        out[p.act_tier] += p.num_gpu_batches * p.gpu_batch_size * prompt_len * cfg.hidden_size * itemsize
+    return out
+
+
+def kv_codecs(config: ModelConfig, policy: Policy, itemsize: int) -> tuple[KVCodec, KVCodec]:
+    """The keys' and the values' codec, as the cache stores them."""
+    dtype = {2: torch.bfloat16, 4: torch.float32}[itemsize]
+    return tuple(
+        KVCodec(policy.compress_cache, config.num_kv_heads, config.head_dim, dtype, keys=kv == "k") for kv in "kv"
+    )
+
+
+# ---- the transients of a step --------------------------------------------------------------
+SCORE_LIVE = 2  # float32 copies of a chunk's attention scores alive at once (the scores, their softmax)
+
+
+def workspace(config: ModelConfig, policy: Policy, *, itemsize: int, prompt_len: int, gen_len: int) -> float:
+    """Bytes of the largest step's transient tensors on the compute device: the prefill of one GPU
+    batch (hidden-sized vectors, q/k/v, a chunk of attention scores and the mask bias; the MLP's
+    intermediate activations), the head's last-position logits, or a decode step's decoded
+    compressed cache. Counted from the shapes as the maths makes them; the allocator's slack on
+    top is :class:`Footprint`'s."""
+    cfg, b, s = config, policy.gpu_batch_size, prompt_len
+    h, heads, kv_dim = cfg.hidden_size, cfg.num_heads, cfg.kv_dim
+    vector = b * s * h * itemsize  # one hidden-sized tensor of the prefill
+    qkv = b * s * (heads * cfg.head_dim + 2 * kv_dim) * itemsize
+    rows = min(s, max(1, SCORE_BYTES // (4 * b * heads * s)))  # attend's chunk of queries
+    scores = SCORE_LIVE * 4 * b * heads * rows * s + (vector if rows < s else 0)  # the chunks' output
+    family = get_family(cfg.family)
+    bias = 4 * b * (heads if family.position_bias is not None else 1) * s * s
+    expanded = 2 * b * s * heads * cfg.head_dim * itemsize if cfg.num_kv_heads < heads else 0  # GQA's k, v repeated
+    # the norm's output, the attention's output and projection, the residual; q/k/v and their head-major copies
+    attention = 4 * vector + 2 * qkv + scores + bias + expanded
+    mlp = 3 * vector + b * s * (_mlp_width(cfg) + cfg.ffn_dim) * itemsize  # the up-projections and their activation
+    head = b * cfg.vocab_size * (itemsize + 2 * 4)  # the last position's logits, as float32, their log-softmax
+    decoded = 0
+    if policy.compress_cache is not None:  # a decode step attends over a batch's keys and values, decoded
+        decoded = 2 * b * (prompt_len + gen_len) * kv_dim * itemsize
+    return float(max(attention, mlp, head, decoded))
+
+
+@functools.lru_cache(maxsize=64)
+def _mlp_width(config: ModelConfig) -> int:
+    """Output features of a layer's up-projections (OPT's fc1; LLaMA's gate and up): the
+    intermediate activations an MLP makes per token."""
+    specs = part_weights(get_family(config.family).weight_specs(config), "mlp", 0)
+    return sum(w.shape[0] for w in specs if w.shape[1:] == (config.hidden_size,))
+
+
+# ---- the process ---------------------------------------------------------------------------
+ALLOCATOR_SLACK = 2.0  # resident growth per byte of workspace with glibc's default thresholds (measured)
+LEAN_SLACK = 1.0  # the same with lean_allocator()
+
+
+@dataclass(frozen=True)
+class Footprint:
+    """A run's peak memory: the engine's ``tracked`` bytes per tier, the largest step's
+    ``workspace``, the host's peak while the weights are placed (``placing``:
+    :func:`placing_peak`), the ``runtime_base``, and the allocator's ``slack`` on the workspace."""
+
+    tracked: dict[str, float]
+    workspace: float
+    placing: float
+    runtime_base: float
+    on_cuda: bool
+    weights: dict[str, float] = dataclasses.field(default_factory=dict)  # stored weight bytes per tier
+    slack: float = ALLOCATOR_SLACK
+
+    @property
+    def host(self) -> float:
+        """Peak resident bytes of the process in host RAM (the cpu tier; without a GPU also the
+        gpu tier and the workspace: one RAM): the run's or the placing's, whichever is more."""
+        t = self.tracked
+        run = t["cpu"] if self.on_cuda else t["gpu"] + t["cpu"] + self.slack * self.workspace
+        return self.runtime_base + max(run, self.placing)
+
+    @property
+    def device(self) -> float:
+        """Peak bytes on the GPU (its tier and the workspace); without one, :attr:`host`."""
+        return self.tracked["gpu"] + self.slack * self.workspace if self.on_cuda else self.host
+
+    def with_slack(self, slack: float) -> Footprint:
+        return dataclasses.replace(self, slack=slack)
+
+    def over_limit(self, limit: float) -> str | None:
+        """None if the host peak fits ``limit`` bytes; else one line saying by how much, of what,
+        and what to move."""
+        if self.host <= limit:
+            return None
+        gib = 2**-30
+        over = self.host - limit
+        if limit <= self.runtime_base:
+            return (
+                f"the memory limit {limit * gib:.2f} GiB is below this process's runtime base "
+                f"({self.runtime_base * gib:.2f} GiB: interpreter, torch, the model's metadata); no policy "
+                "can run in it: raise the limit"
+            )
+        host = ("cpu",) if self.on_cuda else ("gpu", "cpu")
+        weights = sum(self.weights.get(t, 0.0) for t in host)
+        cache = sum(self.tracked[t] for t in host) - weights  # and read buffers, working copies
+        run = sum(self.tracked[t] for t in host) + (0 if self.on_cuda else self.slack * self.workspace)
+        if self.placing >= run:
+            advice = (
+                "that peak is placing the weights (the largest is read and converted whole): a checkpoint "
+                "in the compute dtype needs less"
+            )
+        elif weights >= over:
+            total = sum(self.weights.values()) or 1.0
+            points = -(-100 * over // total)
+            advice = (
+                f"move at least {points:.0f} percentage points of the weights from the {'/'.join(host)} tier to disk"
+            )
+        elif cache >= over:
+            advice = "put the KV cache on disk or compress it (compress_cache), or run fewer prompts per block"
+        else:
+            advice = "lower gpu_batch_size or the prompt length (the step's workspace), or offload more"
+        engine, space = sum(self.tracked[t] for t in host), self.slack * self.workspace
+        return (
+            f"the policy needs about {self.host * gib:.2f} GiB of host memory (runtime {self.runtime_base * gib:.2f}, "
+            f"engine {engine * gib:.2f}, workspace {space * gib:.2f}; "
+            f"placing weights peaks at {self.placing * gib:.2f}), {over * gib:.2f} GiB over the limit of "
+            f"{limit * gib:.2f} GiB: {advice}, or raise the memory limit"
+        )
+
+
+def footprint(
+    config: ModelConfig,
+    policy: Policy,
+    *,
+    on_cuda: bool,
+    itemsize: int,
+    prompt_len: int,
+    gen_len: int,
+    num_prompts: int | None = None,
+    layers: range | None = None,
+    checkpoint_itemsize: int | None = None,
+    runtime_base: float = 0.0,
+    random_weights: bool = False,
+) -> Footprint:
+    """The :class:`Footprint` of running ``policy`` (arguments as :class:`~flexlab.cost.CostModel`'s;
+    ``on_cuda``: whether the compute device is a GPU with its own memory; ``random_weights``: the
+    weights are drawn, not read: see :func:`placing_peak`)."""
+    stages = make_stages(config.num_layers, policy.sep_layer)
+    num_layers = config.num_layers
+    if layers is not None:
+        stages, num_layers = share_of(stages, layers, config.num_layers), len(layers)
+    priced, weight_bytes, packed = price_weights(
+        config,
+        tuple(stages),
+        policy.w_gpu_percent,
+        policy.w_cpu_percent,
+        policy.compress_weight,
+        itemsize,
+        checkpoint_itemsize,
+    )
+    tracked = engine_peak(
+        config,
+        policy,
+        priced,
+        weight_bytes,
+        packed,
+        on_cuda=on_cuda,
+        itemsize=itemsize,
+        prompt_len=prompt_len,
+        gen_len=gen_len,
+        num_prompts=num_prompts or policy.block_size,
+        num_layers=num_layers,
+    )
+    reading = 8 if random_weights else (checkpoint_itemsize or 4) + itemsize
+    in_place = checkpoint_itemsize is not None
+    placing = placing_peak(
+        config, stages, policy, on_cuda=on_cuda, itemsize=itemsize, reading=reading, in_place=in_place
+    )
+    return Footprint(
+        tracked,
+        workspace(config, policy, itemsize=itemsize, prompt_len=prompt_len, gen_len=gen_len),
+        placing,
+        runtime_base,
+        on_cuda,
+        {t: float(v) for t, v in weight_bytes.items()},
+    )
+
+
+def placing_peak(
+    config: ModelConfig,
+    stages: list[Stage],
+    policy: Policy,
+    *,
+    on_cuda: bool,
+    itemsize: int,
+    reading: int,
+    in_place: bool = False,
+) -> float:
+    """Peak host bytes while the weights are placed, in the engine's order: those placed before
+    on host tiers and the stage's weights waiting to be packed into its disk file, plus the
+    weight being read — ``reading`` bytes per element: a checkpoint's tensor in its dtype and its
+    converted copy (a checkpoint of unknown dtype: float32, the most); random weights are drawn
+    as float32 and scaled (8: two float32 copies) — and quantized (its float32 groups and codes).
+    ``in_place``: uncompressed disk weights are read in place from a safetensors checkpoint, not
+    read here. The
+    token table comes first, before anything else is held: in small models it is this peak."""
+    return _placing_peak(
+        config,
+        tuple(stages),
+        policy.w_gpu_percent,
+        policy.w_cpu_percent,
+        policy.compress_weight,
+        on_cuda,
+        itemsize,
+        reading,
+        in_place,
+    )
+
+
+@functools.lru_cache(maxsize=256)
+def _placing_peak(
+    config: ModelConfig,
+    stages: tuple[Stage, ...],
+    w_gpu_percent: float,
+    w_cpu_percent: float,
+    cw: QuantConfig | None,
+    on_cuda: bool,
+    itemsize: int,
+    reading: int,
+    in_place: bool,
+) -> float:
+    family = get_family(config.family)
+    placement = place_weights(family.weight_specs(config), list(stages), w_gpu_percent, w_cpu_percent)
+    host = ("cpu",) if on_cuda else ("gpu", "cpu")
+    held, peak = 0, 0
+    for items in placement:
+        packing = 0  # a stage's disk weights are held until its file is written
+        for spec, tier, first in items:
+            if not first or (tier == "disk" and in_place and cw is None):
+                continue  # placed by an earlier stage; read in place from the checkpoint
+            compressed = compresses(spec, cw)
+            transient = max(reading, itemsize + 9) if compressed else reading
+            peak = max(peak, held + packing + spec.numel * transient)
+            stored = sum(cw.part_nbytes(spec.shape)) if compressed else spec.numel * itemsize
+            if tier in host:
+                held += stored
+            elif tier == "disk":
+                packing += stored
+    return float(peak)
+
+
+def lean_allocator() -> bool:
+    """Make glibc return every freed block of 1 MiB or more to the operating system at once (a
+    fixed ``M_MMAP_THRESHOLD``; by default the threshold rises to 32 MiB as large blocks are
+    freed, and the heap keeps blocks that size for reuse). Halves the slack on the workspace
+    (:data:`LEAN_SLACK`), at the price of fresh pages for each large tensor: about 20-30% slower
+    prefills on a CPU (measured). Process-wide; False where the C library has no ``mallopt``."""
+    try:
+        return bool(ctypes.CDLL(None).mallopt(-3, 1 << 20))  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        return False
