@@ -1,0 +1,130 @@
+"""The memory a policy is promised is the memory it uses: the engine refuses what would not fit
+before it allocates, the search picks only what fits the whole process, and under a real
+cgroup limit the searched policy runs to the end where a policy that only counts the engine's
+bytes is killed."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import pytest
+import torch
+
+import flexlab
+from flexlab.cost import HardwareProfile, get_hardware
+from flexlab.devices import resident_bytes
+from flexlab.errors import MemoryLimitError
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def small():
+    return flexlab.Model.from_config("opt-125m", seed=0, dtype=torch.float32)
+
+
+def test_a_policy_over_the_limit_is_refused_before_anything_is_placed(small, tmp_path):
+    limit = resident_bytes() + 100 * 2**20  # 100 MiB more than the process holds: not 500 MB of weights
+    with pytest.raises(MemoryLimitError, match=r"GiB over the limit of .*: that peak is placing the weights"):
+        flexlab.Engine(small, flexlab.Policy(), offload_dir=tmp_path, memory_limit=limit)
+    assert list(tmp_path.iterdir()) == []  # nothing was written
+    with pytest.raises(MemoryLimitError, match="below this process's runtime base"):
+        flexlab.Engine(small, flexlab.Policy(), memory_limit=0.5 * resident_bytes())
+
+
+def test_a_run_whose_workspace_breaks_the_limit_is_refused_before_it_starts(small):
+    # the weights on disk fit; a 1024-token prefill of 16 sequences does not (attention scores, MLP)
+    policy = flexlab.Policy.from_percent([0, 0, 100, 0, 100, 0], gpu_batch_size=16)
+    with flexlab.Engine(small, policy, memory_limit=resident_bytes() + 400 * 2**20) as engine:
+        assert engine.generate([[2, 5, 6]], max_new_tokens=2).token_ids  # a short run fits
+        with pytest.raises(MemoryLimitError, match="over the limit"):
+            engine.generate([[2] + [7] * 1023] * 16, max_new_tokens=2)
+        assert engine.generate([[2, 5, 6]], max_new_tokens=2).token_ids  # and the engine still works
+
+
+def test_profiles_saved_before_the_runtime_base_still_load(tmp_path):
+    hw = get_hardware("colab-t4")
+    hw.save(tmp_path / "hw.json")
+    old = json.loads((tmp_path / "hw.json").read_text())
+    del old["runtime_base_bytes"]
+    (tmp_path / "old.json").write_text(json.dumps(old))
+    loaded = HardwareProfile.load(tmp_path / "old.json")
+    assert loaded.replace(runtime_base_bytes=hw.runtime_base_bytes) == hw and loaded.runtime_base_bytes > 0
+
+
+# ---- under a real limit -----------------------------------------------------------------------
+def _cgroup(limit: int) -> Path | None:
+    """A fresh memory cgroup (v2 or v1) limited to ``limit`` bytes, or None where none can be made."""
+    if os.geteuid() != 0:
+        return None
+    name = f"flexlab-test-{uuid.uuid4().hex[:8]}"
+    v2 = Path("/sys/fs/cgroup/cgroup.controllers")
+    try:
+        if v2.exists() and "memory" in v2.read_text():
+            path = Path("/sys/fs/cgroup") / name
+            path.mkdir()
+            (path / "memory.max").write_text(str(limit))
+            if (path / "memory.swap.max").exists():
+                (path / "memory.swap.max").write_text("0")
+        else:
+            path = Path("/sys/fs/cgroup/memory") / name
+            path.mkdir()
+            (path / "memory.limit_in_bytes").write_text(str(limit))
+            if (path / "memory.memsw.limit_in_bytes").exists():
+                (path / "memory.memsw.limit_in_bytes").write_text(str(limit))
+        return path
+    except OSError:
+        return None
+
+
+def _in_cgroup(cgroup: Path, *args: str) -> subprocess.CompletedProcess:
+    cmd = ["sh", "-c", f'echo $$ > {cgroup}/cgroup.procs && exec "$@"', "sh", sys.executable, "-m", "flexlab", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT)
+
+
+def test_the_searched_policy_runs_under_a_cgroup_limit_where_counting_only_the_engine_is_killed(tmp_path):
+    from flexlab.cost.calibrate import _runtime_base
+    from flexlab.models.convert import save_checkpoint
+
+    limit = int(0.6e9)  # opt-125m in float32: 0.5 GB of weights, and the process needs ~0.3 GB besides
+    cgroup = _cgroup(limit)
+    if cgroup is None:
+        pytest.skip("no memory cgroup can be made here (needs root and a cgroup memory controller)")
+    try:
+        model = tmp_path / "opt-125m"
+        save_checkpoint(flexlab.Model.from_config("opt-125m", seed=0), model, dtype=torch.float32, progress=False)
+        here = get_hardware("h100").replace(  # this CPU's memory needs; its rates do not matter for what fits
+            name="this cpu",
+            link_pinned_bw=math.inf,
+            link_pageable_bw=math.inf,
+            runtime_base_bytes=_runtime_base(torch.device("cpu"), torch.float32),
+        )
+        here.save(tmp_path / "hw.json")
+        shape = ["--prompt-len", "128", "--gen-len", "8"]
+        found = _in_cgroup(
+            cgroup, "search", "--model", str(model), "--dtype", "float32", "--hardware", str(tmp_path / "hw.json"),
+            "--memory-limit-gb", str(limit / 1e9), "--save-policy", str(tmp_path / "p.json"), *shape,
+        )  # fmt: skip
+        assert found.returncode == 0, found.stdout + found.stderr
+        policy = flexlab.Policy.from_dict(json.loads((tmp_path / "p.json").read_text()))
+        assert policy.w_disk_percent > 0  # 0.5 GB of weights and a runtime do not fit 0.6 GB
+        prompt = " ".join(str(4 + i % 500) for i in range(127))
+        run = ["generate", "--model", str(model), "--dtype", "float32", "--max-new-tokens", "8", "--json"]
+        prompts = ["--prompt-ids", f"2 {prompt}"] * min(policy.block_size, 16)
+        ran = _in_cgroup(cgroup, *run, "--policy", str(tmp_path / "p.json"), *prompts)
+        assert ran.returncode == 0, ran.stderr[-2000:]
+        assert all(len(ids) == 8 for ids in json.loads(ran.stdout)["token_ids"])
+        # every weight in memory: 0.5 GB of engine bytes "fit" 0.6 GB, the process does not
+        resident = [*run, "--percent", "100", "0", "100", "0", "100", "0", *prompts]
+        refused = _in_cgroup(cgroup, *resident)
+        assert refused.returncode != 0 and "over the limit" in refused.stderr
+        killed = _in_cgroup(cgroup, *resident, "--memory-limit-gb", "inf")  # unchecked: the kernel kills it
+        assert killed.returncode < 0 or killed.returncode == 137, (killed.returncode, killed.stderr[-500:])
+    finally:
+        cgroup.rmdir()
