@@ -57,7 +57,7 @@ class Config:
     flexlab_policies: str = "disk-w cpu-cache 48x2;disk-w disk-cache 64x4;disk-w disk-cache 64x8"
     device: str = "cpu"  # "cuda": the GPU scenario (the model on the GPU, offloading to the host and disk)
     gpu_limit_gb: float = 16.0  # on cuda: GPU memory for the limited systems (a T4's 16 GB), enforced
-    reserve_gb: float = 0.7  # of the memory limit, kept for the interpreter, torch and activations (Accelerate, search)
+    reserve_gb: float = 0.7  # of the memory limit, kept for Accelerate's interpreter, torch and activations
     hardware: str = ""  # for "search" specs: a profile JSON or preset (default: calibrate here, quick)
     work_dir: str = ""  # where the checkpoint (kept for the next run) and offload files go (default: a temp dir)
     quick: bool = False  # opt-tiny, tiny batches: for CI
@@ -85,14 +85,15 @@ def flexlab_policy(spec: str):
 def searched_policy(spec: str, cfg: Config, hw) -> dict:
     """``"search"`` or ``"search4bit"`` (4-bit weights and cache allowed): the cost model's pick
     for the limits, as ``Policy.to_dict``. On a GPU it gets ``gpu_limit_gb`` of GPU memory and the
-    memory limit less ``reserve_gb`` on the host; on a CPU the two tiers share that (the search
-    counts their sum). Raises FlexlabError when nothing fits."""
+    memory limit for the whole process on the host; on a CPU the two tiers share that (the search
+    counts the process against it). Raises FlexlabError when nothing fits."""
     import torch
 
     import flexlab
     from flexlab.cost import search_policy
 
-    host = (cfg.memory_limit_gb - cfg.reserve_gb if cfg.memory_limit_gb > 0 else hw.cpu_memory / 2**30 - 4) * 2**30
+    # the whole process's host RAM: the cost model counts the runtime, workspace and slack itself
+    host = cfg.memory_limit_gb * 1e9 if cfg.memory_limit_gb > 0 else hw.cpu_memory - 4 * 2**30
     if cfg.device == "cuda":
         hw = hw.replace(gpu_memory=cfg.gpu_limit_gb * 2**30, cpu_memory=host)
     else:
