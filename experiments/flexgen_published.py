@@ -137,6 +137,9 @@ def matching_codec_rate(config, policy, hw, cfg: Config, published: float) -> fl
     return math.exp(lo)
 
 
+TIERS, CAPACITIES = ("gpu", "cpu", "disk"), ("gpu_memory", "cpu_memory", "disk_space")
+
+
 def main(cfg: Config) -> None:
     hw = get_hardware("flexgen-t4")
     rows = []
@@ -156,7 +159,10 @@ def main(cfg: Config) -> None:
                 flexlab_over_published=round(pred.throughput_tok_s / published, 2),
                 flexgen_model_over_published=round(theirs / published, 2),
                 flexlab_bottleneck=pred.bottleneck,
-                fits=fits(pred.footprint, hw),
+                # the engine's bytes per tier within the capacities (as FlexGen's own model counts), and
+                # the whole process (runtime, the prefill's workspace): FlexGen's picks may not leave room
+                fits=all(pred.peak_bytes[t] <= getattr(hw, cap) for t, cap in zip(TIERS, CAPACITIES)),
+                process_fits=fits(pred.footprint, hw),
                 matching_dequant_g_elems_s=round(matching_codec_rate(config, policy, hw, cfg, published) / 1e9, 2)
                 if policy.compress_weight or policy.compress_cache
                 else float("nan"),

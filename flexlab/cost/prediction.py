@@ -75,8 +75,9 @@ class Prediction:
             lines.append(
                 f"process peak GiB: host {fp.host * gib:.2f}"
                 + (f", gpu {fp.device * gib:.2f}" if fp.on_cuda else "")
-                + f" (runtime base {fp.runtime_base * gib:.2f}, workspace {fp.workspace * gib:.2f} "
-                f"x{fp.slack:g} slack, placing weights {fp.placing * gib:.2f})"
+                + f" (runtime base {fp.runtime_base * gib:.2f}, workspace {fp.workspace * gib:.2f}"
+                + ("" if fp.on_cuda else f" x{fp.slack:g} slack")
+                + f", placing weights {fp.placing * gib:.2f})"
             )
         return "\n".join(lines)
 
