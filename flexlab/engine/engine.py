@@ -89,6 +89,7 @@ class Engine:
         self.layers = layers
         self.memory_limit = available_memory() if memory_limit is None else memory_limit
         self._base = resident_bytes() or 0  # the process before the engine: the runtime base
+        self._lean = False  # whether this engine made the allocator lean (process-wide, for good)
         self._check_memory(1, 1, 1)  # the weights (and a one-token run)
         self.tracker = MemoryTracker()
         self.files = DiskFiles(direct=direct_io)
@@ -190,8 +191,11 @@ class Engine:
             runtime_base=self._base,
             random_weights=isinstance(self.model.weights, RandomWeights),
         )
+        if self._lean:
+            fp = fp.with_slack(LEAN_SLACK)
         problem = fp.over_limit(self.memory_limit)
         if problem is not None and fp.with_slack(LEAN_SLACK).over_limit(self.memory_limit) is None and lean_allocator():
+            self._lean = True
             warnings.warn(
                 f"memory is tight ({fp.host / 2**30:.2f} GiB predicted, limit {self.memory_limit / 2**30:.2f} "
                 "GiB): flexlab now returns freed memory to the system at once (glibc's M_MMAP_THRESHOLD "

@@ -128,3 +128,27 @@ def test_the_searched_policy_runs_under_a_cgroup_limit_where_counting_only_the_e
         assert killed.returncode < 0 or killed.returncode == 137, (killed.returncode, killed.stderr[-500:])
     finally:
         cgroup.rmdir()
+
+
+LEAN = """
+import warnings, flexlab, torch
+from flexlab.devices import resident_bytes
+from flexlab.engine.footprint import footprint
+model = flexlab.Model.from_config("opt-125m", seed=0, dtype=torch.float32)
+policy = flexlab.Policy.from_percent([0, 0, 100, 0, 100, 0], gpu_batch_size=16)
+fp = footprint(model.config, policy, on_cuda=False, itemsize=4, prompt_len=256, gen_len=2, num_prompts=16,
+               runtime_base=resident_bytes(), random_weights=True)
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    with flexlab.Engine(model, policy, memory_limit=fp.host - 0.5 * fp.workspace) as engine:
+        for _ in range(2):
+            engine.generate([[2] + [7] * 255] * 16, max_new_tokens=2)
+print(sum("memory is tight" in str(w.message) for w in caught))
+"""
+
+
+def test_where_only_the_allocators_slack_breaks_the_limit_the_allocator_is_made_lean_once():
+    # in a fresh process: the lean allocator is process-wide, for good
+    done = subprocess.run([sys.executable, "-c", LEAN], capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip().splitlines()[-1] == "1"  # it ran, and said so once
