@@ -7,10 +7,8 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import subprocess
 import sys
-import uuid
 from pathlib import Path
 
 import pytest
@@ -60,27 +58,13 @@ def test_profiles_saved_before_the_runtime_base_still_load(tmp_path):
 
 # ---- under a real limit -----------------------------------------------------------------------
 def _cgroup(limit: int) -> Path | None:
-    """A fresh memory cgroup (v2 or v1) limited to ``limit`` bytes, or None where none can be made."""
-    if os.geteuid() != 0:
-        return None
-    name = f"flexlab-test-{uuid.uuid4().hex[:8]}"
-    v2 = Path("/sys/fs/cgroup/cgroup.controllers")
+    """A fresh memory cgroup limited to ``limit`` bytes (the benchmarks' own helper), or None."""
+    sys.path.insert(0, str(ROOT / "experiments"))
     try:
-        if v2.exists() and "memory" in v2.read_text():
-            path = Path("/sys/fs/cgroup") / name
-            path.mkdir()
-            (path / "memory.max").write_text(str(limit))
-            if (path / "memory.swap.max").exists():
-                (path / "memory.swap.max").write_text("0")
-        else:
-            path = Path("/sys/fs/cgroup/memory") / name
-            path.mkdir()
-            (path / "memory.limit_in_bytes").write_text(str(limit))
-            if (path / "memory.memsw.limit_in_bytes").exists():
-                (path / "memory.memsw.limit_in_bytes").write_text(str(limit))
-        return path
-    except OSError:
-        return None
+        from _common import cgroup_for
+    finally:
+        sys.path.pop(0)
+    return cgroup_for(limit)[0]
 
 
 def _in_cgroup(cgroup: Path, *args: str) -> subprocess.CompletedProcess:
