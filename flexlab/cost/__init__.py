@@ -5,7 +5,7 @@ from flexlab.cost.hardware import PRESETS, HardwareProfile, get_hardware
 from flexlab.cost.model import CostModel, Prediction
 from flexlab.cost.pipeline import PipelinePrediction, PipelineSearchResult, predict_pipeline, search_pipeline
 from flexlab.cost.search import SearchResult, fits, search_policy
-from flexlab.engine.footprint import checkpoint_itemsize
+from flexlab.engine.stage_cost import checkpoint_itemsize
 
 __all__ = [
     "HardwareProfile",

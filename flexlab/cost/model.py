@@ -27,10 +27,11 @@ from collections import Counter
 
 from flexlab.cost.hardware import HardwareProfile
 from flexlab.cost.prediction import Prediction
-from flexlab.engine.footprint import Footprint, engine_peak, footprint, kv_codecs, price_weights
+from flexlab.engine.footprint import Footprint, footprint, kv_codecs
 from flexlab.engine.placement import TIERS, split_by_share
 from flexlab.engine.policy import Policy
 from flexlab.engine.schedule import make_stages, share_of
+from flexlab.engine.stage_cost import price_weights
 from flexlab.errors import FlexlabError
 from flexlab.models.config import ModelConfig
 
@@ -75,7 +76,7 @@ class CostModel:
         if layers is not None:
             self.stages = share_of(self.stages, layers, config.num_layers)
             self.num_layers = len(layers)
-        self._stage, weight_bytes, self.packed = price_weights(
+        self._stage, weight_bytes, _ = price_weights(
             config,
             tuple(self.stages),
             policy.w_gpu_percent,
@@ -272,19 +273,7 @@ class CostModel:
     # ---- memory ------------------------------------------------------------------------
     def peak_bytes(self) -> dict[str, float]:
         """Peak bytes per tier as the engine accounts them (:func:`~flexlab.engine.footprint.engine_peak`)."""
-        return engine_peak(
-            self.config,
-            self.policy,
-            self._stage,
-            self.weight_bytes,
-            self.packed,
-            on_cuda=self.hw.has_link,
-            itemsize=self.itemsize,
-            prompt_len=self.prompt_len,
-            gen_len=self.gen_len,
-            num_prompts=self.num_prompts,
-            num_layers=self.num_layers,
-        )
+        return self.footprint().tracked
 
     def footprint(self) -> Footprint:
         """The whole process's peak (:class:`~flexlab.engine.footprint.Footprint`), with the

@@ -23,10 +23,11 @@ from pathlib import Path
 from flexlab.devices import available_memory, resident_bytes
 from flexlab.engine.block import BlockContext, BlockRun, Peers
 from flexlab.engine.executor import Executor
-from flexlab.engine.footprint import LEAN_SLACK, checkpoint_itemsize, footprint, lean_allocator
+from flexlab.engine.footprint import LEAN_SLACK, footprint, lean_allocator
 from flexlab.engine.heads import GenerateHead, Head, ScoreHead, TeacherHead
 from flexlab.engine.policy import Policy, PolicyError
 from flexlab.engine.schedule import make_stages, share_of
+from flexlab.engine.stage_cost import checkpoint_itemsize
 from flexlab.engine.store import WeightStore
 from flexlab.engine.tiers import DiskFiles, MemoryTracker, return_freed_memory
 from flexlab.errors import FlexlabError, MemoryLimitError, OffloadError

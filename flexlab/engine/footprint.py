@@ -1,5 +1,6 @@
-"""What a policy holds in memory, as pure functions of shapes: per stage what its weights cost,
-per tier the engine's peak bytes, and the whole process's peak as the operating system sees it.
+"""What a policy holds in memory, as pure functions of shapes: per tier the engine's peak bytes,
+and the whole process's peak as the operating system sees it (per stage, what its weights cost is
+:mod:`flexlab.engine.stage_cost`).
 
 The engine checks a policy against a memory limit with these before it allocates anything, and
 the cost model and the search predict with the same functions, so a searched policy passes the
@@ -33,116 +34,14 @@ import torch
 
 from flexlab.compress import QuantConfig
 from flexlab.engine.kvcodec import KVCodec
-from flexlab.engine.placement import (
-    TIERS,
-    align_up,
-    cache_read_buffers,
-    compresses,
-    place_weights,
-    read_region,
-    split_by_share,
-)
+from flexlab.engine.placement import TIERS, cache_read_buffers, compresses, place_weights, split_by_share
 from flexlab.engine.policy import Policy
 from flexlab.engine.schedule import Stage, make_stages, share_of
+from flexlab.engine.stage_cost import StageCost, price_weights
 from flexlab.models.attention import SCORE_BYTES
 from flexlab.models.config import ModelConfig
 from flexlab.models.family import part_weights
 from flexlab.models.registry import get_family
-
-
-@dataclass(frozen=True)
-class StageCost:
-    name: str
-    parts: tuple[str, ...]
-    matmul_params: int  # elements of the matrices its matmuls read
-    flops_per_token: float
-    w_bytes: dict[str, int]  # stored bytes of its weights per tier
-    w_device_bytes: int  # its matrices in the compute dtype (what a decode matmul streams)
-    dequant_elems: int  # compressed elements dequantized once per token (kept until the stage is done)
-    row_table: int = 0  # a compressed token table looked up by rows: its row length (dequantized per batch)
-    batch_dequant_elems: int = 0  # with a row table, the stage's other matrices (dequantized per batch)
-    elementwise: int = 0  # hidden-sized vectors read or written per token by its elementwise ops
-    # fresh tensors a load of the stage makes (with a GPU: every weight not on it, as loaded; on
-    # a CPU: disk weights read in place whose dtype is not the compute dtype, converted)
-    copies: tuple[int, int] = (0, 0)  # (with a link, without)
-
-
-@functools.lru_cache(maxsize=256)
-def price_weights(
-    config: ModelConfig,
-    stages: tuple[Stage, ...],
-    w_gpu_percent: float,
-    w_cpu_percent: float,
-    cw: QuantConfig | None,
-    itemsize: int,
-    checkpoint_itemsize: int | None = None,
-) -> tuple[list[StageCost], dict[str, int], list[int]]:
-    """Per stage: what its weights cost (bytes per tier, matmul sizes, dequantization); the
-    model's stored weight bytes per tier; per stage the bytes of its packed disk file.
-
-    Pure in its arguments and cached: the search prices thousands of policies that share a
-    weight placement and differ only in batches or the cache (callers must not mutate it)."""
-    family = get_family(config.family)
-    placement = place_weights(family.weight_specs(config), list(stages), w_gpu_percent, w_cpu_percent)
-    priced, weight_bytes, packed_bytes = [], {t: 0 for t in TIERS}, []
-    for stage, items in zip(stages, placement):
-        w_bytes, packed, copies = {t: 0 for t in TIERS}, 0, [0, 0]
-        for spec, tier, first in items:
-            qcfg = cw if compresses(spec, cw) else None
-            # read in place from the checkpoint, in its dtype; else written by the engine
-            in_place = tier == "disk" and qcfg is None and checkpoint_itemsize is not None
-            parts = (
-                qcfg.part_nbytes(spec.shape)
-                if qcfg is not None
-                else [spec.numel * (checkpoint_itemsize if in_place else itemsize)]
-            )
-            w_bytes[tier] += sum(parts)
-            if first:
-                weight_bytes[tier] += sum(parts)
-            if tier == "disk":  # the read buffer: the stage's packed file, plus room for each read elsewhere
-                packed += sum(align_up(n) if first and not in_place else read_region(n) for n in parts)
-            if tier != "gpu":  # loaded: plain weights in the compute dtype, compressed ones as stored
-                copies[0] += spec.numel * itemsize if qcfg is None else sum(parts)
-            if in_place and checkpoint_itemsize != itemsize:
-                copies[1] += spec.numel * itemsize
-        mats = [s for s, _, _ in items if len(s.shape) >= 2]
-        matmul = [s for s in mats if not ("embed" in stage.parts and s.layer is None)]  # a lookup, no matmul
-        if "head" in stage.parts:
-            matmul = [s for s in mats if s.shape[0] == config.vocab_size]
-        params = sum(s.numel for s in matmul)
-        deq = sum(s.numel for s in mats) if cw is not None else 0
-        row_table = per_batch = 0
-        if cw is not None and "embed" in stage.parts and cw.group_dim % 2 == 1:
-            # the engine dequantizes only the looked-up rows of the token table, per batch
-            table = next(s for s in mats if s.shape[0] == config.vocab_size)
-            deq, row_table, per_batch = 0, table.shape[1], sum(s.numel for s in mats if s is not table)
-        elementwise = sum(family.elementwise(config, part) for part in stage.parts)
-        priced.append(
-            StageCost(
-                stage.name,
-                stage.parts,
-                params,
-                2.0 * params,
-                w_bytes,
-                params * itemsize,
-                deq,
-                row_table,
-                per_batch,
-                elementwise,
-                tuple(copies),
-            )
-        )
-        packed_bytes.append(packed)
-    return priced, weight_bytes, packed_bytes
-
-
-def checkpoint_itemsize(model) -> int | None:
-    """For :class:`CostModel`: the bytes per element of the safetensors the engine reads ``model``'s
-    disk weights from in place, or None where it writes them itself (random weights, ``.bin``)."""
-    specs = model.family.weight_specs(model.config)
-    where = [model.weights.location(s.name) for s in specs]
-    sizes = {loc.dtype.itemsize for loc in where if loc is not None}
-    return sizes.pop() if len(sizes) == 1 and all(loc is not None for loc in where) else None
 
 
 # ---- the engine's tracked bytes ------------------------------------------------------------
@@ -359,9 +258,16 @@ def footprint(
         num_layers=num_layers,
     )
     reading = 8 if random_weights else (checkpoint_itemsize or 4) + itemsize
-    in_place = checkpoint_itemsize is not None
     placing = placing_peak(
-        config, stages, policy, on_cuda=on_cuda, itemsize=itemsize, reading=reading, in_place=in_place
+        config,
+        tuple(stages),
+        policy.w_gpu_percent,
+        policy.w_cpu_percent,
+        policy.compress_weight,
+        on_cuda=on_cuda,
+        itemsize=itemsize,
+        reading=reading,
+        in_place=checkpoint_itemsize is not None,
     )
     return Footprint(
         tracked,
@@ -373,10 +279,13 @@ def footprint(
     )
 
 
+@functools.lru_cache(maxsize=256)
 def placing_peak(
     config: ModelConfig,
-    stages: list[Stage],
-    policy: Policy,
+    stages: tuple[Stage, ...],
+    w_gpu_percent: float,
+    w_cpu_percent: float,
+    cw: QuantConfig | None,
     *,
     on_cuda: bool,
     itemsize: int,
@@ -389,33 +298,8 @@ def placing_peak(
     converted copy (a checkpoint of unknown dtype: float32, the most); random weights are drawn
     as float32 and scaled (8: two float32 copies) — and quantized (its float32 groups and codes).
     ``in_place``: uncompressed disk weights are read in place from a safetensors checkpoint, not
-    read here. The
-    token table comes first, before anything else is held: in small models it is this peak."""
-    return _placing_peak(
-        config,
-        tuple(stages),
-        policy.w_gpu_percent,
-        policy.w_cpu_percent,
-        policy.compress_weight,
-        on_cuda,
-        itemsize,
-        reading,
-        in_place,
-    )
-
-
-@functools.lru_cache(maxsize=256)
-def _placing_peak(
-    config: ModelConfig,
-    stages: tuple[Stage, ...],
-    w_gpu_percent: float,
-    w_cpu_percent: float,
-    cw: QuantConfig | None,
-    on_cuda: bool,
-    itemsize: int,
-    reading: int,
-    in_place: bool,
-) -> float:
+    read here. The token table comes first, before anything else is held: in small models it is
+    this peak. Cached: the search prices thousands of policies that share a placement."""
     family = get_family(config.family)
     placement = place_weights(family.weight_specs(config), list(stages), w_gpu_percent, w_cpu_percent)
     host = ("cpu",) if on_cuda else ("gpu", "cpu")

@@ -1,0 +1,111 @@
+"""What a placement's weights cost, stage by stage: bytes per tier, matmul sizes, dequantization,
+read buffers and the copies a load makes. Pure and cached: the search prices thousands of
+policies that share a placement (:func:`price_weights`); the engine's memory
+(:mod:`flexlab.engine.footprint`) and the cost model's times both start from it.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+from flexlab.compress import QuantConfig
+from flexlab.engine.placement import TIERS, align_up, compresses, place_weights, read_region
+from flexlab.engine.schedule import Stage
+from flexlab.models.config import ModelConfig
+from flexlab.models.registry import get_family
+
+
+@dataclass(frozen=True)
+class StageCost:
+    name: str
+    parts: tuple[str, ...]
+    matmul_params: int  # elements of the matrices its matmuls read
+    flops_per_token: float
+    w_bytes: dict[str, int]  # stored bytes of its weights per tier
+    w_device_bytes: int  # its matrices in the compute dtype (what a decode matmul streams)
+    dequant_elems: int  # compressed elements dequantized once per token (kept until the stage is done)
+    row_table: int = 0  # a compressed token table looked up by rows: its row length (dequantized per batch)
+    batch_dequant_elems: int = 0  # with a row table, the stage's other matrices (dequantized per batch)
+    elementwise: int = 0  # hidden-sized vectors read or written per token by its elementwise ops
+    # fresh tensors a load of the stage makes (with a GPU: every weight not on it, as loaded; on
+    # a CPU: disk weights read in place whose dtype is not the compute dtype, converted)
+    copies: tuple[int, int] = (0, 0)  # (with a link, without)
+
+
+@functools.lru_cache(maxsize=256)
+def price_weights(
+    config: ModelConfig,
+    stages: tuple[Stage, ...],
+    w_gpu_percent: float,
+    w_cpu_percent: float,
+    cw: QuantConfig | None,
+    itemsize: int,
+    checkpoint_itemsize: int | None = None,
+) -> tuple[list[StageCost], dict[str, int], list[int]]:
+    """Per stage: what its weights cost (bytes per tier, matmul sizes, dequantization); the
+    model's stored weight bytes per tier; per stage the bytes of its packed disk file.
+
+    Pure in its arguments and cached: the search prices thousands of policies that share a
+    weight placement and differ only in batches or the cache (callers must not mutate it)."""
+    family = get_family(config.family)
+    placement = place_weights(family.weight_specs(config), list(stages), w_gpu_percent, w_cpu_percent)
+    priced, weight_bytes, packed_bytes = [], {t: 0 for t in TIERS}, []
+    for stage, items in zip(stages, placement):
+        w_bytes, packed, copies = {t: 0 for t in TIERS}, 0, [0, 0]
+        for spec, tier, first in items:
+            qcfg = cw if compresses(spec, cw) else None
+            # read in place from the checkpoint, in its dtype; else written by the engine
+            in_place = tier == "disk" and qcfg is None and checkpoint_itemsize is not None
+            parts = (
+                qcfg.part_nbytes(spec.shape)
+                if qcfg is not None
+                else [spec.numel * (checkpoint_itemsize if in_place else itemsize)]
+            )
+            w_bytes[tier] += sum(parts)
+            if first:
+                weight_bytes[tier] += sum(parts)
+            if tier == "disk":  # the read buffer: the stage's packed file, plus room for each read elsewhere
+                packed += sum(align_up(n) if first and not in_place else read_region(n) for n in parts)
+            if tier != "gpu":  # loaded: plain weights in the compute dtype, compressed ones as stored
+                copies[0] += spec.numel * itemsize if qcfg is None else sum(parts)
+            if in_place and checkpoint_itemsize != itemsize:
+                copies[1] += spec.numel * itemsize
+        mats = [s for s, _, _ in items if len(s.shape) >= 2]
+        matmul = [s for s in mats if not ("embed" in stage.parts and s.layer is None)]  # a lookup, no matmul
+        if "head" in stage.parts:
+            matmul = [s for s in mats if s.shape[0] == config.vocab_size]
+        params = sum(s.numel for s in matmul)
+        deq = sum(s.numel for s in mats) if cw is not None else 0
+        row_table = per_batch = 0
+        if cw is not None and "embed" in stage.parts and cw.group_dim % 2 == 1:
+            # the engine dequantizes only the looked-up rows of the token table, per batch
+            table = next(s for s in mats if s.shape[0] == config.vocab_size)
+            deq, row_table, per_batch = 0, table.shape[1], sum(s.numel for s in mats if s is not table)
+        elementwise = sum(family.elementwise(config, part) for part in stage.parts)
+        priced.append(
+            StageCost(
+                stage.name,
+                stage.parts,
+                params,
+                2.0 * params,
+                w_bytes,
+                params * itemsize,
+                deq,
+                row_table,
+                per_batch,
+                elementwise,
+                tuple(copies),
+            )
+        )
+        packed_bytes.append(packed)
+    return priced, weight_bytes, packed_bytes
+
+
+def checkpoint_itemsize(model) -> int | None:
+    """For :class:`CostModel`: the bytes per element of the safetensors the engine reads ``model``'s
+    disk weights from in place, or None where it writes them itself (random weights, ``.bin``)."""
+    specs = model.family.weight_specs(model.config)
+    where = [model.weights.location(s.name) for s in specs]
+    sizes = {loc.dtype.itemsize for loc in where if loc is not None}
+    return sizes.pop() if len(sizes) == 1 and all(loc is not None for loc in where) else None
