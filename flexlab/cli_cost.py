@@ -5,7 +5,15 @@ from __future__ import annotations
 import argparse
 import json
 
-from flexlab.cli_args import dtype_of, load_model, memory_limit_from_args, policy_flags
+from flexlab.cli_args import (
+    DTYPES,
+    add_model_args,
+    add_pipeline_args,
+    dtype_of,
+    load_model,
+    memory_limit_from_args,
+    policy_flags,
+)
 from flexlab.cli_checks import out_dir, out_file
 
 
@@ -113,3 +121,50 @@ def calibrate(args: argparse.Namespace) -> int:
     hw.save(out)
     print(f"wrote {args.out} (use it with --hardware {args.out})")
     return 0
+
+
+def add_cost_commands(sub) -> None:
+    """The ``search`` and ``calibrate`` sub-commands, on the main parser's ``sub``."""
+    p = sub.add_parser("search", help="the fastest policy that fits, by the cost model")
+    add_model_args(p)
+    p.add_argument(
+        "--hardware",
+        default="colab-t4",
+        help="colab-t4, flexgen-t4 (FlexGen's paper machine), h100, h200, or a JSON from `flexlab calibrate`",
+    )
+    p.add_argument("--gpu-mem", type=float, help="GiB (default: the hardware's)")
+    p.add_argument(
+        "--cpu-mem",
+        type=float,
+        help="GiB (default: the hardware's); without a GPU the gpu and cpu "
+        "tiers are one RAM and only the sum of the two counts",
+    )
+    p.add_argument("--disk", type=float, help="GiB (default: the hardware's)")
+    p.add_argument(
+        "--memory-limit-gb",
+        type=float,
+        metavar="GB",
+        help="host RAM the whole process may use, in GB (10^9 bytes; default: the hardware's RAM); the policy "
+        "found passes `generate --memory-limit-gb` with the same limit",
+    )
+    p.add_argument("--prompt-len", type=int, default=512)
+    p.add_argument("--gen-len", type=int, default=32)
+    p.add_argument(
+        "--compress",
+        nargs="?",
+        const="4:64",
+        metavar="BITS:GROUP[,...]",
+        help="also consider compressed weights and cache, each chosen apart (bare: 4:64; a list such as "
+        "3:64,4:64,4:128 tries each, and each option multiplies the search's time)",
+    )
+    p.add_argument("--save-policy", help="write the policy as JSON (for --policy)")
+    p.add_argument("--verbose", action="store_true", help="also seconds per stage and the best candidates")
+    add_pipeline_args(p)
+    p.set_defaults(func=search)
+
+    p = sub.add_parser("calibrate", help="measure this machine for the cost model")
+    p.add_argument("--out", default="hardware.json")
+    p.add_argument("--quick", action="store_true", help="smaller sizes (seconds)")
+    p.add_argument("--dtype", choices=DTYPES, default=None)
+    p.add_argument("--offload-dir", help="a directory on the disk to measure (default: the temp dir)")
+    p.set_defaults(func=calibrate)
