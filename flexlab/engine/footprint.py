@@ -152,7 +152,7 @@ class Footprint:
     placing: float
     runtime_base: float
     on_cuda: bool
-    weights: dict[str, float] = dataclasses.field(default_factory=dict)  # stored weight bytes per tier
+    weights: dict[str, float]  # stored weight bytes per tier
     slack: float = ALLOCATOR_SLACK
 
     @property
@@ -187,10 +187,11 @@ class Footprint:
                 "can run in it: raise the limit"
             )
         host = ("cpu",) if self.on_cuda else ("gpu", "cpu")
-        weights = sum(self.weights.get(t, 0.0) for t in host)
-        cache = sum(self.tracked[t] for t in host) - weights  # and read buffers, working copies
-        run = sum(self.tracked[t] for t in host) + (0 if self.on_cuda else self.slack * self.workspace)
-        if self.placing >= run:
+        engine = sum(self.tracked[t] for t in host)
+        space = 0.0 if self.on_cuda else self.slack * self.workspace  # on a GPU the workspace is the device's
+        weights = sum(self.weights[t] for t in host)
+        cache = engine - weights  # and read buffers, working copies
+        if self.placing >= engine + space:
             advice = (
                 "that peak is placing the weights (the largest is read and converted whole): a checkpoint "
                 "in the compute dtype needs less"
@@ -205,7 +206,6 @@ class Footprint:
             advice = "put the KV cache on disk or compress it (compress_cache), or run fewer prompts per block"
         else:
             advice = "lower gpu_batch_size or the prompt length (the step's workspace), or offload more"
-        engine, space = sum(self.tracked[t] for t in host), self.slack * self.workspace
         return (
             f"the policy needs about {self.host * gib:.2f} GiB of host memory (runtime {self.runtime_base * gib:.2f}, "
             f"engine {engine * gib:.2f}, workspace {space * gib:.2f}; "
