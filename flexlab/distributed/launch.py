@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import os
+import pickle
 import socket
 import sys
 import tempfile
@@ -114,7 +115,7 @@ def _collect(procs, reads, patience_s: float):
         now = time.monotonic()
         for r in [r for r, conn in pending.items() if conn in ready]:
             try:
-                kind, payload = pending.pop(r).recv()
+                kind, payload = pickle.loads(pending.pop(r).recv_bytes())
             except EOFError:  # it died without a word: killed, or out of memory
                 procs[r].join(1)  # its exit code is known a moment after its pipe closes
                 kind, payload = "error", f"the process died (exit code {procs[r].exitcode})"
@@ -134,6 +135,13 @@ def _collect(procs, reads, patience_s: float):
     return result
 
 
+def _report(conn, kind: str, payload) -> None:
+    """Send a rank's word to the parent by value. (``Connection.send`` would share a result's
+    tensors by file descriptors that only live while this process does: it exits right after,
+    and the parent's unpickling then failed now and then, ``FileNotFoundError``.)"""
+    conn.send_bytes(pickle.dumps((kind, payload)))
+
+
 def _rank_main(job: PipelineJob, rank: int, world: int, address: str, report) -> None:
     """A local process's life: join the group, run the rank, report, leave."""
     from tqdm.auto import tqdm
@@ -147,9 +155,9 @@ def _rank_main(job: PipelineJob, rank: int, world: int, address: str, report) ->
         dist.init_process_group(
             backend, init_method=address, rank=rank, world_size=world, timeout=datetime.timedelta(seconds=job.timeout_s)
         )
-        report.send(("ok", run_rank(job, rank, world)))
+        _report(report, "ok", run_rank(job, rank, world))
     except BaseException as e:
-        report.send(("error", f"{type(e).__name__}: {e}".strip()))
+        _report(report, "error", f"{type(e).__name__}: {e}".strip())
         report.close()  # sent before this process's sockets close: its own error arrives first
         _leave_now(1)
     report.close()
