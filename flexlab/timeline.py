@@ -43,6 +43,34 @@ class Event:
         return self.end - self.start
 
 
+@dataclass(frozen=True)
+class MemorySample:
+    """The bytes the engine holds on one tier from ``time`` (seconds from the start of the run)
+    until the next sample of that tier and rank."""
+
+    time: float
+    tier: str  # "gpu", "cpu", "disk"
+    bytes: int
+    rank: int = 0
+
+
+@dataclass(frozen=True)
+class Stall:
+    """A gap on a compute lane: the compute ``before`` (None: the run's start) ended, ``after``
+    began ``waited`` seconds later. ``cause`` is the transfer ``after`` waited on that finished
+    last (its end is where the critical path ran), or None when none was still running: the
+    host itself (the schedule, Python, a synchronisation) held compute up."""
+
+    after: Event
+    waited: float
+    cause: Event | None
+    before: Event | None = None
+
+    @property
+    def cause_kind(self) -> str:
+        return self.cause.kind if self.cause is not None else "host"
+
+
 def _union(intervals: list[tuple[float, float]]) -> list[tuple[float, float]]:
     merged: list[list[float]] = []
     for a, b in sorted(intervals):
@@ -74,8 +102,10 @@ def _intersection(xs: list[tuple[float, float]], ys: list[tuple[float, float]]) 
 class Timeline:
     """An ordered list of :class:`Event` with views for analysis and plotting."""
 
-    def __init__(self, events: list[Event] | None = None) -> None:
+    def __init__(self, events: list[Event] | None = None, memory: list[MemorySample] | None = None) -> None:
         self.events: list[Event] = sorted(events or [], key=lambda e: (e.start, e.lane))
+        self.memory: list[MemorySample] = sorted(memory or [], key=lambda m: m.time)  # empty: not recorded
+        self._stalls: list[Stall] | None = None  # every stall, found once (the events do not change)
         self._several_ranks = len({e.rank for e in self.events}) > 1  # asked once per event by plots
 
     def __len__(self) -> int:
@@ -110,7 +140,8 @@ class Timeline:
         """Wall time, busy time per lane, how much I/O hid under compute, achieved bandwidth.
 
         ``io_hidden_fraction``: share of the time some transfer was running that compute was
-        running too. ``compute_idle_fraction``: share of the wall time compute waited.
+        running too. ``compute_idle_fraction``: share of the wall time compute waited;
+        ``waited_s[kind]``: how long it waited on transfers of each kind (or ``host``: on none).
         """
         if not self.events:
             return {}
@@ -141,21 +172,74 @@ class Timeline:
             out[f"busy_s[{kind}]"] = _length(_union([(e.start, e.end) for e in evs]))
             if any(e.bytes for e in evs):
                 out[f"bytes[{kind}]"] = float(sum(e.bytes for e in evs))
+        # What compute waited on, summed over its stalls: the critical path's transfers, or the host.
+        for stall in self.stalls():
+            key = f"waited_s[{stall.cause_kind}]"
+            out[key] = out.get(key, 0.0) + stall.waited
         return out
+
+    def stalls(self, min_wait: float = 0.0) -> list[Stall]:
+        """Every gap longer than ``min_wait`` seconds before a compute, per rank, longest first,
+        with the transfer that compute waited on (see :class:`Stall`)."""
+        if self._stalls is None:
+            self._stalls = self._find_stalls()
+        return [s for s in self._stalls if s.waited > min_wait]
+
+    def _find_stalls(self) -> list[Stall]:
+        loads: dict[int, list[Event]] = {}
+        for load, compute in self._waits():
+            loads.setdefault(id(compute), []).append(load)
+        out = []
+        for rank in self.ranks:
+            mine = [e for e in self.events if e.rank == rank]
+            free, before = min(e.start for e in mine), None  # compute is free from the run's start
+            for e in mine:
+                if e.kind != "compute":
+                    continue
+                if e.start > free:
+                    running = [x for x in loads.get(id(e), []) if x.end > free]
+                    cause = max(running, key=lambda x: x.end) if running else None
+                    out.append(Stall(e, e.start - free, cause, before))
+                free, before = max(free, e.end), e
+        return sorted(out, key=lambda s: -s.waited)
+
+    def stall_table(self, top: int | None = 10):
+        """The longest stalls as a table: where compute waited, how long, and on what."""
+        import pandas as pd
+
+        rows = [
+            {
+                "rank": s.after.rank,
+                "token": s.after.token,
+                "stage": s.after.stage,
+                "stage_name": s.after.stage_name,
+                "batch": s.after.batch,
+                "at_s": s.after.start - s.waited,
+                "waited_ms": s.waited * 1e3,
+                "waited_on": s.cause_kind,
+                "bytes": s.cause.bytes if s.cause is not None else 0,
+            }
+            for s in self.stalls()[:top]
+        ]
+        return pd.DataFrame(rows, columns=["rank", "token", "stage", "stage_name", "batch", "at_s", "waited_ms",
+                                           "waited_on", "bytes"])  # fmt: skip
 
     # ---- files -------------------------------------------------------------------------
     def save(self, path: str | os.PathLike) -> None:
-        """Write the events as JSON (atomically: a crash never leaves half a file)."""
-        atomic_write(Path(path), json.dumps({"version": 1, "events": [asdict(e) for e in self.events]}))
+        """Write the events and memory samples as JSON (atomically: a crash never leaves half a file)."""
+        data = {"version": 2, "events": [asdict(e) for e in self.events], "memory": [asdict(m) for m in self.memory]}
+        atomic_write(Path(path), json.dumps(data))
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> Timeline:
+        """Read a file :meth:`save` wrote (version 1, before memory samples, too)."""
         data = json.loads(Path(path).read_text())
-        return cls([Event(**e) for e in data["events"]])
+        return cls([Event(**e) for e in data["events"]], [MemorySample(**m) for m in data.get("memory", [])])
 
     def to_chrome_trace(self, path: str | os.PathLike, *, run: str | None = None) -> None:
         """A Chrome trace (open in https://ui.perfetto.dev or chrome://tracing): a process per
-        rank, a row per lane, and an arrow from each load to the compute that waited on it.
+        rank, a row per lane, an arrow from each load to the compute that waited on it, and a
+        counter track of the engine's bytes per tier.
 
         Process ids are this run's own (from ``run``, a label shown in the process names, or
         else from the events), so traces of two runs merge in Perfetto side by side."""
@@ -184,6 +268,11 @@ class Timeline:
                     "args": {"token": e.token, "stage": e.stage, "batch": e.batch, "bytes": e.bytes},
                 }
             )
+        held: dict[int, dict[str, int]] = {}  # a counter track per rank: every tier's bytes at each change
+        for m in self.memory:
+            held.setdefault(m.rank, {})[m.tier] = m.bytes
+            counter = {"name": "memory (bytes)", "ph": "C", "pid": base + m.rank, "ts": m.time * 1e6}
+            trace.append({**counter, "args": dict(held[m.rank])})
         for n, (load, compute) in enumerate(self._waits()):
             ends = [(load, "s", load.end - 0.01 * load.duration), (compute, "f", compute.start)]
             for e, ph, at in ends:  # a flow binds to the slice around its time: inside each end

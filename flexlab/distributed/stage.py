@@ -89,6 +89,7 @@ class RankReport:
     peaks: dict[str, int]
     memory: dict[str, dict[str, int]]
     output: object = None  # the last rank's GenerationResult, or its scores
+    samples: list = field(default_factory=list)  # its timeline's memory samples
 
 
 def rank_device(source: ModelSource) -> torch.device:
@@ -114,7 +115,7 @@ def run_rank(job: PipelineJob, rank: int, world: int) -> GenerationResult | list
         dist.barrier()  # every rank has placed its weights: the clocks start together
         if job.task == "generate":
             out = engine.generate(job.inputs, **job.options)
-            report = RankReport(rank, out.timeline.events, engine.tracker.peaks(), out.memory, out)
+            report = RankReport(rank, out.timeline.events, engine.tracker.peaks(), out.memory, out, out.timeline.memory)
         else:
             out = engine.score(job.inputs, **job.options)
             report = RankReport(rank, [], engine.tracker.peaks(), engine.tracker.breakdown(), out)
@@ -140,4 +141,5 @@ def merge(reports: list[RankReport], task: str) -> GenerationResult | list:
         for tier, parts in r.memory.items():
             memory.setdefault(tier, {}).update({f"rank {r.rank} {what}": n for what, n in parts.items()})
     events = [dataclasses.replace(e, rank=r.rank) for r in reports for e in r.events]
-    return GenerationResult(last.token_ids, last.texts, metrics, Timeline(events), memory)
+    samples = [dataclasses.replace(m, rank=r.rank) for r in reports for m in r.samples]
+    return GenerationResult(last.token_ids, last.texts, metrics, Timeline(events, samples), memory)

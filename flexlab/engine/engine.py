@@ -42,7 +42,7 @@ from flexlab.models.generation import (
 )
 from flexlab.models.loading import RandomWeights
 from flexlab.models.registry import weight_bytes
-from flexlab.timeline import Timeline
+from flexlab.timeline import MemorySample, Timeline
 
 OFFLOAD_PREFIX = "flexlab-"  # each engine's directory inside offload_dir: flexlab-XXXXXXXX
 
@@ -273,7 +273,10 @@ class Engine:
         events, prefill_s, decode_s = [], 0.0, 0.0
         from tqdm.auto import tqdm
 
-        with tqdm(total=len(ids) * max_new_tokens, desc="generating", unit="tok", disable=not progress) as bar:
+        with (
+            self.tracker.recording(self._executor.clock.base_wall) as memory,
+            tqdm(total=len(ids) * max_new_tokens, desc="generating", unit="tok", disable=not progress) as bar,
+        ):
             for first in range(0, len(ids), self.policy.block_size):
                 head = GenerateHead(
                     ids[first : first + self.policy.block_size],
@@ -294,7 +297,7 @@ class Engine:
             token_ids=generated,
             texts=stop.texts(generated),
             metrics=metrics,
-            timeline=Timeline(events),
+            timeline=Timeline(events, memory=[MemorySample(*sample) for sample in memory]),
             memory=self.tracker.breakdown(),
         )
 

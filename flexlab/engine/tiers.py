@@ -7,6 +7,7 @@ RAM, but they are accounted apart so that placement and peaks read the same as o
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import os
@@ -32,14 +33,37 @@ class MemoryTracker:
         self.current: dict[tuple[str, str], int] = defaultdict(int)
         self.peak_by_tier: dict[str, int] = defaultdict(int)
         self._at_peak: dict[str, dict[str, int]] = {}  # per tier: bytes by category when it peaked
+        self._history: list[tuple[float, str, int]] | None = None  # (seconds, tier, bytes) while recording
+        self._base = 0.0
 
     def add(self, tier: str, category: str, nbytes: int) -> None:
         with self._lock:
             self.current[(tier, category)] += nbytes
-            total = sum(v for (t, _), v in self.current.items() if t == tier)
+            total = self._total(tier)
             if total >= self.peak_by_tier[tier]:
                 self.peak_by_tier[tier] = total
                 self._at_peak[tier] = {c: v for (t, c), v in self.current.items() if t == tier and v}
+            if self._history is not None:
+                self._history.append((time.perf_counter() - self._base, tier, total))
+
+    def _total(self, tier: str) -> int:
+        return sum(v for (t, _), v in self.current.items() if t == tier)
+
+    @contextlib.contextmanager
+    def recording(self, base: float):
+        """Record each tier's total after every change, in seconds from ``base`` (a
+        ``time.perf_counter()`` value: the run's clock), starting with what is held now; yields
+        the list of ``(seconds, tier, bytes)`` it fills. Host time: on CUDA the host issues
+        allocations ahead of the kernels that use them."""
+        with self._lock:
+            self._base = base
+            self._history = [(time.perf_counter() - base, t, self._total(t)) for t in TIERS]
+            history = self._history
+        try:
+            yield history
+        finally:
+            with self._lock:
+                self._history = None
 
     def sub(self, tier: str, category: str, nbytes: int) -> None:
         self.add(tier, category, -nbytes)
@@ -53,7 +77,7 @@ class MemoryTracker:
         """Start measuring peaks afresh from what is allocated now."""
         with self._lock:
             for tier in TIERS:
-                self.peak_by_tier[tier] = sum(v for (t, _), v in self.current.items() if t == tier)
+                self.peak_by_tier[tier] = self._total(tier)
                 self._at_peak[tier] = {c: v for (t, c), v in self.current.items() if t == tier and v}
 
     def breakdown(self) -> dict[str, dict[str, int]]:

@@ -61,6 +61,9 @@ def test_two_stages_equal_one_process_and_transformers(tiny_hf, tiny_dir, tmp_pa
     assert first[0] == 2 * 6 * model.config.hidden_size * 4  # hidden states [2, width 6, hidden], float32
     assert first[1] == 2 * 8  # the two next tokens, int64
     assert result.metrics["peak_bytes_gpu[rank 0]"] > 0 and result.metrics["peak_bytes_gpu[rank 1]"] > 0
+    for rank in (0, 1):  # each rank's memory over time, its peak the one it reported
+        held = [m.bytes for m in tl.memory if m.rank == rank and m.tier == "gpu"]
+        assert max(held) == result.metrics[f"peak_bytes_gpu[rank {rank}]"]
     assert list(tmp_path.iterdir()) == []  # every rank's offload directory is gone
 
 

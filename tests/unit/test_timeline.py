@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from flexlab.timeline import Event, Timeline
+from flexlab.timeline import Event, MemorySample, Timeline
 
 
 def make():
@@ -40,6 +40,8 @@ def check_trace_event_format(trace: dict) -> list[dict]:
             assert e["name"] == "process_name" or isinstance(e["tid"], int), e
         elif e["ph"] == "X":
             assert isinstance(e["tid"], int) and e["ts"] >= 0 and e["dur"] > 0 and isinstance(e["cat"], str), e
+        elif e["ph"] == "C":  # a counter: numbers by series name
+            assert e["ts"] >= 0 and e["args"] and all(isinstance(v, (int, float)) for v in e["args"].values()), e
         elif e["ph"] in ("s", "f"):
             assert isinstance(e["id"], int) and isinstance(e["tid"], int) and e["ts"] >= 0 and e["cat"], e
             assert e["ph"] == "s" or e.get("bp") == "e", e  # a flow's end binds to the slice it enters
@@ -124,3 +126,48 @@ def test_trace_arrows_lead_from_each_load_to_the_compute_that_waits_and_runs_mer
         assert end["ts"] == compute["ts"] and end["tid"] == compute["tid"]
     assert {e["args"]["name"] for e in a if e["name"] == "process_name"} == {"rank 0 (policy A)"}
     assert {e["pid"] for e in a}.isdisjoint({e["pid"] for e in b})  # two runs merge without clashing
+
+
+def test_stalls_name_what_compute_waited_on():
+    tl = Timeline(
+        [
+            Event("load weight", "load_weight", 0, 1, None, 0.0, 0.5, 100),  # the first compute waits for it
+            Event("compute", "compute", 0, 1, 0, 0.6, 1.0),
+            Event("load cache", "load_cache", 0, 1, 1, 0.8, 1.4, 10),  # ends 0.4 s after compute is free
+            Event("load cache", "load_cache", 0, 1, 1, 0.2, 0.9, 10),  # ended earlier: not the cause
+            Event("compute", "compute", 0, 1, 1, 1.5, 2.0),
+            Event("dequantize_weight", "dequantize_weight", 0, 1, 1, 1.6, 1.7),  # inside a compute: no gap
+            Event("compute", "compute", 0, 2, 0, 2.25, 2.5),  # nothing loaded for it: the host
+            Event("compute", "compute", 0, 2, 1, 2.5, 3.0),  # no gap at all
+        ]
+    )
+    stalls = tl.stalls()
+    assert [(s.after.stage, s.after.batch, round(s.waited, 6), s.cause_kind) for s in stalls] == [
+        (1, 0, 0.6, "load_weight"),  # longest first
+        (1, 1, 0.5, "load_cache"),
+        (2, 0, 0.25, "host"),
+    ]
+    assert stalls[1].cause.start == 0.8 and stalls[1].before.batch == 0
+    assert [s.cause_kind for s in tl.stalls(min_wait=0.3)] == ["load_weight", "load_cache"]
+    s = tl.summary()
+    assert s["waited_s[load_weight]"] == pytest.approx(0.6) and s["waited_s[host]"] == pytest.approx(0.25)
+    table = tl.stall_table(top=2)
+    assert list(table.waited_on) == ["load_weight", "load_cache"] and list(table.bytes) == [100, 10]
+    assert table.waited_ms.iloc[0] == pytest.approx(600.0)
+
+
+def test_memory_samples_save_load_and_make_counter_tracks(tmp_path):
+    samples = [MemorySample(0.0, "gpu", 100), MemorySample(0.5, "cpu", 7), MemorySample(1.0, "gpu", 40)]
+    tl = Timeline(make().events, memory=samples[::-1])
+    assert tl.memory == samples  # in time order
+    tl.save(tmp_path / "t.json")
+    assert Timeline.load(tmp_path / "t.json").memory == samples
+    tl.to_chrome_trace(tmp_path / "trace.json")
+    counters = [
+        e for e in check_trace_event_format(json.loads((tmp_path / "trace.json").read_text())) if e["ph"] == "C"
+    ]
+    assert [(c["ts"], c["args"]) for c in counters] == [
+        (0.0, {"gpu": 100}),
+        (0.5e6, {"gpu": 100, "cpu": 7}),  # every tier's level at each change
+        (1e6, {"gpu": 40, "cpu": 7}),
+    ]
