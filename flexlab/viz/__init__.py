@@ -7,10 +7,11 @@ The widgets (``TimelineExplorer``, ``CompressionExplorer``) need ipywidgets
 from flexlab.viz.compression import plot_accuracy_vs_bits
 from flexlab.viz.cost import plot_predicted_vs_measured
 from flexlab.viz.policy import plot_memory, plot_throughput
-from flexlab.viz.timeline import plot_overlap_summary, plot_timeline
+from flexlab.viz.timeline import plot_overlap_summary, plot_timeline, plot_timelines
 
 __all__ = [
     "plot_timeline",
+    "plot_timelines",
     "plot_overlap_summary",
     "plot_accuracy_vs_bits",
     "plot_predicted_vs_measured",

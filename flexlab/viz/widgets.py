@@ -10,6 +10,8 @@ current ``figure`` and shows itself when it is the last expression of a cell.
 
 from __future__ import annotations
 
+import base64
+import contextlib
 import html
 import io
 from collections.abc import Callable
@@ -18,7 +20,9 @@ from matplotlib.figure import Figure
 
 from flexlab.timeline import Timeline
 from flexlab.viz.compression import TARGET_ORDER, plot_accuracy_vs_bits
-from flexlab.viz.timeline import plot_timeline
+from flexlab.viz.timeline import plot_timeline, select, time_scale
+
+WIDGET_VIEW = "application/vnd.jupyter.widget-view+json"
 
 
 def _png(fig: Figure) -> bytes:
@@ -27,9 +31,25 @@ def _png(fig: Figure) -> bytes:
     return buf.getvalue()
 
 
+def _bundle(widget, png: bytes, text: str) -> dict:
+    """How an explorer shows itself: the live widget where widgets render (ipywidgets 7 and 8
+    spell its view alike), and its current figure as a PNG beside it, which saved notebooks,
+    GitHub and HTML exports show instead (they cannot run the widget)."""
+    data = {"text/plain": text, "image/png": base64.b64encode(png).decode("ascii")}
+    if getattr(widget, "_view_name", None) is not None and getattr(widget, "comm", None) is not None:
+        data[WIDGET_VIEW] = {"version_major": 2, "version_minor": 0, "model_id": widget.model_id}
+    return data
+
+
 class TimelineExplorer:
-    """Choose a token range, a stage (layer) range and the lanes to show; step through the
-    events in view to see one's kind, stage, batch, bytes and bandwidth (it is ringed in red)."""
+    """Find where compute waited, and on what. Choose a token range, a stage (layer) range, the
+    lanes, and a time window (zoom and pan); pick one of the longest stalls to zoom onto it (the
+    wait is shaded on the compute row, the transfer it waited on outlined in red, and a table
+    lists the longest stalls in view); step through the events in view to see one's kind,
+    stage, batch, bytes and bandwidth (it is ringed in red). The engine's memory per tier runs
+    under the chart. Saved notebooks and HTML exports show the current figure as a picture."""
+
+    STALLS_LISTED = 8
 
     def __init__(self, timeline: Timeline, *, width: float = 12.0) -> None:
         import ipywidgets as w
@@ -39,52 +59,117 @@ class TimelineExplorer:
         self.timeline, self.width = timeline, width
         tokens = [e.token for e in timeline.events]
         stages = [e.stage for e in timeline.events]
+        end = max(e.end for e in timeline.events)
+        self.scale, self.unit = time_scale(end)
         self.tokens = w.IntRangeSlider(value=(0, min(1, max(tokens))), min=0, max=max(tokens), description="tokens")
         self.stages = w.IntRangeSlider(value=(0, max(stages)), min=0, max=max(stages), description="stages")
         self.lanes = w.SelectMultiple(
             options=timeline.lanes, value=tuple(timeline.lanes), description="lanes", rows=min(6, len(timeline.lanes))
         )
+        top = end * self.scale
+        self.window = w.FloatRangeSlider(
+            value=(0.0, top), min=0.0, max=top, step=top / 1000, description=f"time ({self.unit})", readout_format=".4g"
+        )
+        self.stall = w.Dropdown(options=[("(longest stalls)", None)], description="stall")
         self.event = w.IntSlider(value=0, min=0, max=0, description="event")
         self.image = w.Image(format="png")
-        self.details = w.HTML()
+        self.details, self.table = w.HTML(), w.HTML()
+        self._quiet = False  # set while one control moves the others: a single redraw
         for control in (self.tokens, self.stages, self.lanes):
-            control.observe(self._on_range, names="value")
+            control.observe(self._on_selection, names="value")
+        self.window.observe(lambda _: self._on_range(), names="value")
+        self.stall.observe(self._on_stall, names="value")
         self.event.observe(lambda _: self._render(), names="value")
         self.widget = w.VBox(
-            [w.HBox([w.VBox([self.tokens, self.stages, self.event]), self.lanes]), self.details, self.image]
+            [
+                w.HBox([w.VBox([self.tokens, self.stages, self.window]), w.VBox([self.stall, self.event]), self.lanes]),
+                self.details,
+                self.image,
+                self.table,
+            ]
         )
         self.figure: Figure | None = None
-        self._on_range(None)
+        self._on_selection(None)
 
     def visible(self) -> list:
         """The events the current controls select, in time order."""
-        (t0, t1), (s0, s1), lanes = self.tokens.value, self.stages.value, set(self.lanes.value)
-        return [e for e in self.timeline.events if t0 <= e.token <= t1 and s0 <= e.stage <= s1 and e.lane in lanes]
+        lo, hi = self.window.value
+        return select(
+            self.timeline, self.tokens.value, self.stages.value, self.lanes.value, (lo / self.scale, hi / self.scale)
+        )
 
-    def _on_range(self, _change) -> None:
-        n = len(self.visible())
-        self.event.max = max(n - 1, 0)
-        self.event.value = min(self.event.value, self.event.max)
+    @contextlib.contextmanager
+    def _together(self):
+        """Move several controls with one redraw at the end (their observers wait meanwhile)."""
+        self._quiet = True
+        try:
+            yield
+        finally:
+            self._quiet = False
         self._render()
 
+    def _on_selection(self, _change) -> None:
+        """New tokens, stages or lanes: the window spans them, and the stall list is theirs."""
+        chosen = select(self.timeline, self.tokens.value, self.stages.value, self.lanes.value)
+        shown = set(map(id, chosen))
+        self._stalls = [s for s in self.timeline.stalls() if id(s.after) in shown][: self.STALLS_LISTED]
+        with self._together():
+            if chosen:
+                self.window.value = (min(e.start for e in chosen) * self.scale, max(e.end for e in chosen) * self.scale)
+            self.stall.options = [("(longest stalls)", None)] + [
+                (self._label(s), i) for i, s in enumerate(self._stalls)
+            ]
+            self.stall.value = None
+            self._fit_event_slider()
+
+    def _on_stall(self, change) -> None:
+        """Zoom onto a stall: the wait and the transfer it waited on, with as much again around."""
+        if self._quiet or change["new"] is None:
+            return
+        s = self._stalls[change["new"]]
+        lo = min(s.after.start - s.waited, s.cause.start if s.cause else s.after.start)
+        hi = s.after.end
+        pad = hi - lo
+        with self._together():
+            self.window.value = (max(0.0, (lo - pad) * self.scale), min(self.window.max, (hi + pad) * self.scale))
+            self._fit_event_slider()
+            self.event.value = next((i for i, e in enumerate(self.visible()) if e is s.after), 0)
+
+    def _on_range(self) -> None:
+        if not self._quiet:
+            with self._together():
+                self._fit_event_slider()
+
+    def _fit_event_slider(self) -> None:
+        self.event.max = max(len(self.visible()) - 1, 0)
+        self.event.value = min(self.event.value, self.event.max)
+
+    @staticmethod
+    def _label(s) -> str:
+        e = s.after
+        return f"{s.waited * 1e3:.2f} ms on {s.cause_kind}: token {e.token}, {e.stage_name or e.stage}, batch {e.batch}"
+
     def _render(self) -> None:
+        if self._quiet:
+            return
         events = self.visible()
+        lo, hi = self.window.value
         self.figure = plot_timeline(
             self.timeline,
             tokens=self.tokens.value,
             stages=self.stages.value,
             lanes=list(self.lanes.value),
+            window=(lo / self.scale, hi / self.scale),
             width=self.width,
         )
         if events:
             e = events[self.event.value]
             ax = self.figure.axes[0]
             rows = [lane for lane in self.timeline.lanes if lane in self.lanes.value]
-            t0 = min(x.start for x in events)
-            scale = 1e3 if max(x.end for x in events) - t0 < 10 else 1.0
+            scale = time_scale((hi - lo) / self.scale)[0]
             ax.broken_barh(
-                [((e.start - t0) * scale, max(e.duration * scale, 1e-6))],
-                (rows.index(e.lane) - 0.45, 0.9),
+                [(e.start * scale, max(e.duration * scale, 1e-6))],
+                (rows.index(self.timeline.lane_of(e)) - 0.45, 0.9),
                 facecolors="none",
                 edgecolors="red",
                 linewidth=1.5,
@@ -97,12 +182,26 @@ class TimelineExplorer:
             )
         else:
             self.details.value = "no events in this selection"
+        self.table.value = self._stall_table()
         self.image.value = _png(self.figure)
 
-    def _ipython_display_(self) -> None:
-        from IPython.display import display
+    def _stall_table(self) -> str:
+        if not self._stalls:
+            return "<i>compute never waited in this selection</i>"
+        rows = "".join(
+            f"<tr><td>{s.after.token}</td><td>{html.escape(s.after.stage_name or str(s.after.stage))}</td>"
+            f"<td>{s.after.batch}</td><td>{s.waited * 1e3:.3f}</td><td>{html.escape(s.cause_kind)}</td>"
+            f"<td>{(s.cause.bytes if s.cause else 0) / 2**20:.2f}</td></tr>"
+            for s in self._stalls
+        )
+        head = "<tr><th>token</th><th>stage</th><th>batch</th><th>waited (ms)</th><th>on</th><th>MiB</th></tr>"
+        return f"<b>longest stalls in this selection</b><table>{head}{rows}</table>"
 
-        display(self.widget)
+    def _repr_mimebundle_(self, **kwargs) -> dict:
+        return _bundle(self.widget, self.image.value, repr(self))
+
+    def __repr__(self) -> str:
+        return f"TimelineExplorer({len(self.timeline)} events, {len(self.timeline.lanes)} lanes)"
 
 
 class CompressionExplorer:
@@ -181,7 +280,5 @@ class CompressionExplorer:
             + "</tr></table>"
         )
 
-    def _ipython_display_(self) -> None:
-        from IPython.display import display
-
-        display(self.widget)
+    def _repr_mimebundle_(self, **kwargs) -> dict:
+        return _bundle(self.widget, self.image.value, f"CompressionExplorer({len(self.df)} settings)")

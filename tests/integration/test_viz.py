@@ -12,7 +12,14 @@ from matplotlib.collections import PathCollection
 import flexlab
 from flexlab import Policy
 from flexlab.eval import policy_sweep
-from flexlab.viz import plot_memory, plot_overlap_summary, plot_predicted_vs_measured, plot_throughput, plot_timeline
+from flexlab.viz import (
+    plot_memory,
+    plot_overlap_summary,
+    plot_predicted_vs_measured,
+    plot_throughput,
+    plot_timeline,
+    plot_timelines,
+)
 
 matplotlib.use("Agg")
 PROMPTS = [[2, 5, 6, 7, 8]] * 4
@@ -24,7 +31,7 @@ def model():
 
 
 @pytest.fixture(scope="module")
-def timeline(model):
+def result(model):
     policy = Policy.from_percent(
         [0, 50, 0, 0, 0, 100],
         gpu_batch_size=2,
@@ -32,7 +39,12 @@ def timeline(model):
         compress_weight=flexlab.QuantConfig(bits=4, group_size=32),
     )
     with flexlab.Engine(model, policy) as engine:
-        return engine.generate(PROMPTS, max_new_tokens=3, stop_token_ids=None).timeline
+        return engine.generate(PROMPTS, max_new_tokens=3, stop_token_ids=None)
+
+
+@pytest.fixture(scope="module")
+def timeline(result):
+    return result.timeline
 
 
 @pytest.fixture(scope="module")
@@ -60,6 +72,45 @@ def test_timeline_plot_has_a_row_per_lane_and_a_legend_per_kind(timeline):
     assert [t.get_text() for t in only.axes[0].get_yticklabels()] == ["compute"]
     summary = plot_overlap_summary(timeline)
     assert [t.get_text() for t in summary.axes[0].get_yticklabels()] == timeline.lanes
+
+
+def test_the_run_records_memory_per_tier_and_the_plot_draws_it_under_the_chart(result):
+    tl = result.timeline
+    for tier in ("gpu", "cpu", "disk"):  # the samples reach the peak the run reports, and no higher
+        assert max(m.bytes for m in tl.memory if m.tier == tier) == result.metrics[f"peak_bytes_{tier}"]
+    fig = plot_timeline(tl)
+    chart, memory = fig.axes[:2]
+    assert memory.get_shared_x_axes().joined(chart, memory)
+    assert {line.get_label() for line in memory.get_lines()} == {"gpu", "cpu", "disk"}
+    gpu = next(line for line in memory.get_lines() if line.get_label() == "gpu")
+    assert max(gpu.get_ydata()) * 2**20 == pytest.approx(result.metrics["peak_bytes_gpu"])  # MiB
+    assert len(plot_timeline(tl, memory=False).axes) == 1
+
+
+def test_the_chart_marks_the_longest_stalls_and_says_what_it_shows(timeline):
+    fig = plot_timeline(timeline, tokens=(1, 2), stalls=3)
+    ax = fig.axes[0]
+    assert "stall (waited on: red)" in {t.get_text() for t in ax.get_legend().get_texts()}
+    shaded = [c for c in ax.collections if c.get_alpha() == 0.3]
+    assert len(shaded) == 3  # the three longest waits in view
+    assert "tokens 1–2" in ax.get_title() and "all stages" in ax.get_title()
+    s = timeline.stalls()[0]
+    lo, hi = s.after.start - 2 * s.waited, s.after.end + s.waited
+    zoomed = plot_timeline(timeline, window=(lo, hi)).axes[0]
+    assert zoomed.get_xlim() == pytest.approx((lo * 1e3, hi * 1e3))  # ms
+    assert f"{lo * 1e3:.4g}–{hi * 1e3:.4g} ms" in zoomed.get_title()
+
+
+def test_two_runs_share_one_time_axis(model, timeline):
+    with flexlab.Engine(model, Policy(gpu_batch_size=2, num_gpu_batches=2, overlap=False)) as engine:
+        other = engine.generate(PROMPTS, max_new_tokens=3, stop_token_ids=None).timeline
+    fig = plot_timelines([timeline, other], ["overlap on", "overlap off"], tokens=(0, 1))
+    top, bottom = fig.axes[:2]
+    assert top.get_shared_x_axes().joined(top, bottom)
+    assert top.get_title().startswith("overlap on: ") and bottom.get_title().startswith("overlap off: ")
+    assert [t.get_text() for t in bottom.get_yticklabels()] == other.lanes
+    with pytest.raises(ValueError, match="one label per timeline"):
+        plot_timelines([timeline, other], ["one"])
 
 
 def test_sweep_table_and_its_plots(sweep):
@@ -118,6 +169,27 @@ def test_timeline_explorer_follows_its_controls(timeline):
     ex.event.value = ex.event.max
     last = ex.visible()[-1]
     assert last.kind in ex.details.value and f"token {last.token}" in ex.details.value
+
+
+def test_timeline_explorer_zooms_onto_a_stall_and_shows_a_picture_when_saved(timeline):
+    import base64
+
+    from flexlab.viz import TimelineExplorer
+
+    ex = TimelineExplorer(timeline)
+    ex.tokens.value = (0, timeline.events[-1].token)
+    whole = ex.window.value
+    assert "longest stalls in this selection" in ex.table.value
+    longest = timeline.stalls()[0]
+    ex.stall.value = 0  # the longest
+    assert ex.window.value[1] - ex.window.value[0] < whole[1] - whole[0]  # zoomed in
+    assert ex.visible()[ex.event.value] is longest.after  # and the compute that waited is picked
+    assert f"token {longest.after.token}" in ex.details.value
+    ex.window.value = (whole[0], (whole[0] + whole[1]) / 2)
+    assert max(e.start for e in ex.visible()) <= ex.window.value[1] / 1e3
+    bundle = ex._repr_mimebundle_()
+    assert base64.b64decode(bundle["image/png"]) == ex.image.value and ex.image.value[:4] == b"\x89PNG"
+    assert bundle["application/vnd.jupyter.widget-view+json"]["model_id"] == ex.widget.model_id
 
 
 def test_compression_explorer_follows_its_controls_and_generates(model):
