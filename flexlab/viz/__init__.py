@@ -6,6 +6,7 @@ The widgets (``TimelineExplorer``, ``CompressionExplorer``) need ipywidgets
 
 from flexlab.viz.compression import plot_accuracy_vs_bits
 from flexlab.viz.cost import plot_predicted_vs_measured
+from flexlab.viz.export import save_figure
 from flexlab.viz.policy import plot_memory, plot_throughput
 from flexlab.viz.timeline import plot_overlap_summary, plot_timeline, plot_timelines
 
@@ -17,6 +18,7 @@ __all__ = [
     "plot_predicted_vs_measured",
     "plot_throughput",
     "plot_memory",
+    "save_figure",
     "TimelineExplorer",
     "CompressionExplorer",
 ]

@@ -21,7 +21,7 @@ CATEGORY_COLORS = {
 
 def plot_throughput(df, *, title: str | None = None, width: float = 11.0) -> Figure:
     """Left: tokens/s per policy (bars, best highlighted). Right: tokens/s against peak bytes
-    per tier, a marker per tier, one point per policy and tier."""
+    per tier, a marker per tier, one point per policy and tier, each labelled with its policy."""
     for col in ("policy", "throughput_tok_s"):
         if col not in df.columns:
             raise ValueError(f"column {col!r} is missing; pass the table policy_sweep returns")
@@ -47,6 +47,8 @@ def plot_throughput(df, *, title: str | None = None, width: float = 11.0) -> Fig
         if col in df.columns:
             keep = df[col] > 0
             scatter.scatter(df[col][keep] / 2**20, df.throughput_tok_s[keep], marker=marker, label=tier, alpha=0.8)
+            for x, y, name in zip(df[col][keep] / 2**20, df.throughput_tok_s[keep], df.policy[keep]):
+                scatter.annotate(str(name), (x, y), fontsize=6, xytext=(3, 2), textcoords="offset points")
     scatter.set_xscale("symlog")
     scatter.set_xlabel("peak MiB on the tier")
     scatter.set_ylabel("tokens/s")

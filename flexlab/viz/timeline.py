@@ -99,7 +99,9 @@ def plot_timeline(
     events = select(timeline, tokens, stages, lanes, window)
     rows = [lane for lane in timeline.lanes if lanes is None or lane in lanes]
     with_memory = bool(timeline.memory) if memory is None else memory
-    fig = Figure(figsize=(width, 0.6 * len(rows) + 1.6 + 1.6 * with_memory), layout="constrained")
+    legend_rows = len({e.kind for e in events}) + 1  # the legend beside the chart must fit its height
+    height = max(0.6 * len(rows) + 1.6, 0.2 * legend_rows + 1.0) + 1.6 * with_memory
+    fig = Figure(figsize=(width, height), layout="constrained")
     axes = fig.subplots(2, 1, sharex=True, height_ratios=[max(len(rows), 1), 2.5]) if with_memory else [fig.subplots()]
     ax = axes[0]
     if not events:

@@ -122,6 +122,10 @@ def test_sweep_table_and_its_plots(sweep):
     bars = fig.axes[0]
     assert [t.get_text() for t in bars.get_yticklabels()] == list(sweep.policy)
     assert [round(p.get_width(), 6) for p in bars.patches] == [round(v, 6) for v in sweep.throughput_tok_s]
+    labels = [t.get_text() for t in fig.axes[1].texts]
+    assert set(labels) == set(sweep.policy) and len(labels) == sum(
+        int(v > 0) for t in ("gpu", "cpu", "disk") for v in sweep[f"peak_bytes_{t}"]
+    )  # every point of the scatter says its policy
     mem = plot_memory(sweep)
     assert [ax.get_title() for ax in mem.axes[:3]] == ["gpu", "cpu", "disk"]
     disk_labels = {p.get_label() for p in mem.axes[2].containers}
@@ -227,3 +231,18 @@ def test_compression_explorer_follows_its_controls_and_generates(model):
     assert "cache 2-bit g32 per-channel keys" in ex.details.value
     ex.button.click()
     assert ex.texts.value.count("<td") == 2 and "per-channel keys" in ex.texts.value
+
+
+def test_figures_save_for_a_paper_as_png_and_svg_at_200_dpi(timeline, tmp_path):
+    from PIL import Image
+
+    from flexlab.viz import save_figure
+
+    written = save_figure(plot_timeline(timeline), tmp_path / "figures" / "timeline.pdf")
+    assert written == [tmp_path / "figures" / "timeline.png", tmp_path / "figures" / "timeline.svg"]
+    with Image.open(written[0]) as png:
+        assert png.info["dpi"] == pytest.approx((200, 200), abs=0.5)
+    assert "<svg" in written[1].read_text()[:2000]
+    assert sorted(p.name for p in written[0].parent.iterdir()) == ["timeline.png", "timeline.svg"]  # no temp files
+    with pytest.raises(ValueError, match="formats is empty"):
+        save_figure(plot_timeline(timeline), tmp_path / "x", formats=())
