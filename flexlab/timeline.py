@@ -70,6 +70,13 @@ class Stall:
     def cause_kind(self) -> str:
         return self.cause.kind if self.cause is not None else "host"
 
+    @property
+    def transfer_s(self) -> float:
+        """The part of the wait until the transfer waited on ended; the rest is the host's."""
+        if self.cause is None:
+            return 0.0
+        return max(0.0, min(self.cause.end, self.after.start) - (self.after.start - self.waited))
+
 
 def _union(intervals: list[tuple[float, float]]) -> list[tuple[float, float]]:
     merged: list[list[float]] = []
@@ -141,7 +148,8 @@ class Timeline:
 
         ``io_hidden_fraction``: share of the time some transfer was running that compute was
         running too. ``compute_idle_fraction``: share of the wall time compute waited;
-        ``waited_s[kind]``: how long it waited on transfers of each kind (or ``host``: on none).
+        ``waited_s[kind]``: how long it waited on transfers of each kind until they ended, and
+        ``waited_s[host]`` the rest of its waits (no transfer running: the host held it up).
         """
         if not self.events:
             return {}
@@ -174,8 +182,9 @@ class Timeline:
                 out[f"bytes[{kind}]"] = float(sum(e.bytes for e in evs))
         # What compute waited on, summed over its stalls: the critical path's transfers, or the host.
         for stall in self.stalls():
-            key = f"waited_s[{stall.cause_kind}]"
-            out[key] = out.get(key, 0.0) + stall.waited
+            for key, seconds in ((stall.cause_kind, stall.transfer_s), ("host", stall.waited - stall.transfer_s)):
+                if seconds > 0:
+                    out[f"waited_s[{key}]"] = out.get(f"waited_s[{key}]", 0.0) + seconds
         return out
 
     def stalls(self, min_wait: float = 0.0) -> list[Stall]:
@@ -217,12 +226,13 @@ class Timeline:
                 "at_s": s.after.start - s.waited,
                 "waited_ms": s.waited * 1e3,
                 "waited_on": s.cause_kind,
+                "host_ms": (s.waited - s.transfer_s) * 1e3,
                 "bytes": s.cause.bytes if s.cause is not None else 0,
             }
             for s in self.stalls()[:top]
         ]
         return pd.DataFrame(rows, columns=["rank", "token", "stage", "stage_name", "batch", "at_s", "waited_ms",
-                                           "waited_on", "bytes"])  # fmt: skip
+                                           "waited_on", "host_ms", "bytes"])  # fmt: skip
 
     # ---- files -------------------------------------------------------------------------
     def save(self, path: str | os.PathLike) -> None:

@@ -208,7 +208,8 @@ def draw_memory(ax: Axes, timeline: Timeline, lo: float, hi: float, scale: float
     top = max((b for pts in series.values() for _, b in pts), default=0)
     div, unit = (2**30, "GiB") if top >= 2**30 else (2**20, "MiB")
     several = len({rank for rank, _ in series}) > 1
-    for (rank, tier), pts in sorted(series.items()):
+    order = list(TIER_COLORS)
+    for (rank, tier), pts in sorted(series.items(), key=lambda kv: (kv[0][0], order.index(kv[0][1]))):
         xs = [t * scale for t, _ in pts] + [hi * scale]
         ys = [b / div for _, b in pts] + [pts[-1][1] / div]
         label = f"rank {rank} {tier}" if several else tier

@@ -191,10 +191,12 @@ class TimelineExplorer:
         rows = "".join(
             f"<tr><td>{s.after.token}</td><td>{html.escape(s.after.stage_name or str(s.after.stage))}</td>"
             f"<td>{s.after.batch}</td><td>{s.waited * 1e3:.3f}</td><td>{html.escape(s.cause_kind)}</td>"
+            f"<td>{(s.waited - s.transfer_s) * 1e3:.3f}</td>"
             f"<td>{(s.cause.bytes if s.cause else 0) / 2**20:.2f}</td></tr>"
             for s in self._stalls
         )
-        head = "<tr><th>token</th><th>stage</th><th>batch</th><th>waited (ms)</th><th>on</th><th>MiB</th></tr>"
+        names = ("token", "stage", "batch", "waited (ms)", "on", "of it host (ms)", "MiB")
+        head = "<tr>" + "".join(f"<th>{n}</th>" for n in names) + "</tr>"
         return f"<b>longest stalls in this selection</b><table>{head}{rows}</table>"
 
     def _repr_mimebundle_(self, **kwargs) -> dict:

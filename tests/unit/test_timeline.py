@@ -150,10 +150,14 @@ def test_stalls_name_what_compute_waited_on():
     assert stalls[1].cause.start == 0.8 and stalls[1].before.batch == 0
     assert [s.cause_kind for s in tl.stalls(min_wait=0.3)] == ["load_weight", "load_cache"]
     s = tl.summary()
-    assert s["waited_s[load_weight]"] == pytest.approx(0.6) and s["waited_s[host]"] == pytest.approx(0.25)
+    # waits split where the transfer ended: 0.5 s of the first on weights, 0.4 s of the second on
+    # the cache, and the host the rest (0.1 s after each transfer ended, and all of the third)
+    assert [round(x.transfer_s, 6) for x in stalls] == [0.5, 0.4, 0.0]
+    assert s["waited_s[load_weight]"] == pytest.approx(0.5) and s["waited_s[load_cache]"] == pytest.approx(0.4)
+    assert s["waited_s[host]"] == pytest.approx(0.45)
     table = tl.stall_table(top=2)
     assert list(table.waited_on) == ["load_weight", "load_cache"] and list(table.bytes) == [100, 10]
-    assert table.waited_ms.iloc[0] == pytest.approx(600.0)
+    assert table.waited_ms.iloc[0] == pytest.approx(600.0) and table.host_ms.iloc[0] == pytest.approx(100.0)
 
 
 def test_memory_samples_save_load_and_make_counter_tracks(tmp_path):
