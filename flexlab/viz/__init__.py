@@ -4,7 +4,7 @@ The widgets (``TimelineExplorer``, ``CompressionExplorer``) need ipywidgets
 (``pip install flexlab[notebook]``); they are imported on first use.
 """
 
-from flexlab.viz.compression import plot_accuracy_vs_bits
+from flexlab.viz.compression import plot_accuracy_vs_bits, plot_accuracy_vs_memory
 from flexlab.viz.cost import plot_predicted_vs_measured
 from flexlab.viz.export import save_figure
 from flexlab.viz.policy import plot_memory, plot_throughput
@@ -15,6 +15,7 @@ __all__ = [
     "plot_timelines",
     "plot_overlap_summary",
     "plot_accuracy_vs_bits",
+    "plot_accuracy_vs_memory",
     "plot_predicted_vs_measured",
     "plot_throughput",
     "plot_memory",

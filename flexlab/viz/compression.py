@@ -9,6 +9,9 @@ from __future__ import annotations
 from matplotlib.figure import Figure
 
 TARGET_ORDER = ("weights", "cache", "both")
+TARGET_COLORS = {"weights": "#4C72B0", "cache": "#55A868", "both": "#C44E52"}
+HIGHER_IS_BETTER = ("token_agreement", "last_word_accuracy")  # the others (perplexity) are better low
+SYMLOG_LINTHRESH = 1.0  # linear within ±1 (a percent, or a perplexity point), logarithmic beyond
 LABELS = {
     "perplexity_change_pct": "perplexity change (%)",
     "perplexity": "perplexity",
@@ -61,7 +64,12 @@ def plot_accuracy_vs_bits(
         top.set_xticks(sorted(rows.bits.dropna().unique()))
         bottom.set_xlabel("bits per element (codes + scales)")
         top.legend(fontsize=7, frameon=False)
-    axes[0][0].set_ylabel(LABELS.get(metric, metric))
+    ylabel = LABELS.get(metric, metric)
+    if squashed(df.loc[df.target != "none", metric]):  # 2-bit points would flatten the others to a line
+        for ax in axes[0]:
+            ax.set_yscale("symlog", linthresh=SYMLOG_LINTHRESH)
+        ylabel += " (symlog scale)"
+    axes[0][0].set_ylabel(ylabel)
     axes[1][0].set_ylabel("peak memory saved, all tiers (%)")
     if title:
         fig.suptitle(title, fontsize=11)
@@ -75,3 +83,61 @@ def _saved_pct(df):
     if not len(base):
         return total * float("nan")
     return 100 * (1 - total / float(total[base.index[0]]))
+
+
+def squashed(values) -> bool:
+    """Whether a linear axis would squash most of ``values`` into a sliver: the largest is
+    more than 20 times the median magnitude and beyond the symlog threshold."""
+    mags = values.dropna().abs()
+    mags = mags[mags > 0]
+    return bool(len(mags)) and mags.max() > max(20 * mags.median(), 10 * SYMLOG_LINTHRESH)
+
+
+def plot_accuracy_vs_memory(
+    df, metric: str = "perplexity_change_pct", *, title: str | None = None, width: float = 8.0
+) -> Figure:
+    """Accuracy against memory over a compression grid: a point per setting (coloured by what
+    is compressed) at its peak bytes over all tiers, the uncompressed run as a star, and the
+    Pareto front — the settings no other beats on both memory and ``metric`` — as a step line
+    with its points labelled. A symlog y-axis where a few settings would squash the rest."""
+    if metric not in df.columns:
+        raise ValueError(f"metric {metric!r} is not a column; choose from {sorted(LABELS)}")
+    total = sum(df[f"peak_bytes_{t}"] for t in ("gpu", "cpu", "disk")) / 2**20
+    fig = Figure(figsize=(width, 4.8), layout="constrained")
+    ax = fig.subplots()
+    for target in TARGET_ORDER:
+        rows = df.target == target
+        if rows.any():
+            ax.scatter(total[rows], df[metric][rows], color=TARGET_COLORS[target], label=f"compressed: {target}", s=18)
+    base = df.target == "none"
+    if base.any():
+        ax.scatter(total[base], df[metric][base], marker="*", s=160, color="black", label="uncompressed", zorder=4)
+    front = pareto_front(total, df[metric], higher_is_better=metric in HIGHER_IS_BETTER)
+    ax.step(total[front], df[metric][front], where="post", color="grey", linewidth=1, label="Pareto front")
+    for i in front:
+        ax.annotate(
+            str(df.setting[i]), (total[i], df[metric][i]), fontsize=6, xytext=(3, 3), textcoords="offset points"
+        )
+    ylabel = LABELS.get(metric, metric)
+    if squashed(df[metric]):
+        ax.set_yscale("symlog", linthresh=SYMLOG_LINTHRESH)
+        ylabel += " (symlog scale)"
+    ax.set_ylabel(ylabel)
+    ax.set_xlabel("peak memory, all tiers (MiB)")
+    ax.legend(fontsize=7, frameon=False)
+    ax.set_title(title or "accuracy against memory", fontsize=10)
+    return fig
+
+
+def pareto_front(memory, metric, *, higher_is_better: bool = False) -> list:
+    """Index labels of the rows no other row beats on both: less (or equal) memory and a better
+    (or equal) ``metric``, one strictly; in order of memory."""
+    better = (lambda a, b: a >= b) if higher_is_better else (lambda a, b: a <= b)
+    front, best = [], None
+    for i in sorted(memory.index, key=lambda i: (memory[i], -metric[i] if higher_is_better else metric[i])):
+        if metric[i] != metric[i]:  # NaN: not measured
+            continue
+        if best is None or (better(metric[i], best) and metric[i] != best):
+            front.append(i)
+            best = metric[i]
+    return front

@@ -246,3 +246,49 @@ def test_figures_save_for_a_paper_as_png_and_svg_at_200_dpi(timeline, tmp_path):
     assert sorted(p.name for p in written[0].parent.iterdir()) == ["timeline.png", "timeline.svg"]  # no temp files
     with pytest.raises(ValueError, match="formats is empty"):
         save_figure(plot_timeline(timeline), tmp_path / "x", formats=())
+
+
+def test_accuracy_against_memory_draws_the_pareto_front_on_a_symlog_axis_where_two_bits_would_squash_the_rest():
+    from flexlab.viz import plot_accuracy_vs_bits, plot_accuracy_vs_memory
+    from flexlab.viz.compression import pareto_front
+
+    mib = 2**20
+    df = pd.DataFrame(
+        {
+            "setting": ["none", "w8", "w4", "w2", "c4", "c2"],
+            "target": ["none", "weights", "weights", "weights", "cache", "cache"],
+            "bits": [None, 8, 4, 2, 4, 2],
+            "group_size": [None, 64, 64, 64, 64, 64],
+            "kv_layout": [None, None, None, None, "per-token", "per-token"],
+            "weight_bits_per_element": [16, 8.5, 4.5, 2.5, 16, 16],
+            "cache_bits_per_element": [16, 16, 16, 16, 4.5, 2.5],
+            "perplexity_change_pct": [0.0, 0.1, 2.0, 150.0, 0.5, 3.0],
+            "token_agreement": [1.0, 0.99, 0.9, 0.2, 0.95, 0.93],
+            "peak_bytes_gpu": [10 * mib, 6 * mib, 4 * mib, 3 * mib, 9 * mib, 8.5 * mib],
+            "peak_bytes_cpu": [0.0] * 6,
+            "peak_bytes_disk": [0.0] * 6,
+        }
+    )
+    memory = df.peak_bytes_gpu
+    # c4 and c2 cost more memory than w4 and do worse: off the front; w2 is the smallest
+    assert list(df.setting[pareto_front(memory, df.perplexity_change_pct)]) == ["w2", "w4", "w8", "none"]
+    assert list(df.setting[pareto_front(memory, df.token_agreement, higher_is_better=True)]) == [
+        "w2",
+        "w4",
+        "w8",
+        "none",
+    ]
+    ax = plot_accuracy_vs_memory(df).axes[0]
+    assert ax.get_yscale() == "symlog" and "symlog" in ax.get_ylabel()  # 150% would flatten 0.1-3%
+    assert [t.get_text() for t in ax.texts] == ["w2", "w4", "w8", "none"]
+    assert {t.get_text() for t in ax.get_legend().get_texts()} == {
+        "compressed: weights",
+        "compressed: cache",
+        "uncompressed",
+        "Pareto front",
+    }
+    bits = plot_accuracy_vs_bits(df).axes[0]
+    assert bits.get_yscale() == "symlog" and "symlog" in bits.get_ylabel()
+    gentle = df.assign(perplexity_change_pct=[0.0, 0.1, 2.0, 5.0, 0.5, 3.0])  # nothing to squash: linear
+    assert plot_accuracy_vs_memory(gentle).axes[0].get_yscale() == "linear"
+    assert plot_accuracy_vs_bits(gentle).axes[0].get_yscale() == "linear"
