@@ -43,6 +43,7 @@ class Config:
     gpu_batch_size: int = 8
     num_gpu_batches: int = 2
     overlap: bool = True
+    repeats: int = 1  # runs per policy: the table keeps the median and the fastest/slowest
     out_dir: str = "experiments/results"
 
 
@@ -76,7 +77,9 @@ def main(cfg: Config) -> pd.DataFrame:
             percent, extra, gpu_batch_size=cfg.gpu_batch_size, num_gpu_batches=cfg.num_gpu_batches, overlap=cfg.overlap
         )
     with tempfile.TemporaryDirectory(prefix="flexlab-sweep-") as offload:
-        df = policy_sweep(model, policies, prompts, max_new_tokens=cfg.gen_len, offload_dir=offload)
+        df = policy_sweep(
+            model, policies, prompts, max_new_tokens=cfg.gen_len, repeats=cfg.repeats, offload_dir=offload
+        )
     df = pd.concat([pd.DataFrame([reference]), df], ignore_index=True)
     print(
         f"{cfg.preset} ({model.dtype}, {device}), {n} prompts of {cfg.prompt_len} tokens, {cfg.gen_len} new, "
@@ -92,6 +95,8 @@ def main(cfg: Config) -> pd.DataFrame:
         "peak_bytes_cpu",
         "peak_bytes_disk",
     ]
+    if cfg.repeats > 1:  # the spread of each policy's runs beside its median
+        cols[2:2] = ["throughput_tok_s_min", "throughput_tok_s_max"]
     print(df[cols].to_string(index=False, float_format=lambda x: f"{x:.3f}"))
     stem = f"policy_sweep_{cfg.preset}_{device.type}"
     out = write_results(

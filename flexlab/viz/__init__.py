@@ -7,7 +7,7 @@ The widgets (``TimelineExplorer``, ``CompressionExplorer``) need ipywidgets
 from flexlab.viz.compression import plot_accuracy_vs_bits, plot_accuracy_vs_memory
 from flexlab.viz.cost import plot_predicted_vs_measured
 from flexlab.viz.export import save_figure
-from flexlab.viz.policy import plot_memory, plot_throughput
+from flexlab.viz.policy import plot_memory, plot_throughput, plot_throughput_against
 from flexlab.viz.timeline import plot_overlap_summary, plot_timeline, plot_timelines
 
 __all__ = [
@@ -18,6 +18,7 @@ __all__ = [
     "plot_accuracy_vs_memory",
     "plot_predicted_vs_measured",
     "plot_throughput",
+    "plot_throughput_against",
     "plot_memory",
     "save_figure",
     "TimelineExplorer",

@@ -60,6 +60,42 @@ def plot_throughput(df, *, title: str | None = None, width: float = 11.0) -> Fig
     return fig
 
 
+def plot_throughput_against(
+    df, x: str, *, series: str | None = None, title: str | None = None, width: float = 7.0
+) -> Figure:
+    """Tokens/s against a numeric column of a sweep (``gpu_batch_size``, ``num_gpu_batches``,
+    ``w_disk_percent``, ...), a line per value of ``series`` if given, with error bars from the
+    fastest to the slowest of each point's runs where the sweep had ``repeats`` > 1."""
+    for col in (x, "throughput_tok_s") + ((series,) if series else ()):
+        if col not in df.columns:
+            raise ValueError(f"column {col!r} is missing; pass the table policy_sweep returns and one of its columns")
+    if df[x].dtype.kind not in "iuf":  # integers or floats; not booleans, not names
+        raise ValueError(f"column {x!r} is not numeric; plot_throughput draws policies by name")
+    fig = Figure(figsize=(width, 4.2), layout="constrained")
+    ax = fig.subplots()
+    groups = df.groupby(series, sort=True) if series else [(None, df)]
+    spread = {"throughput_tok_s_min", "throughput_tok_s_max"} <= set(df.columns)
+    for value, rows in groups:
+        rows = rows.sort_values(x)
+        errors = None
+        if spread:
+            errors = [
+                rows.throughput_tok_s - rows.throughput_tok_s_min,
+                rows.throughput_tok_s_max - rows.throughput_tok_s,
+            ]
+        shown = f"{value:g}" if isinstance(value, (int, float)) else str(value)  # 100, not 100.0
+        label = None if series is None else f"{series} = {shown}"
+        ax.errorbar(rows[x], rows.throughput_tok_s, yerr=errors, marker="o", capsize=3, label=label)
+    ax.set_xlabel(x.replace("_", " "))
+    ax.set_ylabel("generation throughput (tokens/s)")
+    repeats = int(df.repeats.max()) if "repeats" in df.columns else 1
+    note = f"median of {repeats} runs, bars: fastest to slowest" if repeats > 1 else "one run per point"
+    ax.set_title(title or f"throughput against {x.replace('_', ' ')} ({note})", fontsize=10)
+    if series:
+        ax.legend(fontsize=8, frameon=False)
+    return fig
+
+
 def plot_memory(df, *, title: str | None = None, width: float = 11.0) -> Figure:
     """Stacked bars per policy and tier: weights, KV cache, activations, read buffers, working
     copies — what filled each tier at its peak (the ``mem_<tier>_<category>`` columns)."""

@@ -134,6 +134,33 @@ def test_sweep_table_and_its_plots(sweep):
         plot_throughput(pd.DataFrame({"x": [1]}))
 
 
+def test_a_sweep_with_repeats_plots_throughput_against_a_number_with_error_bars(model):
+    from flexlab.viz import plot_throughput_against
+
+    policies = {
+        f"{d}% on disk, batch {b}": Policy.from_percent([100 - d, 0, d, 0, 100, 0], gpu_batch_size=b)
+        for d in (0, 100)
+        for b in (1, 2)
+    }
+    df = policy_sweep(model, policies, PROMPTS, max_new_tokens=2, repeats=3, progress=False)
+    assert list(df.repeats) == [3] * 4 and list(df.gpu_batch_size) == [1, 2, 1, 2]
+    assert list(df.w_disk_percent) == [0, 0, 100, 100]
+    assert (df.throughput_tok_s_min <= df.throughput_tok_s).all() and (
+        df.throughput_tok_s <= df.throughput_tok_s_max
+    ).all()
+    assert (df.throughput_tok_s_std >= 0).all()
+    ax = plot_throughput_against(df, "gpu_batch_size", series="w_disk_percent").axes[0]
+    assert {t.get_text() for t in ax.get_legend().get_texts()} == {"w_disk_percent = 0", "w_disk_percent = 100"}
+    assert len(ax.containers) == 2 and all(c.has_yerr for c in ax.containers)  # a line with error bars each
+    for container, (_, rows) in zip(ax.containers, df.groupby("w_disk_percent")):
+        assert list(container.lines[0].get_ydata()) == list(rows.sort_values("gpu_batch_size").throughput_tok_s)
+    assert "median of 3 runs" in ax.get_title()
+    with pytest.raises(ValueError, match="not numeric"):
+        plot_throughput_against(df, "policy")
+    with pytest.raises(ValueError, match="repeats must be at least 1"):
+        policy_sweep(model, policies, PROMPTS, repeats=0)
+
+
 def test_throughput_plot_keeps_rows_of_the_same_name_apart():
     df = pd.DataFrame({"policy": ["transformers", "flexlab", "transformers"], "throughput_tok_s": [50.0, 54.0, 51.0]})
     bars = plot_throughput(df).axes[0]
