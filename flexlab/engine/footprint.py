@@ -116,7 +116,7 @@ def workspace(config: ModelConfig, policy: Policy, *, itemsize: int, prompt_len:
     rows = min(s, max(1, SCORE_BYTES // (4 * b * heads * s)))  # attend's chunk of queries
     scores = SCORE_LIVE * 4 * b * heads * rows * s + (vector if rows < s else 0)  # the chunks' output
     family = get_family(cfg.family)
-    bias = 4 * b * (heads if family.position_bias is not None else 1) * s * s
+    bias = 4 * b * s * s + (4 * b * heads * s if family.position_bias is not None else 0)  # the mask, per-key biases
     expanded = 2 * b * s * heads * cfg.head_dim * itemsize if cfg.num_kv_heads < heads else 0  # GQA's k, v repeated
     # the norm's output, the attention's output and projection, the residual; q/k/v and their head-major copies
     attention = 4 * vector + 2 * qkv + scores + bias + expanded

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 
-from flexlab.models.attention import attention_bias
+from flexlab.models.attention import SplitBias, attention_bias
 from flexlab.models.config import ModelConfig
 from flexlab.models.family import ModelFamily
 from flexlab.models.generation import positions_from_mask
@@ -38,8 +38,8 @@ class TokenPlaces:
             self._pos[k] = (t, positions if t == 0 else positions[:, -1:])
         return self._pos[k][1]
 
-    def bias(self, t: int, k: int) -> torch.Tensor:
-        """Batch ``k``'s attention mask for token ``t``."""
+    def bias(self, t: int, k: int) -> torch.Tensor | SplitBias:
+        """Batch ``k``'s attention mask for token ``t`` (see :func:`attention_bias`)."""
         if self._masks.get(k, (None,))[0] != t:
             valid = self.slots(t, k)
             cfg, per_head = self.config, self.family.position_bias

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
@@ -19,7 +20,7 @@ def attention_bias(
     q_len: int,
     window: int | None = None,
     position_bias: Callable[[torch.Tensor], torch.Tensor] | None = None,
-) -> torch.Tensor:
+) -> torch.Tensor | SplitBias:
     """Additive float32 mask for the last ``q_len`` positions attending over ``valid.shape[1]`` keys.
 
     ``valid`` is ``[batch, kv_len]`` bool/int (False/0 marks left padding). Query ``i`` sits at
@@ -30,6 +31,9 @@ def attention_bias(
     per-head biases ``[batch, heads, 1, kv_len]`` that are added: the result is then per head.
     Returns ``[batch, 1, q_len, kv_len]`` with 0 where allowed and float32's most negative value
     elsewhere: finite, so a padding query that sees nothing gets a uniform (unused) row, not NaN.
+    With a ``position_bias`` and several queries (a prefill) the two stay apart in a
+    :class:`SplitBias`, which :func:`attend` adds chunk by chunk: summed, a prefill's would be
+    ``[batch, heads, q_len, kv_len]``, heads times the mask.
     """
     batch, kv_len = valid.shape
     q_pos = torch.arange(kv_len - q_len, kv_len, device=valid.device)[:, None]  # [q, 1]
@@ -42,25 +46,40 @@ def attention_bias(
     bias.masked_fill_(~allowed, torch.finfo(torch.float32).min)
     if position_bias is None:
         return bias
+    keys = position_bias(positions_from_mask(valid))
     # min + a finite bias stays hugely negative (float32 rounds it back to min): still masked
-    return bias + position_bias(positions_from_mask(valid))
+    return SplitBias(bias, keys) if q_len > 1 else bias + keys
+
+
+@dataclass(frozen=True)
+class SplitBias:
+    """A mask ``[b, 1, q, kv]`` and per-head key biases ``[b, heads, 1, kv]``, added to the scores
+    one after the other. Exactly as their sum: where the mask is 0 both give the key bias; where
+    it is float32's minimum both stay there (a finite bias is below its rounding)."""
+
+    mask: torch.Tensor
+    keys: torch.Tensor
+
+    def rows(self, part: slice) -> SplitBias:
+        """The bias of queries ``part`` only."""
+        return SplitBias(self.mask[:, :, part], self.keys)
 
 
 SCORE_BYTES = 64 << 20  # the most float32 attention scores held at once (a prefill's grow with prompt²)
 
 
 def attend(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor, score_bytes: int = SCORE_BYTES
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | SplitBias, score_bytes: int = SCORE_BYTES
 ) -> torch.Tensor:
     """Softmax attention. ``q`` is pre-scaled.
 
     Shapes: q ``[b, heads, q_len, d]``, k and v ``[b, kv_heads, kv_len, d]``, bias
-    ``[b, 1 or heads, q_len, kv_len]`` → ``[b, heads, q_len, d]``. With grouped-query attention
-    (``kv_heads < heads``) each key/value head serves ``heads / kv_heads`` consecutive query
-    heads. Scores and softmax are in float32 (float16 scores plus a large negative mask can
-    overflow to -inf and give NaN rows). Queries are taken in chunks so that their scores stay
-    under ``score_bytes``: a 2048-token prefill of 8 sequences and 32 heads would otherwise hold
-    4 GiB of them (each query's softmax is its own, so chunks change nothing).
+    ``[b, 1 or heads, q_len, kv_len]`` or a :class:`SplitBias` → ``[b, heads, q_len, d]``. With
+    grouped-query attention (``kv_heads < heads``) each key/value head serves ``heads / kv_heads``
+    consecutive query heads. Scores and softmax are in float32 (float16 scores plus a large
+    negative mask can overflow to -inf and give NaN rows). Queries are taken in chunks so that
+    their scores stay under ``score_bytes``: a 2048-token prefill of 8 sequences and 32 heads
+    would otherwise hold 4 GiB of them (each query's softmax is its own, so chunks change nothing).
     """
     k, v = expand_kv(k, q.shape[1]), expand_kv(v, q.shape[1])
     b, heads, q_len, _ = q.shape
@@ -70,15 +89,20 @@ def attend(
     out = torch.empty(b, heads, q_len, v.shape[-1], dtype=v.dtype, device=q.device)
     for first in range(0, q_len, rows):
         part = slice(first, first + rows)
-        out[:, :, part] = _attend_rows(q[:, :, part], k, v, bias[:, :, part])
+        rows_bias = bias.rows(part) if isinstance(bias, SplitBias) else bias[:, :, part]
+        out[:, :, part] = _attend_rows(q[:, :, part], k, v, rows_bias)
     return out
 
 
-def _attend_rows(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+def _attend_rows(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | SplitBias) -> torch.Tensor:
     # In place where it changes nothing, so that at most two float32 copies of the scores live at
     # once (the scores and their softmax): the workspace the cost model charges (``SCORE_LIVE``).
     scores = torch.matmul(q, k.transpose(-1, -2)).float()
-    scores += bias
+    if isinstance(bias, SplitBias):
+        scores += bias.mask
+        scores += bias.keys
+    else:
+        scores += bias
     probs = torch.softmax(scores, dim=-1)
     del scores
     return torch.matmul(probs.to(v.dtype), v)

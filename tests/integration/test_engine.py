@@ -233,6 +233,30 @@ def test_cpu_attention_splits_rows_and_equals_full_attention():
     torch.testing.assert_close(decode_attention(q, k_new, v_new, k_old[rows], v_old[rows], bias, host), full)
 
 
+def test_a_prefills_per_head_bias_stays_apart_from_its_mask_and_attends_exactly_as_their_sum():
+    from flexlab.models import bloom
+    from flexlab.models.attention import SplitBias, attend, attention_bias
+    from flexlab.models.config import get_preset
+
+    cfg = get_preset("bloom-560m")
+    gen = torch.Generator().manual_seed(0)
+    b, heads, s, d = 3, cfg.num_heads, 9, 8
+    q, k, v = (torch.randn(b, heads, s, d, generator=gen) for _ in range(3))
+    valid = torch.ones(b, s, dtype=torch.bool)
+    valid[1, :3] = valid[2, :5] = False  # left padding: each sequence's own positions
+    split = attention_bias(valid, s, None, lambda positions: bloom.position_bias(cfg, positions))
+    assert isinstance(split, SplitBias) and split.mask.shape == (b, 1, s, s) and split.keys.shape == (b, heads, 1, s)
+    summed = split.mask + split.keys  # what a prefill held before: [b, heads, s, s]
+    whole = attend(q, k, v, summed)
+    assert torch.equal(attend(q, k, v, split), whole)
+    two_queries = 4 * b * heads * s * 2  # score bytes for two queries at a time
+    chunked = attend(q, k, v, split, score_bytes=two_queries)
+    assert torch.equal(chunked, attend(q, k, v, summed, score_bytes=two_queries))
+    torch.testing.assert_close(chunked, whole)  # smaller matmuls round their own way
+    decode = attention_bias(valid, 1, None, lambda positions: bloom.position_bias(cfg, positions))
+    assert torch.equal(decode, summed[:, :, -1:])  # one query: summed, as the decode paths take it
+
+
 def test_cpu_cache_compute_leaves_cpu_rows_on_the_host(model, monkeypatch):
     from flexlab.engine.cache import CacheStore
 
