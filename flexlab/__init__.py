@@ -29,6 +29,7 @@ _EXPORTS = {
     "PolicyError": "flexlab.engine",
     "OffloadError": "flexlab.errors",
     "QuantConfig": "flexlab.compress",
+    "CacheQuantConfig": "flexlab.compress",
     "QTensor": "flexlab.compress",
     "QuantError": "flexlab.compress",
     "Timeline": "flexlab.timeline",
@@ -41,7 +42,7 @@ _EXPORTS = {
 __all__ = list(_EXPORTS)
 
 if TYPE_CHECKING:  # what type checkers and editors see
-    from flexlab.compress import QTensor, QuantConfig, QuantError
+    from flexlab.compress import CacheQuantConfig, QTensor, QuantConfig, QuantError
     from flexlab.engine import Engine, Policy, PolicyError
     from flexlab.errors import CheckpointError, ConfigError, FlexlabError, OffloadError, PromptError
     from flexlab.models import GenerationResult, Model, ModelConfig, get_preset, preset_names

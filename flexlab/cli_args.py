@@ -158,7 +158,7 @@ def memory_limit_from_args(args: argparse.Namespace) -> float | None:
 
 def policy_from_args(args: argparse.Namespace, **defaults):
     """The Policy the flags say: ``defaults``, then ``--policy FILE``, then each flag given."""
-    from flexlab import Policy, QuantConfig
+    from flexlab import CacheQuantConfig, Policy, QuantConfig
     from flexlab.engine.policy import PERCENT_FIELDS
 
     fields = dict(defaults)
@@ -176,9 +176,9 @@ def policy_from_args(args: argparse.Namespace, **defaults):
     for name in ("gpu_batch_size", "num_gpu_batches", "attn_sparsity"):
         if getattr(args, name) is not None:
             fields[name] = getattr(args, name)
-    for name in ("compress_weight", "compress_cache"):
+    for name, kind in (("compress_weight", QuantConfig), ("compress_cache", CacheQuantConfig)):
         if getattr(args, name):
-            fields[name] = QuantConfig.parse(getattr(args, name))
+            fields[name] = kind.parse(getattr(args, name))
     if args.cpu_cache_compute:
         fields["cpu_cache_compute"] = True
     if args.no_overlap and args.overlap:
@@ -213,12 +213,10 @@ def policy_from_flags(flags: str):
 def policy_flags(policy) -> str:
     """The flags that make exactly ``policy``. Raises ValueError naming the fields no flag sets
     (pass such a policy as ``--policy FILE``)."""
-    from flexlab.compress import QuantConfig
-
     missing = []
     for name in ("compress_weight", "compress_cache"):
         q = getattr(policy, name)
-        if q is not None and q != QuantConfig.parse(_quant(q)):
+        if q is not None and q != type(q).parse(_quant(q)):
             missing.append(f"{name}={q}")
     if missing:
         raise ValueError(f"no flags set {', '.join(missing)}; pass the policy as --policy FILE")
@@ -248,7 +246,7 @@ def policy_flags(policy) -> str:
 
 
 def _quant(q) -> str:
-    return f"{q.bits}:{q.group_size}" + (":per-channel" if q.kv_layout == "per-channel" else "")
+    return f"{q.bits}:{q.group_size}" + (":per-channel" if getattr(q, "kv_layout", "") == "per-channel" else "")
 
 
 def _number(value: float) -> str:

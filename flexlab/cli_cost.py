@@ -45,10 +45,10 @@ def search(args: argparse.Namespace) -> int:
         limit = memory_limit_from_args(args)
         caps.update(dict(cpu_memory=limit) if hw.has_link else dict(gpu_memory=limit / 2, cpu_memory=limit / 2))
     hw = hw.replace(**caps)
-    options = [flexlab.QuantConfig.parse(o) for o in args.compress.split(",")] if args.compress else []
-    # a per-channel layout or a full-precision window applies to the cache only
-    weights = (None, *(q for q in options if q.kv_layout == "per-token" and not q.window))
-    compress = dict(compress=weights, compress_cache=(None, *options))
+    options = args.compress.split(",") if args.compress else []
+    # a KV layout (BITS:GROUP:LAYOUT) applies to the cache only
+    weights = (None, *(flexlab.QuantConfig.parse(o) for o in options if o.count(":") < 2))
+    compress = dict(compress=weights, compress_cache=(None, *map(flexlab.CacheQuantConfig.parse, options)))
     found = search_policy(
         config, hw, prompt_len=args.prompt_len, gen_len=args.gen_len, progress=args.pipeline == 1, **compress, **sizes
     )

@@ -48,14 +48,9 @@ class QuantConfig:
         group_size: elements sharing one scale (and zero point).
         group_dim: the dimension groups run along (-1: the last; for a ``Linear`` weight
             ``[out, in]`` that is the input features). Ignored for the KV cache, whose layout
-            ``kv_layout`` decides.
+            :class:`CacheQuantConfig` decides.
         symmetric: scale only, codes centred on zero (one level fewer, no zero point stored).
         scale_dtype: storage dtype of scales and zero points.
-        kv_layout: KV cache only. ``"per-token"``: each token's keys and values are grouped along
-            the hidden dimension (FlexGen). ``"per-channel"``: keys are grouped along the tokens,
-            one group of ``group_size`` tokens per channel (KIVI); values stay per-token.
-        window: KV cache only: the most recent tokens kept in full precision (with
-            ``"per-channel"`` keys, the tokens of a group not yet complete are kept too).
     """
 
     bits: int = 4
@@ -63,26 +58,20 @@ class QuantConfig:
     group_dim: int = -1
     symmetric: bool = False
     scale_dtype: torch.dtype = torch.float16
-    kv_layout: Literal["per-token", "per-channel"] = "per-token"
-    window: int = 0
 
     def __post_init__(self) -> None:
         if self.bits not in SUPPORTED_BITS or isinstance(self.bits, bool):
             raise QuantError(f"QuantConfig.bits={self.bits!r} is invalid; use one of {SUPPORTED_BITS}")
-        for name in ("group_size", "group_dim", "window"):
+        for name in ("group_size", "group_dim"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool):
                 raise QuantError(f"QuantConfig.{name}={value!r} is invalid; it must be an int")
         if self.group_size < 1:
             raise QuantError(f"QuantConfig.group_size={self.group_size} is invalid; it must be >= 1 (FlexGen used 64)")
-        if self.window < 0:
-            raise QuantError(f"QuantConfig.window={self.window} is invalid; it must be >= 0 (0: no window)")
         if not isinstance(self.symmetric, bool):
             raise QuantError(f"QuantConfig.symmetric={self.symmetric!r} is invalid; it must be True or False")
         if self.scale_dtype not in SCALE_DTYPES:
             raise QuantError(f"QuantConfig.scale_dtype={self.scale_dtype!r} is invalid; use one of {SCALE_DTYPES}")
-        if self.kv_layout not in ("per-token", "per-channel"):
-            raise QuantError(f"QuantConfig.kv_layout={self.kv_layout!r} is invalid; use 'per-token' or 'per-channel'")
 
     @property
     def levels(self) -> int:
@@ -101,7 +90,9 @@ class QuantConfig:
     @classmethod
     def from_dict(cls, d: dict) -> QuantConfig:
         """A QuantConfig from :meth:`to_dict`'s values (or a hand-written JSON object of fields)."""
-        d = fields_of(cls, d, QuantError, "a QuantConfig", '{"bits": 4, "group_size": 64}')
+        if cls is QuantConfig:  # files written before CacheQuantConfig carry its fields at their defaults
+            d = {k: v for k, v in d.items() if (k, v) not in (("kv_layout", "per-token"), ("window", 0))}
+        d = fields_of(cls, d, QuantError, f"a {cls.__name__}", '{"bits": 4, "group_size": 64}')
         if "scale_dtype" in d:
             name = d["scale_dtype"]
             d["scale_dtype"] = getattr(torch, name, None) if isinstance(name, str) else name
@@ -109,22 +100,16 @@ class QuantConfig:
 
     @classmethod
     def parse(cls, text: str) -> QuantConfig:
-        """``"4"``, ``"4:64"`` or ``"2:32:per-channel"`` (bits, group size, KV layout), for command lines."""
+        """``"4"`` or ``"4:64"`` (bits, group size), for command lines."""
         parts = text.split(":")
-        try:
-            kw = {"bits": int(parts[0])}
-            if len(parts) > 1:
-                kw["group_size"] = int(parts[1])
-        except ValueError:
-            raise QuantError(f"{text!r} is not BITS[:GROUP[:LAYOUT]], e.g. 4:64 or 2:32:per-channel") from None
         if len(parts) > 2:
-            kw["kv_layout"] = parts[2]
-        return cls(**kw)
+            raise QuantError(
+                f"{text!r} has a KV layout, which applies to the KV cache only; weights take BITS[:GROUP], e.g. 4:64"
+            )
+        return cls(**_parse_numbers(text, parts))
 
     def describe(self) -> str:
-        extra = (" sym" if self.symmetric else "") + ("" if self.kv_layout == "per-token" else " per-channel keys")
-        extra += f" window {self.window}" if self.window else ""
-        return f"{self.bits}-bit g{self.group_size}{extra}"
+        return f"{self.bits}-bit g{self.group_size}" + (" sym" if self.symmetric else "")
 
     def part_nbytes(self, shape: tuple[int, ...]) -> list[int]:
         """Bytes of each tensor :func:`quantize` stores for ``shape`` (codes, scale, zero point),
@@ -147,6 +132,60 @@ class QuantConfig:
         codes = -(-self.group_size // per_unit) * bytes_per_unit * 8
         meta = (1 if self.symmetric else 2) * torch.empty((), dtype=self.scale_dtype).element_size() * 8
         return (codes + meta) / self.group_size
+
+
+def _parse_numbers(text: str, parts: list[str]) -> dict:
+    try:
+        kw = {"bits": int(parts[0])}
+        if len(parts) > 1:
+            kw["group_size"] = int(parts[1])
+    except ValueError:
+        raise QuantError(f"{text!r} is not BITS[:GROUP[:LAYOUT]], e.g. 4:64 or 2:32:per-channel") from None
+    return kw
+
+
+@dataclass(frozen=True, kw_only=True)
+class CacheQuantConfig(QuantConfig):
+    """How to quantize the KV cache: a :class:`QuantConfig` and the two settings only a cache has.
+
+    Attributes:
+        kv_layout: ``"per-token"``: each token's keys and values are grouped along the hidden
+            dimension (FlexGen). ``"per-channel"``: keys are grouped along the tokens, one group of
+            ``group_size`` tokens per channel (KIVI); values stay per-token.
+        window: the most recent tokens kept in full precision (with ``"per-channel"`` keys, the
+            tokens of a group not yet complete are kept too).
+    """
+
+    kv_layout: Literal["per-token", "per-channel"] = "per-token"
+    window: int = 0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not isinstance(self.window, int) or isinstance(self.window, bool) or self.window < 0:
+            raise QuantError(f"CacheQuantConfig.window={self.window!r} is invalid; it must be an int >= 0 (0: none)")
+        if self.kv_layout not in ("per-token", "per-channel"):
+            raise QuantError(
+                f"CacheQuantConfig.kv_layout={self.kv_layout!r} is invalid; use 'per-token' or 'per-channel'"
+            )
+
+    @classmethod
+    def of(cls, config: QuantConfig, **changes) -> CacheQuantConfig:
+        """``config``'s settings (a weight config or a cache one) for the cache, with ``changes``."""
+        fields = {f.name: getattr(config, f.name) for f in dataclasses.fields(config)}
+        return cls(**{**fields, **changes})
+
+    @classmethod
+    def parse(cls, text: str) -> CacheQuantConfig:
+        """``"4"``, ``"4:64"`` or ``"2:32:per-channel"`` (bits, group size, KV layout), for command lines."""
+        parts = text.split(":")
+        kw = _parse_numbers(text, parts)
+        if len(parts) > 2:
+            kw["kv_layout"] = ":".join(parts[2:])
+        return cls(**kw)
+
+    def describe(self) -> str:
+        extra = "" if self.kv_layout == "per-token" else " per-channel keys"
+        return super().describe() + extra + (f" window {self.window}" if self.window else "")
 
 
 @dataclass

@@ -12,8 +12,8 @@ stay in full precision on the compute device until they leave it. For a sequence
 tokens, :meth:`KVCodec.stored_tokens` says how many are in rows; the rest are the tail.
 
     >>> import torch
-    >>> from flexlab.compress import QuantConfig
-    >>> codec = KVCodec(QuantConfig(bits=4, group_size=8, kv_layout="per-channel"), 2, 8,
+    >>> from flexlab.compress import CacheQuantConfig
+    >>> codec = KVCodec(CacheQuantConfig(bits=4, group_size=8, kv_layout="per-channel"), 2, 8,
     ...                 torch.float32, keys=True)
     >>> codec.chunk, codec.stored_tokens(21)       # two whole chunks of 8 tokens; 5 in the tail
     (8, 16)
@@ -29,14 +29,14 @@ from functools import cached_property
 
 import torch
 
-from flexlab.compress import QTensor, QuantConfig, dequantize, quantize
+from flexlab.compress import CacheQuantConfig, QTensor, dequantize, quantize
 
 
 class KVCodec:
     """Rows for one of keys/values of every layer (they share shapes and settings)."""
 
     def __init__(
-        self, config: QuantConfig | None, num_heads: int, head_dim: int, dtype: torch.dtype, *, keys: bool
+        self, config: CacheQuantConfig | None, num_heads: int, head_dim: int, dtype: torch.dtype, *, keys: bool
     ) -> None:
         self.config, self.dtype = config, dtype
         self.heads, self.head_dim = num_heads, head_dim

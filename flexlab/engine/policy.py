@@ -14,7 +14,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-from flexlab.compress import QuantConfig
+from flexlab.compress import CacheQuantConfig, QuantConfig
 from flexlab.errors import FlexlabError, fields_of
 
 # FlexGen's ``--percent wg wc cg cc hg hc``, in its order: the six shares of a policy.
@@ -51,8 +51,8 @@ class Policy:
         cpu_cache_compute: run decode attention over cpu-tier cache on the CPU.
         attn_sparsity: fraction of attention weights kept in decode (1.0: dense).
         compress_weight: a ``QuantConfig`` for every weight matrix (vectors stay exact), or None.
-        compress_cache: a ``QuantConfig`` for the KV cache (its ``kv_layout`` and ``window``
-            apply), or None.
+        compress_cache: a ``CacheQuantConfig`` for the KV cache (a plain ``QuantConfig`` is taken
+            as one with the default layout and no window), or None.
     """
 
     gpu_batch_size: int = 1
@@ -69,7 +69,7 @@ class Policy:
     cpu_cache_compute: bool = False
     attn_sparsity: float = 1.0
     compress_weight: QuantConfig | None = None
-    compress_cache: QuantConfig | None = None
+    compress_cache: CacheQuantConfig | None = None
 
     def __post_init__(self) -> None:
         for name in ("gpu_batch_size", "num_gpu_batches"):
@@ -106,12 +106,13 @@ class Policy:
                 raise PolicyError(
                     f"Policy.{name}={value!r} is invalid; pass a flexlab.QuantConfig(bits=..., group_size=...) or None"
                 )
-        cw = self.compress_weight
-        if cw is not None and (cw.kv_layout != "per-token" or cw.window):
+        if isinstance(self.compress_weight, CacheQuantConfig):
             raise PolicyError(
-                "Policy.compress_weight sets kv_layout or window, which apply to the KV cache only; "
-                "set them on compress_cache"
+                f"Policy.compress_weight={self.compress_weight!r} is a CacheQuantConfig, whose kv_layout and "
+                "window apply to the KV cache only; pass a QuantConfig, or set it as compress_cache"
             )
+        if self.compress_cache is not None and not isinstance(self.compress_cache, CacheQuantConfig):
+            object.__setattr__(self, "compress_cache", CacheQuantConfig.of(self.compress_cache))
         # What the engine cannot run is refused here, so a search never ranks it either.
         if self.attn_sparsity < 1 and self.cpu_cache_compute:
             raise PolicyError(
@@ -169,9 +170,9 @@ class Policy:
         d = fields_of(
             cls, d, PolicyError, "a policy", '{"w_gpu_percent": 20, "w_cpu_percent": 30, "gpu_batch_size": 8}'
         )
-        for name in ("compress_weight", "compress_cache"):
+        for name, kind in (("compress_weight", QuantConfig), ("compress_cache", CacheQuantConfig)):
             if isinstance(d.get(name), dict):
-                d[name] = QuantConfig.from_dict(d[name])
+                d[name] = kind.from_dict(d[name])
         return cls(**d)
 
     def describe(self) -> str:

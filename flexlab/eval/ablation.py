@@ -15,7 +15,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from flexlab.compress import QuantConfig
+from flexlab.compress import CacheQuantConfig, QuantConfig
 from flexlab.engine import Engine, Policy
 from flexlab.eval.accuracy import LastWordItem, last_word_accuracy, token_agreement
 from flexlab.eval.perplexity import perplexity
@@ -55,7 +55,7 @@ class AblationSetting:
         q = QuantConfig(bits=self.bits, group_size=self.group_size)
         return base.replace(
             compress_weight=q if self.target in ("weights", "both") else None,
-            compress_cache=q.replace(kv_layout=self.kv_layout) if self.target != "weights" else None,
+            compress_cache=CacheQuantConfig.of(q, kv_layout=self.kv_layout) if self.target != "weights" else None,
         )
 
 

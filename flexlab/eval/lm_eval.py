@@ -29,7 +29,7 @@ from lm_eval.api.registry import register_model
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 from tqdm.auto import tqdm
 
-from flexlab.compress import QuantConfig
+from flexlab.compress import CacheQuantConfig, QuantConfig
 from flexlab.engine import Engine, Policy
 from flexlab.errors import FlexlabError
 from flexlab.models.model import Model
@@ -88,8 +88,11 @@ class FlexlabLM(TemplateLM):
             bs = gpu_batch_size or (batch_size if isinstance(batch_size, int) else 8)
             shares = [float(x) for x in str(percent).replace(":", " ").split()] if percent else [100, 0, 100, 0, 100, 0]
             quant = {
-                name: QuantConfig.parse(str(spec))
-                for name, spec in (("compress_weight", compress_weight), ("compress_cache", compress_cache))
+                name: kind.parse(str(spec))
+                for name, kind, spec in (
+                    ("compress_weight", QuantConfig, compress_weight),
+                    ("compress_cache", CacheQuantConfig, compress_cache),
+                )
                 if spec
             }
             policy = Policy.from_percent(

@@ -56,7 +56,7 @@ def test_compressed_weights_on_cuda_compute_the_fake_quantized_model(cuda_model,
 
 def test_compressed_cache_and_sparse_attention_on_cuda(cuda_model, tiny_dir, tiny_hf, tmp_path):
     cpu = flexlab.Model.from_pretrained(tiny_dir, dtype=torch.float32, device="cpu")
-    cache = flexlab.QuantConfig(bits=4, group_size=16, kv_layout="per-channel", window=2)
+    cache = flexlab.CacheQuantConfig(bits=4, group_size=16, kv_layout="per-channel", window=2)
     policy = Policy.from_percent([100, 0, 30, 30, 100, 0], gpu_batch_size=2, num_gpu_batches=2, compress_cache=cache)
     scores = {}
     for name, model in (("cpu", cpu), ("cuda", cuda_model)):

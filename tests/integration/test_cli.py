@@ -147,8 +147,8 @@ def test_search_tries_each_compression_given_and_prints_flags_for_its_pick(capsy
     assert policy.compress_weight == flexlab.QuantConfig(bits=3, group_size=64)
     assert policy.compress_cache in (
         None,
-        flexlab.QuantConfig.parse("3:64"),
-        flexlab.QuantConfig.parse("8:32:per-channel"),
+        flexlab.CacheQuantConfig.parse("3:64"),
+        flexlab.CacheQuantConfig.parse("8:32:per-channel"),
     )
 
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import flexlab
-from flexlab import Policy, QuantConfig
+from flexlab import CacheQuantConfig, Policy, QuantConfig
 from flexlab.compress import dequantize, quantize
 from flexlab.models.loading import WeightSource
 from tests.integration.test_engine import PROMPTS
@@ -68,8 +68,8 @@ def test_teacher_forced_scores_equal_prefill_scores_without_compression(model, t
     "cache",
     [
         QuantConfig(bits=4, group_size=16),
-        QuantConfig(bits=3, group_size=8, kv_layout="per-channel"),
-        QuantConfig(bits=2, group_size=4, kv_layout="per-channel", window=3),
+        CacheQuantConfig(bits=3, group_size=8, kv_layout="per-channel"),
+        CacheQuantConfig(bits=2, group_size=4, kv_layout="per-channel", window=3),
     ],
 )
 def test_a_compressed_cache_gives_the_same_results_on_every_placement(model, cache, tmp_path):
@@ -100,8 +100,8 @@ def test_a_compressed_cache_gives_the_same_results_on_every_placement(model, cac
 def test_a_cache_that_never_leaves_its_full_precision_tail_is_exact(model, tmp_path):
     longest = max(map(len, PROMPTS)) + NEW
     for cache in (
-        QuantConfig(bits=2, group_size=8, window=longest),
-        QuantConfig(bits=2, group_size=longest, kv_layout="per-channel", window=0),
+        CacheQuantConfig(bits=2, group_size=8, window=longest),
+        CacheQuantConfig(bits=2, group_size=longest, kv_layout="per-channel", window=0),
     ):
         policy = Policy(gpu_batch_size=4, compress_cache=cache)
         tokens_ref = model.generate(PROMPTS, max_new_tokens=NEW).token_ids
@@ -181,4 +181,4 @@ def test_compression_settings_are_validated():
     with pytest.raises(flexlab.PolicyError, match="compress_weight=4 is invalid"):
         Policy(compress_weight=4)
     with pytest.raises(flexlab.PolicyError, match="apply to the KV cache only"):
-        Policy(compress_weight=QuantConfig(window=4))
+        Policy(compress_weight=CacheQuantConfig(window=4))

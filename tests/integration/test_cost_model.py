@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import flexlab
-from flexlab import Policy, QuantConfig
+from flexlab import CacheQuantConfig, Policy, QuantConfig
 from flexlab.cost import CostModel, fits, get_hardware, search_policy
 from flexlab.cost.hardware import RUNTIME_BASE_CPU
 from flexlab.engine.placement import place_weights
@@ -36,7 +36,7 @@ POLICIES = {
     "per-channel keys with a window": Policy.from_percent(
         [0, 0, 0, 0, 100, 0],
         gpu_batch_size=3,
-        compress_cache=QuantConfig(bits=2, group_size=8, kv_layout="per-channel", window=3),
+        compress_cache=CacheQuantConfig(bits=2, group_size=8, kv_layout="per-channel", window=3),
     ),
     "cpu attention": Policy.from_percent([50, 0, 0, 100, 100, 0], gpu_batch_size=4, cpu_cache_compute=True),
     "cpu attention over a compressed cache": Policy.from_percent(
@@ -138,7 +138,8 @@ def test_search_respects_capacities_and_keeps_compression(compress):
     found = search_policy(
         cfg, hw, prompt_len=256, gen_len=16, batch_sizes=(4, 16), num_batches=(1, 4), compress=(compress,)
     )
-    assert found.policy.compress_weight == compress and found.policy.compress_cache == compress
+    assert found.policy.compress_weight == compress
+    assert found.policy.compress_cache == (compress and flexlab.CacheQuantConfig.of(compress))
     for tier, cap in (("gpu", hw.gpu_memory), ("cpu", hw.cpu_memory), ("disk", hw.disk_space)):
         assert found.prediction.peak_bytes[tier] <= cap
     assert found.policy.w_gpu_percent < 100  # 13 GB of weights cannot all sit in 6 GiB

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import flexlab
-from flexlab import Policy, QuantConfig
+from flexlab import CacheQuantConfig, Policy
 from flexlab.models.attention import attend, attention_bias, sparse_attend, sparse_weights
 from tests.integration.test_engine import PROMPTS
 from tests.integration.test_exactness import hf_greedy
@@ -53,7 +53,7 @@ def test_keeping_everything_through_the_sparse_path_is_exact(model, tiny_hf, tmp
             assert engine.generate(PROMPTS, max_new_tokens=NEW).token_ids == expected
 
 
-@pytest.mark.parametrize("cache", [None, QuantConfig(bits=4, group_size=16, window=2)])
+@pytest.mark.parametrize("cache", [None, CacheQuantConfig(bits=4, group_size=16, window=2)])
 def test_sparse_results_are_the_same_on_every_placement(model, cache, tmp_path):
     dense = model.score(PROMPTS)
     results = []

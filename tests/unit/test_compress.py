@@ -5,7 +5,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from flexlab.compress import QuantConfig, QuantError, dequantize, pack_bits, quantize, unpack_bits
+from flexlab.compress import CacheQuantConfig, QuantConfig, QuantError, dequantize, pack_bits, quantize, unpack_bits
 from flexlab.compress.packing import unit
 
 BITS = [2, 3, 4, 8]
@@ -104,9 +104,9 @@ def test_bad_input_gets_clear_errors():
     with pytest.raises(QuantError, match="group_size=0"):
         QuantConfig(group_size=0)
     with pytest.raises(QuantError, match="kv_layout='per-head'"):
-        QuantConfig(kv_layout="per-head")
+        CacheQuantConfig(kv_layout="per-head")
     with pytest.raises(QuantError, match="window=-1"):
-        QuantConfig(window=-1)
+        CacheQuantConfig(window=-1)
     with pytest.raises(QuantError, match="group_dim=2 is out of range"):
         quantize(torch.randn(3, 4), QuantConfig(group_dim=2))
     with pytest.raises(QuantError, match="NaN or inf"):
@@ -153,7 +153,7 @@ def test_kv_rows_are_the_bytes_the_codec_announces(layout, bits, group_size, sym
     """The codec sizes a row from the shape alone (no quantizing); encode must fill exactly that."""
     from flexlab.engine.kvcodec import KVCodec
 
-    cfg = QuantConfig(bits=bits, group_size=group_size, symmetric=symmetric, kv_layout=layout)
+    cfg = CacheQuantConfig(bits=bits, group_size=group_size, symmetric=symmetric, kv_layout=layout)
     codec = KVCodec(cfg, 3, 8, torch.bfloat16, keys=True)
     x = torch.randn(2, 4 * codec.chunk, 3, 8, dtype=torch.bfloat16)
     rows = codec.encode(x)

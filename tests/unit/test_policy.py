@@ -1,6 +1,8 @@
+import json
+
 import pytest
 
-from flexlab import Policy, PolicyError, QuantConfig
+from flexlab import CacheQuantConfig, Policy, PolicyError, QuantConfig, QuantError
 from flexlab.cli_args import policy_flags, policy_from_flags
 
 
@@ -57,7 +59,7 @@ def test_policy_shows_itself_in_a_notebook():
         Policy.from_percent([100 / 3, 50, 0, 100, 0, 0], gpu_batch_size=3, num_gpu_batches=5, overlap=False),
         Policy(
             compress_weight=QuantConfig(bits=3, group_size=32),
-            compress_cache=QuantConfig(bits=2, group_size=64, kv_layout="per-channel"),
+            compress_cache=CacheQuantConfig(bits=2, group_size=64, kv_layout="per-channel"),
             attn_sparsity=0.25,
         ),
         Policy.from_percent([0, 0, 0, 100, 0, 100], cpu_cache_compute=True),
@@ -70,7 +72,7 @@ def test_printed_flags_make_the_same_policy(policy):
 
 def test_a_policy_no_flags_express_says_which_fields():
     with pytest.raises(ValueError, match="no flags set compress_cache=.*--policy FILE"):
-        policy_flags(Policy(compress_cache=QuantConfig(bits=4, window=8)))
+        policy_flags(Policy(compress_cache=CacheQuantConfig(bits=4, window=8)))
 
 
 def test_flexgen_spellings_make_flexgens_policy():
@@ -91,7 +93,7 @@ def test_flexgen_spellings_make_flexgens_policy():
         compress_weight=q4,
     )
     assert policy_from_flags(flags) == expected
-    assert policy_from_flags("--compress-cache --overlap true").compress_cache == q4
+    assert policy_from_flags("--compress-cache --overlap true").compress_cache == CacheQuantConfig.of(q4)
 
 
 def test_a_flag_that_is_not_a_boolean_is_refused_by_name():
@@ -99,3 +101,23 @@ def test_a_flag_that_is_not_a_boolean_is_refused_by_name():
         policy_from_flags("--overlap maybe")
     with pytest.raises(ValueError, match="--no-overlap and --overlap True disagree"):
         policy_from_flags("--no-overlap --overlap True")
+
+
+def test_cache_settings_live_on_the_cache_config_only():
+    """kv_layout and window belong to CacheQuantConfig; a plain QuantConfig for the cache is taken as one."""
+    plain = Policy(compress_cache=QuantConfig(bits=3, group_size=32))
+    assert plain.compress_cache == CacheQuantConfig(bits=3, group_size=32)
+    assert plain == Policy(compress_cache=CacheQuantConfig(bits=3, group_size=32))
+    assert QuantConfig.parse("4:64") == QuantConfig(bits=4, group_size=64)
+    assert CacheQuantConfig.parse("2:32:per-channel").kv_layout == "per-channel"
+    with pytest.raises(QuantError, match="KV cache only; weights take BITS"):
+        QuantConfig.parse("2:32:per-channel")
+    cached = Policy(compress_weight=QuantConfig(bits=4), compress_cache=CacheQuantConfig(bits=2, window=4))
+    assert Policy.from_dict(json.loads(json.dumps(cached.to_dict()))) == cached
+    # a policy file written before the split carries the cache fields, at their defaults, on the weights
+    old = cached.to_dict()
+    old["compress_weight"].update(kv_layout="per-token", window=0)
+    assert Policy.from_dict(old) == cached
+    old["compress_weight"]["window"] = 8
+    with pytest.raises(QuantError, match="unknown QuantConfig field.*window"):
+        Policy.from_dict(old)
