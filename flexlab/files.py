@@ -137,7 +137,7 @@ def is_stale(path: Path) -> bool:
 
 def sweep_stale(parent: str | os.PathLike, prefix: str) -> list[Path]:
     """Remove the directories ``prefix*`` in ``parent`` whose owner died; returns them."""
-    swept = []
+    swept: list[Path] = []
     try:
         candidates = [p for p in Path(parent).iterdir() if p.name.startswith(prefix) and p.is_dir()]
     except OSError:

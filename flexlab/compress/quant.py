@@ -341,6 +341,7 @@ def dequantize(q: QTensor, dtype: torch.dtype | None = None) -> torch.Tensor:
         if cfg.symmetric:
             v.sub_(2 ** (cfg.bits - 1) - 1).mul_(scale[i : i + step].float())
         else:
+            assert zero is not None, "an asymmetric QTensor without zero points"
             v.mul_(scale[i : i + step].float()).add_(zero[i : i + step].float())
         out[i : i + step] = v
     return _from_groups(out.view(*q.scale.shape, cfg.group_size), q.shape, cfg.group_dim).contiguous()

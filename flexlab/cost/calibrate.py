@@ -52,7 +52,7 @@ def _disk(directory: Path, size: int, repeats: int, write: bool = True) -> tuple
     try:
         start = time.perf_counter()
         with open(path, "wb") as f:
-            f.write(memoryview(data.numpy()))
+            f.write(data.numpy().data)
             f.flush()
             os.fsync(f.fileno())
         write_bw = size / (time.perf_counter() - start) if write else float("nan")
@@ -145,7 +145,7 @@ def _step_overheads(device: torch.device, dtype: torch.dtype, offload_dir: Path)
         device,
     )
     transfers = nb * new * 2 * (1 + 2 * shape.num_layers)  # a store and a load between stages
-    cache_tier = [100, 0, 0, 100, 100, 0] if device.type == "cuda" else [100, 0, 0, 0, 100, 0]
+    cache_tier: list[float] = [100, 0, 0, 100, 100, 0] if device.type == "cuda" else [100, 0, 0, 0, 100, 0]
     cache_lane = _engine_seconds(
         model, Policy.from_percent(cache_tier, gpu_batch_size=8, num_gpu_batches=nb), prompts, new, device, offload_dir
     )

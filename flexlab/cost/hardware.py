@@ -15,6 +15,7 @@ import math
 import os
 from dataclasses import MISSING, asdict, dataclass, fields
 from pathlib import Path
+from typing import Any
 
 from flexlab.errors import FlexlabError
 from flexlab.files import atomic_write
@@ -110,7 +111,8 @@ class HardwareProfile:
                 f"unknown: {unknown or 'none'}); measure it again with flexlab.cost.calibrate() or "
                 "`flexlab calibrate`"
             )
-        return cls(**{k: float(v) if v == "inf" else v for k, v in data.items()})
+        values: dict[str, Any] = {k: float(v) if v == "inf" else v for k, v in data.items()}
+        return cls(**values)
 
     def _repr_html_(self) -> str:
         rows = "".join(f"<tr><td>{k}</td><td>{_human(k, v)}</td></tr>" for k, v in asdict(self).items())

@@ -24,6 +24,7 @@ the KV codec), so its byte counts are the engine's, exactly; times come from a
 from __future__ import annotations
 
 from collections import Counter
+from typing import Any
 
 from flexlab.cost.hardware import HardwareProfile
 from flexlab.cost.prediction import Prediction
@@ -132,7 +133,7 @@ class CostModel:
                     prefill += step_s
                 else:
                     decode += step_s
-        stage_rows = [
+        stage_rows: list[dict[str, Any]] = [
             {"stage": st.name, **dict(zip(("compute_s", "disk_s", "link_s"), totals[c]))}
             for st, c in zip(self._stage, of_stage)
         ]
@@ -146,7 +147,7 @@ class CostModel:
             fp.tracked,
             kinds,
             stage_rows,
-            max(busy, key=busy.get),
+            max(busy, key=lambda kind: busy[kind]),
             title=f"{self.config.name} on {self.hw.name} (prompt {self.prompt_len}, gen {self.gen_len}, "
             f"{self.num_prompts} prompts)",
             policy=self.policy,

@@ -30,6 +30,7 @@ left idle.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from flexlab.cost.hardware import HardwareProfile
 from flexlab.cost.model import CostModel
@@ -182,7 +183,7 @@ def search_pipeline(
     best: tuple[PipelinePlan, PipelinePrediction] | None = None
     tried = []
     for bs, nb in itertools.product(batch_sizes, num_batches):
-        shape = dict(batch_sizes=(bs,), num_batches=(nb,))
+        shape: dict[str, Any] = dict(batch_sizes=(bs,), num_batches=(nb,))
         try:
             policies = [
                 search_policy(

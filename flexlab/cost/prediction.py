@@ -71,13 +71,13 @@ class Prediction:
         lines.append(f"peak GiB: {memory}")
         fp = self.footprint
         if fp is not None:
-            gib = 2**-30
+            to_gib = 2**-30
             lines.append(
-                f"process peak GiB: host {fp.host * gib:.2f}"
-                + (f", gpu {fp.device * gib:.2f}" if fp.on_cuda else "")
-                + f" (runtime base {fp.runtime_base * gib:.2f}, workspace {fp.workspace * gib:.2f}"
+                f"process peak GiB: host {fp.host * to_gib:.2f}"
+                + (f", gpu {fp.device * to_gib:.2f}" if fp.on_cuda else "")
+                + f" (runtime base {fp.runtime_base * to_gib:.2f}, workspace {fp.workspace * to_gib:.2f}"
                 + ("" if fp.on_cuda else f" x{fp.slack:g} slack")
-                + f", placing weights {fp.placing * gib:.2f})"
+                + f", placing weights {fp.placing * to_gib:.2f})"
             )
         return "\n".join(lines)
 

@@ -104,15 +104,16 @@ def _solve_shares(base: Policy, predict, hw: HardwareProfile, margin: float) -> 
     return res.x[:4] if res.status == 0 else None
 
 
-def fits(fp: Footprint, hw: HardwareProfile) -> bool:
+def fits(fp: Footprint | None, hw: HardwareProfile) -> bool:
     """Whether a predicted run (its ``Prediction.footprint``) fits ``hw``'s capacities, as the
     whole process: its host peak
     (runtime base, engine bytes on host tiers, workspace and slack; see
     :class:`~flexlab.engine.footprint.Footprint`) within the host RAM, the GPU's within its
     memory, the disk tier within the disk. Without a GPU (``hw.has_link`` is False) the gpu and
     cpu tiers are the same RAM: the process counts against the sum of the two capacities, so the
-    RAM may be split between the tiers however the policy needs."""
-    if fp.tracked["disk"] > hw.disk_space:
+    RAM may be split between the tiers however the policy needs. A prediction without a
+    footprint (not made for a search) fits nothing."""
+    if fp is None or fp.tracked["disk"] > hw.disk_space:
         return False
     if not hw.has_link:
         return fp.host <= hw.gpu_memory + hw.cpu_memory
@@ -123,6 +124,7 @@ def _overheads(pred: Prediction, hw: HardwareProfile) -> tuple[float, float]:
     """What the process holds beyond the engine's tracked bytes, on the GPU and on the host (on a
     CPU the two are one RAM: all of it on the host): the LP's capacities are reduced by these."""
     fp = pred.footprint
+    assert fp is not None, "a search's predictions carry the process footprint"
     if hw.has_link:
         return fp.device - fp.tracked["gpu"], fp.host - fp.tracked["cpu"]
     return 0.0, fp.host - fp.tracked["gpu"] - fp.tracked["cpu"]
@@ -247,7 +249,9 @@ def search_policy(
         x = _solve_shares(base, predict, hw, margin=0.03)
         # The LP interpolates memory linearly, but whole tensors are placed and read buffers follow
         # the largest stage: if the exact footprint overshoots, move shares to disk step by step.
-        for keep in (1.0, 0.9, 0.75, 0.5, 0.25, 0.0) if x is not None else ():
+        for keep in (1.0, 0.9, 0.75, 0.5, 0.25, 0.0):
+            if x is None:
+                break
             wg, wc, cg, cc = (max(0.0, round(float(v) * keep * 100, 1)) for v in x)  # max: no -0.0
             policy = base.replace(
                 w_gpu_percent=wg,
@@ -290,9 +294,9 @@ def search_policy(
         )
     # The few best LP picks, each refined on the exact model; the fastest of them wins.
     top = sorted(found_all, key=lambda f: f[1].throughput_tok_s, reverse=True)[: max(1, refined)]
-    refined = [_refine(f, predict, hw) for f in top]
-    candidates += [_candidate(*r) for r, f in zip(refined, top) if r[0] != f[0]]
-    best = max(refined, key=lambda r: r[1].throughput_tok_s)
+    picks = [_refine(f, predict, hw) for f in top]
+    candidates += [_candidate(*r) for r, f in zip(picks, top) if r[0] != f[0]]
+    best = max(picks, key=lambda r: r[1].throughput_tok_s)
     return SearchResult(best[0], best[1], candidates)
 
 

@@ -132,7 +132,7 @@ class BlockRun:
             peers=ctx.peers is not None,
             groups=ctx.groups,
         )
-        handlers = {
+        handlers: dict[str, Callable] = {
             "load_weight": self.load_weight,
             "release_weight": self.release_weight,
             "load_cache": self.load_cache,
@@ -154,8 +154,8 @@ class BlockRun:
         start = time.perf_counter()
         try:
             ctx.executor.run(steps, handlers, should_stop)
-            if self.stopped and not ctx.peers.is_last:
-                ctx.peers.send(None)  # pass the stop on (after every earlier send: the run drained them)
+            if self.stopped and not self._peers.is_last:
+                self._peers.send(None)  # pass the stop on (after every earlier send: the run drained them)
         finally:
             self.cache.close()
             self.tails.clear()
@@ -166,6 +166,16 @@ class BlockRun:
         prefill_done = self.head.prefill_done or end
         return ctx.executor.events(), prefill_done - start, end - prefill_done
 
+    @property
+    def _peers(self) -> Peers:
+        assert self.ctx.peers is not None, "a pipeline's step in a run of one process"
+        return self.ctx.peers
+
+    @property
+    def _acts(self) -> ActStore:
+        assert self.acts is not None, "an activation step while hidden states stay in memory"
+        return self.acts
+
     # ---- transfers ---------------------------------------------------------------------
     def moves_nothing(self, step: Step) -> bool:
         """Whether a transfer step's data is already where the compute reads it (the gpu tier; on
@@ -173,7 +183,7 @@ class BlockRun:
         if step.kind == "load_weight":
             return self.ctx.weights.resident[step.stage]
         if step.kind in ("load_cache", "store_cache"):
-            return self.cache.resident[step.batch]
+            return self.cache.resident[step.batch_index]
         if step.kind in ("recv", "send"):
             return False
         return self.acts is not None and self.acts.tier == "cpu" and self.ctx.device.type == "cpu"
@@ -190,12 +200,12 @@ class BlockRun:
         return 0 if t == 0 else self.width + t - 1
 
     def load_cache(self, step: Step):
-        layer = self._stage[step.stage].layer
+        layer = self._stage[step.stage].layer_index
         n = self._cached_tokens(step.token)
         rows = {kv: c.stored_tokens(n) // c.chunk for kv, c in self.codecs.items()}
         if self.ctx.policy.attn_sparsity < 1:  # sparse attention reads only the value rows it keeps
             rows["v"] = 0
-        loaded, moved = self.cache.load(layer, step.batch, rows, cpu_rows_stay=self.ctx.policy.cpu_cache_compute)
+        loaded, moved = self.cache.load(layer, step.batch_index, rows, cpu_rows_stay=self.ctx.policy.cpu_cache_compute)
         return loaded, sum(moved.values())
 
     def release_cache(self, key, loaded: LoadedCache) -> None:
@@ -204,32 +214,32 @@ class BlockRun:
     def store_cache(self, step: Step, computed: dict) -> int:
         if computed["kv"] is None:  # nothing will read it
             return 0
-        layer = self._stage[step.stage].layer
+        layer = self._stage[step.stage].layer_index
         moved = 0
         for kv, (rows, start) in computed["kv"].items():
             if rows.shape[1]:
-                moved += sum(self.cache.store(layer, step.batch, kv, rows, start).values())
+                moved += sum(self.cache.store(layer, step.batch_index, kv, rows, start).values())
         return moved
 
     def load_act(self, step: Step):
-        return self.acts.load(step.batch)
+        return self._acts.load(step.batch_index)
 
     def store_act(self, step: Step, computed: dict) -> int:
-        return self.acts.store(step.batch, computed["h"])
+        return self._acts.store(step.batch_index, computed["h"])
 
     def recv(self, step: Step):
-        return self.ctx.peers.recv(self.ctx.device)
+        return self._peers.recv(self.ctx.device)
 
     def send(self, step: Step, computed: dict) -> int:
         if computed.get("stop"):
-            return self.ctx.peers.send(None)
-        return self.ctx.peers.send(computed["next"] if "next" in computed else computed["h"])
+            return self._peers.send(None)
+        return self._peers.send(computed["next"] if "next" in computed else computed["h"])
 
     # ---- compute -----------------------------------------------------------------------
     def compute(self, step: Step, inputs: dict) -> dict:
         """The family's maths for one stage and batch; inputs come from the steps it waited on.
         Returns the new hidden state and cache rows, or, from the head, the next token ids."""
-        t, j, k = step.token, step.stage, step.batch
+        t, j, k = step.token, step.stage, step.batch_index
         ctx = self.ctx
         stage, f, cfg = self._stage[j], ctx.family, ctx.config
         loaded = next(v for key, v in inputs.items() if key[0] == "load_weight")  # the group's load
@@ -250,19 +260,20 @@ class BlockRun:
 
         kv = None
         if "attention" in stage.parts:
+            layer = stage.layer_index
             q, k_new, v_new = f.attention_qkv(w, cfg, h, self.where.positions(t, k))
             if t == 0:
                 o = attend(q, k_new, v_new, self.where.bias(t, k))
             else:
-                cache = self._with_tail(step, stage.layer, inputs[("load_cache", t, j, k)])
+                cache = self._with_tail(step, layer, inputs[("load_cache", t, j, k)])
+                bias = self.where.decode_bias(t, k)
                 if ctx.policy.attn_sparsity < 1:
-                    o = self._sparse_attention(step, stage.layer, q, k_new, v_new, cache.k, self.where.bias(t, k))
+                    o = self._sparse_attention(step, layer, q, k_new, v_new, cache.k, bias)
                 else:
-                    host = None if cache.host_span is None else (*cache.host_span, cache.host_k, cache.host_v)
-                    o = decode_attention(q, k_new, v_new, cache.k, cache.v, self.where.bias(t, k), host)
+                    o = decode_attention(q, k_new, v_new, cache.k, cache.v, bias, cache.host())
             h = f.attention_out(w, cfg, h, o)
             if self.head.keeps_cache:  # the cache takes the new keys and values token-major, as stored
-                kv = self._to_store(step, stage.layer, {"k": k_new.transpose(1, 2), "v": v_new.transpose(1, 2)})
+                kv = self._to_store(step, layer, {"k": k_new.transpose(1, 2), "v": v_new.transpose(1, 2)})
         if "mlp" in stage.parts:
             h = f.mlp(w, cfg, h)
         if "head" in stage.parts:
@@ -273,7 +284,7 @@ class BlockRun:
     def _input(self, step: Step, inputs: dict) -> torch.Tensor | None:
         """What the stage reads: the hidden state (the next tokens, for the embedding) from the
         previous rank, from the activation store, or in memory from the compute before it."""
-        t, j, k = step.token, step.stage, step.batch
+        t, j, k = step.token, step.stage, step.batch_index
         for key in (("recv", t, j, k), ("load_act", t, j, k)):
             if key in inputs:
                 return inputs[key]
@@ -317,7 +328,7 @@ class BlockRun:
         span = loaded.host_span
         for kv in KV:
             codec, rows, kept = self.codecs[kv], getattr(loaded, kv), getattr(loaded, f"host_{kv}")
-            tail = self.tails.get((layer, step.batch, kv))
+            tail = self.tails.get((layer, step.batch_index, kv))
             host_tail = None
             if span is not None and tail is not None:  # the tail covers the batch: split it as the rows are
                 first, count = span
@@ -345,15 +356,16 @@ class BlockRun:
         q: torch.Tensor,
         k_new: torch.Tensor,
         v_new: torch.Tensor,
-        keys: torch.Tensor,
+        keys: torch.Tensor | None,
         bias: torch.Tensor,
     ) -> torch.Tensor:
         """Top-k attention of the new token: every key is read, then only the value rows some
         head kept (from the cache's tier, or the full-precision tail)."""
+        assert keys is not None, "sparse attention loads every key"
         kept, w_new = sparse_weights(q, torch.cat([keys, k_new], dim=2), bias, self.ctx.policy.attn_sparsity)
         # The reads need the positions on the host: one sync per batch and layer.
         positions = [row.nonzero().flatten().tolist() for row in (kept > 0).any(dim=1)]
-        codec, batch = self.codecs["v"], step.batch
+        codec, batch = self.codecs["v"], step.batch_index
         stored = codec.stored_tokens(kept.shape[-1])
         from_store = [[p for p in pos if p < stored] for pos in positions]
         executor = self.ctx.executor
@@ -369,6 +381,7 @@ class BlockRun:
             n = len(from_store[r])
             values[r, :n] = rows[r, :n]
             if len(pos) > n:  # kept tokens still in the full-precision tail
+                assert tail is not None
                 values[r, n : len(pos)] = tail[r, torch.tensor(pos[n:], device=tail.device) - stored]
         idx = torch.tensor([pos + [0] * (width - len(pos)) for pos in positions], device=kept.device)
         weights = kept.gather(-1, idx[:, None, :].expand(-1, kept.shape[1], -1))  # [b, heads, width]
@@ -384,7 +397,7 @@ class BlockRun:
         after = before + new["k"].shape[1]
         out = {}
         for kv, codec in self.codecs.items():
-            key = (layer, step.batch, kv)
+            key = (layer, step.batch_index, kv)
             tail = self.tails.pop(key, None)
             pending = new[kv] if tail is None else torch.cat([tail, new[kv]], dim=1)  # tokens from stored(before)
             first, last = codec.stored_tokens(before), codec.stored_tokens(after)

@@ -36,6 +36,13 @@ class LoadedCache:
     host_span: tuple[int, int] | None = None
     buffers: list[torch.Tensor] = field(default_factory=list)  # read buffers the rows still point into
 
+    def host(self) -> tuple[int, int, torch.Tensor, torch.Tensor] | None:
+        """``(first, count, host keys, host values)`` when rows stayed on the host, else None."""
+        if self.host_span is None:
+            return None
+        assert self.host_k is not None and self.host_v is not None, "a host span without host rows"
+        return (*self.host_span, self.host_k, self.host_v)
+
 
 class CacheStore:
     """Rows of keys and values for every layer of one block, each sequence on one tier."""
@@ -63,7 +70,7 @@ class CacheStore:
         per_sequence = max(self.capacity[kv] * c.row_bytes for kv, c in codecs.items())
         most = max((c for parts in self.layout for t, _, c in parts if t == "disk"), default=0)
         self.read_ahead, count, size = cache_read_buffers(device.type == "cpu", most, per_sequence)
-        self.pool = BufferPool(size, count) if count else None
+        self.pool = BufferPool(size, count)  # count 0: nothing on disk
         self.buffer_tier, self.buffer_bytes = staging_tier(device), count * size
         tracker.add(self.buffer_tier, "cache read buffers", self.buffer_bytes)
 
@@ -191,19 +198,19 @@ class CacheStore:
         row = codec.row_bytes
         if n == 0:  # e.g. per-channel keys before their first whole chunk
             return torch.empty((count, 0, *codec.row_shape), dtype=codec.row_dtype, device=self.device)
-        buf = self.pool.acquire()
+        buf, kept = self.pool.acquire(), False
         try:
             raw = self.files.read(path, 0, n * count * row, buf)
             rows = raw.view(codec.row_dtype).view(n, count, *codec.row_shape).transpose(0, 1)
             if self.device.type == "cpu":
                 held.append(buf)
-                buf = None
+                kept = True
                 return rows
             out = rows.to(self.device, non_blocking=True)
             torch.cuda.current_stream().synchronize()
             return out
         finally:
-            if buf is not None:
+            if not kept:
                 self.pool.release(buf)
 
     def close(self) -> None:

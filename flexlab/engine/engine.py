@@ -154,6 +154,7 @@ class Engine:
 
     def subdir(self, name: str) -> Path:
         """A folder (created if needed) inside the engine's offload directory."""
+        assert self._dir is not None, "an offload folder asked of a closed Engine"
         path = self._dir / name
         path.mkdir(exist_ok=True)
         return path
@@ -167,6 +168,7 @@ class Engine:
 
     def check_space(self, need: float, what: str) -> None:
         """Raise OffloadError, before anything is written, if the offload disk lacks ``need`` bytes."""
+        assert self._dir is not None, "disk space asked of a closed Engine"
         free = shutil.disk_usage(self._dir).free
         if need > free:
             raise OffloadError(
@@ -216,7 +218,8 @@ class Engine:
         if self._dir is not None:
             remove(self._dir)
             self._dir = None
-        self.weights = self._context = None  # the placed weights go now, not when the Engine object does
+        # The placed weights go now, not when the Engine object does (a closed Engine reads neither).
+        self.weights = self._context = None  # type: ignore[assignment]
         return_freed_memory()
 
     def __enter__(self) -> Engine:
@@ -252,7 +255,7 @@ class Engine:
         sampling, the same seed gives the same tokens from run to run, though not the reference
         path's tokens (batches draw in turn).
         """
-        self._check_open()
+        executor = self._check_open()
         ids, sampling, stop = prepare_generation(
             prompts,
             self.model.tokenizer,
@@ -267,14 +270,14 @@ class Engine:
             stop_strings=stop_strings,
         )
         sampler = Sampler(sampling, self.device)
-        self._executor.restart_clock()
+        executor.restart_clock()
         self.tracker.reset_peaks()
         generated: list[list[int]] = [[] for _ in ids]
         events, prefill_s, decode_s = [], 0.0, 0.0
         from tqdm.auto import tqdm
 
         with (
-            self.tracker.recording(self._executor.clock.base_wall) as memory,
+            self.tracker.recording(executor.clock.base_wall) as memory,
             tqdm(total=len(ids) * max_new_tokens, desc="generating", unit="tok", disable=not progress) as bar,
         ):
             for first in range(0, len(ids), self.policy.block_size):
@@ -313,7 +316,7 @@ class Engine:
         """
         self._check_open()
         ids = encode_for_scoring(sequences, self.model.tokenizer, self.model.config)
-        out = []
+        out: list = []
         for first in range(0, len(ids), self.policy.block_size):
             chunk = ids[first : first + self.policy.block_size]
             bs = self.policy.gpu_batch_size
@@ -343,7 +346,8 @@ class Engine:
         finally:
             return_freed_memory()  # what the block held is freed: let the process's memory show it
 
-    def _check_open(self) -> None:
+    def _check_open(self) -> Executor:
+        """The executor of an engine still usable; raises FlexlabError naming why if not."""
         if self._executor is None:
             raise FlexlabError("this Engine is closed; create a new one (or use it inside a `with` block)")
         if self._broken:
@@ -351,9 +355,12 @@ class Engine:
                 "this Engine was interrupted while it cleaned up after an earlier error, so its "
                 "transfers may still be running; close it and create a new Engine"
             )
+        return self._executor
 
     @property
     def executor(self) -> Executor:
+        if self._executor is None:
+            raise FlexlabError("this Engine is closed; create a new one")
         return self._executor
 
     @property

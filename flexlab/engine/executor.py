@@ -16,6 +16,7 @@ import dataclasses
 import time
 from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any
 
 import torch
 
@@ -251,7 +252,7 @@ class Executor:
             if released is not None and release is not None:
                 release(key, released.result()[0])
 
-    def timed(self, kind: str, step: Step, fn: Callable[[], object], *, moves_bytes: bool = False):
+    def timed(self, kind: str, step: Step, fn: Callable[[], Any], *, moves_bytes: bool = False) -> Any:
         """Run ``fn`` inside a compute and record it as its own event on the compute lane: the
         (de)compression a compute does, or a read it must wait for (sparse attention's value
         rows). With ``moves_bytes``, ``fn`` returns ``(value, bytes moved)``."""

@@ -94,8 +94,9 @@ def engine_peak(
 def kv_codecs(config: ModelConfig, policy: Policy, itemsize: int) -> tuple[KVCodec, KVCodec]:
     """The keys' and the values' codec, as the cache stores them."""
     dtype = {2: torch.bfloat16, 4: torch.float32}[itemsize]
-    return tuple(
-        KVCodec(policy.compress_cache, config.num_kv_heads, config.head_dim, dtype, keys=kv == "k") for kv in "kv"
+    return (
+        KVCodec(policy.compress_cache, config.num_kv_heads, config.head_dim, dtype, keys=True),
+        KVCodec(policy.compress_cache, config.num_kv_heads, config.head_dim, dtype, keys=False),
     )
 
 
@@ -309,10 +310,10 @@ def placing_peak(
         for spec, tier, first in items:
             if not first or (tier == "disk" and in_place and cw is None):
                 continue  # placed by an earlier stage; read in place from the checkpoint
-            compressed = compresses(spec, cw)
-            transient = max(reading, itemsize + 9) if compressed else reading
+            qcfg = cw if compresses(spec, cw) else None
+            transient = max(reading, itemsize + 9) if qcfg is not None else reading
             peak = max(peak, held + packing + spec.numel * transient)
-            stored = sum(cw.part_nbytes(spec.shape)) if compressed else spec.numel * itemsize
+            stored = sum(qcfg.part_nbytes(spec.shape)) if qcfg is not None else spec.numel * itemsize
             if tier in host:
                 held += stored
             elif tier == "disk":

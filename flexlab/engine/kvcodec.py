@@ -41,10 +41,11 @@ class KVCodec:
         self.config, self.dtype = config, dtype
         self.heads, self.head_dim = num_heads, head_dim
         per_channel = config is not None and keys and config.kv_layout == "per-channel"
-        self.chunk = config.group_size if per_channel else 1
+        self.chunk = config.group_size if config is not None and per_channel else 1
         self.window = config.window if config is not None else 0
+        self.row_shape: tuple[int, ...] = (num_heads, head_dim)
+        self.row_dtype = dtype
         if config is None:
-            self.row_shape, self.row_dtype = (num_heads, head_dim), dtype
             return
         # A chunk is quantized as [..., chunk, hidden]: along the tokens (dim 2) per channel, or
         # along the hidden dimension per token. Its stored size is known from the shape alone

@@ -108,7 +108,7 @@ def place_weights(
         zip((s.name for s in tied), split_by_share([s.numel for s in tied] + [rest], w_gpu_percent, w_cpu_percent))
     )
     # The shares of the rest: what the tied weights left of each tier's bytes.
-    share = {}
+    share: dict[str, float] = {}
     for tier, percent in (("gpu", w_gpu_percent), ("cpu", w_cpu_percent)):
         left = everything * percent / 100 - sum(s.numel for s in tied if placed[s.name] == tier)
         share[tier] = min(max(0.0, left / rest), 1 - sum(share.values())) if rest else 0.0

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from typing import Any
 
 from flexlab.compress import CacheQuantConfig, QuantConfig
 from flexlab.errors import FlexlabError, fields_of
@@ -152,7 +153,8 @@ class Policy:
                 f"from_percent takes six numbers (w_gpu, w_cpu, cache_gpu, cache_cpu, act_gpu, "
                 f"act_cpu), got {len(percent)}: {percent!r}"
             )
-        return cls(**dict(zip(PERCENT_FIELDS, percent)), **kwargs)
+        shares: dict[str, Any] = dict(zip(PERCENT_FIELDS, percent))
+        return cls(**shares, **kwargs)
 
     def replace(self, **changes) -> Policy:
         return dataclasses.replace(self, **changes)

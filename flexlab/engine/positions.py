@@ -20,7 +20,7 @@ class TokenPlaces:
         # per batch: (token, value) of the last token asked for
         self._grown: dict[int, tuple[int, torch.Tensor]] = {}
         self._pos: dict[int, tuple[int, torch.Tensor]] = {}
-        self._masks: dict[int, tuple[int, torch.Tensor]] = {}
+        self._masks: dict[int, tuple[int, torch.Tensor | SplitBias]] = {}
 
     def slots(self, t: int, k: int) -> torch.Tensor:
         """Which cache slots of batch ``k`` hold tokens once token ``t`` is in: the prefill's,
@@ -46,3 +46,9 @@ class TokenPlaces:
             keys_bias = None if per_head is None else (lambda positions: per_head(cfg, positions))
             self._masks[k] = (t, attention_bias(valid, valid.shape[1] if t == 0 else 1, cfg.sliding_window, keys_bias))
         return self._masks[k][1]
+
+    def decode_bias(self, t: int, k: int) -> torch.Tensor:
+        """The mask of one new token (``t`` > 0): always one summed tensor."""
+        bias = self.bias(t, k)
+        assert isinstance(bias, torch.Tensor) and t > 0, "a decode bias asked for the prefill"
+        return bias

@@ -24,7 +24,10 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
+
+if TYPE_CHECKING:
+    from flexlab.models.family import Part
 
 StepKind = Literal["load_weight", "load_cache", "load_act", "recv", "compute", "store_cache", "store_act", "send"]
 Key = tuple  # (kind, token, stage, batch); batch is None for weights
@@ -35,12 +38,18 @@ class Stage:
     """One scheduling unit: the parts of the model it computes, and the layer they belong to."""
 
     index: int
-    parts: tuple[str, ...]  # ("embed",), ("attention",), ("mlp",), ("attention", "mlp"), ("head",)
+    parts: tuple[Part, ...]  # ("embed",), ("attention",), ("mlp",), ("attention", "mlp"), ("head",)
     layer: int | None
 
     @property
     def has_cache(self) -> bool:
         return "attention" in self.parts
+
+    @property
+    def layer_index(self) -> int:
+        """The layer of a stage inside the layers (not the embedding's or the head's)."""
+        assert self.layer is not None, f"stage {self.index} is outside the layers"
+        return self.layer
 
     @property
     def name(self) -> str:
@@ -50,7 +59,7 @@ class Stage:
 
 def make_stages(num_layers: int, sep_layer: bool) -> list[Stage]:
     """embed, then attention and MLP of each layer (one stage or two), then head."""
-    parts = [("embed",), *([("attention",), ("mlp",)] if sep_layer else [("attention", "mlp")])]
+    parts: list[tuple[Part, ...]] = [("embed",), *([("attention",), ("mlp",)] if sep_layer else [("attention", "mlp")])]
     stages = [Stage(0, ("embed",), None)]
     for layer in range(num_layers):
         for p in parts[1:]:
@@ -87,6 +96,12 @@ class Step:
     @property
     def key(self) -> Key:
         return (self.kind, self.token, self.stage, self.batch)
+
+    @property
+    def batch_index(self) -> int:
+        """The batch of a step that has one (every kind but the weights')."""
+        assert self.batch is not None, f"{self} has no batch"
+        return self.batch
 
     def __str__(self) -> str:
         batch = "" if self.batch is None else f" batch={self.batch}"

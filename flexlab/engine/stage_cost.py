@@ -27,7 +27,7 @@ class StageCost:
     dequant_elems: int  # compressed elements dequantized once per token (kept until the stage is done)
     row_table: int = 0  # a compressed token table looked up by rows: its row length (dequantized per batch)
     batch_dequant_elems: int = 0  # with a row table, the stage's other matrices (dequantized per batch)
-    elementwise: int = 0  # hidden-sized vectors read or written per token by its elementwise ops
+    elementwise: float = 0  # hidden-sized vectors read or written per token by its elementwise ops
     # fresh tensors a load of the stage makes (with a GPU: every weight not on it, as loaded; on
     # a CPU: disk weights read in place whose dtype is not the compute dtype, converted)
     copies: tuple[int, int] = (0, 0)  # (with a link, without)
@@ -60,7 +60,7 @@ def price_weights(
             parts = (
                 qcfg.part_nbytes(spec.shape)
                 if qcfg is not None
-                else [spec.numel * (checkpoint_itemsize if in_place else itemsize)]
+                else [spec.numel * (checkpoint_itemsize if checkpoint_itemsize and in_place else itemsize)]
             )
             w_bytes[tier] += sum(parts)
             if first:
@@ -95,7 +95,7 @@ def price_weights(
                 row_table,
                 per_batch,
                 elementwise,
-                tuple(copies),
+                (copies[0], copies[1]),
             )
         )
         packed_bytes.append(packed)

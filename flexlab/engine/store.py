@@ -12,7 +12,7 @@ that crossed each link, which the executor records in the timeline. Layouts:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -48,16 +48,17 @@ class LoadedWeights:
 @dataclass
 class PlacedWeight:
     """A weight on its tier: one tensor, or a compressed weight's stored tensors (``qt`` says how
-    to rebuild it)."""
+    to rebuild it), held in memory (``tensors``) or where they lie on disk (``locations``)."""
 
     spec: WeightSpec
     tier: str
-    parts: list[torch.Tensor | TensorLocation]
+    tensors: list[torch.Tensor] = field(default_factory=list)  # the gpu and cpu tiers
+    locations: list[TensorLocation] = field(default_factory=list)  # the disk tier
     qt: QTensor | None = None
 
     @property
     def nbytes(self) -> int:
-        return sum(p.nbytes if isinstance(p, TensorLocation) else nbytes(p) for p in self.parts)
+        return sum(map(nbytes, self.tensors)) + sum(p.nbytes for p in self.locations)
 
 
 class WeightStore:
@@ -112,13 +113,11 @@ class WeightStore:
         # prefetched). On a CPU the weights are used in place there: no copy after the read.
         self.stage_disk_bytes = {
             j: (own[1] if own else 0)
-            + sum(
-                read_region(p.nbytes) for w in ws if w.tier == "disk" for p in w.parts if not (own and p.path == own[0])
-            )
+            + sum(read_region(p.nbytes) for w in ws for p in w.locations if not (own and p.path == own[0]))
             for (j, ws), own in zip(self.stage_weights.items(), self.stage_files.values())
         }
         largest = max(self.stage_disk_bytes.values(), default=0)
-        self.pool = BufferPool(largest, 2, pin) if largest else None
+        self.pool = BufferPool(largest, 2 if largest else 0, pin)
         self.buffer_bytes = 2 * largest
         self.buffer_tier = staging_tier(device)
         tracker.add(self.buffer_tier, "weight read buffers", self.buffer_bytes)
@@ -141,14 +140,14 @@ class WeightStore:
                 TensorLocation(path, offset, nbytes(t), t.dtype, tuple(t.shape))
                 for offset, t in (next(packed) for _ in parts)
             ]
-            self.placed[spec.name] = w = PlacedWeight(spec, "disk", disk, qt)
+            self.placed[spec.name] = w = PlacedWeight(spec, "disk", locations=disk, qt=qt)
             self.tracker.add("disk", "weights", w.nbytes)
         return path, path.stat().st_size
 
     def _place(self, model, spec: WeightSpec, tier: str, pin: bool) -> PlacedWeight:
         if tier == "disk":  # read straight from the checkpoint: no second copy on disk
             loc = model.weights.location(spec.name)
-            w = PlacedWeight(spec, tier, [loc])
+            w = PlacedWeight(spec, tier, locations=[loc])
         else:
             device = self.device if tier == "gpu" else torch.device("cpu")
             parts, qt = self._stored(model, spec)
@@ -160,7 +159,7 @@ class WeightStore:
                 # pressure the kernel drops it and reads it back by page faults, mid-compute.
                 # A copy in the process's own memory stays put.
                 parts = [p.clone() for p in parts]
-            w = PlacedWeight(spec, tier, parts, qt)
+            w = PlacedWeight(spec, tier, tensors=parts, qt=qt)
         self.tracker.add(tier, "weights", w.nbytes)
         return w
 
@@ -178,30 +177,30 @@ class WeightStore:
         out, moved, copied = {}, {"cpu": 0, "disk": 0}, 0
         own, pos = self.stage_files[stage], 0
         if own is not None:  # the stage's packed file: one read, each tensor lands at its file offset
+            assert buf is not None, "a stage with a packed file loads into a read buffer"
             self.files.read(own[0], 0, own[1], buf)
             pos = own[1]
         for w in self.stage_weights[stage]:
             parts = []
-            for p in w.parts:
-                if w.tier == "gpu":
-                    t = p
-                elif w.tier == "cpu":
-                    t = p.to(self.device, non_blocking=True)  # same RAM on a CPU: no copy
-                    if p.device != self.device:
-                        moved["cpu"] += nbytes(p)
-                        copied += nbytes(t)
+            for p in w.tensors:  # the gpu tier's stay; the cpu tier's move (on a CPU: the same RAM, no copy)
+                t = p if w.tier == "gpu" else p.to(self.device, non_blocking=True)
+                if t is not p:
+                    moved["cpu"] += nbytes(p)
+                    copied += nbytes(t)
+                parts.append(t)
+            for loc in w.locations:
+                assert buf is not None, "a stage with disk weights loads into a read buffer"
+                if own is not None and loc.path == own[0]:
+                    raw = buf[loc.offset : loc.offset + loc.nbytes]
                 else:
-                    if own is not None and p.path == own[0]:
-                        raw = buf[p.offset : p.offset + p.nbytes]
-                    else:
-                        size = read_region(p.nbytes)
-                        raw = self.files.read(p.path, p.offset, p.nbytes, buf[pos : pos + size])
-                        pos += size
-                    # Compressed parts keep their own dtypes; a plain weight becomes the compute dtype.
-                    t = self._as_weight(raw, p, p.dtype if w.qt is not None else self.dtype)
-                    moved["disk"] += p.nbytes
-                    if t.data_ptr() < buf.data_ptr() or t.data_ptr() >= buf.data_ptr() + buf.numel():
-                        copied += nbytes(t)  # converted or moved to the GPU: a fresh tensor
+                    size = read_region(loc.nbytes)
+                    raw = self.files.read(loc.path, loc.offset, loc.nbytes, buf[pos : pos + size])
+                    pos += size
+                # Compressed parts keep their own dtypes; a plain weight becomes the compute dtype.
+                t = self._as_weight(raw, loc, loc.dtype if w.qt is not None else self.dtype)
+                moved["disk"] += loc.nbytes
+                if t.data_ptr() < buf.data_ptr() or t.data_ptr() >= buf.data_ptr() + buf.numel():
+                    copied += nbytes(t)  # converted or moved to the GPU: a fresh tensor
                 parts.append(t)
             out[w.spec.short] = parts[0] if w.qt is None else w.qt.with_tensors(parts)
         if buf is not None and self.device.type == "cuda":
@@ -233,8 +232,7 @@ class WeightStore:
     def reset(self) -> None:
         """Every read buffer free and no working copy counted, as between runs. For after a failed
         run (once its transfers have ended): the loads it took may not all have been released."""
-        if self.pool is not None:
-            self.pool.reclaim()
+        self.pool.reclaim()
         self.tracker.clear("gpu", "working weights")
 
     def _as_weight(self, raw: torch.Tensor, d: TensorLocation, dtype: torch.dtype) -> torch.Tensor:
@@ -266,7 +264,7 @@ class ActStore:
         self.tier, self.device, self.slot_bytes = tier, device, slot_bytes
         self.dir, self.files, self.tracker = act_dir, files, tracker
         self.slots: dict[int, tuple[torch.Tensor | Path, tuple[int, ...], torch.dtype]] = {}
-        self.pool = BufferPool(slot_bytes + 2 * ALIGN, 1) if tier == "disk" else None
+        self.pool = BufferPool(slot_bytes + 2 * ALIGN, 1 if tier == "disk" else 0)
 
     def store(self, batch: int, h: torch.Tensor) -> int:
         """Keep ``h`` as batch ``batch``'s hidden state; returns the bytes written."""
@@ -274,17 +272,18 @@ class ActStore:
             if self.tier == "disk":
                 preallocate(self.dir / f"act_b{batch}.bin", self.slot_bytes)
             self.tracker.add(self.tier, "activations", self.slot_bytes)
+        slot: torch.Tensor | Path
         if self.tier == "cpu":
-            data = h.to("cpu", copy=True)
+            slot = h.to("cpu", copy=True)
         else:
-            data = self.dir / f"act_b{batch}.bin"
-            self.files.write(data, 0, h.to("cpu"))
-        self.slots[batch] = (data, tuple(h.shape), h.dtype)
+            slot = self.dir / f"act_b{batch}.bin"
+            self.files.write(slot, 0, h.to("cpu"))
+        self.slots[batch] = (slot, tuple(h.shape), h.dtype)
         return nbytes(h)
 
     def load(self, batch: int) -> tuple[torch.Tensor, int]:
         data, shape, dtype = self.slots[batch]
-        if self.tier == "cpu":
+        if isinstance(data, torch.Tensor):  # the cpu tier
             return data.to(self.device, non_blocking=True), nbytes(data)
         size = torch.Size(shape).numel() * dtype.itemsize
         buf = self.pool.acquire()

@@ -227,12 +227,12 @@ class DiskFiles:
             length = -(-(offset + size - start) // ALIGN) * ALIGN
             if length <= buf.numel() and buf.data_ptr() % ALIGN == 0:
                 try:
-                    got = os.preadv(self._fd(path, True), [memoryview(buf[:length].numpy())], start)
+                    got = os.preadv(self._fd(path, True), [buf[:length].numpy().data], start)
                     if got >= offset - start + size:
                         return buf[offset - start : offset - start + size]
                 except OSError:  # e.g. tmpfs refuses O_DIRECT: fall back to buffered reads
                     self.direct = False
-        got = os.preadv(self._fd(path, False), [memoryview(buf[:size].numpy())], offset)
+        got = os.preadv(self._fd(path, False), [buf[:size].numpy().data], offset)
         if got != size:
             raise OSError(f"short read from {path}: {got} of {size} bytes at offset {offset}")
         return buf[:size]
@@ -259,7 +259,7 @@ class DiskFiles:
     @staticmethod
     def _pwrite(fd: int, raw: torch.Tensor, path: Path, offset: int) -> None:
         try:
-            written = os.pwrite(fd, memoryview(raw.numpy()), offset)
+            written = os.pwrite(fd, raw.numpy().data, offset)
         except OSError as e:
             if _full(e):
                 raise disk_full(path, raw.numel()) from None

@@ -39,9 +39,10 @@ class ModelConfig:
     num_layers: int
     num_heads: int
     ffn_dim: int
-    # Grouped-query attention: key/value heads (default: num_heads); the KV cache stores these.
-    num_kv_heads: int | None = None
-    head_dim: int | None = None  # default hidden_size // num_heads (Qwen3 sets its own)
+    # Grouped-query attention: key/value heads (None: num_heads); the KV cache stores these.
+    # Both are ints after __post_init__ fills them in, which is what the type says.
+    num_kv_heads: int = None  # type: ignore[assignment]
+    head_dim: int = None  # type: ignore[assignment]  # None: hidden_size // num_heads (Qwen3 sets its own)
     max_positions: int = 2048
     # opt-350m embeds words in 512 dims and projects in/out of the 1024-dim residual stream.
     word_embed_proj_dim: int | None = None

@@ -76,8 +76,7 @@ def fail_on_call(monkeypatch, method: str, n: int, error: BaseException):
 
 def assert_released(engine) -> None:
     """Between runs: every read buffer free, nothing counted as working copies, no step kept."""
-    if engine.weights.pool is not None:
-        assert engine.weights.pool.free == engine.weights.pool.count
+    assert engine.weights.pool.free == engine.weights.pool.count
     assert engine.tracker.current.get(("gpu", "working weights"), 0) == 0
     assert not engine.executor.futures and not engine.executor.pending_events
     left = {p.relative_to(engine.offload_dir).parts[0] for p in engine.offload_dir.rglob("*") if p.is_file()}

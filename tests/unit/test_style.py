@@ -1,4 +1,5 @@
-"""The code's habits, checked: ruff's lint rules and its formatting (configured in pyproject.toml)."""
+"""The code's habits, checked: ruff's lint rules and its formatting, and mypy's types on the floors it covers
+(all configured in pyproject.toml)."""
 
 from __future__ import annotations
 
@@ -24,3 +25,10 @@ def test_ruff(command):
         f"ruff {' '.join(command)} found problems (fix with: ruff {command[0]} ...):\n"
         + (done.stdout + done.stderr)[-3000:]
     )
+
+
+def test_mypy_finds_no_type_errors():
+    """The engine, compression, cost model and their data modules (``[tool.mypy] files``)."""
+    done = subprocess.run([sys.executable, "-m", "mypy"], cwd=ROOT, capture_output=True, text=True)
+    assert "No module named mypy" not in done.stderr, "mypy is missing: pip install -e '.[dev]'"
+    assert done.returncode == 0, "mypy found type errors:\n" + (done.stdout + done.stderr)[-3000:]
