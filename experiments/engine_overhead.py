@@ -3,10 +3,18 @@
 On a model too small for its maths to matter (``opt-tiny``: 2 layers of width 64), the wall time
 of a generation divided by its (stage, batch) steps is the engine's own cost per step: the
 schedule, the executor's hand-offs and timing, the handlers' Python. For each block shape and
-placement this prints wall time per step, the compute handler's own time per step (the compute
-lane of the timeline: its Python and the tiny kernels), and the rest (hand-offs, waits,
-bookkeeping), as medians of ``repeats`` runs. ``--profile true`` adds the torch profiler's table
-of the operators' self time for the first row.
+placement this prints, as medians of ``repeats`` runs:
+
+- wall time per step, and the compute handler's own time per step (the compute lane of the
+  timeline: its Python and the tiny kernels);
+- ``maths``: the same maths without the engine, per step: flexlab's reference path (the family's
+  functions, every weight in place) on one GPU batch of prompts, times the number of batches;
+- ``waits``: the compute's waits on transfers (the timeline's ``waited_s[kind]``);
+- ``overhead = wall - maths - waits``: the host time the engine adds per step (the issue's measure).
+
+``threads`` (default 1) fixes torch's threads: on a shared machine one thread's runs repeat
+within a few percent, two threads' within tens. ``--profile true`` adds the torch profiler's
+table of the operators' self time for the first row.
 
     python experiments/engine_overhead.py
     python experiments/engine_overhead.py --preset opt-125m --dtype auto    # with real maths
@@ -40,24 +48,40 @@ class Config:
     prompt_len: int = 8
     gen_len: int = 32
     repeats: int = 5
+    threads: int = 1
     profile: bool = False
     out_dir: str = "experiments/results"
 
 
+def _maths_s(model, prompts: list[list[int]], gen_len: int, repeats: int) -> float:
+    """Median seconds of the reference path over ``prompts`` (the maths alone, no engine)."""
+    model.generate(prompts, max_new_tokens=2, stop_token_ids=None)  # warm-up
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        model.generate(prompts, max_new_tokens=gen_len, stop_token_ids=None)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
 def main(cfg: Config) -> None:
+    torch.set_num_threads(cfg.threads)
     model = flexlab.Model.from_config(cfg.preset, seed=0, dtype=cpu_dtype(cfg.dtype))
+    maths: dict[int, float] = {}  # per GPU batch size: one batch's reference seconds
     rows = []
     for (bs, nb), (where, percent) in ((s, p) for p in PLACEMENTS.items() for s in SHAPES):
         policy = flexlab.Policy.from_percent(percent, gpu_batch_size=bs, num_gpu_batches=nb)
         prompts = [[2] + [10 + (i + j) % 50 for j in range(cfg.prompt_len - 1)] for i in range(bs * nb)]
         with flexlab.Engine(model, policy) as engine:
             engine.generate(prompts, max_new_tokens=2, stop_token_ids=None)  # warm-up
-            walls, computes = [], []
+            walls, computes, waits = [], [], []
             for _ in range(cfg.repeats):
                 start = time.perf_counter()
                 result = engine.generate(prompts, max_new_tokens=cfg.gen_len, stop_token_ids=None)
                 walls.append(time.perf_counter() - start)
                 computes.append(sum(e.duration for e in result.timeline.events if e.lane == "compute"))
+                summary = result.timeline.summary()
+                waits.append(sum(v for k, v in summary.items() if k.startswith("waited_s[") and k != "waited_s[host]"))
             steps = sum(1 for e in result.timeline.events if e.kind == "compute")
             if cfg.profile and not rows:
                 from torch.profiler import ProfilerActivity, profile
@@ -66,6 +90,9 @@ def main(cfg: Config) -> None:
                     engine.generate(prompts, max_new_tokens=cfg.gen_len, stop_token_ids=None)
                 print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15))
         wall, compute = statistics.median(walls) / steps * 1e6, statistics.median(computes) / steps * 1e6
+        if bs not in maths:
+            maths[bs] = _maths_s(model, prompts[:bs], cfg.gen_len, cfg.repeats)
+        ref, wait = nb * maths[bs] / steps * 1e6, statistics.median(waits) / steps * 1e6
         rows.append(
             dict(
                 placement=where,
@@ -74,12 +101,18 @@ def main(cfg: Config) -> None:
                 wall_us_per_step=round(wall, 1),
                 compute_us_per_step=round(compute, 1),
                 rest_us_per_step=round(wall - compute, 1),
+                maths_us_per_step=round(ref, 1),
+                waits_us_per_step=round(wait, 1),
+                overhead_us_per_step=round(wall - ref - wait, 1),
                 slowest_run_us_per_step=round(max(walls) / steps * 1e6, 1),
             )
         )
     df = pd.DataFrame(rows)
     print(df.to_string(index=False))
-    print(f"median wall per step: {df.wall_us_per_step.median():.0f} µs")
+    print(
+        f"median wall per step: {df.wall_us_per_step.median():.0f} µs; median overhead (wall - maths - waits): "
+        f"{df.overhead_us_per_step.median():.0f} µs ({cfg.threads} thread(s))"
+    )
     stem = f"engine_overhead_{cfg.preset}"
     out = write_results(df, cfg, stem, torch_threads=torch.get_num_threads())
     print(f"wrote {out}/{stem}.csv and .json")

@@ -207,7 +207,9 @@ class Executor:
                 return handler(step)
 
         def task():
-            with torch.inference_mode(), torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
+            # Inline, the run's inference mode is on already; a lane thread must turn it on (it is per thread).
+            mode = contextlib.nullcontext() if torch.is_inference_mode_enabled() else torch.inference_mode()
+            with mode, torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
                 start = self.clock.mark()
                 value, moved = work()
                 end = self.clock.mark()

@@ -109,6 +109,7 @@ class WeightStore:
         # Resident: read where it lies (on a CPU-only machine the cpu tier is the compute's RAM).
         near = near_tiers(device.type == "cuda")
         self.resident = {j: all(w.tier in near for w in ws) for j, ws in self.stage_weights.items()}
+        self._in_place: dict[int, dict[str, torch.Tensor | QTensor]] = {}  # resident stages' weights, as loaded
         # Disk reads land in one of two stage-sized aligned buffers (the stage computing and the one
         # prefetched). On a CPU the weights are used in place there: no copy after the read.
         self.stage_disk_bytes = {
@@ -165,6 +166,8 @@ class WeightStore:
 
     def load(self, stage: int) -> tuple[LoadedWeights, dict[str, int]]:
         """The stage's weights on the compute device, and the bytes moved from each tier."""
+        if stage in self._in_place:  # resident: the same tensors every time, nothing moved
+            return LoadedWeights(self._in_place[stage], None, 0), {"cpu": 0, "disk": 0}
         buf = self.pool.acquire() if self.stage_disk_bytes[stage] else None
         try:
             return self._load_into(stage, buf)
@@ -208,6 +211,8 @@ class WeightStore:
             self.pool.release(buf)
             buf = None
         self.tracker.add("gpu", "working weights", copied)
+        if self.resident[stage]:
+            self._in_place[stage] = out
         return LoadedWeights(out, buf, copied), moved
 
     def dequantized(self, loaded: LoadedWeights) -> dict[str, torch.Tensor]:

@@ -31,15 +31,19 @@ class MemoryTracker:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self.current: dict[tuple[str, str], int] = defaultdict(int)
+        self._totals: dict[str, int] = defaultdict(int)  # per tier, kept with ``current`` (asked per step)
         self.peak_by_tier: dict[str, int] = defaultdict(int)
         self._at_peak: dict[str, dict[str, int]] = {}  # per tier: bytes by category when it peaked
         self._history: list[tuple[float, str, int]] | None = None  # (seconds, tier, bytes) while recording
         self._base = 0.0
 
     def add(self, tier: str, category: str, nbytes: int) -> None:
+        if not nbytes:  # e.g. a resident stage's load, which copies nothing: several per step
+            return
         with self._lock:
             self.current[(tier, category)] += nbytes
-            total = self._total(tier)
+            self._totals[tier] += nbytes
+            total = self._totals[tier]
             if total >= self.peak_by_tier[tier]:
                 self.peak_by_tier[tier] = total
                 self._at_peak[tier] = {c: v for (t, c), v in self.current.items() if t == tier and v}
@@ -47,7 +51,7 @@ class MemoryTracker:
                 self._history.append((time.perf_counter() - self._base, tier, total))
 
     def _total(self, tier: str) -> int:
-        return sum(v for (t, _), v in self.current.items() if t == tier)
+        return self._totals[tier]
 
     @contextlib.contextmanager
     def recording(self, base: float):
@@ -71,7 +75,7 @@ class MemoryTracker:
     def clear(self, tier: str, category: str) -> None:
         """Forget what a category holds (after a failed run, whose releases may not all have run)."""
         with self._lock:
-            self.current.pop((tier, category), None)
+            self._totals[tier] -= self.current.pop((tier, category), 0)
 
     def reset_peaks(self) -> None:
         """Start measuring peaks afresh from what is allocated now."""
