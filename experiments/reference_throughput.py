@@ -1,8 +1,9 @@
-"""Reference-path throughput against transformers' generate, same weights, same run.
+"""Reference-path and engine throughput against transformers' generate, same weights, same run.
 
-The "no offloading" baseline: flexlab's reference path (everything on the compute device) and
-``OPTForCausalLM.generate`` with identical random weights, timed side by side, alternating, so
-that machine noise hits both. Prints a table and writes CSV + JSON metadata under
+The "no offloading" baseline: flexlab's reference path (everything on the compute device), the
+engine with everything resident (one GPU batch of the whole batch: its loop's overhead, issue 21)
+and ``OPTForCausalLM.generate`` with identical random weights, timed side by side, alternating,
+so that machine noise hits all three. Prints a table and writes CSV + JSON metadata under
 ``experiments/results/``.
 
     python experiments/reference_throughput.py                 # CPU: opt-125m in the CPU's fast dtype
@@ -60,6 +61,11 @@ def main(cfg: Config) -> pd.DataFrame:
         r = model.generate(prompts.tolist(), max_new_tokens=cfg.gen_len, stop_token_ids=None)
         return r.token_ids
 
+    engine = flexlab.Engine(model, flexlab.Policy(gpu_batch_size=cfg.batch))
+
+    def run_engine():
+        return engine.generate(prompts.tolist(), max_new_tokens=cfg.gen_len, stop_token_ids=None).token_ids
+
     def run_hf():
         with torch.inference_mode():
             out = hf.generate(
@@ -74,7 +80,11 @@ def main(cfg: Config) -> pd.DataFrame:
 
     rows, outputs = [], {}
     for rep in range(cfg.repeats + 1):  # the first round warms up and is not recorded
-        for name, fn in (("flexlab reference", run_flexlab), ("transformers generate", run_hf)):
+        for name, fn in (
+            ("flexlab reference", run_flexlab),
+            ("flexlab engine", run_engine),
+            ("transformers generate", run_hf),
+        ):
             if device.type == "cuda":
                 torch.cuda.synchronize()
             t0 = time.perf_counter()
@@ -86,21 +96,30 @@ def main(cfg: Config) -> pd.DataFrame:
                 rows.append(
                     dict(system=name, repeat=rep, seconds=seconds, tokens_per_s=cfg.batch * cfg.gen_len / seconds)
                 )
+    engine.close()
     df = pd.DataFrame(rows)
     summary = df.groupby("system").agg(median_s=("seconds", "median"), tokens_per_s=("tokens_per_s", "median"))
     a, b = outputs["flexlab reference"], outputs["transformers generate"]
     agreement = sum(x == y for ra, rb in zip(a, b) for x, y in zip(ra, rb)) / (cfg.batch * cfg.gen_len)
     print(f"{cfg.preset}, batch {cfg.batch}, prompt {cfg.prompt_len}, gen {cfg.gen_len}, {model.dtype}, {device}")
     print(summary.to_string())
-    ratio = summary.loc["flexlab reference", "tokens_per_s"] / summary.loc["transformers generate", "tokens_per_s"]
-    print(f"flexlab / transformers throughput: {ratio:.2f}x; greedy token agreement: {agreement:.1%}")
+    tok_s = summary["tokens_per_s"]
+    ratio = tok_s["flexlab reference"] / tok_s["transformers generate"]
+    engine_ratio = tok_s["flexlab engine"] / tok_s["transformers generate"]
+    print(f"flexlab reference / transformers throughput: {ratio:.2f}x; greedy token agreement: {agreement:.1%}")
+    print(
+        f"flexlab engine / transformers: {engine_ratio:.2f}x; engine / reference: "
+        f"{tok_s['flexlab engine'] / tok_s['flexlab reference']:.2f}x"
+    )
+    assert outputs["flexlab engine"] == a, "the engine's tokens differ from the reference path's"
 
     write_results(
         df,
         cfg,
-        f"reference_throughput_{cfg.preset}_{device.type}",
+        f"reference_throughput_{cfg.preset}_{device.type}_b{cfg.batch}",
         dtype=str(model.dtype),
         ratio=ratio,
+        engine_ratio=engine_ratio,
         token_agreement=agreement,
     )
     return df
