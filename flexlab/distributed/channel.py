@@ -8,7 +8,7 @@ the matching ``recv`` step of the next.
 
 Stopping early (every sequence of a block has met its stop rule) is a message too: the last rank
 sends *stop* in place of the next tokens, and each rank, when it receives it, ends its run and
-passes it on (see :class:`flexlab.engine.block.Peers`), so that every message sent is received
+passes it on (see :class:`flexlab.engine.context.Peers`), so that every message sent is received
 and no rank waits for one that will not come.
 """
 
@@ -25,7 +25,7 @@ _HEADER = 2 + 4  # kind, dtype, then up to four dimensions (unused ones are -1)
 
 
 class Channel:
-    """The :class:`~flexlab.engine.block.Peers` of ``rank`` in a ring of ``world`` ranks."""
+    """The :class:`~flexlab.engine.context.Peers` of ``rank`` in a ring of ``world`` ranks."""
 
     def __init__(self, rank: int, world: int, wire: torch.device) -> None:
         if world < 2:

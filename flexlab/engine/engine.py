@@ -21,7 +21,8 @@ import warnings
 from pathlib import Path
 
 from flexlab.devices import available_memory, resident_bytes
-from flexlab.engine.block import BlockContext, BlockRun, Peers
+from flexlab.engine.block import BlockRun
+from flexlab.engine.context import BlockContext, Peers
 from flexlab.engine.executor import Executor
 from flexlab.engine.footprint import LEAN_SLACK, footprint, lean_allocator
 from flexlab.engine.heads import GenerateHead, Head, ScoreHead, TeacherHead
