@@ -163,6 +163,7 @@ class BufferPool:
         return self._free.qsize()
 
     def acquire(self) -> torch.Tensor:
+        assert self.count, "a buffer asked of an empty pool (nothing on disk): it would wait forever"
         return self._free.get()
 
     def release(self, buf: torch.Tensor) -> None:
