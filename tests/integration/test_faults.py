@@ -232,5 +232,7 @@ def test_hidden_states_are_freed_as_the_run_goes_and_none_survive_it(model, monk
             assert not [r for r in refs if r() is not None]  # nothing of the run survives but its result
             assert result.token_ids
             peaks.append(most["alive"])
-        # Alive at once: a few per batch, however many tokens (it grew with every step before).
-        assert peaks[0] == peaks[1] <= 3 * policy.num_gpu_batches
+        # Alive at once: a few per batch, however many tokens (it grew with every step before). How
+        # many exactly depends on when a lane's store lets go of its input, so the two runs' counts
+        # may differ by one; the 8-token run has 4x the steps, and a leak would show as a multiple.
+        assert max(peaks) <= 3 * policy.num_gpu_batches
