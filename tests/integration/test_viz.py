@@ -213,7 +213,11 @@ def test_timeline_explorer_zooms_onto_a_stall_and_shows_a_picture_when_saved(tim
     assert "longest stalls in this selection" in ex.table.value
     longest = timeline.stalls()[0]
     ex.stall.value = 0  # the longest
-    assert ex.window.value[1] - ex.window.value[0] < whole[1] - whole[0]  # zoomed in
+    lo = min(longest.after.start - longest.waited, longest.cause.start if longest.cause else longest.after.start)
+    shown = ex.window.value
+    assert shown[0] <= lo * ex.scale + 1e-6 and longest.after.end * ex.scale <= shown[1] + 1e-6  # the stall is in view
+    if 3 * (longest.after.end - lo) * ex.scale < whole[1] - whole[0]:  # its span and as much again either side
+        assert shown[1] - shown[0] < whole[1] - whole[0]  # zoomed in
     assert ex.visible()[ex.event.value] is longest.after  # and the compute that waited is picked
     assert f"token {longest.after.token}" in ex.details.value
     ex.window.value = (whole[0], (whole[0] + whole[1]) / 2)
