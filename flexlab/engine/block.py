@@ -217,7 +217,7 @@ class BlockRun:
         kv = None
         if "attention" in stage.parts:
             layer = stage.layer_index
-            q, k_new, v_new = f.attention_qkv(w, cfg, h, self.where.positions(t, k))
+            q, k_new, v_new = f.attention_qkv(w, cfg, h, self.where.positions(t, k), self.where.length(t))
             if t == 0:
                 o = attend(q, k_new, v_new, self.where.bias(t, k))
             else:

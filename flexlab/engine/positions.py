@@ -38,6 +38,11 @@ class TokenPlaces:
             self._pos[k] = (t, positions if t == 0 else positions[:, -1:])
         return self._pos[k][1]
 
+    def length(self, t: int) -> int:
+        """The cache slots every sequence spans once token ``t`` is in (the family's ``length``):
+        the block's width, then one more per token."""
+        return self.valid[0].shape[1] + t
+
     def bias(self, t: int, k: int) -> torch.Tensor | SplitBias:
         """Batch ``k``'s attention mask for token ``t`` (see :func:`attention_bias`)."""
         if self._masks.get(k, (None,))[0] != t:

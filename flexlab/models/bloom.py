@@ -144,7 +144,7 @@ def embed(w: Weights, cfg: ModelConfig, input_ids: torch.Tensor, positions: torc
 
 
 def attention_qkv(
-    w: Weights, cfg: ModelConfig, h: torch.Tensor, positions: torch.Tensor
+    w: Weights, cfg: ModelConfig, h: torch.Tensor, positions: torch.Tensor, length: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """q (pre-scaled), k, v as ``[b, heads, s, d]`` from the fused, head-interleaved projection."""
     x = layer_norm(w, "input_layernorm", h, cfg.norm_eps)

@@ -131,7 +131,7 @@ def embed(w: Weights, cfg: ModelConfig, input_ids: torch.Tensor, positions: torc
 
 
 def attention_qkv(
-    w: Weights, cfg: ModelConfig, h: torch.Tensor, positions: torch.Tensor
+    w: Weights, cfg: ModelConfig, h: torch.Tensor, positions: torch.Tensor, length: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """q (rotated, pre-scaled), k (rotated), v as ``[b, heads, s, d]``."""
     x = layer_norm(w, "ln_1", h, cfg.norm_eps)

@@ -10,7 +10,10 @@ A family is data plus plain functions:
   ``embed`` → per layer ``attention_qkv`` → :func:`flexlab.models.attention.attend` →
   ``attention_out`` → ``mlp`` → ``head``. ``embed`` and ``attention_qkv`` receive each token's
   position (``[b, s]``, counting real tokens only, so left padding is invisible): learned
-  position embeddings read them once, rotary embeddings in every layer. Splitting attention at
+  position embeddings read them once, rotary embeddings in every layer. ``attention_qkv`` also
+  receives ``length``, the cache slots every sequence of the call spans once its tokens are in
+  (the longest sequence's positions so far + 1: the same for every GPU batch of a block), which
+  a rotation whose frequencies grow with the length (dynamic NTK) needs. Splitting attention at
   the cache lets the engine put the KV cache anywhere, and run ``attend`` on the CPU next to a
   host-resident cache.
 
@@ -75,7 +78,7 @@ class ModelFamily:
     canonical_name: Callable[[str, ModelConfig], str | None]
     embed: Callable[[Weights, ModelConfig, torch.Tensor, torch.Tensor], torch.Tensor]
     attention_qkv: Callable[
-        [Weights, ModelConfig, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+        [Weights, ModelConfig, torch.Tensor, torch.Tensor, int], tuple[torch.Tensor, torch.Tensor, torch.Tensor]
     ]
     attention_out: Callable[[Weights, ModelConfig, torch.Tensor, torch.Tensor], torch.Tensor]
     mlp: Callable[[Weights, ModelConfig, torch.Tensor], torch.Tensor]

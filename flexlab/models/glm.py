@@ -142,7 +142,7 @@ def embed(w: Weights, cfg: ModelConfig, input_ids: torch.Tensor, positions: torc
 
 
 def attention_qkv(
-    w: Weights, cfg: ModelConfig, h: torch.Tensor, positions: torch.Tensor
+    w: Weights, cfg: ModelConfig, h: torch.Tensor, positions: torch.Tensor, length: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """q (rotated, pre-scaled) ``[b, heads, s, d]``; k (rotated) and v ``[b, kv_heads, s, d]``."""
     x = rms_norm(h, w["input_layernorm.weight"], cfg.norm_eps)

@@ -4,8 +4,9 @@ Quirks, each handled where it bites:
 
 * RMSNorm (no mean, no bias), computed in float32 and cast back, as transformers does.
 * Rotary position embeddings on q and k in every layer, by each token's own position (left
-  padding makes them per sequence), with ``rope_theta`` and the ``rope_scaling`` variants
-  ``default``, ``linear`` and ``llama3``; others are refused by name. The halves convention:
+  padding makes them per sequence), with ``rope_theta`` and the ``rope_scaling`` variants of
+  :mod:`flexlab.models.rope` (others are refused by name). ``dynamic`` and ``yarn`` stretch the
+  trained length ``factor`` times, so the model takes that many positions. The halves convention:
   a head's first half pairs with its second (``rotate_half``), not interleaved pairs.
 * Grouped-query attention: ``num_kv_heads`` key/value heads, each serving a group of query
   heads; the KV cache stores only those (:func:`flexlab.models.attention.expand_kv`).
@@ -20,9 +21,6 @@ Quirks, each handled where it bites:
 
 from __future__ import annotations
 
-import functools
-import math
-
 import torch
 import torch.nn.functional as F
 
@@ -30,6 +28,7 @@ from flexlab.errors import ConfigError
 from flexlab.models.config import ModelConfig
 from flexlab.models.family import ModelFamily, Weights, WeightSpec, token_ids_from_hf, token_ids_to_hf
 from flexlab.models.layers import linear, rms_norm, rotate_halves
+from flexlab.models.rope import ROPE_KEYS, is_dynamic, rope_frequencies
 
 MODEL_TYPES = {
     "llama": "LlamaForCausalLM",
@@ -37,7 +36,6 @@ MODEL_TYPES = {
     "qwen2": "Qwen2ForCausalLM",
     "qwen3": "Qwen3ForCausalLM",
 }
-ROPE_TYPES = ("default", "linear", "llama3")
 
 
 # ---- config ----------------------------------------------------------------------------------
@@ -52,10 +50,21 @@ def config_from_hf(hf: dict, name: str) -> ModelConfig:
         rope["rope_theta"] = hf.get("rope_theta", 10000.0)
     rope_type = rope.pop("rope_type", rope.pop("type", "default"))
     theta = float(rope.pop("rope_theta", hf.get("rope_theta", 10000.0)))
-    if rope_type not in ROPE_TYPES:
-        raise ConfigError(
-            f"{name}: rope_scaling type {rope_type!r} is not supported; supported: {', '.join(ROPE_TYPES)}"
-        )
+    if rope_type not in ROPE_KEYS:
+        supported = ", ".join(ROPE_KEYS)
+        raise ConfigError(f"{name}: rope_scaling type {rope_type!r} is not supported; supported: {supported}")
+    max_positions = hf.get("max_position_embeddings", 2048)
+    if rope_type == "dynamic":  # its trained length is max_position_embeddings, whatever else the dict says
+        rope["original_max_position_embeddings"] = max_positions
+    elif rope_type in ("llama3", "yarn"):  # transformers' default, where a config leaves it out
+        rope.setdefault("original_max_position_embeddings", max_positions)
+    if rope_type == "yarn" and rope.get("factor") is None:
+        rope["factor"] = max_positions / rope["original_max_position_embeddings"]
+    missing = [k for k in ROPE_KEYS[rope_type] if rope.get(k) is None]
+    if missing:
+        raise ConfigError(f"{name}: rope_scaling type {rope_type!r} needs {', '.join(missing)}; add it to config.json")
+    if rope_type in ("dynamic", "yarn"):  # both stretch the trained length `factor` times: allow that many
+        max_positions = max(max_positions, int(rope["original_max_position_embeddings"] * rope["factor"]))
     window = hf.get("sliding_window") if model_type == "mistral" else None
     if model_type != "mistral" and hf.get("use_sliding_window") and hf.get("sliding_window"):
         raise ConfigError(
@@ -73,7 +82,7 @@ def config_from_hf(hf: dict, name: str) -> ModelConfig:
         num_kv_heads=hf.get("num_key_value_heads") or heads,
         head_dim=hf.get("head_dim") or hf["hidden_size"] // heads,
         ffn_dim=hf["intermediate_size"],
-        max_positions=hf.get("max_position_embeddings", 2048),
+        max_positions=max_positions,
         sliding_window=int(window) if window else None,
         enable_bias=False,
         activation=_activation(hf, name),
@@ -97,6 +106,8 @@ def _activation(hf: dict, name: str) -> str:
 def config_to_hf(cfg: ModelConfig) -> dict:
     """The ``config.json`` dictionary of ``cfg``, for its own ``model_type``."""
     rope = {"rope_type": "default", "rope_theta": cfg.rope_theta, **dict(cfg.rope_scaling or ())}
+    # dynamic NTK's trained length is transformers' max_position_embeddings (see config_from_hf)
+    trained = rope.pop("original_max_position_embeddings") if rope["rope_type"] == "dynamic" else cfg.max_positions
     return dict(
         model_type=cfg.family,
         architectures=[MODEL_TYPES[cfg.family]],
@@ -107,7 +118,7 @@ def config_to_hf(cfg: ModelConfig) -> dict:
         num_attention_heads=cfg.num_heads,
         num_key_value_heads=cfg.num_kv_heads,
         head_dim=cfg.head_dim,
-        max_position_embeddings=cfg.max_positions,
+        max_position_embeddings=trained,
         rms_norm_eps=cfg.norm_eps,
         hidden_act=cfg.activation,
         rope_parameters=rope,
@@ -161,33 +172,13 @@ def canonical_name(checkpoint_name: str, cfg: ModelConfig) -> str | None:
 
 
 # ---- maths -----------------------------------------------------------------------------------
-@functools.lru_cache(maxsize=32)
-def _inv_freq(head_dim: int, theta: float, scaling: tuple | None) -> torch.Tensor:
-    """The rotation frequencies of each pair of a head's dimensions (float32, on the CPU)."""
-    inv = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
-    params = dict(scaling or ())
-    kind = params.get("rope_type", "default")
-    if kind == "linear":
-        return inv / params["factor"]
-    if kind == "llama3":  # long wavelengths slowed by `factor`, short ones kept, a smooth blend between
-        factor, low, high = params["factor"], params["low_freq_factor"], params["high_freq_factor"]
-        old = params["original_max_position_embeddings"]
-        wavelen = 2 * math.pi / inv
-        scaled = torch.where(wavelen > old / low, inv / factor, inv)
-        smooth = (old / wavelen - low) / (high - low)
-        blended = (1 - smooth) * scaled / factor + smooth * scaled
-        medium = (wavelen >= old / high) & (wavelen <= old / low)
-        return torch.where(medium, blended, scaled)
-    return inv
-
-
 def embed(w: Weights, cfg: ModelConfig, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
     """Token embedding only (positions enter by rotation in each layer): ``[b, s]`` → ``[b, s, hidden]``."""
     return F.embedding(input_ids, w["embed_tokens.weight"])
 
 
 def attention_qkv(
-    w: Weights, cfg: ModelConfig, h: torch.Tensor, positions: torch.Tensor
+    w: Weights, cfg: ModelConfig, h: torch.Tensor, positions: torch.Tensor, length: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """q (rotated, pre-scaled) ``[b, heads, s, d]``; k (rotated) and v ``[b, kv_heads, s, d]``."""
     x = rms_norm(h, w["input_layernorm.weight"], cfg.norm_eps)
@@ -199,10 +190,14 @@ def attention_qkv(
         q = rms_norm(q, w["self_attn.q_norm.weight"], cfg.norm_eps)
         k = rms_norm(k, w["self_attn.k_norm.weight"], cfg.norm_eps)
     q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [b, heads, s, d]
-    inv = _inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling).to(x.device)
-    angles = positions[..., None].float() * inv  # [b, s, d/2], in float32 as transformers
+    scaling = cfg.rope_scaling
+    inv, factor = rope_frequencies(cfg.head_dim, cfg.rope_theta, scaling, length if is_dynamic(scaling) else 0)
+    angles = positions[..., None].float() * inv.to(x.device)  # [b, s, d/2], in float32 as transformers
     angles = torch.cat([angles, angles], dim=-1)[:, None]  # [b, 1, s, d]
-    cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
+    cos, sin = angles.cos(), angles.sin()
+    if factor != 1.0:  # YaRN's sharper attention
+        cos, sin = cos * factor, sin * factor
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
     return rotate_halves(q, cos, sin) * cfg.head_dim**-0.5, rotate_halves(k, cos, sin), v
 
 

@@ -135,7 +135,7 @@ def embed(w: Weights, cfg: ModelConfig, input_ids: torch.Tensor, positions: torc
 
 
 def attention_qkv(
-    w: Weights, cfg: ModelConfig, h: torch.Tensor, positions: torch.Tensor
+    w: Weights, cfg: ModelConfig, h: torch.Tensor, positions: torch.Tensor, length: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Project ``h`` ``[b, s, hidden]`` to q (pre-scaled), k, v, each ``[b, heads, s, head_dim]``.
 

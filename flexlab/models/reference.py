@@ -57,7 +57,7 @@ class ReferenceRunner:
         bias = attention_bias(valid, s, cfg.sliding_window, per_head)
         h = f.embed(self.embed_w, cfg, tokens, positions)
         for i, (attn_w, mlp_w) in enumerate(self.layers):
-            q, k, v = f.attention_qkv(attn_w, cfg, h, positions)
+            q, k, v = f.attention_qkv(attn_w, cfg, h, positions, valid.shape[1])
             if cache is not None:
                 k_cache, v_cache = cache[i]
                 k_cache[:, :, start : start + s] = k

@@ -365,9 +365,9 @@ def test_every_layer_gets_the_positions_the_embedding_got(tiny_dir, policy):
         calls.append(("embed", positions.tolist()))
         return family.embed(w, cfg, ids, positions)
 
-    def attention_qkv(w, cfg, h, positions):
+    def attention_qkv(w, cfg, h, positions, length):
         calls.append(("qkv", positions.tolist()))
-        return family.attention_qkv(w, cfg, h, positions)
+        return family.attention_qkv(w, cfg, h, positions, length)
 
     model.family = dataclasses.replace(family, embed=embed, attention_qkv=attention_qkv)
     with flexlab.Engine(model, policy) as engine:

@@ -3,6 +3,8 @@ under offloading policies (float32, CPU), on tiny random checkpoints that exerci
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -31,6 +33,20 @@ VARIANTS = {  # name: (model_type, config overrides)
         ),
     ),
     "llama linear-rope": ("llama", dict(num_key_value_heads=1, rope_scaling={"rope_type": "linear", "factor": 2.0})),
+    # generation runs past the 8 trained positions, where the rotation's base grows with each call's length
+    "llama dynamic-rope": (
+        "llama",
+        dict(num_key_value_heads=2, max_position_embeddings=8, rope_scaling={"rope_type": "dynamic", "factor": 2.0}),
+    ),
+    # YaRN (as Qwen's long-context configs set it): interpolated frequencies, sharper attention
+    "qwen2 yarn-rope": (
+        "qwen2",
+        dict(
+            num_key_value_heads=2,
+            max_position_embeddings=8,
+            rope_scaling={"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 8},
+        ),
+    ),
     "mistral window": ("mistral", dict(num_key_value_heads=2, sliding_window=4)),  # prompts reach past it
     "qwen2 biases tied": ("qwen2", dict(num_key_value_heads=2, tie_word_embeddings=True)),
     "qwen3 qk-norm head_dim": ("qwen3", dict(num_key_value_heads=2, head_dim=24)),
@@ -47,7 +63,7 @@ def hf_model(model_type: str, overrides: dict, seed: int = 0):
         intermediate_size=96,
         num_hidden_layers=2,
         num_attention_heads=4,
-        max_position_embeddings=128,
+        max_position_embeddings=overrides.pop("max_position_embeddings", 128),
         rms_norm_eps=1e-6,
         initializer_range=0.2,
         pad_token_id=0,
@@ -121,10 +137,39 @@ def test_engine_equals_transformers_under_offloading(pair, tmp_path, name):
             assert torch.allclose(ours, theirs, atol=1e-4)
 
 
-def test_unsupported_rope_scaling_is_refused_by_name(tmp_path):
-    hf = hf_model("llama", dict(rope_scaling={"rope_type": "yarn", "factor": 2.0}))
+def test_dynamic_rope_grows_its_base_past_the_trained_length(tmp_path):
+    """Dynamic NTK scaling: a sequence longer than ``max_position_embeddings`` rotates with a larger
+    base (transformers', computed from the call's length: a sequence scored is fed without its last
+    token, as lm-eval's hf backend does), and the model takes ``factor`` times the trained length."""
+    import dataclasses
+
+    hf = hf_model("llama", dict(max_position_embeddings=8, rope_scaling={"rope_type": "dynamic", "factor": 2.0}))
     hf.save_pretrained(tmp_path)
-    with pytest.raises(flexlab.ConfigError, match="rope_scaling type 'yarn' is not supported; supported: default"):
+    model = flexlab.Model.from_pretrained(tmp_path, dtype=torch.float32)
+    assert model.config.max_positions == 16
+    long = [1] + [(7 * i) % 290 + 5 for i in range(13)]  # 14 tokens: 13 fed, past the 8 trained positions
+    with torch.no_grad():
+        lp = torch.log_softmax(hf(torch.tensor([long[:-1]])).logits[0].float(), dim=-1)
+    expected = lp.gather(-1, torch.tensor(long[1:])[:, None]).squeeze(-1)
+    assert torch.allclose(model.score([long])[0], expected, atol=1e-4)
+    # Without the scaling every position rotates differently (the call is longer than 8), so the
+    # comparison above can fail; a call within the trained length is the same with or without.
+    plain = flexlab.Model(dataclasses.replace(model.config, rope_scaling=None), model.weights, dtype=torch.float32)
+    assert not torch.allclose(plain.score([long])[0], expected, atol=1e-3)
+    assert torch.allclose(plain.score([long[:8]])[0], model.score([long[:8]])[0])
+
+
+def test_unsupported_rope_scaling_is_refused_by_name(tmp_path):
+    hf = hf_model(
+        "llama", dict(rope_scaling={"rope_type": "longrope", "short_factor": [1.0] * 8, "long_factor": [1.0] * 8})
+    )
+    hf.save_pretrained(tmp_path)
+    with pytest.raises(flexlab.ConfigError, match="rope_scaling type 'longrope' is not supported; supported: default"):
+        flexlab.Model.from_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    config["rope_parameters"] = {"rope_type": "dynamic", "rope_theta": 10000.0}  # no factor
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(flexlab.ConfigError, match="rope_scaling type 'dynamic' needs factor; add it to config.json"):
         flexlab.Model.from_pretrained(tmp_path)
 
 
