@@ -101,7 +101,10 @@ def _search_pipeline(args, config, hw, options: dict, one, save) -> int:
     if args.verbose:
         for t in found.tried:
             what = f"{t['throughput_tok_s']:.3g} tok/s" if t["throughput_tok_s"] else t["why"]
-            print(f"{t['gpu_batch_size']:>4}x{t['num_gpu_batches']:<3} groups {t['groups'] or '-'}: {what}")
+            split = "+".join(map(str, t["layers"]))
+            print(
+                f"layers {split} {t['gpu_batch_size']:>4}x{t['num_gpu_batches']:<3} groups {t['groups'] or '-'}: {what}"
+            )
     if save is not None:
         atomic_write(save, json.dumps(found.plan.to_dict(), indent=2))
         print(f"wrote {args.save_policy} (run it: flexlab generate --plan {args.save_policy} ...)")

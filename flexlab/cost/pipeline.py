@@ -30,11 +30,11 @@ left idle.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
 
 from flexlab.cost.hardware import HardwareProfile
 from flexlab.cost.model import CostModel
 from flexlab.engine.pipeline import PipelinePlan
+from flexlab.engine.policy import Policy
 from flexlab.engine.schedule import split_batches
 from flexlab.models.config import ModelConfig
 
@@ -167,26 +167,33 @@ def search_pipeline(
     **grid,
 ) -> PipelineSearchResult:
     """The fastest plan for ``num_ranks`` ranks, each with ``hw`` of its own (its GPU, host memory
-    and disk). Layers are split as given, else balanced by weight; for each block shape every
-    rank's placement and compression are searched over its share (``search_policy(layers=...)``,
-    ``grid``: its other options), and the plans are ranked by :func:`predict_pipeline`.
-    ``groups``: the groups of batches taking turns (default: each from 1 to the block's batches
-    is tried; it changes only the schedule, not what a rank holds)."""
+    and disk). For each block shape every rank's placement and compression are searched over its
+    share (``search_policy(layers=...)``, ``grid``: its other options), and the plans are ranked by
+    :func:`predict_pipeline`. Layers are split as given; else the search starts from the split
+    balanced by weight and then moves layers off the busiest rank, one at a time, while the
+    prediction improves (the head's matmul and the embedding's lookup cost different times for
+    the same bytes, and a rank's placement changes what its layers cost). ``groups``: the groups
+    of batches taking turns (default: each from 1 to the block's batches is tried; it changes
+    only the schedule, not what a rank holds). ``tried`` lists every plan priced (its layer
+    counts, shape, groups, tok/s) and every shape that fitted nowhere (why)."""
     import itertools
 
     from flexlab.cost.search import search_policy
     from flexlab.engine.pipeline import make_plan
     from flexlab.errors import FlexlabError
 
-    ranges = make_plan(config, num_ranks, layers=layers).layers  # checks num_ranks and layers first
-    counts = [len(r) for r in ranges]
-    best: tuple[PipelinePlan, PipelinePrediction] | None = None
-    tried = []
-    for bs, nb in itertools.product(batch_sizes, num_batches):
-        shape: dict[str, Any] = dict(batch_sizes=(bs,), num_batches=(nb,))
-        try:
-            policies = [
-                search_policy(
+    balanced = [len(r) for r in make_plan(config, num_ranks, layers=layers).layers]  # checks num_ranks, layers
+    picked: dict[tuple, Policy] = {}  # (first layer, last layer + 1, shape): a rank's pick, searched once
+    tried: list[dict] = []
+
+    def price(counts: list[int], bs: int, nb: int, group_options) -> tuple[PipelinePlan, PipelinePrediction]:
+        """The best plan of these layer counts and block shape over ``group_options``; raises
+        FlexlabError when nothing fits a rank (or too few batches for the groups)."""
+        policies = []
+        for r in make_plan(config, num_ranks, layers=counts).layers:
+            key = (r.start, r.stop, bs, nb)
+            if key not in picked:
+                picked[key] = search_policy(
                     config,
                     hw,
                     prompt_len=prompt_len,
@@ -195,19 +202,14 @@ def search_pipeline(
                     layers=r,
                     checkpoint_itemsize=checkpoint_itemsize,
                     refined=1,  # one shape's few candidates: refining the best is enough, and 3x faster
-                    **shape,
+                    batch_sizes=(bs,),
+                    num_batches=(nb,),
                     **grid,
                 ).policy
-                for r in ranges
-            ]
-            # every rank holds the whole block's cache whatever the groups: its pick stands for each
-            plans = [
-                make_plan(config, num_ranks, policies, counts, g) for g in ([groups] if groups else range(1, nb + 1))
-            ]
-        except FlexlabError as e:  # nothing fits a rank with this shape, or too few batches for the groups
-            tried.append(dict(gpu_batch_size=bs, num_gpu_batches=nb, groups=groups, throughput_tok_s=None, why=str(e)))
-            continue
-        for plan in plans:
+            policies.append(picked[key])
+        best = None
+        for g in group_options:  # every rank holds the whole block's cache whatever the groups
+            plan = make_plan(config, num_ranks, policies, counts, g)
             pred = predict_pipeline(
                 config,
                 plan,
@@ -217,20 +219,63 @@ def search_pipeline(
                 itemsize=itemsize,
                 checkpoint_itemsize=checkpoint_itemsize,
             )
-            tried.append(
-                dict(
-                    gpu_batch_size=bs,
-                    num_gpu_batches=nb,
-                    groups=plan.groups,
-                    throughput_tok_s=pred.throughput_tok_s,
-                    why="",
-                )
-            )
+            entry = dict(layers=counts, gpu_batch_size=bs, num_gpu_batches=nb, groups=g, why="")
+            tried.append({**entry, "throughput_tok_s": pred.throughput_tok_s})
             if best is None or pred.throughput_tok_s > best[1].throughput_tok_s:
                 best = (plan, pred)
+        assert best is not None, "no groups to try"
+        return best
+
+    best: tuple[PipelinePlan, PipelinePrediction] | None = None
+    for bs, nb in itertools.product(batch_sizes, num_batches):
+        try:
+            found = price(balanced, bs, nb, [groups] if groups else range(1, nb + 1))
+        except FlexlabError as e:  # nothing fits a rank with this shape, or too few batches for the groups
+            tried.append(
+                dict(
+                    layers=balanced,
+                    gpu_batch_size=bs,
+                    num_gpu_batches=nb,
+                    groups=groups,
+                    throughput_tok_s=None,
+                    why=str(e),
+                )
+            )
+            continue
+        if best is None or found[1].throughput_tok_s > best[1].throughput_tok_s:
+            best = found
     if best is None:
         raise FlexlabError(
             f"no plan of {num_ranks} ranks fits {config.name} (prompt {prompt_len}, gen {gen_len}) on {hw.name}: "
             f"{tried[-1]['why']}"
         )
+    if layers is None:
+        best = _rebalance(best, price, gen_len)
     return PipelineSearchResult(best[0], best[1], tried)
+
+
+def _rebalance(best, price, gen_len: int):
+    """Move one layer at a time from the busiest rank to a neighbour while the predicted throughput
+    rises (the best plan's block shape and groups kept); at most as many moves as layers."""
+    from flexlab.errors import FlexlabError
+
+    plan, pred = best
+    shape = (plan.policies[0].gpu_batch_size, plan.policies[0].num_gpu_batches)
+    for _ in range(sum(len(r) for r in plan.layers)):
+        counts = [len(r) for r in plan.layers]
+        busy = [r["prefill_group_s"] + max(gen_len - 1, 0) * r["decode_group_token_s"] for r in pred.ranks]
+        slow = max(range(len(counts)), key=busy.__getitem__)
+        moves = []
+        for to in (slow - 1, slow + 1):
+            if 0 <= to < len(counts) and counts[slow] > 1:
+                moved = list(counts)
+                moved[slow], moved[to] = moved[slow] - 1, moved[to] + 1
+                try:
+                    moves.append(price(moved, *shape, [plan.groups]))
+                except FlexlabError:  # the neighbour cannot hold another layer with this shape
+                    continue
+        better = max(moves, key=lambda m: m[1].throughput_tok_s, default=None)
+        if better is None or better[1].throughput_tok_s <= pred.throughput_tok_s * (1 + 1e-9):
+            break
+        plan, pred = better
+    return plan, pred

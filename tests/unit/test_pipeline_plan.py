@@ -83,6 +83,29 @@ def test_the_pipeline_search_holds_on_gpus_what_one_gpu_offloads():
     assert one.policy.w_gpu_percent < 100 and all(p.w_gpu_percent == 100 for p in two.plan.policies)
     assert two.prediction.throughput_tok_s > 2 * one.prediction.throughput_tok_s
     assert all(fits(r["footprint"], hw) for r in two.prediction.ranks)
-    # each number of groups tried for the one block shape; the best kept
-    assert [t["groups"] for t in two.tried] == [1, 2] and two.plan.groups in (1, 2)
+    # each number of groups tried for the one block shape (on the split balanced by weight); the best kept
+    balanced = [len(r) for r in split_layers(cfg, 2)]
+    assert [t["groups"] for t in two.tried if t["layers"] == balanced] == [1, 2] and two.plan.groups in (1, 2)
     assert max(t["throughput_tok_s"] for t in two.tried) == two.prediction.throughput_tok_s
+
+
+def test_the_pipeline_search_moves_layers_off_the_busiest_stage():
+    """Split by weight, the last stage of a resident OPT is the busiest (its head is a matmul over
+    the vocabulary; the first stage's copy of the table is only looked up): the search moves layers
+    to the first stage while the prediction improves, and beats the split it started from."""
+    from flexlab.cost import get_hardware, search_pipeline
+
+    cfg = get_preset("opt-1.3b")
+    grid = dict(prompt_len=64, gen_len=16, batch_sizes=(8,), num_batches=(2,), groups=2)
+    hw = get_hardware("colab-t4")
+    balanced = [len(r) for r in split_layers(cfg, 2)]
+    given = search_pipeline(cfg, hw, 2, layers=balanced, **grid)
+    found = search_pipeline(cfg, hw, 2, **grid)
+    counts = [len(r) for r in found.plan.layers]
+    assert counts[0] > balanced[0] and sum(counts) == cfg.num_layers
+    assert found.prediction.throughput_tok_s > given.prediction.throughput_tok_s
+    assert {tuple(t["layers"]) for t in given.tried} == {tuple(balanced)}  # a given split is kept as given
+    busy = [r["decode_group_token_s"] for r in found.prediction.ranks]
+    assert max(busy) / min(busy) < max(r["decode_group_token_s"] for r in given.prediction.ranks) / min(
+        r["decode_group_token_s"] for r in given.prediction.ranks
+    )
