@@ -278,8 +278,17 @@ def _check_finite(extremes: torch.Tensor) -> None:
         raise QuantError("quantize got NaN or inf values; they cannot be quantized")
 
 
+CHUNK_ELEMENTS = 4 << 20  # quantize works through a large tensor this many elements at a time
+
+
 def quantize(x: torch.Tensor, config: QuantConfig) -> QTensor:
-    """Quantize ``x`` (float16, bfloat16 or float32, at least 1-D) group-wise."""
+    """Quantize ``x`` (float16, bfloat16 or float32, at least 1-D) group-wise.
+
+    A tensor grouped along any dimension but its first is quantized in slices of its first
+    dimension of about :data:`CHUNK_ELEMENTS` (groups never cross them, so the result is the
+    same): the float32 temporaries stay that small, not several bytes per element of the whole
+    tensor (a 128k-token embedding table: gigabytes).
+    """
     if not x.is_floating_point() or x.ndim == 0:
         raise QuantError(
             f"quantize needs a floating-point tensor with at least one dimension, got "
@@ -287,6 +296,34 @@ def quantize(x: torch.Tensor, config: QuantConfig) -> QTensor:
         )
     if not -x.ndim <= config.group_dim < x.ndim:
         raise QuantError(f"QuantConfig.group_dim={config.group_dim} is out of range for a {x.ndim}-D tensor")
+    rows = _slice_rows(tuple(x.shape), config)
+    if rows >= len(x):
+        return _quantize(x, config)
+    out: list[torch.Tensor] = []  # codes, scale (and zero), allocated whole once the first slice shows their shapes
+    for i in range(0, len(x), rows):
+        part = _quantize(x[i : i + rows], config).tensors()
+        out = out or [t.new_empty((len(x), *t.shape[1:])) for t in part]
+        for whole, t in zip(out, part):
+            whole[i : i + rows] = t
+    return QTensor(out[0], out[1], out[2] if len(out) > 2 else None, config, tuple(x.shape), x.dtype)
+
+
+def _slice_rows(shape: tuple[int, ...], config: QuantConfig) -> int:
+    """How many of the first dimension's rows :func:`quantize` takes at once (all: no slicing)."""
+    if len(shape) == 1 or config.group_dim % len(shape) == 0:
+        return shape[0]
+    return max(1, CHUNK_ELEMENTS // max(1, torch.Size(shape[1:]).numel()))
+
+
+def quantize_workspace(shape: tuple[int, ...], config: QuantConfig) -> int:
+    """Bytes of temporaries :func:`quantize` holds at once for a tensor of ``shape``, besides its
+    input and its output: 9 per element of a slice (the float32 groups, their shifted and scaled
+    copy, the codes before packing)."""
+    rows = min(_slice_rows(shape, config), shape[0])
+    return 9 * rows * torch.Size(shape[1:]).numel()
+
+
+def _quantize(x: torch.Tensor, config: QuantConfig) -> QTensor:
     g = _to_groups(x, config.group_size, config.group_dim)
     sd = config.scale_dtype
     tiny = torch.finfo(sd).tiny  # a constant group gets this scale instead of zero: no division by zero

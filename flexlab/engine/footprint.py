@@ -32,7 +32,7 @@ from dataclasses import dataclass
 
 import torch
 
-from flexlab.compress import QuantConfig
+from flexlab.compress.quant import QuantConfig, quantize_workspace
 from flexlab.engine.kvcodec import KVCodec
 from flexlab.engine.placement import TIERS, cache_read_buffers, compresses, place_weights, split_by_share
 from flexlab.engine.policy import Policy
@@ -297,7 +297,8 @@ def placing_peak(
     on host tiers and the stage's weights waiting to be packed into its disk file, plus the
     weight being read — ``reading`` bytes per element: a checkpoint's tensor in its dtype and its
     converted copy (a checkpoint of unknown dtype: float32, the most); random weights are drawn
-    as float32 and scaled (8: two float32 copies) — and quantized (its float32 groups and codes).
+    as float32 and scaled (8: two float32 copies) — and quantized (from the converted copy, into its
+    codes, through :func:`quantize_workspace`'s temporaries).
     ``in_place``: uncompressed disk weights are read in place from a safetensors checkpoint, not
     read here. The token table comes first, before anything else is held: in small models it is
     this peak. Cached: the search prices thousands of policies that share a placement."""
@@ -311,9 +312,11 @@ def placing_peak(
             if not first or (tier == "disk" and in_place and cw is None):
                 continue  # placed by an earlier stage; read in place from the checkpoint
             qcfg = cw if compresses(spec, cw) else None
-            transient = max(reading, itemsize + 9) if qcfg is not None else reading
-            peak = max(peak, held + packing + spec.numel * transient)
             stored = sum(qcfg.part_nbytes(spec.shape)) if qcfg is not None else spec.numel * itemsize
+            transient = spec.numel * reading
+            if qcfg is not None:  # then quantized from its converted copy, slice by slice
+                transient = max(transient, spec.numel * itemsize + stored + quantize_workspace(spec.shape, qcfg))
+            peak = max(peak, held + packing + transient)
             if tier in host:
                 held += stored
             elif tier == "disk":

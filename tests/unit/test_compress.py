@@ -7,6 +7,7 @@ from hypothesis import strategies as st
 
 from flexlab.compress import CacheQuantConfig, QuantConfig, QuantError, dequantize, pack_bits, quantize, unpack_bits
 from flexlab.compress.packing import unit
+from flexlab.compress.quant import quantize_workspace
 
 BITS = [2, 3, 4, 8]
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -137,6 +138,40 @@ def test_qtensor_moves_and_rebuilds():
 def test_predicted_nbytes_equal_the_stored_bytes(bits, group_size, symmetric, shape, dim):
     cfg = QuantConfig(bits=bits, group_size=group_size, symmetric=symmetric, group_dim=dim % len(shape))
     assert cfg.nbytes(tuple(shape)) == quantize(torch.randn(shape), cfg).nbytes
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    bits=st.sampled_from(BITS),
+    group_size=st.sampled_from([1, 5, 32]),
+    symmetric=st.booleans(),
+    shape=st.lists(st.integers(1, 12), min_size=1, max_size=3),
+    dim=st.integers(0, 2),
+    chunk=st.integers(1, 200),
+)
+def test_slices_of_a_large_tensor_quantize_as_the_whole(bits, group_size, symmetric, shape, dim, chunk):
+    """A large tensor is quantized a slice of rows at a time (its temporaries that small): the same
+    codes, scales and zero points as at once, for every shape, grouping dimension and slice size."""
+    import flexlab.compress.quant as quant
+
+    cfg = QuantConfig(bits=bits, group_size=group_size, symmetric=symmetric, group_dim=dim % len(shape))
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(chunk)).to(torch.bfloat16)
+    whole = quantize(x, cfg)
+    with pytest.MonkeyPatch.context() as m:  # a fresh patch per example
+        m.setattr(quant, "CHUNK_ELEMENTS", chunk)
+        sliced = quantize(x, cfg)
+        workspace = quant.quantize_workspace(tuple(shape), cfg)
+    assert all(torch.equal(a, b) for a, b in zip(whole.tensors(), sliced.tensors()))
+    assert (sliced.shape, sliced.dtype) == (whole.shape, whole.dtype)
+    row = torch.Size(shape[1:]).numel()
+    sliced_rows = len(shape) > 1 and cfg.group_dim != 0
+    assert workspace == 9 * (min(shape[0], max(1, chunk // row)) * row if sliced_rows else x.numel())
+
+
+def test_quantizing_a_token_table_needs_a_slice_of_temporaries():
+    cfg = QuantConfig(bits=4, group_size=64)
+    assert quantize_workspace((128256, 4096), cfg) == 9 * (4 << 20)  # Llama-3's table: 36 MiB, not 4.7 GiB
+    assert quantize_workspace((128256, 4096), cfg.replace(group_dim=0)) == 9 * 128256 * 4096  # groups across rows
 
 
 @pytest.mark.parametrize("symmetric", [False, True])
