@@ -170,12 +170,14 @@ def decode_attention(
     query, new key/value and output move; ``keys``/``values`` then hold the other rows only.
     """
     if host is None:
+        assert keys is not None and values is not None, "no host rows and no cache on the device"
         return attend(q, torch.cat([keys, k_new], dim=2), torch.cat([values, v_new], dim=2), bias)
     first, count, host_k, host_v = host
     rows = slice(first, first + count)
     out = torch.empty_like(q)
     device_rows = [i for i in range(q.shape[0]) if not first <= i < first + count]
     if device_rows:
+        assert keys is not None and values is not None, "rows on the device without their cache"
         idx = torch.tensor(device_rows, device=q.device)
         out[idx] = attend(
             q[idx], torch.cat([keys, k_new[idx]], dim=2), torch.cat([values, v_new[idx]], dim=2), bias[idx]

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 from flexlab.errors import ConfigError
 from flexlab.models.config import ModelConfig
-from flexlab.models.family import ModelFamily, Weights, WeightSpec, token_ids_from_hf, token_ids_to_hf
+from flexlab.models.family import ModelFamily, Part, Weights, WeightSpec, token_ids_from_hf, token_ids_to_hf
 from flexlab.models.layers import layer_norm, linear
 
 PREFIX = "transformer."
@@ -49,7 +49,7 @@ def config_from_hf(hf: dict, name: str) -> ModelConfig:
         family="bloom",
         vocab_size=hf["vocab_size"],
         hidden_size=hidden,
-        num_layers=hf.get("n_layer", hf.get("num_hidden_layers")),
+        num_layers=hf.get("n_layer") or hf.get("num_hidden_layers") or 0,
         num_heads=heads,
         ffn_dim=4 * hidden,
         # ALiBi has no position table; 2048 is the length BLOOM was trained on.
@@ -81,14 +81,14 @@ def config_to_hf(cfg: ModelConfig) -> dict:
 
 
 # ---- weights ---------------------------------------------------------------------------------
-def _norm(name: str, size: int, layer: int | None, part: str) -> list[WeightSpec]:
+def _norm(name: str, size: int, layer: int | None, part: Part) -> list[WeightSpec]:
     return [
         WeightSpec(f"{name}.weight", (size,), layer, (part,), "ones"),
         WeightSpec(f"{name}.bias", (size,), layer, (part,), "zeros"),
     ]
 
 
-def _linear(name: str, rows: int, cols: int, layer: int | None, part: str) -> list[WeightSpec]:
+def _linear(name: str, rows: int, cols: int, layer: int | None, part: Part) -> list[WeightSpec]:
     return [
         WeightSpec(f"{name}.weight", (rows, cols), layer, (part,)),
         WeightSpec(f"{name}.bias", (rows,), layer, (part,), "zeros"),

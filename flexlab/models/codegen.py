@@ -20,7 +20,14 @@ import torch.nn.functional as F
 
 from flexlab.errors import ConfigError
 from flexlab.models.config import ModelConfig
-from flexlab.models.family import ModelFamily, Weights, WeightSpec, token_ids_from_hf, token_ids_to_hf
+from flexlab.models.family import (
+    ModelFamily,
+    Weights,
+    WeightSpec,
+    table_parts,
+    token_ids_from_hf,
+    token_ids_to_hf,
+)
 from flexlab.models.layers import layer_norm, rotate_leading_pairs
 
 PREFIX = "transformer."
@@ -43,7 +50,7 @@ def config_from_hf(hf: dict, name: str) -> ModelConfig:
         family="codegen",
         vocab_size=hf["vocab_size"],
         hidden_size=hidden,
-        num_layers=hf.get("n_layer", hf.get("num_hidden_layers")),
+        num_layers=hf.get("n_layer") or hf.get("num_hidden_layers") or 0,
         num_heads=heads,
         ffn_dim=hf.get("n_inner") or 4 * hidden,
         max_positions=hf.get("n_positions", hf.get("max_position_embeddings", 2048)),
@@ -89,8 +96,7 @@ def weight_specs(cfg: ModelConfig) -> list[WeightSpec]:
     """Every weight under its checkpoint name. The MLP's weights are read by the attention part
     (see the module docstring)."""
     h, f = cfg.hidden_size, cfg.ffn_dim
-    table_parts = ("embed", "head") if cfg.tie_word_embeddings else ("embed",)
-    specs = [WeightSpec(PREFIX + "wte.weight", (cfg.vocab_size, h), None, table_parts)]
+    specs = [WeightSpec(PREFIX + "wte.weight", (cfg.vocab_size, h), None, table_parts(cfg))]
     for i in range(cfg.num_layers):
         pre = f"{PREFIX}h.{i}."
         specs += [

@@ -45,7 +45,7 @@ class ModelConfig:
     head_dim: int = None  # type: ignore[assignment]  # None: hidden_size // num_heads (Qwen3 sets its own)
     max_positions: int = 2048
     # opt-350m embeds words in 512 dims and projects in/out of the 1024-dim residual stream.
-    word_embed_proj_dim: int | None = None
+    word_embed_proj_dim: int = None  # type: ignore[assignment]  # None: hidden_size
     # True: pre-LayerNorm (all OPT sizes but 350m). False: post-LayerNorm (opt-350m).
     do_layer_norm_before: bool = True
     enable_bias: bool = True

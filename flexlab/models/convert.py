@@ -93,8 +93,8 @@ def save_checkpoint(
                 os.replace(tmp / f"shard-{i}.safetensors", tmp / final)
                 weight_map.update(dict.fromkeys(tensors, final))
             (tmp / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
-        for name in COPIED if source_dir is not None else ():
-            if (source_dir / name).exists():
+        for name in COPIED:
+            if source_dir is not None and (source_dir / name).exists():
                 shutil.copy2(source_dir / name, tmp / name)
         if not (tmp / "config.json").exists():
             hf = model.family.config_to_hf(model.config)

@@ -92,6 +92,11 @@ class ModelFamily:
     position_bias: Callable[[ModelConfig, torch.Tensor], torch.Tensor] | None = None
 
 
+def table_parts(cfg: ModelConfig) -> tuple[Part, ...]:
+    """The parts the token table serves: the embedding, and the head too when it is tied."""
+    return ("embed", "head") if cfg.tie_word_embeddings else ("embed",)
+
+
 def part_weights(specs: list[WeightSpec], part: Part, layer: int | None = None) -> list[WeightSpec]:
     """The specs one part reads: ``part_weights(specs, "mlp", 3)``, ``part_weights(specs, "head")``."""
     return [s for s in specs if s.layer == layer and part in s.parts]

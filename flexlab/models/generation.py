@@ -67,7 +67,7 @@ def _token_ids(prompt, i: int, vocab_size: int) -> list[int]:
             raise PromptError(
                 f"prompt {i}, position {pos}: token id {t!r} is not an integer; pass ints in [0, {vocab_size - 1}]"
             )
-        if not 0 <= t < vocab_size:
+        if not 0 <= int(t) < vocab_size:
             raise PromptError(
                 f"prompt {i}, position {pos}: token id {t} is outside the vocabulary [0, "
                 f"{vocab_size - 1}]; check the tokenizer matches the model"

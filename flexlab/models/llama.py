@@ -26,7 +26,14 @@ import torch.nn.functional as F
 
 from flexlab.errors import ConfigError
 from flexlab.models.config import ModelConfig
-from flexlab.models.family import ModelFamily, Weights, WeightSpec, token_ids_from_hf, token_ids_to_hf
+from flexlab.models.family import (
+    ModelFamily,
+    Weights,
+    WeightSpec,
+    table_parts,
+    token_ids_from_hf,
+    token_ids_to_hf,
+)
 from flexlab.models.layers import linear, rms_norm, rotate_halves
 from flexlab.models.rope import ROPE_KEYS, is_dynamic, rope_frequencies
 
@@ -137,8 +144,7 @@ def weight_specs(cfg: ModelConfig) -> list[WeightSpec]:
     """Every weight under its checkpoint name."""
     h, f, d = cfg.hidden_size, cfg.ffn_dim, cfg.head_dim
     q, kv = cfg.num_heads * d, cfg.num_kv_heads * d
-    table_parts = ("embed", "head") if cfg.tie_word_embeddings else ("embed",)
-    specs = [WeightSpec("model.embed_tokens.weight", (cfg.vocab_size, h), None, table_parts)]
+    specs = [WeightSpec("model.embed_tokens.weight", (cfg.vocab_size, h), None, table_parts(cfg))]
     for i in range(cfg.num_layers):
         pre = f"model.layers.{i}."
         specs.append(WeightSpec(pre + "input_layernorm.weight", (h,), i, ("attention",), "ones"))

@@ -20,6 +20,7 @@ import struct
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -112,7 +113,7 @@ class CheckpointWeights(WeightSource):
         self.directory = Path(directory)
         self._file_of: dict[str, tuple[Path, str]] = {}  # spec name -> (file, name in that file)
         self._locations: dict[tuple[Path, str], TensorLocation] = {}
-        self._handles: dict[Path, object] = {}  # open safe_open handles, or mmapped .bin state dicts
+        self._handles: dict[Path, Any] = {}  # open safe_open handles, or mmapped .bin state dicts
         for path in _weight_files(self.directory):
             names = self._index_safetensors(path) if path.suffix == ".safetensors" else self._index_bin(path)
             for stored in names:

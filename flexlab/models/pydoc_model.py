@@ -61,7 +61,7 @@ class PydocRecipe:
             raise ConfigError(f"PydocRecipe.family={self.family!r}: the pydoc model comes as 'opt' or 'llama'")
 
     def config(self) -> ModelConfig:
-        shape = dict(
+        shape: dict = dict(
             vocab_size=self.vocab_size,
             hidden_size=self.hidden_size,
             num_layers=self.num_layers,

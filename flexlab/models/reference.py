@@ -12,7 +12,7 @@ import time
 import torch
 
 from flexlab.models.attention import attend, attention_bias
-from flexlab.models.family import ModelFamily, part_weights
+from flexlab.models.family import ModelFamily, Part, part_weights
 from flexlab.models.generation import (
     GenerationResult,
     Sampler,
@@ -31,7 +31,7 @@ class ReferenceRunner:
         self.family, self.config, self.device, self.dtype = family, config, device, dtype
         specs = family.weight_specs(config)
 
-        def load(part: str, layer: int | None = None) -> dict[str, torch.Tensor]:
+        def load(part: Part, layer: int | None = None) -> dict[str, torch.Tensor]:
             return {s.short: weights.get(s.name, dtype, device) for s in part_weights(specs, part, layer)}
 
         self.embed_w, self.head_w = load("embed"), load("head")
@@ -53,7 +53,8 @@ class ReferenceRunner:
         f, cfg = self.family, self.config
         s = tokens.shape[1]
         positions = positions_from_mask(valid)[:, start : start + s]
-        per_head = None if f.position_bias is None else (lambda positions: f.position_bias(cfg, positions))
+        by_key = f.position_bias
+        per_head = None if by_key is None else (lambda positions: by_key(cfg, positions))
         bias = attention_bias(valid, s, cfg.sliding_window, per_head)
         h = f.embed(self.embed_w, cfg, tokens, positions)
         for i, (attn_w, mlp_w) in enumerate(self.layers):
