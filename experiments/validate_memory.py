@@ -39,6 +39,16 @@ ROWS = {
     "prompt 512, all on disk, 16x4": ("opt-125m", None, [0, 0, 0, 0, 100, 0], {}, 512, (16, 4), False),
     "prompt 1024, batch 16": ("opt-125m", None, [0, 0, 100, 0, 100, 0], {}, 1024, (16, 1), False),
     "qwen2.5-0.5b (4 layers)": ("qwen2.5-0.5b", 4, [100, 0, 100, 0, 100, 0], {}, 256, (8, 2), False),
+    # a 136M-element token table quantized whole held ~11 bytes per element at once; in slices, the draw's 8
+    "qwen2.5-0.5b (2 layers), weights 4-bit": (
+        "qwen2.5-0.5b",
+        2,
+        [100, 0, 100, 0, 100, 0],
+        {"compress_weight": Q4},
+        64,
+        (8, 1),
+        False,
+    ),
     "bloom-560m (2 layers), prompt 512": ("bloom-560m", 2, [0, 0, 100, 0, 100, 0], {}, 512, (8, 1), False),
 }
 SMOKE = ("all resident", "weights on disk", "prompt 512")
