@@ -17,6 +17,7 @@ plain format below is used and the answer ends where the model starts the next h
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import Any
 
 SYSTEM = "A chat between a curious human and a knowledgeable artificial intelligence assistant."
 EXAMPLE = ("Hello! What can you do?", "As an AI assistant, I can answer questions and chat with you.")
@@ -106,7 +107,7 @@ class Chat:
         if self.templated:  # the template's turn ends with an end-of-sequence token
             eos = self.tokenizer.eos_token_id
             ids = dict.fromkeys(([] if eos is None else [int(eos)]) + list(self.eos_token_ids))
-            rules = dict(stop_token_ids=list(ids) or (), stop_strings=None)
+            rules: dict[str, Any] = dict(stop_token_ids=list(ids) or (), stop_strings=None)
         else:
             rules = dict(stop_strings=[stop])
         result = self.generate([self.prompt(message)], max_new_tokens=self.max_new_tokens, **rules, **self.sampling)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from typing import Any
 
 from flexlab.cli_args import (
     DTYPES,
@@ -26,7 +27,7 @@ def search(args: argparse.Namespace) -> int:
     save = out_file(args.save_policy, "--save-policy") if args.save_policy else None
     # the compute dtype the target runs (default float16, as on a GPU); a checkpoint's own dtype
     # is what its disk weights are read in
-    sizes = dict(itemsize=dtype_of(args.dtype).itemsize if args.dtype else 2)
+    sizes: dict[str, Any] = dict(itemsize=dtype_of(args.dtype).itemsize if args.dtype else 2)
     if args.preset:
         config = flexlab.get_preset(args.preset)
     else:
@@ -43,12 +44,15 @@ def search(args: argparse.Namespace) -> int:
             raise ValueError(f"--{k.split('_')[0]} capacity must be positive, got {v / 2**30:g} GiB")
     if args.memory_limit_gb is not None:  # the whole process on the host, as the engine checks it
         limit = memory_limit_from_args(args)
+        assert limit is not None, "a memory limit was given"
         caps.update(dict(cpu_memory=limit) if hw.has_link else dict(gpu_memory=limit / 2, cpu_memory=limit / 2))
     hw = hw.replace(**caps)
     options = args.compress.split(",") if args.compress else []
     # a KV layout (BITS:GROUP:LAYOUT) applies to the cache only
     weights = (None, *(flexlab.QuantConfig.parse(o) for o in options if o.count(":") < 2))
-    compress = dict(compress=weights, compress_cache=(None, *map(flexlab.CacheQuantConfig.parse, options)))
+    compress: dict[str, Any] = dict(
+        compress=weights, compress_cache=(None, *map(flexlab.CacheQuantConfig.parse, options))
+    )
     found = search_policy(
         config, hw, prompt_len=args.prompt_len, gen_len=args.gen_len, progress=args.pipeline == 1, **compress, **sizes
     )

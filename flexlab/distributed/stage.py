@@ -16,6 +16,7 @@ import dataclasses
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -52,10 +53,10 @@ class ModelSource:
             if isinstance(model.weights, RandomWeights):
                 return cls(config=model.config, seed=model.weights.seed, dtype=name, device_type=model.device.type)
             raise TypeError(f"a pipeline cannot rebuild a model whose weights are {type(model.weights).__name__}")
-        name = None if dtype is None else str(dtype).removeprefix("torch.")
+        dtype_name = None if dtype is None else str(dtype).removeprefix("torch.")
         if isinstance(model, str) and model in preset_names() and not Path(model).exists():
-            return cls(config=get_preset(model), dtype=name)
-        return cls(path=str(model), dtype=name)
+            return cls(config=get_preset(model), dtype=dtype_name)
+        return cls(path=str(model), dtype=dtype_name)
 
     def load(self, device: torch.device):
         from flexlab.models.model import Model
@@ -63,6 +64,7 @@ class ModelSource:
         dtype = None if self.dtype is None else getattr(torch, self.dtype)
         if self.path is not None:
             return Model.from_pretrained(self.path, dtype=dtype, device=device)
+        assert self.config is not None, "a ModelSource with neither a path nor a config"
         return Model.from_config(self.config, seed=self.seed, dtype=dtype, device=device)
 
 
@@ -88,7 +90,7 @@ class RankReport:
     events: list
     peaks: dict[str, int]
     memory: dict[str, dict[str, int]]
-    output: object = None  # the last rank's GenerationResult, or its scores
+    output: Any = None  # the last rank's GenerationResult, or its scores
     samples: list = field(default_factory=list)  # its timeline's memory samples
 
 
@@ -117,13 +119,13 @@ def run_rank(job: PipelineJob, rank: int, world: int) -> GenerationResult | list
             out = engine.generate(job.inputs, **job.options)
             report = RankReport(rank, out.timeline.events, engine.tracker.peaks(), out.memory, out, out.timeline.memory)
         else:
-            out = engine.score(job.inputs, **job.options)
-            report = RankReport(rank, [], engine.tracker.peaks(), engine.tracker.breakdown(), out)
+            scores = engine.score(job.inputs, **job.options)
+            report = RankReport(rank, [], engine.tracker.peaks(), engine.tracker.breakdown(), scores)
     if rank != world - 1:
         report.output = None  # only the last rank's head saw the tokens
-    gathered = [None] * world if rank == 0 else None
+    gathered: list[Any] | None = [None] * world if rank == 0 else None
     dist.gather_object(report, gathered, dst=0)
-    return merge(gathered, job.task) if rank == 0 else None
+    return merge(gathered, job.task) if gathered is not None else None
 
 
 def merge(reports: list[RankReport], task: str) -> GenerationResult | list:

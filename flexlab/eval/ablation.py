@@ -12,7 +12,7 @@ throughput. The first row is the uncompressed baseline the others are compared w
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from flexlab.compress import CacheQuantConfig, QuantConfig
@@ -52,6 +52,7 @@ class AblationSetting:
     def policy(self, base: Policy) -> Policy:
         if self.target == "none":
             return base
+        assert self.bits is not None and self.group_size is not None, f"{self.target} without bits and group size"
         q = QuantConfig(bits=self.bits, group_size=self.group_size)
         return base.replace(
             compress_weight=q if self.target in ("weights", "both") else None,
@@ -84,7 +85,7 @@ def run_ablation(
     sequences: list[list[int]],
     prompts: list[list[int]],
     gen_len: int = 16,
-    last_word: list[LastWordItem] = (),
+    last_word: Sequence[LastWordItem] = (),
     offload_dir=None,
     progress: bool = True,
     lm_eval_tasks: list | None = None,

@@ -9,6 +9,10 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from flexlab.models.generation import GenerationResult
 
 
 def token_agreement(reference: Sequence[Sequence[int]], other: Sequence[Sequence[int]]) -> float:
@@ -60,7 +64,9 @@ def last_word_items(
     return items
 
 
-def last_word_accuracy(generate: Callable[..., object], items: Sequence[LastWordItem], batch_size: int = 16) -> float:
+def last_word_accuracy(
+    generate: Callable[..., GenerationResult], items: Sequence[LastWordItem], batch_size: int = 16
+) -> float:
     """Share of items whose final word greedy decoding reproduces exactly.
 
     ``generate`` is ``Model.generate`` or an engine's (prompts, ``max_new_tokens=``) → a result

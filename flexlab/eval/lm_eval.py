@@ -23,6 +23,7 @@ import contextlib
 import time
 import warnings
 from collections import defaultdict
+from typing import Any
 
 from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
@@ -86,7 +87,9 @@ class FlexlabLM(TemplateLM):
             raise FlexlabError(f"{model.config.name} has no tokenizer: lm-eval's tasks are text")
         if policy is None:
             bs = gpu_batch_size or (batch_size if isinstance(batch_size, int) else 8)
-            shares = [float(x) for x in str(percent).replace(":", " ").split()] if percent else [100, 0, 100, 0, 100, 0]
+            shares = (
+                [float(x) for x in str(percent).replace(":", " ").split()] if percent else [100.0, 0, 100, 0, 100, 0]
+            )
             quant = {
                 name: kind.parse(str(spec))
                 for name, kind, spec in (
@@ -210,7 +213,7 @@ class FlexlabLM(TemplateLM):
                 new = int(kwargs.pop("max_gen_toks", self.max_gen_toks))
                 room = max(1, self.max_length - new)
                 prompts = [self.tok_encode(requests[i].args[0])[-room:] or [self.prefix_token_id] for i in members]
-                sampling = dict(do_sample=bool(kwargs.get("do_sample", False)))
+                sampling: dict[str, Any] = dict(do_sample=bool(kwargs.get("do_sample", False)))
                 if sampling["do_sample"]:
                     sampling.update(temperature=float(kwargs.get("temperature", 1.0)), seed=kwargs.get("seed"))
                 result = engine.generate(prompts, max_new_tokens=new, stop_strings=until, **sampling)

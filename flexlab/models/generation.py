@@ -11,6 +11,7 @@ import numbers
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -258,7 +259,7 @@ class GenerationResult:
     token_ids: list[list[int]]
     texts: list[str] | None
     metrics: dict[str, float] = field(default_factory=dict)
-    timeline: object | None = None
+    timeline: Any = None  # the engine's flexlab.timeline.Timeline (a floor above this one); None on the reference path
     memory: dict[str, dict[str, int]] = field(default_factory=dict)  # tier -> category -> bytes, at its peak
 
     def _repr_html_(self) -> str:

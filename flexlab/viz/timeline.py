@@ -159,7 +159,8 @@ def draw_gantt(
         bars = [(e.start * scale, max(e.duration * scale, 1e-6)) for e in mine]
         colors = [KIND_COLORS.get(e.kind, "grey") for e in mine]
         ax.broken_barh(bars, (y - 0.38, 0.76), facecolors=colors, edgecolor="white", linewidth=0.3)
-    token_starts, stage_starts = {}, {}
+    token_starts: dict[int, float] = {}
+    stage_starts: dict[tuple[int, int], float] = {}
     first_compute = next((timeline.lane_of(e) for e in events if e.lane == COMPUTE_LANE), None)  # rank 0's
     for e in events:
         if e.lane == COMPUTE_LANE:
@@ -175,14 +176,14 @@ def draw_gantt(
     shown = set(map(id, events))
     marked = [s for s in timeline.stalls() if id(s.after) in shown][:stalls]
     for s in marked:
-        y = row_of.get(timeline.lane_of(s.after))
-        if y is not None:  # the wait itself, shaded on the compute row
+        row = row_of.get(timeline.lane_of(s.after))
+        if row is not None:  # the wait itself, shaded on the compute row
             gap = ((s.after.start - s.waited) * scale, s.waited * scale)
-            ax.broken_barh([gap], (y - 0.45, 0.9), facecolors=STALL_COLOR, alpha=0.3, edgecolor=STALL_COLOR)
+            ax.broken_barh([gap], (row - 0.45, 0.9), facecolors=STALL_COLOR, alpha=0.3, edgecolor=STALL_COLOR)
         if s.cause is not None and timeline.lane_of(s.cause) in row_of:  # and what it waited on
-            y = row_of[timeline.lane_of(s.cause)]
+            cause_row = row_of[timeline.lane_of(s.cause)]
             bar = (s.cause.start * scale, max(s.cause.duration * scale, 1e-6))
-            ax.broken_barh([bar], (y - 0.45, 0.9), facecolors="none", edgecolors=STALL_COLOR, linewidth=1.5)
+            ax.broken_barh([bar], (cause_row - 0.45, 0.9), facecolors="none", edgecolors=STALL_COLOR, linewidth=1.5)
     ax.set_yticks(range(len(rows)), rows)
     ax.set_ylim(len(rows) - 0.5, -0.5)
     if not legend:

@@ -15,6 +15,7 @@ import contextlib
 import html
 import io
 from collections.abc import Callable
+from typing import Any
 
 from matplotlib.figure import Figure
 
@@ -35,7 +36,7 @@ def _bundle(widget, png: bytes, text: str) -> dict:
     """How an explorer shows itself: the live widget where widgets render (ipywidgets 7 and 8
     spell its view alike), and its current figure as a PNG beside it, which saved notebooks,
     GitHub and HTML exports show instead (they cannot run the widget)."""
-    data = {"text/plain": text, "image/png": base64.b64encode(png).decode("ascii")}
+    data: dict[str, Any] = {"text/plain": text, "image/png": base64.b64encode(png).decode("ascii")}
     if getattr(widget, "_view_name", None) is not None and getattr(widget, "comm", None) is not None:
         data[WIDGET_VIEW] = {"version_major": 2, "version_minor": 0, "model_id": widget.model_id}
     return data

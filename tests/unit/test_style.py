@@ -1,4 +1,4 @@
-"""The code's habits, checked: ruff's lint rules and its formatting, and mypy's types on the floors it covers
+"""The code's habits, checked: ruff's lint rules and its formatting, and mypy's types on the whole package
 (all configured in pyproject.toml)."""
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ def test_ruff(command):
 
 
 def test_mypy_finds_no_type_errors():
-    """The engine, compression, cost model and their data modules (``[tool.mypy] files``)."""
+    """Every module of the package (``[tool.mypy] files``)."""
     done = subprocess.run([sys.executable, "-m", "mypy"], cwd=ROOT, capture_output=True, text=True)
     assert "No module named mypy" not in done.stderr, "mypy is missing: pip install -e '.[dev]'"
     assert done.returncode == 0, "mypy found type errors:\n" + (done.stdout + done.stderr)[-3000:]
