@@ -258,7 +258,12 @@ def footprint(
         num_prompts=num_prompts or policy.block_size,
         num_layers=num_layers,
     )
-    reading = 8 if random_weights else (checkpoint_itemsize or 4) + itemsize
+    if random_weights:  # drawn in float32, then scaled
+        reading = 8
+    elif checkpoint_itemsize is not None:  # safetensors read into a tensor, converted if its dtype differs
+        reading = checkpoint_itemsize + (itemsize if checkpoint_itemsize != itemsize else 0)
+    else:  # a .bin's map pages and the copy taken out of them (float32 where the dtype is unknown)
+        reading = 4 + itemsize
     placing = placing_peak(
         config,
         tuple(stages),
@@ -295,9 +300,8 @@ def placing_peak(
 ) -> float:
     """Peak host bytes while the weights are placed, in the engine's order: those placed before
     on host tiers and the stage's weights waiting to be packed into its disk file, plus the
-    weight being read — ``reading`` bytes per element: a checkpoint's tensor in its dtype and its
-    converted copy (a checkpoint of unknown dtype: float32, the most); random weights are drawn
-    as float32 and scaled (8: two float32 copies) — and quantized (from the converted copy, into its
+    weight being read — ``reading`` bytes per element (see :func:`footprint`: the tensor as read
+    and its converted copy where the dtype differs) — and quantized (from the converted copy, into its
     codes, through :func:`quantize_workspace`'s temporaries).
     ``in_place``: uncompressed disk weights are read in place from a safetensors checkpoint, not
     read here. The token table comes first, before anything else is held: in small models it is

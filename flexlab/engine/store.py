@@ -155,11 +155,8 @@ class WeightStore:
             parts = [p.to(device) for p in parts]
             if tier == "cpu" and pin:
                 parts = [p.pin_memory() for p in parts]
-            elif parts[0].device.type == "cpu":
-                # A checkpoint's tensor may be a map of its file, i.e. page cache: under memory
-                # pressure the kernel drops it and reads it back by page faults, mid-compute.
-                # A copy in the process's own memory stays put.
-                parts = [p.clone() for p in parts]
+            elif parts[0].device.type == "cpu" and model.weights.maps(spec.name):
+                parts = [p.clone() for p in parts]  # out of the file's map, into memory that stays put
             w = PlacedWeight(spec, tier, tensors=parts, qt=qt)
         self.tracker.add(tier, "weights", w.nbytes)
         return w

@@ -67,7 +67,8 @@ class WeightSource:
         self.specs = {s.name: s for s in specs}
 
     def get(self, name: str, dtype: torch.dtype | None = None, device: str | torch.device = "cpu") -> torch.Tensor:
-        """The tensor ``name`` (a spec name), converted to ``dtype`` and moved to ``device``."""
+        """The tensor ``name`` (a spec name), converted to ``dtype`` and moved to ``device`` (a view
+        of a file's map where :meth:`maps` says so and nothing needed converting or moving)."""
         if name not in self.specs:
             raise KeyError(f"no weight named {name!r}")
         t = self._read(name)
@@ -76,6 +77,11 @@ class WeightSource:
     def location(self, name: str) -> TensorLocation | None:
         """The tensor's place on disk when it can be read directly, else None."""
         return None
+
+    def maps(self, name: str) -> bool:
+        """Whether :meth:`get` may hand out a view of a file's map (its pages are page cache: the
+        kernel may drop them and fault them back in mid-compute; keep a copy to hold them)."""
+        return False
 
     def _read(self, name: str) -> torch.Tensor:
         raise NotImplementedError
@@ -113,7 +119,8 @@ class CheckpointWeights(WeightSource):
         self.directory = Path(directory)
         self._file_of: dict[str, tuple[Path, str]] = {}  # spec name -> (file, name in that file)
         self._locations: dict[tuple[Path, str], TensorLocation] = {}
-        self._handles: dict[Path, Any] = {}  # open safe_open handles, or mmapped .bin state dicts
+        self._handles: dict[Path, Any] = {}  # mmapped .bin state dicts
+        self._read_from: set[Path] = set()  # safetensors files read so far (their pages: release_pages)
         for path in _weight_files(self.directory):
             names = self._index_safetensors(path) if path.suffix == ".safetensors" else self._index_bin(path)
             for stored in names:
@@ -212,24 +219,37 @@ class CheckpointWeights(WeightSource):
     def location(self, name: str) -> TensorLocation | None:
         return self._locations.get(self._file_of[name])
 
+    def maps(self, name: str) -> bool:
+        return self._file_of[name][0].suffix != ".safetensors"  # .bin files are mapped; safetensors read
+
     def _read(self, name: str) -> torch.Tensor:
         path, stored = self._file_of[name]
         if path.suffix != ".safetensors":
             return self._handles[path][stored]
-        if path not in self._handles:
-            from safetensors import safe_open
-
-            self._handles[path] = safe_open(str(path), framework="pt", device="cpu")
-        return self._handles[path].get_tensor(stored)
+        # Read into a tensor of its own: a map's pages would count beside the copy the engine
+        # keeps (twice the tensor at once), and would be faulted in again under memory pressure.
+        loc = self._locations[(path, stored)]
+        t = torch.empty(loc.shape, dtype=loc.dtype)
+        view = t.reshape(-1).view(torch.uint8).numpy().data
+        with open(path, "rb", buffering=0) as f:
+            f.seek(loc.offset)
+            done = 0
+            while done < loc.nbytes:  # a read returns at most ~2 GiB at a time
+                n = f.readinto(view[done:])
+                if not n:
+                    raise CheckpointError(f"{path} ended while reading {stored}; download or save it again")
+                done += n
+        self._read_from.add(path)
+        return t
 
     def close(self) -> None:
         self._handles.clear()
 
     def release_pages(self) -> None:
-        """Unmap the safetensors files (reopened on the next read) and drop their pages from the
-        page cache: under a memory limit those pages would otherwise be reclaimed under load."""
-        for path in [p for p in self._handles if p.suffix == ".safetensors"]:
-            del self._handles[path]
+        """Drop the pages of the safetensors files read so far from the page cache: under a
+        memory limit (which charges them) they would otherwise be reclaimed under load."""
+        for path in sorted(self._read_from):
+            self._read_from.discard(path)
             if hasattr(os, "posix_fadvise"):
                 fd = os.open(path, os.O_RDONLY)
                 try:

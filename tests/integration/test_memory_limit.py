@@ -140,3 +140,36 @@ def test_where_only_the_allocators_slack_breaks_the_limit_the_allocator_is_made_
     done = subprocess.run([sys.executable, "-c", LEAN], capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.strip().splitlines()[-1] == "1"  # it ran, and said so once
+
+
+PLACE = """
+import sys, torch, flexlab
+from flexlab.devices import resident_bytes
+from flexlab.engine.footprint import footprint
+from flexlab.engine.stage_cost import checkpoint_itemsize
+model = flexlab.Model.from_pretrained(sys.argv[1], dtype=torch.bfloat16)
+base = resident_bytes()
+policy = flexlab.Policy.from_percent([0, 100, 100, 0, 100, 0], gpu_batch_size=2, num_gpu_batches=1)
+with flexlab.Engine(model, policy) as engine:
+    held = engine.tracker.peaks()["cpu"]
+    peak = resident_bytes(peak=True) - base
+predicted = footprint(model.config, policy, on_cuda=False, itemsize=2, prompt_len=8, gen_len=2,
+                      checkpoint_itemsize=checkpoint_itemsize(model)).placing
+print(held, peak, predicted)
+"""
+
+
+def test_placing_a_checkpoint_holds_each_weight_once(tmp_path):
+    """Weights placed in memory from a safetensors checkpoint are read into tensors of their
+    own: placing peaks at the weights held (the largest, the 136M-element token table, is not in
+    memory twice, as a file map beside its copy), and the footprint predicts that peak."""
+    from flexlab.models.convert import save_checkpoint
+
+    config = flexlab.get_preset("qwen2.5-0.5b").replace(name="qwen-2-layers", num_layers=2)
+    save_checkpoint(flexlab.Model.from_config(config, seed=0, dtype=torch.bfloat16), tmp_path, dtype=torch.bfloat16)
+    done = subprocess.run([sys.executable, "-c", PLACE, str(tmp_path)], capture_output=True, text=True, cwd=ROOT)
+    assert done.returncode == 0, done.stderr[-2000:]
+    held, peak, predicted = (float(x) for x in done.stdout.split()[-3:])
+    table = config.vocab_size * config.hidden_size * 2
+    assert held > table and peak < held + 0.25 * table  # a map beside the copy would add the table again
+    assert abs(predicted - peak) < 0.1 * peak
