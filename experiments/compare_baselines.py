@@ -39,10 +39,13 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import pandas as pd
-
-from _common import cgroup_for, cpu_dtype, dd_direct_bandwidth, drop_page_cache, parse_config, write_results
+# A worker imports torch and flexlab only (pandas alone holds ~65 MiB, which would count against
+# the memory limit and the runtime base the engine measures at its start): the rest is imported
+# where the parent uses it.
+if TYPE_CHECKING:
+    import pandas as pd
 
 
 @dataclass
@@ -193,6 +196,8 @@ def worker(job: dict) -> dict:
 
 # ---- the parent: memory limits and the table ----------------------------------------------
 def run_job(job: dict, limit_bytes: int | None) -> dict:
+    from _common import cgroup_for, drop_page_cache
+
     cgroup, note = cgroup_for(limit_bytes)
     dropped = drop_page_cache()
     cmd = [sys.executable, __file__, "--worker", json.dumps(job)]
@@ -237,6 +242,8 @@ def run_job(job: dict, limit_bytes: int | None) -> dict:
 
 def plot_baselines(df: pd.DataFrame, title: str):
     """Bars per system and batch (flexlab: its policy spec), from the results table."""
+    import pandas as pd
+
     from flexlab.viz import plot_throughput
 
     def label(row) -> str:
@@ -272,9 +279,13 @@ def make_checkpoint(cfg: Config, directory: Path) -> Path:
 
 
 def main(cfg: Config) -> pd.DataFrame:
+    import pandas as pd
+
     from flexlab import Policy
     from flexlab.cost import calibrate, get_hardware
     from flexlab.errors import FlexlabError
+
+    from _common import cpu_dtype, dd_direct_bandwidth, write_results
 
     cfg.dtype = str(cpu_dtype(cfg.dtype)).removeprefix("torch.")  # named once: the jobs and the results say it
     if cfg.quick:
@@ -384,4 +395,6 @@ if __name__ == "__main__":
     if len(sys.argv) == 3 and sys.argv[1] == "--worker":
         print(json.dumps(worker(json.loads(sys.argv[2]))))
     else:
+        from _common import parse_config
+
         main(parse_config(Config, __doc__))
