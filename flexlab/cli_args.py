@@ -92,7 +92,7 @@ def add_pipeline_args(p: argparse.ArgumentParser) -> None:
         "--pipeline-layers",
         type=lambda v: [int(x) for x in v.replace(",", " ").split()],
         metavar='"L0 L1 ..."',
-        help="layers per stage (default: balanced by weight)",
+        help="layers per stage (default: the search balances them by predicted time; generate: by weight)",
     )
     g.add_argument(
         "--groups",
