@@ -183,7 +183,9 @@ def search_pipeline(
     from flexlab.errors import FlexlabError
 
     balanced = [len(r) for r in make_plan(config, num_ranks, layers=layers).layers]  # checks num_ranks, layers
-    picked: dict[tuple, Policy] = {}  # (first layer, last layer + 1, shape): a rank's pick, searched once
+    # A rank's pick, searched once per (its layer count, whether it holds the embedding and the
+    # head, block shape): a family's layers are alike, so ranks of one count in the middle share it.
+    picked: dict[tuple, Policy] = {}
     tried: list[dict] = []
 
     def price(counts: list[int], bs: int, nb: int, group_options) -> tuple[PipelinePlan, PipelinePrediction]:
@@ -191,7 +193,7 @@ def search_pipeline(
         FlexlabError when nothing fits a rank (or too few batches for the groups)."""
         policies = []
         for r in make_plan(config, num_ranks, layers=counts).layers:
-            key = (r.start, r.stop, bs, nb)
+            key = (len(r), r.start == 0, r.stop == config.num_layers, bs, nb)
             if key not in picked:
                 picked[key] = search_policy(
                     config,
