@@ -50,7 +50,13 @@ engine.generate([[2, 5, 6]] * 4, max_new_tokens=40)
 
 def run_until_inside(where: str, how: str, *args: str) -> subprocess.Popen:
     child = subprocess.Popen(
-        [sys.executable, "-c", CHILD, where, how, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        [sys.executable, "-c", CHILD, where, how, *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        # the default action for each signal, as a terminal's process has: a suite run under nohup
+        # would hand its SIGHUP-ignoring disposition down, and the child would outlive its SIGHUP
+        preexec_fn=lambda: [signal.signal(s, signal.SIG_DFL) for s in (signal.SIGTERM, signal.SIGHUP)],
     )
     for line in child.stdout:
         if line.strip() == "INSIDE":
