@@ -35,7 +35,7 @@ def test_cpu_tier_weights_are_pinned_and_copies_overlap_compute():
     model = flexlab.Model.from_config(cfg, seed=0, dtype=torch.float32, device="cuda")
     policy = Policy.from_percent([0, 100, 100, 0, 100, 0], gpu_batch_size=8, num_gpu_batches=4)
     with flexlab.Engine(model, policy) as engine:
-        assert all(p.is_pinned() for w in engine.weights.placed.values() if w.tier == "cpu" for p in w.parts)
+        assert all(p.is_pinned() for w in engine.weights.placed.values() if w.tier == "cpu" for p in w.tensors)
         result = engine.generate([[2] + list(range(10, 200))] * 32, max_new_tokens=4, stop_token_ids=None)
     s = result.timeline.summary()
     assert s["bytes[load weight]"] > 0 and s["io_hidden_s"] > 0
