@@ -76,6 +76,7 @@ class TimelineExplorer:
         self.image = w.Image(format="png")
         self.details, self.table = w.HTML(), w.HTML()
         self._quiet = False  # set while one control moves the others: a single redraw
+        self._span = (0.0, top)  # the selection's time span, which a zoom onto a stall stays inside
         for control in (self.tokens, self.stages, self.lanes):
             control.observe(self._on_selection, names="value")
         self.window.observe(lambda _: self._on_range(), names="value")
@@ -116,7 +117,8 @@ class TimelineExplorer:
         self._stalls = [s for s in self.timeline.stalls() if id(s.after) in shown][: self.STALLS_LISTED]
         with self._together():
             if chosen:
-                self.window.value = (min(e.start for e in chosen) * self.scale, max(e.end for e in chosen) * self.scale)
+                self._span = (min(e.start for e in chosen) * self.scale, max(e.end for e in chosen) * self.scale)
+                self.window.value = self._span
             self.stall.options = [("(longest stalls)", None)] + [
                 (self._label(s), i) for i, s in enumerate(self._stalls)
             ]
@@ -124,7 +126,8 @@ class TimelineExplorer:
             self._fit_event_slider()
 
     def _on_stall(self, change) -> None:
-        """Zoom onto a stall: the wait and the transfer it waited on, with as much again around."""
+        """Zoom onto a stall: the wait and the transfer it waited on, with as much again around,
+        within the selection's span (a zoom never shows more than the selection did)."""
         if self._quiet or change["new"] is None:
             return
         s = self._stalls[change["new"]]
@@ -132,7 +135,8 @@ class TimelineExplorer:
         hi = s.after.end
         pad = hi - lo
         with self._together():
-            self.window.value = (max(0.0, (lo - pad) * self.scale), min(self.window.max, (hi + pad) * self.scale))
+            first, last = self._span
+            self.window.value = (max(first, (lo - pad) * self.scale), min(last, (hi + pad) * self.scale))
             self._fit_event_slider()
             self.event.value = next((i for i, e in enumerate(self.visible()) if e is s.after), 0)
 

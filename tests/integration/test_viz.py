@@ -216,8 +216,15 @@ def test_timeline_explorer_zooms_onto_a_stall_and_shows_a_picture_when_saved(tim
     lo = min(longest.after.start - longest.waited, longest.cause.start if longest.cause else longest.after.start)
     shown = ex.window.value
     assert shown[0] <= lo * ex.scale + 1e-6 and longest.after.end * ex.scale <= shown[1] + 1e-6  # the stall is in view
+    assert whole[0] - 1e-6 <= shown[0] and shown[1] <= whole[1] + 1e-6  # and no more than the selection
     if 3 * (longest.after.end - lo) * ex.scale < whole[1] - whole[0]:  # its span and as much again either side
         assert shown[1] - shown[0] < whole[1] - whole[0]  # zoomed in
+    ex.tokens.value = (longest.after.token, longest.after.token)  # a narrower selection holding the stall
+    narrow = ex.window.value
+    ex.stall.value = next(i for i, s in enumerate(ex._stalls) if s is longest)
+    assert narrow[0] - 1e-6 <= ex.window.value[0] and ex.window.value[1] <= narrow[1] + 1e-6
+    ex.tokens.value = (0, timeline.events[-1].token)
+    ex.stall.value = 0
     assert ex.visible()[ex.event.value] is longest.after  # and the compute that waited is picked
     assert f"token {longest.after.token}" in ex.details.value
     ex.window.value = (whole[0], (whole[0] + whole[1]) / 2)
