@@ -13,6 +13,7 @@ import flexlab
 from flexlab import CacheQuantConfig, Policy, QuantConfig
 from flexlab.cost import CostModel, fits, get_hardware, search_policy
 from flexlab.cost.hardware import RUNTIME_BASE_CPU
+from flexlab.cost.search import HEADROOM
 from flexlab.engine.placement import place_weights
 from flexlab.engine.schedule import make_stages
 from flexlab.models.registry import weight_bytes
@@ -178,12 +179,15 @@ def test_search_finds_policies_off_the_lps_line():
     hand_policy = Policy.from_percent([0, 50, 100, 0, 100, 0], gpu_batch_size=8, num_gpu_batches=2)
     fp = CostModel(cfg, hand_policy, CPU_ONLY, prompt_len=64, gen_len=8, checkpoint_itemsize=2).footprint()
     besides = fp.host - fp.tracked["gpu"] - fp.tracked["cpu"]
-    limits = CPU_ONLY.replace(gpu_memory=0.3 * weights + 64 * 2**20, cpu_memory=0.3 * weights + besides)
+    room = 1 - HEADROOM  # the search keeps that share free: the limits leave it beside the hand-made policy
+    limits = CPU_ONLY.replace(
+        gpu_memory=(0.3 * weights + 64 * 2**20) / room, cpu_memory=(0.3 * weights + besides) / room
+    )
     shape = dict(batch_sizes=(8,), num_batches=(2,), compress=(None,), act_tiers=("gpu",), checkpoint_itemsize=2)
     hand = CostModel(cfg, hand_policy, limits, prompt_len=64, gen_len=8, checkpoint_itemsize=2).predict()
-    assert fits(hand.footprint, limits)
+    assert fits(hand.footprint, limits, HEADROOM)
     found = search_policy(cfg, limits, prompt_len=64, gen_len=8, **shape)
-    assert fits(found.prediction.footprint, limits)
+    assert fits(found.prediction.footprint, limits, HEADROOM)
     assert found.prediction.throughput_tok_s >= hand.throughput_tok_s
 
 

@@ -78,9 +78,9 @@ def test_the_searched_policy_runs_under_a_cgroup_limit_where_counting_only_the_e
 
     # opt-125m in float32 is 0.5 GB of weights; the process needs its runtime base besides (0.25-0.3 GiB,
     # depending on the machine), so the limit is set from this machine's base: the weights streamed
-    # from disk fit 0.42 GB above it, the weights held in memory do not
+    # from disk fit 0.48 GB above it (with the search's 10% headroom), the weights held in memory do not
     base = _runtime_base(torch.device("cpu"), torch.float32)
-    limit = int(base + 0.42e9)
+    limit = int(base + 0.48e9)
     cgroup = _cgroup(limit)
     if cgroup is None:
         pytest.skip("no memory cgroup can be made here (needs root and a cgroup memory controller)")
@@ -101,7 +101,7 @@ def test_the_searched_policy_runs_under_a_cgroup_limit_where_counting_only_the_e
         )  # fmt: skip
         assert found.returncode == 0, found.stdout + found.stderr
         policy = flexlab.Policy.from_dict(json.loads((tmp_path / "p.json").read_text()))
-        assert policy.w_disk_percent > 0  # 0.5 GB of weights do not fit 0.42 GB above the runtime
+        assert policy.w_disk_percent > 0  # 0.5 GB of weights do not fit 0.48 GB above the runtime
         prompt = " ".join(str(4 + i % 500) for i in range(127))
         run = ["generate", "--model", str(model), "--dtype", "float32", "--max-new-tokens", "8", "--json"]
         prompts = ["--prompt-ids", f"2 {prompt}"] * min(policy.block_size, 16)
