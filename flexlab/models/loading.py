@@ -248,8 +248,8 @@ class CheckpointWeights(WeightSource):
     def release_pages(self) -> None:
         """Drop the pages of the safetensors files read so far from the page cache: under a
         memory limit (which charges them) they would otherwise be reclaimed under load."""
-        for path in sorted(self._read_from):
-            self._read_from.discard(path)
+        paths, self._read_from = sorted(self._read_from), set()
+        for path in paths:
             if hasattr(os, "posix_fadvise"):
                 fd = os.open(path, os.O_RDONLY)
                 try:

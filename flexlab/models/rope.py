@@ -33,8 +33,10 @@ ROPE_KEYS = {  # the parameters each scaling needs
 }
 
 
+@functools.lru_cache(maxsize=32)
 def is_dynamic(scaling: tuple | None) -> bool:
-    """Whether the frequencies depend on the call's length (only ``dynamic`` does)."""
+    """Whether the frequencies depend on the call's length (only ``dynamic`` does); asked by
+    every layer at every step, so answered once per scaling."""
     return dict(scaling or ()).get("rope_type") == "dynamic"
 
 
