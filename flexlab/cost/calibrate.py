@@ -25,6 +25,7 @@ from flexlab.compress import QuantConfig, dequantize, quantize
 from flexlab.cost.hardware import RUNTIME_BASE_CPU, RUNTIME_BASE_CUDA, HardwareProfile
 from flexlab.devices import device_and_dtype
 from flexlab.engine.tiers import DiskFiles, aligned_empty
+from flexlab.errors import FlexlabError
 from flexlab.models.attention import attend
 
 
@@ -47,6 +48,12 @@ def _best(fn: Callable[[], object], repeats: int, device: torch.device) -> float
 def _disk(directory: Path, size: int, repeats: int, write: bool = True) -> tuple[float, float, float]:
     """Write and O_DIRECT read bandwidth of a fresh file (bytes/s), and the latency of one small
     read (seconds: 64 KiB reads at scattered offsets, their transfer time taken off)."""
+    try:  # the engine makes its offload directory, so the probe of it does too
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise FlexlabError(
+            f"cannot make the offload directory {directory} to probe the disk ({e}): pass another one"
+        ) from e
     path = directory / "flexlab-calibrate.bin"
     data = torch.randint(0, 255, (size,), dtype=torch.uint8)
     try:

@@ -29,12 +29,13 @@ from typing import Any
 from flexlab.cost.hardware import HardwareProfile
 from flexlab.cost.prediction import Prediction
 from flexlab.engine.footprint import Footprint, footprint, kv_codecs
-from flexlab.engine.placement import TIERS, split_by_share
+from flexlab.engine.placement import TIERS, split_by_share, tied_front
 from flexlab.engine.policy import Policy
 from flexlab.engine.schedule import make_stages, share_of
 from flexlab.engine.stage_cost import price_weights
 from flexlab.errors import FlexlabError
 from flexlab.models.config import ModelConfig
+from flexlab.models.registry import get_family
 
 
 class CostModel:
@@ -89,6 +90,11 @@ class CostModel:
         self.weight_bytes = dict(weight_bytes)  # stored bytes per tier (the cached original stays as it was)
         self.codecs = dict(zip("kv", kv_codecs(config, policy, itemsize)))
         self.layers, self.checkpoint_itemsize = layers, checkpoint_itemsize
+
+    def tied_front(self) -> float | None:
+        """The weight percent that puts the tied weights alone on the cpu tier, where that
+        matters to the read buffers (see :func:`~flexlab.engine.placement.tied_front`)."""
+        return tied_front(get_family(self.config.family).weight_specs(self.config), self.stages)
 
     # ---- bytes --------------------------------------------------------------------------
     def _blocks(self) -> list[list[dict[str, int]]]:

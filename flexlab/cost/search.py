@@ -45,7 +45,7 @@ class SearchResult:
 
 
 # Placements whose predictions the LP interpolates between: (w_gpu, w_cpu, cache_gpu, cache_cpu).
-EXTREMES = {
+EXTREMES: dict[str, tuple[float, float, float, float]] = {
     "base": (100, 0, 100, 0),
     "w_disk": (0, 0, 100, 0),
     "w_cpu": (0, 100, 100, 0),
@@ -60,16 +60,45 @@ def _features(pred: Prediction) -> np.ndarray:
     return np.array(busy + [pred.peak_bytes[t] for t in ("gpu", "cpu", "disk")])
 
 
-def _solve_shares(base: Policy, predict, hw: HardwareProfile, margin: float) -> np.ndarray | None:
+def _extremes(front: float | None) -> dict[str, tuple[float, float, float, float]]:
+    """:data:`EXTREMES`, or with ``front`` (a weight percent: see
+    :meth:`CostModel.tied_front`) those of the placements that keep the tied weights on the cpu
+    tier: the weights' zero point is then ``front`` percent on the cpu tier, the rest on disk,
+    and the weights' one point all on the cpu tier."""
+    if front is None:
+        return EXTREMES
+    return {
+        "base": (0, 100, 100, 0),
+        "w_disk": (0, front, 100, 0),
+        "w_cpu": (0, 100, 100, 0),
+        "c_disk": (0, 100, 0, 0),
+        "c_cpu": (0, 100, 0, 100),
+    }
+
+
+def _percents(x: np.ndarray, keep: float, front: float | None) -> tuple[float, ...]:
+    """The LP's shares, scaled by ``keep`` (what is not kept goes to disk), as a policy's
+    ``(w_gpu, w_cpu, cache_gpu, cache_cpu)`` percents (see :func:`_extremes` for ``front``)."""
+    wg, wc, cg, cc = (max(0.0, round(float(v) * keep * 100, 1)) for v in x)  # max: no -0.0
+    if front is not None:  # wc is the share of what lies past the tied weights
+        wg, wc = 0.0, round(front + wc * (100 - front) / 100, 1)
+    return wg, min(wc, 100 - wg), cg, min(cc, 100 - cg)
+
+
+def _solve_shares(
+    base: Policy, predict, hw: HardwareProfile, margin: float, front: float | None = None
+) -> np.ndarray | None:
     """The LP over ``(wg, wc, cg, cc, T)``; the shares as fractions, or None if nothing fits.
 
     Each feature is interpolated linearly from the extremes: with ``B`` all on gpu and ``E_*``
     one part moved wholly to one tier, ``f(x) = K + wg (B − E_wd) + wc (E_wc − E_wd)
     + cg (B − E_cd) + cc (E_cc − E_cd)`` with ``K = E_wd + E_cd − B``. Capacities are reduced by
-    ``margin`` because the engine places whole tensors, not exact shares.
+    ``margin`` because the engine places whole tensors, not exact shares. With ``front`` the
+    extremes are :func:`_extremes`' and ``wg`` is held at 0 (the gpu share would come first,
+    before the tied weights).
     """
     f = {}
-    for name, (wg, wc, cg, cc) in EXTREMES.items():
+    for name, (wg, wc, cg, cc) in _extremes(front).items():
         policy = base.replace(w_gpu_percent=wg, w_cpu_percent=wc, cache_gpu_percent=cg, cache_cpu_percent=cc)
         pred = predict(policy)
         f[name] = _features(pred)
@@ -99,7 +128,11 @@ def _solve_shares(base: Policy, predict, hw: HardwareProfile, margin: float) -> 
     # keeping things on gpu, then cpu.
     eps = 1e-4 * max(const[0], 1e-9)
     res = linprog(
-        c=[-2 * eps, -eps, -2 * eps, -eps, 1.0], A_ub=a_ub, b_ub=b_ub, bounds=[(0, 1)] * 4 + [(0, None)], method="highs"
+        c=[-2 * eps, -eps, -2 * eps, -eps, 1.0],
+        A_ub=a_ub,
+        b_ub=b_ub,
+        bounds=[(0, 0 if front is not None else 1)] + [(0, 1)] * 3 + [(0, None)],
+        method="highs",
     )
     return res.x[:4] if res.status == 0 else None
 
@@ -244,6 +277,7 @@ def search_policy(
 
     candidates, found_all = [], []
     smallest: Footprint | None = None
+    fronts_by_sep = {sep: model(Policy(sep_layer=sep)).tied_front() for sep in sep_layer}
     for bs, nb, act, cw, cc, on_cpu, sep in tqdm(grid, desc="policy search", disable=not progress):
         base = Policy(
             gpu_batch_size=bs,
@@ -255,31 +289,31 @@ def search_policy(
             cpu_cache_compute=on_cpu,
             sep_layer=sep,
         )
-        found = None
-        x = _solve_shares(base, predict, hw, margin=HEADROOM + 0.03)
-        # The LP interpolates memory linearly, but whole tensors are placed and read buffers follow
-        # the largest stage: if the exact footprint overshoots, move shares to disk step by step.
-        for keep in (1.0, 0.9, 0.75, 0.5, 0.25, 0.0):
-            if x is None:
-                break
-            wg, wc, cg, cc = (max(0.0, round(float(v) * keep * 100, 1)) for v in x)  # max: no -0.0
-            policy = base.replace(
-                w_gpu_percent=wg,
-                w_cpu_percent=min(wc, 100 - wg),
-                cache_gpu_percent=cg,
-                cache_cpu_percent=min(cc, 100 - cg),
-            )
-            pred = predict(policy)
-            if fits(pred.footprint, hw, HEADROOM):
-                found = (policy, pred)
-                break
-        if found is None:
-            least = model(base.replace(w_gpu_percent=0, cache_gpu_percent=0)).footprint()
-            if smallest is None or least.host + least.device < smallest.host + smallest.device:
-                smallest = least
-            continue
-        found_all.append(found)
-        candidates.append(_candidate(*found))
+        # Read buffers follow the largest stage, so memory is not linear in the weights' shares
+        # where a tied token table outweighs the layers: all on disk, it takes two buffers of its
+        # size. A second LP then keeps it on the cpu tier and shares out the rest.
+        fronts = dict.fromkeys([None, fronts_by_sep[sep]])
+        for front in fronts:
+            found = None
+            x = _solve_shares(base, predict, hw, margin=HEADROOM + 0.03, front=front)
+            # The LP interpolates memory linearly, but whole tensors are placed and read buffers
+            # follow the largest stage: if the exact footprint overshoots, move shares to disk.
+            for keep in (1.0, 0.9, 0.75, 0.5, 0.25, 0.0):
+                if x is None:
+                    break
+                wg, wc, cg, cc = _percents(x, keep, front)
+                policy = base.replace(w_gpu_percent=wg, w_cpu_percent=wc, cache_gpu_percent=cg, cache_cpu_percent=cc)
+                pred = predict(policy)
+                if fits(pred.footprint, hw, HEADROOM):
+                    found = (policy, pred)
+                    break
+            if found is None:
+                least = model(base.replace(w_gpu_percent=0, w_cpu_percent=front or 0, cache_gpu_percent=0)).footprint()
+                if smallest is None or least.host + least.device < smallest.host + smallest.device:
+                    smallest = least
+                continue
+            found_all.append(found)
+            candidates.append(_candidate(*found))
     if not found_all:
         memory = (
             f"gpu {hw.gpu_memory / 2**30:.1f} GiB, cpu {hw.cpu_memory / 2**30:.1f} GiB"

@@ -11,6 +11,7 @@ ones, so a prediction cannot drift from what the engine does. Nothing here holds
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 
 from flexlab.compress import QuantConfig
@@ -80,6 +81,38 @@ def cache_read_buffers(on_cpu: bool, disk_sequences: int, sequence_bytes: int) -
     return ahead, 2 * (ahead + 1) if on_cpu else 2, disk_sequences * sequence_bytes + 2 * ALIGN
 
 
+def _readers(
+    specs: list[WeightSpec], stages: list[Stage]
+) -> tuple[list[list[WeightSpec]], dict[str, WeightSpec], list[WeightSpec]]:
+    """Per stage the weights it reads; every weight by name; those read by several stages."""
+    by_part = specs_by_part(specs)
+    per_stage = [[s for part in stage.parts for s in by_part.get((part, stage.layer), [])] for stage in stages]
+    unique = {s.name: s for mine in per_stage for s in mine}
+    readers = Counter(name for mine in per_stage for name in {s.name for s in mine})
+    return per_stage, unique, [s for s in unique.values() if readers[s.name] > 1]
+
+
+def tied_front(specs: list[WeightSpec], stages: list[Stage]) -> float | None:
+    """The weight percent that the weights read by several stages take at the front of the
+    model's bytes (see :func:`place_weights`), when they outweigh every other stage; else None.
+
+    With ``w_cpu_percent`` at this value (and none on the gpu) the tied weights sit on the cpu
+    tier and everything else on disk. That matters when a token table is the largest thing a
+    stage reads (BLOOM's 250k rows, tied): on disk it sizes both read buffers, so all-disk needs
+    more memory than the table on the cpu tier with the layers on disk.
+    """
+    per_stage, unique, tied = _readers(specs, stages)
+    if not tied:
+        return None
+    names = {s.name for s in tied}
+    largest_other = max((sum(s.numel for s in mine if s.name not in names) for mine in per_stage), default=0)
+    tied_numel = sum(s.numel for s in tied)
+    if tied_numel <= largest_other:
+        return None
+    # just past the tied weights' bytes, rounded up to the 0.1% a policy's percents are kept to
+    return math.ceil(1000 * tied_numel / sum(s.numel for s in unique.values()) + 1e-9) / 10
+
+
 def place_weights(
     specs: list[WeightSpec], stages: list[Stage], w_gpu_percent: float, w_cpu_percent: float
 ) -> list[list[tuple[WeightSpec, str, bool]]]:
@@ -97,11 +130,7 @@ def place_weights(
     the layers (position embeddings, final norm) are split on their own by the midpoint rule, so
     their large tensors do not unbalance the layers.
     """
-    by_part = specs_by_part(specs)
-    per_stage = [[s for part in stage.parts for s in by_part.get((part, stage.layer), [])] for stage in stages]
-    unique = {s.name: s for mine in per_stage for s in mine}
-    readers = Counter(name for mine in per_stage for name in {s.name for s in mine})
-    tied = [s for s in unique.values() if readers[s.name] > 1]
+    per_stage, unique, tied = _readers(specs, stages)
     everything = sum(s.numel for s in unique.values())
     rest = everything - sum(s.numel for s in tied)
     placed = dict(

@@ -191,6 +191,35 @@ def test_search_finds_policies_off_the_lps_line():
     assert found.prediction.throughput_tok_s >= hand.throughput_tok_s
 
 
+def test_search_keeps_a_large_tied_table_in_memory_when_all_on_disk_does_not_fit():
+    """BLOOM's tied 250k-row table outweighs any layer: with every weight on disk both read
+    buffers take its size, so all-disk needs more RAM than the table on the cpu tier with the
+    layers on disk. A limit between the two must still find a policy: the latter kind."""
+    cfg = flexlab.get_preset("bloom-560m")
+    grid = dict(batch_sizes=(8,), num_batches=(1,), act_tiers=("gpu",), checkpoint_itemsize=2)
+
+    def host(w_cpu: float) -> float:
+        policy = Policy.from_percent([0, w_cpu, 0, 0, 100, 0], gpu_batch_size=8)
+        return CostModel(cfg, policy, CPU_ONLY, prompt_len=32, gen_len=8, checkpoint_itemsize=2).footprint().host
+
+    front = CostModel(cfg, Policy(), CPU_ONLY, prompt_len=32, gen_len=8).tied_front()
+    assert front is not None and 40 < front < 50  # the table is 46% of bloom-560m's weights
+    all_disk, table_in_memory = host(0), host(front)
+    assert table_in_memory < 0.8 * all_disk
+    ram = (table_in_memory + all_disk) / 2 / (1 - HEADROOM)
+    limits = CPU_ONLY.replace(gpu_memory=ram / 2, cpu_memory=ram / 2)
+    found = search_policy(cfg, limits, prompt_len=32, gen_len=8, **grid)
+    assert fits(found.prediction.footprint, limits, HEADROOM)
+    assert found.policy.w_cpu_percent + found.policy.w_gpu_percent >= front
+    placed = place_weights(
+        flexlab.models.registry.get_family(cfg.family).weight_specs(cfg),
+        make_stages(cfg.num_layers, found.policy.sep_layer),
+        found.policy.w_gpu_percent,
+        found.policy.w_cpu_percent,
+    )
+    assert {tier for stage in placed for spec, tier, _ in stage if {"embed", "head"} <= set(spec.parts)} == {"cpu"}
+
+
 def test_bad_input_is_refused_clearly():
     cfg = flexlab.get_preset("opt-1.3b")
     with pytest.raises(flexlab.FlexlabError, match="no policy fits opt-1.3b"):
@@ -225,6 +254,16 @@ def test_hardware_profiles_round_trip_and_calibrate_runs(tmp_path):
     (tmp_path / "old.json").write_text(json.dumps(old))
     with pytest.raises(flexlab.FlexlabError, match=r"missing: \['cache_transfer_overhead_s'\].*calibrate"):
         get_hardware(tmp_path / "old.json")
+
+
+def test_refresh_makes_its_probe_directory_and_refuses_one_it_cannot_make(tmp_path):
+    from flexlab.cost import refresh
+
+    hw = refresh(CPU_ONLY, device="cpu", offload_dir=tmp_path / "not" / "yet")
+    assert hw.disk_read_bw > 1e6 and (tmp_path / "not" / "yet").is_dir()
+    (tmp_path / "file").write_text("")
+    with pytest.raises(flexlab.FlexlabError, match="cannot make the offload directory .*file/sub"):
+        refresh(CPU_ONLY, device="cpu", offload_dir=tmp_path / "file" / "sub")
 
 
 def test_calibrate_warns_instead_of_dividing_by_noise():
