@@ -216,6 +216,20 @@ def _refine(found: tuple[Policy, Prediction], predict, hw: HardwareProfile) -> t
     return best
 
 
+def _first_fit(base: Policy, front: float | None, predict, hw: HardwareProfile) -> tuple[Policy, Prediction] | None:
+    """The LP's shares for ``base``'s shape, or None if none fit. The LP interpolates memory
+    linearly, but whole tensors are placed and read buffers follow the largest stage: where the
+    exact footprint overshoots, the shares move to disk step by step."""
+    x = _solve_shares(base, predict, hw, margin=HEADROOM + 0.03, front=front)
+    for keep in (1.0, 0.9, 0.75, 0.5, 0.25, 0.0) if x is not None else ():
+        wg, wc, cg, cc = _percents(x, keep, front)
+        policy = base.replace(w_gpu_percent=wg, w_cpu_percent=wc, cache_gpu_percent=cg, cache_cpu_percent=cc)
+        pred = predict(policy)
+        if fits(pred.footprint, hw, HEADROOM):
+            return policy, pred
+    return None
+
+
 def search_policy(
     config: ModelConfig,
     hw: HardwareProfile,
@@ -292,21 +306,8 @@ def search_policy(
         # Read buffers follow the largest stage, so memory is not linear in the weights' shares
         # where a tied token table outweighs the layers: all on disk, it takes two buffers of its
         # size. A second LP then keeps it on the cpu tier and shares out the rest.
-        fronts = dict.fromkeys([None, fronts_by_sep[sep]])
-        for front in fronts:
-            found = None
-            x = _solve_shares(base, predict, hw, margin=HEADROOM + 0.03, front=front)
-            # The LP interpolates memory linearly, but whole tensors are placed and read buffers
-            # follow the largest stage: if the exact footprint overshoots, move shares to disk.
-            for keep in (1.0, 0.9, 0.75, 0.5, 0.25, 0.0):
-                if x is None:
-                    break
-                wg, wc, cg, cc = _percents(x, keep, front)
-                policy = base.replace(w_gpu_percent=wg, w_cpu_percent=wc, cache_gpu_percent=cg, cache_cpu_percent=cc)
-                pred = predict(policy)
-                if fits(pred.footprint, hw, HEADROOM):
-                    found = (policy, pred)
-                    break
+        for front in dict.fromkeys([None, fronts_by_sep[sep]]):
+            found = _first_fit(base, front, predict, hw)
             if found is None:
                 least = model(base.replace(w_gpu_percent=0, w_cpu_percent=front or 0, cache_gpu_percent=0)).footprint()
                 if smallest is None or least.host + least.device < smallest.host + smallest.device:

@@ -24,7 +24,7 @@ from flexlab.devices import available_memory, resident_bytes
 from flexlab.engine.block import BlockRun
 from flexlab.engine.context import BlockContext, Peers
 from flexlab.engine.executor import Executor
-from flexlab.engine.footprint import LEAN_SLACK, footprint, lean_allocator
+from flexlab.engine.footprint import LEAN_ABOVE, LEAN_SLACK, footprint, lean_allocator
 from flexlab.engine.heads import GenerateHead, Head, ScoreHead, TeacherHead
 from flexlab.engine.policy import Policy, PolicyError
 from flexlab.engine.schedule import make_stages, share_of
@@ -195,18 +195,19 @@ class Engine:
             runtime_base=self._base,
             random_weights=isinstance(self.model.weights, RandomWeights),
         )
-        if self._lean:
-            fp = fp.with_slack(LEAN_SLACK)
-        problem = fp.over_limit(self.memory_limit)
-        if problem is not None and fp.with_slack(LEAN_SLACK).over_limit(self.memory_limit) is None and lean_allocator():
+        # glibc's default heap keeps freed blocks for reuse, beyond what the slack model says on
+        # long runs (see LEAN_ABOVE): where that could reach the limit, blocks go back at once.
+        if not self._lean and fp.host > LEAN_ABOVE * self.memory_limit and lean_allocator():
             self._lean = True
             warnings.warn(
                 f"memory is tight ({fp.host / 2**30:.2f} GiB predicted, limit {self.memory_limit / 2**30:.2f} "
                 "GiB): flexlab now returns freed memory to the system at once (glibc's M_MMAP_THRESHOLD "
-                "fixed at 1 MiB; prefills run ~20-30% slower on a CPU)",
+                "fixed at 1 MiB; runs ~10-30% slower on a CPU)",
                 stacklevel=3,
             )
-            problem = None
+        if self._lean:
+            fp = fp.with_slack(LEAN_SLACK)
+        problem = fp.over_limit(self.memory_limit)
         if problem is not None:
             raise MemoryLimitError(problem)
 

@@ -140,6 +140,13 @@ def _mlp_width(config: ModelConfig) -> int:
 # ---- the process ---------------------------------------------------------------------------
 ALLOCATOR_SLACK = 2.0  # resident growth per byte of workspace with glibc's default thresholds (measured)
 LEAN_SLACK = 1.0  # the same with lean_allocator()
+# Above this share of a memory limit the engine makes the allocator lean. With the default one the
+# heap's retained blocks grow over a run with the cache rows and activations moved through it, not
+# only with the largest step: bloom-1b7 (float32, cache on disk, prompt 32) peaked at 3.8-4.0 GiB
+# against 2.93 predicted at 64x1 and at 4.93 against 3.24 at 64x8 (killed under a 4 GB cgroup); with
+# lean_allocator() at 2.65-2.68 against 2.75 (64x1), 2-15% slower (2026-12-03). The slack model holds
+# for the lean allocator; for the default one it was off by up to +52%, hence about 1 / 1.65.
+LEAN_ABOVE = 0.6
 
 
 @dataclass(frozen=True)
