@@ -236,6 +236,40 @@ def test_the_command_line_runs_a_pipeline_and_prints_json(launcher):
     assert "rank 1: layers 1-1" in printed["policy"]
 
 
+def test_torchrun_on_two_nodes_runs_one_pipeline():
+    """Several machines, as torchrun joins them: two launchers (``--nnodes 2``, node ranks 0 and
+    1, one process each, a static rendezvous on this machine's loopback) make one pipeline; each
+    process is local rank 0 of its node. Rank 0 prints the result, the other node prints nothing."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    args = ["generate", "--preset", "opt-tiny", "--dtype", "float32", "--prompt-ids", "2 5 6", "--prompt-ids", "2 7"]
+    args += ["--max-new-tokens", "3", "--json"]
+    launch = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1"]
+    launch += ["--master-addr", "127.0.0.1", "--master-port", str(port)]
+    nodes = [
+        subprocess.Popen(
+            [*launch, "--node-rank", str(node), "-m", "flexlab", *args],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for node in (0, 1)
+    ]
+    try:
+        outs = [n.communicate(timeout=120) for n in nodes]
+    finally:
+        for n in nodes:
+            n.kill()
+    assert [n.returncode for n in nodes] == [0, 0], [err[-2000:] for _, err in outs]
+    printed = [[line for line in out.splitlines() if line.startswith("{")] for out, _ in outs]
+    assert len(printed[0]) == 1 and printed[1] == []
+    model = flexlab.Model.from_config("opt-tiny", seed=0, dtype=torch.float32)
+    assert json.loads(printed[0][0])["token_ids"] == model.generate([[2, 5, 6], [2, 7]], max_new_tokens=3).token_ids
+
+
 def test_the_search_plans_a_pipeline_that_generate_runs(tmp_path):
     """``search --pipeline 2 --save-policy`` writes one policy per stage; ``generate --plan`` runs
     exactly that plan and gives the reference tokens."""
