@@ -221,7 +221,9 @@ def _first_fit(base: Policy, front: float | None, predict, hw: HardwareProfile) 
     linearly, but whole tensors are placed and read buffers follow the largest stage: where the
     exact footprint overshoots, the shares move to disk step by step."""
     x = _solve_shares(base, predict, hw, margin=HEADROOM + 0.03, front=front)
-    for keep in (1.0, 0.9, 0.75, 0.5, 0.25, 0.0) if x is not None else ():
+    if x is None:
+        return None
+    for keep in (1.0, 0.9, 0.75, 0.5, 0.25, 0.0):
         wg, wc, cg, cc = _percents(x, keep, front)
         policy = base.replace(w_gpu_percent=wg, w_cpu_percent=wc, cache_gpu_percent=cg, cache_cpu_percent=cc)
         pred = predict(policy)
