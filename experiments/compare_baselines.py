@@ -292,8 +292,7 @@ def main(cfg: Config) -> pd.DataFrame:
         cfg.preset, cfg.prompt_len, cfg.gen_len, cfg.transformers_batch = "opt-tiny", 8, 4, 4
         cfg.accelerate_batches, cfg.memory_limit_gb = "4", 0.0
         cfg.flexlab_policies = "disk-w cpu-cache 2x2;disk-w cpu-cache4bit 2x2;search"
-    if cfg.work_dir:  # made if missing (it keeps the checkpoint for the next run)
-        Path(cfg.work_dir).mkdir(parents=True, exist_ok=True)
+    Path(cfg.work_dir or ".").mkdir(parents=True, exist_ok=True)  # made if missing: it keeps the checkpoint
     with tempfile.TemporaryDirectory(prefix="flexlab-baselines-", dir=cfg.work_dir or None) as work:
         work = Path(work)
         ckpt = make_checkpoint(cfg, Path(cfg.work_dir) if cfg.work_dir else work)  # kept there for the next run
