@@ -54,3 +54,4 @@ class BlockContext:
     check_space: Callable[[float, str], None]  # raises OffloadError if the disk lacks the bytes
     peers: Peers | None = None  # a pipeline rank's neighbours; ``stages`` are then its share
     groups: int = 1  # groups of batches that take turns (see block_schedule)
+    lean: bool = False  # hand freed heap memory back after every token (see footprint.lean_allocator)

@@ -14,6 +14,7 @@ releases them on ``close()`` — also after an exception or Ctrl-C inside the ``
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import shutil
 import tempfile
@@ -338,7 +339,7 @@ class Engine:
         longest = max(len(seq) for batch in head.prefill_ids() for seq in batch)
         self._check_memory(longest, head.num_tokens, len(head.ids))
         try:
-            return BlockRun(self._context, head).run()
+            return BlockRun(dataclasses.replace(self._context, lean=self._lean), head).run()
         except BaseException:
             if self._executor is not None and self._executor.settled:
                 self.weights.reset()

@@ -188,6 +188,9 @@ class Executor:
         lane = LANES[step.kind]
         handler = self.handlers[step.kind]
         deps = [self.futures[d] for d in step.deps]
+        for d, f in zip(step.deps, deps):
+            if d[0] in OUTPUTS and f.done():  # this load is a store's only reader: drop the finished
+                del self.futures[d]  # one now, or every store of the run would be kept until its end
         # A transfer that moves nothing (its data already on the compute device) runs right here,
         # on the compute stream: a thread hand-off and a stream sync would cost more than it does.
         inline = self.handlers.get("inline", _never)(step)
