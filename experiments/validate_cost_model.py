@@ -138,23 +138,29 @@ def main(cfg: Config) -> pd.DataFrame:
     with tempfile.TemporaryDirectory(prefix="flexlab-validate-") as offload:
         for name, (percent, extra) in policies.items():
             rows.append(measure(name, policy_of(percent, extra), offload))
-        search_note = "not run (smoke)"
+        search_note, found = "not run (smoke)", None
         if not cfg.smoke:
             weights = weight_bytes(model.config, itemsize)
+            # the host limit is over the process's runtime base: the search counts the whole process
             limited = hw.replace(
-                gpu_memory=cfg.limit_fraction * weights + 64 * 2**20, cpu_memory=cfg.limit_fraction * weights
+                gpu_memory=cfg.limit_fraction * weights + 64 * 2**20,
+                cpu_memory=cfg.limit_fraction * weights + hw.runtime_base_bytes,
             )
-            found = search_policy(
-                model.config,
-                limited,
-                prompt_len=cfg.prompt_len,
-                gen_len=cfg.gen_len,
-                itemsize=itemsize,
-                batch_sizes=(cfg.gpu_batch_size,),
-                num_batches=(cfg.num_gpu_batches,),
-                compress=(None,),
-                act_tiers=("gpu",),
-            )
+            try:
+                found = search_policy(
+                    model.config,
+                    limited,
+                    prompt_len=cfg.prompt_len,
+                    gen_len=cfg.gen_len,
+                    itemsize=itemsize,
+                    batch_sizes=(cfg.gpu_batch_size,),
+                    num_batches=(cfg.num_gpu_batches,),
+                    compress=(None,),
+                    act_tiers=("gpu",),
+                )
+            except flexlab.FlexlabError as e:  # the policy table above still counts; say why the search did not
+                found, search_note = None, f"search found nothing: {e}"
+        if found is not None:
             rows.append(measure("searched (limits)", found.policy, offload))
             within = [r for r in rows[:-1] if fits(measured_peaks[r["policy"]], limited.replace(disk_space=math.inf))]
             best = max(within, key=lambda r: r["measured_tok_s"]) if within else None
