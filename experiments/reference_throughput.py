@@ -37,11 +37,14 @@ def hf_model_with_same_weights(model, dtype, device):
 
     from flexlab.models.opt import config_to_hf
 
-    hf = OPTForCausalLM(OPTConfig(**config_to_hf(model.config))).to(dtype=dtype)
+    with torch.device("meta"):  # no random init: it took a minute for opt-1.3b on two cores
+        hf = OPTForCausalLM(OPTConfig(**config_to_hf(model.config), dtype=dtype))
     state = {"model." + name: model.weights.get(name, dtype) for name in model.weights.specs}
-    missing, unexpected = hf.load_state_dict(state, strict=False)
+    missing, unexpected = hf.load_state_dict(state, strict=False, assign=True)
     assert not unexpected and set(missing) <= {"lm_head.weight"}, (missing, unexpected)
     hf.tie_weights()
+    left = [name for name, t in [*hf.named_parameters(), *hf.named_buffers()] if t.is_meta]
+    assert not left, f"weights left uninitialised: {left}"
     return hf.to(device).eval()
 
 
@@ -92,6 +95,7 @@ def main(cfg: Config) -> pd.DataFrame:
             if device.type == "cuda":
                 torch.cuda.synchronize()
             seconds = time.perf_counter() - t0
+            print(f"round {rep}{' (warm-up)' if not rep else ''}: {name} {seconds:.2f} s", flush=True)
             if rep:
                 rows.append(
                     dict(system=name, repeat=rep, seconds=seconds, tokens_per_s=cfg.batch * cfg.gen_len / seconds)

@@ -65,6 +65,7 @@ class Config:
     hardware: str = ""  # a saved profile (JSON) instead of calibrating now
     repeats: int = 3  # runs per policy (medians are compared)
     smoke: bool = False  # three policies, no search: for CI
+    policies: str = ""  # only these of POLICIES, separated by ";" (default: all)
     out_dir: str = "experiments/results"
 
 
@@ -73,6 +74,13 @@ def main(cfg: Config) -> pd.DataFrame:
     from flexlab.cost import CostModel, calibrate, fits, get_hardware, refresh, search_policy
     from flexlab.viz import plot_predicted_vs_measured
 
+    policies = dict(list(POLICIES.items())[:3]) if cfg.smoke else dict(POLICIES)
+    if cfg.policies:
+        chosen = [name.strip() for name in cfg.policies.split(";")]
+        unknown = [name for name in chosen if name not in POLICIES]
+        if unknown:
+            raise SystemExit(f"--policies: unknown {unknown}; choose from {list(POLICIES)}")
+        policies = {name: POLICIES[name] for name in chosen}
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = cpu_dtype(cfg.dtype) if device.type == "cpu" else torch.float16
     hw = get_hardware(cfg.hardware) if cfg.hardware else calibrate(device=device, dtype=dtype, quick=cfg.smoke)
@@ -80,7 +88,6 @@ def main(cfg: Config) -> pd.DataFrame:
     n = cfg.gpu_batch_size * cfg.num_gpu_batches
     prompts = [[2] + [10 + (i * 7 + j) % 5000 for j in range(cfg.prompt_len - 1)] for i in range(n)]
     itemsize = dtype.itemsize
-    policies = dict(list(POLICIES.items())[:3]) if cfg.smoke else dict(POLICIES)
 
     def policy_of(percent, extra) -> flexlab.Policy:
         return policy_from(percent, extra, gpu_batch_size=cfg.gpu_batch_size, num_gpu_batches=cfg.num_gpu_batches)
@@ -116,6 +123,7 @@ def main(cfg: Config) -> pd.DataFrame:
             probed_dequant_G_s=now.dequant_elems / 1e9,
         )
         row["throughput_error"] = row["predicted_tok_s"] / row["measured_tok_s"] - 1
+        print(f"{name}: {row['measured_tok_s']:.1f} tok/s measured, {row['predicted_tok_s']:.1f} predicted", flush=True)
         for tier in ("gpu", "cpu", "disk"):
             row[f"measured_peak_{tier}"] = result.metrics[f"peak_bytes_{tier}"]
             row[f"predicted_peak_{tier}"] = pred.peak_bytes[tier]

@@ -294,7 +294,7 @@ def calibrate(
     )
     step("cpu attention")
     if device.type == "cuda":
-        size = 64 << 20 * scale
+        size = (64 << 20) * scale
         pinned = torch.empty(size, dtype=torch.uint8, pin_memory=True)
         pageable = torch.empty(size, dtype=torch.uint8)
         results["link_pinned_bw"] = size / _best(lambda: pinned.to(device, non_blocking=True), repeats, device)
