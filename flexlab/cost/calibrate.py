@@ -83,12 +83,24 @@ def _disk(directory: Path, size: int, repeats: int, write: bool = True) -> tuple
         path.unlink(missing_ok=True)
 
 
-def _dequant_rate(device: torch.device, dtype: torch.dtype, repeats: int) -> float:
-    """Elements/s dequantizing a layer's worth of opt-125m-shaped 4-bit matrices, as the engine does."""
+def _dequant_rates(device: torch.device, dtype: torch.dtype, repeats: int) -> tuple[float, float]:
+    """(elements/s, seconds per matrix) dequantizing 4-bit matrices as the engine does, fitted to
+    two layers' worth of matrices: opt-125m's shape and one 2x (CPU) or 4x (GPU) as wide. Time is
+    calls x a fixed cost + elements / rate: on a GPU the small layer is mostly the fixed cost
+    (kernel launches), so a rate from it alone was 5x too slow for opt-1.3b's matrices."""
     g = torch.Generator().manual_seed(0)
-    shapes = [(768, 768)] * 4 + [(3072, 768), (768, 3072)]
-    qs = [quantize(torch.randn(s, generator=g).to(device, dtype), QuantConfig(bits=4, group_size=64)) for s in shapes]
-    return sum(q.numel for q in qs) / _best(lambda: [dequantize(q, dtype) for q in qs], repeats, device)
+    cfg = QuantConfig(bits=4, group_size=64)
+
+    def layer(h: int) -> tuple[int, float]:
+        shapes = [(h, h)] * 4 + [(4 * h, h), (h, 4 * h)]
+        qs = [quantize(torch.randn(s, generator=g).to(device, dtype), cfg) for s in shapes]
+        return sum(q.numel for q in qs), _best(lambda: [dequantize(q, dtype) for q in qs], repeats, device)
+
+    (small, t_small), (large, t_large) = layer(768), layer(768 * (4 if device.type == "cuda" else 2))
+    rate = _difference_rate(large - small, t_large, t_small, "dequantization's rate per element")
+    if rate is None:  # within noise: the large layer alone, no fixed cost
+        return large / t_large, 0.0
+    return rate, max(0.0, t_small - small / rate) / 6
 
 
 def refresh(
@@ -103,7 +115,8 @@ def refresh(
     measurement should use rates probed next to it."""
     device, dtype = device_and_dtype(device, dtype)
     read, _, latency = _disk(Path(offload_dir or tempfile.gettempdir()), 64 << 20, 3, write=False)
-    return hw.replace(disk_read_bw=read, disk_latency_s=latency, dequant_elems=_dequant_rate(device, dtype, 3))
+    rate, call = _dequant_rates(device, dtype, 3)
+    return hw.replace(disk_read_bw=read, disk_latency_s=latency, dequant_elems=rate, dequant_call_s=call)
 
 
 def _engine_seconds(
@@ -194,12 +207,25 @@ def _difference_rate(work: float, slow: float, fast: float, what: str) -> float 
     return None
 
 
-def _codec_rate(device: torch.device, dtype: torch.dtype, hidden: int) -> float:
+def _codec_rate(device: torch.device, dtype: torch.dtype, hidden: int, tokens: int = 256) -> float:
     """Elements/s quantizing and dequantizing a batch of cache rows with nothing beside it."""
     g = torch.Generator().manual_seed(0)
-    rows = torch.randn(8, 256, hidden, generator=g).to(device, dtype)
+    rows = torch.randn(8, tokens, hidden, generator=g).to(device, dtype)
     cfg = QuantConfig(bits=4, group_size=64)
     return 2 * rows.numel() / _best(lambda: dequantize(quantize(rows, cfg), dtype), 3, device)
+
+
+def _codec_rates_on_gpu(device: torch.device, dtype: torch.dtype, hidden: int) -> tuple[float, float]:
+    """(elements/s, seconds per call) of the KV codec on a GPU, fitted to batches of 64 and 1024
+    cached tokens: there a call's launches, not its elements, dominate the engine's small batches
+    (the engine-difference probe, made for a CPU's cores, gave 0.18 G elements/s on an H200)."""
+    small, large = 2 * 8 * 64 * hidden, 2 * 8 * 1024 * hidden  # elements a quantize + dequantize touch
+    t_small = small / _codec_rate(device, dtype, hidden, 64)
+    t_large = large / _codec_rate(device, dtype, hidden, 1024)
+    rate = _difference_rate(large - small, t_large, t_small, "the KV codec's rate per element")
+    if rate is None:
+        return large / t_large, 0.0
+    return rate, max(0.0, t_small - small / rate) / 2
 
 
 _BASE_PROBE = """
@@ -307,7 +333,7 @@ def calibrate(
         directory, (128 if quick else 512) << 20, repeats
     )
     step("disk")
-    results["dequant_elems"] = _dequant_rate(device, dtype, repeats)
+    results["dequant_elems"], results["dequant_call_s"] = _dequant_rates(device, dtype, repeats)
 
     step("dequantize")
     (
@@ -316,6 +342,8 @@ def calibrate(
         results["cache_transfer_overhead_s"],
         results["kv_codec_elems"],
     ) = _step_overheads(device, dtype, directory)
+    if device.type == "cuda":  # the difference beside the lanes is a CPU's measure; a GPU's codec is launch-bound
+        results["kv_codec_elems"], results["kv_codec_call_s"] = _codec_rates_on_gpu(device, dtype, 768)
     step("step overhead")
     results["runtime_base_bytes"] = _runtime_base(device, dtype)
     step("runtime base")

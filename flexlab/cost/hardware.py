@@ -39,9 +39,15 @@ class HardwareProfile:
         cpu_attention_bw: the same, on the CPU (``cpu_cache_compute``).
         link_pinned_bw, link_pageable_bw: host→device copies (inf without a GPU).
         disk_read_bw, disk_write_bw: without the page cache (O_DIRECT).
-        dequant_elems: elements per second of weights dequantized on the device.
+        dequant_elems: elements per second of weights dequantized on the device (the marginal
+            rate: what one more element costs in a large matrix).
+        dequant_call_s: fixed cost of dequantizing one matrix (its kernels' launches and
+            temporaries; on a GPU an opt-125m-sized matrix costs mostly this). Profiles saved
+            before it existed load with 0.
         kv_codec_elems: elements per second of KV cache rows quantized or dequantized, as the
             engine achieves it while its lanes run beside it.
+        kv_codec_call_s: fixed cost of one quantize or dequantize call on a batch's keys or values
+            in one layer (on a GPU, launches dominate: measured apart from the rate there).
         step_overhead_s: fixed cost of one scheduled compute step (Python, kernel launches).
         transfer_overhead_s: fixed cost of a transfer step handed to a lane thread (it competes
             with the compute for the interpreter and the cores).
@@ -74,6 +80,8 @@ class HardwareProfile:
     cpu_memory: float
     disk_space: float
     runtime_base_bytes: float = RUNTIME_BASE_CPU
+    dequant_call_s: float = 0.0
+    kv_codec_call_s: float = 0.0
 
     def __post_init__(self) -> None:
         for f in fields(self):

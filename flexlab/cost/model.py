@@ -174,6 +174,7 @@ class CostModel:
                 st.matmul_params,
                 tuple(st.w_bytes[t] for t in TIERS),
                 st.dequant_elems,
+                st.dequant_mats,
                 st.row_table,
                 st.batch_dequant_elems,
                 st.elementwise,
@@ -200,7 +201,7 @@ class CostModel:
         disk += w_disk / hw.disk_read_bw
         if link:  # cpu weights cross the link, and disk weights too on their way to the GPU
             lnk += w_cpu / (hw.link_pinned_bw if p.pin_weight else hw.link_pageable_bw) + w_disk / hw.link_pinned_bw
-        compute += st.dequant_elems / hw.dequant_elems
+        compute += st.dequant_elems / hw.dequant_elems + st.dequant_mats * hw.dequant_call_s
         if w_disk or w_cpu:  # a load on a lane (else inline)
             compute += hw.transfer_overhead_s
         if w_disk:  # one request: the stage's packed file
@@ -275,6 +276,7 @@ class CostModel:
             # host with cpu_cache_compute are decoded there; charged at the same rate: not calibrated apart)
             if codec.config is not None:
                 compute += b * (rows + new_rows) * codec.chunk * self.config.kv_dim / hw.kv_codec_elems
+                compute += ((rows > 0) + (new_rows > 0)) * hw.kv_codec_call_s  # a decode and a quantize call
         return compute, disk, lnk, moved
 
     # ---- memory ------------------------------------------------------------------------

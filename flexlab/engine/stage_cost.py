@@ -31,6 +31,7 @@ class StageCost:
     # fresh tensors a load of the stage makes (with a GPU: every weight not on it, as loaded; on
     # a CPU: disk weights read in place whose dtype is not the compute dtype, converted)
     copies: tuple[int, int] = (0, 0)  # (with a link, without)
+    dequant_mats: int = 0  # the matrices behind dequant_elems (each costs a fixed time too: its kernels' launches)
 
 
 @functools.lru_cache(maxsize=256)
@@ -96,6 +97,7 @@ def price_weights(
                 per_batch,
                 elementwise,
                 (copies[0], copies[1]),
+                dequant_mats=len(mats) if deq else 0,
             )
         )
         packed_bytes.append(packed)

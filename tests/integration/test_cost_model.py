@@ -132,6 +132,34 @@ def test_prediction_explains_the_bottleneck():
     assert no_overlap.total_s > on_disk.total_s
 
 
+def test_each_dequantized_matrix_costs_a_fixed_time_once_per_stage_and_token():
+    """On a GPU a small matrix's dequantization is mostly kernel launches: the model charges
+    ``dequant_call_s`` per matrix, once per stage and token (a load serves every batch)."""
+    from flexlab.engine.stage_cost import price_weights
+
+    cfg = flexlab.get_preset("opt-125m")
+    policy = Policy(gpu_batch_size=4, num_gpu_batches=2, compress_weight=QuantConfig(bits=4, group_size=64))
+    hw = get_hardware("h100")
+    times = [
+        CostModel(cfg, policy, hw.replace(dequant_call_s=call), prompt_len=16, gen_len=4).predict().total_s
+        for call in (0.0, 1e-3)
+    ]
+    stages = tuple(make_stages(cfg.num_layers, policy.sep_layer))
+    priced, _, _ = price_weights(cfg, stages, 100.0, 0.0, policy.compress_weight, 2)
+    per_layer = [st.dequant_mats for st in priced if st.parts in (("attention",), ("mlp",))][:2]
+    assert per_layer == [4, 2]  # q, k, v, out; fc1, fc2
+    assert times[1] - times[0] == pytest.approx(4 * sum(st.dequant_mats for st in priced) * 1e-3, rel=1e-6)
+    # the KV codec likewise, per layer, batch and keys/values: the prompt is quantized in one call,
+    # then each decode step dequantizes the cache and quantizes its new token (groups run along the
+    # hidden size: every token is a row of its own)
+    policy = Policy(gpu_batch_size=4, num_gpu_batches=2, compress_cache=CacheQuantConfig(bits=4, group_size=64))
+    times = [
+        CostModel(cfg, policy, hw.replace(kv_codec_call_s=call), prompt_len=128, gen_len=4).predict().total_s
+        for call in (0.0, 1e-3)
+    ]
+    assert times[1] - times[0] == pytest.approx((1 + 2 * 3) * cfg.num_layers * 2 * 2 * 1e-3, rel=1e-6)
+
+
 @pytest.mark.parametrize("compress", [None, QuantConfig(bits=4, group_size=64)])
 def test_search_respects_capacities_and_keeps_compression(compress):
     cfg = flexlab.get_preset("opt-6.7b")
@@ -246,6 +274,7 @@ def test_hardware_profiles_round_trip_and_calibrate_runs(tmp_path):
 
     hw = calibrate(quick=True, progress=False, offload_dir=tmp_path)
     assert hw.matmul_flops > 1e9 and hw.disk_read_bw > 1e6 and not hw.has_link and 0 < hw.step_overhead_s < 0.1
+    assert hw.dequant_elems > 1e6 and 0 <= hw.dequant_call_s < 0.1
     hw.save(tmp_path / "hw.json")
     assert get_hardware(tmp_path / "hw.json") == hw
     assert list(tmp_path.iterdir()) == [tmp_path / "hw.json"]  # the probe file is gone
@@ -268,12 +297,14 @@ def test_refresh_makes_its_probe_directory_and_refuses_one_it_cannot_make(tmp_pa
 
 def test_calibrate_warns_instead_of_dividing_by_noise():
     """Rates derived from the difference of two runs: a difference within noise is no rate."""
-    from flexlab.cost.calibrate import _codec_rate, _difference_rate
+    from flexlab.cost.calibrate import _codec_rate, _codec_rates_on_gpu, _difference_rate
 
     assert _difference_rate(1e9, slow=2.0, fast=1.0, what="x") == pytest.approx(1e9)
     with pytest.warns(UserWarning, match="the codec could not be measured: .*within noise"):
         assert _difference_rate(1e9, slow=1.01, fast=1.0, what="the codec") is None
     assert 1e6 < _codec_rate(torch.device("cpu"), torch.float32, 64) < 1e12  # the fallback probe runs
+    rate, call = _codec_rates_on_gpu(torch.device("cpu"), torch.float32, 64)  # device-agnostic: it runs here too
+    assert 1e6 < rate < 1e12 and 0 <= call < 0.1
 
 
 def test_disk_weights_read_in_place_are_counted_in_the_checkpoints_dtype(tmp_path):
