@@ -54,7 +54,7 @@ class PlacedWeight:
     tier: str
     tensors: list[torch.Tensor] = field(default_factory=list)  # the gpu and cpu tiers
     locations: list[TensorLocation] = field(default_factory=list)  # the disk tier
-    qt: QTensor | None = None
+    qt: QTensor | None = None  # the layout only (meta tensors): the data is in tensors or locations
 
     @property
     def nbytes(self) -> int:
@@ -141,7 +141,7 @@ class WeightStore:
                 TensorLocation(path, offset, nbytes(t), t.dtype, tuple(t.shape))
                 for offset, t in (next(packed) for _ in parts)
             ]
-            self.placed[spec.name] = w = PlacedWeight(spec, "disk", locations=disk, qt=qt)
+            self.placed[spec.name] = w = PlacedWeight(spec, "disk", locations=disk, qt=_layout(qt))
             self.tracker.add("disk", "weights", w.nbytes)
         return path, path.stat().st_size
 
@@ -157,7 +157,7 @@ class WeightStore:
                 parts = [p.pin_memory() for p in parts]
             elif parts[0].device.type == "cpu" and model.weights.maps(spec.name):
                 parts = [p.clone() for p in parts]  # out of the file's map, into memory that stays put
-            w = PlacedWeight(spec, tier, tensors=parts, qt=qt)
+            w = PlacedWeight(spec, tier, tensors=parts, qt=_layout(qt))
         self.tracker.add(tier, "weights", w.nbytes)
         return w
 
@@ -304,3 +304,11 @@ class ActStore:
             if isinstance(data, Path):
                 self.files.remove(data)
         self.slots.clear()
+
+
+def _layout(qt: QTensor | None) -> QTensor | None:
+    """``qt`` without its data (meta tensors), to rebuild it around the parts a load brings.
+    Keeping ``qt`` itself kept every compressed weight in host memory a second time, untracked:
+    on disk-tier weights, the whole model (0.4 GB of 4-bit opt-1.3b); on the gpu and cpu tiers,
+    the copy from before the move, pinning or clone."""
+    return None if qt is None else qt.with_tensors([t.to("meta") for t in qt.tensors()])
