@@ -237,9 +237,9 @@ def _runs(positions: list[int]) -> list[tuple[int, int]]:
 def _prefix_to(prefix: torch.Tensor, device: torch.device) -> torch.Tensor:
     """A slot's first rows (``[sequences, n, *row]``) on ``device``. Unless ``n`` is the slot's
     capacity the prefix has gaps between sequences, and PyTorch copies such a tensor to a GPU by
-    first packing it into pageable host memory (a host copy, then a synchronous transfer: ~5 GB/s
-    on an H200's PCIe 5 link instead of 54): so each sequence's rows, which are contiguous, are
-    copied on their own, straight from the pinned slot."""
+    first packing it into pageable host memory (a host copy, then a synchronous transfer: the
+    engine moved its cache at about 5 GB/s so on an H200, whose link gives 54 pinned): so each
+    sequence's rows, which are contiguous, are copied on their own, straight from the pinned slot."""
     if prefix.device == device:  # a CPU-only machine: the cpu tier is the compute device's memory
         return prefix
     if prefix.is_contiguous():
