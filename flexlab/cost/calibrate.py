@@ -97,10 +97,19 @@ def _dequant_rates(device: torch.device, dtype: torch.dtype, repeats: int) -> tu
         return sum(q.numel for q in qs), _best(lambda: [dequantize(q, dtype) for q in qs], repeats, device)
 
     (small, t_small), (large, t_large) = layer(768), layer(768 * (4 if device.type == "cuda" else 2))
-    rate = _difference_rate(large - small, t_large, t_small, "dequantization's rate per element")
-    if rate is None:  # within noise: the large layer alone, no fixed cost
+    return _rate_and_call(small, t_small, large, t_large, 6, "dequantization's rate per element")
+
+
+def _rate_and_call(
+    small: int, t_small: float, large: int, t_large: float, calls: int, what: str
+) -> tuple[float, float]:
+    """Elements/s and seconds per call from two timings of ``calls`` calls on ``small`` and
+    ``large`` elements (time = calls x a fixed cost + elements / rate); where the difference is
+    within noise, the large run's rate alone and no fixed cost."""
+    rate = _difference_rate(large - small, t_large, t_small, what)
+    if rate is None:
         return large / t_large, 0.0
-    return rate, max(0.0, t_small - small / rate) / 6
+    return rate, max(0.0, t_small - small / rate) / calls
 
 
 def refresh(
@@ -222,10 +231,7 @@ def _codec_rates_on_gpu(device: torch.device, dtype: torch.dtype, hidden: int) -
     small, large = 2 * 8 * 64 * hidden, 2 * 8 * 1024 * hidden  # elements a quantize + dequantize touch
     t_small = small / _codec_rate(device, dtype, hidden, 64)
     t_large = large / _codec_rate(device, dtype, hidden, 1024)
-    rate = _difference_rate(large - small, t_large, t_small, "the KV codec's rate per element")
-    if rate is None:
-        return large / t_large, 0.0
-    return rate, max(0.0, t_small - small / rate) / 2
+    return _rate_and_call(small, t_small, large, t_large, 2, "the KV codec's rate per element")
 
 
 _BASE_PROBE = """
