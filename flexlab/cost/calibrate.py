@@ -137,7 +137,9 @@ def _engine_seconds(
         return _best(lambda: engine.generate(prompts, max_new_tokens=new, stop_token_ids=None), 2, device)
 
 
-def _step_overheads(device: torch.device, dtype: torch.dtype, offload_dir: Path) -> tuple[float, float, float, float]:
+def _step_overheads(
+    device: torch.device, dtype: torch.dtype, offload_dir: Path
+) -> tuple[float, float, float, float, float]:
     """Seconds per compute step, per transfer step handed to a lane thread, per KV cache load or
     store on a lane, and the KV codec's elements per second, all measured on the engine itself.
 
@@ -150,7 +152,8 @@ def _step_overheads(device: torch.device, dtype: torch.dtype, offload_dir: Path)
     run's cache leaves the device (disk on a CPU, the cpu tier on a GPU), per load and store: it
     moves a batch's keys and values, which costs the cores more than a few KB of activations. The
     codec's rate is the slowdown when the same run's cache (on the cpu tier) is stored 4-bit, over
-    the elements it quantizes and dequantizes.
+    the elements it quantizes and dequantizes; on a GPU, with its fixed cost per call, fitted to
+    the codec alone (:func:`_codec_rates_on_gpu`).
     """
     from flexlab.engine import Policy
     from flexlab.models.config import get_preset
@@ -179,26 +182,33 @@ def _step_overheads(device: torch.device, dtype: torch.dtype, offload_dir: Path)
         model, Policy.from_percent(cache_tier, gpu_batch_size=8, num_gpu_batches=nb), prompts, new, device, offload_dir
     )
     cache_moves = nb * shape.num_layers * (2 * new - 1)  # a store every token, a load every decode token
-    cached = Policy.from_percent([100, 0, 0, 100, 100, 0], gpu_batch_size=8, num_gpu_batches=nb)
-    plain = _engine_seconds(model, cached, prompts, new, device)
-    packed = _engine_seconds(
-        model, cached.replace(compress_cache=QuantConfig(bits=4, group_size=64)), prompts, new, device
-    )
-    width = len(prompts[0])
-    # per layer, batch and key/value: the prefill's rows quantized, then each decode step
-    # dequantizes the cache so far and quantizes one new row
-    elements = (
-        2 * shape.num_layers * nb * 8 * shape.hidden_size * (width + sum(width + t - 1 + 1 for t in range(1, new)))
-    )
-    codec = _difference_rate(elements, packed, plain, "the KV codec's rate beside the engine's lanes")
-    if codec is None:  # the codec alone: an upper bound on its rate inside the engine
-        codec = _codec_rate(device, dtype, shape.hidden_size)
-        warnings.warn(f"calibrate: using the KV codec's rate alone, {codec / 1e9:.2f} G elements/s", stacklevel=3)
+    if device.type == "cuda":  # the codec is launch-bound there: fitted from two sizes of it alone
+        codec, codec_call = _codec_rates_on_gpu(device, dtype, shape.hidden_size)
+    else:  # on a CPU the lanes beside it slow it: measured as the engine's slowdown
+        cached = Policy.from_percent([100, 0, 0, 100, 100, 0], gpu_batch_size=8, num_gpu_batches=nb)
+        plain = _engine_seconds(model, cached, prompts, new, device)
+        packed = _engine_seconds(
+            model, cached.replace(compress_cache=QuantConfig(bits=4, group_size=64)), prompts, new, device
+        )
+        width = len(prompts[0])
+        # per layer, batch and key/value: the prefill's rows quantized, then each decode step
+        # dequantizes the cache so far and quantizes one new row
+        elements = (
+            2 * shape.num_layers * nb * 8 * shape.hidden_size * (width + sum(width + t - 1 + 1 for t in range(1, new)))
+        )
+        measured = _difference_rate(elements, packed, plain, "the KV codec's rate beside the engine's lanes")
+        if measured is None:  # the codec alone: an upper bound on its rate inside the engine
+            codec = _codec_rate(device, dtype, shape.hidden_size)
+            warnings.warn(f"calibrate: using the KV codec's rate alone, {codec / 1e9:.2f} G elements/s", stacklevel=3)
+        else:
+            codec = measured
+        codec_call = 0.0
     return (
         step,
         max(0.0, lanes - fast) / transfers,
         max(0.0, cache_lane - fast) / cache_moves,
         codec,
+        codec_call,
     )
 
 
@@ -347,9 +357,8 @@ def calibrate(
         results["transfer_overhead_s"],
         results["cache_transfer_overhead_s"],
         results["kv_codec_elems"],
+        results["kv_codec_call_s"],
     ) = _step_overheads(device, dtype, directory)
-    if device.type == "cuda":  # the difference beside the lanes is a CPU's measure; a GPU's codec is launch-bound
-        results["kv_codec_elems"], results["kv_codec_call_s"] = _codec_rates_on_gpu(device, dtype, 768)
     step("step overhead")
     results["runtime_base_bytes"] = _runtime_base(device, dtype)
     step("runtime base")
