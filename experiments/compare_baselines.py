@@ -41,9 +41,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-# A worker imports torch and flexlab only (pandas alone holds ~65 MiB, which would count against
-# the memory limit and the runtime base the engine measures at its start): the rest is imported
-# where the parent uses it.
+# A worker imports torch and flexlab only (pandas alone holds ~65 MiB, which would count against the
+# memory limit and the runtime base the engine measures at its start): the parent imports the rest.
 if TYPE_CHECKING:
     import pandas as pd
 
