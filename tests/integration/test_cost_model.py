@@ -269,15 +269,11 @@ def test_bad_input_is_refused_clearly():
         get_hardware("h100").replace(gpu_memory=0)
 
 
-def test_hardware_profiles_round_trip_and_calibrate_runs(tmp_path):
-    from flexlab.cost import calibrate
-
-    hw = calibrate(quick=True, progress=False, offload_dir=tmp_path)
-    assert hw.matmul_flops > 1e9 and hw.disk_read_bw > 1e6 and not hw.has_link and 0 < hw.step_overhead_s < 0.1
-    assert hw.dequant_elems > 1e6 and 0 <= hw.dequant_call_s < 0.1
+def test_hardware_profiles_round_trip_and_refuse_an_old_one(tmp_path):
+    """(A measured profile's values and round trip: tests/integration/test_cli.py, which calibrates.)"""
+    hw = get_hardware("colab-t4")
     hw.save(tmp_path / "hw.json")
     assert get_hardware(tmp_path / "hw.json") == hw
-    assert list(tmp_path.iterdir()) == [tmp_path / "hw.json"]  # the probe file is gone
     old = json.loads((tmp_path / "hw.json").read_text())
     del old["cache_transfer_overhead_s"]  # a profile saved by an earlier version
     (tmp_path / "old.json").write_text(json.dumps(old))

@@ -13,11 +13,8 @@ from flexlab.models.pydoc_model import PydocRecipe, pydoc_model_path, pydoc_text
 
 pytestmark = pytest.mark.slow
 
-# The OPT is the demo's model (trained in full: other tests use it too). The LLaMA twin's recipe
-# is tested shortened to 250 of its 600 steps, which halves its training on CI's two cores and
-# still reaches a held-out perplexity of 80 against the unigram's 382 (measured 2026-12-02): the
-# tests check that the LLaMA recipe trains a useful model, not the 600-step twin the ablation uses.
-RECIPES = {"opt": PydocRecipe(), "llama": PydocRecipe(family="llama", steps=250)}
+# Both recipes as shipped: the OPT is the demo's model, the LLaMA twin the ablation's.
+RECIPES = {"opt": PydocRecipe(), "llama": PydocRecipe(family="llama")}
 
 
 @pytest.fixture(scope="module", params=list(RECIPES))
