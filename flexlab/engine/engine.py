@@ -198,14 +198,20 @@ class Engine:
         )
         # glibc's default heap keeps freed blocks for reuse, beyond what the slack model says on
         # long runs (see LEAN_ABOVE): where that could reach the limit, blocks go back at once.
-        if not self._lean and fp.host > LEAN_ABOVE * self.memory_limit and lean_allocator():
-            self._lean = True
-            warnings.warn(
-                f"memory is tight ({fp.host / 2**30:.2f} GiB predicted, limit {self.memory_limit / 2**30:.2f} "
-                "GiB): flexlab now returns freed memory to the system at once (glibc's M_MMAP_THRESHOLD "
-                "fixed at 1 MiB; runs ~10-30% slower on a CPU)",
-                stacklevel=3,
-            )
+        # A run refused even so is refused first: the lean allocator is for good, and a refusal
+        # must leave the process (a notebook's kernel, a test session) as it was.
+        if not self._lean and fp.host > LEAN_ABOVE * self.memory_limit:
+            refusal = fp.with_slack(LEAN_SLACK).over_limit(self.memory_limit)
+            if refusal is not None:
+                raise MemoryLimitError(refusal)
+            self._lean = lean_allocator()
+            if self._lean:
+                warnings.warn(
+                    f"memory is tight ({fp.host / 2**30:.2f} GiB predicted, limit {self.memory_limit / 2**30:.2f} "
+                    "GiB): flexlab now returns freed memory to the system at once (glibc's M_MMAP_THRESHOLD "
+                    "fixed at 1 MiB; runs ~10-30% slower on a CPU)",
+                    stacklevel=3,
+                )
         if self._lean:
             fp = fp.with_slack(LEAN_SLACK)
         problem = fp.over_limit(self.memory_limit)
