@@ -45,6 +45,7 @@ class Config:
     rounds: int = 2
     dd_mb: int = 512
     work_dir: str = ""  # the checkpoint and offload files (default: the temp directory's disk)
+    hardware: str = ""  # a saved profile for every row instead of calibrating with each row's threads
     out_dir: str = "experiments/results"
 
 
@@ -93,7 +94,7 @@ def predictions(cfg: Config, model, policy, scratch: Path) -> dict[tuple[int, in
     """Per (stages, groups): the predicted throughput and bubble, on profiles measured here."""
     import torch
 
-    from flexlab.cost import CostModel, calibrate, checkpoint_itemsize, predict_pipeline
+    from flexlab.cost import CostModel, calibrate, checkpoint_itemsize, get_hardware, predict_pipeline
     from flexlab.engine.pipeline import make_plan
 
     kw = dict(
@@ -103,13 +104,16 @@ def predictions(cfg: Config, model, policy, scratch: Path) -> dict[tuple[int, in
         checkpoint_itemsize=checkpoint_itemsize(model),  # its disk weights are read in place, as stored
     )
     out, before = {}, torch.get_num_threads()
-    try:
-        torch.set_num_threads(cfg.threads)
-        whole = calibrate(dtype=model.dtype, quick=True, offload_dir=scratch)
-        torch.set_num_threads(max(1, cfg.threads // cfg.stages))
-        share = calibrate(dtype=model.dtype, quick=True, offload_dir=scratch)
-    finally:
-        torch.set_num_threads(before)
+    if cfg.hardware:  # the stages' rates are then the whole machine's
+        whole = share = get_hardware(cfg.hardware)
+    else:
+        try:
+            torch.set_num_threads(cfg.threads)
+            whole = calibrate(dtype=model.dtype, quick=True, offload_dir=scratch)
+            torch.set_num_threads(max(1, cfg.threads // cfg.stages))
+            share = calibrate(dtype=model.dtype, quick=True, offload_dir=scratch)
+        finally:
+            torch.set_num_threads(before)
     one = CostModel(model.config, policy, whole, **kw).predict()
     out[(1, 1)] = {"predicted_tok_s": one.throughput_tok_s, "predicted_bubble": float("nan")}
     for groups in (1, cfg.stages):
@@ -138,6 +142,7 @@ def main(cfg: Config) -> pd.DataFrame:
     from flexlab.models.convert import save_checkpoint
 
     base = Path(cfg.work_dir or tempfile.gettempdir())
+    base.mkdir(parents=True, exist_ok=True)  # a --work-dir that does not exist yet is made
     scratch = owned_dir(base, "flexlab-pipeline-bench-")
     try:
         checkpoint = scratch / "checkpoint"

@@ -1,8 +1,11 @@
-"""Shared fixtures: tiny random OPT checkpoints written by transformers itself, in temp dirs."""
+"""Shared fixtures: tiny random OPT checkpoints written by transformers itself, in temp dirs, and
+the session's one calibration of this machine."""
 
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -73,3 +76,15 @@ def tiny_postln_dir(tmp_path_factory, tiny_postln_hf) -> Path:
     d = tmp_path_factory.mktemp("opt-tiny-postln")
     tiny_postln_hf.save_pretrained(d)
     return d
+
+
+@pytest.fixture(scope="session")
+def quick_profile(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
+    """``flexlab calibrate --quick`` run once for the session (~25 s on two cores): the profile it
+    wrote and the finished command. Its own test checks both; the experiments read the profile
+    instead of calibrating again."""
+    d = tmp_path_factory.mktemp("calibrated")
+    (d / "probes").mkdir()
+    args = ["calibrate", "--quick", "--out", str(d / "hw.json"), "--offload-dir", str(d / "probes")]
+    done = subprocess.run([sys.executable, "-m", "flexlab", *args], capture_output=True, text=True, timeout=300)
+    return d / "hw.json", done

@@ -183,16 +183,14 @@ def test_search_places_llama_3_1_8b_on_a_t4_with_compression(capsys, tmp_path):
     assert peak and float(peak.group(1)) <= 15.0
 
 
-def test_calibrate_writes_a_profile(capsys, tmp_path):
-    """The suite's one calibration (about 25 s): its values in range, its file read back."""
-    probes = tmp_path / "probes"
-    probes.mkdir()
-    code, out, _ = run(capsys, "calibrate", "--quick", "--out", str(tmp_path / "hw.json"), "--offload-dir", str(probes))
-    assert code == 0 and "disk_read_bw" in out
-    hw = get_hardware(tmp_path / "hw.json")
+def test_calibrate_writes_a_profile(quick_profile):
+    """The suite's one calibration (conftest's session fixture): its values in range, its file read back."""
+    path, done = quick_profile
+    assert done.returncode == 0 and "disk_read_bw" in done.stdout, done.stderr[-2000:]
+    hw = get_hardware(path)
     assert hw.matmul_flops > 1e9 and hw.disk_read_bw > 1e6 and not hw.has_link and 0 < hw.step_overhead_s < 0.1
     assert hw.dequant_elems > 1e6 and 0 <= hw.dequant_call_s < 0.1 and hw.runtime_base_bytes > 50e6
-    assert list(probes.iterdir()) == []  # the probe files are gone
+    assert list((path.parent / "probes").iterdir()) == []  # the probe files are gone
 
 
 def test_convert_writes_safetensors_the_engine_reads_in_place(capsys, tmp_path, tiny_hf):

@@ -52,9 +52,14 @@ RUNS = {
 }
 
 
+CALIBRATING = {"compare_baselines", "pipeline_scaling", "validate_cost_model"}  # each ~25 s more if left to
+
+
 @pytest.mark.parametrize("script", list(RUNS))
-def test_experiment_runs_and_writes_results(script, tmp_path):
+def test_experiment_runs_and_writes_results(script, tmp_path, request):
     args = [sys.executable, str(ROOT / "experiments" / f"{script}.py"), "--out-dir", str(tmp_path), *RUNS[script]]
+    if script in CALIBRATING:  # the session's calibration (tested in test_cli) instead of one of their own
+        args += ["--hardware", str(request.getfixturevalue("quick_profile")[0])]
     if script == "disk_offload_decode":
         args += ["--offload-dir", str(tmp_path)]
     if script == "pipeline_scaling":
