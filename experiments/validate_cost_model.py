@@ -7,10 +7,11 @@ memory per tier with the cost model's prediction. Finally it searches for the be
 memory limits below the model's size and checks the searched policy against the best of the
 tried policies that fit the same limits. The disk and dequantization rates swing by 2x within
 minutes on a shared machine, so they are re-probed (``flexlab.cost.refresh``, ~1 s) right before
-each policy runs; the other rates come from the one calibration. Each policy is measured
-``repeats`` times (each run after its own probe) and compared by the medians, so that one slow
-minute of the disk does not decide a row; the CSV keeps the slowest and fastest run. Writes CSV
-+ JSON (with the hardware profile) and a predicted-vs-measured plot to experiments/results/.
+each run; the other rates come from the one calibration. Each policy is measured ``repeats``
+times, round-robin over the policies (each run in a fresh engine, after its own probe), and
+compared by the medians, so that one slow minute of the machine does not decide a row; the CSV
+keeps the slowest and fastest run. Writes CSV + JSON (with the hardware profile) and a
+predicted-vs-measured plot to experiments/results/.
 
     python experiments/validate_cost_model.py                    # opt-125m, the CPU's fast dtype: ~2 min
     python experiments/validate_cost_model.py --preset opt-1.3b --prompt-len 512 --gen-len 32 \\
@@ -92,25 +93,38 @@ def main(cfg: Config) -> pd.DataFrame:
     def policy_of(percent, extra) -> flexlab.Policy:
         return policy_from(percent, extra, gpu_batch_size=cfg.gpu_batch_size, num_gpu_batches=cfg.num_gpu_batches)
 
-    def measure(name: str, policy: flexlab.Policy, offload: str) -> dict:
-        runs = []  # (measured tok/s, prediction, probed profile) per repeat
+    def run_once(policy: flexlab.Policy, offload: str) -> tuple:
+        """One measured run of ``policy`` in a fresh engine: (tok/s, prediction, probed profile, metrics)."""
         with flexlab.Engine(model, policy, offload_dir=offload) as engine:
             engine.generate(prompts[: cfg.gpu_batch_size], max_new_tokens=2, stop_token_ids=None)  # warm-up
-            for _ in range(max(1, cfg.repeats)):
-                now = refresh(hw, device=device, dtype=dtype, offload_dir=offload)
-                result = engine.generate(prompts, max_new_tokens=cfg.gen_len, stop_token_ids=None)
-                pred = CostModel(
-                    model.config,
-                    policy,
-                    now,
-                    prompt_len=cfg.prompt_len,
-                    gen_len=cfg.gen_len,
-                    itemsize=itemsize,
-                    num_prompts=n,
-                ).predict()
-                runs.append((result.metrics["throughput_tok_s"], pred, now))
+            now = refresh(hw, device=device, dtype=dtype, offload_dir=offload)
+            result = engine.generate(prompts, max_new_tokens=cfg.gen_len, stop_token_ids=None)
+        pred = CostModel(
+            model.config,
+            policy,
+            now,
+            prompt_len=cfg.prompt_len,
+            gen_len=cfg.gen_len,
+            itemsize=itemsize,
+            num_prompts=n,
+        ).predict()
+        return result.metrics["throughput_tok_s"], pred, now, result.metrics
+
+    def measure_all(chosen: dict[str, flexlab.Policy], offload: str) -> list[dict]:
+        """Every policy ``repeats`` times, round-robin: a slow minute of a shared machine then
+        falls on one run of every policy, not on all runs of one."""
+        runs: dict[str, list] = {name: [] for name in chosen}
+        for r in range(max(1, cfg.repeats)):
+            for name, policy in chosen.items():
+                runs[name].append(run_once(policy, offload))
+                print(f"round {r + 1}, {name}: {runs[name][-1][0]:.1f} tok/s", flush=True)
+        return [row_of(name, chosen[name], runs[name]) for name in chosen]
+
+    def row_of(name: str, policy: flexlab.Policy, runs: list) -> dict:
         measured = sorted(r[0] for r in runs)
-        _, pred, now = sorted(runs, key=lambda r: r[1].throughput_tok_s)[len(runs) // 2]  # the median prediction
+        _, pred, now, metrics = sorted(runs, key=lambda r: r[1].throughput_tok_s)[
+            len(runs) // 2
+        ]  # the median prediction
         row = dict(
             policy=name,
             describe=policy.describe(),
@@ -125,7 +139,7 @@ def main(cfg: Config) -> pd.DataFrame:
         row["throughput_error"] = row["predicted_tok_s"] / row["measured_tok_s"] - 1
         print(f"{name}: {row['measured_tok_s']:.1f} tok/s measured, {row['predicted_tok_s']:.1f} predicted", flush=True)
         for tier in ("gpu", "cpu", "disk"):
-            row[f"measured_peak_{tier}"] = result.metrics[f"peak_bytes_{tier}"]
+            row[f"measured_peak_{tier}"] = metrics[f"peak_bytes_{tier}"]
             row[f"predicted_peak_{tier}"] = pred.peak_bytes[tier]
         worst = max(
             (
@@ -144,8 +158,7 @@ def main(cfg: Config) -> pd.DataFrame:
 
     rows, measured_peaks = [], {}
     with tempfile.TemporaryDirectory(prefix="flexlab-validate-") as offload:
-        for name, (percent, extra) in policies.items():
-            rows.append(measure(name, policy_of(percent, extra), offload))
+        rows = measure_all({name: policy_of(*spec) for name, spec in policies.items()}, offload)
         search_note, found = "not run (smoke)", None
         if not cfg.smoke:
             weights = weight_bytes(model.config, itemsize)
@@ -169,7 +182,7 @@ def main(cfg: Config) -> pd.DataFrame:
             except flexlab.FlexlabError as e:  # the policy table above still counts; say why the search did not
                 found, search_note = None, f"search found nothing: {e}"
         if found is not None:
-            rows.append(measure("searched (limits)", found.policy, offload))
+            rows += measure_all({"searched (limits)": found.policy}, offload)
             within = [r for r in rows[:-1] if fits(measured_peaks[r["policy"]], limited.replace(disk_space=math.inf))]
             best = max(within, key=lambda r: r["measured_tok_s"]) if within else None
             searched = rows[-1]["measured_tok_s"]
