@@ -278,6 +278,21 @@ def _runtime_base(device: torch.device, dtype: torch.dtype) -> float:
     return float(out.stdout.strip())
 
 
+def _llc_bytes() -> float:
+    """The CPU's largest cache (Linux's sysfs; 0 where it does not say)."""
+    sizes = [0.0]
+    for index in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*"):
+        try:
+            text = (index / "size").read_text().strip().upper()
+        except OSError:
+            continue
+        scale = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(text[-1:], 1)
+        digits = text.rstrip("KMG")
+        if digits.isdigit():
+            sizes.append(float(int(digits) * scale))
+    return max(sizes)
+
+
 def calibrate(
     *,
     device: str | torch.device | None = None,
@@ -376,5 +391,6 @@ def calibrate(
         gpu_memory=gpu_memory,
         cpu_memory=cpu_memory,
         disk_space=float(shutil.disk_usage(directory).free),
+        llc_bytes=_llc_bytes() if device.type == "cpu" else 0.0,  # a GPU's batches each read HBM
         **results,
     )

@@ -58,6 +58,9 @@ class HardwareProfile:
         runtime_base_bytes: host RAM a process holds before the engine allocates anything (the
             interpreter, torch, a loaded model's metadata; with CUDA, its libraries and
             context), measured by ``calibrate()`` in a fresh process.
+        llc_bytes: a CPU's last-level cache. A stage's weights that fit are read from memory by
+            the first of a token's GPU batches only; the next batches find them there (0: never,
+            as on a GPU, whose batches each read HBM).
     """
 
     name: str
@@ -82,6 +85,7 @@ class HardwareProfile:
     runtime_base_bytes: float = RUNTIME_BASE_CPU
     dequant_call_s: float = 0.0
     kv_codec_call_s: float = 0.0
+    llc_bytes: float = 0.0
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -90,7 +94,7 @@ class HardwareProfile:
                 not isinstance(value, (int, float))
                 or math.isnan(value)
                 or value < 0
-                or (value == 0 and not f.name.endswith("_s"))
+                or (value == 0 and not f.name.endswith("_s") and f.name != "llc_bytes")
             ):
                 raise FlexlabError(
                     f"HardwareProfile.{f.name}={value!r} is invalid; rates and capacities must be positive numbers"

@@ -341,3 +341,23 @@ def test_disk_weights_read_in_place_are_counted_in_the_checkpoints_dtype(tmp_pat
         # least one stage's copies fewer.
         largest = max(s.copies[1] for s in cm_of(model, policy)._stage)
         assert pred.peak_bytes["gpu"] - largest <= result.metrics["peak_bytes_gpu"] <= pred.peak_bytes["gpu"]
+
+
+def test_the_head_projects_the_last_position_and_small_stages_are_read_from_memory_once_per_token():
+    cfg, policy = flexlab.get_preset("opt-125m"), Policy(gpu_batch_size=8, num_gpu_batches=4)
+
+    def stage_s(hw, name: str, prompt_len: int) -> float:
+        pred = CostModel(cfg, policy, hw, prompt_len=prompt_len, gen_len=1, itemsize=4).predict()
+        return next(s["compute_s"] for s in pred.stages if s["stage"] == name)
+
+    cpu = CPU_ONLY.replace(matmul_flops=1e11, weight_read_bw=4e9)
+    # generation needs the last position's logits only: the head's time does not grow with the prompt
+    assert stage_s(cpu, "head", 512) == pytest.approx(stage_s(cpu, "head", 16))
+    assert stage_s(cpu, "mlp.0", 512) > 10 * stage_s(cpu, "mlp.0", 16)
+    # an MLP's 19 MB in float32 fits a 32 MiB cache: only the first of 4 batches reads memory
+    mlp_bytes = 2 * cfg.hidden_size * cfg.ffn_dim * 4
+    cached, uncached = cpu.replace(llc_bytes=32 * 2**20), cpu.replace(llc_bytes=2**20)
+    read, flops = mlp_bytes / cpu.weight_read_bw, 2 * (mlp_bytes / 4) * 8 / cpu.matmul_flops  # a batch of 8
+    saved = stage_s(cpu, "mlp.0", 1) - stage_s(cached, "mlp.0", 1)
+    assert saved == pytest.approx(3 * (read - flops), rel=0.05)  # the later batches are bound by their maths
+    assert stage_s(uncached, "mlp.0", 1) == stage_s(cpu, "mlp.0", 1)  # larger than the cache: 4 reads
