@@ -122,9 +122,8 @@ def main(cfg: Config) -> pd.DataFrame:
 
     def row_of(name: str, policy: flexlab.Policy, runs: list) -> dict:
         measured = sorted(r[0] for r in runs)
-        _, pred, now, metrics = sorted(runs, key=lambda r: r[1].throughput_tok_s)[
-            len(runs) // 2
-        ]  # the median prediction
+        median_prediction = sorted(runs, key=lambda r: r[1].throughput_tok_s)[len(runs) // 2]
+        _, pred, now, metrics = median_prediction
         row = dict(
             policy=name,
             describe=policy.describe(),
@@ -156,7 +155,7 @@ def main(cfg: Config) -> pd.DataFrame:
         )
         return row
 
-    rows, measured_peaks = [], {}
+    measured_peaks: dict = {}  # filled by row_of: each row's footprint with the bytes the engine measured
     with tempfile.TemporaryDirectory(prefix="flexlab-validate-") as offload:
         rows = measure_all({name: policy_of(*spec) for name, spec in policies.items()}, offload)
         search_note, found = "not run (smoke)", None

@@ -52,7 +52,8 @@ RUNS = {
 }
 
 
-CALIBRATING = {"compare_baselines", "pipeline_scaling", "validate_cost_model"}  # each ~25 s more if left to
+# these would each calibrate on their own (~25 s); they read the session's one profile instead
+CALIBRATING = {"compare_baselines", "pipeline_scaling", "validate_cost_model"}
 
 
 @pytest.mark.parametrize("script", list(RUNS))
