@@ -28,6 +28,8 @@ from flexlab.engine.tiers import DiskFiles, aligned_empty
 from flexlab.errors import FlexlabError
 from flexlab.models.attention import attend
 
+CODEC_PROBE_HIDDEN = 768  # the KV codec is probed on opt-125m's rows (its rate hardly depends on the width)
+
 
 def _best(fn: Callable[[], object], repeats: int, device: torch.device) -> float:
     """Median of ``repeats`` timed calls (after one warm-up), in seconds. The median, not the
@@ -119,13 +121,21 @@ def refresh(
     dtype: torch.dtype | None = None,
     offload_dir: str | os.PathLike | None = None,
 ) -> HardwareProfile:
-    """``hw`` with its most volatile rates re-measured now (disk read, dequantization; about a
-    second). On a shared machine these swing by 2x within minutes: a prediction compared with a
-    measurement should use rates probed next to it."""
+    """``hw`` with its most volatile rates re-measured now (disk read, dequantization, the KV
+    codec; about a second). On a shared machine these swing by 2x within minutes: a prediction
+    compared with a measurement should use rates probed next to it."""
     device, dtype = device_and_dtype(device, dtype)
     read, _, latency = _disk(Path(offload_dir or tempfile.gettempdir()), 64 << 20, 3, write=False)
     rate, call = _dequant_rates(device, dtype, 3)
-    return hw.replace(disk_read_bw=read, disk_latency_s=latency, dequant_elems=rate, dequant_call_s=call)
+    codec, codec_call = _codec_rates(device, dtype, CODEC_PROBE_HIDDEN)
+    return hw.replace(
+        disk_read_bw=read,
+        disk_latency_s=latency,
+        dequant_elems=rate,
+        dequant_call_s=call,
+        kv_codec_elems=codec,
+        kv_codec_call_s=codec_call,
+    )
 
 
 def _engine_seconds(
@@ -141,19 +151,17 @@ def _step_overheads(
     device: torch.device, dtype: torch.dtype, offload_dir: Path
 ) -> tuple[float, float, float, float, float]:
     """Seconds per compute step, per transfer step handed to a lane thread, per KV cache load or
-    store on a lane, and the KV codec's elements per second, all measured on the engine itself.
+    store on a lane, and the KV codec's elements per second and seconds per call.
 
     The compute step's cost is timed on a model too small for its maths to matter, everything
     resident. A lane's cost is the slowdown when the activations leave the device (every stage
     stores and loads its hidden state on a lane: the cpu tier on a GPU, disk on a CPU, where the
     cpu tier is read in place; a few KB each) on a model with opt-125m-sized layers: on few
     cores a lane thread mostly costs by stalling the compute's parallel kernels, which only
-    shows when there is compute to stall. A cache transfer's cost is the slowdown when the same
-    run's cache leaves the device (disk on a CPU, the cpu tier on a GPU), per load and store: it
-    moves a batch's keys and values, which costs the cores more than a few KB of activations. The
-    codec's rate is the slowdown when the same run's cache (on the cpu tier) is stored 4-bit, over
-    the elements it quantizes and dequantizes; on a GPU, with its fixed cost per call, fitted to
-    the codec alone (:func:`_codec_rates_on_gpu`).
+    shows when there is compute to stall. A cache transfer's cost on a GPU is the slowdown when
+    the same run's cache goes to the cpu tier, per load and store; on a CPU it is the cores' time
+    the disk cache's reads, writes and strided joins take (:func:`_cache_move_cpu_seconds`). The
+    codec is fitted to two sizes of it alone (:func:`_codec_rates`).
     """
     from flexlab.engine import Policy
     from flexlab.models.config import get_preset
@@ -177,39 +185,66 @@ def _step_overheads(
         device,
     )
     transfers = nb * new * 2 * (1 + 2 * shape.num_layers)  # a store and a load between stages
-    cache_tier: list[float] = [100, 0, 0, 100, 100, 0] if device.type == "cuda" else [100, 0, 0, 0, 100, 0]
-    cache_lane = _engine_seconds(
-        model, Policy.from_percent(cache_tier, gpu_batch_size=8, num_gpu_batches=nb), prompts, new, device, offload_dir
-    )
-    cache_moves = nb * shape.num_layers * (2 * new - 1)  # a store every token, a load every decode token
-    if device.type == "cuda":  # the codec is launch-bound there: fitted from two sizes of it alone
-        codec, codec_call = _codec_rates_on_gpu(device, dtype, shape.hidden_size)
-    else:  # on a CPU the lanes beside it slow it: measured as the engine's slowdown
-        cached = Policy.from_percent([100, 0, 0, 100, 100, 0], gpu_batch_size=8, num_gpu_batches=nb)
-        plain = _engine_seconds(model, cached, prompts, new, device)
-        packed = _engine_seconds(
-            model, cached.replace(compress_cache=QuantConfig(bits=4, group_size=64)), prompts, new, device
+    if device.type == "cuda":
+        cache_cpu = Policy.from_percent([100, 0, 0, 100, 100, 0], gpu_batch_size=8, num_gpu_batches=nb)
+        cache_moves = nb * shape.num_layers * (2 * new - 1)  # a store every token, a load every decode token
+        cache_move = max(0.0, _engine_seconds(model, cache_cpu, prompts, new, device) - fast) / cache_moves
+    else:
+        # An engine-difference here swung 5x between calibrations (0.4-2.0 ms): it also absorbed the
+        # probe's wait for the disk, which the model charges on the disk lane already.
+        cache_move = _cache_move_cpu_seconds(offload_dir, 8, len(prompts[0]) + new, shape.hidden_size, dtype)
+    codec, codec_call = _codec_rates(device, dtype, CODEC_PROBE_HIDDEN)
+    return step, max(0.0, lanes - fast) / transfers, cache_move, codec, codec_call
+
+
+def _cpu_seconds(fn: Callable[[], object], repeats: int) -> float:
+    """Median CPU seconds of a call on one thread, after one warm-up: what it takes from cores
+    the compute would otherwise use. One thread, because torch's idle pool threads spin for a
+    while after each parallel kernel, which a process-wide CPU clock would count as work."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        fn()
+        times = []
+        for _ in range(repeats):
+            start = time.thread_time()
+            fn()
+            times.append(time.thread_time() - start)
+    finally:
+        torch.set_num_threads(threads)
+    return statistics.median(times)
+
+
+def _cache_move_cpu_seconds(directory: Path, count: int, tokens: int, hidden: int, dtype: torch.dtype) -> float:
+    """Core seconds of one disk-cache load or store (their mean) of a batch of ``count``
+    sequences, ``tokens`` cached, keys and values, beyond what a resident cache costs: a load
+    reads each prefix (O_DIRECT: the disk's time is not the cores') and joins the new row to a
+    strided view of it instead of a contiguous slice; a store writes one row of each sequence."""
+    row_shape = (hidden // 64, 64)
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    size = tokens * count * hidden * itemsize
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / f"flexlab-cache-probe-{os.getpid()}.bin"
+    files, buf = DiskFiles(direct=True), aligned_empty(size + 8192)
+    try:
+        path.touch()
+        files.write(path, 0, torch.zeros(tokens, count, *row_shape, dtype=dtype))
+        resident = torch.zeros(count, tokens, *row_shape, dtype=dtype)
+        row = torch.zeros(count, 1, *row_shape, dtype=dtype)
+
+        def read() -> torch.Tensor:
+            raw = files.read(path, 0, size, buf)
+            return raw.view(dtype).view(tokens, count, *row_shape).transpose(0, 1)
+
+        load = 2 * (
+            _cpu_seconds(lambda: torch.cat([read(), row], 1), 9)
+            - _cpu_seconds(lambda: torch.cat([resident, row], 1), 9)
         )
-        width = len(prompts[0])
-        # per layer, batch and key/value: the prefill's rows quantized, then each decode step
-        # dequantizes the cache so far and quantizes one new row
-        elements = (
-            2 * shape.num_layers * nb * 8 * shape.hidden_size * (width + sum(width + t - 1 + 1 for t in range(1, new)))
-        )
-        measured = _difference_rate(elements, packed, plain, "the KV codec's rate beside the engine's lanes")
-        if measured is None:  # the codec alone: an upper bound on its rate inside the engine
-            codec = _codec_rate(device, dtype, shape.hidden_size)
-            warnings.warn(f"calibrate: using the KV codec's rate alone, {codec / 1e9:.2f} G elements/s", stacklevel=3)
-        else:
-            codec = measured
-        codec_call = 0.0
-    return (
-        step,
-        max(0.0, lanes - fast) / transfers,
-        max(0.0, cache_lane - fast) / cache_moves,
-        codec,
-        codec_call,
-    )
+        store = 2 * _cpu_seconds(lambda: files.write(path, 0, row.transpose(0, 1)), 9)
+    finally:
+        files.close()
+        path.unlink(missing_ok=True)
+    return max(0.0, (load + store) / 2)
 
 
 def _difference_rate(work: float, slow: float, fast: float, what: str) -> float | None:
@@ -226,21 +261,23 @@ def _difference_rate(work: float, slow: float, fast: float, what: str) -> float 
     return None
 
 
-def _codec_rate(device: torch.device, dtype: torch.dtype, hidden: int, tokens: int = 256) -> float:
-    """Elements/s quantizing and dequantizing a batch of cache rows with nothing beside it."""
+def _codec_rates(device: torch.device, dtype: torch.dtype, hidden: int, rounds: int = 9) -> tuple[float, float]:
+    """(elements/s, seconds per call) of the KV codec (a 4-bit quantize and dequantize of a
+    batch of 8 sequences' rows), fitted to batches of 64 and 256 (GPU: 1024) cached tokens alone, timed in
+    alternation (the median of ``rounds`` each), so that a slow second of a shared machine
+    falls on both sizes rather than skewing one. On a GPU a call's launches, not its elements,
+    dominate the engine's small batches. On a CPU this replaced the engine's slowdown with a
+    4-bit cache, which swung 4x between calibrations (0.07-0.27 G elements/s): the codec adds
+    under 10% to a run, inside the noise of two runs on a shared machine."""
     g = torch.Generator().manual_seed(0)
-    rows = torch.randn(8, tokens, hidden, generator=g).to(device, dtype)
     cfg = QuantConfig(bits=4, group_size=64)
-    return 2 * rows.numel() / _best(lambda: dequantize(quantize(rows, cfg), dtype), 3, device)
-
-
-def _codec_rates_on_gpu(device: torch.device, dtype: torch.dtype, hidden: int) -> tuple[float, float]:
-    """(elements/s, seconds per call) of the KV codec on a GPU, fitted to batches of 64 and 1024
-    cached tokens: there a call's launches, not its elements, dominate the engine's small batches
-    (the engine-difference probe, made for a CPU's cores, gave 0.18 G elements/s on an H200)."""
-    small, large = 2 * 8 * 64 * hidden, 2 * 8 * 1024 * hidden  # elements a quantize + dequantize touch
-    t_small = small / _codec_rate(device, dtype, hidden, 64)
-    t_large = large / _codec_rate(device, dtype, hidden, 1024)
+    sizes = (64, 1024 if device.type == "cuda" else 256)  # on a CPU, 256 tokens stay in the cache as the engine's do
+    batches = [torch.randn(8, tokens, hidden, generator=g).to(device, dtype) for tokens in sizes]
+    times: list[list[float]] = [[], []]
+    for _ in range(rounds):
+        for rows, timed in zip(batches, times):
+            timed.append(_best(lambda rows=rows: dequantize(quantize(rows, cfg), dtype), 1, device))
+    (small, large), (t_small, t_large) = [2 * b.numel() for b in batches], map(statistics.median, times)
     return _rate_and_call(small, t_small, large, t_large, 2, "the KV codec's rate per element")
 
 

@@ -44,15 +44,16 @@ class HardwareProfile:
         dequant_call_s: fixed cost of dequantizing one matrix (its kernels' launches and
             temporaries; on a GPU an opt-125m-sized matrix costs mostly this). Profiles saved
             before it existed load with 0.
-        kv_codec_elems: elements per second of KV cache rows quantized or dequantized, as the
-            engine achieves it while its lanes run beside it.
+        kv_codec_elems: elements per second of KV cache rows quantized or dequantized.
         kv_codec_call_s: fixed cost of one quantize or dequantize call on a batch's keys or values
-            in one layer (on a GPU, launches dominate: measured apart from the rate there).
+            in one layer (on a GPU, launches dominate).
         step_overhead_s: fixed cost of one scheduled compute step (Python, kernel launches).
         transfer_overhead_s: fixed cost of a transfer step handed to a lane thread (it competes
             with the compute for the interpreter and the cores).
         cache_transfer_overhead_s: the same for a KV cache load or store (one layer and batch),
-            which moves more and costs the cores more than an activation transfer.
+            which moves more and costs the cores more than an activation transfer (on a CPU: the
+            cores' time of a disk-cache read, write and strided join; the disk's own time is
+            charged to the disk lane).
         disk_latency_s: fixed cost of one disk request (each KV cache read and write pays it).
         gpu_memory, cpu_memory, disk_space: capacities in bytes.
         runtime_base_bytes: host RAM a process holds before the engine allocates anything (the

@@ -291,16 +291,17 @@ def test_refresh_makes_its_probe_directory_and_refuses_one_it_cannot_make(tmp_pa
         refresh(CPU_ONLY, device="cpu", offload_dir=tmp_path / "file" / "sub")
 
 
-def test_calibrate_warns_instead_of_dividing_by_noise():
-    """Rates derived from the difference of two runs: a difference within noise is no rate."""
-    from flexlab.cost.calibrate import _codec_rate, _codec_rates_on_gpu, _difference_rate
+def test_calibrate_warns_instead_of_dividing_by_noise(tmp_path):
+    """Rates derived from the difference of two timings: a difference within noise is no rate."""
+    from flexlab.cost.calibrate import _cache_move_cpu_seconds, _codec_rates, _difference_rate
 
     assert _difference_rate(1e9, slow=2.0, fast=1.0, what="x") == pytest.approx(1e9)
     with pytest.warns(UserWarning, match="the codec could not be measured: .*within noise"):
         assert _difference_rate(1e9, slow=1.01, fast=1.0, what="the codec") is None
-    assert 1e6 < _codec_rate(torch.device("cpu"), torch.float32, 64) < 1e12  # the fallback probe runs
-    rate, call = _codec_rates_on_gpu(torch.device("cpu"), torch.float32, 64)  # device-agnostic: it runs here too
+    rate, call = _codec_rates(torch.device("cpu"), torch.float32, 64, rounds=3)
     assert 1e6 < rate < 1e12 and 0 <= call < 0.1
+    move = _cache_move_cpu_seconds(tmp_path / "probe", 8, 40, 768, torch.float32)
+    assert 0 <= move < 0.05 and not list((tmp_path / "probe").iterdir())  # its file is gone
 
 
 def test_disk_weights_read_in_place_are_counted_in_the_checkpoints_dtype(tmp_path):
