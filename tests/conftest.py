@@ -80,7 +80,7 @@ def tiny_postln_dir(tmp_path_factory, tiny_postln_hf) -> Path:
 
 @pytest.fixture(scope="session")
 def quick_profile(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
-    """``flexlab calibrate --quick`` run once for the session (~25 s on two cores): the profile it
+    """``flexlab calibrate --quick`` run once for the session (~14 s on two cores): the profile it
     wrote and the finished command. Its own test checks both; the experiments read the profile
     instead of calibrating again."""
     d = tmp_path_factory.mktemp("calibrated")

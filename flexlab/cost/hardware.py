@@ -143,8 +143,8 @@ def _human(key: str, value) -> str:
         return f"{value / 1e12:.2f} TFLOP/s"
     if key.endswith("_elems"):
         return f"{value / 1e9:.2f} G elements/s"
-    if key.endswith(("memory", "space", "_bytes")):
-        return f"{value / 2**30:.1f} GiB"
+    if key.endswith(("memory", "space", "_bytes")):  # a CPU's last-level cache is MiB
+        return f"{value / 2**30:.1f} GiB" if value >= 2**30 or value == 0 else f"{value / 2**20:.0f} MiB"
     return f"{value / 1e9:.2f} GB/s"
 
 
