@@ -10,6 +10,7 @@ the best of a few repeats: the machines here are shared and the best run is the 
 
 from __future__ import annotations
 
+import functools
 import os
 import shutil
 import statistics
@@ -188,13 +189,15 @@ def _step_overheads(
     if device.type == "cuda":
         cache_cpu = Policy.from_percent([100, 0, 0, 100, 100, 0], gpu_batch_size=8, num_gpu_batches=nb)
         cache_moves = nb * shape.num_layers * (2 * new - 1)  # a store every token, a load every decode token
-        cache_move = max(0.0, _engine_seconds(model, cache_cpu, prompts, new, device) - fast) / cache_moves
+        cache_move = _difference_seconds(
+            cache_moves, _engine_seconds(model, cache_cpu, prompts, new, device), fast, "a cache transfer's cost"
+        )
     else:
         # An engine-difference here swung 5x between calibrations (0.4-2.0 ms): it also absorbed the
         # probe's wait for the disk, which the model charges on the disk lane already.
         cache_move = _cache_move_cpu_seconds(offload_dir, 8, len(prompts[0]) + new, shape.hidden_size, dtype)
     codec, codec_call = _codec_rates(device, dtype, CODEC_PROBE_HIDDEN)
-    return step, max(0.0, lanes - fast) / transfers, cache_move, codec, codec_call
+    return step, _difference_seconds(transfers, lanes, fast, "a lane transfer's cost"), cache_move, codec, codec_call
 
 
 def _cpu_seconds(fn: Callable[[], object], repeats: int) -> float:
@@ -261,11 +264,18 @@ def _difference_rate(work: float, slow: float, fast: float, what: str) -> float 
     return None
 
 
+def _difference_seconds(count: int, slow: float, fast: float, what: str) -> float:
+    """Seconds each of ``count`` events adds to a run (``slow`` against ``fast``); 0 with a
+    warning where the difference is within noise."""
+    rate = _difference_rate(count, slow, fast, what)
+    return 0.0 if rate is None else 1 / rate
+
+
 def _codec_rates(device: torch.device, dtype: torch.dtype, hidden: int, rounds: int = 9) -> tuple[float, float]:
     """(elements/s, seconds per call) of the KV codec (a 4-bit quantize and dequantize of a
-    batch of 8 sequences' rows), fitted to batches of 64 and 256 (GPU: 1024) cached tokens alone, timed in
-    alternation (the median of ``rounds`` each), so that a slow second of a shared machine
-    falls on both sizes rather than skewing one. On a GPU a call's launches, not its elements,
+    batch of 8 sequences' rows), fitted to batches of 64 and 256 (GPU: 1024) cached tokens
+    alone, timed in alternation (the median of ``rounds`` each), so that a slow second of a
+    shared machine falls on both sizes rather than skewing one. On a GPU a call's launches, not its elements,
     dominate the engine's small batches. On a CPU this replaced the engine's slowdown with a
     4-bit cache, which swung 4x between calibrations (0.07-0.27 G elements/s): the codec adds
     under 10% to a run, inside the noise of two runs on a shared machine."""
@@ -274,9 +284,13 @@ def _codec_rates(device: torch.device, dtype: torch.dtype, hidden: int, rounds: 
     sizes = (64, 1024 if device.type == "cuda" else 256)  # on a CPU, 256 tokens stay in the cache as the engine's do
     batches = [torch.randn(8, tokens, hidden, generator=g).to(device, dtype) for tokens in sizes]
     times: list[list[float]] = [[], []]
+
+    def codec(rows: torch.Tensor) -> torch.Tensor:
+        return dequantize(quantize(rows, cfg), dtype)
+
     for _ in range(rounds):
         for rows, timed in zip(batches, times):
-            timed.append(_best(lambda rows=rows: dequantize(quantize(rows, cfg), dtype), 1, device))
+            timed.append(_best(functools.partial(codec, rows), 1, device))
     (small, large), (t_small, t_large) = [2 * b.numel() for b in batches], map(statistics.median, times)
     return _rate_and_call(small, t_small, large, t_large, 2, "the KV codec's rate per element")
 
