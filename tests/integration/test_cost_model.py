@@ -293,17 +293,17 @@ def test_refresh_makes_its_probe_directory_and_refuses_one_it_cannot_make(tmp_pa
 
 def test_calibrate_warns_instead_of_dividing_by_noise(tmp_path):
     """Rates derived from the difference of two timings: a difference within noise is no rate."""
-    from flexlab.cost.calibrate import _cache_move_cpu_seconds, _codec_rates, _difference_rate, _difference_seconds
+    from flexlab.cost.probes import cache_move_cpu_seconds, codec_rates, difference_rate, difference_seconds
 
-    assert _difference_rate(1e9, slow=2.0, fast=1.0, what="x") == pytest.approx(1e9)
+    assert difference_rate(1e9, slow=2.0, fast=1.0, what="x") == pytest.approx(1e9)
     with pytest.warns(UserWarning, match="the codec could not be measured: .*within noise"):
-        assert _difference_rate(1e9, slow=1.01, fast=1.0, what="the codec") is None
-    assert _difference_seconds(10, slow=2.0, fast=1.0, what="x") == pytest.approx(0.1)
+        assert difference_rate(1e9, slow=1.01, fast=1.0, what="the codec") is None
+    assert difference_seconds(10, slow=2.0, fast=1.0, what="x") == pytest.approx(0.1)
     with pytest.warns(UserWarning, match="a lane transfer's cost could not be measured"):
-        assert _difference_seconds(10, slow=0.99, fast=1.0, what="a lane transfer's cost") == 0.0
-    rate, call = _codec_rates(torch.device("cpu"), torch.float32, 64, rounds=3)
+        assert difference_seconds(10, slow=0.99, fast=1.0, what="a lane transfer's cost") == 0.0
+    rate, call = codec_rates(torch.device("cpu"), torch.float32, 64, rounds=3)
     assert 1e6 < rate < 1e12 and 0 <= call < 0.1
-    move = _cache_move_cpu_seconds(tmp_path / "probe", 8, 40, 768, torch.float32)
+    move = cache_move_cpu_seconds(tmp_path / "probe", 8, 40, 768, torch.float32)
     assert 0 <= move < 0.05 and not list((tmp_path / "probe").iterdir())  # its file is gone
 
 

@@ -1,0 +1,200 @@
+"""The timed probes that :func:`~flexlab.cost.calibrate` and :func:`~flexlab.cost.refresh` are
+made of: each times one operation as the engine runs it, alone (a disk read, a dequantization,
+the KV codec, a disk-cache move), or derives a cost from two timings.
+
+On a shared machine a probe of a tenth of a second can land in a slow second: these take
+medians, alternate the sizes they compare, and refuse (with a warning) a difference within noise.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import statistics
+import time
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from flexlab.compress import QuantConfig, dequantize, quantize
+from flexlab.engine.tiers import DiskFiles, aligned_empty
+from flexlab.errors import FlexlabError
+
+CODEC_PROBE_HIDDEN = 768  # the KV codec is probed on opt-125m's rows (its rate hardly depends on the width)
+
+
+def median_seconds(fn: Callable[[], object], repeats: int, device: torch.device) -> float:
+    """Median of ``repeats`` timed calls (after one warm-up), in seconds. The median, not the
+    best: the model predicts runs on the same shared machine, which see its typical speed."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def disk_rates(directory: Path, size: int, repeats: int, write: bool = True) -> tuple[float, float, float]:
+    """Write and O_DIRECT read bandwidth of a fresh file (bytes/s), and the latency of one small
+    read (seconds: 64 KiB reads at scattered offsets, their transfer time taken off)."""
+    try:  # the engine makes its offload directory, so the probe of it does too
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise FlexlabError(
+            f"cannot make the offload directory {directory} to probe the disk ({e}): pass another one"
+        ) from e
+    path = directory / "flexlab-calibrate.bin"
+    data = torch.randint(0, 255, (size,), dtype=torch.uint8)
+    try:
+        start = time.perf_counter()
+        with open(path, "wb") as f:
+            f.write(data.numpy().data)
+            f.flush()
+            os.fsync(f.fileno())
+        write_bw = size / (time.perf_counter() - start) if write else float("nan")
+        files, buf = DiskFiles(direct=True), aligned_empty(size + 8192)
+        try:
+            # requests of a stage's size (16 MiB), as the engine reads weights
+            req = 16 << 20
+            read = size / median_seconds(
+                lambda: [files.read(path, off, req, buf) for off in range(0, size, req)], repeats, torch.device("cpu")
+            )
+            small, count = 64 << 10, 100
+            offsets = [(i * 7919 * small) % (size - small) // 4096 * 4096 for i in range(count)]
+            start = time.perf_counter()
+            for off in offsets:
+                files.read(path, off, small, buf)
+            latency = max(0.0, (time.perf_counter() - start) / count - small / read)
+        finally:
+            files.close()
+        return read, write_bw, latency
+    finally:
+        path.unlink(missing_ok=True)
+
+
+def dequant_rates(device: torch.device, dtype: torch.dtype, repeats: int) -> tuple[float, float]:
+    """(elements/s, seconds per matrix) dequantizing 4-bit matrices as the engine does, fitted to
+    two layers' worth of matrices: opt-125m's shape and one 2x (CPU) or 4x (GPU) as wide. Time is
+    calls x a fixed cost + elements / rate: on a GPU the small layer is mostly the fixed cost
+    (kernel launches), so a rate from it alone was 5x too slow for opt-1.3b's matrices."""
+    g = torch.Generator().manual_seed(0)
+    cfg = QuantConfig(bits=4, group_size=64)
+
+    def layer(h: int) -> tuple[int, float]:
+        shapes = [(h, h)] * 4 + [(4 * h, h), (h, 4 * h)]
+        qs = [quantize(torch.randn(s, generator=g).to(device, dtype), cfg) for s in shapes]
+        return sum(q.numel for q in qs), median_seconds(lambda: [dequantize(q, dtype) for q in qs], repeats, device)
+
+    (small, t_small), (large, t_large) = layer(768), layer(768 * (4 if device.type == "cuda" else 2))
+    return rate_and_call(small, t_small, large, t_large, 6, "dequantization's rate per element")
+
+
+def rate_and_call(small: int, t_small: float, large: int, t_large: float, calls: int, what: str) -> tuple[float, float]:
+    """Elements/s and seconds per call from two timings of ``calls`` calls on ``small`` and
+    ``large`` elements (time = calls x a fixed cost + elements / rate); where the difference is
+    within noise, the large run's rate alone and no fixed cost."""
+    rate = difference_rate(large - small, t_large, t_small, what)
+    if rate is None:
+        return large / t_large, 0.0
+    return rate, max(0.0, t_small - small / rate) / calls
+
+
+def cpu_seconds(fn: Callable[[], object], repeats: int) -> float:
+    """Median CPU seconds of a call on one thread, after one warm-up: what it takes from cores
+    the compute would otherwise use. One thread, because torch's idle pool threads spin for a
+    while after each parallel kernel, which a process-wide CPU clock would count as work."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        fn()
+        times = []
+        for _ in range(repeats):
+            start = time.thread_time()
+            fn()
+            times.append(time.thread_time() - start)
+    finally:
+        torch.set_num_threads(threads)
+    return statistics.median(times)
+
+
+def cache_move_cpu_seconds(directory: Path, count: int, tokens: int, hidden: int, dtype: torch.dtype) -> float:
+    """Core seconds of one disk-cache load or store (their mean) of a batch of ``count``
+    sequences, ``tokens`` cached, keys and values, beyond what a resident cache costs: a load
+    reads each prefix (O_DIRECT: the disk's time is not the cores') and joins the new row to a
+    strided view of it instead of a contiguous slice; a store writes one row of each sequence."""
+    row_shape = (hidden // 64, 64)
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    size = tokens * count * hidden * itemsize
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / f"flexlab-cache-probe-{os.getpid()}.bin"
+    files, buf = DiskFiles(direct=True), aligned_empty(size + 8192)
+    try:
+        path.touch()
+        files.write(path, 0, torch.zeros(tokens, count, *row_shape, dtype=dtype))
+        resident = torch.zeros(count, tokens, *row_shape, dtype=dtype)
+        row = torch.zeros(count, 1, *row_shape, dtype=dtype)
+
+        def read() -> torch.Tensor:
+            raw = files.read(path, 0, size, buf)
+            return raw.view(dtype).view(tokens, count, *row_shape).transpose(0, 1)
+
+        load = 2 * (
+            cpu_seconds(lambda: torch.cat([read(), row], 1), 9) - cpu_seconds(lambda: torch.cat([resident, row], 1), 9)
+        )
+        store = 2 * cpu_seconds(lambda: files.write(path, 0, row.transpose(0, 1)), 9)
+    finally:
+        files.close()
+        path.unlink(missing_ok=True)
+    return max(0.0, (load + store) / 2)
+
+
+def difference_rate(work: float, slow: float, fast: float, what: str) -> float | None:
+    """``work / (slow - fast)``: the rate of what makes one run slower than another; None (with a
+    warning) where the difference is within the noise of two timings on a shared machine, which
+    would otherwise give an absurd rate (a near-zero divisor)."""
+    if slow - fast > 0.05 * fast:
+        return work / (slow - fast)
+    warnings.warn(
+        f"calibrate: {what} could not be measured: the run with it took {slow:.3f} s, without it {fast:.3f} s "
+        "(within noise; the machine is likely busy). Rerun calibrate() on a quieter machine for a better value",
+        stacklevel=3,
+    )
+    return None
+
+
+def difference_seconds(count: int, slow: float, fast: float, what: str) -> float:
+    """Seconds each of ``count`` events adds to a run (``slow`` against ``fast``); 0 with a
+    warning where the difference is within noise."""
+    rate = difference_rate(count, slow, fast, what)
+    return 0.0 if rate is None else 1 / rate
+
+
+def codec_rates(device: torch.device, dtype: torch.dtype, hidden: int, rounds: int = 9) -> tuple[float, float]:
+    """(elements/s, seconds per call) of the KV codec (a 4-bit quantize and dequantize of a
+    batch of 8 sequences' rows), fitted to batches of 64 and 256 (GPU: 1024) cached tokens
+    alone, timed in alternation (the median of ``rounds`` each), so that a slow second of a
+    shared machine falls on both sizes rather than skewing one. On a GPU a call's launches, not its elements,
+    dominate the engine's small batches. On a CPU this replaced the engine's slowdown with a
+    4-bit cache, which swung 4x between calibrations (0.07-0.27 G elements/s): the codec adds
+    under 10% to a run, inside the noise of two runs on a shared machine."""
+    g = torch.Generator().manual_seed(0)
+    cfg = QuantConfig(bits=4, group_size=64)
+    sizes = (64, 1024 if device.type == "cuda" else 256)  # on a CPU, 256 tokens stay in the cache as the engine's do
+    batches = [torch.randn(8, tokens, hidden, generator=g).to(device, dtype) for tokens in sizes]
+    times: list[list[float]] = [[], []]
+
+    def codec(rows: torch.Tensor) -> torch.Tensor:
+        return dequantize(quantize(rows, cfg), dtype)
+
+    for _ in range(rounds):
+        for rows, timed in zip(batches, times):
+            timed.append(median_seconds(functools.partial(codec, rows), 1, device))
+    (small, large), (t_small, t_large) = [2 * b.numel() for b in batches], map(statistics.median, times)
+    return rate_and_call(small, t_small, large, t_large, 2, "the KV codec's rate per element")
