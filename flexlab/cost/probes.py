@@ -180,10 +180,10 @@ def codec_rates(device: torch.device, dtype: torch.dtype, hidden: int, rounds: i
     """(elements/s, seconds per call) of the KV codec (a 4-bit quantize and dequantize of a
     batch of 8 sequences' rows), fitted to batches of 64 and 256 (GPU: 1024) cached tokens
     alone, timed in alternation (the median of ``rounds`` each), so that a slow second of a
-    shared machine falls on both sizes rather than skewing one. On a GPU a call's launches, not its elements,
-    dominate the engine's small batches. On a CPU this replaced the engine's slowdown with a
-    4-bit cache, which swung 4x between calibrations (0.07-0.27 G elements/s): the codec adds
-    under 10% to a run, inside the noise of two runs on a shared machine."""
+    shared machine falls on both sizes rather than skewing one. On a GPU a call's launches, not
+    its elements, dominate the engine's small batches. On a CPU this replaced the engine's
+    slowdown with a 4-bit cache, which swung 4x between calibrations (0.07-0.27 G elements/s):
+    the codec adds under 10% to a run, inside the noise of two runs on a shared machine."""
     g = torch.Generator().manual_seed(0)
     cfg = QuantConfig(bits=4, group_size=64)
     sizes = (64, 1024 if device.type == "cuda" else 256)  # on a CPU, 256 tokens stay in the cache as the engine's do
