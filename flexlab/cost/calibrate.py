@@ -67,11 +67,9 @@ def _engine_seconds(
         return median_seconds(lambda: engine.generate(prompts, max_new_tokens=new, stop_token_ids=None), 2, device)
 
 
-def _step_overheads(
-    device: torch.device, dtype: torch.dtype, offload_dir: Path
-) -> tuple[float, float, float, float, float]:
-    """Seconds per compute step, per transfer step handed to a lane thread, per KV cache load or
-    store on a lane, and the KV codec's elements per second and seconds per call.
+def _step_overheads(device: torch.device, dtype: torch.dtype, offload_dir: Path) -> tuple[float, float, float]:
+    """Seconds per compute step, per transfer step handed to a lane thread, and per KV cache
+    load or store on a lane.
 
     The compute step's cost is timed on a model too small for its maths to matter, everything
     resident. A lane's cost is the slowdown when the activations leave the device (every stage
@@ -80,8 +78,7 @@ def _step_overheads(
     cores a lane thread mostly costs by stalling the compute's parallel kernels, which only
     shows when there is compute to stall. A cache transfer's cost on a GPU is the slowdown when
     the same run's cache goes to the cpu tier, per load and store; on a CPU it is the cores' time
-    the disk cache's reads, writes and strided joins take (:func:`cache_move_cpu_seconds`). The
-    codec is fitted to two sizes of it alone (:func:`codec_rates`).
+    the disk cache's reads, writes and strided joins take (:func:`cache_move_cpu_seconds`).
     """
     from flexlab.engine import Policy
     from flexlab.models.config import get_preset
@@ -115,8 +112,7 @@ def _step_overheads(
         # An engine-difference here swung 5x between calibrations (0.4-2.0 ms): it also absorbed the
         # probe's wait for the disk, which the model charges on the disk lane already.
         cache_move = cache_move_cpu_seconds(offload_dir, 8, len(prompts[0]) + new, shape.hidden_size, dtype)
-    codec, codec_call = codec_rates(device, dtype, CODEC_PROBE_HIDDEN)
-    return step, difference_seconds(transfers, lanes, fast, "a lane transfer's cost"), cache_move, codec, codec_call
+    return step, difference_seconds(transfers, lanes, fast, "a lane transfer's cost"), cache_move
 
 
 _BASE_PROBE = """
@@ -191,6 +187,7 @@ def calibrate(
         "link",
         "disk",
         "dequantize",
+        "KV codec",
         "step overhead",
         "runtime base",
     ]
@@ -240,15 +237,12 @@ def calibrate(
     )
     step("disk")
     results["dequant_elems"], results["dequant_call_s"] = dequant_rates(device, dtype, repeats)
-
     step("dequantize")
-    (
-        results["step_overhead_s"],
-        results["transfer_overhead_s"],
-        results["cache_transfer_overhead_s"],
-        results["kv_codec_elems"],
-        results["kv_codec_call_s"],
-    ) = _step_overheads(device, dtype, directory)
+    results["kv_codec_elems"], results["kv_codec_call_s"] = codec_rates(device, dtype, CODEC_PROBE_HIDDEN)
+    step("KV codec")
+    results["step_overhead_s"], results["transfer_overhead_s"], results["cache_transfer_overhead_s"] = _step_overheads(
+        device, dtype, directory
+    )
     step("step overhead")
     results["runtime_base_bytes"] = _runtime_base(device, dtype)
     step("runtime base")
