@@ -93,22 +93,29 @@ def main(cfg: Config) -> pd.DataFrame:
     def policy_of(percent, extra) -> flexlab.Policy:
         return policy_from(percent, extra, gpu_batch_size=cfg.gpu_batch_size, num_gpu_batches=cfg.num_gpu_batches)
 
-    def run_once(policy: flexlab.Policy, offload: str) -> tuple:
-        """One measured run of ``policy`` in a fresh engine: (tok/s, prediction, probed profile, metrics)."""
-        with flexlab.Engine(model, policy, offload_dir=offload) as engine:
-            engine.generate(prompts[: cfg.gpu_batch_size], max_new_tokens=2, stop_token_ids=None)  # warm-up
-            now = refresh(hw, device=device, dtype=dtype, offload_dir=offload)
-            result = engine.generate(prompts, max_new_tokens=cfg.gen_len, stop_token_ids=None)
-        pred = CostModel(
+    def predict(policy: flexlab.Policy, profile):
+        return CostModel(
             model.config,
             policy,
-            now,
+            profile,
             prompt_len=cfg.prompt_len,
             gen_len=cfg.gen_len,
             itemsize=itemsize,
             num_prompts=n,
         ).predict()
-        return result.metrics["throughput_tok_s"], pred, now, result.metrics
+
+    def run_once(policy: flexlab.Policy, offload: str) -> tuple:
+        """One measured run of ``policy`` in a fresh engine: (tok/s, prediction, probed profile, metrics).
+        The metrics gain the disk rate the engine's own reads saw (NaN when it read nothing)."""
+        with flexlab.Engine(model, policy, offload_dir=offload) as engine:
+            engine.generate(prompts[: cfg.gpu_batch_size], max_new_tokens=2, stop_token_ids=None)  # warm-up
+            now = refresh(hw, device=device, dtype=dtype, offload_dir=offload)
+            before = engine.files.read_bytes, engine.files.read_seconds
+            result = engine.generate(prompts, max_new_tokens=cfg.gen_len, stop_token_ids=None)
+            read_bytes = engine.files.read_bytes - before[0]
+            read_s = engine.files.read_seconds - before[1]
+        metrics = dict(result.metrics, engine_disk_read_bw=read_bytes / read_s if read_s else math.nan)
+        return result.metrics["throughput_tok_s"], predict(policy, now), now, metrics
 
     def measure_all(chosen: dict[str, flexlab.Policy], offload: str) -> list[dict]:
         """Every policy ``repeats`` times, round-robin: a slow minute of a shared machine then
@@ -136,6 +143,15 @@ def main(cfg: Config) -> pd.DataFrame:
             probed_dequant_G_s=now.dequant_elems / 1e9,
         )
         row["throughput_error"] = row["predicted_tok_s"] / row["measured_tok_s"] - 1
+        # The probe reads a fresh file; the engine re-reads its own files, and this host's virtual disk
+        # serves recently touched data faster. The same prediction at the rate the engine's reads saw
+        # tells a wrong disk rate apart from a wrong model. (Reads in flight together are summed, so
+        # that rate is a lower bound where lanes overlap.)
+        engine_bw = metrics["engine_disk_read_bw"]
+        row["engine_disk_read_GB_s"] = engine_bw / 1e9
+        at_engine_rate = predict(policy, now.replace(disk_read_bw=engine_bw)) if engine_bw > 0 else pred
+        row["predicted_at_engine_disk_rate_tok_s"] = at_engine_rate.throughput_tok_s
+        row["error_at_engine_disk_rate"] = at_engine_rate.throughput_tok_s / row["measured_tok_s"] - 1
         print(f"{name}: {row['measured_tok_s']:.1f} tok/s measured, {row['predicted_tok_s']:.1f} predicted", flush=True)
         for tier in ("gpu", "cpu", "disk"):
             row[f"measured_peak_{tier}"] = metrics[f"peak_bytes_{tier}"]
@@ -198,13 +214,16 @@ def main(cfg: Config) -> pd.DataFrame:
         median_abs_throughput_error=float(errors.median()),
         worst_abs_throughput_error=float(errors.max()),
         worst_peak_memory_error=float(df.peak_memory_error.max()),
+        median_abs_error_at_engine_disk_rate=float(df.error_at_engine_disk_rate.abs().median()),
+        worst_abs_error_at_engine_disk_rate=float(df.error_at_engine_disk_rate.abs().max()),
         search=search_note,
     )
     print(
         f"{cfg.preset} ({dtype}, {device}), {n} prompts of {cfg.prompt_len}, {cfg.gen_len} new, "
         f"batch {cfg.gpu_batch_size}x{cfg.num_gpu_batches}; hardware: {hw.name} ({hw.source})"
     )
-    cols = ["policy", "measured_tok_s", "predicted_tok_s", "throughput_error", "peak_memory_error", "bottleneck"]
+    cols = ["policy", "measured_tok_s", "predicted_tok_s", "throughput_error", "error_at_engine_disk_rate"]
+    cols += ["peak_memory_error", "bottleneck"]
     print(df[cols].to_string(index=False, float_format=lambda x: f"{x:.3f}"))
     print({k: (round(v, 3) if isinstance(v, float) else v) for k, v in summary.items()})
     stem = f"validate_cost_model_{cfg.preset}_{device.type}" + ("_smoke" if cfg.smoke else "")

@@ -80,6 +80,9 @@ def test_experiment_runs_and_writes_results(script, tmp_path, request):
     if script == "flexgen_published":  # FlexGen's published rows, each predicted by both models
         assert (df.published_tok_s > 0).all() and (df.flexlab_model_tok_s > 0).all() and df.fits.all()
         return
+    if script == "validate_cost_model":  # the disk rate the engine's reads saw: only where it read the disk
+        saw = df.set_index("policy").engine_disk_read_GB_s
+        assert saw["weights 50% disk"] > 0 and saw[["all on gpu", "weights 50% cpu"]].isna().all(), saw
     if script == "validate_memory":  # the process's peak as predicted (10% here; slack for other machines)
         assert (df.relative_error.abs() < 0.2).all(), df[["row", "measured_peak_MiB", "predicted_peak_MiB"]]
         return
