@@ -28,7 +28,9 @@ from flexlab.cost.probes import (
     dequant_rates,
     difference_seconds,
     disk_rates,
+    matmul_rate,
     median_seconds,
+    weight_read_rate,
 )
 from flexlab.devices import device_and_dtype
 from flexlab.models.attention import attend
@@ -41,14 +43,19 @@ def refresh(
     dtype: torch.dtype | None = None,
     offload_dir: str | os.PathLike | None = None,
 ) -> HardwareProfile:
-    """``hw`` with its most volatile rates re-measured now (disk read, dequantization, the KV
-    codec; about a second). On a shared machine these swing by 2x within minutes: a prediction
-    compared with a measurement should use rates probed next to it."""
+    """``hw`` with its most volatile rates re-measured now (matmul and weight reads at quick
+    calibration's sizes, disk read, dequantization, the KV codec; about a second). On a shared
+    machine these swing by 2x within minutes (a calibration's matmul probe read 148 GFLOP/s here
+    and 176 ten minutes later): a prediction compared with a measurement should use rates probed
+    next to it."""
     device, dtype = device_and_dtype(device, dtype)
+    matmul, weight_read = matmul_rate(device, dtype, 1024, 3), weight_read_rate(device, dtype, 1024, 3)
     read, _, latency = disk_rates(Path(offload_dir or tempfile.gettempdir()), 64 << 20, 3, write=False)
     rate, call = dequant_rates(device, dtype, 3)
     codec, codec_call = codec_rates(device, dtype, CODEC_PROBE_HIDDEN)
     return hw.replace(
+        matmul_flops=matmul,
+        weight_read_bw=weight_read,
         disk_read_bw=read,
         disk_latency_s=latency,
         dequant_elems=rate,
@@ -197,15 +204,11 @@ def calibrate(
         bar.set_postfix_str(name)
         bar.update(1)
 
-    g = torch.Generator(device="cpu").manual_seed(0)
-    x = torch.randn(512 * scale, h, generator=g).to(device, dtype)
-    w = torch.randn(h, 4 * h, generator=g).to(device, dtype)
-    results["matmul_flops"] = 2 * x.shape[0] * h * 4 * h / median_seconds(lambda: x @ w, repeats, device)
+    results["matmul_flops"] = matmul_rate(device, dtype, h, repeats)
     step("matmul")
-    big = torch.randn(4 * h, 8 * h, generator=g).to(device, dtype)  # larger than any CPU cache
-    xs = torch.randn(8, 4 * h, generator=g).to(device, dtype)
-    results["weight_read_bw"] = big.numel() * big.element_size() / median_seconds(lambda: xs @ big, repeats, device)
+    results["weight_read_bw"] = weight_read_rate(device, dtype, h, repeats)
     step("weight read")
+    g = torch.Generator(device="cpu").manual_seed(0)
 
     def attention_bw(dev: torch.device, dt: torch.dtype) -> float:
         b, heads, length, d = 8, 16, 512 * scale, 64

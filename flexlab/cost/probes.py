@@ -79,6 +79,23 @@ def disk_rates(directory: Path, size: int, repeats: int, write: bool = True) -> 
         path.unlink(missing_ok=True)
 
 
+def matmul_rate(device: torch.device, dtype: torch.dtype, h: int, repeats: int) -> float:
+    """FLOP/s of an MLP-shaped matmul: ``[h/2, h] @ [h, 4h]`` (a prefill's batch of rows)."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(h // 2, h, generator=g).to(device, dtype)
+    w = torch.randn(h, 4 * h, generator=g).to(device, dtype)
+    return 2 * x.shape[0] * h * 4 * h / median_seconds(lambda: x @ w, repeats, device)
+
+
+def weight_read_rate(device: torch.device, dtype: torch.dtype, h: int, repeats: int) -> float:
+    """Bytes/s a decode's few rows read a weight at: ``[8, 4h] @ [4h, 8h]``, a weight larger
+    than any CPU cache, so it comes from memory every time."""
+    g = torch.Generator().manual_seed(0)
+    big = torch.randn(4 * h, 8 * h, generator=g).to(device, dtype)
+    xs = torch.randn(8, 4 * h, generator=g).to(device, dtype)
+    return big.numel() * big.element_size() / median_seconds(lambda: xs @ big, repeats, device)
+
+
 def dequant_rates(device: torch.device, dtype: torch.dtype, repeats: int) -> tuple[float, float]:
     """(elements/s, seconds per matrix) dequantizing 4-bit matrices as the engine does, fitted to
     two layers' worth of matrices: opt-125m's shape and one 2x (CPU) or 4x (GPU) as wide. Time is

@@ -286,6 +286,9 @@ def test_refresh_makes_its_probe_directory_and_refuses_one_it_cannot_make(tmp_pa
 
     hw = refresh(CPU_ONLY, device="cpu", offload_dir=tmp_path / "not" / "yet")
     assert hw.disk_read_bw > 1e6 and (tmp_path / "not" / "yet").is_dir()
+    # the compute rates are re-probed too (a 2-core CPU: between 1 GFLOP/s and 10 TFLOP/s)
+    assert hw.matmul_flops != CPU_ONLY.matmul_flops and 1e9 < hw.matmul_flops < 1e13
+    assert hw.weight_read_bw != CPU_ONLY.weight_read_bw and 1e8 < hw.weight_read_bw < 1e12
     (tmp_path / "file").write_text("")
     with pytest.raises(flexlab.FlexlabError, match="cannot make the offload directory .*file/sub"):
         refresh(CPU_ONLY, device="cpu", offload_dir=tmp_path / "file" / "sub")
