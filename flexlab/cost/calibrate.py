@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import statistics
 import tempfile
 import time
 import warnings
@@ -26,6 +27,7 @@ from flexlab.cost.probes import (
     cache_move_cpu_seconds,
     codec_rates,
     dequant_rates,
+    difference_rate,
     difference_seconds,
     disk_rates,
     matmul_rate,
@@ -84,8 +86,8 @@ def _step_overheads(device: torch.device, dtype: torch.dtype, offload_dir: Path)
     cpu tier is read in place; a few KB each) on a model with opt-125m-sized layers: on few
     cores a lane thread mostly costs by stalling the compute's parallel kernels, which only
     shows when there is compute to stall. A cache transfer's cost on a GPU is the slowdown when
-    the same run's cache goes to the cpu tier, per load and store; on a CPU it is the cores' time
-    the disk cache's reads, writes and strided joins take (:func:`cache_move_cpu_seconds`).
+    the same run's cache goes to the cpu tier, per load and store; on a CPU, what the disk cache
+    adds to the compute lane's busy time (:func:`_disk_cache_move_seconds`).
     """
     from flexlab.engine import Policy
     from flexlab.models.config import get_preset
@@ -116,10 +118,44 @@ def _step_overheads(device: torch.device, dtype: torch.dtype, offload_dir: Path)
             cache_moves, _engine_seconds(model, cache_cpu, prompts, new, device), fast, "a cache transfer's cost"
         )
     else:
-        # An engine-difference here swung 5x between calibrations (0.4-2.0 ms): it also absorbed the
-        # probe's wait for the disk, which the model charges on the disk lane already.
-        cache_move = cache_move_cpu_seconds(offload_dir, 8, len(prompts[0]) + new, shape.hidden_size, dtype)
+        cache_move = _disk_cache_move_seconds(model, prompts, new, nb, offload_dir)
     return step, difference_seconds(transfers, lanes, fast, "a lane transfer's cost"), cache_move
+
+
+def _compute_busy_seconds(model, policy, prompts: list[list[int]], new: int, offload_dir: Path) -> float:
+    """Seconds the compute lane was busy in one run (after a warm-up): its waits for transfers left out."""
+    from flexlab.engine import Engine
+
+    with Engine(model, policy, offload_dir=offload_dir) as engine:
+        engine.generate(prompts[: policy.gpu_batch_size], max_new_tokens=2, stop_token_ids=None)
+        result = engine.generate(prompts, max_new_tokens=new, stop_token_ids=None)
+    return result.timeline.summary()["compute_busy_s"]
+
+
+def _disk_cache_move_seconds(model, prompts: list[list[int]], new: int, nb: int, offload_dir: Path) -> float:
+    """On a CPU: what one disk-cache load or store adds to the compute lane's busy time, from
+    runs with the cache resident and on disk in alternation (medians of three each). The
+    compute's busy time, not the run's: the disk's own time is charged on the disk lane.
+
+    On two cores a lane thread's read costs the compute several times its own CPU time (its
+    wake-ups preempt one of the compute's threads, and the other waits at the kernel's end:
+    opt-125m's layer norms ran 9x slower beside the disk cache, 2026-12-06). The cores' time
+    alone (:func:`~flexlab.cost.probes.cache_move_cpu_seconds`, 0.2 ms) was a fifth of this
+    (1.0-1.2 ms), and the model 34-59% optimistic for a disk cache; it stays the floor where the
+    difference is within noise. (An engine difference of wall times, tried before, swung 5x: it
+    also held the waits for the disk.)"""
+    from flexlab.engine import Policy
+
+    policies = [Policy.from_percent([100, 0, c, 0, 100, 0], gpu_batch_size=8, num_gpu_batches=nb) for c in (100, 0)]
+    times: list[list[float]] = [[], []]
+    for _ in range(3):
+        for policy, timed in zip(policies, times):
+            timed.append(_compute_busy_seconds(model, policy, prompts, new, offload_dir))
+    resident, on_disk = map(statistics.median, times)
+    moves = nb * model.config.num_layers * (2 * new - 1)  # a store every token, a load every decode token
+    rate = difference_rate(moves, on_disk, resident, "a disk-cache transfer's cost")
+    floor = cache_move_cpu_seconds(offload_dir, 8, len(prompts[0]) + new, model.config.hidden_size, model.dtype)
+    return floor if rate is None else max(floor, 1 / rate)
 
 
 _BASE_PROBE = """

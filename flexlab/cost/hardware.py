@@ -51,9 +51,9 @@ class HardwareProfile:
         transfer_overhead_s: fixed cost of a transfer step handed to a lane thread (it competes
             with the compute for the interpreter and the cores).
         cache_transfer_overhead_s: the same for a KV cache load or store (one layer and batch),
-            which moves more and costs the cores more than an activation transfer (on a CPU: the
-            cores' time of a disk-cache read, write and strided join; the disk's own time is
-            charged to the disk lane).
+            which moves more and costs the cores more than an activation transfer (on a CPU: what
+            a disk-cache read or write adds to the compute's busy time, its thread's wake-ups
+            stalling the compute's; the disk's own time is charged to the disk lane).
         disk_latency_s: fixed cost of one disk request (each KV cache read and write pays it).
         gpu_memory, cpu_memory, disk_space: capacities in bytes.
         runtime_base_bytes: host RAM a process holds before the engine allocates anything (the

@@ -3,6 +3,7 @@ the search respects capacities and keeps compression; bad input is refused clear
 
 from __future__ import annotations
 
+import importlib
 import json
 import re
 
@@ -308,6 +309,33 @@ def test_calibrate_warns_instead_of_dividing_by_noise(tmp_path):
     assert 1e6 < rate < 1e12 and 0 <= call < 0.1
     move = cache_move_cpu_seconds(tmp_path / "probe", 8, 40, 768, torch.float32)
     assert 0 <= move < 0.05 and not list((tmp_path / "probe").iterdir())  # its file is gone
+
+
+def test_disk_cache_cost_is_the_compute_busy_time_it_adds(tmp_path, monkeypatch):
+    """On a CPU a disk-cache move costs what it adds to the compute lane's busy time (resident
+    and on-disk runs in alternation); within noise, the cores' own time of a move is the floor."""
+    cal = importlib.import_module("flexlab.cost.calibrate")  # the module (the package exports its function)
+    model = flexlab.Model.from_config("opt-tiny", seed=0)
+    prompts, new, nb = [[2, 5, 6]] * 4, 4, 2
+    moves = nb * model.config.num_layers * (2 * new - 1)
+    busy = {100: [0.30, 0.10, 0.11], 0: [0.15, 0.21, 0.50]}  # per cache gpu-tier share: one run each, in turn
+    order = []
+
+    def fake(model_, policy, prompts_, new_, offload_dir):
+        order.append(policy.cache_gpu_percent)
+        return busy[policy.cache_gpu_percent][order.count(policy.cache_gpu_percent) - 1]
+
+    monkeypatch.setattr(cal, "_compute_busy_seconds", fake)
+    monkeypatch.setattr(cal, "cache_move_cpu_seconds", lambda *a: 1e-6)
+    assert cal._disk_cache_move_seconds(model, prompts, new, nb, tmp_path) == pytest.approx((0.21 - 0.11) / moves)
+    assert order == [100, 0] * 3  # alternated, so a slow minute falls on both
+    busy.update({100: [0.2] * 3, 0: [0.201] * 3})
+    order.clear()
+    with pytest.warns(UserWarning, match="a disk-cache transfer's cost could not be measured"):
+        assert cal._disk_cache_move_seconds(model, prompts, new, nb, tmp_path) == 1e-6
+    monkeypatch.undo()
+    real = cal._disk_cache_move_seconds(model, prompts, new, nb, tmp_path / "real")
+    assert 0 < real < 0.05 and not list((tmp_path / "real").iterdir())  # the engines' files are gone
 
 
 def test_disk_weights_read_in_place_are_counted_in_the_checkpoints_dtype(tmp_path):
