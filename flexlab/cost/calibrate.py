@@ -30,6 +30,7 @@ from flexlab.cost.probes import (
     difference_rate,
     difference_seconds,
     disk_rates,
+    llc_weight_read_rate,
     matmul_rate,
     median_seconds,
     weight_read_rate,
@@ -46,18 +47,20 @@ def refresh(
     offload_dir: str | os.PathLike | None = None,
 ) -> HardwareProfile:
     """``hw`` with its most volatile rates re-measured now (matmul and weight reads at quick
-    calibration's sizes, disk read, dequantization, the KV codec; about a second). On a shared
-    machine these swing by 2x within minutes (a calibration's matmul probe read 148 GFLOP/s here
-    and 176 ten minutes later): a prediction compared with a measurement should use rates probed
-    next to it."""
+    calibration's sizes, weight reads from a CPU's cache, disk read, dequantization, the KV
+    codec; about a second). On a shared machine these swing by 2x within minutes (a
+    calibration's matmul probe read 148 GFLOP/s here and 176 ten minutes later): a prediction
+    compared with a measurement should use rates probed next to it."""
     device, dtype = device_and_dtype(device, dtype)
     matmul, weight_read = matmul_rate(device, dtype, 1024, 3), weight_read_rate(device, dtype, 1024, 3)
+    llc_read = llc_weight_read_rate(device, dtype, 3)
     read, _, latency = disk_rates(Path(offload_dir or tempfile.gettempdir()), 64 << 20, 3, write=False)
     rate, call = dequant_rates(device, dtype, 3)
     codec, codec_call = codec_rates(device, dtype, CODEC_PROBE_HIDDEN)
     return hw.replace(
         matmul_flops=matmul,
         weight_read_bw=weight_read,
+        llc_weight_read_bw=llc_read,
         disk_read_bw=read,
         disk_latency_s=latency,
         dequant_elems=rate,
@@ -243,6 +246,7 @@ def calibrate(
     results["matmul_flops"] = matmul_rate(device, dtype, h, repeats)
     step("matmul")
     results["weight_read_bw"] = weight_read_rate(device, dtype, h, repeats)
+    results["llc_weight_read_bw"] = llc_weight_read_rate(device, dtype, repeats)
     step("weight read")
     g = torch.Generator(device="cpu").manual_seed(0)
 

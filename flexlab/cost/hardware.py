@@ -62,6 +62,9 @@ class HardwareProfile:
         llc_bytes: a CPU's last-level cache. A stage's weights that fit are read from memory by
             the first of a token's GPU batches only; the next batches find them there (0: never,
             as on a GPU, whose batches each read HBM).
+        llc_weight_read_bw: bytes/s a decode matmul reads a weight from that cache (the later
+            batches: a few rows' products run far below ``matmul_flops`` even there; 0: not
+            measured, those batches are charged their FLOPs alone, as profiles saved before it).
     """
 
     name: str
@@ -87,6 +90,7 @@ class HardwareProfile:
     dequant_call_s: float = 0.0
     kv_codec_call_s: float = 0.0
     llc_bytes: float = 0.0
+    llc_weight_read_bw: float = 0.0
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -95,7 +99,7 @@ class HardwareProfile:
                 not isinstance(value, (int, float))
                 or math.isnan(value)
                 or value < 0
-                or (value == 0 and not f.name.endswith("_s") and f.name != "llc_bytes")
+                or (value == 0 and not f.name.endswith("_s") and not f.name.startswith("llc_"))
             ):
                 raise FlexlabError(
                     f"HardwareProfile.{f.name}={value!r} is invalid; rates and capacities must be positive numbers"

@@ -5,7 +5,8 @@ the KV codec), so its byte counts are the engine's, exactly; times come from a
 :class:`~flexlab.cost.hardware.HardwareProfile`:
 
 * compute of a stage and GPU batch: a fixed step overhead, plus a roofline for the matmuls
-  (``max(FLOPs / matmul_flops, weight bytes / weight_read_bw)``), plus attention over the cache
+  (``max(FLOPs / matmul_flops, weight bytes / weight_read_bw)``; on a CPU, the token's later
+  batches read a stage that fits the last-level cache at ``llc_weight_read_bw``), plus attention over the cache
   (bytes / ``attention_bw``; on the CPU for host rows with ``cpu_cache_compute``), plus
   dequantizing compressed weights once per stage;
 * I/O of a stage: the disk (weights, cache and activation reads and writes share it) and the
@@ -219,9 +220,12 @@ class CostModel:
             flops_s = st.flops_per_token * b * projected / hw.matmul_flops
             reads = min(m, from_memory)  # this group's batches that read the weights from memory
             from_memory -= reads
+            # the later batches read them from that cache, at its rate for a few rows (0: unmeasured)
+            cached_s = st.w_device_bytes / hw.llc_weight_read_bw if hw.llc_weight_read_bw else 0.0
             c = (
                 hw.step_overhead_s
-                + (reads * max(flops_s, st.w_device_bytes / hw.weight_read_bw) + (m - reads) * flops_s) / m
+                + (reads * max(flops_s, st.w_device_bytes / hw.weight_read_bw) + (m - reads) * max(flops_s, cached_s))
+                / m
             )
             # the elementwise work around the matmuls (norms, bias, GELU, residuals)
             c += st.elementwise * b * tokens * cfg.hidden_size * self.itemsize / hw.attention_bw

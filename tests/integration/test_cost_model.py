@@ -290,6 +290,7 @@ def test_refresh_makes_its_probe_directory_and_refuses_one_it_cannot_make(tmp_pa
     # the compute rates are re-probed too (a 2-core CPU: between 1 GFLOP/s and 10 TFLOP/s)
     assert hw.matmul_flops != CPU_ONLY.matmul_flops and 1e9 < hw.matmul_flops < 1e13
     assert hw.weight_read_bw != CPU_ONLY.weight_read_bw and 1e8 < hw.weight_read_bw < 1e12
+    assert CPU_ONLY.llc_weight_read_bw == 0 and 1e8 < hw.llc_weight_read_bw < 1e12
     (tmp_path / "file").write_text("")
     with pytest.raises(flexlab.FlexlabError, match="cannot make the offload directory .*file/sub"):
         refresh(CPU_ONLY, device="cpu", offload_dir=tmp_path / "file" / "sub")
@@ -396,3 +397,9 @@ def test_the_head_projects_the_last_position_and_small_stages_are_read_from_memo
     saved = stage_s(cpu, "mlp.0", 1) - stage_s(cached, "mlp.0", 1)
     assert saved == pytest.approx(3 * (read - flops), rel=0.05)  # the later batches are bound by their maths
     assert stage_s(uncached, "mlp.0", 1) == stage_s(cpu, "mlp.0", 1)  # larger than the cache: 4 reads
+    # measured, the cache's own read rate for a few rows bounds the later batches instead
+    llc_read = mlp_bytes / (3 * flops)  # their reads take 3x their maths
+    slow = cached.replace(llc_weight_read_bw=llc_read)
+    assert stage_s(cpu, "mlp.0", 1) - stage_s(slow, "mlp.0", 1) == pytest.approx(3 * (read - 3 * flops), rel=0.05)
+    fast = cached.replace(llc_weight_read_bw=1e15)  # faster than the maths: the maths again
+    assert stage_s(fast, "mlp.0", 1) == pytest.approx(stage_s(cached, "mlp.0", 1))
