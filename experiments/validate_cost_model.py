@@ -109,7 +109,8 @@ def main(cfg: Config) -> pd.DataFrame:
         The metrics gain the disk rate the engine's own reads saw (NaN when it read nothing)."""
         with flexlab.Engine(model, policy, offload_dir=offload) as engine:
             engine.generate(prompts[: cfg.gpu_batch_size], max_new_tokens=2, stop_token_ids=None)  # warm-up
-            now = refresh(hw, device=device, dtype=dtype, offload_dir=offload)
+            # the disk timed on the engine's own weight reads where it has any (a fresh file reads faster here)
+            now = refresh(hw, device=device, dtype=dtype, offload_dir=offload, reads=engine.weight_reads())
             before = engine.files.read_bytes, engine.files.read_seconds
             result = engine.generate(prompts, max_new_tokens=cfg.gen_len, stop_token_ids=None)
             read_bytes = engine.files.read_bytes - before[0]
@@ -143,10 +144,10 @@ def main(cfg: Config) -> pd.DataFrame:
             probed_dequant_G_s=now.dequant_elems / 1e9,
         )
         row["throughput_error"] = row["predicted_tok_s"] / row["measured_tok_s"] - 1
-        # The probe reads a fresh file; the engine re-reads its own files, and this host's virtual disk
-        # serves recently touched data faster. The same prediction at the rate the engine's reads saw
-        # tells a wrong disk rate apart from a wrong model. (Reads in flight together are summed, so
-        # that rate is a lower bound where lanes overlap.)
+        # The probe reads the engine's weight files before the run (a fresh file without them); this host's
+        # virtual disk serves recently touched data faster, so rates move between probe and run. The same
+        # prediction at the rate the engine's reads saw during the run tells a wrong disk rate apart from a
+        # wrong model. (Reads in flight together are summed, so that rate is a lower bound where lanes overlap.)
         engine_bw = metrics["engine_disk_read_bw"]
         row["engine_disk_read_GB_s"] = engine_bw / 1e9
         at_engine_rate = predict(policy, now.replace(disk_read_bw=engine_bw)) if engine_bw > 0 else pred

@@ -17,6 +17,7 @@ import statistics
 import tempfile
 import time
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -33,6 +34,7 @@ from flexlab.cost.probes import (
     llc_weight_read_rate,
     matmul_rate,
     median_seconds,
+    reads_rate,
     weight_read_rate,
 )
 from flexlab.devices import device_and_dtype
@@ -45,16 +47,23 @@ def refresh(
     device: str | torch.device | None = None,
     dtype: torch.dtype | None = None,
     offload_dir: str | os.PathLike | None = None,
+    reads: Sequence[tuple[Path, int, int]] = (),
 ) -> HardwareProfile:
     """``hw`` with its most volatile rates re-measured now (matmul and weight reads at quick
     calibration's sizes, weight reads from a CPU's cache, disk read, dequantization, the KV
     codec; about a second). On a shared machine these swing by 2x within minutes (a
     calibration's matmul probe read 148 GFLOP/s here and 176 ten minutes later): a prediction
-    compared with a measurement should use rates probed next to it."""
+    compared with a measurement should use rates probed next to it.
+
+    ``reads``: time the disk on these reads instead of a file written now: an engine's
+    :meth:`~flexlab.engine.Engine.weight_reads` (its own files, of their age, in its request
+    sizes; the probe's fresh file read 1.3-2.6 GB/s where the engine's reads saw 1.0-1.8)."""
     device, dtype = device_and_dtype(device, dtype)
     matmul, weight_read = matmul_rate(device, dtype, 1024, 3), weight_read_rate(device, dtype, 1024, 3)
     llc_read = llc_weight_read_rate(device, dtype, 3)
     read, _, latency = disk_rates(Path(offload_dir or tempfile.gettempdir()), 64 << 20, 3, write=False)
+    if reads:
+        read = reads_rate(reads, 3)
     rate, call = dequant_rates(device, dtype, 3)
     codec, codec_call = codec_rates(device, dtype, CODEC_PROBE_HIDDEN)
     return hw.replace(

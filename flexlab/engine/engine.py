@@ -372,6 +372,14 @@ class Engine:
             raise FlexlabError("this Engine is closed; create a new one")
         return self._executor
 
+    def weight_reads(self) -> list[tuple[Path, int, int]]:
+        """The disk reads one token's weights take: ``(file, offset, bytes)``, in stage order
+        (empty when no weight is on disk). :func:`flexlab.cost.refresh` times them to probe the
+        disk as this engine's reads will see it."""
+        if self._context is None:
+            raise FlexlabError("this Engine is closed; create a new one")
+        return self.weights.disk_reads()
+
     @property
     def offload_dir(self) -> Path | None:
         """The directory holding this engine's files (removed on close)."""

@@ -161,6 +161,22 @@ class WeightStore:
         self.tracker.add(tier, "weights", w.nbytes)
         return w
 
+    def disk_reads(self) -> list[tuple[Path, int, int]]:
+        """The disk reads one token's weights take, as :meth:`load` issues them: ``(file,
+        offset, bytes)`` in stage order (a stage's packed file whole; weights read in place from
+        a checkpoint one by one). Empty when no weight lives on disk."""
+        reads = []
+        for j, own in self.stage_files.items():
+            if own is not None:
+                reads.append((own[0], 0, own[1]))
+            reads += [
+                (loc.path, loc.offset, loc.nbytes)
+                for w in self.stage_weights[j]
+                for loc in w.locations
+                if own is None or loc.path != own[0]
+            ]
+        return reads
+
     def load(self, stage: int) -> tuple[LoadedWeights, dict[str, int]]:
         """The stage's weights on the compute device, and the bytes moved from each tier."""
         if stage in self._in_place:  # resident: the same tensors every time, nothing moved

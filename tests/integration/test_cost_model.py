@@ -296,6 +296,27 @@ def test_refresh_makes_its_probe_directory_and_refuses_one_it_cannot_make(tmp_pa
         refresh(CPU_ONLY, device="cpu", offload_dir=tmp_path / "file" / "sub")
 
 
+def test_refresh_times_the_disk_on_an_engines_own_weight_reads(tmp_path):
+    """``Engine.weight_reads`` lists the reads one token's weights take (what a block then reads
+    per token, byte for byte); ``refresh(reads=...)`` probes the disk on them."""
+    from flexlab.cost import refresh
+
+    model = flexlab.Model.from_config("opt-tiny", seed=0)
+    with flexlab.Engine(model, offload_dir=tmp_path / "resident") as engine:
+        assert engine.weight_reads() == []
+    disk = Policy.from_percent([0, 0, 100, 0, 100, 0], gpu_batch_size=len(PROMPTS))  # one block
+    with flexlab.Engine(model, disk, offload_dir=tmp_path / "disk") as engine:
+        reads = engine.weight_reads()
+        assert len(reads) >= 2 + 2 * model.config.num_layers and all(path.is_file() for path, _, _ in reads)
+        before = engine.files.read_bytes
+        engine.generate(PROMPTS, max_new_tokens=3, stop_token_ids=None)
+        assert engine.files.read_bytes - before == 3 * sum(size for _, _, size in reads)  # a load per token
+        hw = refresh(CPU_ONLY, device="cpu", offload_dir=tmp_path / "probe", reads=reads)
+    assert 1e6 < hw.disk_read_bw < 1e12
+    with pytest.raises(flexlab.FlexlabError, match="closed"):
+        engine.weight_reads()
+
+
 def test_calibrate_warns_instead_of_dividing_by_noise(tmp_path):
     """Rates derived from the difference of two timings: a difference within noise is no rate."""
     from flexlab.cost.probes import cache_move_cpu_seconds, codec_rates, difference_rate, difference_seconds
