@@ -81,8 +81,15 @@ def attend(
     their scores stay under ``score_bytes``: a 2048-token prefill of 8 sequences and 32 heads
     would otherwise hold 4 GiB of them (each query's softmax is its own, so chunks change nothing).
     """
-    k, v = expand_kv(k, q.shape[1]), expand_kv(v, q.shape[1])
-    b, heads, q_len, _ = q.shape
+    b, heads, q_len, d = q.shape
+    kv_heads = k.shape[1]
+    if q_len == 1 and kv_heads < heads and isinstance(bias, torch.Tensor) and bias.shape[1] == 1:
+        # One new token with grouped-query attention: its query heads become the rows of their
+        # key/value head (``[b, kv_heads, heads / kv_heads, d]``), so the cache is read as stored
+        # instead of copied once per group (Llama-3.2-1B: 4 copies of keys and values a layer and step).
+        out = _attend_rows(q.reshape(b, kv_heads, heads // kv_heads, d), k, v, bias)
+        return out.reshape(b, heads, 1, v.shape[-1])
+    k, v = expand_kv(k, heads), expand_kv(v, heads)
     rows = max(1, score_bytes // (4 * b * heads * k.shape[2]))
     if rows >= q_len:
         return _attend_rows(q, k, v, bias)

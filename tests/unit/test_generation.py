@@ -114,3 +114,24 @@ def test_attention_in_chunks_of_queries_equals_all_at_once(heads, kv_heads, per_
     whole = attend(q, k, v, bias)
     chunked = attend(q, k, v, bias, score_bytes=4 * b * heads * n * 5)  # 5 queries at a time, 8 chunks
     assert torch.allclose(chunked, whole, atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_one_query_with_grouped_heads_attends_the_cache_as_stored(dtype):
+    """A decode step's query heads are grouped onto their key/value head (no copy of the cache
+    per group): the result equals attention over keys and values expanded to every head."""
+    from flexlab.models.attention import _attend_rows, attend, expand_kv
+
+    g = torch.Generator().manual_seed(0)
+    b, heads, kv_heads, n, d = 3, 8, 2, 29, 16
+    q = torch.randn(b, heads, 1, d, generator=g).to(dtype)
+    k, v = (torch.randn(b, kv_heads, n, d, generator=g).to(dtype) for _ in range(2))
+    valid = torch.ones(b, n, dtype=torch.bool)
+    valid[1, :4] = False
+    bias = attention_bias(valid, 1)
+    expanded = _attend_rows(q, expand_kv(k, heads), expand_kv(v, heads), bias)
+    grouped = attend(q, k, v, bias)
+    assert grouped.shape == (b, heads, 1, d)
+    tol = 1e-6 if dtype == torch.float32 else 1e-2
+    assert torch.allclose(grouped.float(), expanded.float(), atol=tol, rtol=tol)
+    assert not torch.allclose(grouped[:, :4].float(), grouped[:, 4:].float())  # each group its own head
