@@ -62,7 +62,7 @@ def refresh(
     matmul, weight_read = matmul_rate(device, dtype, 1024, 3), weight_read_rate(device, dtype, 1024, 3)
     llc_read = llc_weight_read_rate(device, dtype, 3)
     read, _, latency = disk_rates(Path(offload_dir or tempfile.gettempdir()), 64 << 20, 3, write=False)
-    if reads:
+    if reads:  # the fresh file still gives the latency of a small read
         read = reads_rate(reads, 3)
     rate, call = dequant_rates(device, dtype, 3)
     codec, codec_call = codec_rates(device, dtype, CODEC_PROBE_HIDDEN)
