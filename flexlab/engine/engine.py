@@ -376,8 +376,7 @@ class Engine:
         """The disk reads one token's weights take: ``(file, offset, bytes)``, in stage order
         (empty when no weight is on disk). :func:`flexlab.cost.refresh` times them to probe the
         disk as this engine's reads will see it."""
-        if self._context is None:
-            raise FlexlabError("this Engine is closed; create a new one")
+        self._check_open()
         return self.weights.disk_reads()
 
     @property
