@@ -164,22 +164,37 @@ def block_schedule(
         issued.add(step.key)
         return step
 
+    # Each unit's loads and each stage's weight load are built once, when first looked ahead to, and
+    # forgotten once passed: rebuilding them at every look-ahead was most of the schedule's cost.
+    weight_steps: dict[int, Step] = {}
+    unit_loads: dict[int, tuple[list[Step], list[Step]]] = {}  # unit -> (its cache load, its other loads)
+
+    def weight_step(i: int) -> Step:
+        if i not in weight_steps:
+            tt, jj, gg = stage_steps[i]
+            weight_steps[i] = Step("load_weight", tt, jj, weight_batch(gg))
+        return weight_steps[i]
+
+    def loads_of(m: int) -> tuple[list[Step], list[Step]]:
+        if m not in unit_loads:
+            unit_loads[m] = (loads(*units[m], act=False), loads(*units[m], cache=False))
+        return unit_loads[m]
+
     for n, (t, j, k) in enumerate(units):
         stage_index = unit_stage[n]
         g = stage_steps[stage_index][2]
-        ahead = [
-            Step("load_weight", tt, jj, weight_batch(gg))
-            for tt, jj, gg in stage_steps[stage_index : stage_index + 1 + prefetch]
-        ]
-        ahead += [s for u in units[n : n + 1 + cache_ahead] for s in loads(*u, act=False)]
-        ahead += [s for u in units[n : n + 1 + prefetch] for s in loads(*u, cache=False)]
+        weight_steps.pop(stage_index - 1, None)
+        unit_loads.pop(n - 1, None)
+        ahead = [weight_step(i) for i in range(stage_index, min(stage_index + 1 + prefetch, len(stage_steps)))]
+        ahead += [s for m in range(n, min(n + 1 + cache_ahead, len(units))) for s in loads_of(m)[0]]
+        ahead += [s for m in range(n, min(n + 1 + prefetch, len(units))) for s in loads_of(m)[1]]
         for step in ahead:
             # A load whose data is not yet stored (the next stage's input, with one batch) is not
             # prefetched; it is issued when its own unit comes up.
             if step.key not in issued and all(d in issued for d in step.deps):
                 yield emit(step)
 
-        needs = [("load_weight", t, j, weight_batch(g))] + [s.key for s in loads(t, j, k)]
+        needs = [("load_weight", t, j, weight_batch(g))] + [s.key for part in loads_of(n) for s in part]
         if not act_moves and j > first:
             needs.append(("compute", t, j - 1, k))  # the hidden state handed over in memory
         if j == 0 and t > 0 and not peers:
