@@ -154,23 +154,28 @@ class CacheStore:
             self.pool.release(buf)
         loaded.buffers = []
 
-    def gather(self, layer: int, batch: int, kv: str, positions: list[list[int]]) -> tuple[torch.Tensor, int]:
+    def gather(
+        self, layer: int, batch: int, kv: str, positions: list[list[int]], device: torch.device | None = None
+    ) -> tuple[torch.Tensor, int]:
         """Only the rows at ``positions`` (ascending, per sequence of the batch), as
-        ``[b, most positions, *row]`` zero-padded on the device, and the bytes read from other tiers.
-        On disk, each run of consecutive positions that some sequence keeps is one read."""
-        codec = self.codecs[kv]
+        ``[b, most positions, *row]`` zero-padded on ``device`` (default: the compute device), and
+        the bytes read from other tiers. On disk, each run of consecutive positions that some
+        sequence keeps is one read. A tier none of whose sequences wants a row is not touched."""
+        codec, device = self.codecs[kv], device or self.device
         width = max(map(len, positions), default=0)
-        out = torch.zeros((len(positions), width, *codec.row_shape), dtype=codec.row_dtype, device=self.device)
+        out = torch.zeros((len(positions), width, *codec.row_shape), dtype=codec.row_dtype, device=device)
         moved = 0
         for tier, first, count in self.layout[batch]:
-            slot = self._slot(layer, batch, tier, kv, count)
             mine = positions[first : first + count]
+            if not any(mine):
+                continue
+            slot = self._slot(layer, batch, tier, kv, count)
             if tier != "disk":
                 for i, pos in enumerate(mine):
                     if pos:
                         idx = torch.tensor(pos, device=slot.device)
-                        out[first + i, : len(pos)] = slot[i, idx].to(self.device, non_blocking=True)
-                        moved += 0 if slot.device == self.device else len(pos) * codec.row_bytes
+                        out[first + i, : len(pos)] = slot[i, idx].to(device, non_blocking=True)
+                        moved += 0 if slot.device == device else len(pos) * codec.row_bytes
                 continue
             where = [{p: at for at, p in enumerate(pos)} for pos in mine]  # position -> index in out
             buf = self.pool.acquire()
@@ -182,9 +187,9 @@ class CacheStore:
                         hits = [(p - start, at[p]) for p in range(start, start + n) if p in at]
                         if hits:
                             src, dst = zip(*hits)
-                            out[first + i, list(dst)] = lines[list(src), i].to(self.device, non_blocking=True)
+                            out[first + i, list(dst)] = lines[list(src), i].to(device, non_blocking=True)
                     moved += n * count * codec.row_bytes
-                if self.device.type == "cuda":
+                if device.type == "cuda":
                     torch.cuda.current_stream().synchronize()
             finally:
                 self.pool.release(buf)

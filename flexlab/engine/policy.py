@@ -114,12 +114,6 @@ class Policy:
             )
         if self.compress_cache is not None and not isinstance(self.compress_cache, CacheQuantConfig):
             object.__setattr__(self, "compress_cache", CacheQuantConfig.of(self.compress_cache))
-        # What the engine cannot run is refused here, so a search never ranks it either.
-        if self.attn_sparsity < 1 and self.cpu_cache_compute:
-            raise PolicyError(
-                "Policy.attn_sparsity < 1 with cpu_cache_compute is not implemented (attention on the "
-                "CPU is dense); turn one of them off"
-            )
 
     # ---- derived shares ---------------------------------------------------------------
     @property

@@ -68,3 +68,9 @@ def test_compressed_cache_and_sparse_attention_on_cuda(cuda_model, tiny_dir, tin
     sparse = Policy.from_percent([100, 0, 0, 0, 100, 0], gpu_batch_size=2, num_gpu_batches=2, attn_sparsity=0.999)
     with flexlab.Engine(cuda_model, sparse, offload_dir=tmp_path) as engine:  # keeps every row: exact
         assert engine.generate(PROMPTS, max_new_tokens=NEW).token_ids == hf_greedy(tiny_hf, PROMPTS, NEW)
+    # ...and with the cpu tier's rows attending on the CPU beside gpu and disk rows
+    sparse = Policy.from_percent(
+        [100, 0, 25, 50, 100, 0], gpu_batch_size=4, num_gpu_batches=2, attn_sparsity=0.999, cpu_cache_compute=True
+    )
+    with flexlab.Engine(cuda_model, sparse, offload_dir=tmp_path) as engine:
+        assert engine.generate(PROMPTS, max_new_tokens=NEW).token_ids == hf_greedy(tiny_hf, PROMPTS, NEW)

@@ -202,17 +202,6 @@ def test_a_full_disk_is_refused_before_any_file_is_written(model, tmp_path, monk
     assert list(tmp_path.iterdir()) == []
 
 
-@pytest.mark.parametrize(
-    "kwargs, message",
-    [
-        (dict(attn_sparsity=0.5, cpu_cache_compute=True), "attn_sparsity < 1 with cpu_cache_compute"),
-    ],
-)
-def test_unfinished_features_are_refused_clearly(kwargs, message):
-    with pytest.raises(flexlab.PolicyError, match=message):  # by the Policy itself: a search never ranks them
-        Policy(**kwargs)
-
-
 def test_prompts_longer_than_the_model_allows(model):
     with flexlab.Engine(model, Policy()) as engine:
         with pytest.raises(flexlab.PromptError, match="exceeds the model's 256 positions"):
@@ -283,13 +272,16 @@ def test_cpu_cache_compute_leaves_cpu_rows_on_the_host(model, monkeypatch):
         Policy.from_percent([100, 0, 30, 30, 100, 0], gpu_batch_size=3, num_gpu_batches=2, overlap=False),
         Policy.from_percent([100, 0, 0, 0, 100, 0], gpu_batch_size=2, num_gpu_batches=2, attn_sparsity=0.5),
         Policy.from_percent(
+            [0, 0, 25, 50, 100, 0], gpu_batch_size=4, num_gpu_batches=2, attn_sparsity=0.5, cpu_cache_compute=True
+        ),
+        Policy.from_percent(
             [100, 0, 0, 0, 100, 0],
             gpu_batch_size=2,
             num_gpu_batches=2,
             compress_cache=flexlab.QuantConfig(bits=4, group_size=4),
         ),
     ],
-    ids=["disk", "split, cpu attention", "split, overlap off", "sparse", "4-bit"],
+    ids=["disk", "split, cpu attention", "split, overlap off", "sparse", "sparse, split, cpu attention", "4-bit"],
 )
 def test_every_cache_read_buffer_comes_back(model, monkeypatch, policy):
     """On a CPU, attention reads disk rows in the read buffers; each must be handed back once the

@@ -14,6 +14,7 @@ from tests.integration.test_exactness import hf_greedy
 
 NEW = 6
 PLACEMENTS = [[100, 0, 100, 0, 100, 0], [100, 0, 0, 100, 100, 0], [100, 0, 0, 0, 100, 0], [40, 30, 30, 30, 0, 100]]
+SPLIT = [40, 30, 25, 50, 0, 100]  # of 4 sequences a batch: 1 on the gpu tier, 2 on the cpu tier, 1 on disk
 
 
 @pytest.fixture(scope="module")
@@ -51,6 +52,10 @@ def test_keeping_everything_through_the_sparse_path_is_exact(model, tiny_hf, tmp
         policy = Policy.from_percent(percent, gpu_batch_size=2, num_gpu_batches=2, attn_sparsity=0.999)
         with flexlab.Engine(model, policy, offload_dir=tmp_path) as engine:
             assert engine.generate(PROMPTS, max_new_tokens=NEW).token_ids == expected
+    # the cpu tier's rows attending where they are (cpu_cache_compute), beside gpu and disk rows
+    policy = Policy.from_percent(SPLIT, gpu_batch_size=4, attn_sparsity=0.999, cpu_cache_compute=True)
+    with flexlab.Engine(model, policy, offload_dir=tmp_path) as engine:
+        assert engine.generate(PROMPTS[:4], max_new_tokens=NEW).token_ids == hf_greedy(tiny_hf, PROMPTS[:4], NEW)
 
 
 @pytest.mark.parametrize("cache", [None, CacheQuantConfig(bits=4, group_size=16, window=2)])
@@ -70,6 +75,41 @@ def test_sparse_results_are_the_same_on_every_placement(model, cache, tmp_path):
         for a, b in zip(scores, results[0][1]):
             torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
     assert max(float((a - b).abs().max()) for a, b in zip(results[0][1], dense)) > 1e-3  # sparsity acts
+
+
+@pytest.mark.parametrize("cache", [None, CacheQuantConfig(bits=4, group_size=16, window=2)])
+def test_sparse_attention_of_host_rows_on_the_cpu_equals_it_on_the_device(model, cache, tmp_path, monkeypatch):
+    """``cpu_cache_compute`` with ``attn_sparsity < 1``: the cpu tier's sequences attend beside
+    their cache, the others on the device, and the results are those of one sparse attention."""
+    from flexlab.engine.cache import CacheStore
+
+    spans, original = [], CacheStore.load
+
+    def spy(self, *args, **kwargs):
+        loaded, moved = original(self, *args, **kwargs)
+        spans.append(loaded.host_span)
+        return loaded, moved
+
+    monkeypatch.setattr(CacheStore, "load", spy)
+    results = []
+    for on_cpu in (False, True):
+        policy = Policy.from_percent(
+            SPLIT,
+            gpu_batch_size=4,
+            num_gpu_batches=2,
+            attn_sparsity=0.3,
+            compress_cache=cache,
+            cpu_cache_compute=on_cpu,
+        )
+        with flexlab.Engine(model, policy, offload_dir=tmp_path) as engine:
+            results.append(
+                (engine.generate(PROMPTS, max_new_tokens=NEW).token_ids, engine.score(PROMPTS, teacher_forced=True))
+            )
+    # the second run's loads left the cpu rows on the host: batch 0 holds 2 gpu + 2 cpu, batch 1 1 cpu + 2 disk
+    assert None in spans and {(2, 2), (0, 1)} <= set(spans)
+    assert results[1][0] == results[0][0]
+    for a, b in zip(results[1][1], results[0][1]):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
 
 
 def test_only_kept_value_rows_are_read(model, tmp_path):
