@@ -91,6 +91,10 @@ class CostModel:
         self.weight_bytes = dict(weight_bytes)  # stored bytes per tier (the cached original stays as it was)
         self.codecs = dict(zip("kv", kv_codecs(config, policy, itemsize)))
         self.layers, self.checkpoint_itemsize = layers, checkpoint_itemsize
+        # The walk prices the same (stage class, batch tiers, token) many times: every decode token
+        # of a stage without a cache costs the same, and every layer's attention the same for one
+        # token. Prices depend on nothing but their arguments and this model, so each is kept.
+        self._priced: dict[tuple, tuple] = {}
 
     def tied_front(self) -> float | None:
         """The weight percent that puts the tied weights alone on the cpu tier, where that
@@ -116,7 +120,7 @@ class CostModel:
         GPU batches with the same tiers: each distinct (stage, batch) is priced once per token and
         counted as often as it occurs, which keeps the walk's result and makes it fast enough for
         the search (a 96-layer model has ~200 stages but only a handful of distinct ones)."""
-        p = self.policy
+        p, priced = self.policy, self._priced
         kinds = {k: 0.0 for k in ("load_weight", "load_cache", "store_cache", "load_act", "store_act")}
         reps, of_stage = self._stage_classes()
         counts = Counter(of_stage)
@@ -128,11 +132,23 @@ class CostModel:
                 tokens = self.prompt_len if t == 0 else 1
                 cached = 0 if t == 0 else self.prompt_len + t - 1
                 step_s = 0.0
+                shape = tuple(groups.items())
                 for c, j in enumerate(reps):
                     count = counts[c]
-                    compute, disk, lnk, moved = self._stage_token(j, groups, tokens, cached)
+                    key: tuple = ("stage", j, shape, tokens)
+                    if key not in priced:
+                        priced[key] = self._stage_token(j, groups, tokens)
+                    compute, disk, lnk, moved = priced[key]
                     for kind, v in moved.items():
                         kinds[kind] += count * v
+                    if "attention" in self._stage[j].parts:  # its cache: the same for every layer
+                        key = ("cache", shape, tokens, cached)
+                        if key not in priced:
+                            priced[key] = self._cache_token(groups, tokens, cached)
+                        ac, ad, al, moved = priced[key]
+                        compute, disk, lnk = compute + ac, disk + ad, lnk + al
+                        for kind, v in moved.items():
+                            kinds[kind] += count * v
                     for i, v in enumerate((compute, disk, lnk)):
                         totals[c][i] += v
                     step_s += count * (max(compute, disk, lnk) if p.overlap else compute + disk + lnk)
@@ -188,10 +204,10 @@ class CostModel:
             of_stage.append(seen[key])
         return reps, of_stage
 
-    def _stage_token(self, j: int, groups: Counter, tokens: int, cached: int):
+    def _stage_token(self, j: int, groups: Counter, tokens: int):
         """Compute, disk and link seconds of stage ``j`` for one token over the block's batches
         (``groups``: each distinct batch's sequences per tier, and how many batches are so), and
-        the bytes it moves by kind."""
+        the bytes it moves by kind; its KV cache apart (:meth:`_cache_token`)."""
         hw, p, cfg, st = self.hw, self.policy, self.config, self._stage[j]
         link = hw.has_link
         moved = dict.fromkeys(("load_weight", "load_cache", "store_cache", "load_act", "store_act"), 0.0)
@@ -215,7 +231,6 @@ class CostModel:
         # 32 MiB L3: the decode's matmuls ran at 1.5x the memory's bandwidth, measured).
         from_memory = 1 if 0 < st.w_device_bytes <= hw.llc_bytes else sum(groups.values())
         for tiers, m in groups.items():
-            seqs = dict(zip(TIERS, tiers))
             b = sum(tiers)
             flops_s = st.flops_per_token * b * projected / hw.matmul_flops
             reads = min(m, from_memory)  # this group's batches that read the weights from memory
@@ -233,13 +248,6 @@ class CostModel:
             if st.row_table:  # the rows looked up, plus the stage's other matrices
                 rows = min(b * tokens, cfg.vocab_size)
                 c += (rows * st.row_table + st.batch_dequant_elems) / hw.dequant_elems
-            if "attention" in st.parts:
-                if seqs["disk"] or (link and seqs["cpu"]):  # a load (decode) and a store on lanes
-                    c += hw.cache_transfer_overhead_s * (1 + (cached > 0))
-                ac, ad, al, kv_moved = self._attention(seqs, b, tokens, cached)
-                c, d, lk = c + ac, d + ad, lk + al
-                for kind, v in kv_moved.items():
-                    moved[kind] += m * v
             if p.act_tier != "gpu":
                 h = b * tokens * cfg.hidden_size * self.itemsize
                 n_moves = (j > 0) + (j < last)
@@ -252,6 +260,21 @@ class CostModel:
                     d += n_moves * hw.disk_latency_s
                 elif link:
                     lk += n_moves * h / hw.link_pageable_bw
+            compute, disk, lnk = compute + m * c, disk + m * d, lnk + m * lk
+        return compute, disk, lnk, moved
+
+    def _cache_token(self, groups: Counter, tokens: int, cached: int):
+        """As :meth:`_stage_token`, for one layer's attention over its KV cache: the attention
+        maths, the cache's loads and stores, and the lanes' cost of those transfers."""
+        moved = {"load_cache": 0.0, "store_cache": 0.0}
+        compute = disk = lnk = 0.0
+        for tiers, m in groups.items():
+            seqs = dict(zip(TIERS, tiers))
+            c, d, lk, kv_moved = self._attention(seqs, sum(tiers), tokens, cached)
+            if seqs["disk"] or (self.hw.has_link and seqs["cpu"]):  # a load (decode) and a store on lanes
+                c += self.hw.cache_transfer_overhead_s * (1 + (cached > 0))
+            for kind, v in kv_moved.items():
+                moved[kind] += m * v
             compute, disk, lnk = compute + m * c, disk + m * d, lnk + m * lk
         return compute, disk, lnk, moved
 

@@ -67,8 +67,8 @@ class KVCodec:
         assert sum(size for _, _, size in parts) == self.row_bytes, "QuantConfig.part_nbytes disagrees with quantize"
         return parts
 
-    @property
-    def row_bytes(self) -> int:
+    @cached_property
+    def row_bytes(self) -> int:  # cached: the cost model asks for it ~10^6 times in a pipeline search
         return torch.Size(self.row_shape).numel() * self.row_dtype.itemsize
 
     @property
