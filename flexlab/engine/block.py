@@ -21,9 +21,10 @@ from flexlab.engine.heads import Head
 from flexlab.engine.kvcodec import KVCodec
 from flexlab.engine.positions import TokenPlaces
 from flexlab.engine.schedule import Step, block_schedule
+from flexlab.engine.sparse import sparse_decode
 from flexlab.engine.store import ActStore
 from flexlab.engine.tiers import return_freed_memory
-from flexlab.models.attention import attend, decode_attention, sparse_attend, sparse_weights
+from flexlab.models.attention import attend, decode_attention
 from flexlab.models.generation import left_pad
 
 
@@ -329,68 +330,28 @@ class BlockRun:
         cache: LoadedCache,
         bias: torch.Tensor,
     ) -> torch.Tensor:
-        """Top-k attention of the new token: every key is read, then only the value rows some
-        head kept. Rows whose cache stayed in host memory (``cpu_cache_compute``) attend there, as
-        dense attention does: their query and new key/value go to the CPU, their output comes back."""
-        if cache.host_span is None:
-            return self._sparse_rows(step, layer, q, k_new, v_new, cache.k, bias, list(range(q.shape[0])))
-        first, count = cache.host_span
-        rows = slice(first, first + count)
-        out = torch.empty_like(q)
-        device_rows = [i for i in range(q.shape[0]) if not first <= i < first + count]
-        if device_rows:
-            idx = torch.tensor(device_rows, device=q.device)
-            out[idx] = self._sparse_rows(step, layer, q[idx], k_new[idx], v_new[idx], cache.k, bias[idx], device_rows)
-        # CPUs are slow in float16: attend in float32 there (the host keys were decoded so)
-        dtype, cpu = torch.float32 if q.dtype == torch.float16 else q.dtype, torch.device("cpu")
-        hq, hk, hv = (x[rows].to(cpu, dtype) for x in (q, k_new, v_new))
-        seqs = list(range(first, first + count))
-        out[rows] = self._sparse_rows(step, layer, hq, hk, hv, cache.host_k, bias[rows].to(cpu), seqs).to(
-            q.device, q.dtype
-        )
-        return out
+        """Top-k attention (:mod:`~flexlab.engine.sparse`); the kept value rows are gathered from
+        the cache's tiers and decoded here, each a timed event on the compute lane."""
+        codec, batch, executor = self.codecs["v"], step.batch_index, self.ctx.executor
 
-    def _sparse_rows(
-        self,
-        step: Step,
-        layer: int,
-        q: torch.Tensor,
-        k_new: torch.Tensor,
-        v_new: torch.Tensor,
-        keys: torch.Tensor | None,
-        bias: torch.Tensor,
-        seqs: list[int],
-    ) -> torch.Tensor:
-        """Sparse attention of the batch's sequences ``seqs`` (the rows of ``q``, ``keys``...), on
-        the device their tensors are on; value rows come from the cache's tiers or the tail."""
-        assert keys is not None, "sparse attention loads every key"
-        kept, w_new = sparse_weights(q, torch.cat([keys, k_new], dim=2), bias, self.ctx.policy.attn_sparsity)
-        # The reads need the positions on the host: one sync per batch and layer.
-        positions = [row.nonzero().flatten().tolist() for row in (kept > 0).any(dim=1)]
-        codec, batch = self.codecs["v"], step.batch_index
-        stored = codec.stored_tokens(kept.shape[-1])
-        wanted: list[list[int]] = [[] for _ in range(len(self.tokens[batch]))]  # per sequence of the batch
-        for s, pos in zip(seqs, positions):
-            wanted[s] = [p for p in pos if p < stored]
-        executor = self.ctx.executor
-        rows = executor.timed(
-            "gather_values", step, lambda: self.cache.gather(layer, batch, "v", wanted, q.device), moves_bytes=True
+        def values(wanted: list[list[int]], device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+            gather = lambda: self.cache.gather(layer, batch, "v", wanted, device)  # noqa: E731
+            rows = executor.timed("gather_values", step, gather, moves_bytes=True)
+            if codec.config is None:
+                return rows
+            return executor.timed("dequantize_cache", step, lambda: codec.decode(rows, dtype))
+
+        return sparse_decode(
+            q,
+            k_new,
+            v_new,
+            cache,
+            bias,
+            keep=self.ctx.policy.attn_sparsity,
+            values=values,
+            stored_tokens=codec.stored_tokens,
+            tail=self.tails.get((layer, batch, "v")),
         )
-        if codec.config is not None:
-            rows = executor.timed("dequantize_cache", step, lambda: codec.decode(rows, v_new.dtype))
-        tail = self.tails.get((layer, batch, "v"))
-        width = max(map(len, positions))
-        values = torch.zeros((len(positions), width, *rows.shape[2:]), dtype=v_new.dtype, device=v_new.device)
-        for r, (s, pos) in enumerate(zip(seqs, positions)):
-            n = len(wanted[s])
-            values[r, :n] = rows[s, :n]
-            if len(pos) > n:  # kept tokens still in the full-precision tail
-                assert tail is not None
-                values[r, n : len(pos)] = tail[s, torch.tensor(pos[n:], device=tail.device) - stored].to(values.device)
-        idx = torch.tensor([pos + [0] * (width - len(pos)) for pos in positions], device=kept.device)
-        weights = kept.gather(-1, idx[:, None, :].expand(-1, kept.shape[1], -1))  # [b, heads, width]
-        pad = torch.tensor([[i >= len(pos) for i in range(width)] for pos in positions], device=kept.device)
-        return sparse_attend(weights.masked_fill(pad[:, None, :], 0.0), values, w_new, v_new)
 
     def _to_store(self, step: Step, layer: int, new: dict[str, torch.Tensor]) -> dict[str, tuple[torch.Tensor, int]]:
         """Rows to store for the new tokens ``new[kv]`` (``[b, s, heads, d]``) and where they go.
