@@ -123,8 +123,9 @@ def calibrate(args: argparse.Namespace) -> int:
     out = out_file(args.out, "--out")
     offload = out_dir(args.offload_dir, "--offload-dir") if args.offload_dir else None
     hw = measure(quick=args.quick, dtype=dtype_of(args.dtype), offload_dir=offload)
+    width = max(map(len, hw.__dict__)) + 2
     for key, value in hw.__dict__.items():
-        print(f"{key:<22}{_human(key, value)}")
+        print(f"{key:<{width}}{_human(key, value)}")
     hw.save(out)
     print(f"wrote {args.out} (use it with --hardware {args.out})")
     return 0

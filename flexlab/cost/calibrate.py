@@ -88,9 +88,9 @@ def _engine_seconds(
         return median_seconds(lambda: engine.generate(prompts, max_new_tokens=new, stop_token_ids=None), 2, device)
 
 
-def _step_overheads(device: torch.device, dtype: torch.dtype, offload_dir: Path) -> tuple[float, float, float]:
-    """Seconds per compute step, per transfer step handed to a lane thread, and per KV cache
-    load or store on a lane.
+def _step_overheads(device: torch.device, dtype: torch.dtype, offload_dir: Path) -> tuple[float, float, float, float]:
+    """Seconds per compute step, per transfer step handed to a lane thread, per KV cache load or
+    store on a lane, and the compute's seconds lost per GB of weights read from disk beside it.
 
     The compute step's cost is timed on a model too small for its maths to matter, everything
     resident. A lane's cost is the slowdown when the activations leave the device (every stage
@@ -99,7 +99,8 @@ def _step_overheads(device: torch.device, dtype: torch.dtype, offload_dir: Path)
     cores a lane thread mostly costs by stalling the compute's parallel kernels, which only
     shows when there is compute to stall. A cache transfer's cost on a GPU is the slowdown when
     the same run's cache goes to the cpu tier, per load and store; on a CPU, what the disk cache
-    adds to the compute lane's busy time (:func:`_disk_cache_move_seconds`).
+    adds to the compute lane's busy time (:func:`_compute_stalls`), which also gives the stall of
+    disk weights.
     """
     from flexlab.engine import Policy
     from flexlab.models.config import get_preset
@@ -123,51 +124,64 @@ def _step_overheads(device: torch.device, dtype: torch.dtype, offload_dir: Path)
         device,
     )
     transfers = nb * new * 2 * (1 + 2 * shape.num_layers)  # a store and a load between stages
+    cache_move, stall = _compute_stalls(model, prompts, new, nb, offload_dir)
     if device.type == "cuda":
         cache_cpu = Policy.from_percent([100, 0, 0, 100, 100, 0], gpu_batch_size=8, num_gpu_batches=nb)
         cache_moves = nb * shape.num_layers * (2 * new - 1)  # a store every token, a load every decode token
         cache_move = difference_seconds(
             cache_moves, _engine_seconds(model, cache_cpu, prompts, new, device), fast, "a cache transfer's cost"
         )
-    else:
-        cache_move = _disk_cache_move_seconds(model, prompts, new, nb, offload_dir)
-    return step, difference_seconds(transfers, lanes, fast, "a lane transfer's cost"), cache_move
+    return step, difference_seconds(transfers, lanes, fast, "a lane transfer's cost"), cache_move, stall
 
 
-def _compute_busy_seconds(model, policy, prompts: list[list[int]], new: int, offload_dir: Path) -> float:
-    """Seconds the compute lane was busy in one run (after a warm-up): its waits for transfers left out."""
-    from flexlab.engine import Engine
-
-    with Engine(model, policy, offload_dir=offload_dir) as engine:
-        engine.generate(prompts[: policy.gpu_batch_size], max_new_tokens=2, stop_token_ids=None)
-        result = engine.generate(prompts, max_new_tokens=new, stop_token_ids=None)
-    return result.timeline.summary()["compute_busy_s"]
+def _compute_busy(engine, prompts: list[list[int]], new: int) -> tuple[float, float]:
+    """Seconds the compute lane was busy in one run, its waits for transfers left out; and the
+    bytes of weights the run read."""
+    summary = engine.generate(prompts, max_new_tokens=new, stop_token_ids=None).timeline.summary()
+    return summary["compute_busy_s"], summary.get("bytes[load weight]", 0.0)
 
 
-def _disk_cache_move_seconds(model, prompts: list[list[int]], new: int, nb: int, offload_dir: Path) -> float:
-    """On a CPU: what one disk-cache load or store adds to the compute lane's busy time, from
-    runs with the cache resident and on disk in alternation (medians of three each). The
+def _compute_stalls(model, prompts: list[list[int]], new: int, nb: int, offload_dir: Path) -> tuple[float, float]:
+    """What a disk-cache load or store adds to the compute lane's busy time (seconds), and what
+    a GB of weights read from disk does (seconds per GB), from runs with everything resident,
+    the cache on disk and half the weights on disk, in alternation (medians of three each). The
     compute's busy time, not the run's: the disk's own time is charged on the disk lane.
 
     On two cores a lane thread's read costs the compute several times its own CPU time (its
     wake-ups preempt one of the compute's threads, and the other waits at the kernel's end:
     opt-125m's layer norms ran 9x slower beside the disk cache, 2026-12-06). The cores' time
-    alone (:func:`~flexlab.cost.probes.cache_move_cpu_seconds`, 0.2 ms) was a fifth of this
-    (1.0-1.2 ms), and the model 34-59% optimistic for a disk cache; it stays the floor where the
-    difference is within noise. (An engine difference of wall times, tried before, swung 5x: it
-    also held the waits for the disk.)"""
-    from flexlab.engine import Policy
+    alone (:func:`~flexlab.cost.probes.cache_move_cpu_seconds`, 0.2 ms) was a fifth of a cache
+    move's (1.0-1.2 ms), and the model 34-59% optimistic for a disk cache; it stays the floor
+    where the difference is within noise. (An engine difference of wall times, tried before,
+    swung 5x: it also held the waits for the disk.) Weights read beside the compute stalled it
+    by 0.10-0.14 s per GB, more consistently per byte than per read (2026-12-07); half of them
+    on disk, as the searches' mixed placements have them (the whole model on disk is mostly
+    its token table's two large reads a token)."""
+    import contextlib
 
-    policies = [Policy.from_percent([100, 0, c, 0, 100, 0], gpu_batch_size=8, num_gpu_batches=nb) for c in (100, 0)]
-    times: list[list[float]] = [[], []]
-    for _ in range(3):
-        for policy, timed in zip(policies, times):
-            timed.append(_compute_busy_seconds(model, policy, prompts, new, offload_dir))
-    resident, on_disk = map(statistics.median, times)
+    from flexlab.engine import Engine, Policy
+
+    runs: list[list[tuple[float, float]]] = [[], [], []]
+    with contextlib.ExitStack() as stack:
+        engines = [
+            stack.enter_context(
+                Engine(
+                    model, Policy.from_percent(shares, gpu_batch_size=8, num_gpu_batches=nb), offload_dir=offload_dir
+                )
+            )
+            for shares in ([100, 0, 100, 0, 100, 0], [100, 0, 0, 0, 100, 0], [50, 0, 100, 0, 100, 0])
+        ]
+        for engine in engines:  # a warm-up each
+            engine.generate(prompts[:8], max_new_tokens=2, stop_token_ids=None)
+        for _ in range(3):
+            for engine, timed in zip(engines, runs):
+                timed.append(_compute_busy(engine, prompts, new))
+    resident, cache_on_disk, weights_on_disk = (statistics.median(busy for busy, _ in r) for r in runs)
     moves = nb * model.config.num_layers * (2 * new - 1)  # a store every token, a load every decode token
-    rate = difference_rate(moves, on_disk, resident, "a disk-cache transfer's cost")
+    rate = difference_rate(moves, cache_on_disk, resident, "a disk-cache transfer's cost")
     floor = cache_move_cpu_seconds(offload_dir, 8, len(prompts[0]) + new, model.config.hidden_size, model.dtype)
-    return floor if rate is None else max(floor, 1 / rate)
+    gb_per_s = difference_rate(runs[2][0][1] / 1e9, weights_on_disk, resident, "the stall of disk weights")
+    return (floor if rate is None else max(floor, 1 / rate)), (0.0 if gb_per_s is None else 1 / gb_per_s)
 
 
 _BASE_PROBE = """
@@ -292,9 +306,12 @@ def calibrate(
     step("dequantize")
     results["kv_codec_elems"], results["kv_codec_call_s"] = codec_rates(device, dtype, CODEC_PROBE_HIDDEN)
     step("KV codec")
-    results["step_overhead_s"], results["transfer_overhead_s"], results["cache_transfer_overhead_s"] = _step_overheads(
-        device, dtype, directory
-    )
+    (
+        results["step_overhead_s"],
+        results["transfer_overhead_s"],
+        results["cache_transfer_overhead_s"],
+        results["disk_stall_s_per_gb"],
+    ) = _step_overheads(device, dtype, directory)
     step("step overhead")
     results["runtime_base_bytes"] = _runtime_base(device, dtype)
     step("runtime base")

@@ -65,6 +65,9 @@ class HardwareProfile:
         llc_weight_read_bw: bytes/s a decode matmul reads a weight from that cache (the later
             batches: a few rows' products run far below ``matmul_flops`` even there; 0: not
             measured, those batches are charged their FLOPs alone, as profiles saved before it).
+        disk_stall_s_per_gb: seconds a stage's compute loses per GB of its weights read from disk
+            beside it (the reader's threads take the cores the compute's kernels run on; 0.1-0.14
+            s/GB on two cores here). Charged with ``overlap`` only; 0: not measured (the presets).
     """
 
     name: str
@@ -91,6 +94,7 @@ class HardwareProfile:
     kv_codec_call_s: float = 0.0
     llc_bytes: float = 0.0
     llc_weight_read_bw: float = 0.0
+    disk_stall_s_per_gb: float = 0.0
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -99,7 +103,7 @@ class HardwareProfile:
                 not isinstance(value, (int, float))
                 or math.isnan(value)
                 or value < 0
-                or (value == 0 and not f.name.endswith("_s") and not f.name.startswith("llc_"))
+                or (value == 0 and not f.name.endswith("_s") and f.default != 0.0)  # 0: not measured
             ):
                 raise FlexlabError(
                     f"HardwareProfile.{f.name}={value!r} is invalid; rates and capacities must be positive numbers"
@@ -141,6 +145,8 @@ class HardwareProfile:
 def _human(key: str, value) -> str:
     if not isinstance(value, float) or math.isinf(value):
         return str(value)
+    if key.endswith("_per_gb"):
+        return f"{value:.3f} s per GB"
     if key.endswith("_s"):
         return f"{value * 1e6:.0f} µs"
     if key == "matmul_flops":

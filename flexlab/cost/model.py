@@ -223,6 +223,8 @@ class CostModel:
             compute += hw.transfer_overhead_s
         if w_disk:  # one request: the stage's packed file
             disk += hw.disk_latency_s
+            if p.overlap:  # read beside a compute, whose cores the reader's threads take
+                compute += w_disk / 1e9 * hw.disk_stall_s_per_gb
         last = len(self._stage) - 1
         # the head projects each sequence's last position only: generation needs no other logits
         projected = 1 if "head" in st.parts else tokens

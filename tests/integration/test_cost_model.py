@@ -161,6 +161,25 @@ def test_each_dequantized_matrix_costs_a_fixed_time_once_per_stage_and_token():
     assert times[1] - times[0] == pytest.approx((1 + 2 * 3) * cfg.num_layers * 2 * 2 * 1e-3, rel=1e-6)
 
 
+def test_disk_weights_read_beside_the_compute_stall_it_per_byte_with_overlap_only():
+    """``disk_stall_s_per_gb``: each GB of weights read from disk adds that many seconds to the
+    compute (the reader's threads take its cores); with overlap off nothing runs beside a read."""
+    cfg = flexlab.get_preset("opt-125m")
+    for overlap in (True, False):
+        policy = Policy(gpu_batch_size=4, num_gpu_batches=2, w_gpu_percent=40, w_cpu_percent=0, overlap=overlap)
+
+        def predict(stall: float):
+            return CostModel(
+                cfg, policy, CPU_ONLY.replace(disk_stall_s_per_gb=stall), prompt_len=16, gen_len=4
+            ).predict()
+
+        none, some = predict(0.0), predict(0.5)
+        compute = [sum(r["compute_s"] for r in p.stages) for p in (none, some)]
+        disk_gb = none.bytes_per_kind["load_weight"] / 1e9
+        assert disk_gb > 0.1
+        assert compute[1] - compute[0] == pytest.approx(0.5 * disk_gb if overlap else 0.0, rel=1e-6, abs=1e-12)
+
+
 @pytest.mark.parametrize("compress", [None, QuantConfig(bits=4, group_size=64)])
 def test_search_respects_capacities_and_keeps_compression(compress):
     cfg = flexlab.get_preset("opt-6.7b")
@@ -333,31 +352,40 @@ def test_calibrate_warns_instead_of_dividing_by_noise(tmp_path):
     assert 0 <= move < 0.05 and not list((tmp_path / "probe").iterdir())  # its file is gone
 
 
-def test_disk_cache_cost_is_the_compute_busy_time_it_adds(tmp_path, monkeypatch):
-    """On a CPU a disk-cache move costs what it adds to the compute lane's busy time (resident
-    and on-disk runs in alternation); within noise, the cores' own time of a move is the floor."""
+def test_disk_stalls_are_the_compute_busy_time_they_add(tmp_path, monkeypatch):
+    """On a CPU a disk-cache move costs what it adds to the compute lane's busy time, and a GB of
+    disk weights what it adds per GB read (resident, cache-on-disk and weights-on-disk runs in
+    alternation, medians); within noise, the cores' own time of a move is the floor and the
+    weights' stall 0 (not measured)."""
     cal = importlib.import_module("flexlab.cost.calibrate")  # the module (the package exports its function)
     model = flexlab.Model.from_config("opt-tiny", seed=0)
     prompts, new, nb = [[2, 5, 6]] * 4, 4, 2
     moves = nb * model.config.num_layers * (2 * new - 1)
-    busy = {100: [0.30, 0.10, 0.11], 0: [0.15, 0.21, 0.50]}  # per cache gpu-tier share: one run each, in turn
+    # per policy (cache, weights on the gpu tier): one run each, in turn
+    busy = {(100, 100): [0.30, 0.10, 0.11], (0, 100): [0.15, 0.21, 0.50], (100, 50): [0.2, 0.9, 0.16]}
     order = []
 
-    def fake(model_, policy, prompts_, new_, offload_dir):
-        order.append(policy.cache_gpu_percent)
-        return busy[policy.cache_gpu_percent][order.count(policy.cache_gpu_percent) - 1]
+    def fake(engine, prompts_, new_):
+        key = (engine.policy.cache_gpu_percent, engine.policy.w_gpu_percent)
+        order.append(key)
+        return busy[key][order.count(key) - 1], 2e9 if key == (100, 50) else 0.0
 
-    monkeypatch.setattr(cal, "_compute_busy_seconds", fake)
+    monkeypatch.setattr(cal, "_compute_busy", fake)
     monkeypatch.setattr(cal, "cache_move_cpu_seconds", lambda *a: 1e-6)
-    assert cal._disk_cache_move_seconds(model, prompts, new, nb, tmp_path) == pytest.approx((0.21 - 0.11) / moves)
-    assert order == [100, 0] * 3  # alternated, so a slow minute falls on both
-    busy.update({100: [0.2] * 3, 0: [0.201] * 3})
+    move, stall = cal._compute_stalls(model, prompts, new, nb, tmp_path)
+    assert move == pytest.approx((0.21 - 0.11) / moves)
+    assert stall == pytest.approx((0.2 - 0.11) / 2)  # seconds per GB of weights read
+    assert order == [(100, 100), (0, 100), (100, 50)] * 3  # alternated, so a slow minute falls on all
+    busy.update({key: [0.2] * 3 for key in busy})
     order.clear()
     with pytest.warns(UserWarning, match="a disk-cache transfer's cost could not be measured"):
-        assert cal._disk_cache_move_seconds(model, prompts, new, nb, tmp_path) == 1e-6
+        with pytest.warns(UserWarning, match="the stall of disk weights could not be measured"):
+            assert cal._compute_stalls(model, prompts, new, nb, tmp_path) == (1e-6, 0.0)
     monkeypatch.undo()
-    real = cal._disk_cache_move_seconds(model, prompts, new, nb, tmp_path / "real")
-    assert 0 < real < 0.05 and not list((tmp_path / "real").iterdir())  # the engines' files are gone
+    move, stall = cal._compute_stalls(model, prompts, new, nb, tmp_path / "real")
+    assert (
+        0 < move < 0.05 and 0 <= stall < 10 and not list((tmp_path / "real").iterdir())
+    )  # the engines' files are gone
 
 
 def test_disk_weights_read_in_place_are_counted_in_the_checkpoints_dtype(tmp_path):
