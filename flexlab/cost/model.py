@@ -32,7 +32,7 @@ from flexlab.cost.prediction import Prediction
 from flexlab.engine.footprint import Footprint, footprint, kv_codecs
 from flexlab.engine.placement import TIERS, split_by_share, tied_front
 from flexlab.engine.policy import Policy
-from flexlab.engine.schedule import make_stages, share_of
+from flexlab.engine.schedule import stages_of
 from flexlab.engine.stage_cost import price_weights
 from flexlab.errors import FlexlabError
 from flexlab.models.config import ModelConfig
@@ -63,6 +63,7 @@ class CostModel:
         num_prompts: int | None = None,
         layers: range | None = None,
         checkpoint_itemsize: int | None = None,
+        shared: dict | None = None,
     ) -> None:
         if not isinstance(prompt_len, int) or not isinstance(gen_len, int) or prompt_len < 1 or gen_len < 1:
             raise FlexlabError(f"prompt_len={prompt_len!r} and gen_len={gen_len!r} must be ints >= 1")
@@ -74,14 +75,11 @@ class CostModel:
         self.config, self.policy, self.hw = config, policy, hw
         self.prompt_len, self.gen_len, self.itemsize = prompt_len, gen_len, itemsize
         self.num_prompts = num_prompts or policy.block_size
-        self.stages = make_stages(config.num_layers, policy.sep_layer)
-        self.num_layers = config.num_layers
-        if layers is not None:
-            self.stages = share_of(self.stages, layers, config.num_layers)
-            self.num_layers = len(layers)
+        self.stages = stages_of(config.num_layers, policy.sep_layer, layers)
+        self.num_layers = config.num_layers if layers is None else len(layers)
         self._stage, weight_bytes, _ = price_weights(
             config,
-            tuple(self.stages),
+            self.stages,
             policy.w_gpu_percent,
             policy.w_cpu_percent,
             policy.compress_weight,
@@ -93,8 +91,18 @@ class CostModel:
         self.layers, self.checkpoint_itemsize = layers, checkpoint_itemsize
         # The walk prices the same (stage class, batch tiers, token) many times: every decode token
         # of a stage without a cache costs the same, and every layer's attention the same for one
-        # token. Prices depend on nothing but their arguments and this model, so each is kept.
+        # token. Prices depend on nothing but their arguments and this model, so each is kept. A
+        # layer's attention over its cache does not depend on where the weights are: models of one
+        # search (``shared``: a dict they all get; the same config, hardware, dtype and prompt) that
+        # differ only there share those prices (a search's neighbours mostly move weights).
         self._priced: dict[tuple, tuple] = {}
+        self._cache_prices: dict[tuple, tuple] = (
+            {}
+            if shared is None
+            else shared.setdefault(
+                (prompt_len, policy.compress_cache, policy.cpu_cache_compute, policy.attn_sparsity), {}
+            )
+        )
 
     def tied_front(self) -> float | None:
         """The weight percent that puts the tied weights alone on the cpu tier, where that
@@ -120,42 +128,45 @@ class CostModel:
         GPU batches with the same tiers: each distinct (stage, batch) is priced once per token and
         counted as often as it occurs, which keeps the walk's result and makes it fast enough for
         the search (a 96-layer model has ~200 stages but only a handful of distinct ones)."""
-        p, priced = self.policy, self._priced
-        kinds = {k: 0.0 for k in ("load_weight", "load_cache", "store_cache", "load_act", "store_act")}
+        p, priced, cache_priced = self.policy, self._priced, self._cache_prices
         reps, of_stage = self._stage_classes()
         counts = Counter(of_stage)
+        attends = [("attention" in self._stage[j].parts) for j in reps]
         totals = [[0.0, 0.0, 0.0] for _ in reps]  # per class: compute, disk, link seconds of one member
+        uses: Counter = Counter()  # how often each priced (stage or cache, token) occurs: for the bytes
         prefill = decode = 0.0
         for batches in self._blocks():
             groups = Counter(tuple(seqs[t] for t in TIERS) for seqs in batches)  # distinct batches, counted
+            shape = tuple(groups.items())
             for t in range(self.gen_len):
                 tokens = self.prompt_len if t == 0 else 1
                 cached = 0 if t == 0 else self.prompt_len + t - 1
                 step_s = 0.0
-                shape = tuple(groups.items())
+                cache_key: tuple = ("cache", shape, tokens, cached)
+                if any(attends) and cache_key not in cache_priced:  # a layer's cache: the same for every layer
+                    cache_priced[cache_key] = self._cache_token(groups, tokens, cached)
                 for c, j in enumerate(reps):
                     count = counts[c]
                     key: tuple = ("stage", j, shape, tokens)
                     if key not in priced:
                         priced[key] = self._stage_token(j, groups, tokens)
-                    compute, disk, lnk, moved = priced[key]
-                    for kind, v in moved.items():
-                        kinds[kind] += count * v
-                    if "attention" in self._stage[j].parts:  # its cache: the same for every layer
-                        key = ("cache", shape, tokens, cached)
-                        if key not in priced:
-                            priced[key] = self._cache_token(groups, tokens, cached)
-                        ac, ad, al, moved = priced[key]
+                    compute, disk, lnk, _ = priced[key]
+                    uses[key] += count
+                    if attends[c]:
+                        ac, ad, al, _ = cache_priced[cache_key]
                         compute, disk, lnk = compute + ac, disk + ad, lnk + al
-                        for kind, v in moved.items():
-                            kinds[kind] += count * v
-                    for i, v in enumerate((compute, disk, lnk)):
-                        totals[c][i] += v
+                        uses[cache_key] += count
+                    row = totals[c]
+                    row[0], row[1], row[2] = row[0] + compute, row[1] + disk, row[2] + lnk
                     step_s += count * (max(compute, disk, lnk) if p.overlap else compute + disk + lnk)
                 if t == 0:
                     prefill += step_s
                 else:
                     decode += step_s
+        kinds = {k: 0.0 for k in ("load_weight", "load_cache", "store_cache", "load_act", "store_act")}
+        for key, n in uses.items():
+            for kind, v in (priced if key[0] == "stage" else cache_priced)[key][3].items():
+                kinds[kind] += n * v
         stage_rows: list[dict[str, Any]] = [
             {"stage": st.name, **dict(zip(("compute_s", "disk_s", "link_s"), totals[c]))}
             for st, c in zip(self._stage, of_stage)

@@ -276,6 +276,8 @@ def search_policy(
     cpu_options = cpu_cache_compute if cpu_cache_compute is not None else ((False, True) if hw.has_link else (False,))
     grid = list(itertools.product(batch_sizes, num_batches, act_tiers, compress, cache_options, cpu_options, sep_layer))
 
+    shared: dict = {}  # the prices every candidate's model may share (see CostModel)
+
     def model(policy: Policy) -> CostModel:
         return CostModel(
             config,
@@ -286,6 +288,7 @@ def search_policy(
             itemsize=itemsize,
             layers=layers,
             checkpoint_itemsize=checkpoint_itemsize,
+            shared=shared,
         )
 
     def predict(policy: Policy) -> Prediction:

@@ -36,7 +36,7 @@ from flexlab.compress.quant import QuantConfig, quantize_workspace
 from flexlab.engine.kvcodec import KVCodec
 from flexlab.engine.placement import TIERS, cache_read_buffers, compresses, place_weights, split_by_share
 from flexlab.engine.policy import Policy
-from flexlab.engine.schedule import Stage, make_stages, share_of
+from flexlab.engine.schedule import Stage, stages_of
 from flexlab.engine.stage_cost import StageCost, price_weights
 from flexlab.models.attention import SCORE_BYTES
 from flexlab.models.config import ModelConfig
@@ -239,13 +239,11 @@ def footprint(
     """The :class:`Footprint` of running ``policy`` (arguments as :class:`~flexlab.cost.CostModel`'s;
     ``on_cuda``: whether the compute device is a GPU with its own memory; ``random_weights``: the
     weights are drawn, not read: see :func:`placing_peak`)."""
-    stages = make_stages(config.num_layers, policy.sep_layer)
-    num_layers = config.num_layers
-    if layers is not None:
-        stages, num_layers = share_of(stages, layers, config.num_layers), len(layers)
+    stages = stages_of(config.num_layers, policy.sep_layer, layers)
+    num_layers = config.num_layers if layers is None else len(layers)
     priced, weight_bytes, packed = price_weights(
         config,
-        tuple(stages),
+        stages,
         policy.w_gpu_percent,
         policy.w_cpu_percent,
         policy.compress_weight,

@@ -22,6 +22,7 @@ Nothing here touches a tensor, so the schedule can be printed, tested and plotte
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal
@@ -80,6 +81,14 @@ def share_of(stages: list[Stage], layers: range, num_layers: int) -> list[Stage]
         return layers.start == 0 if "embed" in s.parts else layers.stop == num_layers  # embed, or head
 
     return [s for s in stages if mine(s)]
+
+
+@functools.lru_cache(maxsize=64)
+def stages_of(num_layers: int, sep_layer: bool, layers: range | None = None) -> tuple[Stage, ...]:
+    """:func:`make_stages`, or a pipeline rank's :func:`share_of` them with ``layers``; memoised
+    (the stages are immutable), as the cost model asks for them at each of a search's predictions."""
+    stages = make_stages(num_layers, sep_layer)
+    return tuple(stages if layers is None else share_of(stages, layers, num_layers))
 
 
 @dataclass(frozen=True)

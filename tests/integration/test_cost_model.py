@@ -161,6 +161,39 @@ def test_each_dequantized_matrix_costs_a_fixed_time_once_per_stage_and_token():
     assert times[1] - times[0] == pytest.approx((1 + 2 * 3) * cfg.num_layers * 2 * 2 * 1e-3, rel=1e-6)
 
 
+def test_models_of_one_search_share_cache_prices_and_predict_as_alone():
+    """A search's models share their layers' cache prices (``shared``): those do not depend on
+    where the weights are. Each prediction equals the same model's alone, whatever was priced
+    before it, for policies that differ in the weights, the cache's tiers and its compression."""
+    cfg, hw = flexlab.get_preset("opt-1.3b"), get_hardware("colab-t4")
+    q4 = QuantConfig(bits=4, group_size=64)
+    policies = [
+        Policy(
+            gpu_batch_size=8,
+            num_gpu_batches=2,
+            w_gpu_percent=wg,
+            w_cpu_percent=wc,
+            cache_gpu_percent=cg,
+            cache_cpu_percent=100 - cg,
+            compress_cache=cc,
+            cpu_cache_compute=on_cpu,
+        )
+        for wg, wc in ((100, 0), (20, 30), (0, 0))
+        for cg in (100, 50, 0)
+        for cc in (None, q4)
+        for on_cpu in (False, True)
+    ]
+    shared: dict = {}
+
+    def predict(policy, shared=None):
+        pred = CostModel(cfg, policy, hw, prompt_len=64, gen_len=8, shared=shared).predict()
+        return pred.prefill_s, pred.decode_s, pred.bytes_per_kind, pred.stages
+
+    for policy in policies:
+        assert predict(policy, shared) == predict(policy)
+    assert len(shared) == 4  # one book per cache configuration: compression x where it is attended
+
+
 def test_disk_weights_read_beside_the_compute_stall_it_per_byte_with_overlap_only():
     """``disk_stall_s_per_gb``: each GB of weights read from disk adds that many seconds to the
     compute (the reader's threads take its cores); with overlap off nothing runs beside a read."""
