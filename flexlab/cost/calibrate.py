@@ -88,7 +88,9 @@ def _engine_seconds(
         return median_seconds(lambda: engine.generate(prompts, max_new_tokens=new, stop_token_ids=None), 2, device)
 
 
-def _step_overheads(device: torch.device, dtype: torch.dtype, offload_dir: Path) -> tuple[float, float, float, float]:
+def _step_overheads(
+    device: torch.device, dtype: torch.dtype, offload_dir: Path, rounds: int = 3
+) -> tuple[float, float, float, float]:
     """Seconds per compute step, per transfer step handed to a lane thread, per KV cache load or
     store on a lane, and the compute's seconds lost per GB of weights read from disk beside it.
 
@@ -124,7 +126,7 @@ def _step_overheads(device: torch.device, dtype: torch.dtype, offload_dir: Path)
         device,
     )
     transfers = nb * new * 2 * (1 + 2 * shape.num_layers)  # a store and a load between stages
-    cache_move, stall = _compute_stalls(model, prompts, new, nb, offload_dir)
+    cache_move, stall = _compute_stalls(model, prompts, new, nb, offload_dir, rounds)
     if device.type == "cuda":
         cache_cpu = Policy.from_percent([100, 0, 0, 100, 100, 0], gpu_batch_size=8, num_gpu_batches=nb)
         cache_moves = nb * shape.num_layers * (2 * new - 1)  # a store every token, a load every decode token
@@ -134,17 +136,26 @@ def _step_overheads(device: torch.device, dtype: torch.dtype, offload_dir: Path)
     return step, difference_seconds(transfers, lanes, fast, "a lane transfer's cost"), cache_move, stall
 
 
-def _compute_busy(engine, prompts: list[list[int]], new: int) -> tuple[float, float]:
-    """Seconds the compute lane was busy in one run, its waits for transfers left out; and the
-    bytes of weights the run read."""
-    summary = engine.generate(prompts, max_new_tokens=new, stop_token_ids=None).timeline.summary()
+def _compute_busy(model, policy, prompts: list[list[int]], new: int, offload_dir: Path) -> tuple[float, float]:
+    """Seconds the compute lane was busy in one run of a fresh engine (after a warm-up), its
+    waits for transfers left out; and the bytes of weights the run read. A fresh engine each
+    time, as the runs the model predicts: engines kept open and run in turn measured a disk-cache
+    move at half the cost (0.35-0.71 against 0.76-1.31 ms, 2026-12-07), and the model then
+    predicted the disk-cache rows 25% fast."""
+    from flexlab.engine import Engine
+
+    with Engine(model, policy, offload_dir=offload_dir) as engine:
+        engine.generate(prompts[: policy.gpu_batch_size], max_new_tokens=2, stop_token_ids=None)
+        summary = engine.generate(prompts, max_new_tokens=new, stop_token_ids=None).timeline.summary()
     return summary["compute_busy_s"], summary.get("bytes[load weight]", 0.0)
 
 
-def _compute_stalls(model, prompts: list[list[int]], new: int, nb: int, offload_dir: Path) -> tuple[float, float]:
+def _compute_stalls(
+    model, prompts: list[list[int]], new: int, nb: int, offload_dir: Path, rounds: int = 3
+) -> tuple[float, float]:
     """What a disk-cache load or store adds to the compute lane's busy time (seconds), and what
     a GB of weights read from disk does (seconds per GB), from runs with everything resident,
-    the cache on disk and half the weights on disk, in alternation (medians of three each). The
+    the cache on disk and half the weights on disk, in alternation (medians of ``rounds`` each). The
     compute's busy time, not the run's: the disk's own time is charged on the disk lane.
 
     On two cores a lane thread's read costs the compute several times its own CPU time (its
@@ -157,25 +168,16 @@ def _compute_stalls(model, prompts: list[list[int]], new: int, nb: int, offload_
     by 0.10-0.14 s per GB, more consistently per byte than per read (2026-12-07); half of them
     on disk, as the searches' mixed placements have them (the whole model on disk is mostly
     its token table's two large reads a token)."""
-    import contextlib
+    from flexlab.engine import Policy
 
-    from flexlab.engine import Engine, Policy
-
+    policies = [
+        Policy.from_percent(shares, gpu_batch_size=8, num_gpu_batches=nb)
+        for shares in ([100, 0, 100, 0, 100, 0], [100, 0, 0, 0, 100, 0], [50, 0, 100, 0, 100, 0])
+    ]
     runs: list[list[tuple[float, float]]] = [[], [], []]
-    with contextlib.ExitStack() as stack:
-        engines = [
-            stack.enter_context(
-                Engine(
-                    model, Policy.from_percent(shares, gpu_batch_size=8, num_gpu_batches=nb), offload_dir=offload_dir
-                )
-            )
-            for shares in ([100, 0, 100, 0, 100, 0], [100, 0, 0, 0, 100, 0], [50, 0, 100, 0, 100, 0])
-        ]
-        for engine in engines:  # a warm-up each
-            engine.generate(prompts[:8], max_new_tokens=2, stop_token_ids=None)
-        for _ in range(3):
-            for engine, timed in zip(engines, runs):
-                timed.append(_compute_busy(engine, prompts, new))
+    for _ in range(rounds):
+        for policy, timed in zip(policies, runs):
+            timed.append(_compute_busy(model, policy, prompts, new, offload_dir))
     resident, cache_on_disk, weights_on_disk = (statistics.median(busy for busy, _ in r) for r in runs)
     moves = nb * model.config.num_layers * (2 * new - 1)  # a store every token, a load every decode token
     rate = difference_rate(moves, cache_on_disk, resident, "a disk-cache transfer's cost")
@@ -311,7 +313,7 @@ def calibrate(
         results["transfer_overhead_s"],
         results["cache_transfer_overhead_s"],
         results["disk_stall_s_per_gb"],
-    ) = _step_overheads(device, dtype, directory)
+    ) = _step_overheads(device, dtype, directory, rounds=2 if quick else 3)
     step("step overhead")
     results["runtime_base_bytes"] = _runtime_base(device, dtype)
     step("runtime base")

@@ -398,8 +398,8 @@ def test_disk_stalls_are_the_compute_busy_time_they_add(tmp_path, monkeypatch):
     busy = {(100, 100): [0.30, 0.10, 0.11], (0, 100): [0.15, 0.21, 0.50], (100, 50): [0.2, 0.9, 0.16]}
     order = []
 
-    def fake(engine, prompts_, new_):
-        key = (engine.policy.cache_gpu_percent, engine.policy.w_gpu_percent)
+    def fake(model_, policy, prompts_, new_, offload_dir):
+        key = (policy.cache_gpu_percent, policy.w_gpu_percent)
         order.append(key)
         return busy[key][order.count(key) - 1], 2e9 if key == (100, 50) else 0.0
 
