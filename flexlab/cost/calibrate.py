@@ -150,6 +150,11 @@ def _compute_busy(model, policy, prompts: list[list[int]], new: int, offload_dir
     return summary["compute_busy_s"], summary.get("bytes[load weight]", 0.0)
 
 
+# Seconds of compute a GB of disk weights can stall: 0.08-0.24 measured on two cores here; a GB
+# read at 1-2 GB/s beside the compute cannot take more than the cores' whole time for its read.
+MAX_DISK_STALL_S_PER_GB = 1.0
+
+
 def _compute_stalls(
     model, prompts: list[list[int]], new: int, nb: int, offload_dir: Path, rounds: int = 3
 ) -> tuple[float, float]:
@@ -183,7 +188,16 @@ def _compute_stalls(
     rate = difference_rate(moves, cache_on_disk, resident, "a disk-cache transfer's cost")
     floor = cache_move_cpu_seconds(offload_dir, 8, len(prompts[0]) + new, model.config.hidden_size, model.dtype)
     gb_per_s = difference_rate(runs[2][0][1] / 1e9, weights_on_disk, resident, "the stall of disk weights")
-    return (floor if rate is None else max(floor, 1 / rate)), (0.0 if gb_per_s is None else 1 / gb_per_s)
+    stall = 0.0 if gb_per_s is None else 1 / gb_per_s
+    if stall > MAX_DISK_STALL_S_PER_GB:  # a few MB read beside a busy minute: not a rate
+        warnings.warn(
+            f"calibrate: the stall of disk weights measured {stall:.1f} s per GB, beyond the "
+            f"{MAX_DISK_STALL_S_PER_GB} any reader's threads cost; not used (0). Rerun calibrate() on a "
+            "quieter machine",
+            stacklevel=3,
+        )
+        stall = 0.0
+    return (floor if rate is None else max(floor, 1 / rate)), stall
 
 
 _BASE_PROBE = """
