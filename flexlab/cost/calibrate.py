@@ -177,7 +177,7 @@ def _compute_stalls(
 
     policies = [
         Policy.from_percent(shares, gpu_batch_size=8, num_gpu_batches=nb)
-        for shares in ([100, 0, 100, 0, 100, 0], [100, 0, 0, 0, 100, 0], [50, 0, 100, 0, 100, 0])
+        for shares in ([100.0, 0, 100, 0, 100, 0], [100.0, 0, 0, 0, 100, 0], [50.0, 0, 100, 0, 100, 0])
     ]
     runs: list[list[tuple[float, float]]] = [[], [], []]
     for _ in range(rounds):

@@ -30,7 +30,7 @@ from typing import Any
 from flexlab.cost.hardware import HardwareProfile
 from flexlab.cost.prediction import Prediction
 from flexlab.engine.footprint import Footprint, footprint, kv_codecs
-from flexlab.engine.placement import TIERS, split_by_share, tied_front
+from flexlab.engine.placement import ALIGN, ROW_BUFFER, ROW_GAP, TIERS, split_by_share, tied_front
 from flexlab.engine.policy import Policy
 from flexlab.engine.schedule import stages_of
 from flexlab.engine.stage_cost import price_weights
@@ -223,8 +223,11 @@ class CostModel:
         link = hw.has_link
         moved = dict.fromkeys(("load_weight", "load_cache", "store_cache", "load_act", "store_act"), 0.0)
         compute = disk = lnk = 0.0
-        # weights: one load per stage and token serves every batch
-        w_disk, w_cpu = st.w_bytes["disk"], st.w_bytes["cpu"] if link else 0
+        # weights: one load per stage and token serves every batch (a looked-up token table apart)
+        table_tier, table_bytes, row_bytes = st.looked_up
+        looked_up = table_tier == "disk" or (table_tier == "cpu" and link)
+        w_disk = st.w_bytes["disk"] - (table_bytes if table_tier == "disk" else 0)
+        w_cpu = st.w_bytes["cpu"] - (table_bytes if table_tier == "cpu" else 0) if link else 0
         moved["load_weight"] += w_disk + w_cpu
         disk += w_disk / hw.disk_read_bw
         if link:  # cpu weights cross the link, and disk weights too on their way to the GPU
@@ -261,6 +264,8 @@ class CostModel:
             if st.row_table:  # the rows looked up, plus the stage's other matrices
                 rows = min(b * tokens, cfg.vocab_size)
                 c += (rows * st.row_table + st.batch_dequant_elems) / hw.dequant_elems
+            if looked_up:  # read by the compute, for each batch: its ids' rows of the token table
+                c += self._row_reads(table_tier, table_bytes, row_bytes, min(b * tokens, cfg.vocab_size))
             if p.act_tier != "gpu":
                 h = b * tokens * cfg.hidden_size * self.itemsize
                 n_moves = (j > 0) + (j < last)
@@ -275,6 +280,18 @@ class CostModel:
                     lk += n_moves * h / hw.link_pageable_bw
             compute, disk, lnk = compute + m * c, disk + m * d, lnk + m * lk
         return compute, disk, lnk, moved
+
+    def _row_reads(self, tier: str, table_bytes: int, row_bytes: int, rows: int) -> float:
+        """Seconds to read ``rows`` rows of a looked-up token table (:meth:`WeightStore.rows`).
+        From host memory to a GPU: the rows over the link. From disk, an estimate (which rows
+        depends on the text): ids spread evenly, one read each, unless they lie closer than
+        ``ROW_GAP`` apart on average, when the reads stream the whole table a buffer at a time."""
+        hw = self.hw
+        if tier == "cpu":
+            return hw.transfer_overhead_s + rows * row_bytes / hw.link_pageable_bw
+        if table_bytes / row_bytes / rows <= ROW_GAP + 1:
+            return table_bytes / hw.disk_read_bw + -(-table_bytes // ROW_BUFFER) * hw.disk_latency_s
+        return rows * (max(row_bytes, ALIGN) / hw.disk_read_bw + hw.disk_latency_s)
 
     def _cache_token(self, groups: Counter, tokens: int, cached: int):
         """As :meth:`_stage_token`, for one layer's attention over its KV cache: the attention

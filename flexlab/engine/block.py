@@ -272,9 +272,16 @@ class BlockRun:
         return loaded.dequantized
 
     def _embedding_weights(self, step: Step, loaded, ids: torch.Tensor) -> tuple[dict, torch.Tensor]:
-        """The embed stage's weights for looking up ``ids``. A compressed token table is not
-        dequantized whole: only the rows of the ids at hand, which are renumbered to match."""
-        name = self.ctx.family.token_table
+        """The embed stage's weights for looking up ``ids``. A token table the load left where it
+        lies (on disk; in host memory beside a GPU) gives only the rows of the ids at hand, and a
+        compressed one is dequantized only there; the ids are renumbered to match."""
+        name, weights = self.ctx.family.token_table, self.ctx.weights
+        if step.stage in weights.looked_up:
+            unique, local = ids.unique(return_inverse=True)
+            looked_up = self.ctx.executor.timed(
+                "read_rows", step, lambda: weights.rows(step.stage, unique), moves_bytes=True
+            )
+            return {**self._weights(step, loaded), name: looked_up}, local
         table = loaded.tensors.get(name)
         if not isinstance(table, QTensor) or table.config.group_dim % 2 != 1:
             return self._weights(step, loaded), ids

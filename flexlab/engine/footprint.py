@@ -34,7 +34,14 @@ import torch
 
 from flexlab.compress.quant import QuantConfig, quantize_workspace
 from flexlab.engine.kvcodec import KVCodec
-from flexlab.engine.placement import TIERS, cache_read_buffers, compresses, place_weights, split_by_share
+from flexlab.engine.placement import (
+    ROW_BUFFER,
+    TIERS,
+    cache_read_buffers,
+    compresses,
+    place_weights,
+    split_by_share,
+)
 from flexlab.engine.policy import Policy
 from flexlab.engine.schedule import Stage, stages_of
 from flexlab.engine.stage_cost import StageCost, price_weights
@@ -65,6 +72,8 @@ def engine_peak(
     p, cfg = policy, config
     out = {t: float(v) for t, v in weight_bytes.items()}
     out["cpu" if on_cuda else "gpu"] += 2 * max(packed, default=0)  # read buffers: a stage's file, twice
+    if any(st.looked_up[0] == "disk" for st in priced):  # the token table's rows come through one more
+        out["cpu" if on_cuda else "gpu"] += ROW_BUFFER
     # On the compute device: the computing stage's copies of weights from other tiers and its
     # dequantized matrices, and the next stage's copies (prefetched; after the last stage comes
     # the first, for the next token or group); a CPU uses its reads in place unless they need

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 from collections import Counter
+from collections.abc import Sequence
 
 from flexlab.compress import QuantConfig
 from flexlab.engine.schedule import Stage
@@ -41,6 +42,32 @@ def near_tiers(on_cuda: bool) -> tuple[str, ...]:
 def compresses(spec: WeightSpec, config: QuantConfig | None) -> bool:
     """Whether a weight is stored quantized: every matrix; vectors (biases, norms) stay exact."""
     return config is not None and len(spec.shape) >= 2
+
+
+ROW_BUFFER = 1 << 20  # bytes of token-table rows read from disk at a time (see looks_up_rows)
+ROW_GAP = 16  # looked-up rows this close on disk are read together, the rows between them too
+
+
+def looks_up_rows(spec: WeightSpec, stage: Stage, tier: str, token_table: str, cw: QuantConfig | None) -> bool:
+    """Whether the embedding reads only the rows of ``spec`` it looks up, instead of loading it
+    whole: the token table, uncompressed, where a load would move all of it for a few rows (from
+    disk; from host memory, which only a GPU must move, so callers check the link). The head
+    still loads a tied table whole: its matmul reads every row."""
+    return "embed" in stage.parts and spec.short == token_table and not compresses(spec, cw) and tier != "gpu"
+
+
+def row_spans(ids: list[int], row_bytes: int) -> list[tuple[int, int]]:
+    """Ascending unique row ids as the reads that fetch them: ``(first row, rows)``, rows at most
+    :data:`ROW_GAP` apart read together (a read costs more than a few KB), each read within
+    :data:`ROW_BUFFER`. ``row_spans([1, 2, 30, 31], 8)`` is ``[(1, 2), (30, 2)]``."""
+    most = max(1, (ROW_BUFFER - 2 * ALIGN) // row_bytes)
+    spans: list[list[int]] = []
+    for r in ids:
+        if spans and r - (spans[-1][0] + spans[-1][1]) <= ROW_GAP and r - spans[-1][0] < most:
+            spans[-1][1] = r - spans[-1][0] + 1
+        else:
+            spans.append([r, 1])
+    return [(first, n) for first, n in spans]
 
 
 def split_by_share(sizes: list[int], gpu_percent: float, cpu_percent: float) -> list[str]:
@@ -82,7 +109,7 @@ def cache_read_buffers(on_cpu: bool, disk_sequences: int, sequence_bytes: int) -
 
 
 def _readers(
-    specs: list[WeightSpec], stages: list[Stage]
+    specs: list[WeightSpec], stages: Sequence[Stage]
 ) -> tuple[list[list[WeightSpec]], dict[str, WeightSpec], list[WeightSpec]]:
     """Per stage the weights it reads; every weight by name; those read by several stages."""
     by_part = specs_by_part(specs)
@@ -92,7 +119,7 @@ def _readers(
     return per_stage, unique, [s for s in unique.values() if readers[s.name] > 1]
 
 
-def tied_front(specs: list[WeightSpec], stages: list[Stage]) -> float | None:
+def tied_front(specs: list[WeightSpec], stages: Sequence[Stage]) -> float | None:
     """The weight percent that the weights read by several stages take at the front of the
     model's bytes (see :func:`place_weights`), when they outweigh every other stage; else None.
 

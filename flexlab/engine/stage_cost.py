@@ -10,7 +10,7 @@ import functools
 from dataclasses import dataclass
 
 from flexlab.compress import QuantConfig
-from flexlab.engine.placement import TIERS, align_up, compresses, place_weights, read_region
+from flexlab.engine.placement import TIERS, align_up, compresses, looks_up_rows, place_weights, read_region
 from flexlab.engine.schedule import Stage
 from flexlab.models.config import ModelConfig
 from flexlab.models.registry import get_family
@@ -32,6 +32,9 @@ class StageCost:
     # a CPU: disk weights read in place whose dtype is not the compute dtype, converted)
     copies: tuple[int, int] = (0, 0)  # (with a link, without)
     dequant_mats: int = 0  # the matrices behind dequant_elems (each costs a fixed time too: its kernels' launches)
+    # the token table the embedding reads rows of instead of loading it (placement.looks_up_rows):
+    # its tier, stored bytes and bytes per row; ("", 0, 0) for none. From host memory only with a GPU.
+    looked_up: tuple[str, int, int] = ("", 0, 0)
 
 
 @functools.lru_cache(maxsize=256)
@@ -53,7 +56,7 @@ def price_weights(
     placement = place_weights(family.weight_specs(config), list(stages), w_gpu_percent, w_cpu_percent)
     priced, weight_bytes, packed_bytes = [], {t: 0 for t in TIERS}, []
     for stage, items in zip(stages, placement):
-        w_bytes, packed, copies = {t: 0 for t in TIERS}, 0, [0, 0]
+        w_bytes, packed, copies, looked_up = {t: 0 for t in TIERS}, 0, [0, 0], ("", 0, 0)
         for spec, tier, first in items:
             qcfg = cw if compresses(spec, cw) else None
             # read in place from the checkpoint, in its dtype; else written by the engine
@@ -66,6 +69,10 @@ def price_weights(
             w_bytes[tier] += sum(parts)
             if first:
                 weight_bytes[tier] += sum(parts)
+            if looks_up_rows(spec, stage, tier, family.token_table, cw):
+                # not part of the stage's load, read buffer or copies: the compute reads its rows
+                looked_up = (tier, sum(parts), sum(parts) // spec.shape[0])
+                continue
             if tier == "disk":  # the read buffer: the stage's packed file, plus room for each read elsewhere
                 packed += sum(align_up(n) if first and not in_place else read_region(n) for n in parts)
             if tier != "gpu":  # loaded: plain weights in the compute dtype, compressed ones as stored
@@ -98,6 +105,7 @@ def price_weights(
                 elementwise,
                 (copies[0], copies[1]),
                 dequant_mats=len(mats) if deq else 0,
+                looked_up=looked_up,
             )
         )
         packed_bytes.append(packed)

@@ -12,13 +12,23 @@ that crossed each link, which the executor records in the timeline. Layouts:
 
 from __future__ import annotations
 
+import bisect
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from flexlab.compress import QTensor, dequantize, quantize
-from flexlab.engine.placement import ALIGN, compresses, near_tiers, place_weights, read_region
+from flexlab.engine.placement import (
+    ALIGN,
+    ROW_BUFFER,
+    compresses,
+    looks_up_rows,
+    near_tiers,
+    place_weights,
+    read_region,
+    row_spans,
+)
 from flexlab.engine.schedule import Stage
 from flexlab.engine.tiers import (
     BufferPool,
@@ -88,14 +98,26 @@ class WeightStore:
         # Per stage index (a pipeline rank places only its own stages):
         self.stage_weights: dict[int, list[PlacedWeight]] = {}
         self.stage_files: dict[int, tuple[Path, int] | None] = {}  # a stage's own packed file and its size
+        # The embedding's token table where its load would move all of it for a few rows: the
+        # compute reads just those (:meth:`rows`), so it is not part of the stage's load.
+        self.looked_up: dict[int, PlacedWeight] = {}
+        table = model.family.token_table
         for stage, placement in zip(stages, place_weights(specs, stages, policy.w_gpu_percent, policy.w_cpu_percent)):
             to_pack = []
             for spec, tier in ((s, t) for s, t, first in placement if first):  # a tied weight is placed once
                 in_place = model.weights.location(spec.name) is not None and not compresses(spec, self.quant)
-                if tier == "disk" and not in_place:
+                # (host memory is read in place on a CPU-only machine: nothing to save there)
+                looked_up = looks_up_rows(spec, stage, tier, table, self.quant) and (
+                    tier == "disk" or device.type == "cuda"
+                )
+                if tier == "disk" and not in_place and looked_up:  # a file of its own: the stage's load skips it
+                    self._pack(model, [spec], weight_dir / f"stage{stage.index}_token_table.bin")
+                elif tier == "disk" and not in_place:
                     to_pack.append(spec)
                 else:
                     self.placed[spec.name] = self._place(model, spec, tier, pin)
+                if looked_up:
+                    self.looked_up[stage.index] = self.placed[spec.name]
                 if progress is not None:
                     progress.update(1)
             own = self._pack(model, to_pack, weight_dir / f"stage{stage.index}.bin") if to_pack else None
@@ -114,14 +136,25 @@ class WeightStore:
         # prefetched). On a CPU the weights are used in place there: no copy after the read.
         self.stage_disk_bytes = {
             j: (own[1] if own else 0)
-            + sum(read_region(p.nbytes) for w in ws for p in w.locations if not (own and p.path == own[0]))
-            for (j, ws), own in zip(self.stage_weights.items(), self.stage_files.values())
+            + sum(read_region(p.nbytes) for w in self._loaded(j) for p in w.locations if not (own and p.path == own[0]))
+            for j, own in self.stage_files.items()
         }
         largest = max(self.stage_disk_bytes.values(), default=0)
         self.pool = BufferPool(largest, 2 if largest else 0, pin)
         self.buffer_bytes = 2 * largest
         self.buffer_tier = staging_tier(device)
         tracker.add(self.buffer_tier, "weight read buffers", self.buffer_bytes)
+        # Looked-up rows come off the disk through a small buffer of their own (the two above may
+        # both be held, by the computing stage and the prefetched one).
+        from_disk = any(w.tier == "disk" for w in self.looked_up.values())
+        self.row_buffer = BufferPool(ROW_BUFFER, 1) if from_disk else None
+        self.row_buffer_bytes = ROW_BUFFER if from_disk else 0
+        tracker.add(self.buffer_tier, "row read buffer", self.row_buffer_bytes)
+
+    def _loaded(self, stage: int) -> list[PlacedWeight]:
+        """The weights a load of ``stage`` brings: all of its own but a looked-up token table."""
+        skip = self.looked_up.get(stage)
+        return [w for w in self.stage_weights[stage] if w is not skip]
 
     def _stored(self, model, spec: WeightSpec) -> tuple[list[torch.Tensor], QTensor | None]:
         """A weight as it is stored: the tensor, or its quantized parts."""
@@ -171,7 +204,7 @@ class WeightStore:
                 reads.append((own[0], 0, own[1]))
             reads += [
                 (loc.path, loc.offset, loc.nbytes)
-                for w in self.stage_weights[j]
+                for w in self._loaded(j)
                 for loc in w.locations
                 if own is None or loc.path != own[0]
             ]
@@ -196,7 +229,7 @@ class WeightStore:
             assert buf is not None, "a stage with a packed file loads into a read buffer"
             self.files.read(own[0], 0, own[1], buf)
             pos = own[1]
-        for w in self.stage_weights[stage]:
+        for w in self._loaded(stage):
             parts = []
             for p in w.tensors:  # the gpu tier's stay; the cpu tier's move (on a CPU: the same RAM, no copy)
                 t = p if w.tier == "gpu" else p.to(self.device, non_blocking=True)
@@ -227,6 +260,39 @@ class WeightStore:
         if self.resident[stage]:
             self._in_place[stage] = out
         return LoadedWeights(out, buf, copied), moved
+
+    def rows(self, stage: int, ids: torch.Tensor) -> tuple[torch.Tensor, int]:
+        """Rows ``ids`` (unique, ascending) of the stage's looked-up token table, ``[n, hidden]``
+        in the compute dtype on the compute device, and the bytes read for them: from host
+        memory, only those rows; from disk, each :func:`~flexlab.engine.placement.row_spans` span
+        in one read."""
+        w = self.looked_up[stage]
+        if w.tier != "disk":
+            picked = w.tensors[0][ids.to(w.tensors[0].device)]
+            return picked.to(self.device, self.dtype, non_blocking=True), nbytes(picked)
+        assert self.row_buffer is not None, "a disk table looked up without its row buffer"
+        loc = w.locations[0]
+        vocab, hidden = loc.shape
+        row_bytes = loc.nbytes // vocab
+        wanted = ids.tolist()
+        out = torch.empty((len(wanted), hidden), dtype=self.dtype, device=self.device)
+        moved, at = 0, 0
+        buf = self.row_buffer.acquire()
+        try:
+            for first, n in row_spans(wanted, row_bytes):
+                raw = self.files.read(loc.path, loc.offset + first * row_bytes, n * row_bytes, buf)
+                if raw.data_ptr() % loc.dtype.itemsize:  # a checkpoint tensor at an odd offset
+                    raw = raw.clone()
+                span = raw.view(loc.dtype).view(n, hidden)
+                stop = bisect.bisect_left(wanted, first + n, at)  # the wanted rows this span holds
+                mine = [r - first for r in wanted[at:stop]]
+                out[at:stop] = span[mine].to(self.device, self.dtype, non_blocking=True)
+                at, moved = stop, moved + n * row_bytes
+            if self.device.type == "cuda":
+                torch.cuda.current_stream().synchronize()  # the copies have left the buffer
+        finally:
+            self.row_buffer.release(buf)
+        return out, moved
 
     def dequantized(self, loaded: LoadedWeights) -> dict[str, torch.Tensor]:
         """A loaded stage's weights with every compressed one dequantized (once per load)."""

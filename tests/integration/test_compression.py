@@ -170,8 +170,16 @@ def test_timeline_bytes_shrink_by_the_compression_ratio(model, tmp_path):
     }.items():
         with flexlab.Engine(model, policy, offload_dir=tmp_path) as engine:
             result = engine.generate(PROMPTS[:4], max_new_tokens=NEW, stop_token_ids=None)
-            # every stage's disk weights, once per token (the tied embedding twice: embed and head)
-            placed[name] = sum(w.nbytes for ws in engine.weights.stage_weights.values() for w in ws if w.tier == "disk")
+            # every stage's disk weights, once per token (the tied embedding twice, embed and head,
+            # where it is compressed; uncompressed, the embed stage reads only its rows, apart)
+            looked_up = engine.weights.looked_up
+            assert bool(looked_up) == (name == "plain")
+            placed[name] = sum(
+                w.nbytes
+                for j, ws in engine.weights.stage_weights.items()
+                for w in ws
+                if w.tier == "disk" and w is not looked_up.get(j)
+            )
         weights = load_bytes(result.timeline, "load_weight")
         assert (weights == placed[name]).all()
         per_token[name] = (

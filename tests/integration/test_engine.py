@@ -87,7 +87,8 @@ def test_weights_from_a_bin_checkpoint_are_converted_once(tiny_hf, tmp_path, exp
     model = flexlab.Model.from_pretrained(tmp_path / "ckpt", dtype=torch.float32, device="cpu")
     with flexlab.Engine(model, Policy.from_percent([0, 0, 100, 0, 100, 0]), offload_dir=tmp_path / "off") as engine:
         converted = sorted(p.name for p in (engine.offload_dir / "weights").iterdir())
-        assert converted == sorted(f"stage{s.index}.bin" for s in engine.stages)  # one packed file per stage
+        # one packed file per stage; the token table in one of its own (the embedding reads rows of it)
+        assert converted == sorted([f"stage{s.index}.bin" for s in engine.stages] + ["stage0_token_table.bin"])
         assert all(w.tier == "disk" for w in engine.weights.placed.values())
         assert engine.generate(PROMPTS, max_new_tokens=NEW).token_ids == expected[0]
 
@@ -116,13 +117,17 @@ def test_timeline_has_an_event_for_every_compute_and_transfer(model):
         result = engine.generate(PROMPTS[:4], max_new_tokens=3, stop_token_ids=None)
     df = result.timeline.to_pandas()
     n_stages = len(engine.stages)
-    computes = df[df.lane == "compute"]
+    computes = df[df.kind == "compute"]
     assert len(computes) == 3 * n_stages * 2
     assert set(zip(computes.token, computes.stage, computes.batch)) == {
         (t, j, k) for t in range(3) for j in range(n_stages) for k in range(2)
     }
     disk_loads = df[df.kind == "load_weight"]
     assert len(disk_loads) == 3 * n_stages and (disk_loads.bytes > 0).all()
+    rows = df[df.kind == "read_rows"]  # the embedding's rows of the token table, read by its compute
+    assert set(zip(rows.lane, rows.token, rows.stage, rows.batch)) == {
+        ("compute", t, 0, k) for t in range(3) for k in range(2)
+    }
     assert set(df.lane) == {"compute", "load weight", "load cache", "store cache", "load act", "store act"}
     assert (df.end >= df.start).all()
 
