@@ -74,3 +74,18 @@ def test_compressed_cache_and_sparse_attention_on_cuda(cuda_model, tiny_dir, tin
     )
     with flexlab.Engine(cuda_model, sparse, offload_dir=tmp_path) as engine:
         assert engine.generate(PROMPTS, max_new_tokens=NEW).token_ids == hf_greedy(tiny_hf, PROMPTS, NEW)
+
+
+@pytest.mark.parametrize("shares", [[0, 100, 100, 0, 100, 0], [0, 0, 100, 0, 100, 0]], ids=["cpu", "disk"])
+def test_the_embedding_brings_only_its_rows_of_the_token_table_to_the_gpu(shares, cuda_model, tiny_hf, tmp_path):
+    """A token table in host memory or on disk is not copied to the GPU whole each token: the
+    embedding looks its rows up where the table lies and moves only those."""
+    table_bytes = cuda_model.config.vocab_size * cuda_model.config.hidden_size * 4
+    with flexlab.Engine(cuda_model, Policy.from_percent(shares, gpu_batch_size=2), offload_dir=tmp_path) as engine:
+        assert 0 in engine.weights.looked_up
+        result = engine.generate(PROMPTS, max_new_tokens=NEW)
+    assert result.token_ids == hf_greedy(tiny_hf, PROMPTS, NEW)
+    events = result.timeline.to_pandas()
+    embed = events[events.stage == 0]
+    assert (embed[embed.kind == "load_weight"].bytes < table_bytes).all()
+    assert (embed[embed.kind == "read_rows"].bytes > 0).all() and len(embed[embed.kind == "read_rows"])
