@@ -144,6 +144,7 @@ def main(cfg: Config) -> pd.DataFrame:
             bottleneck=pred.bottleneck,
             probed_disk_read_GB_s=now.disk_read_bw / 1e9,
             probed_dequant_G_s=now.dequant_elems / 1e9,
+            probed_small_dequant_G_s=now.small_dequant_elems / 1e9,
         )
         row["throughput_error"] = row["predicted_tok_s"] / row["measured_tok_s"] - 1
         # The probe reads the engine's weight files before the run (a fresh file without them); this host's

@@ -64,7 +64,7 @@ def refresh(
     read, _, latency = disk_rates(Path(offload_dir or tempfile.gettempdir()), 64 << 20, 3, write=False)
     if reads:  # the fresh file still gives the latency of a small read
         read = reads_rate(reads, 3)
-    rate, call = dequant_rates(device, dtype, 3)
+    rate, call, small = dequant_rates(device, dtype, 3)
     codec, codec_call = codec_rates(device, dtype, CODEC_PROBE_HIDDEN)
     return hw.replace(
         matmul_flops=matmul,
@@ -74,6 +74,7 @@ def refresh(
         disk_latency_s=latency,
         dequant_elems=rate,
         dequant_call_s=call,
+        small_dequant_elems=small,
         kv_codec_elems=codec,
         kv_codec_call_s=codec_call,
     )
@@ -318,7 +319,9 @@ def calibrate(
         directory, (128 if quick else 512) << 20, repeats
     )
     step("disk")
-    results["dequant_elems"], results["dequant_call_s"] = dequant_rates(device, dtype, repeats)
+    results["dequant_elems"], results["dequant_call_s"], results["small_dequant_elems"] = dequant_rates(
+        device, dtype, repeats
+    )
     step("dequantize")
     results["kv_codec_elems"], results["kv_codec_call_s"] = codec_rates(device, dtype, CODEC_PROBE_HIDDEN)
     step("KV codec")

@@ -24,11 +24,13 @@ the KV codec), so its byte counts are the engine's, exactly; times come from a
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 from typing import Any
 
 from flexlab.cost.hardware import HardwareProfile
 from flexlab.cost.prediction import Prediction
+from flexlab.cost.probes import DEQUANT_PROBE_WIDTHS
 from flexlab.engine.footprint import Footprint, footprint, kv_codecs
 from flexlab.engine.placement import ALIGN, ROW_BUFFER, ROW_GAP, TIERS, split_by_share, tied_front
 from flexlab.engine.policy import Policy
@@ -232,7 +234,8 @@ class CostModel:
         disk += w_disk / hw.disk_read_bw
         if link:  # cpu weights cross the link, and disk weights too on their way to the GPU
             lnk += w_cpu / (hw.link_pinned_bw if p.pin_weight else hw.link_pageable_bw) + w_disk / hw.link_pinned_bw
-        compute += st.dequant_elems / hw.dequant_elems + st.dequant_mats * hw.dequant_call_s
+        if st.dequant_elems:
+            compute += st.dequant_elems / self._dequant_rate() + st.dequant_mats * hw.dequant_call_s
         if w_disk or w_cpu:  # a load on a lane (else inline)
             compute += hw.transfer_overhead_s
         if w_disk:  # one request: the stage's packed file
@@ -263,7 +266,7 @@ class CostModel:
             d = lk = 0.0
             if st.row_table:  # the rows looked up, plus the stage's other matrices
                 rows = min(b * tokens, cfg.vocab_size)
-                c += (rows * st.row_table + st.batch_dequant_elems) / hw.dequant_elems
+                c += (rows * st.row_table + st.batch_dequant_elems) / self._dequant_rate()
             if looked_up:  # read by the compute, for each batch: its ids' rows of the token table
                 c += self._row_reads(table_tier, table_bytes, row_bytes, min(b * tokens, cfg.vocab_size))
             if p.act_tier != "gpu":
@@ -280,6 +283,17 @@ class CostModel:
                     lk += n_moves * h / hw.link_pageable_bw
             compute, disk, lnk = compute + m * c, disk + m * d, lnk + m * lk
         return compute, disk, lnk, moved
+
+    def _dequant_rate(self) -> float:
+        """Elements/s dequantizing this model's matrices: the profile's one rate, or on a CPU,
+        measured on layers of two widths (:func:`~flexlab.cost.probes.dequant_rates`), the rate
+        at this model's width, geometric between them and held beyond them."""
+        hw = self.hw
+        if not hw.small_dequant_elems:
+            return hw.dequant_elems
+        narrow, wide = DEQUANT_PROBE_WIDTHS
+        where = min(max(math.log(self.config.hidden_size / narrow) / math.log(wide / narrow), 0.0), 1.0)
+        return hw.small_dequant_elems ** (1 - where) * hw.dequant_elems**where
 
     def _row_reads(self, tier: str, table_bytes: int, row_bytes: int, rows: int) -> float:
         """Seconds to read ``rows`` rows of a looked-up token table (:meth:`WeightStore.rows`).

@@ -128,11 +128,21 @@ def llc_weight_read_rate(device: torch.device, dtype: torch.dtype, repeats: int)
     return w.numel() * w.element_size() / median_seconds(lambda: x @ w, 10 * repeats, device)
 
 
-def dequant_rates(device: torch.device, dtype: torch.dtype, repeats: int) -> tuple[float, float]:
-    """(elements/s, seconds per matrix) dequantizing 4-bit matrices as the engine does, fitted to
-    two layers' worth of matrices: opt-125m's shape and one 2x (CPU) or 4x (GPU) as wide. Time is
-    calls x a fixed cost + elements / rate: on a GPU the small layer is mostly the fixed cost
-    (kernel launches), so a rate from it alone was 5x too slow for opt-1.3b's matrices."""
+DEQUANT_PROBE_WIDTHS = (768, 1536)  # a CPU's probe layers: opt-125m's width, and twice it
+
+
+def dequant_rates(device: torch.device, dtype: torch.dtype, repeats: int) -> tuple[float, float, float]:
+    """(elements/s, seconds per matrix, elements/s for small matrices) dequantizing 4-bit
+    matrices as the engine does, on two layers' worth of matrices: opt-125m's shape and one 2x
+    (CPU) or 4x (GPU) as wide.
+
+    On a GPU, time is calls x a fixed cost + elements / rate, fitted to the two: the small layer
+    is mostly the fixed cost (kernel launches), so a rate from it alone was 5x too slow for
+    opt-1.3b's matrices; the third value is 0. On a CPU the rate depends on the matrices' size:
+    opt-125m's dequantize at 1.5-1.8 G elements/s here, twice as wide at 0.5 (their temporaries
+    outgrow the cache), so a fit's "marginal rate" (0.4) predicted opt-125m's 4-bit runs 19%
+    slow; each layer's own rate is returned (large, 0, small), and the cost model interpolates
+    by the model's width (:data:`DEQUANT_PROBE_WIDTHS`)."""
     g = torch.Generator().manual_seed(0)
     cfg = QuantConfig(bits=4, group_size=64)
 
@@ -141,8 +151,11 @@ def dequant_rates(device: torch.device, dtype: torch.dtype, repeats: int) -> tup
         qs = [quantize(torch.randn(s, generator=g).to(device, dtype), cfg) for s in shapes]
         return sum(q.numel for q in qs), median_seconds(lambda: [dequantize(q, dtype) for q in qs], repeats, device)
 
-    (small, t_small), (large, t_large) = layer(768), layer(768 * (4 if device.type == "cuda" else 2))
-    return rate_and_call(small, t_small, large, t_large, 6, "dequantization's rate per element")
+    if device.type != "cuda":
+        (small, t_small), (large, t_large) = (layer(h) for h in DEQUANT_PROBE_WIDTHS)
+        return large / t_large, 0.0, small / t_small
+    (small, t_small), (large, t_large) = layer(768), layer(768 * 4)
+    return (*rate_and_call(small, t_small, large, t_large, 6, "dequantization's rate per element"), 0.0)
 
 
 def rate_and_call(small: int, t_small: float, large: int, t_large: float, calls: int, what: str) -> tuple[float, float]:
