@@ -89,6 +89,22 @@ def _engine_seconds(
         return median_seconds(lambda: engine.generate(prompts, max_new_tokens=new, stop_token_ids=None), 2, device)
 
 
+def _alternated_seconds(
+    model, policies: list, prompts: list[list[int]], new: int, device: torch.device, rounds: int, offload_dir: Path
+) -> list[float]:
+    """Per policy, the median seconds of a run in a fresh engine (after a warm-up), the policies
+    taking turns ``rounds`` times, so that a slow minute of a shared machine falls on all."""
+    from flexlab.engine import Engine
+
+    times: list[list[float]] = [[] for _ in policies]
+    for _ in range(rounds):
+        for policy, timed in zip(policies, times):
+            with Engine(model, policy, offload_dir=offload_dir) as engine:
+                run = lambda: engine.generate(prompts, max_new_tokens=new, stop_token_ids=None)  # noqa: E731
+                timed.append(median_seconds(run, 1, device))
+    return [statistics.median(t) for t in times]
+
+
 def _step_overheads(
     device: torch.device, dtype: torch.dtype, offload_dir: Path, rounds: int = 3
 ) -> tuple[float, float, float, float]:
@@ -117,14 +133,19 @@ def _step_overheads(
     shape = get_preset("opt-125m").replace(name="opt-125m-2layers", num_layers=2)
     model = Model.from_config(shape, seed=0, dtype=dtype, device=device)
     prompts = [[2] + list(range(10, 40))] * 8 * nb
-    fast = _engine_seconds(model, Policy(gpu_batch_size=8, num_gpu_batches=nb), prompts, new, device)
-    act_cpu = 100 if device.type == "cuda" else 0
-    lanes = _engine_seconds(
+    act_cpu = 100.0 if device.type == "cuda" else 0.0
+    # fresh engines in turn, medians: one engine's two runs swung the lane's cost 3x (0.44-1.24 ms)
+    fast, lanes = _alternated_seconds(
         model,
-        Policy.from_percent([100, 0, 100, 0, 0, act_cpu], gpu_batch_size=8, num_gpu_batches=nb),
+        [
+            Policy(gpu_batch_size=8, num_gpu_batches=nb),
+            Policy.from_percent([100, 0, 100, 0, 0, act_cpu], gpu_batch_size=8, num_gpu_batches=nb),
+        ],
         prompts,
         new,
         device,
+        rounds,
+        offload_dir,
     )
     transfers = nb * new * 2 * (1 + 2 * shape.num_layers)  # a store and a load between stages
     cache_move, stall = _compute_stalls(model, prompts, new, nb, offload_dir, rounds)
