@@ -192,7 +192,7 @@ def _compute_stalls(
     move's (1.0-1.2 ms), and the model 34-59% optimistic for a disk cache; it stays the floor
     where the difference is within noise. (An engine difference of wall times, tried before,
     swung 5x: it also held the waits for the disk.) Weights read beside the compute stalled it
-    by 0.10-0.14 s per GB, more consistently per byte than per read (2026-12-07); half of them
+    by 0.06-0.24 s per GB, more consistently per byte than per read (2026-12-07); half of them
     on disk, as the searches' mixed placements have them (the whole model on disk is mostly
     its token table's two large reads a token)."""
     from flexlab.engine import Policy

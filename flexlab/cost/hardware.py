@@ -66,11 +66,11 @@ class HardwareProfile:
             batches: a few rows' products run far below ``matmul_flops`` even there; 0: not
             measured, those batches are charged their FLOPs alone, as profiles saved before it).
         small_dequant_elems: on a CPU, ``dequant_elems`` for matrices of opt-125m's size, whose
-            dequantization runs in the cache (3x faster here than twice as wide); the model
-            interpolates between the two by a stage's matrix size. 0: one rate for every size
-            (a GPU; profiles saved before it).
+            dequantization runs in the cache (2-3x faster here than twice as wide); the model
+            interpolates between the two by the model's width. 0: one rate for every size (a
+            GPU; profiles saved before it).
         disk_stall_s_per_gb: seconds a stage's compute loses per GB of its weights read from disk
-            beside it (the reader's threads take the cores the compute's kernels run on; 0.1-0.14
+            beside it (the reader's threads take the cores the compute's kernels run on; 0.06-0.24
             s/GB on two cores here). Charged with ``overlap`` only; 0: not measured (the presets).
     """
 
