@@ -276,17 +276,17 @@ class BlockRun:
         lies (on disk; in host memory beside a GPU) gives only the rows of the ids at hand, and a
         compressed one is dequantized only there; the ids are renumbered to match."""
         name, weights = self.ctx.family.token_table, self.ctx.weights
+        executor, dtype = self.ctx.executor, self.ctx.dtype
         if step.stage in weights.looked_up:
             unique, local = ids.unique(return_inverse=True)
-            looked_up = self.ctx.executor.timed(
-                "read_rows", step, lambda: weights.rows(step.stage, unique), moves_bytes=True
-            )
-            return {**self._weights(step, loaded), name: looked_up}, local
+            read = executor.timed("read_rows", step, lambda: weights.rows(step.stage, unique), moves_bytes=True)
+            if isinstance(read, QTensor):
+                read = executor.timed("dequantize_weight", step, lambda: dequantize(read, dtype))
+            return {**self._weights(step, loaded), name: read}, local
         table = loaded.tensors.get(name)
         if not isinstance(table, QTensor) or table.config.group_dim % 2 != 1:
             return self._weights(step, loaded), ids
         unique, local = ids.unique(return_inverse=True)
-        dtype = self.ctx.dtype
 
         def rows() -> dict:
             out = {
@@ -295,7 +295,7 @@ class BlockRun:
             out[name] = dequantize(table.rows(unique), dtype)
             return out
 
-        return self.ctx.executor.timed("dequantize_weight", step, rows), local
+        return executor.timed("dequantize_weight", step, rows), local
 
     def _with_tail(self, step: Step, layer: int, loaded: LoadedCache) -> LoadedCache:
         """The loaded rows as keys/values ``[b, heads, tokens, d]``: dequantized, then the

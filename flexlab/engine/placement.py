@@ -50,10 +50,12 @@ ROW_GAP = 16  # looked-up rows this close on disk are read together, the rows be
 
 def looks_up_rows(spec: WeightSpec, stage: Stage, tier: str, token_table: str, cw: QuantConfig | None) -> bool:
     """Whether the embedding reads only the rows of ``spec`` it looks up, instead of loading it
-    whole: the token table, uncompressed, where a load would move all of it for a few rows (from
-    disk; from host memory, which only a GPU must move, so callers check the link). The head
-    still loads a tied table whole: its matmul reads every row."""
-    return "embed" in stage.parts and spec.short == token_table and not compresses(spec, cw) and tier != "gpu"
+    whole: the token table (uncompressed, or compressed in groups along its rows, so that a row's
+    codes and scales are its own), where a load would move all of it for a few rows (from disk;
+    from host memory, which only a GPU must move, so callers check the link). The head still
+    loads a tied table whole: its matmul reads every row."""
+    rows_apart = not compresses(spec, cw) or (cw is not None and cw.group_dim % 2 == 1)
+    return "embed" in stage.parts and spec.short == token_table and rows_apart and tier != "gpu"
 
 
 def row_spans(ids: list[int], row_bytes: int) -> list[tuple[int, int]]:

@@ -75,13 +75,27 @@ def test_rows_of_a_checkpoint_read_in_place_are_converted_and_the_buffer_bounds_
         )
 
 
-def test_a_compressed_or_resident_table_is_loaded_as_before(tmp_path):
-    """Only an uncompressed table off the compute's memory is looked up: a 4-bit table is loaded
-    compressed (its rows dequantized), and on a CPU the cpu tier is read in place."""
+def test_a_compressed_table_is_read_by_rows_too_where_its_rows_are_apart(tmp_path):
+    """A table compressed in groups along its rows (each row's codes and scales its own) is read
+    by rows as well, and dequantized only there: the same tokens as with the same compression
+    in memory. Grouped along the vocabulary, or in a CPU's own memory, it is loaded as before."""
     model = flexlab.Model.from_config("opt-tiny", seed=0, dtype=torch.float32)
     q4 = flexlab.QuantConfig(bits=4, group_size=32)
+    resident = Policy.from_percent([100, 0, 100, 0, 100, 0], gpu_batch_size=2, num_gpu_batches=2, compress_weight=q4)
+    with flexlab.Engine(model, resident, offload_dir=tmp_path) as engine:
+        expected = engine.generate(PROMPTS, max_new_tokens=4, stop_token_ids=None).token_ids
+    with flexlab.Engine(model, resident.replace(w_gpu_percent=0, w_cpu_percent=0), offload_dir=tmp_path) as engine:
+        assert 0 in engine.weights.looked_up
+        result = engine.generate(PROMPTS, max_new_tokens=4, stop_token_ids=None)
+    assert result.token_ids == expected
+    events = result.timeline.to_pandas()
+    decode_rows = events[(events.kind == "read_rows") & (events.token > 0)]
+    table_bytes = sum(q4.part_nbytes((model.config.vocab_size, model.config.hidden_size)))
+    assert len(decode_rows) == 3 * 2 and (decode_rows.bytes < table_bytes / 8).all()
     for policy in (
-        Policy.from_percent([0, 0, 100, 0, 100, 0], compress_weight=q4),
+        Policy.from_percent(
+            [0, 0, 100, 0, 100, 0], compress_weight=flexlab.QuantConfig(bits=4, group_size=32, group_dim=0)
+        ),
         Policy.from_percent([0, 100, 100, 0, 100, 0]),
     ):
         with flexlab.Engine(model, policy, offload_dir=tmp_path) as engine:
