@@ -49,6 +49,7 @@ RUNS = {
     "engine_overhead": ["--preset", "opt-tiny", "--repeats", "1", "--gen-len", "3"],
     "validate_memory": ["--smoke", "true"],  # three rows, opt-125m-shaped: ~25 s
     "pipeline_prediction": ["--preset", "opt-tiny", "--stages", "1,2", "--prompt-len", "8", "--gen-len", "4"],
+    "embedding_rows": ["--presets", "opt-tiny,codegen-tiny", "--repeats", "1", "--gen-len", "3", "--label", "smoke"],
 }
 
 
@@ -85,5 +86,8 @@ def test_experiment_runs_and_writes_results(script, tmp_path, request):
         assert saw["weights 50% disk"] > 0 and saw[["all on gpu", "weights 50% cpu"]].isna().all(), saw
     if script == "validate_memory":  # the process's peak as predicted (10% here; slack for other machines)
         assert (df.relative_error.abs() < 0.2).all(), df[["row", "measured_peak_MiB", "predicted_peak_MiB"]]
+        return
+    if script == "embedding_rows":  # a decode token reads a few rows of the table, and loads the rest
+        assert (df.read_rows_MB > 0).all() and (df.load_weight_MB > 10 * df.read_rows_MB).all(), df
         return
     assert config.get("preset", config.get("model")) == "opt-tiny"
