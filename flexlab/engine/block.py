@@ -15,6 +15,7 @@ from collections.abc import Callable
 import torch
 
 from flexlab.compress import QTensor, dequantize
+from flexlab.engine.acts import ActStore
 from flexlab.engine.cache import KV, CacheStore, LoadedCache
 from flexlab.engine.context import BlockContext, Peers
 from flexlab.engine.heads import Head
@@ -22,7 +23,6 @@ from flexlab.engine.kvcodec import KVCodec
 from flexlab.engine.positions import TokenPlaces
 from flexlab.engine.schedule import Step, block_schedule
 from flexlab.engine.sparse import sparse_decode
-from flexlab.engine.store import ActStore
 from flexlab.engine.tiers import return_freed_memory
 from flexlab.models.attention import attend, decode_attention
 from flexlab.models.generation import left_pad

@@ -6,8 +6,8 @@ that crossed each link, which the executor records in the timeline. Layouts:
 * weights: per stage, on the tiers :func:`~flexlab.engine.placement.place_weights` says;
   disk-resident weights are read straight from the checkpoint's safetensors file when it has
   one, else converted once into the offload directory;
-* KV cache: see ``cache.py``;
-* activations: a batch's hidden state, whole, on its one tier.
+* the embedding's rows of a token table left on disk or in host memory, read as it looks them up;
+* KV cache: see ``cache.py``; activations: ``acts.py``.
 """
 
 from __future__ import annotations
@@ -21,7 +21,6 @@ import torch
 
 from flexlab.compress import QTensor, dequantize, quantize
 from flexlab.engine.placement import (
-    ALIGN,
     ROW_BUFFER,
     compresses,
     looks_up_rows,
@@ -36,7 +35,6 @@ from flexlab.engine.tiers import (
     DiskFiles,
     MemoryTracker,
     nbytes,
-    preallocate,
     return_freed_memory,
     staging_tier,
     write_packed,
@@ -344,59 +342,6 @@ class WeightStore:
         for w in self.placed.values():
             out[w.tier] += w.nbytes
         return out
-
-
-class ActStore:
-    """Hidden states between stages, one slot per batch, on the cpu or disk tier.
-
-    Disk slots are preallocated files of ``slot_bytes`` overwritten in place (a new file per
-    store would leave open descriptors reading the old one).
-    """
-
-    def __init__(
-        self, tier: str, device: torch.device, slot_bytes: int, act_dir: Path, files: DiskFiles, tracker: MemoryTracker
-    ) -> None:
-        self.tier, self.device, self.slot_bytes = tier, device, slot_bytes
-        self.dir, self.files, self.tracker = act_dir, files, tracker
-        self.slots: dict[int, tuple[torch.Tensor | Path, tuple[int, ...], torch.dtype]] = {}
-        self.pool = BufferPool(slot_bytes + 2 * ALIGN, 1 if tier == "disk" else 0)
-
-    def store(self, batch: int, h: torch.Tensor) -> int:
-        """Keep ``h`` as batch ``batch``'s hidden state; returns the bytes written."""
-        if batch not in self.slots:
-            if self.tier == "disk":
-                preallocate(self.dir / f"act_b{batch}.bin", self.slot_bytes)
-            self.tracker.add(self.tier, "activations", self.slot_bytes)
-        slot: torch.Tensor | Path
-        if self.tier == "cpu":
-            slot = h.to("cpu", copy=True)
-        else:
-            slot = self.dir / f"act_b{batch}.bin"
-            self.files.write(slot, 0, h.to("cpu"))
-        self.slots[batch] = (slot, tuple(h.shape), h.dtype)
-        return nbytes(h)
-
-    def load(self, batch: int) -> tuple[torch.Tensor, int]:
-        data, shape, dtype = self.slots[batch]
-        if isinstance(data, torch.Tensor):  # the cpu tier
-            return data.to(self.device, non_blocking=True), nbytes(data)
-        size = torch.Size(shape).numel() * dtype.itemsize
-        buf = self.pool.acquire()
-        try:
-            out = torch.empty(shape, dtype=dtype, device=self.device)
-            out.copy_(self.files.read(data, 0, size, buf).view(dtype).view(shape))
-            if self.device.type == "cuda":
-                torch.cuda.current_stream().synchronize()
-            return out, size
-        finally:
-            self.pool.release(buf)
-
-    def close(self) -> None:
-        for data, _, _ in self.slots.values():
-            self.tracker.sub(self.tier, "activations", self.slot_bytes)
-            if isinstance(data, Path):
-                self.files.remove(data)
-        self.slots.clear()
 
 
 def _layout(qt: QTensor | None) -> QTensor | None:
