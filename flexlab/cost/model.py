@@ -101,9 +101,7 @@ class CostModel:
         self._cache_prices: dict[tuple, tuple] = (
             {}
             if shared is None
-            else shared.setdefault(
-                (prompt_len, policy.compress_cache, policy.cpu_cache_compute, policy.attn_sparsity), {}
-            )
+            else shared.setdefault((policy.compress_cache, policy.cpu_cache_compute, policy.attn_sparsity), {})
         )
 
     def tied_front(self) -> float | None:

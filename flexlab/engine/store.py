@@ -131,11 +131,13 @@ class WeightStore:
         near = near_tiers(device.type == "cuda")
         self.resident = {j: all(w.tier in near for w in ws) for j, ws in self.stage_weights.items()}
         self._in_place: dict[int, dict[str, torch.Tensor | QTensor]] = {}  # resident stages' weights, as loaded
+        # What a load of each stage brings: all of its weights but a looked-up token table.
+        self._loads = {j: [w for w in ws if w is not self.looked_up.get(j)] for j, ws in self.stage_weights.items()}
         # Disk reads land in one of two stage-sized aligned buffers (the stage computing and the one
         # prefetched). On a CPU the weights are used in place there: no copy after the read.
         self.stage_disk_bytes = {
             j: (own[1] if own else 0)
-            + sum(read_region(p.nbytes) for w in self._loaded(j) for p in w.locations if not (own and p.path == own[0]))
+            + sum(read_region(p.nbytes) for w in self._loads[j] for p in w.locations if not (own and p.path == own[0]))
             for j, own in self.stage_files.items()
         }
         largest = max(self.stage_disk_bytes.values(), default=0)
@@ -149,11 +151,6 @@ class WeightStore:
         self.row_buffer = BufferPool(ROW_BUFFER, 1) if from_disk else None
         self.row_buffer_bytes = ROW_BUFFER if from_disk else 0
         tracker.add(self.buffer_tier, "row read buffer", self.row_buffer_bytes)
-
-    def _loaded(self, stage: int) -> list[PlacedWeight]:
-        """The weights a load of ``stage`` brings: all of its own but a looked-up token table."""
-        skip = self.looked_up.get(stage)
-        return [w for w in self.stage_weights[stage] if w is not skip]
 
     def _stored(self, model, spec: WeightSpec) -> tuple[list[torch.Tensor], QTensor | None]:
         """A weight as it is stored: the tensor, or its quantized parts."""
@@ -203,7 +200,7 @@ class WeightStore:
                 reads.append((own[0], 0, own[1]))
             reads += [
                 (loc.path, loc.offset, loc.nbytes)
-                for w in self._loaded(j)
+                for w in self._loads[j]
                 for loc in w.locations
                 if own is None or loc.path != own[0]
             ]
@@ -228,7 +225,7 @@ class WeightStore:
             assert buf is not None, "a stage with a packed file loads into a read buffer"
             self.files.read(own[0], 0, own[1], buf)
             pos = own[1]
-        for w in self._loaded(stage):
+        for w in self._loads[stage]:
             parts = []
             for p in w.tensors:  # the gpu tier's stay; the cpu tier's move (on a CPU: the same RAM, no copy)
                 t = p if w.tier == "gpu" else p.to(self.device, non_blocking=True)
