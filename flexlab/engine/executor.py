@@ -191,16 +191,10 @@ class Executor:
         for d, f in zip(step.deps, deps):
             if d[0] in OUTPUTS and f.done():  # this load is a store's only reader: drop the finished
                 del self.futures[d]  # one now, or every store of the run would be kept until its end
-        # A transfer that moves nothing (its data already on the compute device) runs right here,
-        # on the compute stream: a thread hand-off and a stream sync would cost more than it does.
-        inline = self.handlers.get("inline", _never)(step)
-        stream = None if inline else self.streams.get(lane)
         if step.kind in OUTPUTS:
             computed = deps[0].result()  # the compute ran on this thread: its value is ready
             for key in step.releases:  # this store is its last reader: let it go once stored
                 self.futures.pop(key, None)
-            if stream is not None:
-                stream.wait_stream(torch.cuda.current_stream())  # don't copy before it is computed
             work = lambda: (None, handler(step, computed))  # noqa: E731
         else:
 
@@ -209,10 +203,23 @@ class Executor:
                     d.result()
                 return handler(step)
 
+        if self.handlers.get("inline", _never)(step):
+            # A transfer that moves nothing (its data already on the compute device) runs right here,
+            # on the compute stream, in the run's inference mode: a thread hand-off and a stream sync
+            # would cost more than it does (and on a small model, so would anything more than the call).
+            start = self.clock.mark()
+            value, moved = work()
+            if moved:
+                self.pending_events.append((lane, step, start, self.clock.mark(), moved, step.kind))
+            self.futures[step.key] = _Done((value, None))
+            return
+        stream = self.streams.get(lane)
+        if stream is not None and step.kind in OUTPUTS:
+            stream.wait_stream(torch.cuda.current_stream())  # don't copy before it is computed
+
         def task():
-            # Inline, the run's inference mode is on already; a lane thread must turn it on (it is per thread).
-            mode = contextlib.nullcontext() if torch.is_inference_mode_enabled() else torch.inference_mode()
-            with mode, torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
+            # inference mode is per thread: a lane thread must turn it on
+            with torch.inference_mode(), torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
                 start = self.clock.mark()
                 value, moved = work()
                 end = self.clock.mark()
@@ -227,9 +234,6 @@ class Executor:
                 self.pending_events.append((lane, step, start, end, moved, step.kind))
             return value, ready
 
-        if inline:
-            self.futures[step.key] = _Done(task())
-            return
         future = self.lanes[lane].submit(task)
         self.futures[step.key] = future
         if not self.overlap:

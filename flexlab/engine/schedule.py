@@ -32,6 +32,7 @@ if TYPE_CHECKING:
 
 StepKind = Literal["load_weight", "load_cache", "load_act", "recv", "compute", "store_cache", "store_act", "send"]
 Key = tuple  # (kind, token, stage, batch); batch is None for weights
+LOAD_KINDS: tuple[StepKind, ...] = ("load_cache", "recv", "load_act")  # a unit's loads beyond its weights
 
 
 @dataclass(frozen=True)
@@ -158,52 +159,54 @@ def block_schedule(
     weight_batch = (lambda g: None) if len(members) == 1 else (lambda g: g)
     issued: set[Key] = set()
 
-    def loads(t: int, j: int, k: int, cache: bool = True, act: bool = True) -> list[Step]:
-        """The loads unit (t, j, k) needs, beyond its stage's weights."""
-        out = []
-        if cache and by_index[j].has_cache and t > 0:  # the prefill has no cache to read
-            out.append(Step("load_cache", t, j, k, deps=(("store_cache", t - 1, j, k),)))
-        if act and peers and j == first and (j > 0 or t > 0):  # the prefill's embedding reads the prompt
-            out.append(Step("recv", t, j, k))
-        elif act and act_moves and j > first:  # the embedding reads token ids, not activations
-            out.append(Step("load_act", t, j, k, deps=(("store_act", t, j - 1, k),)))
-        return out
-
     def emit(step: Step) -> Step:
         issued.add(step.key)
         return step
 
-    # Each unit's loads and each stage's weight load are built once, when first looked ahead to, and
-    # forgotten once passed: rebuilding them at every look-ahead was most of the schedule's cost.
-    weight_steps: dict[int, Step] = {}
-    unit_loads: dict[int, tuple[list[Step], list[Step]]] = {}  # unit -> (its cache load, its other loads)
+    def reads(kind: StepKind, t: int, j: int) -> bool:
+        """Whether the units of token ``t`` and stage ``j`` read a load of ``kind``, beyond their
+        stage's weights."""
+        if kind == "load_cache":
+            return by_index[j].has_cache and t > 0  # the prefill has no cache to read
+        if kind == "recv":
+            return peers and j == first and (j > 0 or t > 0)  # the prefill's embedding reads the prompt
+        return act_moves and j > first  # load_act; the embedding reads token ids, not activations
 
-    def weight_step(i: int) -> Step:
-        if i not in weight_steps:
-            tt, jj, gg = stage_steps[i]
-            weight_steps[i] = Step("load_weight", tt, jj, weight_batch(gg))
-        return weight_steps[i]
+    def load(kind: StepKind, t: int, j: int, k: int) -> Step | None:
+        if not reads(kind, t, j):
+            return None
+        deps = {"load_cache": (("store_cache", t - 1, j, k),), "load_act": (("store_act", t, j - 1, k),)}
+        return Step(kind, t, j, k, deps=deps.get(kind, ()))
 
-    def loads_of(m: int) -> tuple[list[Step], list[Step]]:
-        if m not in unit_loads:
-            unit_loads[m] = (loads(*units[m], act=False), loads(*units[m], cache=False))
-        return unit_loads[m]
-
+    # The loads are issued in unit order, one cursor per kind: the next unit whose load of that kind
+    # is still to come, up to its look-ahead. A load whose data is not yet stored (the next stage's
+    # input, with one batch) is not prefetched: it and the units after it (whose data are stored
+    # later still) wait, and it is issued at the latest when its own unit comes up.
+    offered: tuple[tuple[StepKind, bool], ...] = (("load_cache", True), ("load_act", act_moves), ("recv", peers))
+    kinds = [kind for kind, used in offered if used]
+    ahead_of = {kind: cache_ahead if kind == "load_cache" else prefetch for kind in kinds}
+    cursor = dict.fromkeys(kinds, 0)
+    next_weight = 0
     for n, (t, j, k) in enumerate(units):
         stage_index = unit_stage[n]
         g = stage_steps[stage_index][2]
-        weight_steps.pop(stage_index - 1, None)
-        unit_loads.pop(n - 1, None)
-        ahead = [weight_step(i) for i in range(stage_index, min(stage_index + 1 + prefetch, len(stage_steps)))]
-        ahead += [s for m in range(n, min(n + 1 + cache_ahead, len(units))) for s in loads_of(m)[0]]
-        ahead += [s for m in range(n, min(n + 1 + prefetch, len(units))) for s in loads_of(m)[1]]
-        for step in ahead:
-            # A load whose data is not yet stored (the next stage's input, with one batch) is not
-            # prefetched; it is issued when its own unit comes up.
-            if step.key not in issued and all(d in issued for d in step.deps):
-                yield emit(step)
+        while next_weight < min(stage_index + 1 + prefetch, len(stage_steps)):
+            tt, jj, gg = stage_steps[next_weight]
+            next_weight += 1
+            yield emit(Step("load_weight", tt, jj, weight_batch(gg)))
+        for kind, ahead in ahead_of.items():
+            m = cursor[kind]
+            while m < min(n + 1 + ahead, len(units)):
+                step = load(kind, *units[m])
+                if step is not None:
+                    if not all(d in issued for d in step.deps):
+                        break
+                    yield emit(step)
+                m += 1
+            cursor[kind] = m
 
-        needs = [("load_weight", t, j, weight_batch(g))] + [s.key for part in loads_of(n) for s in part]
+        needs = [("load_weight", t, j, weight_batch(g))]
+        needs += [(kind, t, j, k) for kind in LOAD_KINDS if reads(kind, t, j)]
         if not act_moves and j > first:
             needs.append(("compute", t, j - 1, k))  # the hidden state handed over in memory
         if j == 0 and t > 0 and not peers:
