@@ -373,7 +373,7 @@ class BlockRun:
             tail = self.tails.pop(key, None)
             pending = new[kv] if tail is None else torch.cat([tail, new[kv]], dim=1)  # tokens from stored(before)
             first, last = codec.stored_tokens(before), codec.stored_tokens(after)
-            leaving = pending[:, : last - first]
+            leaving = pending if last - first == pending.shape[1] else pending[:, : last - first]
             if codec.config is not None and last > first:
                 leaving = self.ctx.executor.timed("quantize_cache", step, lambda: codec.encode(leaving))
             if last - first < pending.shape[1]:

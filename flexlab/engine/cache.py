@@ -97,8 +97,9 @@ class CacheStore:
         """Write ``rows`` (``[b, n, *row]``) at rows ``start..start+n``; bytes moved per tier."""
         moved = {"cpu": 0, "disk": 0}
         n, row_bytes = rows.shape[1], self.codecs[kv].row_bytes
-        for tier, first, count in self.layout[batch]:
-            part = rows[first : first + count]
+        parts = self.layout[batch]
+        for tier, first, count in parts:
+            part = rows if len(parts) == 1 else rows[first : first + count]
             slot = self._slot(layer, batch, tier, kv, count)
             if tier == "disk":  # rows start..start+n of every sequence: one stretch of the file
                 self.files.write(slot, start * count * row_bytes, part.to("cpu").transpose(0, 1))

@@ -105,6 +105,7 @@ class Executor:
     def __init__(self, device: torch.device, overlap: bool, describe: Callable[[int], str] = str) -> None:
         self.device, self.overlap, self.describe = device, overlap, describe
         self.handlers: dict[str, Callable] = {}
+        self.releasers: dict[str, Callable] = {}
         self.lanes = {lane: ThreadPoolExecutor(1, thread_name_prefix=f"flexlab-{lane}") for lane in set(LANES.values())}
         self.streams = {lane: torch.cuda.Stream(device) for lane in self.lanes} if device.type == "cuda" else {}
         self.futures: dict[Key, Future | _Done] = {}
@@ -124,6 +125,12 @@ class Executor:
         never ran, or taken by a failed run) is released, and no step's value is kept.
         """
         self.handlers = handlers
+        # the release handler of each load kind that has one (looked up per released key otherwise)
+        self.releasers = {
+            kind: handlers["release_" + kind.removeprefix("load_")]
+            for kind in LANES
+            if kind.startswith("load_") and "release_" + kind.removeprefix("load_") in handlers
+        }
         self.futures.clear()
         try:
             with torch.inference_mode():  # no autograd bookkeeping per op (thread-local: lanes too)
@@ -132,10 +139,10 @@ class Executor:
         except BaseException:  # an error or Ctrl-C: no transfer may outlive the data it touches
             self._abandon()
             self._release_held(ignore_errors=True)  # the first error is the one to report
-            self.handlers = {}
+            self.handlers, self.releasers = {}, {}
             raise
         self._release_held()
-        self.handlers = {}
+        self.handlers, self.releasers = {}, {}
 
     def _abandon(self) -> None:
         """Cancel transfers not yet started and wait for the running ones (but hand-offs),
@@ -154,14 +161,8 @@ class Executor:
         """Give back every load still held: its buffers would otherwise stay taken, and the next
         run's load would wait for one forever. Then drop every step's value."""
         for key, f in list(self.futures.items()):
-            release = self.handlers.get("release_" + key[0].removeprefix("load_"))
-            if (
-                key[0].startswith("load_")
-                and release is not None
-                and f.done()
-                and not f.cancelled()
-                and f.exception() is None
-            ):
+            release = self.releasers.get(key[0])
+            if release is not None and f.done() and not f.cancelled() and f.exception() is None:
                 try:
                     release(key, f.result()[0])
                 except Exception:
@@ -257,7 +258,7 @@ class Executor:
         del value
         for key in step.releases:
             released = self.futures.pop(key, None)
-            release = self.handlers.get("release_" + key[0].removeprefix("load_"))
+            release = self.releasers.get(key[0])
             if released is not None and release is not None:
                 release(key, released.result()[0])
 

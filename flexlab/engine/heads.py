@@ -67,9 +67,13 @@ class GenerateHead(Head):
         self.sampler, self.stop, self.generated, self.offset = sampler, stop, generated, offset
         self.on_token = on_token
         self._new: list[torch.Tensor | None] = [None] * len(self.batch_rows)
+        self._finished = self._all_stopped()
+
+    def _all_stopped(self) -> bool:
+        return all(self.stop.finished[self.offset : self.offset + len(self.ids)])
 
     def finished(self) -> bool:
-        return all(self.stop.finished[self.offset : self.offset + len(self.ids)])
+        return self._finished  # asked after every compute; only this head's update changes it
 
     def __call__(self, project, h, t, k):
         new = self._new[k] = self.sampler(project(h[:, -1]))  # stays on the device for the next embed
@@ -81,6 +85,7 @@ class GenerateHead(Head):
                     self.generated[self.offset + row].append(tok)
                     running += 1
             self.stop.update(self.generated)
+            self._finished = self._all_stopped()
             if self.on_token is not None:
                 self.on_token(running)
             if t == 0:
