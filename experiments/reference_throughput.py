@@ -29,6 +29,7 @@ class Config:
     gen_len: int = 32
     repeats: int = 3
     dtype: str = "auto"  # float16 on CUDA; on a CPU bfloat16 where it is native, else float32
+    threads: int = 0  # torch's CPU threads; 0: its default (one thread's runs repeat closer on a shared host)
     out_dir: str = "experiments/results"
 
 
@@ -51,6 +52,8 @@ def hf_model_with_same_weights(model, dtype, device):
 def main(cfg: Config) -> pd.DataFrame:
     import flexlab
 
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = flexlab.Model.from_config(
         cfg.preset, seed=0, device=device, dtype=None if cfg.dtype == "auto" else getattr(torch, cfg.dtype)
@@ -122,6 +125,7 @@ def main(cfg: Config) -> pd.DataFrame:
         cfg,
         f"reference_throughput_{cfg.preset}_{device.type}_b{cfg.batch}",
         dtype=str(model.dtype),
+        torch_threads=torch.get_num_threads(),
         ratio=ratio,
         engine_ratio=engine_ratio,
         token_agreement=agreement,
