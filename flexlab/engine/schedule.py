@@ -175,8 +175,11 @@ def block_schedule(
     def load(kind: StepKind, t: int, j: int, k: int) -> Step | None:
         if not reads(kind, t, j):
             return None
-        deps = {"load_cache": (("store_cache", t - 1, j, k),), "load_act": (("store_act", t, j - 1, k),)}
-        return Step(kind, t, j, k, deps=deps.get(kind, ()))
+        if kind == "load_cache":  # the previous token's rows
+            return Step(kind, t, j, k, deps=(("store_cache", t - 1, j, k),))
+        if kind == "load_act":  # the previous stage's hidden state
+            return Step(kind, t, j, k, deps=(("store_act", t, j - 1, k),))
+        return Step(kind, t, j, k)
 
     # The loads are issued in unit order, one cursor per kind: the next unit whose load of that kind
     # is still to come, up to its look-ahead. A load whose data is not yet stored (the next stage's
