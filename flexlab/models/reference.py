@@ -42,13 +42,20 @@ class ReferenceRunner:
 
     @torch.inference_mode()
     def forward(
-        self, tokens: torch.Tensor, valid: torch.Tensor, cache: list | None = None, start: int = 0
+        self,
+        tokens: torch.Tensor,
+        valid: torch.Tensor,
+        cache: list | None = None,
+        start: int = 0,
+        last_only: bool = False,
     ) -> torch.Tensor:
         """Logits ``[b, s, vocab]`` of ``tokens`` ``[b, s]`` placed at cache slots ``start..start+s``.
 
         ``valid`` is ``[b, start + s]``: which cache slots hold real tokens. With ``cache``
         (a list of ``(k, v)`` per layer, each ``[b, heads, capacity, d]``) the new keys and values
-        are written into it and attention reads slots ``0..start+s``.
+        are written into it and attention reads slots ``0..start+s``. ``last_only``: the head runs
+        on the last position alone (``[b, 1, vocab]``), as generation needs and the engine does;
+        a prompt's other positions would cost a matmul over the vocabulary each.
         """
         f, cfg = self.family, self.config
         s = tokens.shape[1]
@@ -66,7 +73,7 @@ class ReferenceRunner:
                 k, v = k_cache[:, :, : start + s], v_cache[:, :, : start + s]
             h = f.attention_out(attn_w, cfg, h, attend(q, k, v, bias))
             h = f.mlp(mlp_w, cfg, h)
-        return f.head(self.head_w, cfg, h)
+        return f.head(self.head_w, cfg, h[:, -1:] if last_only else h)
 
     def new_cache(self, batch: int, capacity: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
         shape = (batch, self.config.num_kv_heads, capacity, self.config.head_dim)
@@ -90,7 +97,7 @@ class ReferenceRunner:
         generated: list[list[int]] = [[] for _ in ids]
 
         t0 = time.perf_counter()
-        logits = self.forward(tokens, valid, cache)[:, -1]
+        logits = self.forward(tokens, valid, cache, last_only=True)[:, -1]
         next_tok = sampler(logits)
         _sync(self.device)
         t1 = time.perf_counter()
@@ -103,7 +110,7 @@ class ReferenceRunner:
             if all(stop.update(generated)) or step == max_new_tokens:
                 break
             valid = torch.cat([valid, torch.ones((batch, 1), dtype=torch.bool, device=self.device)], dim=1)
-            logits = self.forward(next_tok[:, None], valid, cache, start=prompt_len + step - 1)[:, -1]
+            logits = self.forward(next_tok[:, None], valid, cache, start=prompt_len + step - 1, last_only=True)[:, -1]
             next_tok = sampler(logits)
         _sync(self.device)
         t2 = time.perf_counter()
