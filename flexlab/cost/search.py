@@ -308,9 +308,9 @@ def search_policy(
             cpu_cache_compute=on_cpu,
             sep_layer=sep,
         )
-        # Read buffers follow the largest stage, so memory is not linear in the weights' shares
-        # where a tied token table outweighs the layers: all on disk, it takes two buffers of its
-        # size. A second LP then keeps it on the cpu tier and shares out the rest.
+        # Read buffers follow the largest stages, so memory is not linear in the weights' shares
+        # where a tied token table outweighs the layers: all on disk, it takes a buffer of its
+        # size. A second LP keeps it on the cpu tier and shares out the rest.
         for front in dict.fromkeys([None, fronts_by_sep[sep]]):
             found = _first_fit(base, front, predict, hw)
             if found is None:

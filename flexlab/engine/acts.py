@@ -24,7 +24,7 @@ class ActStore:
         self.tier, self.device, self.slot_bytes = tier, device, slot_bytes
         self.dir, self.files, self.tracker = act_dir, files, tracker
         self.slots: dict[int, tuple[torch.Tensor | Path, tuple[int, ...], torch.dtype]] = {}
-        self.pool = BufferPool(slot_bytes + 2 * ALIGN, 1 if tier == "disk" else 0)
+        self.pool = BufferPool([slot_bytes + 2 * ALIGN] if tier == "disk" else [])
 
     def store(self, batch: int, h: torch.Tensor) -> int:
         """Keep ``h`` as batch ``batch``'s hidden state; returns the bytes written."""

@@ -70,7 +70,7 @@ class CacheStore:
         per_sequence = max(self.capacity[kv] * c.row_bytes for kv, c in codecs.items())
         most = max((c for parts in self.layout for t, _, c in parts if t == "disk"), default=0)
         self.read_ahead, count, size = cache_read_buffers(device.type == "cpu", most, per_sequence)
-        self.pool = BufferPool(size, count)  # count 0: nothing on disk
+        self.pool = BufferPool([size] * count)  # count 0: nothing on disk
         self.buffer_tier, self.buffer_bytes = staging_tier(device), count * size
         tracker.add(self.buffer_tier, "cache read buffers", self.buffer_bytes)
 

@@ -41,6 +41,7 @@ from flexlab.engine.placement import (
     compresses,
     place_weights,
     split_by_share,
+    weight_read_buffers,
 )
 from flexlab.engine.policy import Policy
 from flexlab.engine.schedule import Stage, stages_of
@@ -71,7 +72,7 @@ def engine_peak(
     ``packed``: :func:`price_weights` of the stages run)."""
     p, cfg = policy, config
     out = {t: float(v) for t, v in weight_bytes.items()}
-    out["cpu" if on_cuda else "gpu"] += 2 * max(packed, default=0)  # read buffers: a stage's file, twice
+    out["cpu" if on_cuda else "gpu"] += sum(weight_read_buffers(packed))  # the stages' files are read into
     if any(st.looked_up[0] == "disk" for st in priced):  # the token table's rows come through one more
         out["cpu" if on_cuda else "gpu"] += ROW_BUFFER
     # On the compute device: the computing stage's copies of weights from other tiers and its

@@ -110,6 +110,27 @@ def cache_read_buffers(on_cpu: bool, disk_sequences: int, sequence_bytes: int) -
     return ahead, 2 * (ahead + 1) if on_cpu else 2, disk_sequences * sequence_bytes + 2 * ALIGN
 
 
+def weight_read_buffers(stage_disk_bytes: Sequence[int]) -> list[int]:
+    """The sizes of the weight read buffers for stages that read ``stage_disk_bytes`` each from
+    disk, in their load order (one pipeline rank's, repeating every token).
+
+    Two loads are held at once: the stage computing and the next one, prefetched. Two buffers of
+    the largest stage serve any pair, but where one stage outweighs the rest (a tied token table
+    of 250k rows against layers of a few MB) that holds twice the table. Then one buffer of the
+    largest and two of the next largest cost less, and still serve any pair: each load takes a
+    buffer of the smallest size that holds it, and two of those are never both taken by another
+    load (:class:`~flexlab.engine.tiers.BufferPool`). A rank of one stage holds that stage twice.
+    """
+    sizes = sorted((b for b in stage_disk_bytes if b), reverse=True)
+    if not sizes:
+        return []
+    first = sizes[0]
+    second = sizes[1] if len(sizes) > 1 else (first if len(stage_disk_bytes) == 1 else 0)
+    if 2 * second >= first:
+        return [first, first]
+    return [first] + [second] * (2 if second else 0)
+
+
 def _readers(
     specs: list[WeightSpec], stages: Sequence[Stage]
 ) -> tuple[list[list[WeightSpec]], dict[str, WeightSpec], list[WeightSpec]]:

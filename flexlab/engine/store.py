@@ -28,6 +28,7 @@ from flexlab.engine.placement import (
     place_weights,
     read_region,
     row_spans,
+    weight_read_buffers,
 )
 from flexlab.engine.schedule import Stage
 from flexlab.engine.tiers import (
@@ -133,22 +134,22 @@ class WeightStore:
         self._in_place: dict[int, dict[str, torch.Tensor | QTensor]] = {}  # resident stages' weights, as loaded
         # What a load of each stage brings: all of its weights but a looked-up token table.
         self._loads = {j: [w for w in ws if w is not self.looked_up.get(j)] for j, ws in self.stage_weights.items()}
-        # Disk reads land in one of two stage-sized aligned buffers (the stage computing and the one
-        # prefetched). On a CPU the weights are used in place there: no copy after the read.
+        # Disk reads land in aligned read buffers, held by the stage computing and the one prefetched
+        # (sized by weight_read_buffers). On a CPU the weights are used in place there: no copy after the read.
         self.stage_disk_bytes = {
             j: (own[1] if own else 0)
             + sum(read_region(p.nbytes) for w in self._loads[j] for p in w.locations if not (own and p.path == own[0]))
             for j, own in self.stage_files.items()
         }
-        largest = max(self.stage_disk_bytes.values(), default=0)
-        self.pool = BufferPool(largest, 2 if largest else 0, pin)
-        self.buffer_bytes = 2 * largest
+        sizes = weight_read_buffers(list(self.stage_disk_bytes.values()))
+        self.pool = BufferPool(sizes, pin)
+        self.buffer_bytes = sum(sizes)
         self.buffer_tier = staging_tier(device)
         tracker.add(self.buffer_tier, "weight read buffers", self.buffer_bytes)
         # Looked-up rows come off the disk through a small buffer of their own (the two above may
         # both be held, by the computing stage and the prefetched one).
         from_disk = any(w.tier == "disk" for w in self.looked_up.values())
-        self.row_buffer = BufferPool(ROW_BUFFER, 1) if from_disk else None
+        self.row_buffer = BufferPool([ROW_BUFFER]) if from_disk else None
         self.row_buffer_bytes = ROW_BUFFER if from_disk else 0
         tracker.add(self.buffer_tier, "row read buffer", self.row_buffer_bytes)
 
@@ -210,7 +211,7 @@ class WeightStore:
         """The stage's weights on the compute device, and the bytes moved from each tier."""
         if stage in self._in_place:  # resident: the same tensors every time, nothing moved
             return LoadedWeights(self._in_place[stage], None, 0), {"cpu": 0, "disk": 0}
-        buf = self.pool.acquire() if self.stage_disk_bytes[stage] else None
+        buf = self.pool.acquire(self.stage_disk_bytes[stage]) if self.stage_disk_bytes[stage] else None
         try:
             return self._load_into(stage, buf)
         except BaseException:  # a failed read must not keep the buffer from the next load

@@ -11,7 +11,6 @@ import contextlib
 import ctypes
 import errno
 import os
-import queue
 import shutil
 import threading
 import time
@@ -149,32 +148,50 @@ def staging_tier(device: torch.device) -> str:
 
 
 class BufferPool:
-    """A fixed set of equal staging buffers, handed out and returned; no allocation per read."""
+    """A fixed set of staging buffers, handed out and returned; no allocation per read.
 
-    def __init__(self, size: int, count: int, pin: bool = False) -> None:
-        self.size, self.count = size, count
-        self._all = [aligned_empty(size, pin) for _ in range(count)]
-        self._free: queue.Queue[torch.Tensor] = queue.Queue()
+    A request for ``nbytes`` waits for a buffer of the smallest size among the pool's that holds
+    it (never a larger one: that one is kept for the loads that need it, see
+    :func:`~flexlab.engine.placement.weight_read_buffers`)."""
+
+    timeout: float | None = None  # seconds a request may wait (tests set one: a lost buffer hangs)
+
+    def __init__(self, sizes: list[int], pin: bool = False) -> None:
+        self.size, self.count = max(sizes, default=0), len(sizes)
+        self._all = [aligned_empty(n, pin) for n in sizes]
+        self._ready = threading.Condition()
+        self._free: list[torch.Tensor] = []
         self.reclaim()
 
     @property
     def free(self) -> int:
         """Buffers not handed out now (all of them between runs, or one was never returned)."""
-        return self._free.qsize()
+        return len(self._free)
 
-    def acquire(self) -> torch.Tensor:
+    def acquire(self, nbytes: int = 0) -> torch.Tensor:
         assert self.count, "a buffer asked of an empty pool (nothing on disk): it would wait forever"
-        return self._free.get()
+        fitting = [b.numel() for b in self._all if b.numel() >= nbytes]
+        assert fitting, f"no buffer of the pool holds {nbytes} bytes (the largest holds {self.size})"
+        size = min(fitting)
+        with self._ready:
+            while True:
+                for i, buf in enumerate(self._free):
+                    if buf.numel() == size:
+                        return self._free.pop(i)
+                if not self._ready.wait(self.timeout):
+                    raise TimeoutError(f"no read buffer of {size} bytes came back in {self.timeout} s")
 
     def release(self, buf: torch.Tensor) -> None:
-        self._free.put(buf)
+        with self._ready:
+            self._free.append(buf)
+            self._ready.notify_all()
 
     def reclaim(self) -> None:
         """Make every buffer free again. Only when nothing can still be using one: after a failed
         run whose transfers have all ended, a buffer it took and never gave back is not in use."""
-        self._free = queue.Queue()
-        for buf in self._all:
-            self._free.put(buf)
+        with self._ready:
+            self._free = list(self._all)
+            self._ready.notify_all()
 
 
 class DiskFiles:

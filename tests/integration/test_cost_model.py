@@ -293,33 +293,28 @@ def test_search_finds_policies_off_the_lps_line():
     assert found.prediction.throughput_tok_s >= hand.throughput_tok_s
 
 
-def test_search_keeps_a_large_tied_table_in_memory_when_all_on_disk_does_not_fit():
-    """BLOOM's tied 250k-row table outweighs any layer: with every weight on disk both read
-    buffers take its size, so all-disk needs more RAM than the table on the cpu tier with the
-    layers on disk. A limit between the two must still find a policy: the latter kind."""
+def test_a_large_tied_table_on_disk_takes_one_read_buffer_and_the_search_finds_room():
+    """BLOOM's tied 250k-row table outweighs any layer. All on disk, it took both read buffers
+    (twice its size) until the buffers were sized apart: now one of the table and two of the
+    largest layer, so all-disk needs no more memory than the table on the cpu tier, and a limit
+    just above all-disk's footprint still finds a policy."""
     cfg = flexlab.get_preset("bloom-560m")
     grid = dict(batch_sizes=(8,), num_batches=(1,), act_tiers=("gpu",), checkpoint_itemsize=2)
 
-    def host(w_cpu: float) -> float:
+    def footprint(w_cpu: float):
         policy = Policy.from_percent([0, w_cpu, 0, 0, 100, 0], gpu_batch_size=8)
-        return CostModel(cfg, policy, CPU_ONLY, prompt_len=32, gen_len=8, checkpoint_itemsize=2).footprint().host
+        return CostModel(cfg, policy, CPU_ONLY, prompt_len=32, gen_len=8, checkpoint_itemsize=2).footprint()
 
     front = CostModel(cfg, Policy(), CPU_ONLY, prompt_len=32, gen_len=8).tied_front()
     assert front is not None and 40 < front < 50  # the table is 46% of bloom-560m's weights
-    all_disk, table_in_memory = host(0), host(front)
-    assert table_in_memory < 0.8 * all_disk
-    ram = (table_in_memory + all_disk) / 2 / (1 - HEADROOM)
+    all_disk, table_in_memory = footprint(0), footprint(front)
+    table = cfg.vocab_size * cfg.hidden_size * 2
+    assert all_disk.host <= 1.01 * table_in_memory.host  # (the same but for alignment)
+    assert table <= all_disk.tracked["gpu"] < 1.2 * table  # one buffer of the table, not two
+    ram = all_disk.host * 1.06 / (1 - HEADROOM)  # the LP keeps 3% more free than the check
     limits = CPU_ONLY.replace(gpu_memory=ram / 2, cpu_memory=ram / 2)
     found = search_policy(cfg, limits, prompt_len=32, gen_len=8, **grid)
     assert fits(found.prediction.footprint, limits, HEADROOM)
-    assert found.policy.w_cpu_percent + found.policy.w_gpu_percent >= front
-    placed = place_weights(
-        flexlab.models.registry.get_family(cfg.family).weight_specs(cfg),
-        make_stages(cfg.num_layers, found.policy.sep_layer),
-        found.policy.w_gpu_percent,
-        found.policy.w_cpu_percent,
-    )
-    assert {tier for stage in placed for spec, tier, _ in stage if {"embed", "head"} <= set(spec.parts)} == {"cpu"}
 
 
 def test_bad_input_is_refused_clearly():

@@ -295,7 +295,7 @@ def test_every_cache_read_buffer_comes_back(model, monkeypatch, policy):
     from flexlab.engine.tiers import BufferPool
 
     # A lost buffer would make a later read wait for ever: fail instead.
-    monkeypatch.setattr(BufferPool, "acquire", lambda self: self._free.get(timeout=30))
+    monkeypatch.setattr(BufferPool, "timeout", 30)
     free_at_close = []
     original = CacheStore.close
 

@@ -3,11 +3,14 @@ memory: on disk (and, with a GPU, in host memory), instead of loading the whole 
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
 import flexlab
 from flexlab import Policy
+from flexlab.cost import CostModel, get_hardware
 from flexlab.engine import placement, store
 from flexlab.engine.placement import ROW_GAP, row_spans
 from flexlab.models.convert import save_checkpoint
@@ -100,3 +103,28 @@ def test_a_compressed_table_is_read_by_rows_too_where_its_rows_are_apart(tmp_pat
     ):
         with flexlab.Engine(model, policy, offload_dir=tmp_path) as engine:
             assert engine.weights.looked_up == {} and engine.weights.row_buffer is None
+
+
+@pytest.mark.parametrize("overlap", [True, False])
+def test_a_table_that_outweighs_the_layers_takes_one_read_buffer_not_two(tmp_path, overlap):
+    """All on disk, a tied table of 4096 rows (16x a layer) is read into one buffer of its size,
+    the layers into two of theirs; tokens stay exact, every buffer comes back, and the cost model
+    predicts the peaks to the byte."""
+    cfg = dataclasses.replace(flexlab.get_preset("bloom-tiny"), vocab_size=4096)
+    model = flexlab.Model.from_config(cfg, seed=0, dtype=torch.float32)
+    expected = model.generate(PROMPTS, max_new_tokens=4, stop_token_ids=None).token_ids
+    policy = Policy.from_percent([0, 0, 0, 0, 100, 0], gpu_batch_size=2, num_gpu_batches=2, overlap=overlap)
+    with flexlab.Engine(model, policy, offload_dir=tmp_path) as engine:
+        result = engine.generate(PROMPTS, max_new_tokens=4, stop_token_ids=None)
+        largest, *rest = sorted(engine.weights.stage_disk_bytes.values(), reverse=True)
+        buffers, pool = engine.weights.buffer_bytes, engine.weights.pool
+        assert pool.free == pool.count == 3
+    assert result.token_ids == expected
+    assert largest >= cfg.vocab_size * cfg.hidden_size * 4 > 4 * rest[0]
+    assert buffers == largest + 2 * rest[0]
+    cpu_only = get_hardware("h100").replace(link_pinned_bw=float("inf"), link_pageable_bw=float("inf"))
+    pred = CostModel(
+        cfg, policy, cpu_only, prompt_len=len(PROMPTS[0]), gen_len=4, itemsize=4, num_prompts=len(PROMPTS)
+    ).predict()
+    for tier in ("gpu", "cpu", "disk"):
+        assert pred.peak_bytes[tier] == result.metrics[f"peak_bytes_{tier}"], tier
