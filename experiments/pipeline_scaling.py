@@ -1,7 +1,8 @@
 """Pipeline scaling on one machine: one process with every core against N stages with a core each.
 
 On an OPT-1.3B-shaped model with its weights on disk (a float16 safetensors checkpoint read in
-place with O_DIRECT, so the page cache cannot make the disk look fast), the same block runs
+place with O_DIRECT, so the page cache cannot make the disk look fast; ``--checkpoint-dtype auto``
+stores it in the compute's dtype, so that reads need no conversion), the same block runs
 
 * in one process with ``threads`` torch threads, and
 * on a pipeline of ``stages`` processes with ``threads / stages`` threads each, with the batches
@@ -38,6 +39,7 @@ class Config:
     stages: int = 2
     threads: int = 2  # the machine's cores: one process gets them all, each stage its share
     percent: str = "0 0 100 0 100 0"  # FlexGen's six shares: weights on disk, cache and activations in memory
+    checkpoint_dtype: str = "float16"  # "auto": the compute's dtype (its weights read from disk without a conversion)
     gpu_batch_size: int = 8
     num_gpu_batches: int = 4
     prompt_len: int = 32
@@ -146,9 +148,12 @@ def main(cfg: Config) -> pd.DataFrame:
     scratch = owned_dir(base, "flexlab-pipeline-bench-")
     try:
         checkpoint = scratch / "checkpoint"
-        print(f"writing a random {cfg.preset} checkpoint (float16) to {checkpoint} ...", flush=True)
-        save_checkpoint(flexlab.Model.from_config(cfg.preset, seed=0), checkpoint, dtype=torch.float16)
-        model = flexlab.Model.from_pretrained(checkpoint)  # computes in the CPU's fast dtype
+        compute = flexlab.Model.from_config(cfg.preset, seed=0)  # in the CPU's fast dtype
+        stored = compute.dtype if cfg.checkpoint_dtype == "auto" else getattr(torch, cfg.checkpoint_dtype)
+        print(f"writing a random {cfg.preset} checkpoint ({stored}) to {checkpoint} ...", flush=True)
+        save_checkpoint(compute, checkpoint, dtype=stored)
+        model = flexlab.Model.from_pretrained(checkpoint, dtype=compute.dtype)
+        del compute  # its random weights: the run reads the checkpoint
         policy = flexlab.Policy.from_percent(
             [float(x) for x in cfg.percent.split()],
             gpu_batch_size=cfg.gpu_batch_size,
@@ -180,7 +185,7 @@ def main(cfg: Config) -> pd.DataFrame:
     cols += ["predicted_bubble", "compute_s"]
     cols += ["disk_GB_per_token", "dd_GB_s", "disk_bound_tok_s"]
     print(
-        f"\n{cfg.preset}, weights on disk (float16 checkpoint, O_DIRECT), compute {model.dtype}, batch "
+        f"\n{cfg.preset}, shares {cfg.percent} ({stored} checkpoint, O_DIRECT), compute {model.dtype}, batch "
         f"{cfg.gpu_batch_size}x{cfg.num_gpu_batches}, prompt {cfg.prompt_len}, {cfg.gen_len} new tokens; "
         f"median of {cfg.rounds} rounds"
     )
