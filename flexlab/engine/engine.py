@@ -27,6 +27,7 @@ from flexlab.engine.context import BlockContext, Peers
 from flexlab.engine.executor import Executor
 from flexlab.engine.footprint import LEAN_ABOVE, LEAN_SLACK, footprint, lean_allocator
 from flexlab.engine.heads import GenerateHead, Head, ScoreHead, TeacherHead
+from flexlab.engine.placement import reads_in_place
 from flexlab.engine.policy import Policy, PolicyError
 from flexlab.engine.schedule import make_stages, share_of
 from flexlab.engine.stage_cost import checkpoint_itemsize
@@ -162,8 +163,10 @@ class Engine:
         return path
 
     def _check_space_for_weights(self) -> None:
-        # Safetensors checkpoints are read in place; other sources are converted into offload_dir.
-        in_place = self.model.weights.location(next(iter(self.model.weights.specs))) is not None
+        # Safetensors checkpoints are read in place (see reads_in_place); other sources are
+        # converted into offload_dir.
+        loc = self.model.weights.location(next(iter(self.model.weights.specs)))
+        in_place = loc is not None and reads_in_place(loc.dtype, self.dtype, self.device.type == "cuda")
         share = self.policy.w_disk_percent / 100
         need = 0 if in_place else share * weight_bytes(self.model.config, self.dtype.itemsize)
         self.check_space(need, "the disk share of the weights")

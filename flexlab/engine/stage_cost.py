@@ -10,7 +10,15 @@ import functools
 from dataclasses import dataclass
 
 from flexlab.compress import QuantConfig
-from flexlab.engine.placement import TIERS, align_up, compresses, looks_up_rows, place_weights, read_region
+from flexlab.engine.placement import (
+    TIERS,
+    align_up,
+    compresses,
+    looks_up_rows,
+    place_weights,
+    read_region,
+    reads_in_place,
+)
 from flexlab.engine.schedule import Stage
 from flexlab.models.config import ModelConfig
 from flexlab.models.registry import get_family
@@ -114,8 +122,12 @@ def price_weights(
 
 def checkpoint_itemsize(model) -> int | None:
     """For :class:`CostModel`: the bytes per element of the safetensors the engine reads ``model``'s
-    disk weights from in place, or None where it writes them itself (random weights, ``.bin``)."""
+    disk weights from in place, or None where it writes them itself (random weights, ``.bin``, a
+    dtype a CPU converts once: :func:`~flexlab.engine.placement.reads_in_place`)."""
     specs = model.family.weight_specs(model.config)
     where = [model.weights.location(s.name) for s in specs]
-    sizes = {loc.dtype.itemsize for loc in where if loc is not None}
-    return sizes.pop() if len(sizes) == 1 and all(loc is not None for loc in where) else None
+    on_cuda = model.device.type == "cuda"
+    if any(loc is None or not reads_in_place(loc.dtype, model.dtype, on_cuda) for loc in where):
+        return None
+    sizes = {loc.dtype.itemsize for loc in where}
+    return sizes.pop() if len(sizes) == 1 else None

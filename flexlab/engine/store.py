@@ -27,6 +27,7 @@ from flexlab.engine.placement import (
     near_tiers,
     place_weights,
     read_region,
+    reads_in_place,
     row_spans,
     weight_read_buffers,
 )
@@ -105,7 +106,12 @@ class WeightStore:
         for stage, placement in zip(stages, place_weights(specs, stages, policy.w_gpu_percent, policy.w_cpu_percent)):
             to_pack = []
             for spec, tier in ((s, t) for s, t, first in placement if first):  # a tied weight is placed once
-                in_place = model.weights.location(spec.name) is not None and not compresses(spec, self.quant)
+                loc = model.weights.location(spec.name)
+                in_place = (
+                    loc is not None
+                    and not compresses(spec, self.quant)
+                    and reads_in_place(loc.dtype, dtype, device.type == "cuda")
+                )
                 # (host memory is read in place on a CPU-only machine: nothing to save there)
                 looked_up = looks_up_rows(spec, stage, tier, table, self.quant) and (
                     tier == "disk" or device.type == "cuda"

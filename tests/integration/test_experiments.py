@@ -49,6 +49,8 @@ RUNS = {
     "engine_overhead": ["--preset", "opt-tiny", "--repeats", "1", "--gen-len", "3"],
     "validate_memory": ["--smoke", "true"],  # three rows, opt-125m-shaped: ~25 s
     "pipeline_prediction": ["--preset", "opt-tiny", "--stages", "1,2", "--prompt-len", "8", "--gen-len", "4"],
+    "checkpoint_dtype": ["--preset", "opt-tiny", "--rounds", "1", "--prompt-len", "8", "--gen-len", "3"]
+    + ["--gpu-batch-size", "2", "--num-gpu-batches", "2"],
     "embedding_rows": ["--presets", "opt-tiny,codegen-tiny", "--repeats", "1", "--gen-len", "3", "--label", "smoke"],
 }
 
@@ -84,6 +86,10 @@ def test_experiment_runs_and_writes_results(script, tmp_path, request):
     if script == "validate_cost_model":  # the disk rate the engine's reads saw: only where it read the disk
         saw = df.set_index("policy").engine_disk_read_GB_s
         assert saw["weights 50% disk"] > 0 and saw[["all on gpu", "weights 50% cpu"]].isna().all(), saw
+    if script == "checkpoint_dtype":  # converted once where the dtype differs in name, not in size
+        compute = meta["compute_dtype"]
+        own = df.groupby("checkpoint").own_files.all().to_dict()
+        assert own == {"float16": compute == "torch.bfloat16", "bfloat16": compute == "torch.float16"}, (compute, own)
     if script == "validate_memory":  # the process's peak as predicted (10% here; slack for other machines)
         assert (df.relative_error.abs() < 0.2).all(), df[["row", "measured_peak_MiB", "predicted_peak_MiB"]]
         return
