@@ -169,7 +169,14 @@ class Engine:
         in_place = loc is not None and reads_in_place(loc.dtype, self.dtype, self.device.type == "cuda")
         share = self.policy.w_disk_percent / 100
         need = 0 if in_place else share * weight_bytes(self.model.config, self.dtype.itemsize)
-        self.check_space(need, "the disk share of the weights")
+        what = "the disk share of the weights"
+        if loc is not None and not in_place:  # a copy in the compute dtype, to spare a conversion per read
+            dtype = str(self.dtype).removeprefix("torch.")
+            what += (
+                f" (converted once from the checkpoint's {str(loc.dtype).removeprefix('torch.')} to {dtype}; "
+                f"`flexlab convert DIR OUT --dtype {dtype}` stores a checkpoint read in place instead)"
+            )
+        self.check_space(need, what)
 
     def check_space(self, need: float, what: str) -> None:
         """Raise OffloadError, before anything is written, if the offload disk lacks ``need`` bytes."""
