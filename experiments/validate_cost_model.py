@@ -63,8 +63,8 @@ class Config:
     num_gpu_batches: int = 2
     limit_fraction: float = 0.5  # the search's gpu and cpu limits, as fractions of the weights' bytes (without a
     # GPU the two tiers are one RAM and only their sum counts: the weights' bytes plus 64 MiB for both, over the
-    # runtime base). At 0.3 nothing fit opt-125m's bfloat16 run: all on disk, its tied table takes two read buffers
-    # (0.45 GiB in all, 0.53 all resident): 0.5 lies between.
+    # runtime base). At 0.3 nothing fits opt-125m's bfloat16 run: all on disk it needs 0.45 GiB (the runtime base,
+    # a read buffer of its tied table, the workspace; 0.53 all resident): 0.5 lies between.
     hardware: str = ""  # a saved profile (JSON) instead of calibrating now
     repeats: int = 3  # runs per policy (medians are compared)
     smoke: bool = False  # three policies, no search: for CI
