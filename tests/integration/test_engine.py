@@ -99,54 +99,6 @@ def test_safetensors_weights_are_read_in_place(model, tmp_path):
         assert engine.weights.tier_bytes()["disk"] == weight_bytes(model.config, 4)
 
 
-def test_a_cpu_converts_a_checkpoint_of_another_dtype_of_one_size_once(tmp_path, monkeypatch):
-    """A float16 checkpoint computed in bfloat16 on a CPU: its disk weights are converted when
-    placed, into the engine's files, not on every read beside the maths. It computes exactly what
-    a bfloat16 checkpoint of the same values read in place does, and the cost model prices what
-    the engine does. Into float32 (a wider dtype) the weights are still read in place."""
-    from flexlab.cost import CostModel, checkpoint_itemsize, get_hardware
-    from flexlab.models.convert import save_checkpoint
-
-    save_checkpoint(flexlab.Model.from_config("opt-tiny", seed=0), tmp_path / "f16", dtype=torch.float16)
-    as_bf16 = flexlab.Model.from_pretrained(tmp_path / "f16", dtype=torch.bfloat16, device="cpu")
-    save_checkpoint(as_bf16, tmp_path / "bf16", dtype=torch.bfloat16)  # the same values, stored as computed
-    policy = Policy.from_percent([0, 0, 100, 0, 100, 0], gpu_batch_size=2, num_gpu_batches=2)
-    prompts = [p for p in PROMPTS if len(p) == 6] * 4  # one length: the cost model assumes equal prompts
-    cpu_only = get_hardware("h100").replace(link_pinned_bw=float("inf"), link_pageable_bw=float("inf"))
-    runs = {}
-    for ckpt, dtype in (("f16", torch.bfloat16), ("bf16", torch.bfloat16), ("f16", torch.float32)):
-        model = flexlab.Model.from_pretrained(tmp_path / ckpt, dtype=dtype, device="cpu")
-        with flexlab.Engine(model, policy, offload_dir=tmp_path / f"off-{ckpt}-{dtype}") as engine:
-            own = list((engine.offload_dir / "weights").iterdir())
-            in_place = any(path.is_relative_to(tmp_path / ckpt) for path, _, _ in engine.weights.disk_reads())
-            result = engine.generate(prompts, max_new_tokens=4, stop_token_ids=None)
-            runs[ckpt, dtype] = result.token_ids, engine.score(prompts)
-        converted = (ckpt, dtype) == ("f16", torch.bfloat16)
-        assert (bool(own), in_place) == (converted, not converted), (ckpt, dtype)
-        assert (checkpoint_itemsize(model) is None) == converted
-        assert result.token_ids == model.generate(prompts, max_new_tokens=4, stop_token_ids=None).token_ids
-        kw = dict(prompt_len=6, gen_len=4, itemsize=dtype.itemsize, num_prompts=len(prompts))
-        pred = CostModel(model.config, policy, cpu_only, checkpoint_itemsize=checkpoint_itemsize(model), **kw).predict()
-        for tier in ("gpu", "cpu", "disk"):
-            measured = result.metrics[f"peak_bytes_{tier}"]
-            if dtype == torch.float32 and tier == "gpu":  # converted on each read: a bound (copies may overlap)
-                assert measured <= pred.peak_bytes[tier]
-            else:
-                assert pred.peak_bytes[tier] == measured, (ckpt, dtype, tier)
-    (tokens, scores), (same_tokens, same_scores) = runs["f16", torch.bfloat16], runs["bf16", torch.bfloat16]
-    assert tokens == same_tokens
-    assert all(torch.equal(a, b) for a, b in zip(scores, same_scores))
-    # the copy needs disk space; without it the refusal says what the space is for, and the way out
-    import shutil
-    from collections import namedtuple
-
-    monkeypatch.setattr(shutil, "disk_usage", lambda path: namedtuple("usage", "total used free")(10**9, 0, 1000))
-    with pytest.raises(
-        flexlab.OffloadError, match=r"converted once from the checkpoint's float16 to bfloat16.*--dtype"
-    ):
-        flexlab.Engine(as_bf16, policy, offload_dir=tmp_path / "full")
-
-
 def test_early_stop_and_sampling_in_blocks(model):
     policy = Policy.from_percent([30, 30, 30, 30, 0, 100], gpu_batch_size=2, num_gpu_batches=2)
     with flexlab.Engine(model, policy) as engine:
