@@ -1,14 +1,16 @@
 """A checkpoint stored in another dtype than the compute's, its weights on disk: what it costs.
 
-Hugging Face checkpoints come in float16 (OPT) or bfloat16 (Llama 3, Qwen, Mistral); a CPU with
-native bfloat16 computes in bfloat16. The same random weights are written as a float16 and as a
-bfloat16 safetensors checkpoint, and an engine with every weight on disk generates from each,
-alternating, ``rounds`` times (median). The engine reads a checkpoint in the compute dtype in
-place; one of another dtype of the same size it converts once, when placing, into its own files
-(on a CPU: :func:`flexlab.engine.placement.reads_in_place`). Run with an older flexlab on the path
-to see the cost of converting on every read instead. Prints a table, writes CSV + JSON.
+Hugging Face checkpoints come in float16 (OPT), bfloat16 (Llama 3, Qwen, Mistral) or float32; a
+CPU with native bfloat16 computes in bfloat16, one without in float32. The same random weights are
+written as a safetensors checkpoint in each of those dtypes, and an engine with every weight on
+disk generates from each, alternating, ``rounds`` times (median). The engine reads a checkpoint
+in the compute dtype in place, and one in a narrower dtype (converting every read); one of the
+same size or wider it converts once, when placing, into its own files (on a CPU:
+:func:`flexlab.engine.placement.reads_in_place`). Run with an older flexlab on the path to see
+what converting on every read cost. Prints a table, writes CSV + JSON.
 
-    python experiments/checkpoint_dtype.py                      # ~3 min here
+    python experiments/checkpoint_dtype.py                      # bfloat16 here: ~4 min
+    python experiments/checkpoint_dtype.py --dtype float32      # a CPU without bfloat16
 """
 
 from __future__ import annotations
@@ -21,12 +23,14 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from _common import parse_config, write_results
+from _common import cpu_dtype, parse_config, write_results
 
 
 @dataclass
 class Config:
     preset: str = "opt-1.3b"
+    dtype: str = "auto"  # the compute's: on a CPU bfloat16 where it is native, else float32
+    stored: str = "float16,bfloat16,float32"  # the checkpoints' dtypes
     gpu_batch_size: int = 8
     num_gpu_batches: int = 4
     prompt_len: int = 32
@@ -43,9 +47,9 @@ def main(cfg: Config) -> pd.DataFrame:
 
     scratch = owned_dir(Path(cfg.work_dir or tempfile.gettempdir()), "flexlab-checkpoint-dtype-")
     try:
-        random = flexlab.Model.from_config(cfg.preset, seed=0)
+        random = flexlab.Model.from_config(cfg.preset, seed=0, dtype=cpu_dtype(cfg.dtype))
         compute = random.dtype
-        stored = [torch.float16, torch.bfloat16]
+        stored = [getattr(torch, name) for name in cfg.stored.split(",")]
         for dtype in stored:
             save_checkpoint(random, scratch / str(dtype), dtype=dtype)
         del random
@@ -91,7 +95,8 @@ def main(cfg: Config) -> pd.DataFrame:
         f"(own_files: the engine converted the checkpoint into files of its own)"
     )
     print(table.to_string(index=False, float_format=lambda x: f"{x:.2f}"))
-    write_results(df, cfg, f"checkpoint_dtype_{cfg.preset}", compute_dtype=str(compute), table=table.to_dict("records"))
+    stem = f"checkpoint_dtype_{cfg.preset}_{str(compute).removeprefix('torch.')}"
+    write_results(df, cfg, stem, compute_dtype=str(compute), table=table.to_dict("records"))
     return table
 
 

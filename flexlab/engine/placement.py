@@ -117,12 +117,15 @@ def reads_in_place(stored: torch.dtype, compute: torch.dtype, on_cuda: bool) -> 
     converted to ``compute`` on every read, rather than converted once, when placed, into a file of
     the engine's own. On a GPU the conversion runs there at little cost. On a CPU it runs on every
     read beside the maths, on the same cores: opt-1.3b-shaped, every weight on disk, bfloat16
-    compute, a float16 checkpoint ran at 6.4-7.1 tok/s against 9.5-10.5 from a bfloat16 one
-    (2026-12-07), its load lane busy twice as long. So a CPU converts once between dtypes of one
-    size (the copy takes as much disk as the checkpoint's share: the engine checks for it before it
-    writes). Into a wider dtype (float16 into float32) it still reads in place: half the bytes off
-    the disk, which a run with its weights there is bound by (a judgement, not measured apart)."""
-    return stored == compute or on_cuda or stored.itemsize != compute.itemsize
+    compute, a float16 checkpoint ran at 7.15 tok/s against 10.7 from a bfloat16 one (2026-12-07,
+    ``experiments/checkpoint_dtype.py``), its load lane busy twice as long. So a CPU converts once
+    into a dtype of the same size or a narrower one (fewer bytes to read every token too); the copy
+    takes disk space, which the engine checks for before it writes. Into a wider dtype (float16
+    into float32) it reads in place, half the bytes off the disk, and pays the conversion: the
+    better choice where the disk is slower than the conversion (~1.5 GB/s on one core here); on
+    this host's 1.4 GB/s disk a float32 checkpoint ran 7% faster than a float16 one (4.18 against
+    3.92 tok/s) but needs twice the disk: ``flexlab convert --dtype float32`` makes one."""
+    return stored == compute or on_cuda or stored.itemsize < compute.itemsize
 
 
 def weight_read_buffers(stage_disk_bytes: Sequence[int]) -> list[int]:

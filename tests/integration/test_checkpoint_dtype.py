@@ -18,24 +18,33 @@ PROMPTS = [[2, 11, 12, 13, 14, 15], [2, 40, 41, 42, 43, 44]] * 4  # one length: 
 
 
 def test_a_cpu_converts_a_checkpoint_of_another_dtype_of_one_size_once(tmp_path, monkeypatch):
-    """A float16 checkpoint computed in bfloat16 on a CPU: its disk weights are converted when
-    placed, into the engine's files, not on every read beside the maths. It computes exactly what
-    a bfloat16 checkpoint of the same values read in place does, and the cost model prices what
-    the engine does. Into float32 (a wider dtype) the weights are still read in place."""
-    save_checkpoint(flexlab.Model.from_config("opt-tiny", seed=0), tmp_path / "f16", dtype=torch.float16)
+    """A float16 or float32 checkpoint computed in bfloat16 on a CPU: its disk weights are
+    converted when placed, into the engine's files, not on every read beside the maths. It
+    computes exactly what a bfloat16 checkpoint of the same values read in place does, and the
+    cost model prices what the engine does. Into float32 (a wider dtype) the weights are still
+    read in place."""
+    random = flexlab.Model.from_config("opt-tiny", seed=0)
+    save_checkpoint(random, tmp_path / "f16", dtype=torch.float16)
+    save_checkpoint(random, tmp_path / "f32", dtype=torch.float32)
     as_bf16 = flexlab.Model.from_pretrained(tmp_path / "f16", dtype=torch.bfloat16, device="cpu")
     save_checkpoint(as_bf16, tmp_path / "bf16", dtype=torch.bfloat16)  # the same values, stored as computed
     policy = Policy.from_percent([0, 0, 100, 0, 100, 0], gpu_batch_size=2, num_gpu_batches=2)
     cpu_only = get_hardware("h100").replace(link_pinned_bw=float("inf"), link_pageable_bw=float("inf"))
     runs = {}
-    for ckpt, dtype in (("f16", torch.bfloat16), ("bf16", torch.bfloat16), ("f16", torch.float32)):
+    stored = {"f16": torch.float16, "bf16": torch.bfloat16, "f32": torch.float32}
+    for ckpt, dtype in (
+        ("f16", torch.bfloat16),
+        ("bf16", torch.bfloat16),
+        ("f32", torch.bfloat16),
+        ("f16", torch.float32),
+    ):
         model = flexlab.Model.from_pretrained(tmp_path / ckpt, dtype=dtype, device="cpu")
         with flexlab.Engine(model, policy, offload_dir=tmp_path / f"off-{ckpt}-{dtype}") as engine:
             own = list((engine.offload_dir / "weights").iterdir())
             in_place = any(path.is_relative_to(tmp_path / ckpt) for path, _, _ in engine.weights.disk_reads())
             result = engine.generate(PROMPTS, max_new_tokens=4, stop_token_ids=None)
             runs[ckpt, dtype] = result.token_ids, engine.score(PROMPTS)
-        converted = (ckpt, dtype) == ("f16", torch.bfloat16)
+        converted = stored[ckpt] != dtype and stored[ckpt].itemsize >= dtype.itemsize  # same size, or narrower
         assert (bool(own), in_place) == (converted, not converted), (ckpt, dtype)
         assert (checkpoint_itemsize(model) is None) == converted
         assert result.token_ids == model.generate(PROMPTS, max_new_tokens=4, stop_token_ids=None).token_ids
