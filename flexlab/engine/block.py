@@ -341,7 +341,7 @@ class BlockRun:
         the cache's tiers and decoded here, each a timed event on the compute lane."""
         codec, batch, executor = self.codecs["v"], step.batch_index, self.ctx.executor
 
-        def values(wanted: list[list[int]], device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        def values(wanted: torch.Tensor, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
             gather = lambda: self.cache.gather(layer, batch, "v", wanted, device)  # noqa: E731
             rows = executor.timed("gather_values", step, gather, moves_bytes=True)
             if codec.config is None:

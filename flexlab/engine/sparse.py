@@ -1,8 +1,9 @@
 """Top-k sparse attention of a decode step (``attn_sparsity < 1``) over a batch's cache.
 
 Every cached key is read; the value rows are read afterwards, only those some head kept, through
-a ``values(wanted, device, dtype)`` callable the block gives (it gathers them from the cache's
-tiers and decodes them, timed). Rows whose cache stayed in host memory (``cpu_cache_compute``)
+a ``values(positions, device, dtype)`` callable the block gives (``positions``: ``[batch,
+width]``, each sequence's wanted rows, -1 for none; it gathers them from the cache's tiers and
+decodes them, timed). Rows whose cache stayed in host memory (``cpu_cache_compute``)
 attend on the CPU, beside it, as dense attention does: their query and new key/value go there,
 their output comes back.
 """
@@ -16,7 +17,7 @@ import torch
 from flexlab.engine.cache import LoadedCache
 from flexlab.models.attention import sparse_attend, sparse_weights
 
-Values = Callable[[list[list[int]], torch.device, torch.dtype], torch.Tensor]
+Values = Callable[[torch.Tensor, torch.device, torch.dtype], torch.Tensor]
 
 
 def sparse_decode(
@@ -58,25 +59,30 @@ def sparse_decode(
 
 def _rows(q, k_new, v_new, keys, bias, seqs: list[int], batch: int, keep, values: Values, stored_tokens, tail):
     """Sparse attention of the batch's sequences ``seqs`` (the rows of ``q``, ``keys``...), on the
-    device their tensors are on."""
+    device their tensors are on. Each sequence's kept positions (those some head kept) are laid
+    out ascending in a padded ``[len(seqs), width]`` index, so that gathering and weighting them
+    are a few batched ops whatever the batch size."""
     assert keys is not None, "sparse attention loads every key"
     kept, w_new = sparse_weights(q, torch.cat([keys, k_new], dim=2), bias, keep)
-    # The reads need the positions on the host: one sync per batch and layer.
-    positions = [row.nonzero().flatten().tolist() for row in (kept > 0).any(dim=1)]
+    chosen = (kept > 0).any(dim=1)  # [seqs, L]
+    counts = chosen.sum(-1, keepdim=True)
+    width = int(counts.max())  # the one sync of a batch and layer
+    # a stable sort of "not chosen" puts each sequence's chosen positions first, in order
+    order = torch.sort((~chosen).to(torch.uint8), dim=-1, stable=True).indices[:, :width]
+    padded = torch.arange(width, device=kept.device) >= counts
+    positions = order.masked_fill(padded, -1)
     stored = stored_tokens(kept.shape[-1])
-    wanted: list[list[int]] = [[] for _ in range(batch)]  # per sequence of the batch
-    for s, pos in zip(seqs, positions):
-        wanted[s] = [p for p in pos if p < stored]
-    rows = values(wanted, q.device, v_new.dtype)
-    width = max(map(len, positions))
-    gathered = torch.zeros((len(positions), width, *rows.shape[2:]), dtype=v_new.dtype, device=v_new.device)
-    for r, (s, pos) in enumerate(zip(seqs, positions)):
-        n = len(wanted[s])
-        gathered[r, :n] = rows[s, :n]
-        if len(pos) > n:  # kept tokens still in the full-precision tail
-            assert tail is not None
-            gathered[r, n : len(pos)] = tail[s, torch.tensor(pos[n:], device=tail.device) - stored].to(gathered.device)
-    idx = torch.tensor([pos + [0] * (width - len(pos)) for pos in positions], device=kept.device)
-    weights = kept.gather(-1, idx[:, None, :].expand(-1, kept.shape[1], -1))  # [b, heads, width]
-    pad = torch.tensor([[i >= len(pos) for i in range(width)] for pos in positions], device=kept.device)
-    return sparse_attend(weights.masked_fill(pad[:, None, :], 0.0), gathered, w_new, v_new)
+    in_tail = positions >= stored  # kept tokens still in the full-precision tail
+    mine = torch.tensor(seqs, device=kept.device)
+    wanted = torch.full((batch, width), -1, dtype=torch.long, device=kept.device)  # per sequence of the batch
+    wanted[mine] = positions.masked_fill(in_tail, -1)
+    gathered = values(wanted, q.device, v_new.dtype)
+    if len(seqs) < batch:  # the others attend elsewhere (cpu_cache_compute)
+        gathered = gathered.index_select(0, mine)
+    gathered = gathered.to(v_new.dtype)  # [seqs, width, heads, d]
+    if tail is not None and bool(in_tail.any()):
+        rows = mine.to(tail.device)[:, None]
+        from_tail = tail[rows, (positions - stored).clamp(min=0).to(tail.device)].to(gathered.device, gathered.dtype)
+        gathered = torch.where(in_tail[..., None, None], from_tail, gathered)
+    weights = kept.gather(-1, positions.clamp(min=0)[:, None, :].expand(-1, kept.shape[1], -1))  # [seqs, heads, width]
+    return sparse_attend(weights.masked_fill(padded[:, None, :], 0.0), gathered, w_new, v_new)
