@@ -50,6 +50,8 @@ POLICIES = {
     "cache on cpu, cpu attention": ([100, 0, 0, 100, 100, 0], {"cpu_cache_compute": True}),
     "cache 4-bit on cpu, cpu attention": ([100, 0, 0, 100, 100, 0], {"cpu_cache_compute": True, "compress_cache": Q4}),
     "three-way split": ([30, 30, 30, 30, 100, 0], {}),
+    "sparse attention 0.25, cache on disk": ([100, 0, 0, 0, 100, 0], {"attn_sparsity": 0.25}),
+    "sparse attention 0.25, cache on cpu": ([100, 0, 0, 100, 100, 0], {"attn_sparsity": 0.25}),
 }
 
 

@@ -47,6 +47,9 @@ def search(args: argparse.Namespace) -> int:
         assert limit is not None, "a memory limit was given"
         caps.update(dict(cpu_memory=limit) if hw.has_link else dict(gpu_memory=limit / 2, cpu_memory=limit / 2))
     hw = hw.replace(**caps)
+    if not 0 < args.attn_sparsity <= 1:
+        raise ValueError(f"--attn-sparsity must be in (0, 1] (1: dense attention), got {args.attn_sparsity:g}")
+    sizes["attn_sparsity"] = args.attn_sparsity
     options = args.compress.split(",") if args.compress else []
     # a KV layout (BITS:GROUP:LAYOUT) applies to the cache only
     weights = (None, *(flexlab.QuantConfig.parse(o) for o in options if o.count(":") < 2))
@@ -164,6 +167,14 @@ def add_cost_commands(sub) -> None:
         metavar="BITS:GROUP[,...]",
         help="also consider compressed weights and cache, each chosen apart (bare: 4:64; a list such as "
         "3:64,4:64,4:128 tries each, and each option multiplies the search's time)",
+    )
+    p.add_argument(
+        "--attn-sparsity",
+        type=float,
+        default=1.0,
+        metavar="KEEP",
+        help="price every candidate with sparse attention keeping this share of each head's weights in decode "
+        "(default 1: dense); which rows are kept is modelled as independent per head: an upper bound on the reads",
     )
     p.add_argument("--save-policy", help="write the policy as JSON (for --policy)")
     p.add_argument("--verbose", action="store_true", help="also seconds per stage and the best candidates")

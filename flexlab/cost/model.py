@@ -31,6 +31,7 @@ from typing import Any
 from flexlab.cost.hardware import HardwareProfile
 from flexlab.cost.prediction import Prediction
 from flexlab.cost.probes import DEQUANT_PROBE_WIDTHS
+from flexlab.cost.sparse import value_gather
 from flexlab.engine.footprint import Footprint, footprint, kv_codecs
 from flexlab.engine.placement import ALIGN, ROW_BUFFER, ROW_GAP, TIERS, split_by_share, tied_front
 from flexlab.engine.policy import Policy
@@ -163,7 +164,9 @@ class CostModel:
                     prefill += step_s
                 else:
                     decode += step_s
-        kinds = {k: 0.0 for k in ("load_weight", "load_cache", "store_cache", "load_act", "store_act")}
+        kinds = dict.fromkeys(
+            ("load_weight", "load_cache", "store_cache", "load_act", "store_act", "gather_values"), 0.0
+        )
         for key, n in uses.items():
             for kind, v in (priced if key[0] == "stage" else cache_priced)[key][3].items():
                 kinds[kind] += n * v
@@ -308,7 +311,7 @@ class CostModel:
     def _cache_token(self, groups: Counter, tokens: int, cached: int):
         """As :meth:`_stage_token`, for one layer's attention over its KV cache: the attention
         maths, the cache's loads and stores, and the lanes' cost of those transfers."""
-        moved = {"load_cache": 0.0, "store_cache": 0.0}
+        moved = {"load_cache": 0.0, "store_cache": 0.0, "gather_values": 0.0}
         compute = disk = lnk = 0.0
         for tiers, m in groups.items():
             seqs = dict(zip(TIERS, tiers))
@@ -325,7 +328,7 @@ class CostModel:
         hw, p = self.hw, self.policy
         link = hw.has_link
         compute = disk = lnk = 0.0
-        moved = {"load_cache": 0.0, "store_cache": 0.0}
+        moved = {"load_cache": 0.0, "store_cache": 0.0, "gather_values": 0.0}
         hidden_bytes = self.config.kv_dim * self.itemsize  # one token's keys (or values) in one layer
         # attention maths: the prefill is compute-bound, decode streams the cache
         if tokens > 1:
@@ -337,7 +340,7 @@ class CostModel:
         for kv, codec in self.codecs.items():
             rows = codec.stored_tokens(cached) // codec.chunk
             if kv == "v" and p.attn_sparsity < 1:
-                rows = 0  # read later, only the kept rows (not modelled: data-dependent)
+                rows = 0  # read later, inside the compute, only the kept rows (below)
             new_rows = (codec.stored_tokens(cached + tokens) - codec.stored_tokens(cached)) // codec.chunk
             for tier in ("cpu", "disk"):
                 n = seqs[tier]
@@ -356,6 +359,10 @@ class CostModel:
             if codec.config is not None:
                 compute += b * (rows + new_rows) * codec.chunk * self.config.kv_dim / hw.kv_codec_elems
                 compute += ((rows > 0) + (new_rows > 0)) * hw.kv_codec_call_s  # a decode and a quantize call
+        if p.attn_sparsity < 1 and tokens == 1:
+            gather = value_gather(hw, p, self.codecs["v"], self.config.num_heads, seqs, cached)
+            own_s, disk_s, link_s, moved["gather_values"] = gather
+            compute, disk, lnk = compute + own_s + disk_s + link_s, disk + disk_s, lnk + link_s
         return compute, disk, lnk, moved
 
     # ---- memory ------------------------------------------------------------------------

@@ -248,6 +248,7 @@ def search_policy(
     sep_layer: tuple[bool, ...] = (True,),
     layers: range | None = None,
     checkpoint_itemsize: int | None = None,
+    attn_sparsity: float = 1.0,
     refined: int = REFINED,
     progress: bool = False,
 ) -> SearchResult:
@@ -264,6 +265,8 @@ def search_policy(
     a GPU; on a CPU the host tier is attended in place anyway) and ``sep_layer``. ``layers``: search
     for a pipeline rank holding only those layers (see :func:`flexlab.cost.search_pipeline`).
     ``checkpoint_itemsize``: as :class:`CostModel`'s (a checkpoint read in place from disk).
+    ``attn_sparsity``: every candidate's (sparse attention trades accuracy for reads, so it is the
+    user's choice, not the search's; its value reads are priced as :mod:`flexlab.cost.sparse` says).
     ``refined``: how many of the best LP picks are refined on the exact model.
     """
     if prompt_len + gen_len > config.max_positions:
@@ -307,6 +310,7 @@ def search_policy(
             compress_cache=cc,
             cpu_cache_compute=on_cpu,
             sep_layer=sep,
+            attn_sparsity=attn_sparsity,
         )
         # Read buffers follow the largest stages, so memory is not linear in the weights' shares
         # where a tied token table outweighs the layers: all on disk, it takes a buffer of its

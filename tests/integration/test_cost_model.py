@@ -48,6 +48,16 @@ POLICIES = {
         cpu_cache_compute=True,
         compress_cache=QuantConfig(bits=4, group_size=16),
     ),
+    # keeping every row (0.999 of at most 14): the value rows gathered are all of them, as the model expects
+    "sparse attention over every tier": Policy.from_percent(
+        [100, 0, 30, 30, 100, 0], gpu_batch_size=2, num_gpu_batches=2, attn_sparsity=0.999
+    ),
+    "sparse attention over a compressed cache": Policy.from_percent(
+        [0, 0, 30, 0, 100, 0],
+        gpu_batch_size=3,
+        attn_sparsity=0.999,
+        compress_cache=CacheQuantConfig(bits=4, group_size=8, kv_layout="per-channel", window=2),
+    ),
 }
 
 

@@ -124,3 +124,48 @@ def test_only_kept_value_rows_are_read(model, tmp_path):
     keys_only, values = moved[0.25]
     assert keys_only == dense_cache / 2  # the prefetch reads keys only
     assert 0 < values < 0.75 * dense_cache / 2  # ...and a fraction of the value rows (union over 4 heads)
+
+
+@pytest.mark.parametrize("name", ["opt-tiny", "llama-tiny", "bloom-tiny"])
+def test_the_cost_model_prices_the_value_rows_heads_keep_as_chosen_independently(name):
+    """The value rows gathered (data-dependent) against the model's expectation: heads choosing
+    independently, close for a random OPT or LLaMA; an upper bound where heads agree (ALiBi's
+    heads all favour recent tokens)."""
+    from flexlab.cost import CostModel
+    from tests.integration.test_cost_model import CPU_ONLY
+
+    model = flexlab.Model.from_config(name, seed=0, dtype=torch.float32)
+    gen = torch.Generator().manual_seed(0)
+    prompts = torch.randint(10, 200, (4, 40), generator=gen)
+    prompts[:, 0] = 2
+    policy = Policy.from_percent([100, 0, 0, 0, 100, 0], gpu_batch_size=2, num_gpu_batches=2, attn_sparsity=0.25)
+    with flexlab.Engine(model, policy) as engine:
+        df = engine.generate(prompts.tolist(), max_new_tokens=8, stop_token_ids=None).timeline.to_pandas()
+    measured = df[df.kind == "gather_values"].bytes.sum()
+    pred = CostModel(model.config, policy, CPU_ONLY, prompt_len=40, gen_len=8, itemsize=4, num_prompts=4).predict()
+    predicted = pred.bytes_per_kind["gather_values"]
+    dense = CostModel(
+        model.config, policy.replace(attn_sparsity=1.0), CPU_ONLY, prompt_len=40, gen_len=8, itemsize=4, num_prompts=4
+    ).predict()
+    assert 0 < predicted < dense.bytes_per_kind["load_cache"] / 2  # fewer than every value row
+    if name == "bloom-tiny":
+        assert measured <= predicted / 2
+    else:
+        assert 0.95 * measured <= predicted <= 1.1 * measured
+
+
+def test_search_prices_every_candidate_with_the_sparsity_asked_and_prints_its_flag(capsys, tmp_path):
+    import json
+    import re
+
+    from flexlab.cli import main
+    from flexlab.cli_args import policy_from_flags
+
+    argv = ["search", "--preset", "opt-1.3b", "--hardware", "colab-t4", "--prompt-len", "256", "--gen-len", "8"]
+    assert main([*argv, "--attn-sparsity", "0.2", "--save-policy", str(tmp_path / "p.json")]) == 0
+    out = capsys.readouterr().out
+    policy = Policy.from_dict(json.loads((tmp_path / "p.json").read_text()))
+    assert policy.attn_sparsity == 0.2 and "attention sparsity 0.2" in out
+    assert policy_from_flags(re.search(r"^flags: (.*)$", out, re.M).group(1)) == policy
+    assert main([*argv, "--attn-sparsity", "0"]) == 2
+    assert "--attn-sparsity must be in (0, 1]" in capsys.readouterr().err
