@@ -77,9 +77,11 @@ def engine_peak(
         out["cpu" if on_cuda else "gpu"] += ROW_BUFFER
     # On the compute device: the computing stage's copies of weights from other tiers and its
     # dequantized matrices, and the next stage's copies (prefetched; after the last stage comes
-    # the first, for the next token or group); a CPU uses its reads in place unless they need
-    # converting to the compute dtype.
-    copied = [st.copies[0 if on_cuda else 1] for st in priced]
+    # the first, for the next token or group). A CPU uses its reads in place, or converts them
+    # to the compute dtype into conversion buffers held like the read buffers.
+    if not on_cuda:
+        out["gpu"] += sum(weight_read_buffers([st.copies[1] for st in priced]))
+    copied = [st.copies[0] if on_cuda else 0 for st in priced]
     after = copied[1:] + (copied[:1] if gen_len > 1 or p.num_gpu_batches > 1 else [0])
     working = [c + st.dequant_elems * itemsize + nxt for c, st, nxt in zip(copied, priced, after)]
     out["gpu"] += max(working, default=0)

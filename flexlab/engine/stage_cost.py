@@ -36,8 +36,9 @@ class StageCost:
     row_table: int = 0  # a compressed token table looked up by rows: its row length (dequantized per batch)
     batch_dequant_elems: int = 0  # with a row table, the stage's other matrices (dequantized per batch)
     elementwise: float = 0  # hidden-sized vectors read or written per token by its elementwise ops
-    # fresh tensors a load of the stage makes (with a GPU: every weight not on it, as loaded; on
-    # a CPU: disk weights read in place whose dtype is not the compute dtype, converted)
+    # what a load of the stage copies (with a GPU: every weight not on it, as loaded, fresh tensors;
+    # on a CPU: disk weights read in place whose dtype is not the compute dtype, converted into a
+    # conversion buffer, each at an aligned offset)
     copies: tuple[int, int] = (0, 0)  # (with a link, without)
     dequant_mats: int = 0  # the matrices behind dequant_elems (each costs a fixed time too: its kernels' launches)
     # the token table the embedding reads rows of instead of loading it (placement.looks_up_rows):
@@ -85,8 +86,8 @@ def price_weights(
                 packed += sum(align_up(n) if first and not in_place else read_region(n) for n in parts)
             if tier != "gpu":  # loaded: plain weights in the compute dtype, compressed ones as stored
                 copies[0] += spec.numel * itemsize if qcfg is None else sum(parts)
-            if in_place and checkpoint_itemsize != itemsize:
-                copies[1] += spec.numel * itemsize
+            if in_place and checkpoint_itemsize != itemsize:  # converted into the stage's conversion buffer
+                copies[1] += align_up(spec.numel * itemsize)
         mats = [s for s, _, _ in items if len(s.shape) >= 2]
         matmul = [s for s in mats if not ("embed" in stage.parts and s.layer is None)]  # a lookup, no matmul
         if "head" in stage.parts:

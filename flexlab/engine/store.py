@@ -22,6 +22,7 @@ import torch
 from flexlab.compress import QTensor, dequantize, quantize
 from flexlab.engine.placement import (
     ROW_BUFFER,
+    align_up,
     compresses,
     looks_up_rows,
     near_tiers,
@@ -54,6 +55,7 @@ class LoadedWeights:
     buffer: torch.Tensor | None
     copied_bytes: int
     dequantized: dict[str, torch.Tensor] | None = None
+    converted: torch.Tensor | None = None  # the conversion buffer its converted weights live in
 
 
 @dataclass
@@ -152,6 +154,14 @@ class WeightStore:
         self.buffer_bytes = sum(sizes)
         self.buffer_tier = staging_tier(device)
         tracker.add(self.buffer_tier, "weight read buffers", self.buffer_bytes)
+        # A CPU reads a checkpoint in a narrower dtype than the compute's in place and converts every
+        # read (placement.reads_in_place): into buffers of its own, held like the read buffers. A fresh
+        # tensor above glibc's mmap threshold (32 MiB) faults in every page on each use: float16 to
+        # float32 ran at 0.8 G elements/s into fresh tensors, 8 into memory already touched.
+        self.stage_converted_bytes = {j: self._converted_bytes(j) for j in self._loads}
+        sizes = weight_read_buffers(list(self.stage_converted_bytes.values()))
+        self.convert_pool = BufferPool(sizes)
+        tracker.add("gpu", "weight conversion buffers", sum(sizes))
         # Looked-up rows come off the disk through a small buffer of their own (the two above may
         # both be held, by the computing stage and the prefetched one).
         from_disk = any(w.tier == "disk" for w in self.looked_up.values())
@@ -197,6 +207,20 @@ class WeightStore:
         self.tracker.add(tier, "weights", w.nbytes)
         return w
 
+    def _converted_bytes(self, stage: int) -> int:
+        """Bytes of a CPU's conversion buffer for a load of ``stage``: its disk weights read in
+        place in another dtype, each in the compute dtype at an aligned offset (0 on a GPU, whose
+        copies to the device convert them)."""
+        if self.device.type == "cuda":
+            return 0
+        plain = [w for w in self._loads[stage] if w.qt is None]
+        return sum(
+            align_up(loc.nbytes // loc.dtype.itemsize * self.dtype.itemsize)
+            for w in plain
+            for loc in w.locations
+            if loc.dtype != self.dtype
+        )
+
     def disk_reads(self) -> list[tuple[Path, int, int]]:
         """The disk reads one token's weights take, as :meth:`load` issues them: ``(file,
         offset, bytes)`` in stage order (a stage's packed file whole; weights read in place from
@@ -218,16 +242,25 @@ class WeightStore:
         if stage in self._in_place:  # resident: the same tensors every time, nothing moved
             return LoadedWeights(self._in_place[stage], None, 0), {"cpu": 0, "disk": 0}
         buf = self.pool.acquire(self.stage_disk_bytes[stage]) if self.stage_disk_bytes[stage] else None
+        conv = (
+            self.convert_pool.acquire(self.stage_converted_bytes[stage]) if self.stage_converted_bytes[stage] else None
+        )
         try:
-            return self._load_into(stage, buf)
-        except BaseException:  # a failed read must not keep the buffer from the next load
+            loaded, moved = self._load_into(stage, buf, conv)
+            loaded.converted = conv
+            return loaded, moved
+        except BaseException:  # a failed read must not keep the buffers from the next load
             if buf is not None:
                 self.pool.release(buf)
+            if conv is not None:
+                self.convert_pool.release(conv)
             raise
 
-    def _load_into(self, stage: int, buf: torch.Tensor | None) -> tuple[LoadedWeights, dict[str, int]]:
+    def _load_into(
+        self, stage: int, buf: torch.Tensor | None, conv: torch.Tensor | None
+    ) -> tuple[LoadedWeights, dict[str, int]]:
         out, moved, copied = {}, {"cpu": 0, "disk": 0}, 0
-        own, pos = self.stage_files[stage], 0
+        own, pos, at = self.stage_files[stage], 0, 0
         if own is not None:  # the stage's packed file: one read, each tensor lands at its file offset
             assert buf is not None, "a stage with a packed file loads into a read buffer"
             self.files.read(own[0], 0, own[1], buf)
@@ -249,10 +282,15 @@ class WeightStore:
                     raw = self.files.read(loc.path, loc.offset, loc.nbytes, buf[pos : pos + size])
                     pos += size
                 # Compressed parts keep their own dtypes; a plain weight becomes the compute dtype.
-                t = self._as_weight(raw, loc, loc.dtype if w.qt is not None else self.dtype)
+                dtype = loc.dtype if w.qt is not None else self.dtype
+                into = None
+                if conv is not None and dtype != loc.dtype:  # converted on a CPU: into the stage's buffer
+                    size = loc.nbytes // loc.dtype.itemsize * dtype.itemsize
+                    into, at = conv[at : at + size].view(dtype).view(loc.shape), at + align_up(size)
+                t = self._as_weight(raw, loc, dtype, into)
                 moved["disk"] += loc.nbytes
-                if t.data_ptr() < buf.data_ptr() or t.data_ptr() >= buf.data_ptr() + buf.numel():
-                    copied += nbytes(t)  # converted or moved to the GPU: a fresh tensor
+                if into is None and (t.data_ptr() < buf.data_ptr() or t.data_ptr() >= buf.data_ptr() + buf.numel()):
+                    copied += nbytes(t)  # moved to the GPU: a fresh tensor
                 parts.append(t)
             out[w.spec.short] = parts[0] if w.qt is None else w.qt.with_tensors(parts)
         if buf is not None and self.device.type == "cuda":
@@ -325,18 +363,26 @@ class WeightStore:
         self.tracker.sub("gpu", "working weights", loaded.copied_bytes)
         if loaded.buffer is not None:
             self.pool.release(loaded.buffer)
+        if loaded.converted is not None:
+            self.convert_pool.release(loaded.converted)
 
     def reset(self) -> None:
         """Every read buffer free and no working copy counted, as between runs. For after a failed
         run (once its transfers have ended): the loads it took may not all have been released."""
         self.pool.reclaim()
+        self.convert_pool.reclaim()
         self.tracker.clear("gpu", "working weights")
 
-    def _as_weight(self, raw: torch.Tensor, d: TensorLocation, dtype: torch.dtype) -> torch.Tensor:
-        """Bytes read from disk as a tensor on the compute device (a view where possible)."""
+    def _as_weight(
+        self, raw: torch.Tensor, d: TensorLocation, dtype: torch.dtype, into: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Bytes read from disk as a tensor on the compute device (a view where possible; converted
+        ``into`` a given tensor where there is one)."""
         if raw.data_ptr() % d.dtype.itemsize:  # a checkpoint tensor at an odd offset: copy to align it
             raw = raw.clone()
         view = raw.view(d.dtype).view(d.shape)
+        if into is not None:
+            return into.copy_(view)
         if view.device == self.device and view.dtype == dtype:
             return view
         return view.to(device=self.device, dtype=dtype, non_blocking=True)
