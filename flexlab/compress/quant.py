@@ -361,8 +361,9 @@ def _quantize(x: torch.Tensor, config: QuantConfig) -> QTensor:
     return QTensor(pack_bits(codes, config.bits), scale, zero, config, tuple(x.shape), x.dtype)
 
 
-def dequantize(q: QTensor, dtype: torch.dtype | None = None) -> torch.Tensor:
-    """The tensor ``q`` stands for, on ``q``'s device, in ``dtype`` (default: the original).
+def dequantize(q: QTensor, dtype: torch.dtype | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+    """The tensor ``q`` stands for, on ``q``'s device, in ``dtype`` (default: the original);
+    written into ``out`` (contiguous, of ``q``'s shape and that dtype) where one is given.
 
     Works through the groups in chunks of about 4M elements with in-place float32 arithmetic:
     the temporaries stay small, which made a 38M-element embedding table 3x faster on a CPU.
@@ -371,7 +372,15 @@ def dequantize(q: QTensor, dtype: torch.dtype | None = None) -> torch.Tensor:
     codes = q.codes.reshape(-1, q.codes.shape[-1])  # [groups, packed bytes]
     scale = q.scale.reshape(-1, 1)
     zero = None if q.zero is None else q.zero.reshape(-1, 1)
-    out = torch.empty((codes.shape[0], cfg.group_size), dtype=dtype or q.dtype, device=codes.device)
+    if out is not None:
+        assert out.shape == q.shape and out.is_contiguous(), "dequantize's out must be contiguous, of q's shape"
+    # groups along the last dimension, none padded: the groups are ``out`` itself, viewed
+    direct = out is not None and cfg.group_dim % len(q.shape) == len(q.shape) - 1 and q.shape[-1] % cfg.group_size == 0
+    groups = (
+        out.view(-1, cfg.group_size)
+        if out is not None and direct
+        else torch.empty((codes.shape[0], cfg.group_size), dtype=dtype or q.dtype, device=codes.device)
+    )
     step = max(1, (4 << 20) // cfg.group_size)
     for i in range(0, codes.shape[0], step):
         v = unpack_bits(codes[i : i + step], cfg.bits)[:, : cfg.group_size].to(torch.float32)
@@ -380,5 +389,8 @@ def dequantize(q: QTensor, dtype: torch.dtype | None = None) -> torch.Tensor:
         else:
             assert zero is not None, "an asymmetric QTensor without zero points"
             v.mul_(scale[i : i + step].float()).add_(zero[i : i + step].float())
-        out[i : i + step] = v
-    return _from_groups(out.view(*q.scale.shape, cfg.group_size), q.shape, cfg.group_dim).contiguous()
+        groups[i : i + step] = v
+    result = _from_groups(groups.view(*q.scale.shape, cfg.group_size), q.shape, cfg.group_dim)
+    if out is None:
+        return result.contiguous()
+    return out if direct else out.copy_(result)

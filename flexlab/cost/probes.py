@@ -149,7 +149,11 @@ def dequant_rates(device: torch.device, dtype: torch.dtype, repeats: int) -> tup
     def layer(h: int) -> tuple[int, float]:
         shapes = [(h, h)] * 4 + [(4 * h, h), (h, 4 * h)]
         qs = [quantize(torch.randn(s, generator=g).to(device, dtype), cfg) for s in shapes]
-        return sum(q.numel for q in qs), median_seconds(lambda: [dequantize(q, dtype) for q in qs], repeats, device)
+        if device.type == "cuda":  # into fresh tensors, as the engine's (the caching allocator reuses blocks)
+            return sum(q.numel for q in qs), median_seconds(lambda: [dequantize(q, dtype) for q in qs], repeats, device)
+        outs = [torch.empty(s, dtype=dtype) for s in shapes]  # a CPU's engine dequantizes into one buffer, reused
+        run = lambda: [dequantize(q, dtype, out=o) for q, o in zip(qs, outs)]  # noqa: E731
+        return sum(q.numel for q in qs), median_seconds(run, repeats, device)
 
     if device.type != "cuda":
         (small, t_small), (large, t_large) = (layer(h) for h in DEQUANT_PROBE_WIDTHS)

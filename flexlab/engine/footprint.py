@@ -78,13 +78,16 @@ def engine_peak(
     # On the compute device: the computing stage's copies of weights from other tiers and its
     # dequantized matrices, and the next stage's copies (prefetched; after the last stage comes
     # the first, for the next token or group). A CPU uses its reads in place, or converts them
-    # to the compute dtype into conversion buffers held like the read buffers.
-    if not on_cuda:
+    # to the compute dtype into conversion buffers held like the read buffers, and dequantizes
+    # into one buffer of the largest stage's matrices.
+    if on_cuda:
+        copied = [st.copies[0] for st in priced]
+        after = copied[1:] + (copied[:1] if gen_len > 1 or p.num_gpu_batches > 1 else [0])
+        working = [c + st.dequant_elems * itemsize + nxt for c, st, nxt in zip(copied, priced, after)]
+        out["gpu"] += max(working, default=0)
+    else:
         out["gpu"] += sum(weight_read_buffers([st.copies[1] for st in priced]))
-    copied = [st.copies[0] if on_cuda else 0 for st in priced]
-    after = copied[1:] + (copied[:1] if gen_len > 1 or p.num_gpu_batches > 1 else [0])
-    working = [c + st.dequant_elems * itemsize + nxt for c, st, nxt in zip(copied, priced, after)]
-    out["gpu"] += max(working, default=0)
+        out["gpu"] += max((st.dequant_elems * itemsize for st in priced), default=0)
     capacity = prompt_len + gen_len - 1
     n = min(num_prompts, p.block_size)
     tiers = split_by_share([1] * n, p.cache_gpu_percent, p.cache_cpu_percent)

@@ -80,9 +80,10 @@ def test_an_engine_holds_no_tensor_memory_its_tracker_does_not_count(model, perc
     with flexlab.Engine(model, Policy.from_percent(percent, compress_weight=W4), offload_dir=tmp_path) as engine:
         held = sum(n for ptr, n in _live_tensor_bytes().items() if ptr not in before)
         tracked = sum(v for (tier, _), v in engine.tracker.current.items() if tier != "disk")
-        # each read buffer (two for the weights; one for the token table's rows, if it is on disk)
-        # is allocated ALIGN larger, to align it
-        slack = ALIGN * (2 + (engine.weights.row_buffer is not None))
+        # each buffer (the weights' reads, conversions and dequantization; the token table's rows,
+        # if it is on disk) is allocated ALIGN larger, to align it
+        w = engine.weights
+        slack = ALIGN * (w.pool.count + w.convert_pool.count + w.dequant_pool.count + (w.row_buffer is not None))
         assert held <= tracked + slack, (held, tracked)
 
 
