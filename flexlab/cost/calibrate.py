@@ -35,6 +35,7 @@ from flexlab.cost.probes import (
     matmul_rate,
     median_seconds,
     reads_rate,
+    sparse_rates,
     weight_read_rate,
 )
 from flexlab.devices import device_and_dtype
@@ -295,6 +296,7 @@ def calibrate(
         "disk",
         "dequantize",
         "KV codec",
+        "sparse attention",
         "step overhead",
         "runtime base",
     ]
@@ -346,6 +348,8 @@ def calibrate(
     step("dequantize")
     results["kv_codec_elems"], results["kv_codec_call_s"] = codec_rates(device, dtype, CODEC_PROBE_HIDDEN)
     step("KV codec")
+    results["sparse_value_bw"], results["sparse_call_s"] = sparse_rates(device, dtype)
+    step("sparse attention")
     (
         results["step_overhead_s"],
         results["transfer_overhead_s"],

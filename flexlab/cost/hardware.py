@@ -47,6 +47,10 @@ class HardwareProfile:
         kv_codec_elems: elements per second of KV cache rows quantized or dequantized.
         kv_codec_call_s: fixed cost of one quantize or dequantize call on a batch's keys or values
             in one layer (on a GPU, launches dominate).
+        sparse_call_s, sparse_value_bw: sparse attention's own work beyond dense attention's, per
+            batch and layer of a decode step: a fixed cost (choosing the rows, a sync) and the
+            kept value rows' bytes at a rate (gathering and weighting them). 0: not measured
+            (profiles saved before them; the presets): the gather alone is charged.
         step_overhead_s: fixed cost of one scheduled compute step (Python, kernel launches).
         transfer_overhead_s: fixed cost of a transfer step handed to a lane thread (it competes
             with the compute for the interpreter and the cores).
@@ -100,6 +104,8 @@ class HardwareProfile:
     llc_weight_read_bw: float = 0.0
     disk_stall_s_per_gb: float = 0.0
     small_dequant_elems: float = 0.0
+    sparse_call_s: float = 0.0
+    sparse_value_bw: float = 0.0
 
     def __post_init__(self) -> None:
         for f in fields(self):

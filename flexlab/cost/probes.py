@@ -264,3 +264,48 @@ def codec_rates(device: torch.device, dtype: torch.dtype, hidden: int, rounds: i
             timed.append(median_seconds(functools.partial(codec, rows), 1, device))
     (small, large), (t_small, t_large) = [2 * b.numel() for b in batches], map(statistics.median, times)
     return rate_and_call(small, t_small, large, t_large, 2, "the KV codec's rate per element")
+
+
+def sparse_rates(device: torch.device, dtype: torch.dtype, rounds: int = 7) -> tuple[float, float]:
+    """(bytes/s, seconds per call) of sparse attention's own work beyond dense attention's, per
+    batch and layer: picking each head's rows, gathering the kept value rows (from memory, as the
+    cache's in-memory tiers give them) and weighting them. One batch (8 sequences, 12 heads of 64,
+    keep 0.25) over 64 and 512 cached tokens, each timed against the dense step over the same
+    cache, in alternation; fitted as a fixed cost plus the kept rows' bytes (as the cost model
+    expects them: :func:`~flexlab.cost.sparse.expected_union`) at a rate."""
+    from flexlab.cost.sparse import expected_union
+    from flexlab.engine.cache import LoadedCache
+    from flexlab.engine.sparse import sparse_decode
+    from flexlab.models.attention import attention_bias, decode_attention
+
+    g = torch.Generator().manual_seed(0)
+    b, heads, d, keep = 8, 12, 64, 0.25
+
+    def case(length: int) -> tuple[Callable[[], object], Callable[[], object], float]:
+        q, k_new, v_new = (torch.randn(b, heads, 1, d, generator=g).to(device, dtype) for _ in range(3))
+        keys, values = (torch.randn(b, heads, length, d, generator=g).to(device, dtype) for _ in range(2))
+        rows = values.transpose(1, 2).contiguous().view(-1, heads, d)  # token-major, as a slot stores them
+        bias = attention_bias(torch.ones(b, length + 1, dtype=torch.bool, device=device), 1)
+        assert isinstance(bias, torch.Tensor), "one query and no position bias: a plain mask"
+        first = torch.arange(b, device=device)[:, None] * length
+
+        def gather(wanted: torch.Tensor, *_) -> torch.Tensor:
+            return rows.index_select(0, (first + wanted.clamp(min=0)).flatten()).view(*wanted.shape, heads, d)
+
+        cache = LoadedCache(k=keys, v=None)
+        kept = b * length * heads * d * dtype.itemsize * expected_union(keep, heads)
+        return (
+            lambda: sparse_decode(
+                q, k_new, v_new, cache, bias, keep=keep, values=gather, stored_tokens=lambda n: n, tail=None
+            ),
+            lambda: decode_attention(q, k_new, v_new, keys, values, bias),
+            kept,
+        )
+
+    cases = [case(64), case(512)]
+    extra: list[list[float]] = [[], []]
+    for _ in range(rounds):
+        for (sparse, dense, _), out in zip(cases, extra):
+            out.append(median_seconds(sparse, 3, device) - median_seconds(dense, 3, device))
+    (small, large), (t_small, t_large) = [c[2] for c in cases], [max(statistics.median(e), 1e-6) for e in extra]
+    return rate_and_call(int(small), t_small, int(large), t_large, 1, "sparse attention's work per value byte")

@@ -63,9 +63,11 @@ def value_gather(
         if tier == "cpu" and hw.has_link and not host_attends:  # indexed rows: copied from pageable memory
             link += nbytes / hw.link_pageable_bw
             moved += nbytes
-        else:  # gathered where they lie, by the device (or the host, beside a GPU) that attends them
+        elif not hw.sparse_value_bw:  # gathered where they lie (measured, this is part of the work below)
             seconds += nbytes / (hw.cpu_attention_bw if tier == "cpu" and host_attends else hw.attention_bw)
+    kept = sum(seqs.values()) * per_sequence  # the rows the batch's attention weighs, wherever they came from
+    if hw.sparse_value_bw:  # choosing, gathering and weighting them, beyond dense attention's work
+        seconds += hw.sparse_call_s + kept * codec.heads * codec.head_dim * codec.dtype.itemsize / hw.sparse_value_bw
     if codec.config is not None:  # the gathered rows are decoded, one call per batch
-        seconds += sum(seqs.values()) * per_sequence * codec.heads * codec.head_dim / hw.kv_codec_elems
-        seconds += hw.kv_codec_call_s
+        seconds += kept * codec.heads * codec.head_dim / hw.kv_codec_elems + hw.kv_codec_call_s
     return seconds, disk, link, moved

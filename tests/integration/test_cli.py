@@ -193,6 +193,7 @@ def test_calibrate_writes_a_profile(quick_profile):
     assert hw.matmul_flops > 1e9 and hw.disk_read_bw > 1e6 and not hw.has_link and 0 < hw.step_overhead_s < 0.1
     assert hw.dequant_elems > 1e6 and 0 <= hw.dequant_call_s < 0.1 and hw.runtime_base_bytes > 50e6
     assert 1e6 < hw.kv_codec_elems < 1e12 and 0 <= hw.kv_codec_call_s < 0.1 and 0 <= hw.cache_transfer_overhead_s < 0.1
+    assert 1e6 < hw.sparse_value_bw < 1e13 and 0 <= hw.sparse_call_s < 0.1
     if hw.llc_bytes:  # MiB, not "0.0 GiB"
         assert re.search(r"^llc_bytes +[1-9]\d* MiB$", done.stdout, re.M), done.stdout
     assert list((path.parent / "probes").iterdir()) == []  # the probe files are gone

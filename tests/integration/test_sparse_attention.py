@@ -154,6 +154,30 @@ def test_the_cost_model_prices_the_value_rows_heads_keep_as_chosen_independently
         assert 0.95 * measured <= predicted <= 1.1 * measured
 
 
+def test_sparse_attentions_own_work_is_charged_where_it_was_measured():
+    """With ``sparse_call_s``/``sparse_value_bw`` (calibrate measures them) each batch and layer
+    of a decode step costs the fixed part and the kept rows at the rate, on top of the dense
+    step's price; profiles without them charge the gather alone."""
+    from flexlab.cost import CostModel
+    from tests.integration.test_cost_model import CPU_ONLY
+
+    config = flexlab.get_preset("opt-125m")
+    policy = Policy.from_percent([100, 0, 100, 0, 100, 0], gpu_batch_size=8, num_gpu_batches=2, attn_sparsity=0.25)
+
+    def decode_compute(hw, p) -> float:
+        pred = CostModel(config, p, hw, prompt_len=64, gen_len=8, itemsize=2, num_prompts=16).predict()
+        return sum(r["compute_s"] for r in pred.stages)
+
+    measured = CPU_ONLY.replace(sparse_call_s=1e-3, sparse_value_bw=4e9)
+    dense = decode_compute(measured, policy.replace(attn_sparsity=1.0))
+    calls = config.num_layers * 2 * 7  # layers x batches x decode tokens
+    extra = decode_compute(measured, policy) - dense
+    assert (
+        calls * 1e-3 < extra < calls * 1e-3 + calls * 8 * 72 * 768 * 2 / 4e9
+    )  # the fixed cost, plus at most every row
+    assert decode_compute(CPU_ONLY, policy) - dense < 0.1 * extra  # not measured: the gather alone (at memory speed)
+
+
 def test_search_prices_every_candidate_with_the_sparsity_asked_and_prints_its_flag(capsys, tmp_path):
     import json
     import re
