@@ -12,8 +12,6 @@ that crossed each link, which the executor records in the timeline. Layouts:
 
 from __future__ import annotations
 
-import bisect
-import dataclasses
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,10 +28,10 @@ from flexlab.engine.placement import (
     place_weights,
     read_region,
     reads_in_place,
-    row_spans,
     weight_read_buffers,
 )
 from flexlab.engine.schedule import Stage
+from flexlab.engine.table_rows import table_rows
 from flexlab.engine.tiers import (
     BufferPool,
     DiskFiles,
@@ -325,46 +323,8 @@ class WeightStore:
 
     def rows(self, stage: int, ids: torch.Tensor) -> tuple[torch.Tensor | QTensor, int]:
         """Rows ``ids`` (unique, ascending) of the stage's looked-up token table on the compute
-        device (``[n, hidden]`` in the compute dtype; a compressed table's as a ``QTensor`` of
-        those rows, to dequantize), and the bytes read for them: from host memory, only those
-        rows; from disk, each :func:`~flexlab.engine.placement.row_spans` span in one read, of
-        every stored part (codes, scales)."""
-        w = self.looked_up[stage]
-        if w.tier != "disk":
-            index = ids.to(w.tensors[0].device)
-            picked = [t[index] for t in w.tensors]
-            moved = sum(map(nbytes, picked))
-            on_device = [t.to(self.device, non_blocking=True) for t in picked]
-            return self._as_rows(w, on_device, len(index)), moved
-        assert self.row_buffer is not None, "a disk table looked up without its row buffer"
-        wanted = ids.tolist()
-        row_bytes = [loc.nbytes // loc.shape[0] for loc in w.locations]
-        parts = [torch.empty((len(wanted), *loc.shape[1:]), dtype=loc.dtype, device=self.device) for loc in w.locations]
-        moved = 0
-        buf = self.row_buffer.acquire()
-        try:
-            for first, n in row_spans(wanted, max(row_bytes)):
-                start = bisect.bisect_left(wanted, first)
-                stop = bisect.bisect_left(wanted, first + n, start)  # the wanted rows this span holds
-                mine = [r - first for r in wanted[start:stop]]
-                for loc, size, part in zip(w.locations, row_bytes, parts):
-                    raw = self.files.read(loc.path, loc.offset + first * size, n * size, buf)
-                    if raw.data_ptr() % loc.dtype.itemsize:  # a checkpoint tensor at an odd offset
-                        raw = raw.clone()
-                    part[start:stop] = raw.view(loc.dtype).view(n, *loc.shape[1:])[mine].to(self.device)
-                    moved += n * size
-            if self.device.type == "cuda":
-                torch.cuda.current_stream().synchronize()  # the copies have left the buffer
-        finally:
-            self.row_buffer.release(buf)
-        return self._as_rows(w, parts, len(wanted)), moved
-
-    def _as_rows(self, w: PlacedWeight, parts: list[torch.Tensor], n: int) -> torch.Tensor | QTensor:
-        """Looked-up rows' stored parts as rows of the table: a compressed table's as a ``QTensor``
-        of ``n`` rows, a plain one's in the compute dtype."""
-        if w.qt is None:
-            return parts[0].to(self.dtype)
-        return dataclasses.replace(w.qt.with_tensors(parts), shape=(n, w.qt.shape[1]))
+        device, and the bytes read for them (:func:`~flexlab.engine.table_rows.table_rows`)."""
+        return table_rows(self.looked_up[stage], ids, self.files, self.row_buffer, self.device, self.dtype)
 
     def dequantized(self, loaded: LoadedWeights) -> dict[str, torch.Tensor]:
         """A loaded stage's weights with every compressed one dequantized (once per load)."""

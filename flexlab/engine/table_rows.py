@@ -1,0 +1,75 @@
+"""The rows of a looked-up token table (:func:`~flexlab.engine.placement.looks_up_rows`): the
+embedding reads only the rows of the ids at hand from a table not in the compute's memory,
+instead of loading all of it every token."""
+
+from __future__ import annotations
+
+import bisect
+import dataclasses
+from typing import Protocol
+
+import torch
+
+from flexlab.compress import QTensor
+from flexlab.engine.placement import row_spans
+from flexlab.engine.tiers import BufferPool, DiskFiles, nbytes
+from flexlab.models.loading import TensorLocation
+
+
+class PlacedTable(Protocol):
+    """A placed token table as :class:`~flexlab.engine.store.PlacedWeight` holds it."""
+
+    tier: str
+    tensors: list[torch.Tensor]
+    locations: list[TensorLocation]
+    qt: QTensor | None
+
+
+def table_rows(
+    w: PlacedTable,
+    ids: torch.Tensor,
+    files: DiskFiles,
+    row_buffer: BufferPool | None,
+    device: torch.device,
+    dtype: torch.dtype,
+) -> tuple[torch.Tensor | QTensor, int]:
+    """Rows ``ids`` (unique, ascending) of the token table ``w`` on ``device`` (``[n, hidden]``
+    in ``dtype``; a compressed table's as a ``QTensor`` of those rows, to dequantize), and the
+    bytes read for them: from host memory, only those rows; from disk, through ``row_buffer``,
+    each :func:`~flexlab.engine.placement.row_spans` span in one read, of every stored part
+    (codes, scales)."""
+    if w.tier != "disk":
+        index = ids.to(w.tensors[0].device)
+        picked = [t[index] for t in w.tensors]
+        moved = sum(map(nbytes, picked))
+        return _as_rows(w, [t.to(device, non_blocking=True) for t in picked], len(index), dtype), moved
+    assert row_buffer is not None, "a disk table looked up without its row buffer"
+    wanted = ids.tolist()
+    row_bytes = [loc.nbytes // loc.shape[0] for loc in w.locations]
+    parts = [torch.empty((len(wanted), *loc.shape[1:]), dtype=loc.dtype, device=device) for loc in w.locations]
+    moved = 0
+    buf = row_buffer.acquire()
+    try:
+        for first, n in row_spans(wanted, max(row_bytes)):
+            start = bisect.bisect_left(wanted, first)
+            stop = bisect.bisect_left(wanted, first + n, start)  # the wanted rows this span holds
+            mine = [r - first for r in wanted[start:stop]]
+            for loc, size, part in zip(w.locations, row_bytes, parts):
+                raw = files.read(loc.path, loc.offset + first * size, n * size, buf)
+                if raw.data_ptr() % loc.dtype.itemsize:  # a checkpoint tensor at an odd offset
+                    raw = raw.clone()
+                part[start:stop] = raw.view(loc.dtype).view(n, *loc.shape[1:])[mine].to(device)
+                moved += n * size
+        if device.type == "cuda":
+            torch.cuda.current_stream().synchronize()  # the copies have left the buffer
+    finally:
+        row_buffer.release(buf)
+    return _as_rows(w, parts, len(wanted), dtype), moved
+
+
+def _as_rows(w: PlacedTable, parts: list[torch.Tensor], n: int, dtype: torch.dtype) -> torch.Tensor | QTensor:
+    """Looked-up rows' stored parts as rows of the table: a compressed table's as a ``QTensor``
+    of ``n`` rows, a plain one's in ``dtype``."""
+    if w.qt is None:
+        return parts[0].to(dtype)
+    return dataclasses.replace(w.qt.with_tensors(parts), shape=(n, w.qt.shape[1]))
