@@ -71,12 +71,16 @@ class Config:
     repeats: int = 3  # runs per policy (medians are compared)
     smoke: bool = False  # three policies, no search: for CI
     policies: str = ""  # only these of POLICIES, separated by ";" (default: all)
+    # read the weights from a safetensors checkpoint of the random weights in this dtype (e.g. float16 with
+    # --dtype float32: the engine reads it in place and converts every disk read on its lane)
+    checkpoint: str = ""
     out_dir: str = "experiments/results"
 
 
 def main(cfg: Config) -> pd.DataFrame:
     import flexlab
-    from flexlab.cost import CostModel, calibrate, fits, get_hardware, refresh, search_policy
+    from flexlab.cost import CostModel, calibrate, checkpoint_itemsize, fits, get_hardware, refresh, search_policy
+    from flexlab.models.convert import save_checkpoint
     from flexlab.viz import plot_predicted_vs_measured
 
     policies = dict(list(POLICIES.items())[:3]) if cfg.smoke else dict(POLICIES)
@@ -90,6 +94,11 @@ def main(cfg: Config) -> pd.DataFrame:
     dtype = cpu_dtype(cfg.dtype) if device.type == "cpu" else torch.float16
     hw = get_hardware(cfg.hardware) if cfg.hardware else calibrate(device=device, dtype=dtype, quick=cfg.smoke)
     model = flexlab.Model.from_config(cfg.preset, seed=0, dtype=dtype, device=device)
+    scratch = tempfile.TemporaryDirectory(prefix="flexlab-validate-checkpoint-")
+    if cfg.checkpoint:
+        save_checkpoint(model, Path(scratch.name), dtype=getattr(torch, cfg.checkpoint))
+        model = flexlab.Model.from_pretrained(scratch.name, dtype=dtype, device=device)
+    stored_itemsize = checkpoint_itemsize(model)
     n = cfg.gpu_batch_size * cfg.num_gpu_batches
     prompts = [[2] + [10 + (i * 7 + j) % 5000 for j in range(cfg.prompt_len - 1)] for i in range(n)]
     itemsize = dtype.itemsize
@@ -106,6 +115,7 @@ def main(cfg: Config) -> pd.DataFrame:
             gen_len=cfg.gen_len,
             itemsize=itemsize,
             num_prompts=n,
+            checkpoint_itemsize=stored_itemsize,
         ).predict()
 
     def run_once(policy: flexlab.Policy, offload: str) -> tuple:
@@ -147,6 +157,7 @@ def main(cfg: Config) -> pd.DataFrame:
             probed_disk_read_GB_s=now.disk_read_bw / 1e9,
             probed_dequant_G_s=now.dequant_elems / 1e9,
             probed_small_dequant_G_s=now.small_dequant_elems / 1e9,
+            probed_convert_G_s=now.convert_elems / 1e9,
         )
         row["throughput_error"] = row["predicted_tok_s"] / row["measured_tok_s"] - 1
         # The probe reads the engine's weight files before the run (a fresh file without them); this host's
@@ -195,6 +206,7 @@ def main(cfg: Config) -> pd.DataFrame:
                     prompt_len=cfg.prompt_len,
                     gen_len=cfg.gen_len,
                     itemsize=itemsize,
+                    checkpoint_itemsize=stored_itemsize,
                     batch_sizes=(cfg.gpu_batch_size,),
                     num_batches=(cfg.num_gpu_batches,),
                     compress=(None,),
@@ -214,6 +226,7 @@ def main(cfg: Config) -> pd.DataFrame:
                 if best
                 else "no tried policy fits the limits"
             )
+    scratch.cleanup()
     df = pd.DataFrame(rows)
     errors = df.throughput_error.abs()
     summary = dict(
@@ -226,13 +239,16 @@ def main(cfg: Config) -> pd.DataFrame:
     )
     print(
         f"{cfg.preset} ({dtype}, {device}), {n} prompts of {cfg.prompt_len}, {cfg.gen_len} new, "
-        f"batch {cfg.gpu_batch_size}x{cfg.num_gpu_batches}; hardware: {hw.name} ({hw.source})"
+        f"batch {cfg.gpu_batch_size}x{cfg.num_gpu_batches}"
+        + (f", a {cfg.checkpoint} checkpoint" if cfg.checkpoint else "")
+        + f"; hardware: {hw.name} ({hw.source})"
     )
     cols = ["policy", "measured_tok_s", "predicted_tok_s", "throughput_error", "error_at_engine_disk_rate"]
     cols += ["peak_memory_error", "bottleneck"]
     print(df[cols].to_string(index=False, float_format=lambda x: f"{x:.3f}"))
     print({k: (round(v, 3) if isinstance(v, float) else v) for k, v in summary.items()})
     stem = f"validate_cost_model_{cfg.preset}_{device.type}" + ("_smoke" if cfg.smoke else "")
+    stem += f"_{cfg.checkpoint}_checkpoint" if cfg.checkpoint else ""
     out = write_results(df, cfg, stem, dtype=str(dtype), hardware=hw.__dict__, **summary)
     hw.save(Path(out) / f"{stem}_hardware.json")
     plot_predicted_vs_measured(df, title=f"cost model vs measurement: {cfg.preset} on {hw.name}").savefig(

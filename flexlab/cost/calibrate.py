@@ -27,6 +27,7 @@ from flexlab.cost.probes import (
     CODEC_PROBE_HIDDEN,
     cache_move_cpu_seconds,
     codec_rates,
+    convert_rate,
     dequant_rates,
     difference_rate,
     difference_seconds,
@@ -52,9 +53,10 @@ def refresh(
 ) -> HardwareProfile:
     """``hw`` with its most volatile rates re-measured now (matmul and weight reads at quick
     calibration's sizes, weight reads from a CPU's cache, disk read, dequantization, the KV
-    codec; about a second). On a shared machine these swing by 2x within minutes (a
-    calibration's matmul probe read 148 GFLOP/s here and 176 ten minutes later): a prediction
-    compared with a measurement should use rates probed next to it.
+    codec, a CPU's conversion of a narrower checkpoint; about a second). On a shared machine
+    these swing by 2x within minutes (a calibration's matmul probe read 148 GFLOP/s here and 176
+    ten minutes later): a prediction compared with a measurement should use rates probed next to
+    it.
 
     ``reads``: time the disk on these reads instead of a file written now: an engine's
     :meth:`~flexlab.engine.Engine.weight_reads` (its own files, of their age, in its request
@@ -67,6 +69,7 @@ def refresh(
         read = reads_rate(reads, 3)
     rate, call, small = dequant_rates(device, dtype, 3)
     codec, codec_call = codec_rates(device, dtype, CODEC_PROBE_HIDDEN)
+    convert = convert_rate(dtype, 7) if device.type == "cpu" else hw.convert_elems
     return hw.replace(
         matmul_flops=matmul,
         weight_read_bw=weight_read,
@@ -78,6 +81,7 @@ def refresh(
         small_dequant_elems=small,
         kv_codec_elems=codec,
         kv_codec_call_s=codec_call,
+        convert_elems=convert,
     )
 
 
@@ -295,6 +299,7 @@ def calibrate(
         "link",
         "disk",
         "dequantize",
+        "conversion",
         "KV codec",
         "sparse attention",
         "step overhead",
@@ -346,6 +351,8 @@ def calibrate(
         device, dtype, repeats
     )
     step("dequantize")
+    results["convert_elems"] = convert_rate(dtype, 2 * repeats) if device.type == "cpu" else 0.0
+    step("conversion")
     results["kv_codec_elems"], results["kv_codec_call_s"] = codec_rates(device, dtype, CODEC_PROBE_HIDDEN)
     step("KV codec")
     results["sparse_value_bw"], results["sparse_call_s"] = sparse_rates(device, dtype)

@@ -76,6 +76,10 @@ class HardwareProfile:
         disk_stall_s_per_gb: seconds a stage's compute loses per GB of its weights read from disk
             beside it (the reader's threads take the cores the compute's kernels run on; 0.06-0.24
             s/GB on two cores here). Charged with ``overlap`` only; 0: not measured (the presets).
+        convert_elems: on a CPU, elements/s its weight lane converts a checkpoint read in place
+            in a narrower dtype into the compute's (float16 into float32) beside a decode; 0:
+            not measured (profiles saved before it, a GPU), charged as a copy at
+            ``weight_read_bw``.
     """
 
     name: str
@@ -106,6 +110,7 @@ class HardwareProfile:
     small_dequant_elems: float = 0.0
     sparse_call_s: float = 0.0
     sparse_value_bw: float = 0.0
+    convert_elems: float = 0.0
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -156,6 +161,8 @@ class HardwareProfile:
 def _human(key: str, value) -> str:
     if not isinstance(value, float) or math.isinf(value):
         return str(value)
+    if value == 0 and not key.endswith(("_s", "_bytes", "memory", "space")):  # a rate left at 0: not measured
+        return "not measured"
     if key.endswith("_per_gb"):
         return f"{value:.3f} s per GB"
     if key.endswith("_s"):

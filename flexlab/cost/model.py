@@ -209,6 +209,7 @@ class CostModel:
                 st.row_table,
                 st.batch_dequant_elems,
                 st.elementwise,
+                st.converted_elems,
                 j > 0,
                 j < len(self._stage) - 1,
             )
@@ -235,6 +236,8 @@ class CostModel:
         disk += w_disk / hw.disk_read_bw
         if link:  # cpu weights cross the link, and disk weights too on their way to the GPU
             lnk += w_cpu / (hw.link_pinned_bw if p.pin_weight else hw.link_pageable_bw) + w_disk / hw.link_pinned_bw
+        if st.converted_elems and not link:  # converted after each read, on the lane that read it: in series
+            disk += st.converted_elems / self._convert_rate()
         if st.dequant_elems:
             compute += st.dequant_elems / self._dequant_rate() + st.dequant_mats * hw.dequant_call_s
         if w_disk or w_cpu:  # a load on a lane (else inline)
@@ -284,6 +287,13 @@ class CostModel:
                     lk += n_moves * h / hw.link_pageable_bw
             compute, disk, lnk = compute + m * c, disk + m * d, lnk + m * lk
         return compute, disk, lnk, moved
+
+    def _convert_rate(self) -> float:
+        """Elements/s a CPU's weight lane converts a narrower checkpoint's reads at: measured
+        (:func:`~flexlab.cost.probes.convert_rate`), else a copy at the memory's bandwidth."""
+        if self.hw.convert_elems:
+            return self.hw.convert_elems
+        return self.hw.weight_read_bw / ((self.checkpoint_itemsize or self.itemsize) + self.itemsize)
 
     def _dequant_rate(self) -> float:
         """Elements/s dequantizing this model's matrices: the profile's one rate, or on a CPU,

@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import os
 import statistics
+import threading
 import time
 import warnings
 from collections.abc import Callable, Sequence
@@ -126,6 +127,37 @@ def llc_weight_read_rate(device: torch.device, dtype: torch.dtype, repeats: int)
     w = torch.randn(768, 3072, generator=g).to(dtype)
     x = torch.randn(8, 768, generator=g).to(dtype)
     return w.numel() * w.element_size() / median_seconds(lambda: x @ w, 10 * repeats, device)
+
+
+def convert_rate(dtype: torch.dtype, repeats: int) -> float:
+    """Elements/s a CPU converts float16 into ``dtype`` (the per-read conversion of a narrower
+    checkpoint read in place, :func:`~flexlab.engine.placement.reads_in_place`) on a thread of its
+    own while this one streams weights from memory, as the engine's weight lane converts beside a
+    decode's matmuls: both are bound by the memory's bandwidth. Alone, 6.8-7.4 G elements/s here;
+    beside a decode 3.9-4.4, and 3.7-4.6 in the lane of an engine (opt-350m and opt-1.3b, all on
+    disk, 2026-12-07). 0 where nothing is converted on a read (``dtype`` not wider than 2 bytes)."""
+    if dtype.itemsize <= 2:
+        return 0.0
+    n = 8 << 20  # 16 MB in, 32 MB out: beyond a last-level cache, as a layer's matrices are
+    src, dst = torch.ones(n, dtype=torch.float16), torch.zeros(n, dtype=dtype)  # its pages touched
+    weights = [torch.ones(2048, 2048, dtype=dtype) for _ in range(4)]  # 64 MB in float32
+    row = torch.ones(1, 2048, dtype=dtype)
+    times: list[float] = []
+
+    def convert() -> None:
+        for _ in range(repeats):
+            start = time.perf_counter()
+            dst.copy_(src)
+            times.append(time.perf_counter() - start)
+
+    worker = threading.Thread(target=convert, name="flexlab-convert-probe")
+    worker.start()
+    i = 0
+    while worker.is_alive():  # the decode beside it: one row times each matrix in turn
+        torch.nn.functional.linear(row, weights[i % len(weights)])
+        i += 1
+    worker.join()
+    return n / statistics.median(times)
 
 
 DEQUANT_PROBE_WIDTHS = (768, 1536)  # a CPU's probe layers: opt-125m's width, and twice it

@@ -44,6 +44,7 @@ class StageCost:
     # the token table the embedding reads rows of instead of loading it (placement.looks_up_rows):
     # its tier, stored bytes and bytes per row; ("", 0, 0) for none. From host memory only with a GPU.
     looked_up: tuple[str, int, int] = ("", 0, 0)
+    converted_elems: int = 0  # on a CPU: elements a load converts from a narrower checkpoint (its lane's work)
 
 
 @functools.lru_cache(maxsize=256)
@@ -65,7 +66,7 @@ def price_weights(
     placement = place_weights(family.weight_specs(config), list(stages), w_gpu_percent, w_cpu_percent)
     priced, weight_bytes, packed_bytes = [], {t: 0 for t in TIERS}, []
     for stage, items in zip(stages, placement):
-        w_bytes, packed, copies, looked_up = {t: 0 for t in TIERS}, 0, [0, 0], ("", 0, 0)
+        w_bytes, packed, copies, looked_up, converted = {t: 0 for t in TIERS}, 0, [0, 0], ("", 0, 0), 0
         for spec, tier, first in items:
             qcfg = cw if compresses(spec, cw) else None
             # read in place from the checkpoint, in its dtype; else written by the engine
@@ -88,6 +89,7 @@ def price_weights(
                 copies[0] += spec.numel * itemsize if qcfg is None else sum(parts)
             if in_place and checkpoint_itemsize != itemsize:  # converted into the stage's conversion buffer
                 copies[1] += align_up(spec.numel * itemsize)
+                converted += spec.numel
         mats = [s for s, _, _ in items if len(s.shape) >= 2]
         matmul = [s for s in mats if not ("embed" in stage.parts and s.layer is None)]  # a lookup, no matmul
         if "head" in stage.parts:
@@ -115,6 +117,7 @@ def price_weights(
                 (copies[0], copies[1]),
                 dequant_mats=len(mats) if deq else 0,
                 looked_up=looked_up,
+                converted_elems=converted,
             )
         )
         packed_bytes.append(packed)

@@ -61,3 +61,44 @@ def test_a_cpu_converts_a_checkpoint_of_another_dtype_of_one_size_once(tmp_path,
         flexlab.OffloadError, match=r"converted once from the checkpoint's float16 to bfloat16.*--dtype"
     ):
         flexlab.Engine(as_bf16, policy, offload_dir=tmp_path / "full")
+
+
+def test_the_cost_model_charges_the_lane_each_element_a_cpu_converts(tmp_path, monkeypatch):
+    """A float16 checkpoint computed in float32 on a CPU is converted on every read, after it, on
+    the weight lane: the model charges that lane the elements the engine converts, at the
+    profile's rate (a fifth of opt-1.3b's lane time here, 2026-12-07), and nothing where the
+    checkpoint is read as stored."""
+    from flexlab.engine.store import WeightStore
+
+    random = flexlab.Model.from_config("opt-tiny", seed=0)
+    save_checkpoint(random, tmp_path / "f16", dtype=torch.float16)
+    policy = Policy.from_percent([0, 0, 100, 0, 100, 0], gpu_batch_size=2, num_gpu_batches=2)
+    cpu_only = get_hardware("h100").replace(link_pinned_bw=float("inf"), link_pageable_bw=float("inf"))
+    as_weight, converted = WeightStore._as_weight, [0]
+
+    def counting(self, raw, loc, dtype, into=None):
+        converted[0] += 0 if into is None else into.numel()
+        return as_weight(self, raw, loc, dtype, into)
+
+    monkeypatch.setattr(WeightStore, "_as_weight", counting)
+    for dtype in (torch.float32, torch.bfloat16):
+        model = flexlab.Model.from_pretrained(tmp_path / "f16", dtype=dtype, device="cpu")
+        with flexlab.Engine(model, policy, offload_dir=tmp_path / f"off-{dtype}") as engine:
+            converted[0] = 0
+            engine.generate(PROMPTS, max_new_tokens=4, stop_token_ids=None)
+        kw = dict(prompt_len=6, gen_len=4, itemsize=dtype.itemsize, num_prompts=len(PROMPTS))
+        disk_s = [
+            sum(row["disk_s"] for row in pred.stages)
+            for rate in (2e9, float("inf"))
+            for pred in [
+                CostModel(
+                    model.config,
+                    policy,
+                    cpu_only.replace(convert_elems=rate),
+                    checkpoint_itemsize=checkpoint_itemsize(model),
+                    **kw,
+                ).predict()
+            ]
+        ]
+        assert (converted[0] > 0) == (dtype == torch.float32)  # bfloat16: converted once, into its own files
+        assert disk_s[0] - disk_s[1] == pytest.approx(converted[0] / 2e9, rel=1e-9)
