@@ -33,7 +33,16 @@ from flexlab.cost.prediction import Prediction
 from flexlab.cost.probes import DEQUANT_PROBE_WIDTHS
 from flexlab.cost.sparse import value_gather
 from flexlab.engine.footprint import Footprint, footprint, kv_codecs
-from flexlab.engine.placement import ALIGN, ROW_BUFFER, ROW_GAP, TIERS, split_by_share, tied_front
+from flexlab.engine.placement import (
+    ALIGN,
+    ROW_BUFFER,
+    ROW_GAP,
+    TIERS,
+    head_slices,
+    head_streams,
+    split_by_share,
+    tied_front,
+)
 from flexlab.engine.policy import Policy
 from flexlab.engine.schedule import stages_of
 from flexlab.engine.stage_cost import price_weights
@@ -88,6 +97,7 @@ class CostModel:
             policy.compress_weight,
             itemsize,
             checkpoint_itemsize,
+            head_streams(hw.has_link, policy.num_gpu_batches),
         )
         self.weight_bytes = dict(weight_bytes)  # stored bytes per tier (the cached original stays as it was)
         self.codecs = dict(zip("kv", kv_codecs(config, policy, itemsize)))
@@ -165,7 +175,7 @@ class CostModel:
                 else:
                     decode += step_s
         kinds = dict.fromkeys(
-            ("load_weight", "load_cache", "store_cache", "load_act", "store_act", "gather_values"), 0.0
+            ("load_weight", "load_cache", "store_cache", "load_act", "store_act", "gather_values", "read_head"), 0.0
         )
         for key, n in uses.items():
             for kind, v in (priced if key[0] == "stage" else cache_priced)[key][3].items():
@@ -210,6 +220,7 @@ class CostModel:
                 st.batch_dequant_elems,
                 st.elementwise,
                 st.converted_elems,
+                st.streamed,
                 j > 0,
                 j < len(self._stage) - 1,
             )
@@ -225,12 +236,13 @@ class CostModel:
         the bytes it moves by kind; its KV cache apart (:meth:`_cache_token`)."""
         hw, p, cfg, st = self.hw, self.policy, self.config, self._stage[j]
         link = hw.has_link
-        moved = dict.fromkeys(("load_weight", "load_cache", "store_cache", "load_act", "store_act"), 0.0)
+        moved = dict.fromkeys(("load_weight", "load_cache", "store_cache", "load_act", "store_act", "read_head"), 0.0)
         compute = disk = lnk = 0.0
         # weights: one load per stage and token serves every batch (a looked-up token table apart)
         table_tier, table_bytes, row_bytes = st.looked_up
         looked_up = table_tier == "disk" or (table_tier == "cpu" and link)
-        w_disk = st.w_bytes["disk"] - (table_bytes if table_tier == "disk" else 0)
+        streamed = st.streamed[0]  # the head's matrix, read by its compute: not part of the load
+        w_disk = st.w_bytes["disk"] - (table_bytes if table_tier == "disk" else 0) - streamed
         w_cpu = st.w_bytes["cpu"] - (table_bytes if table_tier == "cpu" else 0) if link else 0
         moved["load_weight"] += w_disk + w_cpu
         disk += w_disk / hw.disk_read_bw
@@ -273,6 +285,9 @@ class CostModel:
                 c += (rows * st.row_table + st.batch_dequant_elems) / self._dequant_rate()
             if looked_up:  # read by the compute, for each batch: its ids' rows of the token table
                 c += self._row_reads(table_tier, table_bytes, row_bytes, min(b * tokens, cfg.vocab_size))
+            if streamed:  # read by the compute, for each batch: the head's matrix, a slice at a time
+                c += self._head_reads(st.streamed)
+                moved["read_head"] += m * streamed
             if p.act_tier != "gpu":
                 h = b * tokens * cfg.hidden_size * self.itemsize
                 n_moves = (j > 0) + (j < last)
@@ -305,6 +320,14 @@ class CostModel:
         narrow, wide = DEQUANT_PROBE_WIDTHS
         where = min(max(math.log(self.config.hidden_size / narrow) / math.log(wide / narrow), 0.0), 1.0)
         return hw.small_dequant_elems ** (1 - where) * hw.dequant_elems**where
+
+    def _head_reads(self, streamed: tuple[int, int, int]) -> float:
+        """Seconds for a streamed head to read its matrix from disk (and convert it where the
+        checkpoint is narrower): one read per :func:`~flexlab.engine.placement.head_slices` slice."""
+        stored, row_bytes, convert = streamed
+        hw, rows = self.hw, stored // row_bytes
+        seconds = stored / hw.disk_read_bw + len(head_slices(rows, row_bytes)) * hw.disk_latency_s
+        return seconds + (rows * convert // self.itemsize / self._convert_rate() if convert else 0.0)
 
     def _row_reads(self, tier: str, table_bytes: int, row_bytes: int, rows: int) -> float:
         """Seconds to read ``rows`` rows of a looked-up token table (:meth:`WeightStore.rows`).

@@ -248,7 +248,8 @@ class BlockRun:
         if "mlp" in stage.parts:
             h = f.mlp(w, cfg, h)
         if "head" in stage.parts:
-            new = self.head(lambda x: f.head(w, cfg, x), h, t, k)
+            project = self._streamed_head(step, w) if j in ctx.weights.streamed else (lambda x: f.head(w, cfg, x))
+            new = self.head(project, h, t, k)
             return {"next": new, "stop": ctx.peers is not None and self.head.finished()}  # the stop is sent on
         return {"h": h, "kv": kv}
 
@@ -270,6 +271,25 @@ class BlockRun:
         if loaded.dequantized is None:
             self.ctx.executor.timed("dequantize_weight", step, lambda: self.ctx.weights.dequantized(loaded))
         return loaded.dequantized
+
+    def _streamed_head(self, step: Step, w: dict) -> Callable[[torch.Tensor], torch.Tensor]:
+        """The head's projection onto a matrix read from disk a slice of rows at a time
+        (:func:`~flexlab.engine.placement.streams_rows`): the family's own head on each slice's
+        rows (and those of any vector over the vocabulary: a bias), the logits joined. Each
+        read is a timed event of the compute."""
+        weights, f, cfg, executor = self.ctx.weights, self.ctx.family, self.ctx.config, self.ctx.executor
+        name, vocab = weights.streamed[step.stage].spec.short, cfg.vocab_size
+
+        def project(x: torch.Tensor) -> torch.Tensor:
+            logits = []
+            for rows in weights.head_slices(step.stage):
+                read = lambda rows=rows: weights.head_slice(step.stage, rows)  # noqa: E731
+                part = {n: v[rows.start : rows.stop] if v.dim() == 1 and len(v) == vocab else v for n, v in w.items()}
+                part[name] = executor.timed("read_head", step, read, moves_bytes=True)
+                logits.append(f.head(part, cfg, x))
+            return torch.cat(logits, dim=-1)
+
+        return project
 
     def _embedding_weights(self, step: Step, loaded, ids: torch.Tensor) -> tuple[dict, torch.Tensor]:
         """The embed stage's weights for looking up ``ids``. A token table the load left where it

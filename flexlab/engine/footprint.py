@@ -39,6 +39,8 @@ from flexlab.engine.placement import (
     TIERS,
     cache_read_buffers,
     compresses,
+    head_slice_buffers,
+    head_streams,
     place_weights,
     split_by_share,
     weight_read_buffers,
@@ -75,6 +77,9 @@ def engine_peak(
     out["cpu" if on_cuda else "gpu"] += sum(weight_read_buffers(packed))  # the stages' files are read into
     if any(st.looked_up[0] == "disk" for st in priced):  # the token table's rows come through one more
         out["cpu" if on_cuda else "gpu"] += ROW_BUFFER
+    for st in priced:  # a streamed head's slices come through one more (and one to convert them into)
+        if st.streamed[0]:
+            out["cpu" if on_cuda else "gpu"] += sum(head_slice_buffers(st.streamed))
     # On the compute device: the computing stage's copies of weights from other tiers and its
     # dequantized matrices, and the next stage's copies (prefetched; after the last stage comes
     # the first, for the next token or group). A CPU uses its reads in place, or converts them
@@ -264,6 +269,7 @@ def footprint(
         policy.compress_weight,
         itemsize,
         checkpoint_itemsize,
+        head_streams(on_cuda, policy.num_gpu_batches),
     )
     tracked = engine_peak(
         config,

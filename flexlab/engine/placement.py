@@ -60,6 +60,51 @@ def looks_up_rows(spec: WeightSpec, stage: Stage, tier: str, token_table: str, c
     return "embed" in stage.parts and spec.short == token_table and rows_apart and tier != "gpu"
 
 
+HEAD_SLICE = 16 << 20  # bytes of a streamed head matrix read from disk at a time (see streams_rows)
+
+
+def head_streams(on_cuda: bool, num_gpu_batches: int) -> bool:
+    """Whether a run's head reads a vocabulary matrix on disk in slices (:func:`streams_rows`):
+    on a CPU with one GPU batch, which reads the matrix once per token either way; with several
+    batches one load of it serves them all, and on a GPU each slice would cross the link (not
+    measured: it loads the matrix whole)."""
+    return not on_cuda and num_gpu_batches == 1
+
+
+def streams_rows(
+    spec: WeightSpec, stage: Stage, tier: str, vocab_size: int, hidden_size: int, cw: QuantConfig | None, stream: bool
+) -> bool:
+    """Whether the head reads ``spec``, its projection onto the vocabulary (a tied token table or
+    its own), from disk a slice of rows at a time (:func:`head_slices`), projecting onto each in
+    turn, instead of loading it whole: a load needs a read buffer of the whole matrix (1 GB for
+    BLOOM's 250k rows), a slice one of :data:`HEAD_SLICE`. Uncompressed only; ``stream``:
+    :func:`head_streams` of the run."""
+    return (
+        stream
+        and "head" in stage.parts
+        and tier == "disk"
+        and len(spec.shape) == 2
+        and spec.shape[0] == vocab_size != hidden_size
+        and not compresses(spec, cw)
+    )
+
+
+def head_slices(rows: int, row_bytes: int) -> list[range]:
+    """The row ranges a streamed head reads in turn: each within :data:`HEAD_SLICE` bytes."""
+    step = max(1, HEAD_SLICE // row_bytes)
+    return [range(a, min(a + step, rows)) for a in range(0, rows, step)]
+
+
+def head_slice_buffers(streamed: tuple[int, int, int]) -> tuple[int, int]:
+    """Bytes of a streamed head's (read buffer, conversion buffer), for its matrix as
+    :class:`~flexlab.engine.stage_cost.StageCost` describes it (stored bytes, bytes per row,
+    bytes per row in the compute dtype where converted, else 0): room for one slice's read, and
+    the slice converted."""
+    stored, row_bytes, convert = streamed
+    rows = len(head_slices(stored // row_bytes, row_bytes)[0])
+    return read_region(rows * row_bytes), rows * convert
+
+
 def row_spans(ids: list[int], row_bytes: int) -> list[tuple[int, int]]:
     """Ascending unique row ids as the reads that fetch them: ``(first row, rows)``, rows at most
     :data:`ROW_GAP` apart read together (a read costs more than a few KB), each read within

@@ -18,6 +18,7 @@ from flexlab.engine.placement import (
     place_weights,
     read_region,
     reads_in_place,
+    streams_rows,
 )
 from flexlab.engine.schedule import Stage
 from flexlab.models.config import ModelConfig
@@ -45,6 +46,9 @@ class StageCost:
     # its tier, stored bytes and bytes per row; ("", 0, 0) for none. From host memory only with a GPU.
     looked_up: tuple[str, int, int] = ("", 0, 0)
     converted_elems: int = 0  # on a CPU: elements a load converts from a narrower checkpoint (its lane's work)
+    # the head's vocabulary matrix read from disk in slices by its compute (placement.streams_rows):
+    # its stored bytes, bytes per row, and bytes per row converted into the compute dtype (0: none)
+    streamed: tuple[int, int, int] = (0, 0, 0)
 
 
 @functools.lru_cache(maxsize=256)
@@ -56,17 +60,20 @@ def price_weights(
     cw: QuantConfig | None,
     itemsize: int,
     checkpoint_itemsize: int | None = None,
+    stream_head: bool = False,
 ) -> tuple[list[StageCost], dict[str, int], list[int]]:
     """Per stage: what its weights cost (bytes per tier, matmul sizes, dequantization); the
     model's stored weight bytes per tier; per stage the bytes of its packed disk file.
 
     Pure in its arguments and cached: the search prices thousands of policies that share a
-    weight placement and differ only in batches or the cache (callers must not mutate it)."""
+    weight placement and differ only in batches or the cache (callers must not mutate it).
+    ``stream_head``: :func:`~flexlab.engine.placement.head_streams` of the run."""
     family = get_family(config.family)
     placement = place_weights(family.weight_specs(config), list(stages), w_gpu_percent, w_cpu_percent)
     priced, weight_bytes, packed_bytes = [], {t: 0 for t in TIERS}, []
     for stage, items in zip(stages, placement):
         w_bytes, packed, copies, looked_up, converted = {t: 0 for t in TIERS}, 0, [0, 0], ("", 0, 0), 0
+        streamed = (0, 0, 0)
         for spec, tier, first in items:
             qcfg = cw if compresses(spec, cw) else None
             # read in place from the checkpoint, in its dtype; else written by the engine
@@ -82,6 +89,11 @@ def price_weights(
             if looks_up_rows(spec, stage, tier, family.token_table, cw):
                 # not part of the stage's load, read buffer or copies: the compute reads its rows
                 looked_up = (tier, sum(parts), sum(parts) // spec.shape[0])
+                continue
+            if streams_rows(spec, stage, tier, config.vocab_size, config.hidden_size, cw, stream_head):
+                # likewise: the head's compute reads it a slice at a time
+                convert = spec.shape[1] * itemsize if in_place and checkpoint_itemsize != itemsize else 0
+                streamed = (sum(parts), sum(parts) // spec.shape[0], convert)
                 continue
             if tier == "disk":  # the read buffer: the stage's packed file, plus room for each read elsewhere
                 packed += sum(align_up(n) if first and not in_place else read_region(n) for n in parts)
@@ -118,6 +130,7 @@ def price_weights(
                 dequant_mats=len(mats) if deq else 0,
                 looked_up=looked_up,
                 converted_elems=converted,
+                streamed=streamed,
             )
         )
         packed_bytes.append(packed)

@@ -23,19 +23,24 @@ from flexlab.engine.placement import (
     ROW_BUFFER,
     align_up,
     compresses,
+    head_slice_buffers,
+    head_slices,
+    head_streams,
     looks_up_rows,
     near_tiers,
     place_weights,
     read_region,
     reads_in_place,
+    streams_rows,
     weight_read_buffers,
 )
 from flexlab.engine.schedule import Stage
-from flexlab.engine.table_rows import table_rows
+from flexlab.engine.table_rows import matrix_rows, table_rows
 from flexlab.engine.tiers import (
     BufferPool,
     DiskFiles,
     MemoryTracker,
+    aligned_empty,
     nbytes,
     return_freed_memory,
     staging_tier,
@@ -104,7 +109,14 @@ class WeightStore:
         # The embedding's token table where its load would move all of it for a few rows: the
         # compute reads just those (:meth:`rows`), so it is not part of the stage's load.
         self.looked_up: dict[int, PlacedWeight] = {}
-        table = model.family.token_table
+        # Likewise the head's vocabulary matrix on disk with one GPU batch: read a slice at a time.
+        self.streamed: dict[int, PlacedWeight] = {}
+        table, cfg = model.family.token_table, model.config
+        stream = head_streams(device.type == "cuda", policy.num_gpu_batches)
+
+        def streams(spec: WeightSpec, stage: Stage, tier: str) -> bool:
+            return streams_rows(spec, stage, tier, cfg.vocab_size, cfg.hidden_size, self.quant, stream)
+
         for stage, placement in zip(stages, place_weights(specs, stages, policy.w_gpu_percent, policy.w_cpu_percent)):
             to_pack = []
             for spec, tier in ((s, t) for s, t, first in placement if first):  # a tied weight is placed once
@@ -118,8 +130,10 @@ class WeightStore:
                 looked_up = looks_up_rows(spec, stage, tier, table, self.quant) and (
                     tier == "disk" or device.type == "cuda"
                 )
-                if tier == "disk" and not in_place and looked_up:  # a file of its own: the stage's load skips it
-                    self._pack(model, [spec], weight_dir / f"stage{stage.index}_token_table.bin")
+                if tier == "disk" and not in_place and (looked_up or streams(spec, stage, tier)):
+                    # a file of its own: the stage's load skips it
+                    name = "token_table" if looked_up else "head"
+                    self._pack(model, [spec], weight_dir / f"stage{stage.index}_{name}.bin")
                 elif tier == "disk" and not in_place:
                     to_pack.append(spec)
                 else:
@@ -135,13 +149,17 @@ class WeightStore:
             return_freed_memory()
             self.stage_files[stage.index] = own
             self.stage_weights[stage.index] = [self.placed[s.name] for s, _, _ in placement]
+            for spec, tier, _ in placement:  # a tied table is placed with the embedding, streamed by the head
+                if streams(spec, stage, tier):
+                    self.streamed[stage.index] = self.placed[spec.name]
         model.weights.release_pages()  # placed: the memory tiers hold copies, the disk tier reads files
         # Resident: read where it lies (on a CPU-only machine the cpu tier is the compute's RAM).
         near = near_tiers(device.type == "cuda")
         self.resident = {j: all(w.tier in near for w in ws) for j, ws in self.stage_weights.items()}
         self._in_place: dict[int, dict[str, torch.Tensor | QTensor]] = {}  # resident stages' weights, as loaded
         # What a load of each stage brings: all of its weights but a looked-up token table.
-        self._loads = {j: [w for w in ws if w is not self.looked_up.get(j)] for j, ws in self.stage_weights.items()}
+        apart = {j: (self.looked_up.get(j), self.streamed.get(j)) for j in self.stage_weights}
+        self._loads = {j: [w for w in ws if all(w is not a for a in apart[j])] for j, ws in self.stage_weights.items()}
         # Disk reads land in aligned read buffers, held by the stage computing and the one prefetched
         # (sized by weight_read_buffers). On a CPU the weights are used in place there: no copy after the read.
         self.stage_disk_bytes = {
@@ -178,6 +196,15 @@ class WeightStore:
         self.row_buffer = BufferPool([ROW_BUFFER]) if from_disk else None
         self.row_buffer_bytes = ROW_BUFFER if from_disk else 0
         tracker.add(self.buffer_tier, "row read buffer", self.row_buffer_bytes)
+        # A streamed head's slices: read into one buffer, converted into another where the dtype differs.
+        self.head_buffers: tuple[torch.Tensor, torch.Tensor | None] | None = None
+        for w in self.streamed.values():
+            loc = w.locations[0]
+            convert = loc.shape[1] * self.dtype.itemsize if loc.dtype != self.dtype else 0
+            read, converted = head_slice_buffers((loc.nbytes, loc.nbytes // loc.shape[0], convert))
+            self.head_buffers = (aligned_empty(read), aligned_empty(converted) if converted else None)
+            tracker.add(self.buffer_tier, "head read buffer", read)
+            tracker.add("gpu", "head conversion buffer", converted)
 
     def _stored(self, model, spec: WeightSpec) -> tuple[list[torch.Tensor], QTensor | None]:
         """A weight as it is stored: the tensor, or its quantized parts."""
@@ -243,7 +270,8 @@ class WeightStore:
     def disk_reads(self) -> list[tuple[Path, int, int]]:
         """The disk reads one token's weights take, as :meth:`load` issues them: ``(file,
         offset, bytes)`` in stage order (a stage's packed file whole; weights read in place from
-        a checkpoint one by one). Empty when no weight lives on disk."""
+        a checkpoint one by one; a streamed head's slices, per batch). Empty when no weight lives
+        on disk."""
         reads = []
         for j, own in self.stage_files.items():
             if own is not None:
@@ -254,6 +282,10 @@ class WeightStore:
                 for loc in w.locations
                 if own is None or loc.path != own[0]
             ]
+            if j in self.streamed:  # and a streamed head's slices, one read each
+                loc = self.streamed[j].locations[0]
+                row = loc.nbytes // loc.shape[0]
+                reads += [(loc.path, loc.offset + r.start * row, len(r) * row) for r in self.head_slices(j)]
         return reads
 
     def load(self, stage: int) -> tuple[LoadedWeights, dict[str, int]]:
@@ -325,6 +357,17 @@ class WeightStore:
         """Rows ``ids`` (unique, ascending) of the stage's looked-up token table on the compute
         device, and the bytes read for them (:func:`~flexlab.engine.table_rows.table_rows`)."""
         return table_rows(self.looked_up[stage], ids, self.files, self.row_buffer, self.device, self.dtype)
+
+    def head_slices(self, stage: int) -> list[range]:
+        """The row ranges a streamed head reads its matrix in (:meth:`head_slice`)."""
+        loc = self.streamed[stage].locations[0]
+        return head_slices(loc.shape[0], loc.nbytes // loc.shape[0])
+
+    def head_slice(self, stage: int, rows: range) -> tuple[torch.Tensor, int]:
+        """Rows ``rows`` of the stage's streamed head matrix in the compute dtype, and the bytes
+        read (valid until the next slice is read: :func:`~flexlab.engine.table_rows.matrix_rows`)."""
+        assert self.head_buffers is not None, "a streamed head without its buffers"
+        return matrix_rows(self.streamed[stage].locations[0], rows, self.files, *self.head_buffers, self.dtype)
 
     def dequantized(self, loaded: LoadedWeights) -> dict[str, torch.Tensor]:
         """A loaded stage's weights with every compressed one dequantized (once per load)."""

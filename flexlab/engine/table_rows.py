@@ -1,6 +1,7 @@
 """The rows of a looked-up token table (:func:`~flexlab.engine.placement.looks_up_rows`): the
 embedding reads only the rows of the ids at hand from a table not in the compute's memory,
-instead of loading all of it every token."""
+instead of loading all of it every token; and a streamed head's matrix, read a slice of rows at
+a time (:func:`~flexlab.engine.placement.streams_rows`)."""
 
 from __future__ import annotations
 
@@ -73,3 +74,27 @@ def _as_rows(w: PlacedTable, parts: list[torch.Tensor], n: int, dtype: torch.dty
     if w.qt is None:
         return parts[0].to(dtype)
     return dataclasses.replace(w.qt.with_tensors(parts), shape=(n, w.qt.shape[1]))
+
+
+def matrix_rows(
+    loc: TensorLocation,
+    rows: range,
+    files: DiskFiles,
+    buf: torch.Tensor,
+    into: torch.Tensor | None,
+    dtype: torch.dtype,
+) -> tuple[torch.Tensor, int]:
+    """Rows ``rows`` of the matrix at ``loc`` on disk, read in one request into ``buf``, as
+    ``[n, columns]`` in ``dtype`` (converted into ``into`` where stored in another dtype; on a
+    CPU, the only device that streams), and the bytes read. A view of the buffers: valid until
+    they are read into again."""
+    row_bytes = loc.nbytes // loc.shape[0]
+    n = len(rows)
+    raw = files.read(loc.path, loc.offset + rows.start * row_bytes, n * row_bytes, buf)
+    if raw.data_ptr() % loc.dtype.itemsize:  # a checkpoint tensor at an odd offset
+        raw = raw.clone()
+    view = raw.view(loc.dtype).view(n, *loc.shape[1:])
+    if loc.dtype == dtype:
+        return view, n * row_bytes
+    assert into is not None, f"a {loc.dtype} matrix streamed into {dtype} without a conversion buffer"
+    return into[: view.numel() * dtype.itemsize].view(dtype).view(view.shape).copy_(view), n * row_bytes
