@@ -60,7 +60,7 @@ def looks_up_rows(spec: WeightSpec, stage: Stage, tier: str, token_table: str, c
     return "embed" in stage.parts and spec.short == token_table and rows_apart and tier != "gpu"
 
 
-HEAD_SLICE = 16 << 20  # bytes of a streamed head matrix read from disk at a time (see streams_rows)
+HEAD_SLICE = 64 << 20  # bytes of a streamed head matrix read from disk at a time (see streams_rows)
 
 
 def head_streams(on_cuda: bool, num_gpu_batches: int) -> bool:

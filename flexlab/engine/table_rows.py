@@ -12,7 +12,7 @@ from typing import Protocol
 import torch
 
 from flexlab.compress import QTensor
-from flexlab.engine.placement import row_spans
+from flexlab.engine.placement import ALIGN, row_spans
 from flexlab.engine.tiers import BufferPool, DiskFiles, nbytes
 from flexlab.models.loading import TensorLocation
 
@@ -89,8 +89,9 @@ def matrix_rows(
     CPU, the only device that streams), and the bytes read. A view of the buffers: valid until
     they are read into again."""
     row_bytes = loc.nbytes // loc.shape[0]
-    n = len(rows)
-    raw = files.read(loc.path, loc.offset + rows.start * row_bytes, n * row_bytes, buf)
+    n, start = len(rows), loc.offset + rows.start * row_bytes
+    # from an aligned offset: a large read is then split over the disk's threads
+    raw = files.read(loc.path, start - start % ALIGN, start % ALIGN + n * row_bytes, buf)[start % ALIGN :]
     if raw.data_ptr() % loc.dtype.itemsize:  # a checkpoint tensor at an odd offset
         raw = raw.clone()
     view = raw.view(loc.dtype).view(n, *loc.shape[1:])

@@ -51,6 +51,8 @@ RUNS = {
     "pipeline_prediction": ["--preset", "opt-tiny", "--stages", "1,2", "--prompt-len", "8", "--gen-len", "4"],
     "checkpoint_dtype": ["--preset", "opt-tiny", "--rounds", "1", "--prompt-len", "8", "--gen-len", "3"]
     + ["--gpu-batch-size", "2", "--num-gpu-batches", "2"],
+    "streamed_head": ["--preset", "opt-tiny", "--rounds", "1", "--sequences", "2", "--prompt-len", "8"]
+    + ["--gen-len", "3"],
     "embedding_rows": ["--presets", "opt-tiny,codegen-tiny", "--repeats", "1", "--gen-len", "3", "--label", "smoke"],
 }
 

@@ -90,7 +90,7 @@ def test_a_streamed_head_equals_transformers_and_the_model(pair, tmp_path):
 
 def test_a_large_streamed_table_is_read_in_slices_and_converted_from_a_narrower_checkpoint(tmp_path):
     """opt-125m-wide (50k rows of 768: 150 MB in float32) from a float16 checkpoint, computed in
-    float32: the head reads ~16 MiB slices and converts each into a buffer of its own; the
+    float32: the head reads 64 MiB slices and converts each into a buffer of its own; the
     tokens are the reference path's, the peaks the model's, and the buffers a slice's."""
     shape = flexlab.get_preset("opt-125m").replace(name="opt-125m-1layer", num_layers=1)
     random = flexlab.Model.from_config(shape, seed=0, dtype=torch.float32)
