@@ -32,17 +32,9 @@ from flexlab.cost.hardware import HardwareProfile
 from flexlab.cost.prediction import Prediction
 from flexlab.cost.probes import DEQUANT_PROBE_WIDTHS
 from flexlab.cost.sparse import value_gather
+from flexlab.cost.weight_reads import head_reads, row_reads
 from flexlab.engine.footprint import Footprint, footprint, kv_codecs
-from flexlab.engine.placement import (
-    ALIGN,
-    ROW_BUFFER,
-    ROW_GAP,
-    TIERS,
-    head_slices,
-    head_streams,
-    split_by_share,
-    tied_front,
-)
+from flexlab.engine.placement import TIERS, head_streams, split_by_share, tied_front
 from flexlab.engine.policy import Policy
 from flexlab.engine.schedule import stages_of
 from flexlab.engine.stage_cost import price_weights
@@ -284,9 +276,9 @@ class CostModel:
                 rows = min(b * tokens, cfg.vocab_size)
                 c += (rows * st.row_table + st.batch_dequant_elems) / self._dequant_rate()
             if looked_up:  # read by the compute, for each batch: its ids' rows of the token table
-                c += self._row_reads(table_tier, table_bytes, row_bytes, min(b * tokens, cfg.vocab_size))
+                c += row_reads(hw, table_tier, table_bytes, row_bytes, min(b * tokens, cfg.vocab_size))
             if streamed:  # read by the compute, for each batch: the head's matrix, a slice at a time
-                c += self._head_reads(st.streamed)
+                c += head_reads(hw, st.streamed, self.itemsize, self._convert_rate())
                 moved["read_head"] += m * streamed
             if p.act_tier != "gpu":
                 h = b * tokens * cfg.hidden_size * self.itemsize
@@ -320,26 +312,6 @@ class CostModel:
         narrow, wide = DEQUANT_PROBE_WIDTHS
         where = min(max(math.log(self.config.hidden_size / narrow) / math.log(wide / narrow), 0.0), 1.0)
         return hw.small_dequant_elems ** (1 - where) * hw.dequant_elems**where
-
-    def _head_reads(self, streamed: tuple[int, int, int]) -> float:
-        """Seconds for a streamed head to read its matrix from disk (and convert it where the
-        checkpoint is narrower): one read per :func:`~flexlab.engine.placement.head_slices` slice."""
-        stored, row_bytes, convert = streamed
-        hw, rows = self.hw, stored // row_bytes
-        seconds = stored / hw.disk_read_bw + len(head_slices(rows, row_bytes)) * hw.disk_latency_s
-        return seconds + (rows * convert // self.itemsize / self._convert_rate() if convert else 0.0)
-
-    def _row_reads(self, tier: str, table_bytes: int, row_bytes: int, rows: int) -> float:
-        """Seconds to read ``rows`` rows of a looked-up token table (:meth:`WeightStore.rows`).
-        From host memory to a GPU: the rows over the link. From disk, an estimate (which rows
-        depends on the text): ids spread evenly, one read each, unless they lie closer than
-        ``ROW_GAP`` apart on average, when the reads stream the whole table a buffer at a time."""
-        hw = self.hw
-        if tier == "cpu":
-            return hw.transfer_overhead_s + rows * row_bytes / hw.link_pageable_bw
-        if table_bytes / row_bytes / rows <= ROW_GAP + 1:
-            return table_bytes / hw.disk_read_bw + -(-table_bytes // ROW_BUFFER) * hw.disk_latency_s
-        return rows * (max(row_bytes, ALIGN) / hw.disk_read_bw + hw.disk_latency_s)
 
     def _cache_token(self, groups: Counter, tokens: int, cached: int):
         """As :meth:`_stage_token`, for one layer's attention over its KV cache: the attention

@@ -279,11 +279,12 @@ class BlockRun:
         read is a timed event of the compute."""
         weights, f, cfg, executor = self.ctx.weights, self.ctx.family, self.ctx.config, self.ctx.executor
         name, vocab = weights.streamed[step.stage].spec.short, cfg.vocab_size
+        stream = weights.streams[step.stage]
 
         def project(x: torch.Tensor) -> torch.Tensor:
             logits = []
-            for rows in weights.head_slices(step.stage):
-                read = lambda rows=rows: weights.head_slice(step.stage, rows)  # noqa: E731
+            for rows in stream.slices:
+                read = lambda rows=rows: stream.read(rows)  # noqa: E731
                 part = {n: v[rows.start : rows.stop] if v.dim() == 1 and len(v) == vocab else v for n, v in w.items()}
                 part[name] = executor.timed("read_head", step, read, moves_bytes=True)
                 logits.append(f.head(part, cfg, x))

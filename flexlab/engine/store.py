@@ -23,8 +23,6 @@ from flexlab.engine.placement import (
     ROW_BUFFER,
     align_up,
     compresses,
-    head_slice_buffers,
-    head_slices,
     head_streams,
     looks_up_rows,
     near_tiers,
@@ -35,12 +33,11 @@ from flexlab.engine.placement import (
     weight_read_buffers,
 )
 from flexlab.engine.schedule import Stage
-from flexlab.engine.table_rows import matrix_rows, table_rows
+from flexlab.engine.table_rows import HeadStream, table_rows
 from flexlab.engine.tiers import (
     BufferPool,
     DiskFiles,
     MemoryTracker,
-    aligned_empty,
     nbytes,
     return_freed_memory,
     staging_tier,
@@ -196,15 +193,11 @@ class WeightStore:
         self.row_buffer = BufferPool([ROW_BUFFER]) if from_disk else None
         self.row_buffer_bytes = ROW_BUFFER if from_disk else 0
         tracker.add(self.buffer_tier, "row read buffer", self.row_buffer_bytes)
-        # A streamed head's slices: read into one buffer, converted into another where the dtype differs.
-        self.head_buffers: tuple[torch.Tensor, torch.Tensor | None] | None = None
-        for w in self.streamed.values():
-            loc = w.locations[0]
-            convert = loc.shape[1] * self.dtype.itemsize if loc.dtype != self.dtype else 0
-            read, converted = head_slice_buffers((loc.nbytes, loc.nbytes // loc.shape[0], convert))
-            self.head_buffers = (aligned_empty(read), aligned_empty(converted) if converted else None)
-            tracker.add(self.buffer_tier, "head read buffer", read)
-            tracker.add("gpu", "head conversion buffer", converted)
+        # A streamed head's slices come through buffers of their own.
+        self.streams = {j: HeadStream(w.locations[0], files, dtype) for j, w in self.streamed.items()}
+        for head in self.streams.values():
+            tracker.add(self.buffer_tier, "head read buffer", head.buffer.numel())
+            tracker.add("gpu", "head conversion buffer", 0 if head.converted is None else head.converted.numel())
 
     def _stored(self, model, spec: WeightSpec) -> tuple[list[torch.Tensor], QTensor | None]:
         """A weight as it is stored: the tensor, or its quantized parts."""
@@ -282,10 +275,7 @@ class WeightStore:
                 for loc in w.locations
                 if own is None or loc.path != own[0]
             ]
-            if j in self.streamed:  # and a streamed head's slices, one read each
-                loc = self.streamed[j].locations[0]
-                row = loc.nbytes // loc.shape[0]
-                reads += [(loc.path, loc.offset + r.start * row, len(r) * row) for r in self.head_slices(j)]
+            reads += self.streams[j].reads() if j in self.streams else []  # a streamed head's slices
         return reads
 
     def load(self, stage: int) -> tuple[LoadedWeights, dict[str, int]]:
@@ -357,17 +347,6 @@ class WeightStore:
         """Rows ``ids`` (unique, ascending) of the stage's looked-up token table on the compute
         device, and the bytes read for them (:func:`~flexlab.engine.table_rows.table_rows`)."""
         return table_rows(self.looked_up[stage], ids, self.files, self.row_buffer, self.device, self.dtype)
-
-    def head_slices(self, stage: int) -> list[range]:
-        """The row ranges a streamed head reads its matrix in (:meth:`head_slice`)."""
-        loc = self.streamed[stage].locations[0]
-        return head_slices(loc.shape[0], loc.nbytes // loc.shape[0])
-
-    def head_slice(self, stage: int, rows: range) -> tuple[torch.Tensor, int]:
-        """Rows ``rows`` of the stage's streamed head matrix in the compute dtype, and the bytes
-        read (valid until the next slice is read: :func:`~flexlab.engine.table_rows.matrix_rows`)."""
-        assert self.head_buffers is not None, "a streamed head without its buffers"
-        return matrix_rows(self.streamed[stage].locations[0], rows, self.files, *self.head_buffers, self.dtype)
 
     def dequantized(self, loaded: LoadedWeights) -> dict[str, torch.Tensor]:
         """A loaded stage's weights with every compressed one dequantized (once per load)."""

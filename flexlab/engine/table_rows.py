@@ -7,13 +7,14 @@ from __future__ import annotations
 
 import bisect
 import dataclasses
+from pathlib import Path
 from typing import Protocol
 
 import torch
 
 from flexlab.compress import QTensor
-from flexlab.engine.placement import ALIGN, row_spans
-from flexlab.engine.tiers import BufferPool, DiskFiles, nbytes
+from flexlab.engine.placement import ALIGN, head_slice_buffers, head_slices, row_spans
+from flexlab.engine.tiers import BufferPool, DiskFiles, aligned_empty, nbytes
 from flexlab.models.loading import TensorLocation
 
 
@@ -76,26 +77,38 @@ def _as_rows(w: PlacedTable, parts: list[torch.Tensor], n: int, dtype: torch.dty
     return dataclasses.replace(w.qt.with_tensors(parts), shape=(n, w.qt.shape[1]))
 
 
-def matrix_rows(
-    loc: TensorLocation,
-    rows: range,
-    files: DiskFiles,
-    buf: torch.Tensor,
-    into: torch.Tensor | None,
-    dtype: torch.dtype,
-) -> tuple[torch.Tensor, int]:
-    """Rows ``rows`` of the matrix at ``loc`` on disk, read in one request into ``buf``, as
-    ``[n, columns]`` in ``dtype`` (converted into ``into`` where stored in another dtype; on a
-    CPU, the only device that streams), and the bytes read. A view of the buffers: valid until
-    they are read into again."""
-    row_bytes = loc.nbytes // loc.shape[0]
-    n, start = len(rows), loc.offset + rows.start * row_bytes
-    # from an aligned offset: a large read is then split over the disk's threads
-    raw = files.read(loc.path, start - start % ALIGN, start % ALIGN + n * row_bytes, buf)[start % ALIGN :]
-    if raw.data_ptr() % loc.dtype.itemsize:  # a checkpoint tensor at an odd offset
-        raw = raw.clone()
-    view = raw.view(loc.dtype).view(n, *loc.shape[1:])
-    if loc.dtype == dtype:
-        return view, n * row_bytes
-    assert into is not None, f"a {loc.dtype} matrix streamed into {dtype} without a conversion buffer"
-    return into[: view.numel() * dtype.itemsize].view(dtype).view(view.shape).copy_(view), n * row_bytes
+class HeadStream:
+    """A streamed head's matrix on disk (:func:`~flexlab.engine.placement.streams_rows`) and the
+    buffers its slices come through: one read into, one converted into where the matrix is
+    stored in another dtype than the compute's (on a CPU, the only device that streams)."""
+
+    def __init__(self, loc: TensorLocation, files: DiskFiles, dtype: torch.dtype) -> None:
+        self.loc, self.files, self.dtype = loc, files, dtype
+        self.row_bytes = loc.nbytes // loc.shape[0]
+        convert = loc.shape[1] * dtype.itemsize if loc.dtype != dtype else 0
+        read, converted = head_slice_buffers((loc.nbytes, self.row_bytes, convert))
+        self.buffer, self.converted = aligned_empty(read), aligned_empty(converted) if converted else None
+        self.slices = head_slices(loc.shape[0], self.row_bytes)  # the row ranges read in turn
+
+    def reads(self) -> list[tuple[Path, int, int]]:
+        """The slices' reads: ``(file, offset, bytes)``."""
+        return [
+            (self.loc.path, self.loc.offset + r.start * self.row_bytes, len(r) * self.row_bytes) for r in self.slices
+        ]
+
+    def read(self, rows: range) -> tuple[torch.Tensor, int]:
+        """Rows ``rows`` in one request, as ``[n, columns]`` in the compute dtype, and the bytes
+        read. A view of the buffers: valid until the next read."""
+        loc, n = self.loc, len(rows)
+        start = loc.offset + rows.start * self.row_bytes
+        # from an aligned offset: a large read is then split over the disk's threads
+        size = start % ALIGN + n * self.row_bytes
+        raw = self.files.read(loc.path, start - start % ALIGN, size, self.buffer)[start % ALIGN :]
+        if raw.data_ptr() % loc.dtype.itemsize:  # a checkpoint tensor at an odd offset
+            raw = raw.clone()
+        view = raw.view(loc.dtype).view(n, *loc.shape[1:])
+        if loc.dtype == self.dtype:
+            return view, n * self.row_bytes
+        assert self.converted is not None, f"a {loc.dtype} matrix streamed into {self.dtype} without its buffer"
+        into = self.converted[: view.numel() * self.dtype.itemsize].view(self.dtype).view(view.shape)
+        return into.copy_(view), n * self.row_bytes

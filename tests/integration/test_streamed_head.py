@@ -98,8 +98,8 @@ def test_a_large_streamed_table_is_read_in_slices_and_converted_from_a_narrower_
     model = flexlab.Model.from_pretrained(tmp_path / "f16", dtype=torch.float32)
     policy = Policy.from_percent(ALL_ON_DISK, gpu_batch_size=2)
     with flexlab.Engine(model, policy, offload_dir=tmp_path / "off") as engine:
-        assert engine.weights.head_buffers is not None
-        read, converted = engine.weights.head_buffers
+        (stream,) = engine.weights.streams.values()
+        read, converted = stream.buffer, stream.converted
         assert converted is not None and HEAD_SLICE <= read.numel() < HEAD_SLICE + 2**16
         assert converted.numel() <= 2 * HEAD_SLICE
         result = engine.generate(SAME_LENGTH, max_new_tokens=3, stop_token_ids=None)
