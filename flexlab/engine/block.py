@@ -23,6 +23,7 @@ from flexlab.engine.kvcodec import KVCodec
 from flexlab.engine.positions import TokenPlaces
 from flexlab.engine.schedule import Step, block_schedule
 from flexlab.engine.sparse import sparse_decode
+from flexlab.engine.table_rows import streamed_projection
 from flexlab.engine.tiers import return_freed_memory
 from flexlab.models.attention import attend, decode_attention
 from flexlab.models.generation import left_pad
@@ -248,7 +249,14 @@ class BlockRun:
         if "mlp" in stage.parts:
             h = f.mlp(w, cfg, h)
         if "head" in stage.parts:
-            project = self._streamed_head(step, w) if j in ctx.weights.streamed else (lambda x: f.head(w, cfg, x))
+            if j in ctx.weights.streamed:  # its matrix read a slice at a time, each read timed
+                name, stream = ctx.weights.streamed[j].spec.short, ctx.weights.streams[j]
+                read = lambda rows: ctx.executor.timed("read_head", step, lambda: stream.read(rows), moves_bytes=True)  # noqa: E731
+                project = streamed_projection(
+                    lambda part, x: f.head(part, cfg, x), w, name, cfg.vocab_size, stream.slices, read
+                )
+            else:
+                project = lambda x: f.head(w, cfg, x)  # noqa: E731
             new = self.head(project, h, t, k)
             return {"next": new, "stop": ctx.peers is not None and self.head.finished()}  # the stop is sent on
         return {"h": h, "kv": kv}
@@ -271,26 +279,6 @@ class BlockRun:
         if loaded.dequantized is None:
             self.ctx.executor.timed("dequantize_weight", step, lambda: self.ctx.weights.dequantized(loaded))
         return loaded.dequantized
-
-    def _streamed_head(self, step: Step, w: dict) -> Callable[[torch.Tensor], torch.Tensor]:
-        """The head's projection onto a matrix read from disk a slice of rows at a time
-        (:func:`~flexlab.engine.placement.streams_rows`): the family's own head on each slice's
-        rows (and those of any vector over the vocabulary: a bias), the logits joined. Each
-        read is a timed event of the compute."""
-        weights, f, cfg, executor = self.ctx.weights, self.ctx.family, self.ctx.config, self.ctx.executor
-        name, vocab = weights.streamed[step.stage].spec.short, cfg.vocab_size
-        stream = weights.streams[step.stage]
-
-        def project(x: torch.Tensor) -> torch.Tensor:
-            logits = []
-            for rows in stream.slices:
-                read = lambda rows=rows: stream.read(rows)  # noqa: E731
-                part = {n: v[rows.start : rows.stop] if v.dim() == 1 and len(v) == vocab else v for n, v in w.items()}
-                part[name] = executor.timed("read_head", step, read, moves_bytes=True)
-                logits.append(f.head(part, cfg, x))
-            return torch.cat(logits, dim=-1)
-
-        return project
 
     def _embedding_weights(self, step: Step, loaded, ids: torch.Tensor) -> tuple[dict, torch.Tensor]:
         """The embed stage's weights for looking up ``ids``. A token table the load left where it

@@ -13,12 +13,12 @@ that crossed each link, which the executor records in the timeline. Layouts:
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from flexlab.compress import QTensor, dequantize, quantize
+from flexlab.engine.placed import LoadedWeights, PlacedWeight, layout
 from flexlab.engine.placement import (
     ROW_BUFFER,
     align_up,
@@ -45,35 +45,6 @@ from flexlab.engine.tiers import (
 )
 from flexlab.models.family import WeightSpec
 from flexlab.models.loading import TensorLocation
-
-
-@dataclass
-class LoadedWeights:
-    """A stage's weights on the compute device (compressed ones as ``QTensor``); ``buffer`` is the
-    read buffer they may live in; ``dequantized`` is filled by the first compute that needs it."""
-
-    tensors: dict[str, torch.Tensor | QTensor]
-    buffer: torch.Tensor | None
-    copied_bytes: int
-    dequantized: dict[str, torch.Tensor] | None = None
-    converted: torch.Tensor | None = None  # the conversion buffer its converted weights live in
-    dequant_buffer: torch.Tensor | None = None  # the buffer its dequantized weights live in (a CPU's)
-
-
-@dataclass
-class PlacedWeight:
-    """A weight on its tier: one tensor, or a compressed weight's stored tensors (``qt`` says how
-    to rebuild it), held in memory (``tensors``) or where they lie on disk (``locations``)."""
-
-    spec: WeightSpec
-    tier: str
-    tensors: list[torch.Tensor] = field(default_factory=list)  # the gpu and cpu tiers
-    locations: list[TensorLocation] = field(default_factory=list)  # the disk tier
-    qt: QTensor | None = None  # the layout only (meta tensors): the data is in tensors or locations
-
-    @property
-    def nbytes(self) -> int:
-        return sum(map(nbytes, self.tensors)) + sum(p.nbytes for p in self.locations)
 
 
 class WeightStore:
@@ -217,7 +188,7 @@ class WeightStore:
                 TensorLocation(path, offset, nbytes(t), t.dtype, tuple(t.shape))
                 for offset, t in (next(packed) for _ in parts)
             ]
-            self.placed[spec.name] = w = PlacedWeight(spec, "disk", locations=disk, qt=_layout(qt))
+            self.placed[spec.name] = w = PlacedWeight(spec, "disk", locations=disk, qt=layout(qt))
             self.tracker.add("disk", "weights", w.nbytes)
         return path, path.stat().st_size
 
@@ -233,7 +204,7 @@ class WeightStore:
                 parts = [p.pin_memory() for p in parts]
             elif parts[0].device.type == "cpu" and model.weights.maps(spec.name):
                 parts = [p.clone() for p in parts]  # out of the file's map, into memory that stays put
-            w = PlacedWeight(spec, tier, tensors=parts, qt=_layout(qt))
+            w = PlacedWeight(spec, tier, tensors=parts, qt=layout(qt))
         self.tracker.add(tier, "weights", w.nbytes)
         return w
 
@@ -413,11 +384,3 @@ class WeightStore:
         for w in self.placed.values():
             out[w.tier] += w.nbytes
         return out
-
-
-def _layout(qt: QTensor | None) -> QTensor | None:
-    """``qt`` without its data (meta tensors), to rebuild it around the parts a load brings.
-    Keeping ``qt`` itself kept every compressed weight in host memory a second time, untracked:
-    on disk-tier weights, the whole model (0.4 GB of 4-bit opt-1.3b); on the gpu and cpu tiers,
-    the copy from before the move, pinning or clone."""
-    return None if qt is None else qt.with_tensors([t.to("meta") for t in qt.tensors()])

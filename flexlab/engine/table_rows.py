@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import bisect
 import dataclasses
+from collections.abc import Callable
 from pathlib import Path
 from typing import Protocol
 
@@ -19,7 +20,7 @@ from flexlab.models.loading import TensorLocation
 
 
 class PlacedTable(Protocol):
-    """A placed token table as :class:`~flexlab.engine.store.PlacedWeight` holds it."""
+    """A placed token table as :class:`~flexlab.engine.placed.PlacedWeight` holds it."""
 
     tier: str
     tensors: list[torch.Tensor]
@@ -112,3 +113,26 @@ class HeadStream:
         assert self.converted is not None, f"a {loc.dtype} matrix streamed into {self.dtype} without its buffer"
         into = self.converted[: view.numel() * self.dtype.itemsize].view(self.dtype).view(view.shape)
         return into.copy_(view), n * self.row_bytes
+
+
+def streamed_projection(
+    head: Callable[[dict, torch.Tensor], torch.Tensor],
+    w: dict,
+    name: str,
+    vocab: int,
+    slices: list[range],
+    read: Callable[[range], torch.Tensor],
+) -> Callable[[torch.Tensor], torch.Tensor]:
+    """A head's projection onto its matrix ``name`` read a slice of rows at a time (``read``):
+    the family's own ``head`` on each slice's rows (and those of any vector over the vocabulary
+    in ``w``: a bias), the logits joined."""
+
+    def project(x: torch.Tensor) -> torch.Tensor:
+        logits = []
+        for rows in slices:
+            part = {n: v[rows.start : rows.stop] if v.dim() == 1 and len(v) == vocab else v for n, v in w.items()}
+            part[name] = read(rows)
+            logits.append(head(part, x))
+        return torch.cat(logits, dim=-1)
+
+    return project
