@@ -18,12 +18,12 @@ from flexlab.compress import QTensor, dequantize
 from flexlab.engine.acts import ActStore
 from flexlab.engine.cache import KV, CacheStore, LoadedCache
 from flexlab.engine.context import BlockContext, Peers
-from flexlab.engine.heads import Head
+from flexlab.engine.heads import Head, Projection
 from flexlab.engine.kvcodec import KVCodec
 from flexlab.engine.positions import TokenPlaces
 from flexlab.engine.schedule import Step, block_schedule
 from flexlab.engine.sparse import sparse_decode
-from flexlab.engine.table_rows import streamed_projection
+from flexlab.engine.table_rows import streamed_slices
 from flexlab.engine.tiers import return_freed_memory
 from flexlab.models.attention import attend, decode_attention
 from flexlab.models.generation import left_pad
@@ -252,11 +252,11 @@ class BlockRun:
             if j in ctx.weights.streamed:  # its matrix read a slice at a time, each read timed
                 name, stream = ctx.weights.streamed[j].spec.short, ctx.weights.streams[j]
                 read = lambda rows: ctx.executor.timed("read_head", step, lambda: stream.read(rows), moves_bytes=True)  # noqa: E731
-                project = streamed_projection(
-                    lambda part, x: f.head(part, cfg, x), w, name, cfg.vocab_size, stream.slices, read
+                project = Projection(
+                    streamed_slices(lambda part, x: f.head(part, cfg, x), w, name, cfg.vocab_size, stream.slices, read)
                 )
             else:
-                project = lambda x: f.head(w, cfg, x)  # noqa: E731
+                project = Projection.whole(lambda x: f.head(w, cfg, x), cfg.vocab_size)
             new = self.head(project, h, t, k)
             return {"next": new, "stop": ctx.peers is not None and self.head.finished()}  # the stop is sent on
         return {"h": h, "kv": kv}

@@ -342,7 +342,7 @@ class Engine:
             head = (
                 TeacherHead(chunk, bs, self.model.config.padding_id, self.device)
                 if teacher_forced
-                else ScoreHead(chunk, bs, self.model.config.vocab_size)
+                else ScoreHead(chunk, bs)
             )
             self._run(head)
             out += list(zip(head.scores, head.greedy)) if greedy else head.scores

@@ -15,12 +15,69 @@ whether anything will read the KV cache it writes.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import torch
 
 LOGIT_BYTES = 64 << 20  # the most float32 log-probabilities a ScoreHead holds at once
 Project = Callable[[torch.Tensor], torch.Tensor]  # hidden states [..., hidden] -> logits [..., vocab]
+
+
+class Projection:
+    """The head's projection onto the vocabulary, a slice of it at a time: ``slices()`` yields
+    each slice's token ids and a projection onto them, valid until the next slice is asked for
+    (a streamed head's matrix comes through one buffer: :func:`~flexlab.engine.table_rows.streamed_slices`).
+    Each pass over the slices reads the matrix once, so a head makes one pass per batch."""
+
+    def __init__(self, slices: Callable[[], Iterator[tuple[range, Project]]]) -> None:
+        self.slices = slices
+
+    @classmethod
+    def whole(cls, project: Project, vocab_size: int) -> Projection:
+        """A projection onto the whole vocabulary at once."""
+        return cls(lambda: iter([(range(vocab_size), project)]))
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits ``[..., vocab]`` of hidden states ``x`` ``[..., hidden]``."""
+        parts = [project(x) for _, project in self.slices()]
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
+
+    def target_log_probs(
+        self, xs: list[torch.Tensor], targets: list[torch.Tensor]
+    ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """For each ``xs[i]`` (``[n, hidden]``) the float32 log-probability of ``targets[i]``
+        (``[n]``) at each position and whether it is the most likely token there, in one pass
+        over the slices: each slice's logits in chunks of positions under ``LOGIT_BYTES``, the
+        normaliser summed across slices from a running maximum (as ``log_softmax`` does in one)."""
+        state = [_Running(x.shape[0], x.device) for x in xs]
+        for ids, project in self.slices():
+            step = max(1, LOGIT_BYTES // (4 * len(ids)))
+            for x, target, run in zip(xs, targets, state):
+                for i in range(0, x.shape[0], step):
+                    run.add(slice(i, i + step), project(x[i : i + step]).float(), ids, target[i : i + step])
+        return [(run.target - run.top - run.total.log(), run.best == target) for run, target in zip(state, targets)]
+
+
+class _Running:
+    """Per position: the largest logit so far and its id (the first, as ``argmax`` picks), the
+    sum of ``exp(logit - largest)``, and the target's logit once its slice came."""
+
+    def __init__(self, n: int, device: torch.device) -> None:
+        self.top = torch.full((n,), -torch.inf, device=device)
+        self.total = torch.zeros(n, device=device)
+        self.target = torch.zeros(n, device=device)
+        self.best = torch.zeros(n, dtype=torch.long, device=device)
+
+    def add(self, at: slice, logits: torch.Tensor, ids: range, target: torch.Tensor) -> None:
+        top, best = logits.max(dim=-1)
+        new_top = torch.maximum(self.top[at], top)
+        rescale = torch.exp(self.top[at] - new_top)  # 0 for the first slice: exp(-inf)
+        self.total[at] = self.total[at] * rescale + torch.exp(logits - new_top[:, None]).sum(-1)
+        self.best[at] = torch.where(top > self.top[at], best + ids.start, self.best[at])
+        self.top[at] = new_top
+        mine = (target >= ids.start) & (target < ids.stop)
+        picked = logits.gather(-1, (target - ids.start).clamp(0, len(ids) - 1)[:, None]).squeeze(-1)
+        self.target[at] = torch.where(mine, picked, self.target[at])
 
 
 class Head:
@@ -42,7 +99,7 @@ class Head:
         """Whether the run may stop before ``num_tokens`` (every sequence has stopped)."""
         return False
 
-    def __call__(self, project: Project, h: torch.Tensor, t: int, k: int) -> torch.Tensor | None:
+    def __call__(self, project: Projection, h: torch.Tensor, t: int, k: int) -> torch.Tensor | None:
         raise NotImplementedError
 
 
@@ -99,9 +156,8 @@ class ScoreHead(Head):
 
     keeps_cache = False
 
-    def __init__(self, ids, gpu_batch_size: int, vocab_size: int) -> None:
+    def __init__(self, ids, gpu_batch_size: int) -> None:
         super().__init__(ids, gpu_batch_size, 1)
-        self.positions = max(1, LOGIT_BYTES // (4 * vocab_size))  # per chunk of log-probabilities
         self.width = max(map(len, ids)) - 1  # the fed tokens (all but each last) are left-padded to it
         self.scores: list[torch.Tensor] = [torch.empty(0)] * len(ids)
         self.greedy: list[torch.Tensor] = [torch.empty(0, dtype=torch.bool)] * len(ids)
@@ -111,20 +167,14 @@ class ScoreHead(Head):
         return [[self.ids[r][:-1] for r in rows] for rows in self.batch_rows]
 
     def __call__(self, project, h, t, k):
-        # A sequence's positions at a time, in chunks whose float32 log-probabilities stay under
-        # LOGIT_BYTES: all of a batch's at once would be b x s x vocab floats (GiBs for a long window).
-        for r, row in enumerate(self.batch_rows[k]):
-            seq = self.ids[row]
-            first = self.width - (len(seq) - 1)
-            target = torch.tensor(seq[1:], device=h.device)
-            step = self.positions
-            scores, greedy = [], []
-            for i in range(0, len(seq) - 1, step):
-                logprobs = torch.log_softmax(project(h[r, first + i : first + i + step]).float(), dim=-1)
-                mine = target[i : i + step]
-                scores.append(logprobs.gather(-1, mine[:, None]).squeeze(-1))
-                greedy.append(logprobs.argmax(-1) == mine)
-            self.scores[row], self.greedy[row] = torch.cat(scores).cpu(), torch.cat(greedy).cpu()
+        # Each sequence's own positions (left-padded to the batch's width), all of the batch's in one
+        # pass over the head's matrix: a streamed head reads it once per batch, not once per sequence.
+        rows = self.batch_rows[k]
+        seqs = [self.ids[row] for row in rows]
+        xs = [h[r, self.width - (len(seq) - 1) :] for r, seq in enumerate(seqs)]
+        targets = [torch.tensor(seq[1:], device=h.device) for seq in seqs]
+        for row, (scores, greedy) in zip(rows, project.target_log_probs(xs, targets)):
+            self.scores[row], self.greedy[row] = scores.cpu(), greedy.cpu()
         return None
 
 

@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import bisect
 import dataclasses
-from collections.abc import Callable
+import functools
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Protocol
 
@@ -115,24 +116,22 @@ class HeadStream:
         return into.copy_(view), n * self.row_bytes
 
 
-def streamed_projection(
+def streamed_slices(
     head: Callable[[dict, torch.Tensor], torch.Tensor],
     w: dict,
     name: str,
     vocab: int,
     slices: list[range],
     read: Callable[[range], torch.Tensor],
-) -> Callable[[torch.Tensor], torch.Tensor]:
-    """A head's projection onto its matrix ``name`` read a slice of rows at a time (``read``):
-    the family's own ``head`` on each slice's rows (and those of any vector over the vocabulary
-    in ``w``: a bias), the logits joined."""
+) -> Callable[[], Iterator[tuple[range, Callable[[torch.Tensor], torch.Tensor]]]]:
+    """A head's projection onto its matrix ``name`` read a slice of rows at a time (``read``),
+    as :class:`~flexlab.engine.heads.Projection` takes it: per slice its rows, and the family's
+    own ``head`` on those rows (and on those of any vector over the vocabulary in ``w``: a bias)."""
 
-    def project(x: torch.Tensor) -> torch.Tensor:
-        logits = []
+    def each() -> Iterator[tuple[range, Callable[[torch.Tensor], torch.Tensor]]]:
         for rows in slices:
             part = {n: v[rows.start : rows.stop] if v.dim() == 1 and len(v) == vocab else v for n, v in w.items()}
             part[name] = read(rows)
-            logits.append(head(part, x))
-        return torch.cat(logits, dim=-1)
+            yield rows, functools.partial(head, part)
 
-    return project
+    return each

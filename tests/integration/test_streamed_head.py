@@ -63,8 +63,18 @@ def test_a_streamed_head_equals_transformers_and_the_model(pair, tmp_path):
         assert engine.weights.stage_disk_bytes[stage] < matrix  # the head's load leaves the matrix out
         result = engine.generate(PROMPTS, max_new_tokens=NEW)
         assert result.token_ids == hf_greedy(hf, PROMPTS, NEW)
+        stream, read, plain = engine.weights.streams[stage], [], engine.weights.streams[stage].read
+
+        def counted(rows):
+            out = plain(rows)
+            read.append(out[1])
+            return out
+
+        stream.read = counted
         for ours, theirs in zip(engine.score(PROMPTS), hf_scores(hf, PROMPTS)):
             assert torch.allclose(ours, theirs, atol=1e-4)
+        assert sum(read) == matrix  # one pass over the matrix scores the whole batch
+        del stream.read
         for ours, theirs in zip(engine.score(PROMPTS, teacher_forced=True), hf_scores(hf, PROMPTS)):
             assert torch.allclose(ours, theirs, atol=1e-4)
         # the head's reads: the whole matrix once per token (one batch), a timed event of its compute
@@ -103,10 +113,21 @@ def test_a_large_streamed_table_is_read_in_slices_and_converted_from_a_narrower_
         assert converted is not None and HEAD_SLICE <= read.numel() < HEAD_SLICE + 2**16
         assert converted.numel() <= 2 * HEAD_SLICE
         result = engine.generate(SAME_LENGTH, max_new_tokens=3, stop_token_ids=None)
+        scored = engine.score(SAME_LENGTH, greedy=True)
     assert result.token_ids == model.generate(SAME_LENGTH, max_new_tokens=3, stop_token_ids=None).token_ids
+    for (ours, top), (lp, greedy) in zip(scored, _whole_scores(model, SAME_LENGTH)):  # over two slices
+        torch.testing.assert_close(ours, lp, atol=1e-4, rtol=0)
+        assert top.tolist() == greedy.tolist()
     reads = result.timeline.to_pandas().query("kind == 'read_head'")
     table = shape.vocab_size * shape.hidden_size * 2
     assert len(reads) == 3 * -(-table // HEAD_SLICE) and reads.bytes.sum() == 3 * table
     pred = _predicted(model, policy, SAME_LENGTH, 3)
     for tier in ("gpu", "cpu", "disk"):
         assert pred.peak_bytes[tier] == result.metrics[f"peak_bytes_{tier}"], tier
+
+
+def _whole_scores(model, seqs):
+    """Per sequence the log-probabilities of its tokens from the resident engine's whole head,
+    and whether each is the most likely."""
+    with flexlab.Engine(model, Policy(gpu_batch_size=len(seqs))) as engine:
+        return engine.score(seqs, greedy=True)
