@@ -277,8 +277,11 @@ class CostModel:
                 c += (rows * st.row_table + st.batch_dequant_elems) / self._dequant_rate()
             if looked_up:  # read by the compute, for each batch: its ids' rows of the token table
                 c += row_reads(hw, table_tier, table_bytes, row_bytes, min(b * tokens, cfg.vocab_size))
-            if streamed:  # read by the compute, for each batch: the head's matrix, a slice at a time
-                c += head_reads(hw, st.streamed, self.itemsize, self._convert_rate())
+            if streamed:  # for each batch, the head's matrix a slice at a time, on the weight lane
+                slices_s, first = head_reads(hw, st.streamed, self.itemsize, self._convert_rate())
+                d += slices_s
+                if p.overlap:  # it waits for the first slice; the reader takes cores beside it
+                    c += first + streamed / 1e9 * hw.disk_stall_s_per_gb
                 moved["read_head"] += m * streamed
             if p.act_tier != "gpu":
                 h = b * tokens * cfg.hidden_size * self.itemsize

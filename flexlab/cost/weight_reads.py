@@ -1,4 +1,4 @@
-"""What the reads a compute makes itself cost (not a stage's load): the embedding's rows of a
+"""What the reads a compute asks for itself cost (not a stage's load): the embedding's rows of a
 looked-up token table and a streamed head's slices (:mod:`flexlab.engine.table_rows`)."""
 
 from __future__ import annotations
@@ -19,11 +19,16 @@ def row_reads(hw: HardwareProfile, tier: str, table_bytes: int, row_bytes: int, 
     return rows * (max(row_bytes, ALIGN) / hw.disk_read_bw + hw.disk_latency_s)
 
 
-def head_reads(hw: HardwareProfile, streamed: tuple[int, int, int], itemsize: int, convert_rate: float) -> float:
+def head_reads(
+    hw: HardwareProfile, streamed: tuple[int, int, int], itemsize: int, convert_rate: float
+) -> tuple[float, float]:
     """Seconds for a streamed head to read its matrix from disk (``StageCost.streamed``), one
     read per :func:`~flexlab.engine.placement.head_slices` slice, and to convert it at
-    ``convert_rate`` elements/s where the checkpoint is narrower."""
+    ``convert_rate`` elements/s where the checkpoint is narrower; and of that, the first slice's
+    share: the compute waits for it, and projects onto each slice while the next is read."""
     stored, row_bytes, convert = streamed
     rows = stored // row_bytes
-    seconds = stored / hw.disk_read_bw + len(head_slices(rows, row_bytes)) * hw.disk_latency_s
-    return seconds + (rows * convert // itemsize / convert_rate if convert else 0.0)
+    slices = len(head_slices(rows, row_bytes))
+    seconds = stored / hw.disk_read_bw + slices * hw.disk_latency_s
+    seconds += rows * convert // itemsize / convert_rate if convert else 0.0
+    return seconds, seconds / slices

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from concurrent.futures import Future
 
 import torch
 
@@ -18,6 +19,7 @@ from flexlab.compress import QTensor, dequantize
 from flexlab.engine.acts import ActStore
 from flexlab.engine.cache import KV, CacheStore, LoadedCache
 from flexlab.engine.context import BlockContext, Peers
+from flexlab.engine.executor import LANES
 from flexlab.engine.heads import Head, Projection
 from flexlab.engine.kvcodec import KVCodec
 from flexlab.engine.positions import TokenPlaces
@@ -249,11 +251,14 @@ class BlockRun:
         if "mlp" in stage.parts:
             h = f.mlp(w, cfg, h)
         if "head" in stage.parts:
-            if j in ctx.weights.streamed:  # its matrix read a slice at a time, each read timed
+            if j in ctx.weights.streamed:  # its matrix read a slice at a time on the weight lane
                 name, stream = ctx.weights.streamed[j].spec.short, ctx.weights.streams[j]
-                read = lambda rows: ctx.executor.timed("read_head", step, lambda: stream.read(rows), moves_bytes=True)  # noqa: E731
+
+                def fetch(rows: range, slot: int) -> Future:
+                    return ctx.executor.ahead(LANES["load_weight"], "read_head", step, lambda: stream.read(rows, slot))
+
                 project = Projection(
-                    streamed_slices(lambda part, x: f.head(part, cfg, x), w, name, cfg.vocab_size, stream.slices, read)
+                    streamed_slices(lambda part, x: f.head(part, cfg, x), w, name, cfg.vocab_size, stream.slices, fetch)
                 )
             else:
                 project = Projection.whole(lambda x: f.head(w, cfg, x), cfg.vocab_size)

@@ -271,6 +271,24 @@ class Executor:
         self.pending_events.append((COMPUTE_LANE, step, start, self.clock.mark(), moved, kind))
         return value
 
+    def ahead(self, lane: str, kind: str, step: Step, fn: Callable[[], tuple[Any, int]]) -> Future:
+        """Run ``fn`` (returning ``(value, bytes moved)``) on ``lane``'s thread, behind what the
+        lane has queued, while the compute of ``step`` goes on, recorded as an event ``kind`` of
+        that lane: a read a compute asks for ahead of its own use (a streamed head's next slice
+        of rows, on a CPU). Waited for at once without overlap."""
+
+        def task():
+            with torch.inference_mode():
+                start = self.clock.mark()
+                value, moved = fn()
+                self.pending_events.append((lane, step, start, self.clock.mark(), moved, kind))
+                return value
+
+        future = self.lanes[lane].submit(task)
+        if not self.overlap:
+            future.result()
+        return future
+
     def restart_clock(self) -> None:
         """Make the next events' times count from now."""
         self.clock = Clock(self.device)

@@ -35,6 +35,7 @@ import torch
 from flexlab.compress.quant import QuantConfig, quantize_workspace
 from flexlab.engine.kvcodec import KVCodec
 from flexlab.engine.placement import (
+    HEAD_BUFFERS,
     ROW_BUFFER,
     TIERS,
     cache_read_buffers,
@@ -77,9 +78,9 @@ def engine_peak(
     out["cpu" if on_cuda else "gpu"] += sum(weight_read_buffers(packed))  # the stages' files are read into
     if any(st.looked_up[0] == "disk" for st in priced):  # the token table's rows come through one more
         out["cpu" if on_cuda else "gpu"] += ROW_BUFFER
-    for st in priced:  # a streamed head's slices come through one more (and one to convert them into)
+    for st in priced:  # a streamed head's slices come through two more (and two to convert them into)
         if st.streamed[0]:
-            out["cpu" if on_cuda else "gpu"] += sum(head_slice_buffers(st.streamed))
+            out["cpu" if on_cuda else "gpu"] += HEAD_BUFFERS * sum(head_slice_buffers(st.streamed))
     # On the compute device: the computing stage's copies of weights from other tiers and its
     # dequantized matrices, and the next stage's copies (prefetched; after the last stage comes
     # the first, for the next token or group). A CPU uses its reads in place, or converts them

@@ -26,7 +26,8 @@ Project = Callable[[torch.Tensor], torch.Tensor]  # hidden states [..., hidden] 
 class Projection:
     """The head's projection onto the vocabulary, a slice of it at a time: ``slices()`` yields
     each slice's token ids and a projection onto them, valid until the next slice is asked for
-    (a streamed head's matrix comes through one buffer: :func:`~flexlab.engine.table_rows.streamed_slices`).
+    (a streamed head's matrix comes through buffers reused slice after slice:
+    :func:`~flexlab.engine.table_rows.streamed_slices`).
     Each pass over the slices reads the matrix once, so a head makes one pass per batch."""
 
     def __init__(self, slices: Callable[[], Iterator[tuple[range, Project]]]) -> None:

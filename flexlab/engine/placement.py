@@ -60,7 +60,10 @@ def looks_up_rows(spec: WeightSpec, stage: Stage, tier: str, token_table: str, c
     return "embed" in stage.parts and spec.short == token_table and rows_apart and tier != "gpu"
 
 
-HEAD_SLICE = 64 << 20  # bytes of a streamed head matrix read from disk at a time (see streams_rows)
+# A streamed head's matrix is read from disk a slice of this many bytes at a time (see streams_rows)
+# into one of HEAD_BUFFERS buffers: the next slice is read while the compute projects onto this one.
+HEAD_SLICE = 32 << 20
+HEAD_BUFFERS = 2
 
 
 def head_streams(on_cuda: bool, num_gpu_batches: int) -> bool:
@@ -96,10 +99,10 @@ def head_slices(rows: int, row_bytes: int) -> list[range]:
 
 
 def head_slice_buffers(streamed: tuple[int, int, int]) -> tuple[int, int]:
-    """Bytes of a streamed head's (read buffer, conversion buffer), for its matrix as
-    :class:`~flexlab.engine.stage_cost.StageCost` describes it (stored bytes, bytes per row,
-    bytes per row in the compute dtype where converted, else 0): room for one slice's read, and
-    the slice converted."""
+    """Bytes of each of a streamed head's :data:`HEAD_BUFFERS` (read buffer, conversion buffer)
+    pairs, for its matrix as :class:`~flexlab.engine.stage_cost.StageCost` describes it (stored
+    bytes, bytes per row, bytes per row in the compute dtype where converted, else 0): room for
+    one slice's read, and the slice converted."""
     stored, row_bytes, convert = streamed
     rows = len(head_slices(stored // row_bytes, row_bytes)[0])
     return read_region(rows * row_bytes), rows * convert

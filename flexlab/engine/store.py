@@ -167,8 +167,8 @@ class WeightStore:
         # A streamed head's slices come through buffers of their own.
         self.streams = {j: HeadStream(w.locations[0], files, dtype) for j, w in self.streamed.items()}
         for head in self.streams.values():
-            tracker.add(self.buffer_tier, "head read buffer", head.buffer.numel())
-            tracker.add("gpu", "head conversion buffer", 0 if head.converted is None else head.converted.numel())
+            tracker.add(self.buffer_tier, "head read buffers", sum(b.numel() for b in head.buffers))
+            tracker.add("gpu", "head conversion buffers", sum(b.numel() for b in head.converted))
 
     def _stored(self, model, spec: WeightSpec) -> tuple[list[torch.Tensor], QTensor | None]:
         """A weight as it is stored: the tensor, or its quantized parts."""

@@ -9,13 +9,14 @@ import bisect
 import dataclasses
 import functools
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future, wait
 from pathlib import Path
 from typing import Protocol
 
 import torch
 
 from flexlab.compress import QTensor
-from flexlab.engine.placement import ALIGN, head_slice_buffers, head_slices, row_spans
+from flexlab.engine.placement import ALIGN, HEAD_BUFFERS, head_slice_buffers, head_slices, row_spans
 from flexlab.engine.tiers import BufferPool, DiskFiles, aligned_empty, nbytes
 from flexlab.models.loading import TensorLocation
 
@@ -81,15 +82,18 @@ def _as_rows(w: PlacedTable, parts: list[torch.Tensor], n: int, dtype: torch.dty
 
 class HeadStream:
     """A streamed head's matrix on disk (:func:`~flexlab.engine.placement.streams_rows`) and the
-    buffers its slices come through: one read into, one converted into where the matrix is
-    stored in another dtype than the compute's (on a CPU, the only device that streams)."""
+    :data:`~flexlab.engine.placement.HEAD_BUFFERS` buffers its slices come through, in turn
+    (the next is read while the compute projects onto one): each to read into, and one to
+    convert into where the matrix is stored in another dtype than the compute's (on a CPU, the
+    only device that streams)."""
 
     def __init__(self, loc: TensorLocation, files: DiskFiles, dtype: torch.dtype) -> None:
         self.loc, self.files, self.dtype = loc, files, dtype
         self.row_bytes = loc.nbytes // loc.shape[0]
         convert = loc.shape[1] * dtype.itemsize if loc.dtype != dtype else 0
         read, converted = head_slice_buffers((loc.nbytes, self.row_bytes, convert))
-        self.buffer, self.converted = aligned_empty(read), aligned_empty(converted) if converted else None
+        self.buffers = [aligned_empty(read) for _ in range(HEAD_BUFFERS)]
+        self.converted = [aligned_empty(converted) for _ in range(HEAD_BUFFERS)] if converted else []
         self.slices = head_slices(loc.shape[0], self.row_bytes)  # the row ranges read in turn
 
     def reads(self) -> list[tuple[Path, int, int]]:
@@ -98,21 +102,21 @@ class HeadStream:
             (self.loc.path, self.loc.offset + r.start * self.row_bytes, len(r) * self.row_bytes) for r in self.slices
         ]
 
-    def read(self, rows: range) -> tuple[torch.Tensor, int]:
-        """Rows ``rows`` in one request, as ``[n, columns]`` in the compute dtype, and the bytes
-        read. A view of the buffers: valid until the next read."""
+    def read(self, rows: range, slot: int) -> tuple[torch.Tensor, int]:
+        """Rows ``rows`` in one request into buffer ``slot``, as ``[n, columns]`` in the compute
+        dtype, and the bytes read. A view of that slot's buffers: valid until its next read."""
         loc, n = self.loc, len(rows)
         start = loc.offset + rows.start * self.row_bytes
         # from an aligned offset: a large read is then split over the disk's threads
         size = start % ALIGN + n * self.row_bytes
-        raw = self.files.read(loc.path, start - start % ALIGN, size, self.buffer)[start % ALIGN :]
+        raw = self.files.read(loc.path, start - start % ALIGN, size, self.buffers[slot])[start % ALIGN :]
         if raw.data_ptr() % loc.dtype.itemsize:  # a checkpoint tensor at an odd offset
             raw = raw.clone()
         view = raw.view(loc.dtype).view(n, *loc.shape[1:])
         if loc.dtype == self.dtype:
             return view, n * self.row_bytes
-        assert self.converted is not None, f"a {loc.dtype} matrix streamed into {self.dtype} without its buffer"
-        into = self.converted[: view.numel() * self.dtype.itemsize].view(self.dtype).view(view.shape)
+        assert self.converted, f"a {loc.dtype} matrix streamed into {self.dtype} without its buffers"
+        into = self.converted[slot][: view.numel() * self.dtype.itemsize].view(self.dtype).view(view.shape)
         return into.copy_(view), n * self.row_bytes
 
 
@@ -122,16 +126,27 @@ def streamed_slices(
     name: str,
     vocab: int,
     slices: list[range],
-    read: Callable[[range], torch.Tensor],
+    fetch: Callable[[range, int], Future],
 ) -> Callable[[], Iterator[tuple[range, Callable[[torch.Tensor], torch.Tensor]]]]:
-    """A head's projection onto its matrix ``name`` read a slice of rows at a time (``read``),
-    as :class:`~flexlab.engine.heads.Projection` takes it: per slice its rows, and the family's
-    own ``head`` on those rows (and on those of any vector over the vocabulary in ``w``: a bias)."""
+    """A head's projection onto its matrix ``name`` read a slice of rows at a time, as
+    :class:`~flexlab.engine.heads.Projection` takes it: per slice its rows, and the family's own
+    ``head`` on those rows (and on those of any vector over the vocabulary in ``w``: a bias).
+    ``fetch(rows, slot)`` reads rows into buffer ``slot`` beside the compute (a future of the
+    matrix); the next slice is asked for when one is handed over, into the other buffer, whose
+    slice the compute has finished with."""
 
     def each() -> Iterator[tuple[range, Callable[[torch.Tensor], torch.Tensor]]]:
-        for rows in slices:
-            part = {n: v[rows.start : rows.stop] if v.dim() == 1 and len(v) == vocab else v for n, v in w.items()}
-            part[name] = read(rows)
-            yield rows, functools.partial(head, part)
+        pending: Future | None = fetch(slices[0], 0)
+        try:
+            for i, rows in enumerate(slices):
+                assert pending is not None
+                matrix = pending.result()
+                pending = fetch(slices[i + 1], (i + 1) % HEAD_BUFFERS) if i + 1 < len(slices) else None
+                part = {n: v[rows.start : rows.stop] if v.dim() == 1 and len(v) == vocab else v for n, v in w.items()}
+                part[name] = matrix
+                yield rows, functools.partial(head, part)
+        finally:  # left early (an error): no read may still be writing a buffer
+            if pending is not None:
+                wait([pending])
 
     return each

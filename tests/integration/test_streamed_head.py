@@ -12,7 +12,7 @@ import torch
 import flexlab
 from flexlab import Policy
 from flexlab.cost import CostModel, checkpoint_itemsize, get_hardware
-from flexlab.engine.placement import HEAD_SLICE
+from flexlab.engine.placement import HEAD_BUFFERS, HEAD_SLICE
 from flexlab.models.convert import save_checkpoint
 from tests.integration.test_exactness import hf_greedy
 from tests.integration.test_families import _bloom, _codegen, _glm, randomised
@@ -65,8 +65,8 @@ def test_a_streamed_head_equals_transformers_and_the_model(pair, tmp_path):
         assert result.token_ids == hf_greedy(hf, PROMPTS, NEW)
         stream, read, plain = engine.weights.streams[stage], [], engine.weights.streams[stage].read
 
-        def counted(rows):
-            out = plain(rows)
+        def counted(rows, slot):
+            out = plain(rows, slot)
             read.append(out[1])
             return out
 
@@ -80,7 +80,7 @@ def test_a_streamed_head_equals_transformers_and_the_model(pair, tmp_path):
         # the head's reads: the whole matrix once per token (one batch), a timed event of its compute
         events = result.timeline.to_pandas()
         reads = events[events.kind == "read_head"]
-        assert (reads.lane == "compute").all()
+        assert (reads.lane == "load weight").all()
         assert (reads.groupby("token").bytes.sum() == matrix).all() and reads.token.nunique() == NEW
         measured = events.groupby("kind").bytes.sum().to_dict()
         result = engine.generate(SAME_LENGTH, max_new_tokens=3, stop_token_ids=None)
@@ -109,9 +109,9 @@ def test_a_large_streamed_table_is_read_in_slices_and_converted_from_a_narrower_
     policy = Policy.from_percent(ALL_ON_DISK, gpu_batch_size=2)
     with flexlab.Engine(model, policy, offload_dir=tmp_path / "off") as engine:
         (stream,) = engine.weights.streams.values()
-        read, converted = stream.buffer, stream.converted
-        assert converted is not None and HEAD_SLICE <= read.numel() < HEAD_SLICE + 2**16
-        assert converted.numel() <= 2 * HEAD_SLICE
+        assert len(stream.buffers) == len(stream.converted) == HEAD_BUFFERS
+        assert all(HEAD_SLICE <= b.numel() < HEAD_SLICE + 2**16 for b in stream.buffers)
+        assert all(b.numel() <= 2 * HEAD_SLICE for b in stream.converted)
         result = engine.generate(SAME_LENGTH, max_new_tokens=3, stop_token_ids=None)
         scored = engine.score(SAME_LENGTH, greedy=True)
     assert result.token_ids == model.generate(SAME_LENGTH, max_new_tokens=3, stop_token_ids=None).token_ids
@@ -124,6 +124,9 @@ def test_a_large_streamed_table_is_read_in_slices_and_converted_from_a_narrower_
     pred = _predicted(model, policy, SAME_LENGTH, 3)
     for tier in ("gpu", "cpu", "disk"):
         assert pred.peak_bytes[tier] == result.metrics[f"peak_bytes_{tier}"], tier
+    # its slices are read on the weight lane, beside the compute that projects onto them
+    reading = 3 * table / CPU_ONLY.disk_read_bw
+    assert pred.stages[-1]["disk_s"] >= reading > pred.stages[-1]["compute_s"]
 
 
 def _whole_scores(model, seqs):
