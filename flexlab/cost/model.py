@@ -89,7 +89,7 @@ class CostModel:
             policy.compress_weight,
             itemsize,
             checkpoint_itemsize,
-            head_streams(hw.has_link, policy.num_gpu_batches),
+            head_streams(hw.has_link, policy.num_gpu_batches, policy.block_size, config.hidden_size),
         )
         self.weight_bytes = dict(weight_bytes)  # stored bytes per tier (the cached original stays as it was)
         self.codecs = dict(zip("kv", kv_codecs(config, policy, itemsize)))
@@ -250,20 +250,27 @@ class CostModel:
             disk += hw.disk_latency_s
             if p.overlap:  # read beside a compute, whose cores the reader's threads take
                 compute += w_disk / 1e9 * hw.disk_stall_s_per_gb
+        if streamed:  # the head's matrix a slice at a time on the weight lane, once for all batches
+            slices_s, first = head_reads(hw, st.streamed, self.itemsize, self._convert_rate())
+            disk += slices_s
+            if p.overlap:  # the compute waits for the first slice; the reader takes cores beside it
+                compute += first + streamed / 1e9 * hw.disk_stall_s_per_gb
+            moved["read_head"] += streamed
         last = len(self._stage) - 1
         # the head projects each sequence's last position only: generation needs no other logits
         projected = 1 if "head" in st.parts else tokens
         # A stage's weights that fit a CPU's last-level cache are read from memory by the token's
         # first batch; the batches after it find them there (opt-125m's layers in float32 on a
         # 32 MiB L3: the decode's matmuls ran at 1.5x the memory's bandwidth, measured).
-        from_memory = 1 if 0 < st.w_device_bytes <= hw.llc_bytes else sum(groups.values())
+        # A streamed head projects every batch's rows in one pass over its matrix.
+        from_memory = 1 if 0 < st.w_device_bytes <= hw.llc_bytes or streamed else sum(groups.values())
         for tiers, m in groups.items():
             b = sum(tiers)
             flops_s = st.flops_per_token * b * projected / hw.matmul_flops
             reads = min(m, from_memory)  # this group's batches that read the weights from memory
             from_memory -= reads
             # the later batches read them from that cache, at its rate for a few rows (0: unmeasured)
-            cached_s = st.w_device_bytes / hw.llc_weight_read_bw if hw.llc_weight_read_bw else 0.0
+            cached_s = st.w_device_bytes / hw.llc_weight_read_bw if hw.llc_weight_read_bw and not streamed else 0.0
             c = (
                 hw.step_overhead_s
                 + (reads * max(flops_s, st.w_device_bytes / hw.weight_read_bw) + (m - reads) * max(flops_s, cached_s))
@@ -277,12 +284,6 @@ class CostModel:
                 c += (rows * st.row_table + st.batch_dequant_elems) / self._dequant_rate()
             if looked_up:  # read by the compute, for each batch: its ids' rows of the token table
                 c += row_reads(hw, table_tier, table_bytes, row_bytes, min(b * tokens, cfg.vocab_size))
-            if streamed:  # for each batch, the head's matrix a slice at a time, on the weight lane
-                slices_s, first = head_reads(hw, st.streamed, self.itemsize, self._convert_rate())
-                d += slices_s
-                if p.overlap:  # it waits for the first slice; the reader takes cores beside it
-                    c += first + streamed / 1e9 * hw.disk_stall_s_per_gb
-                moved["read_head"] += m * streamed
             if p.act_tier != "gpu":
                 h = b * tokens * cfg.hidden_size * self.itemsize
                 n_moves = (j > 0) + (j < last)

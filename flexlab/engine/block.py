@@ -3,7 +3,7 @@
 The schedule says *when*; the handlers here say *what*, one per kind of step: bring a stage's
 weights, a batch's cache or hidden state to the compute device, run the family's maths on it, and
 put the results back. The maths is the same code the reference path calls; what becomes of the
-last hidden state is the :mod:`~flexlab.engine.heads` head's business. A block sees the engine
+last hidden state is the :mod:`~flexlab.engine.head_stage`'s business. A block sees the engine
 only through a :class:`BlockContext`.
 """
 
@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from concurrent.futures import Future
 
 import torch
 
@@ -19,13 +18,12 @@ from flexlab.compress import QTensor, dequantize
 from flexlab.engine.acts import ActStore
 from flexlab.engine.cache import KV, CacheStore, LoadedCache
 from flexlab.engine.context import BlockContext, Peers
-from flexlab.engine.executor import LANES
-from flexlab.engine.heads import Head, Projection
+from flexlab.engine.head_stage import HeadStage
+from flexlab.engine.heads import Head
 from flexlab.engine.kvcodec import KVCodec
 from flexlab.engine.positions import TokenPlaces
 from flexlab.engine.schedule import Step, block_schedule
 from flexlab.engine.sparse import sparse_decode
-from flexlab.engine.table_rows import streamed_slices
 from flexlab.engine.tiers import return_freed_memory
 from flexlab.models.attention import attend, decode_attention
 from flexlab.models.generation import left_pad
@@ -77,6 +75,7 @@ class BlockRun:
             self.acts = ActStore(policy.act_tier, ctx.device, slot_bytes, ctx.subdir("act"), ctx.files, ctx.tracker)
         self.where = TokenPlaces(self.valid, cfg, ctx.family)
         self.stopped = False  # a pipeline rank was told to stop
+        self.head_stage = HeadStage(ctx, head, len(batches))
 
     # ---- running -----------------------------------------------------------------------
     def run(self) -> tuple[list, float, float]:
@@ -92,6 +91,7 @@ class BlockRun:
             cache_ahead=self.cache.read_ahead if overlap else 0,
             peers=ctx.peers is not None,
             groups=ctx.groups,
+            defer_head=bool(ctx.weights.streamed),
         )
         handlers: dict[str, Callable] = {
             "load_weight": self.load_weight,
@@ -251,19 +251,7 @@ class BlockRun:
         if "mlp" in stage.parts:
             h = f.mlp(w, cfg, h)
         if "head" in stage.parts:
-            if j in ctx.weights.streamed:  # its matrix read a slice at a time on the weight lane
-                name, stream = ctx.weights.streamed[j].spec.short, ctx.weights.streams[j]
-
-                def fetch(rows: range, slot: int) -> Future:
-                    return ctx.executor.ahead(LANES["load_weight"], "read_head", step, lambda: stream.read(rows, slot))
-
-                project = Projection(
-                    streamed_slices(lambda part, x: f.head(part, cfg, x), w, name, cfg.vocab_size, stream.slices, fetch)
-                )
-            else:
-                project = Projection.whole(lambda x: f.head(w, cfg, x), cfg.vocab_size)
-            new = self.head(project, h, t, k)
-            return {"next": new, "stop": ctx.peers is not None and self.head.finished()}  # the stop is sent on
+            return self.head_stage.compute(step, w, h)
         return {"h": h, "kv": kv}
 
     def _input(self, step: Step, inputs: dict) -> torch.Tensor | None:

@@ -275,7 +275,11 @@ class Executor:
         """Run ``fn`` (returning ``(value, bytes moved)``) on ``lane``'s thread, behind what the
         lane has queued, while the compute of ``step`` goes on, recorded as an event ``kind`` of
         that lane: a read a compute asks for ahead of its own use (a streamed head's next slice
-        of rows, on a CPU). Waited for at once without overlap."""
+        of rows, on a CPU). Without overlap the compute runs it itself, an event of its lane."""
+        if not self.overlap:
+            done: Future = Future()
+            done.set_result(self.timed(kind, step, fn, moves_bytes=True))
+            return done
 
         def task():
             with torch.inference_mode():
@@ -284,10 +288,7 @@ class Executor:
                 self.pending_events.append((lane, step, start, self.clock.mark(), moved, kind))
                 return value
 
-        future = self.lanes[lane].submit(task)
-        if not self.overlap:
-            future.result()
-        return future
+        return self.lanes[lane].submit(task)
 
     def restart_clock(self) -> None:
         """Make the next events' times count from now."""

@@ -125,12 +125,15 @@ def kv_codecs(config: ModelConfig, policy: Policy, itemsize: int) -> tuple[KVCod
 SCORE_LIVE = 2  # float32 copies of a chunk's attention scores alive at once (the scores, their softmax)
 
 
-def workspace(config: ModelConfig, policy: Policy, *, itemsize: int, prompt_len: int, gen_len: int) -> float:
+def workspace(
+    config: ModelConfig, policy: Policy, *, itemsize: int, prompt_len: int, gen_len: int, block_logits: bool = False
+) -> float:
     """Bytes of the largest step's transient tensors on the compute device: the prefill of one GPU
     batch (hidden-sized vectors, q/k/v, a chunk of attention scores and the mask bias; the MLP's
     intermediate activations), the head's last-position logits, or a decode step's decoded
     compressed cache. Counted from the shapes as the maths makes them; the allocator's slack on
-    top is :class:`Footprint`'s."""
+    top is :class:`Footprint`'s. ``block_logits``: the whole block's last-position logits are
+    held at once (a streamed head's, with several GPU batches)."""
     cfg, b, s = config, policy.gpu_batch_size, prompt_len
     h, heads, kv_dim = cfg.hidden_size, cfg.num_heads, cfg.kv_dim
     vector = b * s * h * itemsize  # one hidden-sized tensor of the prefill
@@ -144,6 +147,7 @@ def workspace(config: ModelConfig, policy: Policy, *, itemsize: int, prompt_len:
     attention = 4 * vector + 2 * qkv + scores + bias + expanded
     mlp = 3 * vector + b * s * (_mlp_width(cfg) + cfg.ffn_dim) * itemsize  # the up-projections and their activation
     head = b * cfg.vocab_size * (itemsize + 2 * 4)  # the last position's logits, as float32, their log-softmax
+    head += (policy.block_size - b) * cfg.vocab_size * itemsize if block_logits else 0  # the other batches'
     decoded = 0
     if policy.compress_cache is not None:  # a decode step attends over a batch's keys and values, decoded
         decoded = 2 * b * (prompt_len + gen_len) * kv_dim * itemsize
@@ -270,7 +274,7 @@ def footprint(
         policy.compress_weight,
         itemsize,
         checkpoint_itemsize,
-        head_streams(on_cuda, policy.num_gpu_batches),
+        head_streams(on_cuda, policy.num_gpu_batches, policy.block_size, config.hidden_size),
     )
     tracked = engine_peak(
         config,
@@ -302,9 +306,11 @@ def footprint(
         reading=reading,
         in_place=checkpoint_itemsize is not None,
     )
+    # a streamed head answers a group's batches together: their logits are held till the last one's
+    held = policy.num_gpu_batches > 1 and any(st.streamed[0] for st in priced)
     return Footprint(
         tracked,
-        workspace(config, policy, itemsize=itemsize, prompt_len=prompt_len, gen_len=gen_len),
+        workspace(config, policy, itemsize=itemsize, prompt_len=prompt_len, gen_len=gen_len, block_logits=held),
         placing,
         runtime_base,
         on_cuda,

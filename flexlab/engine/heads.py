@@ -1,7 +1,9 @@
 """What the model's head does at the end of each token, one class per kind of run.
 
-A head takes the last stage's hidden state of one GPU batch and returns the token ids the next
-token's embedding reads (the schedule carries them from the head's compute to that embedding):
+A head takes the last stage's hidden state of one GPU batch, asks the projection onto the
+vocabulary for what it needs of it (:mod:`flexlab.engine.projection`: the last position's logits,
+or the log-probabilities of targets), and from the answer returns the token ids the next token's
+embedding reads (the schedule carries them from the head's compute to that embedding):
 
 * :class:`GenerateHead` samples them, and collects the new tokens and the stop rules' verdict;
 * :class:`ScoreHead` runs the prefill only and keeps each sequence's log-probabilities;
@@ -15,70 +17,11 @@ whether anything will read the KV cache it writes.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import torch
 
-LOGIT_BYTES = 64 << 20  # the most float32 log-probabilities a ScoreHead holds at once
-Project = Callable[[torch.Tensor], torch.Tensor]  # hidden states [..., hidden] -> logits [..., vocab]
-
-
-class Projection:
-    """The head's projection onto the vocabulary, a slice of it at a time: ``slices()`` yields
-    each slice's token ids and a projection onto them, valid until the next slice is asked for
-    (a streamed head's matrix comes through buffers reused slice after slice:
-    :func:`~flexlab.engine.table_rows.streamed_slices`).
-    Each pass over the slices reads the matrix once, so a head makes one pass per batch."""
-
-    def __init__(self, slices: Callable[[], Iterator[tuple[range, Project]]]) -> None:
-        self.slices = slices
-
-    @classmethod
-    def whole(cls, project: Project, vocab_size: int) -> Projection:
-        """A projection onto the whole vocabulary at once."""
-        return cls(lambda: iter([(range(vocab_size), project)]))
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        """Logits ``[..., vocab]`` of hidden states ``x`` ``[..., hidden]``."""
-        parts = [project(x) for _, project in self.slices()]
-        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
-
-    def target_log_probs(
-        self, xs: list[torch.Tensor], targets: list[torch.Tensor]
-    ) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """For each ``xs[i]`` (``[n, hidden]``) the float32 log-probability of ``targets[i]``
-        (``[n]``) at each position and whether it is the most likely token there, in one pass
-        over the slices: each slice's logits in chunks of positions under ``LOGIT_BYTES``, the
-        normaliser summed across slices from a running maximum (as ``log_softmax`` does in one)."""
-        state = [_Running(x.shape[0], x.device) for x in xs]
-        for ids, project in self.slices():
-            step = max(1, LOGIT_BYTES // (4 * len(ids)))
-            for x, target, run in zip(xs, targets, state):
-                for i in range(0, x.shape[0], step):
-                    run.add(slice(i, i + step), project(x[i : i + step]).float(), ids, target[i : i + step])
-        return [(run.target - run.top - run.total.log(), run.best == target) for run, target in zip(state, targets)]
-
-
-class _Running:
-    """Per position: the largest logit so far and its id (the first, as ``argmax`` picks), the
-    sum of ``exp(logit - largest)``, and the target's logit once its slice came."""
-
-    def __init__(self, n: int, device: torch.device) -> None:
-        self.top = torch.full((n,), -torch.inf, device=device)
-        self.total = torch.zeros(n, device=device)
-        self.target = torch.zeros(n, device=device)
-        self.best = torch.zeros(n, dtype=torch.long, device=device)
-
-    def add(self, at: slice, logits: torch.Tensor, ids: range, target: torch.Tensor) -> None:
-        top, best = logits.max(dim=-1)
-        new_top = torch.maximum(self.top[at], top)
-        rescale = torch.exp(self.top[at] - new_top)  # 0 for the first slice: exp(-inf)
-        self.total[at] = self.total[at] * rescale + torch.exp(logits - new_top[:, None]).sum(-1)
-        self.best[at] = torch.where(top > self.top[at], best + ids.start, self.best[at])
-        self.top[at] = new_top
-        mine = (target >= ids.start) & (target < ids.stop)
-        picked = logits.gather(-1, (target - ids.start).clamp(0, len(ids) - 1)[:, None]).squeeze(-1)
-        self.target[at] = torch.where(mine, picked, self.target[at])
+from flexlab.engine.projection import Ask, Logits, TargetScores
 
 
 class Head:
@@ -100,7 +43,15 @@ class Head:
         """Whether the run may stop before ``num_tokens`` (every sequence has stopped)."""
         return False
 
-    def __call__(self, project: Projection, h: torch.Tensor, t: int, k: int) -> torch.Tensor | None:
+    def ask(self, h: torch.Tensor, t: int, k: int) -> Ask:
+        """What batch ``k`` needs of the projection onto the vocabulary, from the last stage's
+        hidden state ``h`` (``[b, s, hidden]``)."""
+        return Logits(h[:, -1])
+
+    def take(self, answer, t: int, k: int) -> torch.Tensor | None:
+        """The :class:`~flexlab.engine.projection.Projection`'s ``answer`` to :meth:`ask`: batch
+        ``k``'s next token ids (the next embedding's input), or None after the last token.
+        Called for the batches in order."""
         raise NotImplementedError
 
 
@@ -133,8 +84,8 @@ class GenerateHead(Head):
     def finished(self) -> bool:
         return self._finished  # asked after every compute; only this head's update changes it
 
-    def __call__(self, project, h, t, k):
-        new = self._new[k] = self.sampler(project(h[:, -1]))  # stays on the device for the next embed
+    def take(self, answer, t, k):
+        new = self._new[k] = self.sampler(answer)  # stays on the device for the next embed
         if k == len(self.batch_rows) - 1:
             # After the block's last batch: one host sync per token brings every new token over.
             running = 0
@@ -167,14 +118,15 @@ class ScoreHead(Head):
         # A sequence's last token is only predicted: feeding it would cost a position and compute.
         return [[self.ids[r][:-1] for r in rows] for rows in self.batch_rows]
 
-    def __call__(self, project, h, t, k):
+    def ask(self, h, t, k):
         # Each sequence's own positions (left-padded to the batch's width), all of the batch's in one
-        # pass over the head's matrix: a streamed head reads it once per batch, not once per sequence.
-        rows = self.batch_rows[k]
-        seqs = [self.ids[row] for row in rows]
+        # pass over the head's matrix: a streamed head reads it once, not once per sequence.
+        seqs = [self.ids[row] for row in self.batch_rows[k]]
         xs = [h[r, self.width - (len(seq) - 1) :] for r, seq in enumerate(seqs)]
-        targets = [torch.tensor(seq[1:], device=h.device) for seq in seqs]
-        for row, (scores, greedy) in zip(rows, project.target_log_probs(xs, targets)):
+        return TargetScores(xs, [torch.tensor(seq[1:], device=h.device) for seq in seqs])
+
+    def take(self, answer, t, k):
+        for row, (scores, greedy) in zip(self.batch_rows[k], answer):
             self.scores[row], self.greedy[row] = scores.cpu(), greedy.cpu()
         return None
 
@@ -198,8 +150,8 @@ class TeacherHead(Head):
     def prefill_ids(self):
         return [[self.ids[r][:1] for r in rows] for rows in self.batch_rows]  # the rest come one by one
 
-    def __call__(self, project, h, t, k):
-        logprobs = torch.log_softmax(project(h[:, -1]).float(), dim=-1)  # [b, vocab]
+    def take(self, answer, t, k):
+        logprobs = torch.log_softmax(answer.float(), dim=-1)  # [b, vocab]
         target = self.targets[k][:, min(t + 1, self.targets[k].shape[1] - 1)]
         self._logprobs[k].append(logprobs.gather(-1, target[:, None]).squeeze(-1))
         self._greedy[k].append(logprobs.argmax(-1) == target)

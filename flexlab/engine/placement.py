@@ -66,12 +66,14 @@ HEAD_SLICE = 32 << 20
 HEAD_BUFFERS = 2
 
 
-def head_streams(on_cuda: bool, num_gpu_batches: int) -> bool:
+def head_streams(on_cuda: bool, num_gpu_batches: int, block_size: int, hidden_size: int) -> bool:
     """Whether a run's head reads a vocabulary matrix on disk in slices (:func:`streams_rows`):
-    on a CPU with one GPU batch, which reads the matrix once per token either way; with several
-    batches one load of it serves them all, and on a GPU each slice would cross the link (not
-    measured: it loads the matrix whole)."""
-    return not on_cuda and num_gpu_batches == 1
+    on a CPU. With several GPU batches one pass over the slices answers all of a group's batches,
+    as one load of the whole matrix does, but holds the block's logits until the last batch's
+    compute; that is less than the matrix (``vocab x hidden``) while the block has fewer rows
+    than ``hidden_size``. On a GPU each slice would cross the link (not measured: it loads the
+    matrix whole)."""
+    return not on_cuda and (num_gpu_batches == 1 or block_size < hidden_size)
 
 
 def streams_rows(

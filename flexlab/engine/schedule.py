@@ -128,6 +128,7 @@ def block_schedule(
     cache_ahead: int | None = None,
     peers: bool = False,
     groups: int = 1,
+    defer_head: bool = False,
 ) -> Iterator[Step]:
     """Every step of one block, in issue order.
 
@@ -147,6 +148,9 @@ def block_schedule(
     group loads a stage's weights again (its weight steps' ``batch`` is the group). In a
     pipeline that is what keeps every rank busy: while rank 1 computes group 0, rank 0 computes
     group 1, and group 0's next tokens are back before rank 0 needs them.
+
+    ``defer_head``: the head's computes of a group are answered by its last batch's (a streamed
+    head's one pass over its matrix), so their sends wait till that one is computed.
     """
     cache_ahead = prefetch if cache_ahead is None else cache_ahead
     first, last = stages[0].index, stages[-1].index
@@ -190,6 +194,7 @@ def block_schedule(
     ahead_of = {kind: cache_ahead if kind == "load_cache" else prefetch for kind in kinds}
     cursor = dict.fromkeys(kinds, 0)
     next_weight = 0
+    held: list[Step] = []  # the head's sends, held back with ``defer_head``
     for n, (t, j, k) in enumerate(units):
         stage_index = unit_stage[n]
         g = stage_steps[stage_index][2]
@@ -229,7 +234,10 @@ def block_schedule(
         if by_index[j].has_cache:
             yield emit(Step("store_cache", t, j, k, deps=(me,)))
         if peers and j == last and not final_head:
-            yield emit(Step("send", t, j, k, deps=(me,), releases=(me,)))
+            held.append(Step("send", t, j, k, deps=(me,), releases=(me,)))
+            if not defer_head or k == members[g][-1]:
+                yield from map(emit, held)
+                held.clear()
         elif act_moves and j < last:
             yield emit(Step("store_act", t, j, k, deps=(me,), releases=(me,)))
 

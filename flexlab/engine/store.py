@@ -77,10 +77,10 @@ class WeightStore:
         # The embedding's token table where its load would move all of it for a few rows: the
         # compute reads just those (:meth:`rows`), so it is not part of the stage's load.
         self.looked_up: dict[int, PlacedWeight] = {}
-        # Likewise the head's vocabulary matrix on disk with one GPU batch: read a slice at a time.
+        # Likewise the head's vocabulary matrix on disk (on a CPU): read a slice at a time.
         self.streamed: dict[int, PlacedWeight] = {}
         table, cfg = model.family.token_table, model.config
-        stream = head_streams(device.type == "cuda", policy.num_gpu_batches)
+        stream = head_streams(device.type == "cuda", policy.num_gpu_batches, policy.block_size, cfg.hidden_size)
 
         def streams(spec: WeightSpec, stage: Stage, tier: str) -> bool:
             return streams_rows(spec, stage, tier, cfg.vocab_size, cfg.hidden_size, self.quant, stream)

@@ -129,7 +129,7 @@ def streamed_slices(
     fetch: Callable[[range, int], Future],
 ) -> Callable[[], Iterator[tuple[range, Callable[[torch.Tensor], torch.Tensor]]]]:
     """A head's projection onto its matrix ``name`` read a slice of rows at a time, as
-    :class:`~flexlab.engine.heads.Projection` takes it: per slice its rows, and the family's own
+    :class:`~flexlab.engine.projection.Projection` takes it: per slice its rows, and the family's own
     ``head`` on those rows (and on those of any vector over the vocabulary in ``w``: a bias).
     ``fetch(rows, slot)`` reads rows into buffer ``slot`` beside the compute (a future of the
     matrix); the next slice is asked for when one is handed over, into the other buffer, whose

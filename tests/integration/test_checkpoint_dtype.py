@@ -65,10 +65,12 @@ def test_a_cpu_converts_a_checkpoint_of_another_dtype_of_one_size_once(tmp_path,
 
 def test_the_cost_model_charges_the_lane_each_element_a_cpu_converts(tmp_path, monkeypatch):
     """A float16 checkpoint computed in float32 on a CPU is converted on every read, after it, on
-    the weight lane: the model charges that lane the elements the engine converts, at the
+    the weight lane (its loads, and a streamed head's slices): the model charges that lane the
+    elements the engine converts, at the
     profile's rate (a fifth of opt-1.3b's lane time here, 2026-12-07), and nothing where the
     checkpoint is read as stored."""
     from flexlab.engine.store import WeightStore
+    from flexlab.engine.table_rows import HeadStream
 
     random = flexlab.Model.from_config("opt-tiny", seed=0)
     save_checkpoint(random, tmp_path / "f16", dtype=torch.float16)
@@ -80,7 +82,14 @@ def test_the_cost_model_charges_the_lane_each_element_a_cpu_converts(tmp_path, m
         converted[0] += 0 if into is None else into.numel()
         return as_weight(self, raw, loc, dtype, into)
 
+    def counting_slices(self, rows, slot):  # the head's matrix, streamed: converted slice by slice
+        out = read(self, rows, slot)
+        converted[0] += out[0].numel() if self.loc.dtype != self.dtype else 0
+        return out
+
+    read = HeadStream.read
     monkeypatch.setattr(WeightStore, "_as_weight", counting)
+    monkeypatch.setattr(HeadStream, "read", counting_slices)
     for dtype in (torch.float32, torch.bfloat16):
         model = flexlab.Model.from_pretrained(tmp_path / "f16", dtype=dtype, device="cpu")
         with flexlab.Engine(model, policy, offload_dir=tmp_path / f"off-{dtype}") as engine:

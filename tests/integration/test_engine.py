@@ -72,7 +72,7 @@ def test_tokens_and_scores_equal_transformers(name, model, expected, tmp_path):
 
 def test_scores_in_chunks_of_positions_equal_transformers(model, expected, monkeypatch):
     # a few positions' log-probabilities at a time (as for a long window over a large vocabulary)
-    monkeypatch.setattr("flexlab.engine.heads.LOGIT_BYTES", 3 * 4 * model.config.vocab_size)
+    monkeypatch.setattr("flexlab.engine.projection.LOGIT_BYTES", 3 * 4 * model.config.vocab_size)
     with flexlab.Engine(model, Policy(gpu_batch_size=2, num_gpu_batches=2)) as engine:
         scored = engine.score(PROMPTS, greedy=True)
     for (lp, top), lg, seq in zip(scored, expected[1], PROMPTS):

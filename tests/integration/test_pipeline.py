@@ -74,12 +74,14 @@ def test_three_stages_uneven_split_disk_in_one_stage_and_scores(four_layers, tmp
     policies = [
         Policy(**shape),
         Policy.from_percent([0, 0, 0, 0, 100, 0], **shape),  # weights and cache on disk
-        Policy.from_percent([50, 50, 0, 100, 0, 100], **shape),  # cache and activations on the cpu tier
+        Policy.from_percent([0, 0, 0, 100, 0, 100], **shape),  # weights on disk: the head streams its matrix
     ]
-    kw = dict(stages=3, policy=policies, layers=[1, 2, 1], offload_dir=tmp_path)
+    # one group of both batches: the last rank's streamed head answers them together, its sends held till then
+    kw = dict(stages=3, policy=policies, layers=[1, 2, 1], groups=1, offload_dir=tmp_path)
     result = distributed.generate(model, PROMPTS, max_new_tokens=NEW, **kw)
     assert result.token_ids == hf_greedy(hf, PROMPTS, NEW)
     assert result.metrics["peak_bytes_disk[rank 1]"] > 0 and result.metrics["peak_bytes_disk[rank 0]"] == 0
+    assert {e.rank for e in result.timeline.events if e.kind == "read_head"} == {2}
     scores = distributed.score(model, PROMPTS, **kw)
     with torch.no_grad():
         for seq, got in zip(PROMPTS, scores):

@@ -91,11 +91,30 @@ def test_a_streamed_head_equals_transformers_and_the_model(pair, tmp_path):
         assert value == measured.get(kind, 0), kind
     for tier in ("gpu", "cpu", "disk"):
         assert pred.peak_bytes[tier] == result.metrics[f"peak_bytes_{tier}"], tier
-    # with two GPU batches one load of the matrix serves both: loaded whole, as before
-    two = Policy.from_percent(ALL_ON_DISK, gpu_batch_size=2, num_gpu_batches=2)
+
+
+def test_several_batches_share_one_pass_over_a_streamed_head(pair, tmp_path):
+    """With two GPU batches the head answers both in one pass over its matrix, with the second
+    batch's compute: the matrix read once per token, the tokens and scores transformers'."""
+    hf, model = pair
+    two = Policy.from_percent(ALL_ON_DISK, gpu_batch_size=1, num_gpu_batches=2)
     with flexlab.Engine(model, two, offload_dir=tmp_path / "two") as engine:
-        assert not engine.weights.streamed and engine.weights.stage_disk_bytes[stage] > matrix
-        assert engine.generate(PROMPTS, max_new_tokens=NEW).token_ids == hf_greedy(hf, PROMPTS, NEW)
+        ((stage, head),) = engine.weights.streamed.items()
+        result = engine.generate(PROMPTS[:2], max_new_tokens=NEW)
+        assert result.token_ids == hf_greedy(hf, PROMPTS[:2], NEW)
+        reads = result.timeline.to_pandas().query("kind == 'read_head'")
+        assert (reads.groupby("token").bytes.sum() == head.nbytes).all() and (reads.batch == 1).all()
+        for ours, theirs in zip(engine.score(PROMPTS[:2]), hf_scores(hf, PROMPTS[:2])):
+            assert torch.allclose(ours, theirs, atol=1e-4)
+        for ours, theirs in zip(engine.score(PROMPTS[:2], teacher_forced=True), hf_scores(hf, PROMPTS[:2])):
+            assert torch.allclose(ours, theirs, atol=1e-4)
+        result = engine.generate(SAME_LENGTH, max_new_tokens=3, stop_token_ids=None)
+    pred = _predicted(model, two, SAME_LENGTH, 3)
+    measured = result.timeline.to_pandas().groupby("kind").bytes.sum().to_dict()
+    for kind, value in pred.bytes_per_kind.items():
+        assert value == measured.get(kind, 0), kind
+    for tier in ("gpu", "cpu", "disk"):
+        assert pred.peak_bytes[tier] == result.metrics[f"peak_bytes_{tier}"], tier
 
 
 def test_a_large_streamed_table_is_read_in_slices_and_converted_from_a_narrower_checkpoint(tmp_path):

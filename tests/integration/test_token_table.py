@@ -113,8 +113,11 @@ def test_a_table_that_outweighs_the_layers_takes_one_read_buffer_not_two(tmp_pat
     cfg = dataclasses.replace(flexlab.get_preset("bloom-tiny"), vocab_size=4096)
     model = flexlab.Model.from_config(cfg, seed=0, dtype=torch.float32)
     expected = model.generate(PROMPTS, max_new_tokens=4, stop_token_ids=None).token_ids
-    policy = Policy.from_percent([0, 0, 0, 0, 100, 0], gpu_batch_size=2, num_gpu_batches=2, overlap=overlap)
+    # a block of as many rows as the hidden size: the head loads the table whole (placement.head_streams)
+    shape = dict(gpu_batch_size=cfg.hidden_size // 2, num_gpu_batches=2, overlap=overlap)
+    policy = Policy.from_percent([0, 0, 0, 0, 100, 0], **shape)
     with flexlab.Engine(model, policy, offload_dir=tmp_path) as engine:
+        assert not engine.weights.streamed
         result = engine.generate(PROMPTS, max_new_tokens=4, stop_token_ids=None)
         largest, *rest = sorted(engine.weights.stage_disk_bytes.values(), reverse=True)
         buffers, pool = engine.weights.buffer_bytes, engine.weights.pool
