@@ -1,13 +1,15 @@
-"""What streaming the head's matrix costs and saves: every weight on disk, one GPU batch (the
-head reads its vocabulary matrix a slice at a time: ``flexlab.engine.placement.streams_rows``)
-against two GPU batches of half the size (the same sequences; the head loads the matrix whole).
+"""What streaming the head's matrix costs and saves: every weight on disk, the same sequences as
+one GPU batch and as two of half the size, each with the head streaming its vocabulary matrix a
+slice at a time (``flexlab.engine.placement.streams_rows``; with two batches one pass over the
+slices answers both), and as two batches with the head loading the matrix whole (streaming turned
+off in that process by patching ``flexlab.engine.store.head_streams``: there is no option for it).
 
 The preset's random weights are saved as a safetensors checkpoint in the compute dtype (read in
-place, so that placing the weights does not decide the peak), then each block shape runs in a
-fresh process, alternating, ``rounds`` times: throughput, the engine's tracked peak and the
-process's peak resident memory (VmHWM). Prints a table, writes CSV + JSON.
+place, so that placing the weights does not decide the peak), then each case runs in a fresh
+process, alternating, ``rounds`` times: throughput, the engine's tracked peak and the process's
+peak resident memory (VmHWM). Prints a table, writes CSV + JSON.
 
-    python experiments/streamed_head.py                     # bloom-1b7-shaped (a 1 GB tied table): ~4 min
+    python experiments/streamed_head.py                     # bloom-1b7-shaped (a 1 GB tied table): ~6 min
 """
 
 from __future__ import annotations
@@ -26,7 +28,10 @@ from _common import cpu_dtype, parse_config, write_results
 RUN = """
 import json, sys, time, torch, flexlab
 from flexlab.devices import resident_bytes
-ckpt, dtype, batches, seqs, prompt, new = sys.argv[1], sys.argv[2], *map(int, sys.argv[3:])
+ckpt, dtype, batches, seqs, prompt, new, stream = sys.argv[1], sys.argv[2], *map(int, sys.argv[3:])
+if not stream:  # the head loads its matrix whole
+    import flexlab.engine.store
+    flexlab.engine.store.head_streams = lambda *args: False
 model = flexlab.Model.from_pretrained(ckpt, dtype=getattr(torch, dtype))
 policy = flexlab.Policy.from_percent([0, 0, 100, 0, 100, 0], gpu_batch_size=seqs // batches, num_gpu_batches=batches)
 prompts = [[2] + list(range(10, 9 + prompt))] * seqs
@@ -64,17 +69,18 @@ def main(cfg: Config) -> pd.DataFrame:
         save_checkpoint(flexlab.Model.from_config(cfg.preset, seed=0, dtype=dtype), ckpt, dtype=dtype)
         rows = []
         for r in range(cfg.rounds):
-            for batches in (1, 2):  # alternating: a slow minute of the disk falls on both
-                args = [str(ckpt), name, str(batches), str(cfg.sequences), str(cfg.prompt_len), str(cfg.gen_len)]
+            for batches, stream in ((1, 1), (2, 1), (2, 0)):  # alternating: a slow minute of the disk falls on all
+                shape = (batches, cfg.sequences, cfg.prompt_len, cfg.gen_len, stream)
+                args = [str(ckpt), name, *map(str, shape)]
                 out = subprocess.run([sys.executable, "-c", RUN, *args], capture_output=True, text=True, check=True)
                 row = dict(round=r + 1, gpu_batches=batches, **json.loads(out.stdout.strip().splitlines()[-1]))
                 rows.append(row)
                 print(row, flush=True)
     df = pd.DataFrame(rows)
-    table = df.groupby("gpu_batches").median(numeric_only=True).drop(columns="round").reset_index()
+    table = df.groupby(["gpu_batches", "streamed"]).median(numeric_only=True).drop(columns="round").reset_index()
     print(
         f"\n{cfg.preset} ({name}), every weight on disk, {cfg.sequences} sequences, prompt {cfg.prompt_len}, "
-        f"{cfg.gen_len} new; medians of {cfg.rounds} rounds (1 batch: the head streams; 2: it loads whole)"
+        f"{cfg.gen_len} new; medians of {cfg.rounds} rounds"
     )
     print(table.to_string(index=False, float_format=lambda x: f"{x:.2f}"))
     write_results(df, cfg, f"streamed_head_{cfg.preset}_{name}", table=table.to_dict("records"))
