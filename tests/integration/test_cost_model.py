@@ -307,20 +307,20 @@ def test_a_large_tied_table_on_disk_takes_one_read_buffer_and_the_search_finds_r
     """BLOOM's tied 250k-row table outweighs any layer. All on disk, it took both read buffers
     (twice its size) until the buffers were sized apart: now one of the table and two of the
     largest layer, so all-disk needs no more memory than the table on the cpu tier, and a limit
-    just above all-disk's footprint still finds a policy. With one GPU batch the head reads the
-    table a slice at a time: no buffer of its size at all."""
+    just above all-disk's footprint still finds a policy. Where the block has fewer rows than
+    the hidden size the head reads the table a slice at a time: no buffer of its size at all."""
     cfg = flexlab.get_preset("bloom-560m")
     table = cfg.vocab_size * cfg.hidden_size * 2
 
-    def footprint(w_cpu: float, batches: int):
-        policy = Policy.from_percent([0, w_cpu, 0, 0, 100, 0], gpu_batch_size=8, num_gpu_batches=batches)
+    def footprint(w_cpu: float, bs: int, batches: int):
+        policy = Policy.from_percent([0, w_cpu, 0, 0, 100, 0], gpu_batch_size=bs, num_gpu_batches=batches)
         return CostModel(cfg, policy, CPU_ONLY, prompt_len=32, gen_len=8, checkpoint_itemsize=2).footprint()
 
     front = CostModel(cfg, Policy(), CPU_ONLY, prompt_len=32, gen_len=8).tied_front()
     assert front is not None and 40 < front < 50  # the table is 46% of bloom-560m's weights
-    for batches in (1, 2):
-        all_disk, table_in_memory = footprint(0, batches), footprint(front, batches)
-        if batches == 1:  # streamed: the slices' buffer, and the two of the largest layer
+    for bs, batches in ((8, 1), (8, 2), (32, 32)):  # the last: a block of as many rows as the hidden size
+        all_disk, table_in_memory = footprint(0, bs, batches), footprint(front, bs, batches)
+        if bs * batches < cfg.hidden_size:  # streamed: the slices' buffers, and the two of the largest layer
             assert all_disk.tracked["gpu"] < table / 2
             assert all_disk.host < table_in_memory.host - table / 2
         else:
@@ -328,7 +328,7 @@ def test_a_large_tied_table_on_disk_takes_one_read_buffer_and_the_search_finds_r
             assert table <= all_disk.tracked["gpu"] < 1.2 * table  # one buffer of the table, not two
         ram = all_disk.host * 1.06 / (1 - HEADROOM)  # the LP keeps 3% more free than the check
         limits = CPU_ONLY.replace(gpu_memory=ram / 2, cpu_memory=ram / 2)
-        grid = dict(batch_sizes=(8,), num_batches=(batches,), act_tiers=("gpu",), checkpoint_itemsize=2)
+        grid = dict(batch_sizes=(bs,), num_batches=(batches,), act_tiers=("gpu",), checkpoint_itemsize=2)
         found = search_policy(cfg, limits, prompt_len=32, gen_len=8, **grid)
         assert fits(found.prediction.footprint, limits, HEADROOM)
 
