@@ -233,7 +233,7 @@ class CostModel:
         # weights: one load per stage and token serves every batch (a looked-up token table apart)
         table_tier, table_bytes, row_bytes = st.looked_up
         looked_up = table_tier == "disk" or (table_tier == "cpu" and link)
-        streamed = st.streamed[0]  # the head's matrix, read by its compute: not part of the load
+        streamed = st.streamed[0]  # the head's matrix, read a slice at a time: not part of the load
         w_disk = st.w_bytes["disk"] - (table_bytes if table_tier == "disk" else 0) - streamed
         w_cpu = st.w_bytes["cpu"] - (table_bytes if table_tier == "cpu" else 0) if link else 0
         moved["load_weight"] += w_disk + w_cpu
@@ -250,7 +250,7 @@ class CostModel:
             disk += hw.disk_latency_s
             if p.overlap:  # read beside a compute, whose cores the reader's threads take
                 compute += w_disk / 1e9 * hw.disk_stall_s_per_gb
-        if streamed:  # the head's matrix a slice at a time on the weight lane, once for all batches
+        if streamed:  # its slices on the weight lane, once for all batches
             slices_s, first = head_reads(hw, st.streamed, self.itemsize, self._convert_rate())
             disk += slices_s
             if p.overlap:  # the compute waits for the first slice; the reader takes cores beside it
@@ -261,8 +261,8 @@ class CostModel:
         projected = 1 if "head" in st.parts else tokens
         # A stage's weights that fit a CPU's last-level cache are read from memory by the token's
         # first batch; the batches after it find them there (opt-125m's layers in float32 on a
-        # 32 MiB L3: the decode's matmuls ran at 1.5x the memory's bandwidth, measured).
-        # A streamed head projects every batch's rows in one pass over its matrix.
+        # 32 MiB L3: the decode's matmuls ran at 1.5x the memory's bandwidth, measured). A streamed
+        # head projects every batch's rows in one pass over its matrix.
         from_memory = 1 if 0 < st.w_device_bytes <= hw.llc_bytes or streamed else sum(groups.values())
         for tiers, m in groups.items():
             b = sum(tiers)
