@@ -109,6 +109,7 @@ class Executor:
         self.lanes = {lane: ThreadPoolExecutor(1, thread_name_prefix=f"flexlab-{lane}") for lane in set(LANES.values())}
         self.streams = {lane: torch.cuda.Stream(device) for lane in self.lanes} if device.type == "cuda" else {}
         self.futures: dict[Key, Future | _Done] = {}
+        self.failed: BaseException | None = None  # a hand-off's error (nothing waits on a send's future)
         self.pending_events: list[tuple] = []
         self.clock = Clock(device)
 
@@ -132,6 +133,7 @@ class Executor:
             if kind.startswith("load_") and "release_" + kind.removeprefix("load_") in handlers
         }
         self.futures.clear()
+        self.failed = None
         try:
             with torch.inference_mode():  # no autograd bookkeeping per op (thread-local: lanes too)
                 self._issue_all(steps, should_stop)
@@ -184,6 +186,12 @@ class Executor:
                     break
             else:
                 self._issue(step)
+            if self.failed is not None:  # now, not at the end of the run, while the next rank waits for it
+                raise self.failed
+
+    def _note_failure(self, future: Future) -> None:
+        if not future.cancelled() and future.exception() is not None and self.failed is None:
+            self.failed = future.exception()
 
     def _issue(self, step: Step) -> None:
         lane = LANES[step.kind]
@@ -237,6 +245,8 @@ class Executor:
 
         future = self.lanes[lane].submit(task)
         self.futures[step.key] = future
+        if step.kind == "send":
+            future.add_done_callback(self._note_failure)
         if not self.overlap:
             future.result()
 
