@@ -32,7 +32,7 @@ from flexlab.cost.hardware import HardwareProfile
 from flexlab.cost.prediction import Prediction
 from flexlab.cost.probes import DEQUANT_PROBE_WIDTHS
 from flexlab.cost.sparse import value_gather
-from flexlab.cost.weight_reads import head_reads, row_reads
+from flexlab.cost.weight_reads import convert_rate, head_reads, row_reads
 from flexlab.engine.footprint import Footprint, footprint, kv_codecs
 from flexlab.engine.placement import TIERS, head_streams, split_by_share, tied_front
 from flexlab.engine.policy import Policy
@@ -241,7 +241,7 @@ class CostModel:
         if link:  # cpu weights cross the link, and disk weights too on their way to the GPU
             lnk += w_cpu / (hw.link_pinned_bw if p.pin_weight else hw.link_pageable_bw) + w_disk / hw.link_pinned_bw
         if st.converted_elems and not link:  # converted after each read, on the lane that read it: in series
-            disk += st.converted_elems / self._convert_rate()
+            disk += st.converted_elems / convert_rate(hw, self.checkpoint_itemsize, self.itemsize)
         if st.dequant_elems:
             compute += st.dequant_elems / self._dequant_rate() + st.dequant_mats * hw.dequant_call_s
         if w_disk or w_cpu:  # a load on a lane (else inline)
@@ -251,7 +251,8 @@ class CostModel:
             if p.overlap:  # read beside a compute, whose cores the reader's threads take
                 compute += w_disk / 1e9 * hw.disk_stall_s_per_gb
         if streamed:  # its slices on the weight lane, once for all batches
-            slices_s, first = head_reads(hw, st.streamed, self.itemsize, self._convert_rate())
+            rate = convert_rate(hw, self.checkpoint_itemsize, self.itemsize)
+            slices_s, first = head_reads(hw, st.streamed, self.itemsize, rate)
             disk += slices_s
             if p.overlap:  # the compute waits for the first slice; the reader takes cores beside it
                 compute += first + streamed / 1e9 * hw.disk_stall_s_per_gb
@@ -298,13 +299,6 @@ class CostModel:
                     lk += n_moves * h / hw.link_pageable_bw
             compute, disk, lnk = compute + m * c, disk + m * d, lnk + m * lk
         return compute, disk, lnk, moved
-
-    def _convert_rate(self) -> float:
-        """Elements/s a CPU's weight lane converts a narrower checkpoint's reads at: measured
-        (:func:`~flexlab.cost.probes.convert_rate`), else a copy at the memory's bandwidth."""
-        if self.hw.convert_elems:
-            return self.hw.convert_elems
-        return self.hw.weight_read_bw / ((self.checkpoint_itemsize or self.itemsize) + self.itemsize)
 
     def _dequant_rate(self) -> float:
         """Elements/s dequantizing this model's matrices: the profile's one rate, or on a CPU,

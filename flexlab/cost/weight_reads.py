@@ -1,5 +1,6 @@
 """What the reads a compute asks for itself cost (not a stage's load): the embedding's rows of a
-looked-up token table and a streamed head's slices (:mod:`flexlab.engine.table_rows`)."""
+looked-up token table and a streamed head's slices (:mod:`flexlab.engine.table_rows`); and the
+conversion of a narrower checkpoint's reads."""
 
 from __future__ import annotations
 
@@ -17,6 +18,15 @@ def row_reads(hw: HardwareProfile, tier: str, table_bytes: int, row_bytes: int, 
     if table_bytes / row_bytes / rows <= ROW_GAP + 1:
         return table_bytes / hw.disk_read_bw + -(-table_bytes // ROW_BUFFER) * hw.disk_latency_s
     return rows * (max(row_bytes, ALIGN) / hw.disk_read_bw + hw.disk_latency_s)
+
+
+def convert_rate(hw: HardwareProfile, checkpoint_itemsize: int | None, itemsize: int) -> float:
+    """Elements/s a CPU converts a narrower checkpoint's reads at, into ``itemsize``-byte
+    elements: measured (:func:`~flexlab.cost.probes.convert_rate`), else a copy at the memory's
+    bandwidth."""
+    if hw.convert_elems:
+        return hw.convert_elems
+    return hw.weight_read_bw / ((checkpoint_itemsize or itemsize) + itemsize)
 
 
 def head_reads(
