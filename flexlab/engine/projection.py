@@ -78,10 +78,10 @@ class Projection:
                 else:
                     logits = part.new_empty(x.shape[0], self.vocab_size) if logits is None else logits
                     logits[:, ids.start : ids.stop] = part
+            step = max(1, LOGIT_BYTES // (4 * len(ids)))
             for i, states in runs.items():
                 ask = asks[i]
-                assert isinstance(ask, TargetScores)
-                step = max(1, LOGIT_BYTES // (4 * len(ids)))
+                assert isinstance(ask, TargetScores)  # (for the type checker: runs holds only these)
                 for xs, target, run in zip(ask.xs, ask.targets, states):
                     for p in range(0, xs.shape[0], step):
                         run.add(slice(p, p + step), project(xs[p : p + step]).float(), ids, target[p : p + step])
