@@ -14,8 +14,8 @@ ratio to one process, the bubble (the share of the run each rank's compute lane 
 over ranks), the bytes read from disk per decode token and the bound they set at the bandwidth
 ``dd iflag=direct`` measures on the same disk, and the compute time; beside each, the cost
 model's prediction (``CostModel`` for one process, ``predict_pipeline`` for the stages) from
-``calibrate()`` run here with each row's threads. The model gives every rank the whole disk's
-bandwidth: where the ranks read at once, it is optimistic.
+``calibrate()`` run here with each row's threads; the ranks share this machine's disk
+(``predict_pipeline(shared_disk=True)``: ranks reading at once, each at its share of the bandwidth).
 
     python experiments/pipeline_scaling.py                # ~4 min on 2 CPU cores
 """
@@ -120,7 +120,7 @@ def predictions(cfg: Config, model, policy, scratch: Path) -> dict[tuple[int, in
     out[(1, 1)] = {"predicted_tok_s": one.throughput_tok_s, "predicted_bubble": float("nan")}
     for groups in (1, cfg.stages):
         plan = make_plan(model.config, cfg.stages, policy, groups=groups)
-        p = predict_pipeline(model.config, plan, share, **kw)
+        p = predict_pipeline(model.config, plan, share, shared_disk=True, **kw)
         out[(cfg.stages, groups)] = {"predicted_tok_s": p.throughput_tok_s, "predicted_bubble": p.bubble}
     return out
 

@@ -15,6 +15,10 @@ at once (the period is N * t). The prefill adds the fill: its last group leaves 
 after ``sum_r (t_r + m_r) + (G - 1) * max_r t_r``. The bubble is the share of the ranks' time
 left idle.
 
+Ranks that are processes of one machine share its disk (``shared_disk``): with G groups, min(G, N)
+ranks read at once, so each rank is priced at that share of the disk's bandwidth (taking turns, a
+rank has it alone).
+
     >>> from flexlab import Policy, get_preset
     >>> from flexlab.cost import get_hardware
     >>> from flexlab.engine.pipeline import make_plan
@@ -29,6 +33,7 @@ left idle.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 from flexlab.cost.hardware import HardwareProfile
@@ -67,14 +72,23 @@ def predict_pipeline(
     itemsize: int = 2,
     hand_off_bw: float | None = None,
     checkpoint_itemsize: int | None = None,
+    shared_disk: bool = False,
 ) -> PipelinePrediction:
     """The prediction for ``plan`` on ``hw``
     (one profile for every rank, or one per rank). ``hand_off_bw``: bytes/s between ranks
     (default: the host link where there is one, else :data:`LOOPBACK_BW`); ``checkpoint_itemsize``:
-    as :class:`~flexlab.cost.CostModel`'s."""
+    as :class:`~flexlab.cost.CostModel`'s; ``shared_disk``: the ranks read one disk (processes of
+    one machine, as ``generate --pipeline N`` starts them), whose bandwidth the ranks reading at
+    once share."""
     profiles = hw if isinstance(hw, list) else [hw] * plan.num_ranks
     policy0 = plan.policies[0]
     groups = split_batches(policy0.num_gpu_batches, plan.groups)
+    if shared_disk:
+        readers = min(len(groups), plan.num_ranks)
+        profiles = [
+            dataclasses.replace(h, disk_read_bw=h.disk_read_bw / readers, disk_write_bw=h.disk_write_bw / readers)
+            for h in profiles
+        ]
     prompts = [len(g) * policy0.gpu_batch_size for g in groups]
     decode_tokens = max(gen_len - 1, 0)
     ranks, busy = [], 0.0

@@ -109,3 +109,19 @@ def test_the_pipeline_search_moves_layers_off_the_busiest_stage():
     assert max(busy) / min(busy) < max(r["decode_group_token_s"] for r in given.prediction.ranks) / min(
         r["decode_group_token_s"] for r in given.prediction.ranks
     )
+
+
+def test_ranks_sharing_one_disk_read_at_its_share_of_the_bandwidth():
+    """Weights on disk, disk-bound ranks: two groups read every weight twice per token. On disks of
+    their own the two ranks read at once; on one machine's disk the two groups' reads take twice
+    as long, while ranks taking turns (one group) have the disk alone either way."""
+    cfg, hw = get_preset("opt-1.3b"), get_hardware("colab-t4")
+    policy = Policy.from_percent([0, 0, 100, 0, 100, 0], gpu_batch_size=8, num_gpu_batches=2)
+    kw = dict(prompt_len=32, gen_len=8)
+    own, one = (
+        {g: predict_pipeline(cfg, make_plan(cfg, 2, policy, groups=g), hw, shared_disk=s, **kw) for g in (1, 2)}
+        for s in (False, True)
+    )
+    assert one[1].throughput_tok_s == pytest.approx(own[1].throughput_tok_s, rel=1e-9)
+    assert one[2].decode_s == pytest.approx(2 * own[2].decode_s, rel=0.05)
+    assert one[2].throughput_tok_s < one[1].throughput_tok_s / 1.5 < own[2].throughput_tok_s
