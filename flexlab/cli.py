@@ -18,6 +18,7 @@ status 2.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
@@ -99,9 +100,8 @@ def generate(args: argparse.Namespace) -> int:
             plan = make_plan(
                 model.config, ranks[1] if ranks else args.pipeline, policy, args.pipeline_layers, args.groups
             )
-        result = run_job(
-            PipelineJob(ModelSource.of(model), plan, "generate", prompts, sampling, args.offload_dir), ranks
-        )
+        job = PipelineJob(ModelSource.of(model), plan, "generate", prompts, sampling, args.offload_dir)
+        result = run_job(dataclasses.replace(job, memory_limit=memory_limit_from_args(args)), ranks)
         if result is None:
             return 0  # a torchrun process other than rank 0, which speaks for the pipeline
         what = plan.describe()

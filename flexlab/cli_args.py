@@ -142,7 +142,8 @@ def add_policy_args(p: argparse.ArgumentParser) -> None:
         type=float,
         metavar="GB",
         help="host RAM the whole process may use, in GB (10^9 bytes); a policy predicted to need more is refused "
-        "before it starts (default: the cgroup's limit, else the memory available; inf: no check)",
+        "before it starts (default: the cgroup's limit, else the memory available; inf: no check); with --pipeline, "
+        "what the stages on this machine may use together, each held to a share in proportion to its predicted peak",
     )
 
 

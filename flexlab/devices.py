@@ -91,11 +91,17 @@ def available_memory() -> int | None:
     limit = cgroup_memory_limit()
     if limit is not None:
         return limit
+    free = machine_available()
+    return None if free is None else free + (resident_bytes() or 0)
+
+
+def machine_available() -> int | None:
+    """The machine's available memory now (MemAvailable, bytes), or None where it cannot be read."""
     try:
         with open("/proc/meminfo") as f:
             for line in f:
                 if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024 + (resident_bytes() or 0)
+                    return int(line.split()[1]) * 1024
     except OSError:
         pass
     return None

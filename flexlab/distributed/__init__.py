@@ -20,6 +20,8 @@ several machines) runs one rank in each process torchrun starts.
 
 from __future__ import annotations
 
+import dataclasses
+
 from flexlab.distributed.launch import run_local
 from flexlab.distributed.stage import ModelSource, PipelineJob
 from flexlab.engine.pipeline import PipelineError, PipelinePlan, make_plan, split_layers
@@ -38,6 +40,7 @@ def generate(
     offload_dir=None,
     threads: int | None = None,
     timeout_s: float = 300.0,
+    memory_limit: float | None = None,
     **options,
 ):
     """Generate as :meth:`flexlab.Engine.generate` does (same keywords in ``options``), on a
@@ -49,9 +52,13 @@ def generate(
     how many layers each stage holds (default: balanced by weight). ``groups``: groups of GPU
     batches that take turns (default: one per stage; see :func:`make_plan`). ``threads``: torch
     threads per process. ``timeout_s``: the longest a stage waits for a neighbour's message.
+    ``memory_limit``: bytes of host RAM the processes may use together (default: the cgroup's
+    limit, else what is available; ``math.inf``: no check); each is held to a share in
+    proportion to its predicted peak, and a plan that does not fit is refused before any rank
+    places a weight.
     """
     job = _job(model, stages, policy, layers, groups, offload_dir, threads, timeout_s, "generate", prompts, options)
-    return run_local(job)
+    return run_local(dataclasses.replace(job, memory_limit=memory_limit))
 
 
 def score(
@@ -66,8 +73,10 @@ def score(
     threads: int | None = None,
     timeout_s: float = 300.0,
     teacher_forced: bool = False,
+    memory_limit: float | None = None,
 ):
-    """:meth:`flexlab.Engine.score` on a pipeline of ``stages`` local processes."""
+    """:meth:`flexlab.Engine.score` on a pipeline of ``stages`` local processes (keywords as
+    :func:`generate`'s)."""
     job = _job(
         model,
         stages,
@@ -81,7 +90,7 @@ def score(
         sequences,
         {"teacher_forced": teacher_forced},
     )
-    return run_local(job)
+    return run_local(dataclasses.replace(job, memory_limit=memory_limit))
 
 
 def _job(model, stages, policy, layers, groups, offload_dir, threads, timeout_s, task, inputs, options) -> PipelineJob:

@@ -14,9 +14,14 @@ and no rank waits for one that will not come.
 
 from __future__ import annotations
 
+import socket
+import zlib
+
 import torch
 import torch.distributed as dist
 
+from flexlab.devices import cgroup_memory_limit, machine_available, resident_bytes
+from flexlab.engine.memory_guard import host_share
 from flexlab.engine.tiers import nbytes
 
 _DATA, _STOP = 0, 1
@@ -65,6 +70,23 @@ class Channel:
         x = torch.empty([d for d in shape if d >= 0], dtype=_DTYPES[dtype], device=self.wire)
         dist.recv(x, self.prev)
         return x.to(device, non_blocking=True), nbytes(x)
+
+    def memory_share(self, need: float, limit: float | None) -> tuple[float | None, str]:
+        """This rank's share of its machine's memory (see :func:`~flexlab.engine.memory_guard.host_share`):
+        every rank sends every other what it sees of its machine and its predicted peak ``need``.
+        Sent as one float64 tensor per rank, so NCCL carries it as gloo does (a host name's CRC
+        and byte counts below 2**53 are exact in float64)."""
+        cgroup, free = cgroup_memory_limit(), machine_available()
+        mine = [
+            float(zlib.crc32(socket.gethostname().encode())),
+            -1.0 if cgroup is None else float(cgroup),
+            -1.0 if free is None else float(free),
+            float(resident_bytes() or 0),
+            float(need),
+        ]
+        every = [torch.empty(len(mine), dtype=torch.float64, device=self.wire) for _ in range(self.world)]
+        dist.all_gather(every, torch.tensor(mine, dtype=torch.float64, device=self.wire))
+        return host_share([row.tolist() for row in every], self.rank, limit)
 
     def _header(self, kind: int, dtype: int = 0, *shape: int) -> torch.Tensor:
         if len(shape) > _HEADER - 2:

@@ -82,6 +82,7 @@ class PipelineJob:
     offload_dir: str | None = None
     threads: int | None = None  # torch threads per rank (default: torch's own choice)
     timeout_s: float = 300.0  # the longest a rank waits for a neighbour's message
+    memory_limit: float | None = None  # bytes each machine's ranks may use together (None: its cgroup's or free)
 
 
 @dataclass
@@ -113,7 +114,15 @@ def run_rank(job: PipelineJob, rank: int, world: int) -> GenerationResult | list
     offload = None if job.offload_dir is None else Path(job.offload_dir) / f"rank{rank}"
     policy, layers = job.plan.policies[rank], job.plan.layers[rank]
     peers = Channel(rank, world, wire)
-    with Engine(model, policy, offload_dir=offload, layers=layers, peers=peers, groups=job.plan.groups) as engine:
+    with Engine(
+        model,
+        policy,
+        offload_dir=offload,
+        layers=layers,
+        peers=peers,
+        groups=job.plan.groups,
+        memory_limit=job.memory_limit,
+    ) as engine:
         dist.barrier()  # every rank has placed its weights: the clocks start together
         if job.task == "generate":
             out = engine.generate(job.inputs, **job.options)

@@ -35,6 +35,10 @@ class Peers(Protocol):
 
     def send(self, x: torch.Tensor | None) -> int: ...
 
+    # this rank's share of its machine's memory, given its predicted peak and the machine's limit
+    # (None: found out); a collective (see flexlab.engine.memory_guard)
+    def memory_share(self, need: float, limit: float | None) -> tuple[float | None, str]: ...
+
 
 @dataclass(frozen=True)
 class BlockContext:

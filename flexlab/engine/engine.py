@@ -15,25 +15,24 @@ releases them on ``close()`` — also after an exception or Ctrl-C inside the ``
 from __future__ import annotations
 
 import dataclasses
-import math
 import shutil
 import tempfile
-import warnings
 from pathlib import Path
 
 from flexlab.devices import available_memory, resident_bytes
 from flexlab.engine.block import BlockRun
 from flexlab.engine.context import BlockContext, Peers
 from flexlab.engine.executor import Executor
-from flexlab.engine.footprint import LEAN_ABOVE, LEAN_SLACK, footprint, lean_allocator
+from flexlab.engine.footprint import footprint
 from flexlab.engine.heads import GenerateHead, Head, ScoreHead, TeacherHead
+from flexlab.engine.memory_guard import MemoryGuard
 from flexlab.engine.placement import reads_in_place
 from flexlab.engine.policy import Policy, PolicyError
 from flexlab.engine.schedule import make_stages, share_of
 from flexlab.engine.stage_cost import checkpoint_itemsize
 from flexlab.engine.store import WeightStore
 from flexlab.engine.tiers import DiskFiles, MemoryTracker, return_freed_memory
-from flexlab.errors import FlexlabError, MemoryLimitError, OffloadError
+from flexlab.errors import FlexlabError, OffloadError
 from flexlab.files import owned_dir, remove, sweep_stale
 from flexlab.models.family import specs_by_part
 from flexlab.models.generation import (
@@ -80,7 +79,10 @@ class Engine:
         :mod:`flexlab.distributed`, which builds them): it holds and runs only those layers (with
         the embedding if they start at 0, the head if they end at the last), hands hidden states
         and next tokens to its neighbours through ``peers``, and runs the block's batches in
-        ``groups`` that take turns, so that the ranks work on different groups at once."""
+        ``groups`` that take turns, so that the ranks work on different groups at once. A rank's
+        ``memory_limit`` is its machine's, which the ranks on it share (default: the cgroup's
+        limit, else what is available plus what they hold): each is held to a share in
+        proportion to its predicted peak (:mod:`flexlab.engine.memory_guard`)."""
         policy = policy or Policy()
         if not isinstance(policy, Policy):
             raise PolicyError(f"policy must be a flexlab.Policy, got {type(policy).__name__}")
@@ -91,9 +93,9 @@ class Engine:
             self.stages = share_of(self.stages, layers, model.config.num_layers)
         self.peers = peers
         self.layers = layers
-        self.memory_limit = available_memory() if memory_limit is None else memory_limit
+        self.memory_limit = available_memory() if memory_limit is None and peers is None else memory_limit
         self._base = resident_bytes() or 0  # the process before the engine: the runtime base
-        self._lean = False  # whether this engine made the allocator lean (process-wide, for good)
+        self._guard = MemoryGuard(self.memory_limit, None if peers is None else peers.memory_share)
         self._check_memory(1, 1, 1)  # the weights (and a one-token run)
         self.tracker = MemoryTracker()
         self.files = DiskFiles(direct=direct_io)
@@ -191,7 +193,7 @@ class Engine:
 
     def _check_memory(self, prompt_len: int, gen_len: int, num_prompts: int) -> None:
         """Refuse a run whose predicted host peak exceeds :attr:`memory_limit` (see ``__init__``)."""
-        if self.memory_limit is None or math.isinf(self.memory_limit):
+        if not self._guard.active:
             return
         fp = footprint(
             self.model.config,
@@ -206,27 +208,7 @@ class Engine:
             runtime_base=self._base,
             random_weights=isinstance(self.model.weights, RandomWeights),
         )
-        # glibc's default heap keeps freed blocks for reuse, beyond what the slack model says on
-        # long runs (see LEAN_ABOVE): where that could reach the limit, blocks go back at once.
-        # A run refused even so is refused first: the lean allocator is for good, and a refusal
-        # must leave the process (a notebook's kernel, a test session) as it was.
-        if not self._lean and fp.host > LEAN_ABOVE * self.memory_limit:
-            refusal = fp.with_slack(LEAN_SLACK).over_limit(self.memory_limit)
-            if refusal is not None:
-                raise MemoryLimitError(refusal)
-            self._lean = lean_allocator()
-            if self._lean:
-                warnings.warn(
-                    f"memory is tight ({fp.host / 2**30:.2f} GiB predicted, limit {self.memory_limit / 2**30:.2f} "
-                    "GiB): flexlab now returns freed memory to the system at once (glibc's M_MMAP_THRESHOLD "
-                    "fixed at 1 MiB; runs ~10-30% slower on a CPU)",
-                    stacklevel=3,
-                )
-        if self._lean:
-            fp = fp.with_slack(LEAN_SLACK)
-        problem = fp.over_limit(self.memory_limit)
-        if problem is not None:
-            raise MemoryLimitError(problem)
+        self._guard.check(fp)
 
     def close(self) -> None:
         """Stop the lanes, drop the stores and delete every file the engine created."""
@@ -355,7 +337,7 @@ class Engine:
         longest = max(len(seq) for batch in head.prefill_ids() for seq in batch)
         self._check_memory(longest, head.num_tokens, len(head.ids))
         try:
-            return BlockRun(dataclasses.replace(self._context, lean=self._lean), head).run()
+            return BlockRun(dataclasses.replace(self._context, lean=self._guard.lean), head).run()
         except BaseException:
             if self._executor is not None and self._executor.settled:
                 self.weights.reset()

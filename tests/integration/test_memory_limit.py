@@ -29,7 +29,7 @@ def small():
 
 def test_a_policy_over_the_limit_is_refused_before_anything_is_placed(small, tmp_path, monkeypatch):
     leaned: list[bool] = []  # a refusal must not make the process's allocator lean, which is for good
-    monkeypatch.setattr("flexlab.engine.engine.lean_allocator", lambda: leaned.append(True) or True)
+    monkeypatch.setattr("flexlab.engine.memory_guard.lean_allocator", lambda: leaned.append(True) or True)
     limit = resident_bytes() + 100 * 2**20  # 100 MiB more than the process holds: not 500 MB of weights
     with pytest.raises(MemoryLimitError, match=r"GiB over the limit of .*: that peak is placing the weights"):
         flexlab.Engine(small, flexlab.Policy(), offload_dir=tmp_path, memory_limit=limit)
@@ -42,7 +42,7 @@ def test_a_policy_over_the_limit_is_refused_before_anything_is_placed(small, tmp
 def test_a_run_whose_workspace_breaks_the_limit_is_refused_before_it_starts(small, monkeypatch):
     # The short run is tight enough to make the allocator lean, which is for good: not in the test
     # session's process (it slowed every later test's allocations: a training twice as long).
-    monkeypatch.setattr("flexlab.engine.engine.lean_allocator", lambda: False)
+    monkeypatch.setattr("flexlab.engine.memory_guard.lean_allocator", lambda: False)
     # the weights on disk fit; a 1024-token prefill of 16 sequences does not (attention scores, MLP)
     policy = flexlab.Policy.from_percent([0, 0, 100, 0, 100, 0], gpu_batch_size=16)
     with flexlab.Engine(small, policy, memory_limit=resident_bytes() + 400 * 2**20) as engine:

@@ -323,3 +323,18 @@ def test_a_plan_for_another_model_is_refused_before_any_work(tmp_path):
         timeout=60,
     )
     assert out.returncode == 2 and "add up to 6, but the model has 2" in out.stderr, out.stderr
+
+
+def test_stages_on_one_machine_share_its_memory_limit(tiny_dir, tmp_path):
+    """Each rank alone would take the whole limit as its own; together they are held to it: a
+    limit below the ranks' predicted peaks together is refused before any weight is placed, and
+    one above them runs."""
+    model = flexlab.Model.from_pretrained(tiny_dir, dtype=torch.float32)
+    kw = dict(stages=2, max_new_tokens=3, offload_dir=tmp_path)
+    with pytest.raises(PipelineError, match=r"shares this machine's 0\.28 GiB with rank\(s\) [01]; together") as e:
+        distributed.generate(model, PROMPTS, memory_limit=0.3e9, **kw)  # one rank's runtime base is ~0.23 GB
+    together = float(re.search(r"together they need ([\d.]+) GiB", str(e.value)).group(1)) * 2**30
+    assert together > 0.3e9
+    assert list(tmp_path.iterdir()) == []
+    result = distributed.generate(model, PROMPTS, memory_limit=1.15 * together, **kw)
+    assert result.token_ids == one_process(model, Policy(), max_new_tokens=3).token_ids
