@@ -53,6 +53,7 @@ RUNS = {
     + ["--gpu-batch-size", "2", "--num-gpu-batches", "2"],
     "streamed_head": ["--preset", "opt-tiny", "--rounds", "1", "--sequences", "2", "--prompt-len", "8"]
     + ["--gen-len", "3"],
+    "allocator_modes": ["--row", "all resident", "--repeats", "1", "--gen-len", "3"],  # three fresh processes
     "embedding_rows": ["--presets", "opt-tiny,codegen-tiny", "--repeats", "1", "--gen-len", "3", "--label", "smoke"],
 }
 
@@ -95,6 +96,10 @@ def test_experiment_runs_and_writes_results(script, tmp_path, request):
         assert own == {d: d != compute and size[d] >= size[compute] for d in size}, (compute, own)
     if script == "validate_memory":  # the process's peak as predicted (10% here; slack for other machines)
         assert (df.relative_error.abs() < 0.2).all(), df[["row", "measured_peak_MiB", "predicted_peak_MiB"]]
+        return
+    if script == "allocator_modes":  # each mode ran, and malloc handed out less than was resident at the peak
+        assert df["mode"].tolist() == ["default", "fixed16", "lean"], df
+        assert (df.malloc_handed_out_MiB > df.tracked_MiB).all() and (df.seconds > 0).all(), df
         return
     if script == "embedding_rows":  # a decode token reads a few rows of the table, and loads the rest
         assert (df.read_rows_MB > 0).all() and (df.load_weight_MB > 10 * df.read_rows_MB).all(), df
