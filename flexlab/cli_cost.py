@@ -50,6 +50,8 @@ def search(args: argparse.Namespace) -> int:
     if not 0 < args.attn_sparsity <= 1:
         raise ValueError(f"--attn-sparsity must be in (0, 1] (1: dense attention), got {args.attn_sparsity:g}")
     sizes["attn_sparsity"] = args.attn_sparsity
+    if args.one_machine and args.pipeline == 1:
+        raise ValueError("--one-machine describes the stages of a pipeline: give --pipeline N too")
     options = args.compress.split(",") if args.compress else []
     # a KV layout (BITS:GROUP:LAYOUT) applies to the cache only
     weights = (None, *(flexlab.QuantConfig.parse(o) for o in options if o.count(":") < 2))
@@ -93,11 +95,13 @@ def _search_pipeline(args, config, hw, options: dict, one, save) -> int:
         gen_len=args.gen_len,
         layers=args.pipeline_layers,
         groups=args.groups,
+        one_machine=args.one_machine,
         **options,
     )
     pred, base = found.prediction, one.prediction.throughput_tok_s
+    where = f"one {hw.name} with {args.pipeline} GPUs" if args.one_machine else f"{args.pipeline} x {hw.name}"
     print(
-        f"{config.name} on {args.pipeline} x {hw.name} (prompt {args.prompt_len}, gen {args.gen_len}): "
+        f"{config.name} on {where} (prompt {args.prompt_len}, gen {args.gen_len}): "
         f"{pred.throughput_tok_s:.3g} tok/s predicted, {pred.throughput_tok_s / base:.2f}x one {hw.name} "
         f"({base:.3g} tok/s); bubble {pred.bubble:.0%}"
     )
@@ -179,6 +183,12 @@ def add_cost_commands(sub) -> None:
     p.add_argument("--save-policy", help="write the policy as JSON (for --policy)")
     p.add_argument("--verbose", action="store_true", help="also seconds per stage and the best candidates")
     add_pipeline_args(p)
+    p.add_argument(
+        "--one-machine",
+        action="store_true",
+        help="with --pipeline: the stages are the GPUs of one such machine, sharing its RAM, disk space and "
+        "disk bandwidth (default: each stage on a machine of its own)",
+    )
     p.set_defaults(func=search)
 
     p = sub.add_parser("calibrate", help="measure this machine for the cost model")

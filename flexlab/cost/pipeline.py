@@ -178,11 +178,16 @@ def search_pipeline(
     batch_sizes=(4, 8, 16, 32, 64),
     num_batches=(1, 2, 4, 8),
     checkpoint_itemsize: int | None = None,
+    one_machine: bool = False,
     **grid,
 ) -> PipelineSearchResult:
     """The fastest plan for ``num_ranks`` ranks, each with ``hw`` of its own (its GPU, host memory
-    and disk). For each block shape every rank's placement and compression are searched over its
-    share (``search_policy(layers=...)``, ``grid``: its other options), and the plans are ranked by
+    and disk), or with ``one_machine`` the GPUs of one ``hw`` machine: each rank then fits in an
+    equal share of its host memory and disk space (so that the ranks' peaks together fit the
+    machine, as the engine's memory guard checks), and they share its disk's bandwidth
+    (``predict_pipeline(shared_disk=True)``). For each block shape every rank's placement and
+    compression are searched over its share (``search_policy(layers=...)``, ``grid``: its other
+    options), and the plans are ranked by
     :func:`predict_pipeline`. Layers are split as given; else the search starts from the split
     balanced by weight and then moves layers off the busiest rank, one at a time, while the
     prediction improves (the head's matmul and the embedding's lookup cost different times for
@@ -197,6 +202,15 @@ def search_pipeline(
     from flexlab.errors import FlexlabError
 
     balanced = [len(r) for r in make_plan(config, num_ranks, layers=layers).layers]  # checks num_ranks, layers
+    rank_hw = hw
+    if one_machine:
+        if not hw.has_link:
+            raise FlexlabError(
+                f"{hw.name} has no GPU: pipeline ranks on one CPU share its cores, memory and disk, so they cannot "
+                "beat one process there; search for one process (drop --pipeline), or for ranks on machines of "
+                "their own (drop --one-machine)"
+            )
+        rank_hw = hw.replace(cpu_memory=hw.cpu_memory / num_ranks, disk_space=hw.disk_space / num_ranks)
     # A rank's pick, searched once per (its layer count, whether it holds the embedding and the
     # head, block shape): a family's layers are alike, so ranks of one count in the middle share it.
     picked: dict[tuple, Policy] = {}
@@ -211,7 +225,7 @@ def search_pipeline(
             if key not in picked:
                 picked[key] = search_policy(
                     config,
-                    hw,
+                    rank_hw,
                     prompt_len=prompt_len,
                     gen_len=gen_len,
                     itemsize=itemsize,
@@ -229,11 +243,12 @@ def search_pipeline(
             pred = predict_pipeline(
                 config,
                 plan,
-                hw,
+                rank_hw,
                 prompt_len=prompt_len,
                 gen_len=gen_len,
                 itemsize=itemsize,
                 checkpoint_itemsize=checkpoint_itemsize,
+                shared_disk=one_machine,
             )
             entry = dict(layers=counts, gpu_batch_size=bs, num_gpu_batches=nb, groups=g, why="")
             tried.append({**entry, "throughput_tok_s": pred.throughput_tok_s})

@@ -85,6 +85,7 @@ def test_generate_with_flexgen_flags_and_a_policy_file(capsys, tmp_path):
         (["bench", "--frobnicate"], "unrecognized arguments: --frobnicate"),
         (["search", "--preset", "opt-1.3b", "--gpu-mem", "-1"], "capacity must be positive"),
         (["search", "--preset", "opt-1.3b", "--hardware", "tpu"], "unknown hardware 'tpu'"),
+        (["search", "--preset", "opt-1.3b", "--one-machine"], "--one-machine describes the stages of a pipeline"),
         (["generate", "--preset", "opt-tiny", "--prompt-ids", "2", "--overlap", "maybe"], "'maybe' is not a boolean"),
         (["generate", "--preset", "opt-tiny", "--prompt", "hi"], "no tokenizer: pass token ids \\(--prompt-ids"),
         (["chat", "--preset", "opt-tiny"], "chat needs text: pass --model DIR"),

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import math
+import re
+
 import pytest
 
 from flexlab import Policy
@@ -125,3 +128,31 @@ def test_ranks_sharing_one_disk_read_at_its_share_of_the_bandwidth():
     assert one[1].throughput_tok_s == pytest.approx(own[1].throughput_tok_s, rel=1e-9)
     assert one[2].decode_s == pytest.approx(2 * own[2].decode_s, rel=0.05)
     assert one[2].throughput_tok_s < one[1].throughput_tok_s / 1.5 < own[2].throughput_tok_s
+
+
+def test_ranks_on_one_machine_fit_its_host_memory_together():
+    """Two T4 hosts would hold opt-13b's cache in 15 GiB of RAM between them; the two GPUs of one
+    Colab-like machine have its 12 GiB to share, and the search keeps within it."""
+    from flexlab.cost import search_pipeline
+    from flexlab.errors import FlexlabError
+
+    cfg, hw = get_preset("opt-13b"), get_hardware("colab-t4")
+    kw = dict(prompt_len=512, gen_len=32, batch_sizes=(8,), num_batches=(2, 4))
+    apart, together = (search_pipeline(cfg, hw, 2, one_machine=one, **kw) for one in (False, True))
+
+    def host(found):
+        return sum(rank["footprint"].host for rank in found.prediction.ranks)
+
+    assert host(apart) > hw.cpu_memory >= host(together)
+    with pytest.raises(FlexlabError, match="has no GPU: pipeline ranks on one CPU share its cores"):
+        search_pipeline(cfg, hw.replace(link_pinned_bw=math.inf), 2, one_machine=True, **kw)
+
+
+def test_the_command_line_searches_the_gpus_of_one_machine(capsys):
+    from flexlab.cli import main
+
+    code = main(["search", "--preset", "opt-13b", "--hardware", "colab-t4", "--pipeline", "2", "--one-machine"])
+    out = capsys.readouterr().out
+    assert code == 0 and re.search(r"^opt-13b on one colab-t4 with 2 GPUs .*: [\d.]+ tok/s predicted", out, re.M), out
+    peaks = [float(g) for g in re.findall(r"^stage \d: .*peak GiB .*cpu ([\d.]+)", out, re.M)]
+    assert len(peaks) == 2 and sum(peaks) <= 12, out  # the engine's bytes on the host: within its 12 GiB
