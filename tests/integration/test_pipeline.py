@@ -202,6 +202,44 @@ class FailingSource(ModelSource):
         return model
 
 
+class FailingSend(ModelSource):
+    """The model, except that rank 0's hand-offs to rank 1 fail from the sixth on: sends that raise
+    on its lane (as a broken connection does), while rank 1 waits for what it would carry."""
+
+    def load(self, device):
+        import torch.distributed as dist
+
+        from flexlab.distributed.channel import Channel
+
+        if dist.get_rank() == 0:
+            calls = iter(range(1000))
+            send = Channel.send
+
+            def failing(channel, x):
+                if next(calls) >= 5:  # broken for good, as a lost connection is
+                    raise ConnectionError("injected fault in rank 0's send")
+                return send(channel, x)
+
+            Channel.send = failing  # this rank's process only
+        return super().load(device)
+
+
+def test_a_send_that_fails_ends_every_stage_with_its_error(tiny_dir, tmp_path):
+    from flexlab.distributed.launch import run_local
+    from flexlab.distributed.stage import PipelineJob
+    from flexlab.engine.pipeline import make_plan
+
+    model = flexlab.Model.from_pretrained(tiny_dir, dtype=torch.float32)
+    source = FailingSend(path=str(tiny_dir), dtype="float32")
+    plan = make_plan(model.config, 2, Policy(gpu_batch_size=2, num_gpu_batches=2))
+    job = PipelineJob(source, plan, "generate", PROMPTS, {"max_new_tokens": 20}, str(tmp_path), timeout_s=60)
+    start = time.monotonic()
+    with pytest.raises(PipelineError, match="stage 0 failed: ConnectionError: injected fault in rank 0's send"):
+        run_local(job)
+    assert time.monotonic() - start < 30  # not the 60 s timeout
+    assert list(tmp_path.iterdir()) == [] and multiprocessing.active_children() == []
+
+
 def test_a_stage_failing_mid_run_ends_every_stage_with_its_error(tiny_dir, tmp_path):
     from flexlab.distributed.launch import run_local
     from flexlab.distributed.stage import PipelineJob
