@@ -67,6 +67,12 @@ def run_local(job: PipelineJob, *, startup_s: float = 120.0):
     """
     import multiprocessing as mp
 
+    gpus = torch.cuda.device_count() if job.source.device_type == "cuda" else job.plan.num_ranks
+    if gpus < job.plan.num_ranks:  # each local rank takes the GPU of its number
+        raise PipelineError(
+            f"a pipeline of {job.plan.num_ranks} stages on CUDA needs a GPU per stage, and this machine has {gpus}; "
+            "run the stages on the CPU (a model loaded with device='cpu'), or use fewer stages"
+        )
     parent = Path(job.offload_dir).expanduser() if job.offload_dir else Path(tempfile.gettempdir())
     parent.mkdir(parents=True, exist_ok=True)
     sweep_stale(parent, SCRATCH_PREFIX)

@@ -22,7 +22,7 @@ import torch
 import torch.distributed as dist
 
 from flexlab.distributed.channel import Channel
-from flexlab.engine.pipeline import PipelinePlan
+from flexlab.engine.pipeline import PipelineError, PipelinePlan
 from flexlab.models.config import ModelConfig, get_preset
 from flexlab.models.generation import GenerationResult
 from flexlab.timeline import Timeline
@@ -98,7 +98,13 @@ class RankReport:
 def rank_device(source: ModelSource) -> torch.device:
     """This process's device: its local GPU when the model is on CUDA, else the CPU."""
     if source.device_type == "cuda":
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        local = int(os.environ.get("LOCAL_RANK", 0))
+        if local >= torch.cuda.device_count():
+            raise PipelineError(
+                f"this process is local rank {local}, but this machine has {torch.cuda.device_count()} GPU(s): "
+                "start at most one process per GPU (torchrun --nproc-per-node)"
+            )
+        return torch.device("cuda", local)
     return torch.device("cpu")
 
 

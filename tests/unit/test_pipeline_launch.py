@@ -1,0 +1,31 @@
+"""A pipeline on CUDA is refused before any process starts where the machine lacks a GPU per stage."""
+
+from __future__ import annotations
+
+import multiprocessing
+
+import pytest
+import torch
+
+from flexlab.distributed import PipelineError, make_plan
+from flexlab.distributed.launch import run_local
+from flexlab.distributed.stage import ModelSource, PipelineJob, rank_device
+from flexlab.models.config import get_preset
+
+
+def test_local_stages_on_cuda_need_a_gpu_each(tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    source = ModelSource(config=get_preset("opt-tiny"), dtype="float32", device_type="cuda")
+    job = PipelineJob(source, make_plan(source.config, 2), "generate", [[2, 5]], {}, str(tmp_path))
+    with pytest.raises(PipelineError, match="2 stages on CUDA needs a GPU per stage, and this machine has 1"):
+        run_local(job)
+    assert list(tmp_path.iterdir()) == [] and multiprocessing.active_children() == []
+
+
+def test_a_torchrun_process_beyond_the_machines_gpus_says_so(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setenv("LOCAL_RANK", "2")
+    with pytest.raises(PipelineError, match="local rank 2, but this machine has 2 GPU"):
+        rank_device(ModelSource(config=get_preset("opt-tiny"), device_type="cuda"))
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert rank_device(ModelSource(config=get_preset("opt-tiny"), device_type="cuda")) == torch.device("cuda", 1)
