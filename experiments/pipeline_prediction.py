@@ -3,11 +3,13 @@
 FlexGen reports super-linear scaling with pipeline parallelism: with N GPUs a model needs N times
 less memory per GPU, so less of it is offloaded. For each number of stages this searches the
 fastest plan (``flexlab.cost.search_pipeline``: every stage its own machine of the given
-hardware, every stage's placement searched over its share) and prints the predicted throughput
-and its ratio to one machine. Predictions only: nothing runs a model (the measured pipeline on
-this machine's CPU is ``pipeline_scaling.py``).
+hardware, every stage's placement searched over its share; with ``--one-machine true`` the
+stages are the GPUs of one such machine, sharing its RAM, disk space and disk bandwidth) and
+prints the predicted throughput and its ratio to one GPU (or why no plan fits). Predictions
+only: nothing runs a model (the measured pipeline on this machine's CPU is ``pipeline_scaling.py``).
 
     python experiments/pipeline_prediction.py --preset opt-30b --hardware colab-t4
+    python experiments/pipeline_prediction.py --preset opt-30b --hardware colab-t4 --one-machine true
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ class Config:
     prompt_len: int = 512
     gen_len: int = 32
     compress: bool = False
+    one_machine: bool = False  # the stages are the GPUs of one machine (else each its own machine)
     out_dir: str = "experiments/results"
 
 
@@ -45,8 +48,11 @@ def main(cfg: Config) -> None:
             one = search_policy(config, hw, **shape)
             tok_s, bubble, what = one.prediction.throughput_tok_s, 0.0, one.policy.describe()
         else:
-            found = search_pipeline(config, hw, n, **shape)
-            tok_s, bubble, what = found.prediction.throughput_tok_s, found.prediction.bubble, found.plan.describe()
+            try:
+                found = search_pipeline(config, hw, n, one_machine=cfg.one_machine, **shape)
+                tok_s, bubble, what = found.prediction.throughput_tok_s, found.prediction.bubble, found.plan.describe()
+            except flexlab.FlexlabError as e:  # nothing fits a stage: a row that says why
+                tok_s, bubble, what = float("nan"), float("nan"), f"nothing fits: {e}"
         base = base or tok_s
         rows.append(
             dict(
@@ -63,6 +69,7 @@ def main(cfg: Config) -> None:
     with pd.option_context("display.width", 250, "display.max_colwidth", 120):
         print(df.to_string(index=False))
     stem = f"pipeline_prediction_{cfg.preset}_{cfg.hardware}" + ("_compressed" if cfg.compress else "")
+    stem += "_one_machine" if cfg.one_machine else ""
     out = write_results(df, cfg, stem, hardware=hw.__dict__)
     print(f"wrote {out}/{stem}.csv and .json")
 
