@@ -45,7 +45,8 @@ def host_share(rows: Sequence[Sequence[float]], rank: int, limit: float | None =
     others = ", ".join(str(r) for r in same if r != rank)
     return share, (
         f"pipeline rank {rank} shares this machine's {pool * GiB:.2f} GiB with rank(s) {others}; together they "
-        f"need {needs * GiB:.2f} GiB, and each is held to its share in proportion to its own peak: "
+        f"need {needs * GiB:.2f} GiB, and each is held to its share in proportion to its own peak (a plan from "
+        "`flexlab search --pipeline N --one-machine` fits the stages of one machine together): "
     )
 
 
