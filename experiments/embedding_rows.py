@@ -6,7 +6,7 @@ Every weight lives on disk (random weights, read with O_DIRECT); the table print
 weight bytes one decode token reads (the stages' loads, and the rows the embedding reads of the
 token table: ``read_rows``), the decode throughput and the whole run's. Run it under two checkouts
 to compare a change (``PYTHONPATH=/path/to/other/checkout``, ``--label``): that is how the
-embedding's row reads were measured against loading the whole table (README, "Measured").
+embedding's row reads were measured against loading the whole table (docs/measured.md).
 
     python experiments/embedding_rows.py --label rows
 """
