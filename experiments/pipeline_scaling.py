@@ -5,9 +5,10 @@ place with O_DIRECT, so the page cache cannot make the disk look fast; ``--check
 stores it in the compute's dtype, so that reads need no conversion), the same block runs
 
 * in one process with ``threads`` torch threads, and
-* on a pipeline of ``stages`` processes with ``threads / stages`` threads each, with the batches
-  in one group (each rank reads its weights once per token; the ranks mostly take turns) and in
-  ``stages`` groups (the ranks work at once; each reads its weights once per group),
+* on a pipeline of ``stages`` processes, with the batches in one group (each rank reads its
+  weights once per token; the ranks take turns, so each has every thread) and in ``stages``
+  groups (the ranks work at once, ``threads / stages`` threads each; each reads its weights once
+  per group),
 
 side by side in one run, ``rounds`` times each (median). Reported per row: throughput and its
 ratio to one process, the bubble (the share of the run each rank's compute lane stood idle, mean
@@ -37,7 +38,7 @@ from _common import dd_direct_bandwidth, parse_config, write_results
 class Config:
     preset: str = "opt-1.3b"
     stages: int = 2
-    threads: int = 2  # the machine's cores: one process gets them all, each stage its share
+    threads: int = 2  # the machine's cores: one process gets them all, each stage its share of the ranks at work
     percent: str = "0 0 100 0 100 0"  # FlexGen's six shares: weights on disk, cache and activations in memory
     checkpoint_dtype: str = "float16"  # "auto": the compute's dtype (its weights read from disk without a conversion)
     gpu_batch_size: int = 8
@@ -56,6 +57,7 @@ def run_row(cfg: Config, model, policy, prompts, stages: int, groups: int, offlo
 
     import flexlab
     from flexlab import distributed
+    from flexlab.distributed import threads_per_rank  # the library's default, passed so that the row says it
 
     kw = dict(max_new_tokens=cfg.gen_len, stop_token_ids=None)
     start = time.perf_counter()
@@ -70,7 +72,7 @@ def run_row(cfg: Config, model, policy, prompts, stages: int, groups: int, offlo
             stages=stages,
             policy=policy,
             groups=groups,
-            threads=max(1, cfg.threads // stages),
+            threads=threads_per_rank(cfg.threads, stages, groups),
             offload_dir=offload,
             **kw,
         )
@@ -82,7 +84,7 @@ def run_row(cfg: Config, model, policy, prompts, stages: int, groups: int, offlo
     return {
         "stages": stages,
         "groups": groups,
-        "threads_each": cfg.threads if stages == 1 else max(1, cfg.threads // stages),
+        "threads_each": threads_per_rank(cfg.threads, stages, groups),
         "throughput_tok_s": result.metrics["throughput_tok_s"],
         "total_s": result.metrics["total_s"],
         "wall_with_start_s": wall,
@@ -97,6 +99,7 @@ def predictions(cfg: Config, model, policy, scratch: Path) -> dict[tuple[int, in
     import torch
 
     from flexlab.cost import CostModel, calibrate, checkpoint_itemsize, get_hardware, predict_pipeline
+    from flexlab.distributed import threads_per_rank
     from flexlab.engine.pipeline import make_plan
 
     kw = dict(
@@ -106,20 +109,21 @@ def predictions(cfg: Config, model, policy, scratch: Path) -> dict[tuple[int, in
         checkpoint_itemsize=checkpoint_itemsize(model),  # its disk weights are read in place, as stored
     )
     out, before = {}, torch.get_num_threads()
-    if cfg.hardware:  # the stages' rates are then the whole machine's
-        whole = share = get_hardware(cfg.hardware)
-    else:
+    profiles: dict[int, object] = {}  # per thread count
+    for threads in {threads_per_rank(cfg.threads, cfg.stages, g) for g in (1, cfg.stages)} | {cfg.threads}:
+        if cfg.hardware:  # the stages' rates are then the whole machine's
+            profiles[threads] = get_hardware(cfg.hardware)
+            continue
         try:
-            torch.set_num_threads(cfg.threads)
-            whole = calibrate(dtype=model.dtype, quick=True, offload_dir=scratch)
-            torch.set_num_threads(max(1, cfg.threads // cfg.stages))
-            share = calibrate(dtype=model.dtype, quick=True, offload_dir=scratch)
+            torch.set_num_threads(threads)
+            profiles[threads] = calibrate(dtype=model.dtype, quick=True, offload_dir=scratch)
         finally:
             torch.set_num_threads(before)
-    one = CostModel(model.config, policy, whole, **kw).predict()
+    one = CostModel(model.config, policy, profiles[cfg.threads], **kw).predict()
     out[(1, 1)] = {"predicted_tok_s": one.throughput_tok_s, "predicted_bubble": float("nan")}
     for groups in (1, cfg.stages):
         plan = make_plan(model.config, cfg.stages, policy, groups=groups)
+        share = profiles[threads_per_rank(cfg.threads, cfg.stages, groups)]
         p = predict_pipeline(model.config, plan, share, shared_disk=True, **kw)
         out[(cfg.stages, groups)] = {"predicted_tok_s": p.throughput_tok_s, "predicted_bubble": p.bubble}
     return out

@@ -26,7 +26,21 @@ from flexlab.distributed.launch import run_local
 from flexlab.distributed.stage import ModelSource, PipelineJob
 from flexlab.engine.pipeline import PipelineError, PipelinePlan, make_plan, split_layers
 
-__all__ = ["PipelineError", "PipelinePlan", "generate", "make_plan", "score", "split_layers"]
+__all__ = ["PipelineError", "PipelinePlan", "generate", "make_plan", "score", "split_layers", "threads_per_rank"]
+
+
+def threads_per_rank(cores: int, ranks: int, groups: int) -> int:
+    """Torch threads for each of ``ranks`` local processes on ``cores`` threads' worth of CPU:
+    the cores shared by the ranks that compute at once, ``min(groups, ranks)`` of them (see
+    :func:`~flexlab.engine.schedule.block_schedule`). With one group the ranks take turns, so each
+    gets every core: with a core each, two ranks on two cores ran at 0.66x one process, with both
+    cores 0.91x (opt-1.3b on disk, ``experiments/pipeline_scaling.py``). With as many groups as
+    ranks they work at once, and every rank's threads on every core would oversubscribe them.
+
+        >>> threads_per_rank(8, 2, 1), threads_per_rank(8, 2, 2), threads_per_rank(2, 4, 4)
+        (8, 4, 1)
+    """
+    return max(1, cores // max(1, min(groups, ranks)))
 
 
 def generate(
@@ -51,7 +65,8 @@ def generate(
     checkpoint directory or a preset name. ``policy``: one Policy, or one per stage. ``layers``:
     how many layers each stage holds (default: balanced by weight). ``groups``: groups of GPU
     batches that take turns (default: one per stage; see :func:`make_plan`). ``threads``: torch
-    threads per process. ``timeout_s``: the longest a stage waits for a neighbour's message.
+    threads per process (default: :func:`threads_per_rank` of this process's). ``timeout_s``: the
+    longest a stage waits for a neighbour's message.
     ``memory_limit``: bytes of host RAM the processes may use together (default: the cgroup's
     limit, else what is available; ``math.inf``: no check); each is held to a share in
     proportion to its predicted peak, and a plan that does not fit is refused before any rank
@@ -120,4 +135,5 @@ def _job(model, stages, policy, layers, groups, offload_dir, threads, timeout_s,
     else:
         encode_for_scoring(inputs, built.tokenizer, built.config)
     where = None if offload_dir is None else str(offload_dir)
+    threads = threads or threads_per_rank(torch.get_num_threads(), plan.num_ranks, plan.groups)
     return PipelineJob(source, plan, task, list(inputs), dict(options), where, threads, timeout_s)

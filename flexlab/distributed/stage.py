@@ -80,7 +80,7 @@ class PipelineJob:
     inputs: list
     options: dict = field(default_factory=dict)
     offload_dir: str | None = None
-    threads: int | None = None  # torch threads per rank (default: torch's own choice)
+    threads: int | None = None  # torch threads per rank (None: the process's own, e.g. torchrun's OMP_NUM_THREADS)
     timeout_s: float = 300.0  # the longest a rank waits for a neighbour's message
     memory_limit: float | None = None  # bytes each machine's ranks may use together (None: its cgroup's or free)
 
