@@ -1,4 +1,4 @@
-"""Pipeline scaling on one machine: one process with every core against N stages with a core each.
+"""Pipeline scaling on one machine: one process with every core against N stages sharing the cores.
 
 On an OPT-1.3B-shaped model with its weights on disk (a float16 safetensors checkpoint read in
 place with O_DIRECT, so the page cache cannot make the disk look fast; ``--checkpoint-dtype auto``
