@@ -4,7 +4,7 @@ FlexGen reports super-linear scaling with pipeline parallelism: with N GPUs a mo
 less memory per GPU, so less of it is offloaded. For each number of stages this searches the
 fastest plan (``flexlab.cost.search_pipeline``: every stage its own machine of the given
 hardware, every stage's placement searched over its share; with ``--one-machine true`` the
-stages are the GPUs of one such machine, sharing its RAM, disk space and disk bandwidth) and
+stages are the GPUs of one such machine, sharing its RAM, disk space, disk bandwidth and CPU) and
 prints the predicted throughput and its ratio to one GPU (or why no plan fits). Predictions
 only: nothing runs a model (the measured pipeline on this machine's CPU is ``pipeline_scaling.py``).
 

@@ -15,9 +15,12 @@ at once (the period is N * t). The prefill adds the fill: its last group leaves 
 after ``sum_r (t_r + m_r) + (G - 1) * max_r t_r``. The bubble is the share of the ranks' time
 left idle.
 
-Ranks that are processes of one machine share its disk (``shared_disk``): with G groups, min(G, N)
-ranks read at once, so each rank is priced at that share of the disk's bandwidth (taking turns, a
-rank has it alone).
+Ranks that are processes of one machine share its disk and its CPU (``shared_disk``): with G
+groups, min(G, N) ranks work at once, so each rank is priced at that share of the disk's bandwidth
+and of the host's attention rate (``cpu_cache_compute``: the host's memory bandwidth and cores,
+which :func:`~flexlab.distributed.threads_per_rank` shares out the same way); taking turns, a rank
+has them alone. Each GPU keeps its own link (one PCIe slot each; GPUs behind one switch would
+share theirs: not modelled).
 
     >>> from flexlab import Policy, get_preset
     >>> from flexlab.cost import get_hardware
@@ -77,18 +80,13 @@ def predict_pipeline(
     """The prediction for ``plan`` on ``hw``
     (one profile for every rank, or one per rank). ``hand_off_bw``: bytes/s between ranks
     (default: the host link where there is one, else :data:`LOOPBACK_BW`); ``checkpoint_itemsize``:
-    as :class:`~flexlab.cost.CostModel`'s; ``shared_disk``: the ranks read one disk (processes of
-    one machine, as ``generate --pipeline N`` starts them), whose bandwidth the ranks reading at
-    once share."""
+    as :class:`~flexlab.cost.CostModel`'s; ``shared_disk``: the ranks are processes of one machine
+    (as ``generate --pipeline N`` starts them), whose disk and CPU the ranks at work at once share."""
     profiles = hw if isinstance(hw, list) else [hw] * plan.num_ranks
     policy0 = plan.policies[0]
     groups = split_batches(policy0.num_gpu_batches, plan.groups)
     if shared_disk:
-        readers = min(len(groups), plan.num_ranks)
-        profiles = [
-            dataclasses.replace(h, disk_read_bw=h.disk_read_bw / readers, disk_write_bw=h.disk_write_bw / readers)
-            for h in profiles
-        ]
+        profiles = [shared_host(h, min(len(groups), plan.num_ranks)) for h in profiles]
     prompts = [len(g) * policy0.gpu_batch_size for g in groups]
     decode_tokens = max(gen_len - 1, 0)
     ranks, busy = [], 0.0
@@ -156,6 +154,17 @@ def predict_pipeline(
     )
 
 
+def shared_host(hw: HardwareProfile, ranks: int) -> HardwareProfile:
+    """``hw`` as each of ``ranks`` processes at work at once on that machine sees it: a share of
+    its disk's bandwidth and of its CPU's attention rate (see the module's docstring)."""
+    # Without a GPU the CPU is every rank's compute device, whose rates are the rank's own already
+    # (a profile measured with its threads): only the disk is shared out then.
+    cpu = hw.cpu_attention_bw / ranks if hw.has_link else hw.cpu_attention_bw
+    return dataclasses.replace(
+        hw, disk_read_bw=hw.disk_read_bw / ranks, disk_write_bw=hw.disk_write_bw / ranks, cpu_attention_bw=cpu
+    )
+
+
 @dataclass
 class PipelineSearchResult:
     """The fastest plan found, its prediction, and every block shape tried (tok/s, or why not)."""
@@ -184,8 +193,8 @@ def search_pipeline(
     """The fastest plan for ``num_ranks`` ranks, each with ``hw`` of its own (its GPU, host memory
     and disk), or with ``one_machine`` the GPUs of one ``hw`` machine: each rank then fits in an
     equal share of its host memory and disk space (so that the ranks' peaks together fit the
-    machine, as the engine's memory guard checks), and they share its disk's bandwidth
-    (``predict_pipeline(shared_disk=True)``). For each block shape every rank's placement and
+    machine, as the engine's memory guard checks), and they share its disk's bandwidth and its CPU
+    (``predict_pipeline(shared_disk=True)``; each rank's placement is searched for those shares). For each block shape every rank's placement and
     compression are searched over its share (``search_policy(layers=...)``, ``grid``: its other
     options), and the plans are ranked by
     :func:`predict_pipeline`. Layers are split as given; else the search starts from the split
@@ -223,9 +232,11 @@ def search_pipeline(
         for r in make_plan(config, num_ranks, layers=counts).layers:
             key = (len(r), r.start == 0, r.stop == config.num_layers, bs, nb)
             if key not in picked:
+                # on one machine a rank's pick sees the disk and CPU shared by as many ranks as the
+                # shape lets work at once (its prediction below then prices each group count exactly)
                 picked[key] = search_policy(
                     config,
-                    rank_hw,
+                    shared_host(rank_hw, min(groups or nb, nb, num_ranks)) if one_machine else rank_hw,
                     prompt_len=prompt_len,
                     gen_len=gen_len,
                     itemsize=itemsize,

@@ -130,6 +130,27 @@ def test_ranks_sharing_one_disk_read_at_its_share_of_the_bandwidth():
     assert one[2].throughput_tok_s < one[1].throughput_tok_s / 1.5 < own[2].throughput_tok_s
 
 
+def test_ranks_of_one_machine_share_its_cpu_for_attention_over_the_host_cache():
+    """``cpu_cache_compute`` on one machine: two ranks attending over their host caches at once
+    (two groups) share the host's memory bandwidth and cores, so that attention takes twice as long
+    as on hosts of their own; taking turns (one group) a rank has the host alone. Without a GPU the
+    CPU is the compute device, whose rates the profile gives per rank already: nothing is divided."""
+    from flexlab.cost.pipeline import shared_host
+
+    cfg, hw = get_preset("opt-1.3b"), get_hardware("colab-t4").replace(disk_read_bw=1e15, disk_write_bw=1e15)
+    policy = Policy.from_percent([100, 0, 0, 100, 100, 0], gpu_batch_size=32, num_gpu_batches=2, cpu_cache_compute=True)
+    kw = dict(prompt_len=1024, gen_len=16)
+    slow = hw.replace(cpu_attention_bw=hw.cpu_attention_bw / 2)
+    for g, host in ((1, hw), (2, slow)):
+        plan = make_plan(cfg, 2, policy, groups=g)
+        one = predict_pipeline(cfg, plan, hw, shared_disk=True, **kw)
+        assert one.decode_s == pytest.approx(predict_pipeline(cfg, plan, host, **kw).decode_s, rel=1e-9)
+    assert predict_pipeline(cfg, plan, slow, **kw).decode_s > 1.3 * predict_pipeline(cfg, plan, hw, **kw).decode_s
+    cpu = get_hardware("colab-t4").replace(link_pinned_bw=math.inf, link_pageable_bw=math.inf)
+    assert shared_host(cpu, 2).cpu_attention_bw == cpu.cpu_attention_bw
+    assert shared_host(cpu, 2).disk_read_bw == cpu.disk_read_bw / 2
+
+
 def test_ranks_on_one_machine_fit_its_host_memory_together():
     """Two T4 hosts would hold opt-13b's cache in 15 GiB of RAM between them; the two GPUs of one
     Colab-like machine have its 12 GiB to share, and the search keeps within it."""
