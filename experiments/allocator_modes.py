@@ -11,7 +11,11 @@ heap glibc held at that moment, and the run's time:
 * ``fixed16``: ``M_MMAP_THRESHOLD`` fixed at 16 MiB (and ``M_TRIM_THRESHOLD`` at 32 MiB), so blocks
   above it always go back to the system when freed;
 * ``lean``: :func:`flexlab.engine.footprint.lean_allocator` (1 MiB), which the engine switches to
-  when memory is tight.
+  when memory is tight;
+* a mode with ``+thp`` (``default+thp``, ``lean+thp``): the same, with torch's large CPU tensors on
+  transparent huge pages (``THP_MEM_ALLOC_ENABLE=1``, which torch reads before its first
+  allocation, so only a process's environment can set it): a fresh 2 MiB page per fault instead of
+  a 4 KiB one, where the kernel allows it (``/sys/kernel/mm/transparent_hugepage/enabled``).
 
     python experiments/allocator_modes.py                          # ~6 min here
     python experiments/allocator_modes.py --row "prompt 512" --repeats 2
@@ -21,6 +25,7 @@ from __future__ import annotations
 
 import ctypes
 import json
+import os
 import re
 import subprocess
 import sys
@@ -30,7 +35,7 @@ from dataclasses import dataclass
 
 import torch
 
-MODES = ("default", "fixed16", "lean")
+MODES = ("default", "fixed16", "lean")  # each also with "+thp"
 
 
 @dataclass
@@ -70,9 +75,10 @@ def worker(job: dict) -> dict:
 
     libc = ctypes.CDLL(None)
     libc.mallinfo2.restype = _MallInfo2
-    if job["mode"] == "lean":
+    mode = job["mode"].removesuffix("+thp")  # the parent set THP_MEM_ALLOC_ENABLE for "+thp"
+    if mode == "lean":
         lean_allocator()
-    elif job["mode"] == "fixed16":
+    elif mode == "fixed16":
         libc.mallopt(-3, 16 << 20)  # M_MMAP_THRESHOLD (fixing it also stops the trim threshold's rise)
         libc.mallopt(-1, 32 << 20)  # M_TRIM_THRESHOLD
     preset, layers, percent, extra, prompt, batch, _ = ROWS[job["row"]]
@@ -111,11 +117,21 @@ def main(cfg: Config):
 
     rows = []
     modes = [m for m in cfg.modes.split(",") if m]
+    unknown = [m for m in modes if m.removesuffix("+thp") not in MODES]
+    if unknown:
+        raise SystemExit(f"--modes: unknown {unknown}; choose from {', '.join(MODES)}, each optionally with +thp")
     for repeat in range(cfg.repeats):
         for mode in modes:  # alternated, so that the machine's drift falls on every mode alike
             job = dict(row=cfg.row, mode=mode, gen=cfg.gen_len)
+            env = {k: v for k, v in os.environ.items() if k != "THP_MEM_ALLOC_ENABLE"}
+            if mode.endswith("+thp"):
+                env["THP_MEM_ALLOC_ENABLE"] = "1"
             out = subprocess.run(
-                [sys.executable, __file__, "--worker", json.dumps(job)], capture_output=True, text=True, timeout=900
+                [sys.executable, __file__, "--worker", json.dumps(job)],
+                capture_output=True,
+                text=True,
+                timeout=900,
+                env=env,
             )
             if out.returncode != 0:
                 raise RuntimeError(f"{mode} failed:\n{out.stderr[-2000:]}")

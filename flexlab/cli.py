@@ -23,6 +23,7 @@ import json
 import sys
 import time
 
+from flexlab import hugepages
 from flexlab.cli_args import (
     DTYPES,
     add_model_args,
@@ -285,6 +286,7 @@ def presets(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    hugepages.enable_before_torch()  # torch reads it at its first allocation: before any command loads it
     parser = _Parser(prog="flexlab", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("demo", help="generate with an offloading policy, print throughput, plot the timeline")

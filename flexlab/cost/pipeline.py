@@ -194,9 +194,9 @@ def search_pipeline(
     and disk), or with ``one_machine`` the GPUs of one ``hw`` machine: each rank then fits in an
     equal share of its host memory and disk space (so that the ranks' peaks together fit the
     machine, as the engine's memory guard checks), and they share its disk's bandwidth and its CPU
-    (``predict_pipeline(shared_disk=True)``; each rank's placement is searched for those shares). For each block shape every rank's placement and
-    compression are searched over its share (``search_policy(layers=...)``, ``grid``: its other
-    options), and the plans are ranked by
+    (``predict_pipeline(shared_disk=True)``; each rank's placement is searched for those shares).
+    For each block shape every rank's placement and compression are searched over its share
+    (``search_policy(layers=...)``, ``grid``: its other options), and the plans are ranked by
     :func:`predict_pipeline`. Layers are split as given; else the search starts from the split
     balanced by weight and then moves layers off the busiest rank, one at a time, while the
     prediction improves (the head's matmul and the embedding's lookup cost different times for

@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from flexlab import hugepages
 from flexlab.distributed.stage import PipelineJob, rank_device, run_rank
 from flexlab.engine.pipeline import PipelineError
 from flexlab.files import owned_dir, remove, sweep_stale
@@ -91,9 +92,10 @@ def run_local(job: PipelineJob, *, startup_s: float = 120.0):
         for r in range(len(pipes))
     ]
     try:
-        for p, (_, write) in zip(procs, pipes):
-            p.start()
-            write.close()  # the child holds it now: its end of file is the child's
+        with hugepages.for_children():  # its torch is not loaded yet: its large tensors on huge pages
+            for p, (_, write) in zip(procs, pipes):
+                p.start()
+                write.close()  # the child holds it now: its end of file is the child's
         return _collect(procs, [read for read, _ in pipes], job.timeout_s + startup_s)
     finally:
         for p in procs:

@@ -53,7 +53,16 @@ RUNS = {
     + ["--gpu-batch-size", "2", "--num-gpu-batches", "2"],
     "streamed_head": ["--preset", "opt-tiny", "--rounds", "1", "--sequences", "2", "--prompt-len", "8"]
     + ["--gen-len", "3"],
-    "allocator_modes": ["--row", "all resident", "--repeats", "1", "--gen-len", "3"],  # three fresh processes
+    "allocator_modes": [
+        "--row",
+        "all resident",
+        "--repeats",
+        "1",
+        "--gen-len",
+        "3",
+        "--modes",
+        "default,fixed16,lean+thp",
+    ],
     "embedding_rows": ["--presets", "opt-tiny,codegen-tiny", "--repeats", "1", "--gen-len", "3", "--label", "smoke"],
 }
 
@@ -98,7 +107,7 @@ def test_experiment_runs_and_writes_results(script, tmp_path, request):
         assert (df.relative_error.abs() < 0.2).all(), df[["row", "measured_peak_MiB", "predicted_peak_MiB"]]
         return
     if script == "allocator_modes":  # each mode ran, and malloc handed out less than was resident at the peak
-        assert df["mode"].tolist() == ["default", "fixed16", "lean"], df
+        assert df["mode"].tolist() == ["default", "fixed16", "lean+thp"], df  # three fresh processes
         assert (df.malloc_handed_out_MiB > df.tracked_MiB).all() and (df.seconds > 0).all(), df
         return
     if script == "embedding_rows":  # a decode token reads a few rows of the table, and loads the rest

@@ -17,6 +17,7 @@ FLOORS = {
     "errors": 0,
     "files": 0,
     "devices": 0,  # errors, OS helpers, the default device
+    "hugepages": 0,
     "timeline": 1,
     "compress": 1,
     "models": 1,  # plain data; the maths
