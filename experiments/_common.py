@@ -14,7 +14,15 @@ from dataclasses import asdict
 from pathlib import Path
 
 import pandas as pd
-import torch
+
+from flexlab import hugepages
+
+# As the flexlab command does: torch's large CPU tensors on huge pages, in this process and the ones
+# it starts, where torch is not loaded yet (scripts that import torch first run without; each
+# result's JSON says which).
+hugepages.enable_before_torch()
+
+import torch  # noqa: E402
 
 
 def parse_config(config_cls, doc: str | None):
@@ -46,6 +54,7 @@ def write_results(df: pd.DataFrame, cfg, stem: str, **meta) -> Path:
         torch=torch.__version__,
         device=torch.cuda.get_device_name() if cuda else f"cpu ({platform.machine()})",
         cpu_threads=torch.get_num_threads(),
+        huge_pages=os.environ.get(hugepages.VARIABLE) == "1",  # THP_MEM_ALLOC_ENABLE as torch saw it here
         **meta,
     )
     (out / f"{stem}.json").write_text(json.dumps(meta, indent=2, default=str))
