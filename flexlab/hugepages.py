@@ -8,18 +8,21 @@ line does (:func:`enable_before_torch`), local pipeline ranks get it from their 
 (:func:`for_children`), and a notebook's first cell can call :func:`enable_before_torch`.
 
 Measured (``experiments/allocator_modes.py``, opt-125m on two cores, each run a fresh process):
-9–19% faster runs with glibc's default allocator, and with the lean allocator (a fixed mmap
-threshold: every large tensor fresh pages) 0.87–1.03x the time of the default allocator without
-huge pages, where without them it took 1.14–1.31x. The lean allocator's peaks moved by at most
-4 MiB; the default allocator's stayed as variable as without them. A kernel with THP ``never``
-ignores the request. A user's own value
-of the variable (``0`` included) is always kept.
+9–19% faster runs with glibc's default allocator; the lean allocator (a fixed mmap threshold:
+fresh pages for every large tensor) took 1.14–1.31x the default allocator's time without huge
+pages, and with them 0.87–1.03x of that (0.96–1.23x of the default allocator with them). The lean
+allocator's peaks moved by at most 4 MiB; the default allocator's stayed as variable as without.
+A kernel with THP ``never`` ignores the request. A value the user set (``0`` included) is kept.
 
     >>> import os
-    >>> with for_children():  # a process started here sees the variable; afterwards it is gone again
-    ...     inside = os.environ.get(VARIABLE)
-    >>> inside == os.environ.get(VARIABLE, "1")
-    True
+    >>> users = os.environ.pop(VARIABLE, None)
+    >>> with for_children():  # processes started in here ask for huge pages
+    ...     os.environ[VARIABLE]
+    '1'
+    >>> VARIABLE in os.environ  # and this process's environment is as it was
+    False
+    >>> if users is not None:
+    ...     os.environ[VARIABLE] = users
 """
 
 from __future__ import annotations

@@ -366,8 +366,8 @@ def lean_allocator() -> bool:
     fixed ``M_MMAP_THRESHOLD``; by default the threshold rises to 32 MiB as large blocks are
     freed, and the heap keeps blocks that size for reuse). Halves the slack on the workspace
     (:data:`LEAN_SLACK`), at the price of fresh pages for each large tensor: about 20-30% slower
-    prefills on a CPU (measured), none with huge pages (:mod:`flexlab.hugepages`). Process-wide;
-    False where the C library has no ``mallopt``.
+    prefills on a CPU (measured); with huge pages (:mod:`flexlab.hugepages`) 0.96-1.23x the
+    default allocator's time. Process-wide; False where the C library has no ``mallopt``.
     An engine that made the allocator lean also trims the heap after every token (smaller
     tensors' holes: see :meth:`~flexlab.engine.block.BlockRun.compute_and_trim`)."""
     try:
