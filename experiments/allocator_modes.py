@@ -113,6 +113,8 @@ def worker(job: dict) -> dict:
 def main(cfg: Config):
     import pandas as pd
 
+    from flexlab import hugepages
+
     from _common import write_results
 
     rows = []
@@ -123,9 +125,9 @@ def main(cfg: Config):
     for repeat in range(cfg.repeats):
         for mode in modes:  # alternated, so that the machine's drift falls on every mode alike
             job = dict(row=cfg.row, mode=mode, gen=cfg.gen_len)
-            env = {k: v for k, v in os.environ.items() if k != "THP_MEM_ALLOC_ENABLE"}
+            env = {k: v for k, v in os.environ.items() if k != hugepages.VARIABLE}
             if mode.endswith("+thp"):
-                env["THP_MEM_ALLOC_ENABLE"] = "1"
+                env[hugepages.VARIABLE] = "1"
             out = subprocess.run(
                 [sys.executable, __file__, "--worker", json.dumps(job)],
                 capture_output=True,

@@ -109,7 +109,7 @@ def predictions(cfg: Config, model, policy, scratch: Path) -> dict[tuple[int, in
         checkpoint_itemsize=checkpoint_itemsize(model),  # its disk weights are read in place, as stored
     )
     out, before = {}, torch.get_num_threads()
-    profiles: dict[int, object] = {}  # per thread count
+    profiles = {}  # per thread count: the rates calibrated with that many threads
     for threads in {threads_per_rank(cfg.threads, cfg.stages, g) for g in (1, cfg.stages)} | {cfg.threads}:
         if cfg.hardware:  # the stages' rates are then the whole machine's
             profiles[threads] = get_hardware(cfg.hardware)

@@ -53,16 +53,8 @@ RUNS = {
     + ["--gpu-batch-size", "2", "--num-gpu-batches", "2"],
     "streamed_head": ["--preset", "opt-tiny", "--rounds", "1", "--sequences", "2", "--prompt-len", "8"]
     + ["--gen-len", "3"],
-    "allocator_modes": [
-        "--row",
-        "all resident",
-        "--repeats",
-        "1",
-        "--gen-len",
-        "3",
-        "--modes",
-        "default,fixed16,lean+thp",
-    ],
+    "allocator_modes": ["--row", "all resident", "--repeats", "1", "--gen-len", "3"]
+    + ["--modes", "default,fixed16,lean+thp"],
     "embedding_rows": ["--presets", "opt-tiny,codegen-tiny", "--repeats", "1", "--gen-len", "3", "--label", "smoke"],
 }
 
