@@ -128,13 +128,18 @@ class WeightStore:
         # What a load of each stage brings: all of its weights but a looked-up token table.
         apart = {j: (self.looked_up.get(j), self.streamed.get(j)) for j in self.stage_weights}
         self._loads = {j: [w for w in ws if all(w is not a for a in apart[j])] for j, ws in self.stage_weights.items()}
+        # The disk weights read one by one (not in the stage's packed file), in load order.
+        self._apart = {
+            j: [p for w in self._loads[j] for p in w.locations if not (own and p.path == own[0])]
+            for j, own in self.stage_files.items()
+        }
         # Disk reads land in aligned read buffers, held by the stage computing and the one prefetched
         # (sized by weight_read_buffers). On a CPU the weights are used in place there: no copy after the read.
         self.stage_disk_bytes = {
-            j: (own[1] if own else 0)
-            + sum(read_region(p.nbytes) for w in self._loads[j] for p in w.locations if not (own and p.path == own[0]))
+            j: (own[1] if own else 0) + sum(read_region(p.nbytes) for p in self._apart[j])
             for j, own in self.stage_files.items()
         }
+        self._views: dict[tuple[int, int], tuple[list[int], dict, dict[str, int]]] = {}  # see _load_into
         sizes = weight_read_buffers(list(self.stage_disk_bytes.values()))
         self.pool = BufferPool(sizes, pin)
         self.buffer_bytes = sum(sizes)
@@ -240,12 +245,7 @@ class WeightStore:
         for j, own in self.stage_files.items():
             if own is not None:
                 reads.append((own[0], 0, own[1]))
-            reads += [
-                (loc.path, loc.offset, loc.nbytes)
-                for w in self._loads[j]
-                for loc in w.locations
-                if own is None or loc.path != own[0]
-            ]
+            reads += [(loc.path, loc.offset, loc.nbytes) for loc in self._apart[j]]
             reads += self.streams[j].reads() if j in self.streams else []  # a streamed head's slices
         return reads
 
@@ -268,15 +268,36 @@ class WeightStore:
                 self.convert_pool.release(conv)
             raise
 
-    def _load_into(
-        self, stage: int, buf: torch.Tensor | None, conv: torch.Tensor | None
-    ) -> tuple[LoadedWeights, dict[str, int]]:
-        out, moved, copied = {}, {"cpu": 0, "disk": 0}, 0
-        own, pos, at = self.stage_files[stage], 0, 0
-        if own is not None:  # the stage's packed file: one read, each tensor lands at its file offset
+    def _read_all(self, stage: int, buf: torch.Tensor | None) -> list[torch.Tensor]:
+        """Issue a stage's disk reads into ``buf``: its packed file whole (each tensor lands at
+        its file offset), then each weight read in place from a checkpoint; returns the bytes of
+        the latter, in order (views of ``buf``)."""
+        own, pos, raws = self.stage_files[stage], 0, []
+        if own is not None:
             assert buf is not None, "a stage with a packed file loads into a read buffer"
             self.files.read(own[0], 0, own[1], buf)
             pos = own[1]
+        for loc in self._apart[stage]:
+            assert buf is not None, "a stage with disk weights loads into a read buffer"
+            size = read_region(loc.nbytes)
+            raws.append(self.files.read(loc.path, loc.offset, loc.nbytes, buf[pos : pos + size]))
+            pos += size
+        return raws
+
+    def _load_into(
+        self, stage: int, buf: torch.Tensor | None, conv: torch.Tensor | None
+    ) -> tuple[LoadedWeights, dict[str, int]]:
+        raws = self._read_all(stage, buf)
+        # On a CPU, weights read in place are views of the read buffer, the same ones at every
+        # load into the same buffer: made once (a stage's dozens of views cost a lane ~50 us of
+        # Python a load, which the compute thread waits for at the GIL).
+        key = (stage, buf.data_ptr()) if buf is not None and conv is None and self.device.type == "cpu" else None
+        ptrs = [r.data_ptr() for r in raws]
+        if key in self._views and self._views[key][0] == ptrs:
+            _, out, moved = self._views[key]
+            return LoadedWeights(out, buf, 0), dict(moved)
+        out, moved, copied = {}, {"cpu": 0, "disk": 0}, 0
+        own, at, apart = self.stage_files[stage], 0, iter(raws)
         for w in self._loads[stage]:
             parts = []
             for p in w.tensors:  # the gpu tier's stay; the cpu tier's move (on a CPU: the same RAM, no copy)
@@ -287,12 +308,7 @@ class WeightStore:
                 parts.append(t)
             for loc in w.locations:
                 assert buf is not None, "a stage with disk weights loads into a read buffer"
-                if own is not None and loc.path == own[0]:
-                    raw = buf[loc.offset : loc.offset + loc.nbytes]
-                else:
-                    size = read_region(loc.nbytes)
-                    raw = self.files.read(loc.path, loc.offset, loc.nbytes, buf[pos : pos + size])
-                    pos += size
+                raw = buf[loc.offset : loc.offset + loc.nbytes] if own and loc.path == own[0] else next(apart)
                 # Compressed parts keep their own dtypes; a plain weight becomes the compute dtype.
                 dtype = loc.dtype if w.qt is not None else self.dtype
                 into = None
@@ -305,6 +321,8 @@ class WeightStore:
                     copied += nbytes(t)  # moved to the GPU: a fresh tensor
                 parts.append(t)
             out[w.spec.short] = parts[0] if w.qt is None else w.qt.with_tensors(parts)
+        if key is not None and copied == 0:
+            self._views[key] = (ptrs, out, moved)
         if buf is not None and self.device.type == "cuda":
             torch.cuda.current_stream().synchronize()  # the copies have left the buffer: reuse it
             self.pool.release(buf)

@@ -99,6 +99,27 @@ def test_safetensors_weights_are_read_in_place(model, tmp_path):
         assert engine.weights.tier_bytes()["disk"] == weight_bytes(model.config, 4)
 
 
+@pytest.mark.parametrize("packed", [False, True], ids=["read in place", "packed file"])
+def test_a_stage_loaded_into_the_same_buffer_again_reuses_its_views_over_fresh_bytes(model, tmp_path, packed):
+    quant = flexlab.QuantConfig(bits=8, group_size=32) if packed else None
+    policy = Policy.from_percent([0, 0, 100, 0, 100, 0], compress_weight=quant)
+    with flexlab.Engine(model, policy, offload_dir=tmp_path) as engine:
+        store, (a, b) = engine.weights, [s.index for s in engine.stages[1:4:2]]  # two of one kind
+        first, _ = store.load(a)
+        expect = {k: v.clone() for k, v in store.dequantized(first).items()}
+        store.release(first)
+        held, _ = store.load(b)  # the other buffer, so that the next load takes the first one
+        other, _ = store.load(b)  # another stage's bytes in the same buffer in between
+        assert other.buffer.data_ptr() == first.buffer.data_ptr() != held.buffer.data_ptr()
+        store.release(other)
+        again, _ = store.load(a)
+        assert again.buffer.data_ptr() == first.buffer.data_ptr()
+        assert all(again.tensors[k] is t for k, t in first.tensors.items())  # no view made twice
+        assert all(torch.equal(store.dequantized(again)[k], v) for k, v in expect.items())
+        store.release(again)
+        store.release(held)
+
+
 def test_early_stop_and_sampling_in_blocks(model):
     policy = Policy.from_percent([30, 30, 30, 30, 0, 100], gpu_batch_size=2, num_gpu_batches=2)
     with flexlab.Engine(model, policy) as engine:
