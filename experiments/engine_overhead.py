@@ -9,8 +9,13 @@ placement this prints, as medians of ``repeats`` runs:
   timeline: its Python and the tiny kernels);
 - ``maths``: the same maths without the engine, per step: flexlab's reference path (the family's
   functions, every weight in place) on one GPU batch of prompts, times the number of batches;
-- ``waits``: the compute's waits on transfers (the timeline's ``waited_s[kind]``);
-- ``overhead = wall - maths - waits``: the host time the engine adds per step (the issue's measure).
+- ``waits``: the compute's waits on transfers (the timeline's ``waited_s[kind]``) and the reads a
+  compute makes itself (the embedding's rows of a table on disk: its ``read_rows`` events);
+- ``overhead = wall - maths - waits``: the host time the engine adds per step (the issue's measure);
+- with weights on disk, ``beside_reads``: the same maths while a thread reads the engine's weight
+  files back to back, as its load lane does. On this 2-core virtual machine work on one core slows
+  tiny kernels on the other (a 512-wide matmul beside them doubled a layer norm's time), so this
+  separates what the host's reads cost the maths from the engine's own ``wall - beside_reads - waits``.
 
 ``threads`` (default 1) fixes torch's threads: on a shared machine one thread's runs repeat
 within a few percent, two threads' within tens. ``--profile true`` adds the torch profiler's
@@ -23,6 +28,7 @@ table of the operators' self time for the first row.
 from __future__ import annotations
 
 import statistics
+import threading
 import time
 from dataclasses import dataclass
 
@@ -30,6 +36,7 @@ import pandas as pd
 import torch
 
 import flexlab
+from flexlab.engine.tiers import DiskFiles, aligned_empty
 
 from _common import cpu_dtype, parse_config, write_results
 
@@ -64,6 +71,27 @@ def _maths_s(model, prompts: list[list[int]], gen_len: int, repeats: int) -> flo
     return statistics.median(times)
 
 
+def _maths_beside_reads_s(model, prompts: list[list[int]], gen_len: int, repeats: int, reads) -> float:
+    """:func:`_maths_s` while another thread reads ``reads`` (``(file, offset, bytes)``) with
+    O_DIRECT, over and over, as the engine's weight lane does."""
+    stop = threading.Event()
+    files, buf = DiskFiles(direct=True, io_threads=1), aligned_empty(max(n for _, _, n in reads) + 2 * 4096)
+
+    def read_on() -> None:
+        while not stop.is_set():
+            for path, offset, size in reads:
+                files.read(path, offset, size, buf)
+
+    reader = threading.Thread(target=read_on, daemon=True)
+    reader.start()
+    try:
+        return _maths_s(model, prompts, gen_len, repeats)
+    finally:
+        stop.set()
+        reader.join()
+        files.close()
+
+
 def main(cfg: Config) -> None:
     torch.set_num_threads(cfg.threads)
     model = flexlab.Model.from_config(cfg.preset, seed=0, dtype=cpu_dtype(cfg.dtype))
@@ -79,9 +107,11 @@ def main(cfg: Config) -> None:
                 start = time.perf_counter()
                 result = engine.generate(prompts, max_new_tokens=cfg.gen_len, stop_token_ids=None)
                 walls.append(time.perf_counter() - start)
-                computes.append(sum(e.duration for e in result.timeline.events if e.lane == "compute"))
+                events = result.timeline.events
+                computes.append(sum(e.duration for e in events if e.kind == "compute"))
                 summary = result.timeline.summary()
-                waits.append(sum(v for k, v in summary.items() if k.startswith("waited_s[") and k != "waited_s[host]"))
+                stalls = sum(v for k, v in summary.items() if k.startswith("waited_s[") and k != "waited_s[host]")
+                waits.append(stalls + sum(e.duration for e in events if e.lane == "compute" and e.kind == "read_rows"))
             steps = sum(1 for e in result.timeline.events if e.kind == "compute")
             if cfg.profile and not rows:
                 from torch.profiler import ProfilerActivity, profile
@@ -89,6 +119,8 @@ def main(cfg: Config) -> None:
                 with profile(activities=[ProfilerActivity.CPU]) as prof:
                     engine.generate(prompts, max_new_tokens=cfg.gen_len, stop_token_ids=None)
                 print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15))
+            reads = engine.weight_reads()  # while its files exist
+            beside = _maths_beside_reads_s(model, prompts[:bs], cfg.gen_len, cfg.repeats, reads) if reads else None
         wall, compute = statistics.median(walls) / steps * 1e6, statistics.median(computes) / steps * 1e6
         if bs not in maths:
             maths[bs] = _maths_s(model, prompts[:bs], cfg.gen_len, cfg.repeats)
@@ -104,6 +136,8 @@ def main(cfg: Config) -> None:
                 maths_us_per_step=round(ref, 1),
                 waits_us_per_step=round(wait, 1),
                 overhead_us_per_step=round(wall - ref - wait, 1),
+                beside_reads_us_per_step=round(nb * beside / steps * 1e6, 1) if beside else None,
+                own_us_per_step=round(wall - nb * beside / steps * 1e6 - wait, 1) if beside else None,
                 slowest_run_us_per_step=round(max(walls) / steps * 1e6, 1),
             )
         )
