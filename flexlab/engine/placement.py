@@ -50,6 +50,14 @@ ROW_BUFFER = 1 << 20  # bytes of token-table rows read from disk at a time (see 
 ROW_GAP = 16  # looked-up rows this close on disk are read together, the rows between them too
 
 
+def packs_matrix(spec: WeightSpec, token_table: str) -> bool:
+    """Whether a weight is one that families apply only through
+    :func:`~flexlab.models.layers.project` (so that it may be stored
+    :func:`~flexlab.models.layers.packed`): a layer's matrix, or a head's own (an untied
+    ``lm_head``, OPT's ``project_out``); never the token table, which the embedding looks up."""
+    return len(spec.shape) == 2 and spec.short != token_table and (spec.layer is not None or spec.parts == ("head",))
+
+
 def looks_up_rows(spec: WeightSpec, stage: Stage, tier: str, token_table: str, cw: QuantConfig | None) -> bool:
     """Whether the embedding reads only the rows of ``spec`` it looks up, instead of loading it
     whole: the token table (uncompressed, or compressed in groups along its rows, so that a row's

@@ -26,6 +26,7 @@ from flexlab.engine.placement import (
     head_streams,
     looks_up_rows,
     near_tiers,
+    packs_matrix,
     place_weights,
     read_region,
     reads_in_place,
@@ -44,6 +45,7 @@ from flexlab.engine.tiers import (
     write_packed,
 )
 from flexlab.models.family import WeightSpec
+from flexlab.models.layers import packed, packs
 from flexlab.models.loading import TensorLocation
 
 
@@ -65,8 +67,11 @@ class WeightStore:
         files: DiskFiles,
         tracker: MemoryTracker,
         progress=None,
+        pack: bool = True,
     ) -> None:
         self.device, self.dtype, self.files, self.tracker = device, dtype, files, tracker
+        # a CPU's bfloat16 matrices held in memory in oneDNN's layout (models.layers.packed)
+        self.packs = pack and packs(device, dtype)
         self.quant = policy.compress_weight
         specs = model.family.weight_specs(model.config)
         pin = policy.pin_weight and device.type == "cuda"
@@ -205,7 +210,9 @@ class WeightStore:
             device = self.device if tier == "gpu" else torch.device("cpu")
             parts, qt = self._stored(model, spec)
             parts = [p.to(device) for p in parts]
-            if tier == "cpu" and pin:
+            if qt is None and self.packs and packs_matrix(spec, model.family.token_table):
+                parts = [packed(parts[0])]  # memory of its own, out of any file's map
+            elif tier == "cpu" and pin:
                 parts = [p.pin_memory() for p in parts]
             elif parts[0].device.type == "cpu" and model.weights.maps(spec.name):
                 parts = [p.clone() for p in parts]  # out of the file's map, into memory that stays put

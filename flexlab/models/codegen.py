@@ -28,7 +28,7 @@ from flexlab.models.family import (
     token_ids_from_hf,
     token_ids_to_hf,
 )
-from flexlab.models.layers import layer_norm, rotate_leading_pairs
+from flexlab.models.layers import layer_norm, project, rotate_leading_pairs
 
 PREFIX = "transformer."
 MP_NUM = 4  # the model-parallel shards the fused projection is laid out for
@@ -143,7 +143,7 @@ def attention_qkv(
     x = layer_norm(w, "ln_1", h, cfg.norm_eps)
     b, s, _ = x.shape
     local = cfg.hidden_size // MP_NUM
-    fused = F.linear(x, w["attn.qkv_proj.weight"]).view(b, s, MP_NUM, 3 * local)
+    fused = project(x, w["attn.qkv_proj.weight"]).view(b, s, MP_NUM, 3 * local)
     q, v, k = (part.reshape(b, s, cfg.num_heads, cfg.head_dim) for part in fused.split(local, dim=-1))
     r = cfg.rotary_dim or cfg.head_dim
     q, k = (rotate_leading_pairs(t, positions, r, 10000.0, heads_dim=2) for t in (q, k))
@@ -154,9 +154,9 @@ def attention_out(w: Weights, cfg: ModelConfig, h: torch.Tensor, attn: torch.Ten
     """The whole parallel block: ``h + out_proj(attn) + mlp(ln_1(h))``."""
     b, _, s, _ = attn.shape
     x = layer_norm(w, "ln_1", h, cfg.norm_eps)
-    ff = F.linear(x, w["mlp.fc_in.weight"], w["mlp.fc_in.bias"])
-    ff = F.linear(F.gelu(ff, approximate="tanh"), w["mlp.fc_out.weight"], w["mlp.fc_out.bias"])
-    out = F.linear(attn.transpose(1, 2).reshape(b, s, cfg.hidden_size), w["attn.out_proj.weight"])
+    ff = project(x, w["mlp.fc_in.weight"], w["mlp.fc_in.bias"])
+    ff = project(F.gelu(ff, approximate="tanh"), w["mlp.fc_out.weight"], w["mlp.fc_out.bias"])
+    out = project(attn.transpose(1, 2).reshape(b, s, cfg.hidden_size), w["attn.out_proj.weight"])
     return out + ff + h
 
 
@@ -170,7 +170,7 @@ def head(w: Weights, cfg: ModelConfig, h: torch.Tensor) -> torch.Tensor:
     x = layer_norm(w, "ln_f", h, cfg.norm_eps)
     if cfg.tie_word_embeddings:
         return F.linear(x, w["wte.weight"])
-    return F.linear(x, w["lm_head.weight"], w["lm_head.bias"])
+    return project(x, w["lm_head.weight"], w["lm_head.bias"])
 
 
 def elementwise(cfg: ModelConfig, part: str) -> float:

@@ -30,7 +30,7 @@ from flexlab.models.family import (
     token_ids_from_hf,
     token_ids_to_hf,
 )
-from flexlab.models.layers import linear, rms_norm, rotate_leading_pairs
+from flexlab.models.layers import linear, project, rms_norm, rotate_leading_pairs
 
 MODEL_TYPES = {"glm": "GlmForCausalLM", "glm4": "Glm4ForCausalLM"}
 REMOTE_ONLY = ("chatglm", "glm130b")  # model_type values of checkpoints that need trust_remote_code
@@ -183,7 +183,7 @@ def mlp(w: Weights, cfg: ModelConfig, h: torch.Tensor) -> torch.Tensor:
 def head(w: Weights, cfg: ModelConfig, h: torch.Tensor) -> torch.Tensor:
     """Final RMSNorm and the output projection (the token table when tied) → logits."""
     x = rms_norm(h, w["norm.weight"], cfg.norm_eps)
-    return F.linear(x, w["embed_tokens.weight"] if cfg.tie_word_embeddings else w["lm_head.weight"])
+    return project(x, w["embed_tokens.weight"] if cfg.tie_word_embeddings else w["lm_head.weight"])
 
 
 def elementwise(cfg: ModelConfig, part: str) -> float:

@@ -8,12 +8,39 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from flexlab.devices import cpu_has_fast_bfloat16
 from flexlab.models.family import Weights
 
 
 def linear(w: Weights, name: str, x: torch.Tensor) -> torch.Tensor:
     """``x @ name.weight.T + name.bias`` (no bias where the weights have none)."""
-    return F.linear(x, w[name + ".weight"], w.get(name + ".bias"))
+    return project(x, w[name + ".weight"], w.get(name + ".bias"))
+
+
+def project(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``x @ weight.T + bias``, ``weight`` ``[out, in]`` as stored or as :func:`packed` made it.
+    A family applies every matrix of its layers (and an untied head's) through here."""
+    if weight.is_mkldnn:
+        return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+    return F.linear(x, weight, bias)
+
+
+def packs(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether :func:`packed` applies: bfloat16 on a CPU with oneDNN's native bfloat16 kernels."""
+    return (
+        device.type == "cpu"
+        and dtype == torch.bfloat16
+        and cpu_has_fast_bfloat16()
+        and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
+    )
+
+
+def packed(weight: torch.Tensor) -> torch.Tensor:
+    """A bfloat16 ``[out, in]`` matrix in oneDNN's blocked layout, for :func:`project` only (no
+    other op reads it). Same bytes and bit-identical products; a CPU's few-row products ran
+    1.7-2.1x faster on it here (``F.linear`` over the plain layout reached 17-27 GB/s of weight
+    reads at 1 to 4 rows, the packed one 35-46), 1.1-1.3x at 64 rows and more."""
+    return torch.ops.mkldnn._reorder_linear_weight(weight, None)
 
 
 def layer_norm(w: Weights, name: str, x: torch.Tensor, eps: float) -> torch.Tensor:

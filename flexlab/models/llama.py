@@ -34,7 +34,7 @@ from flexlab.models.family import (
     token_ids_from_hf,
     token_ids_to_hf,
 )
-from flexlab.models.layers import linear, rms_norm, rotate_halves
+from flexlab.models.layers import linear, project, rms_norm, rotate_halves
 from flexlab.models.rope import ROPE_KEYS, is_dynamic, rope_frequencies
 
 MODEL_TYPES = {
@@ -222,7 +222,7 @@ def mlp(w: Weights, cfg: ModelConfig, h: torch.Tensor) -> torch.Tensor:
 def head(w: Weights, cfg: ModelConfig, h: torch.Tensor) -> torch.Tensor:
     """Final RMSNorm and the output projection (the token table when tied) → logits."""
     x = rms_norm(h, w["norm.weight"], cfg.norm_eps)
-    return F.linear(x, w["embed_tokens.weight"] if cfg.tie_word_embeddings else w["lm_head.weight"])
+    return project(x, w["embed_tokens.weight"] if cfg.tie_word_embeddings else w["lm_head.weight"])
 
 
 def elementwise(cfg: ModelConfig, part: str) -> float:

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from flexlab.errors import ConfigError
 from flexlab.models.config import ModelConfig
 from flexlab.models.family import ModelFamily, Weights, WeightSpec, token_ids_from_hf, token_ids_to_hf
-from flexlab.models.layers import layer_norm, linear
+from flexlab.models.layers import layer_norm, linear, project
 
 POSITION_OFFSET = 2
 LN_EPS = 1e-5  # every OPT LayerNorm
@@ -172,7 +172,7 @@ def head(w: Weights, cfg: ModelConfig, h: torch.Tensor) -> torch.Tensor:
     if cfg.do_layer_norm_before:
         h = layer_norm(w, "final_layer_norm", h, LN_EPS)
     if "project_out.weight" in w:
-        h = F.linear(h, w["project_out.weight"])
+        h = project(h, w["project_out.weight"])
     return F.linear(h, w["embed_tokens.weight"])
 
 
