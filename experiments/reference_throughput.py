@@ -1,8 +1,9 @@
 """Reference-path and engine throughput against transformers' generate, same weights, same run.
 
 The "no offloading" baseline: flexlab's reference path (everything on the compute device), the
-engine with everything resident (one GPU batch of the whole batch: its loop's overhead, issue 21)
-and ``OPTForCausalLM.generate`` with identical random weights, timed side by side, alternating,
+engine with everything resident (one GPU batch of the whole batch: its loop's overhead, issue 21;
+on a CPU in bfloat16 with its matrices packed, and again with them plain as the reference holds
+them) and ``OPTForCausalLM.generate`` with identical random weights, timed side by side, alternating,
 so that machine noise hits all three. Prints a table and writes CSV + JSON metadata under
 ``experiments/results/``.
 
@@ -51,6 +52,7 @@ def hf_model_with_same_weights(model, dtype, device):
 
 def main(cfg: Config) -> pd.DataFrame:
     import flexlab
+    from flexlab.models import layers
 
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -59,6 +61,7 @@ def main(cfg: Config) -> pd.DataFrame:
         cfg.preset, seed=0, device=device, dtype=None if cfg.dtype == "auto" else getattr(torch, cfg.dtype)
     )
     hf = hf_model_with_same_weights(model, model.dtype, device)
+    packs = layers.packs(device, model.dtype)
     gen = torch.Generator().manual_seed(0)
     prompts = torch.randint(4, model.config.vocab_size, (cfg.batch, cfg.prompt_len), generator=gen)
     prompts[:, 0] = 2
@@ -68,9 +71,12 @@ def main(cfg: Config) -> pd.DataFrame:
         return r.token_ids
 
     engine = flexlab.Engine(model, flexlab.Policy(gpu_batch_size=cfg.batch))
+    # on a CPU in bfloat16 the engine holds its matrices packed (flexlab.models.layers.packed); the
+    # plain engine holds them as the reference path does, which leaves the loop's own overhead
+    plain = flexlab.Engine(model, flexlab.Policy(gpu_batch_size=cfg.batch), pack_weights=False) if packs else None
 
-    def run_engine():
-        return engine.generate(prompts.tolist(), max_new_tokens=cfg.gen_len, stop_token_ids=None).token_ids
+    def run_engine(e=engine):
+        return e.generate(prompts.tolist(), max_new_tokens=cfg.gen_len, stop_token_ids=None).token_ids
 
     def run_hf():
         with torch.inference_mode():
@@ -86,11 +92,10 @@ def main(cfg: Config) -> pd.DataFrame:
 
     rows, outputs = [], {}
     for rep in range(cfg.repeats + 1):  # the first round warms up and is not recorded
-        for name, fn in (
-            ("flexlab reference", run_flexlab),
-            ("flexlab engine", run_engine),
-            ("transformers generate", run_hf),
-        ):
+        systems = [("flexlab reference", run_flexlab), ("flexlab engine", run_engine)]
+        if plain is not None:
+            systems.append(("flexlab engine, plain matrices", lambda: run_engine(plain)))
+        for name, fn in (*systems, ("transformers generate", run_hf)):
             if device.type == "cuda":
                 torch.cuda.synchronize()
             t0 = time.perf_counter()
@@ -104,6 +109,8 @@ def main(cfg: Config) -> pd.DataFrame:
                     dict(system=name, repeat=rep, seconds=seconds, tokens_per_s=cfg.batch * cfg.gen_len / seconds)
                 )
     engine.close()
+    if plain is not None:
+        plain.close()
     df = pd.DataFrame(rows)
     summary = df.groupby("system").agg(median_s=("seconds", "median"), tokens_per_s=("tokens_per_s", "median"))
     a, b = outputs["flexlab reference"], outputs["transformers generate"]
@@ -118,6 +125,9 @@ def main(cfg: Config) -> pd.DataFrame:
         f"flexlab engine / transformers: {engine_ratio:.2f}x; engine / reference: "
         f"{tok_s['flexlab engine'] / tok_s['flexlab reference']:.2f}x"
     )
+    if plain is not None:
+        print(f"plain engine / reference: {tok_s['flexlab engine, plain matrices'] / tok_s['flexlab reference']:.2f}x")
+        assert outputs["flexlab engine, plain matrices"] == a, "the plain engine's tokens differ from the reference's"
     assert outputs["flexlab engine"] == a, "the engine's tokens differ from the reference path's"
 
     write_results(

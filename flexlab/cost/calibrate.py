@@ -40,6 +40,7 @@ from flexlab.cost.probes import (
     weight_read_rate,
 )
 from flexlab.devices import device_and_dtype
+from flexlab.models import layers
 from flexlab.models.attention import attend
 
 
@@ -64,6 +65,9 @@ def refresh(
     device, dtype = device_and_dtype(device, dtype)
     matmul, weight_read = matmul_rate(device, dtype, 1024, 3), weight_read_rate(device, dtype, 1024, 3)
     llc_read = llc_weight_read_rate(device, dtype, 3)
+    packs = layers.packs(device, dtype)
+    packed_read = weight_read_rate(device, dtype, 1024, 3, packed=True) if packs else 0.0
+    packed_llc = llc_weight_read_rate(device, dtype, 3, packed=True) if packs else 0.0
     read, _, latency = disk_rates(Path(offload_dir or tempfile.gettempdir()), 64 << 20, 3, write=False)
     if reads:  # the fresh file still gives the latency of a small read
         read = reads_rate(reads, 3)
@@ -74,6 +78,8 @@ def refresh(
         matmul_flops=matmul,
         weight_read_bw=weight_read,
         llc_weight_read_bw=llc_read,
+        packed_weight_read_bw=packed_read,
+        packed_llc_weight_read_bw=packed_llc,
         disk_read_bw=read,
         disk_latency_s=latency,
         dequant_elems=rate,
@@ -315,6 +321,9 @@ def calibrate(
     step("matmul")
     results["weight_read_bw"] = weight_read_rate(device, dtype, h, repeats)
     results["llc_weight_read_bw"] = llc_weight_read_rate(device, dtype, repeats)
+    if layers.packs(device, dtype):  # the matrices the engine holds in memory, as it holds them
+        results["packed_weight_read_bw"] = weight_read_rate(device, dtype, h, repeats, packed=True)
+        results["packed_llc_weight_read_bw"] = llc_weight_read_rate(device, dtype, repeats, packed=True)
     step("weight read")
     g = torch.Generator(device="cpu").manual_seed(0)
 

@@ -69,6 +69,10 @@ class HardwareProfile:
         llc_weight_read_bw: bytes/s a decode matmul reads a weight from that cache (the later
             batches: a few rows' products run far below ``matmul_flops`` even there; 0: not
             measured, those batches are charged their FLOPs alone, as profiles saved before it).
+        packed_weight_read_bw, packed_llc_weight_read_bw: ``weight_read_bw`` and
+            ``llc_weight_read_bw`` for the matrices a CPU computing in bfloat16 holds packed
+            (:func:`~flexlab.models.layers.packed`: its memory tiers'); 0: not packed, or not
+            measured (presets, a GPU, profiles saved before it).
         small_dequant_elems: on a CPU, ``dequant_elems`` for matrices of opt-125m's size, whose
             dequantization runs in the cache (2-3x faster here than twice as wide); the model
             interpolates between the two by the model's width. 0: one rate for every size (a
@@ -106,6 +110,8 @@ class HardwareProfile:
     kv_codec_call_s: float = 0.0
     llc_bytes: float = 0.0
     llc_weight_read_bw: float = 0.0
+    packed_weight_read_bw: float = 0.0
+    packed_llc_weight_read_bw: float = 0.0
     disk_stall_s_per_gb: float = 0.0
     small_dequant_elems: float = 0.0
     sparse_call_s: float = 0.0

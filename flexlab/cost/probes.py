@@ -22,6 +22,7 @@ import torch
 from flexlab.compress import QuantConfig, dequantize, quantize
 from flexlab.engine.tiers import DiskFiles, aligned_empty
 from flexlab.errors import FlexlabError
+from flexlab.models import layers
 
 CODEC_PROBE_HIDDEN = 768  # the KV codec is probed on opt-125m's rows (its rate hardly depends on the width)
 
@@ -106,26 +107,34 @@ def matmul_rate(device: torch.device, dtype: torch.dtype, h: int, repeats: int) 
     return 2 * x.shape[0] * h * 4 * h / median_seconds(lambda: x @ w, repeats, device)
 
 
-def weight_read_rate(device: torch.device, dtype: torch.dtype, h: int, repeats: int) -> float:
+def weight_read_rate(device: torch.device, dtype: torch.dtype, h: int, repeats: int, packed: bool = False) -> float:
     """Bytes/s a decode's few rows read a weight at: ``[8, 4h] @ [4h, 8h]``, a weight larger
-    than any CPU cache, so it comes from memory every time."""
+    than any CPU cache, so it comes from memory every time. ``packed``: the weight as a CPU
+    computing in bfloat16 holds it in memory (:func:`~flexlab.models.layers.packed`), applied as
+    the families apply it."""
     g = torch.Generator().manual_seed(0)
     big = torch.randn(4 * h, 8 * h, generator=g).to(device, dtype)
     xs = torch.randn(8, 4 * h, generator=g).to(device, dtype)
+    if packed:
+        w = layers.packed(big.t().contiguous())
+        return big.numel() * big.element_size() / median_seconds(lambda: layers.project(xs, w), repeats, device)
     return big.numel() * big.element_size() / median_seconds(lambda: xs @ big, repeats, device)
 
 
-def llc_weight_read_rate(device: torch.device, dtype: torch.dtype, repeats: int) -> float:
+def llc_weight_read_rate(device: torch.device, dtype: torch.dtype, repeats: int, packed: bool = False) -> float:
     """Bytes/s a decode's few rows read a weight that stays in a CPU's last-level cache:
     ``[8, 768] @ [768, 3072]`` (opt-125m's first MLP matrix, 4.7 MB in bfloat16), the same weight
     every call. On an AVX-512 host with bfloat16 it ran at 22 GB/s, i.e. 180 GFLOP/s against 370
     for the prefill's rows: charging the token's later batches their FLOPs alone made opt-125m's
-    decode 20% fast. 0 on a GPU (its batches each read HBM)."""
+    decode 20% fast. 0 on a GPU (its batches each read HBM). ``packed``: as :func:`weight_read_rate`."""
     if device.type != "cpu":
         return 0.0
     g = torch.Generator().manual_seed(0)
     w = torch.randn(768, 3072, generator=g).to(dtype)
     x = torch.randn(8, 768, generator=g).to(dtype)
+    if packed:
+        p = layers.packed(w.t().contiguous())
+        return w.numel() * w.element_size() / median_seconds(lambda: layers.project(x, p), 10 * repeats, device)
     return w.numel() * w.element_size() / median_seconds(lambda: x @ w, 10 * repeats, device)
 
 

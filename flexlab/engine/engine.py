@@ -42,6 +42,7 @@ from flexlab.models.generation import (
     generation_metrics,
     prepare_generation,
 )
+from flexlab.models.layers import packs
 from flexlab.models.loading import RandomWeights
 from flexlab.models.registry import weight_bytes
 from flexlab.timeline import MemorySample, Timeline
@@ -101,6 +102,7 @@ class Engine:
         self.memory_limit = available_memory() if memory_limit is None and peers is None else memory_limit
         self._base = resident_bytes() or 0  # the process before the engine: the runtime base
         self._guard = MemoryGuard(self.memory_limit, None if peers is None else peers.memory_share)
+        self._packs = pack_weights and packs(self.device, self.dtype)
         self._check_memory(1, 1, 1)  # the weights (and a one-token run)
         self.tracker = MemoryTracker()
         self.files = DiskFiles(direct=direct_io)
@@ -125,7 +127,7 @@ class Engine:
                     self.files,
                     self.tracker,
                     bar,
-                    pack=pack_weights,
+                    pack=self._packs,
                 )
             names = {s.index: s.name for s in self.stages}
             self._executor = Executor(self.device, policy.overlap, describe=names.__getitem__)
@@ -213,6 +215,7 @@ class Engine:
             checkpoint_itemsize=checkpoint_itemsize(self.model),
             runtime_base=self._base,
             random_weights=isinstance(self.model.weights, RandomWeights),
+            packs=self._packs,
         )
         self._guard.check(fp)
 

@@ -42,6 +42,7 @@ from flexlab.engine.placement import (
     compresses,
     head_slice_buffers,
     head_streams,
+    packs_matrix,
     place_weights,
     split_by_share,
     weight_read_buffers,
@@ -260,10 +261,12 @@ def footprint(
     checkpoint_itemsize: int | None = None,
     runtime_base: float = 0.0,
     random_weights: bool = False,
+    packs: bool = False,
 ) -> Footprint:
     """The :class:`Footprint` of running ``policy`` (arguments as :class:`~flexlab.cost.CostModel`'s;
     ``on_cuda``: whether the compute device is a GPU with its own memory; ``random_weights``: the
-    weights are drawn, not read: see :func:`placing_peak`)."""
+    weights are drawn, not read; ``packs``: the engine packs its memory tiers' matrices: see
+    :func:`placing_peak`)."""
     stages = stages_of(config.num_layers, policy.sep_layer, layers)
     num_layers = config.num_layers if layers is None else len(layers)
     priced, weight_bytes, packed = price_weights(
@@ -305,6 +308,7 @@ def footprint(
         itemsize=itemsize,
         reading=reading,
         in_place=checkpoint_itemsize is not None,
+        packs=packs,
     )
     # a streamed head answers a group's batches together: their logits are held till the last one's
     held = policy.num_gpu_batches > 1 and any(st.streamed[0] for st in priced)
@@ -330,6 +334,7 @@ def placing_peak(
     itemsize: int,
     reading: int,
     in_place: bool = False,
+    packs: bool = False,
 ) -> float:
     """Peak host bytes while the weights are placed, in the engine's order: those placed before
     on host tiers and the stage's weights waiting to be packed into its disk file, plus the
@@ -337,7 +342,8 @@ def placing_peak(
     and its converted copy where the dtype differs) — and quantized (from the converted copy, into its
     codes, through :func:`quantize_workspace`'s temporaries).
     ``in_place``: uncompressed disk weights are read in place from a safetensors checkpoint, not
-    read here. The token table comes first, before anything else is held: in small models it is
+    read here; ``packs``: a matrix kept in memory is packed from the tensor read (both held at
+    once). The token table comes first, before anything else is held: in small models it is
     this peak. Cached: the search prices thousands of policies that share a placement."""
     family = get_family(config.family)
     placement = place_weights(family.weight_specs(config), list(stages), w_gpu_percent, w_cpu_percent)
@@ -351,6 +357,8 @@ def placing_peak(
             qcfg = cw if compresses(spec, cw) else None
             stored = sum(qcfg.part_nbytes(spec.shape)) if qcfg is not None else spec.numel * itemsize
             transient = spec.numel * reading
+            if packs and tier in host and qcfg is None and packs_matrix(spec, family.token_table):
+                transient += spec.numel * itemsize
             if qcfg is not None:  # then quantized from its converted copy, slice by slice
                 transient = max(transient, spec.numel * itemsize + stored + quantize_workspace(spec.shape, qcfg))
             peak = max(peak, held + packing + transient)

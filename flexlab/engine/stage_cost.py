@@ -15,6 +15,7 @@ from flexlab.engine.placement import (
     align_up,
     compresses,
     looks_up_rows,
+    packs_matrix,
     place_weights,
     read_region,
     reads_in_place,
@@ -49,6 +50,9 @@ class StageCost:
     # the head's vocabulary matrix read from disk in slices by its compute (placement.streams_rows):
     # its stored bytes, bytes per row, and bytes per row converted into the compute dtype (0: none)
     streamed: tuple[int, int, int] = (0, 0, 0)
+    # elements of its matmuls' matrices a CPU computing in bfloat16 holds packed (those kept in
+    # memory uncompressed: placement.packs_matrix); their decode products read faster
+    packed_params: int = 0
 
 
 @functools.lru_cache(maxsize=256)
@@ -61,13 +65,15 @@ def price_weights(
     itemsize: int,
     checkpoint_itemsize: int | None = None,
     stream_head: bool = False,
+    packs: bool = False,
 ) -> tuple[list[StageCost], dict[str, int], list[int]]:
     """Per stage: what its weights cost (bytes per tier, matmul sizes, dequantization); the
     model's stored weight bytes per tier; per stage the bytes of its packed disk file.
 
     Pure in its arguments and cached: the search prices thousands of policies that share a
     weight placement and differ only in batches or the cache (callers must not mutate it).
-    ``stream_head``: :func:`~flexlab.engine.placement.head_streams` of the run."""
+    ``stream_head``: :func:`~flexlab.engine.placement.head_streams` of the run; ``packs``: the
+    engine holds its memory tiers' matrices packed (:func:`~flexlab.models.layers.packs`)."""
     family = get_family(config.family)
     placement = place_weights(family.weight_specs(config), list(stages), w_gpu_percent, w_cpu_percent)
     priced, weight_bytes, packed_bytes = [], {t: 0 for t in TIERS}, []
@@ -107,6 +113,9 @@ def price_weights(
         if "head" in stage.parts:
             matmul = [s for s in mats if s.shape[0] == config.vocab_size]
         params = sum(s.numel for s in matmul)
+        tier_of = {s.name: t for s, t, _ in items}
+        held = [s for s in matmul if packs and tier_of[s.name] != "disk" and not compresses(s, cw)]
+        packed_params = sum(s.numel for s in held if packs_matrix(s, family.token_table))
         deq = sum(s.numel for s in mats) if cw is not None else 0
         row_table = per_batch = 0
         if cw is not None and "embed" in stage.parts and cw.group_dim % 2 == 1:
@@ -131,6 +140,7 @@ def price_weights(
                 looked_up=looked_up,
                 converted_elems=converted,
                 streamed=streamed,
+                packed_params=packed_params,
             )
         )
         packed_bytes.append(packed)

@@ -525,3 +525,27 @@ def test_the_head_projects_the_last_position_and_small_stages_are_read_from_memo
     assert stage_s(cpu, "mlp.0", 1) - stage_s(slow, "mlp.0", 1) == pytest.approx(3 * (read - 3 * flops), rel=0.05)
     fast = cached.replace(llc_weight_read_bw=1e15)  # faster than the maths: the maths again
     assert stage_s(fast, "mlp.0", 1) == pytest.approx(stage_s(cached, "mlp.0", 1))
+
+
+def test_matrices_held_packed_are_read_at_the_packed_rate_and_only_those():
+    """A CPU computing in bfloat16 holds its memory tiers' uncompressed matrices packed: the model
+    reads those at ``packed_weight_read_bw``, disk weights and the looked-up token table at the
+    plain rate; a float32 run or an unmeasured packed rate leaves every prediction as it was."""
+    cfg = flexlab.get_preset("llama-tiny")  # an untied head: its lm_head is packed too
+    cpu = CPU_ONLY.replace(matmul_flops=1e15, weight_read_bw=4e9, llc_bytes=0)
+
+    def stages(hw, policy, itemsize=2) -> dict[str, float]:
+        pred = CostModel(cfg, policy, hw, prompt_len=4, gen_len=2, itemsize=itemsize).predict()
+        return {s["stage"]: s["compute_s"] for s in pred.stages}
+
+    resident, on_disk = Policy(gpu_batch_size=1), Policy(gpu_batch_size=1, w_gpu_percent=0, w_cpu_percent=0)
+    packed = cpu.replace(packed_weight_read_bw=8e9)
+    assert {"mlp.0", "head"} <= set(stages(cpu, resident))
+    for name, plain_s in stages(cpu, resident).items():
+        params = {"mlp.0": 3 * cfg.hidden_size * cfg.ffn_dim, "head": cfg.vocab_size * cfg.hidden_size}.get(name)
+        if params:  # the prefill and the decode each read it in half the time; the rest is the same
+            saved = plain_s - stages(packed, resident)[name]
+            assert saved == pytest.approx(2 * params * 2 / 8e9, rel=1e-6)
+    assert stages(packed, on_disk) == stages(cpu, on_disk)  # read from disk into buffers: plain
+    assert stages(packed, resident, itemsize=4) == stages(cpu, resident, itemsize=4)  # float32: never packed
+    assert stages(packed, resident)["embed"] == stages(cpu, resident)["embed"]  # a lookup, no matmul

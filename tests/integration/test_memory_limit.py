@@ -158,6 +158,7 @@ import sys, torch, flexlab
 from flexlab.devices import resident_bytes
 from flexlab.engine.footprint import footprint
 from flexlab.engine.stage_cost import checkpoint_itemsize
+from flexlab.models.layers import packs
 model = flexlab.Model.from_pretrained(sys.argv[1], dtype=torch.bfloat16)
 base = resident_bytes()
 policy = flexlab.Policy.from_percent([0, 100, 100, 0, 100, 0], gpu_batch_size=2, num_gpu_batches=1)
@@ -165,7 +166,8 @@ with flexlab.Engine(model, policy) as engine:
     held = engine.tracker.peaks()["cpu"]
     peak = resident_bytes(peak=True) - base
 predicted = footprint(model.config, policy, on_cuda=False, itemsize=2, prompt_len=8, gen_len=2,
-                      checkpoint_itemsize=checkpoint_itemsize(model)).placing
+                      checkpoint_itemsize=checkpoint_itemsize(model),
+                      packs=packs(model.device, model.dtype)).placing
 print(held, peak, predicted)
 """
 
