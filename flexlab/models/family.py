@@ -18,7 +18,10 @@ A family is data plus plain functions:
   host-resident cache.
 
 Weights reach these functions as a ``Mapping[str, Tensor]`` keyed by the *short* names of
-:attr:`WeightSpec.short` (``"q_proj.weight"``), so one function serves every layer.
+:attr:`WeightSpec.short` (``"q_proj.weight"``), so one function serves every layer. A layer's
+matrices and a head's own (all but the token table) are applied only through
+:func:`flexlab.models.layers.project`: the engine may hold them in a layout only it reads
+(:func:`~flexlab.models.layers.packed`).
 """
 
 from __future__ import annotations
