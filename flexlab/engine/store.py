@@ -212,9 +212,7 @@ class WeightStore:
             parts = [p.to(device) for p in parts]
             if qt is None and self.packs and packs_matrix(spec, model.family.token_table):
                 parts = [packed(parts[0])]  # memory of its own, out of any file's map
-                # glibc keeps the block the weight was read into, and the next read did not reuse it
-                # (a qwen2.5-0.5b layer's placing peaked 30 MB higher): hand it back
-                return_freed_memory()
+                return_freed_memory()  # glibc kept the block read into, unused by the next read (+30 MB)
             elif tier == "cpu" and pin:
                 parts = [p.pin_memory() for p in parts]
             elif parts[0].device.type == "cpu" and model.weights.maps(spec.name):
