@@ -100,6 +100,7 @@ def main(cfg: Config):
 
     from flexlab.cost.calibrate import _runtime_base
     from flexlab.engine.footprint import LEAN_SLACK, footprint
+    from flexlab.models.layers import packs
 
     from _common import cpu_dtype, write_results
 
@@ -129,6 +130,7 @@ def main(cfg: Config):
             gen_len=cfg.gen_len,
             runtime_base=base,
             random_weights=True,
+            packs=packs(torch.device("cpu"), dtype),  # as the worker's engine does by default
         )
         fp = fp.with_slack(LEAN_SLACK) if lean else fp
         rows.append(
