@@ -9,8 +9,9 @@ placement this prints, as medians of ``repeats`` runs:
   timeline: its Python and the tiny kernels);
 - ``maths``: the same maths without the engine, per step: flexlab's reference path (the family's
   functions, every weight in place) on one GPU batch of prompts, times the number of batches;
-- ``waits``: the compute's waits on transfers (the timeline's ``waited_s[kind]``) and the reads a
-  compute makes itself (the embedding's rows of a table on disk: its ``read_rows`` events);
+- ``waits``: the compute's waits on transfers (the timeline's ``waited_s[kind]``) and on reads
+  inside a compute (the embedding's rows of a table on disk, ``read_rows``; a streamed head's
+  next slice, ``wait_head``);
 - ``overhead = wall - maths - waits``: the host time the engine adds per step (the issue's measure);
 - with weights on disk, ``beside_reads``: the same maths while a thread reads the engine's weight
   files back to back, as its load lane does. On this 2-core virtual machine work on one core slows
@@ -111,7 +112,8 @@ def main(cfg: Config) -> None:
                 computes.append(sum(e.duration for e in events if e.kind == "compute"))
                 summary = result.timeline.summary()
                 stalls = sum(v for k, v in summary.items() if k.startswith("waited_s[") and k != "waited_s[host]")
-                waits.append(stalls + sum(e.duration for e in events if e.lane == "compute" and e.kind == "read_rows"))
+                inside = sum(e.duration for e in events if e.lane == "compute" and e.kind in ("read_rows", "wait_head"))
+                waits.append(stalls + inside)
             steps = sum(1 for e in result.timeline.events if e.kind == "compute")
             if cfg.profile and not rows:
                 from torch.profiler import ProfilerActivity, profile

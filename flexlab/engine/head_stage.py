@@ -54,5 +54,10 @@ class HeadStage:
         def fetch(rows: range, slot: int) -> Future:
             return ctx.executor.ahead(LANES["load_weight"], "read_head", step, lambda: stream.read(rows, slot))
 
-        slices = streamed_slices(lambda part, x: f.head(part, cfg, x), w, name, cfg.vocab_size, stream.slices, fetch)
+        def wait_for(read: Future) -> torch.Tensor:  # the compute waiting on a slice: an event of its lane
+            return read.result() if read.done() else ctx.executor.timed("wait_head", step, read.result)
+
+        slices = streamed_slices(
+            lambda part, x: f.head(part, cfg, x), w, name, cfg.vocab_size, stream.slices, fetch, wait_for
+        )
         return Projection(slices, cfg.vocab_size)

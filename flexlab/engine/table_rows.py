@@ -127,20 +127,21 @@ def streamed_slices(
     vocab: int,
     slices: list[range],
     fetch: Callable[[range, int], Future],
+    wait_for: Callable[[Future], torch.Tensor] = Future.result,
 ) -> Callable[[], Iterator[tuple[range, Callable[[torch.Tensor], torch.Tensor]]]]:
     """A head's projection onto its matrix ``name`` read a slice of rows at a time, as
     :class:`~flexlab.engine.projection.Projection` takes it: per slice its rows, and the family's own
     ``head`` on those rows (and on those of any vector over the vocabulary in ``w``: a bias).
     ``fetch(rows, slot)`` reads rows into buffer ``slot`` beside the compute (a future of the
     matrix); the next slice is asked for when one is handed over, into the other buffer, whose
-    slice the compute has finished with."""
+    slice the compute has finished with. ``wait_for`` waits for a fetched slice (and may time it)."""
 
     def each() -> Iterator[tuple[range, Callable[[torch.Tensor], torch.Tensor]]]:
         pending: Future | None = fetch(slices[0], 0)
         try:
             for i, rows in enumerate(slices):
                 assert pending is not None
-                matrix = pending.result()
+                matrix = wait_for(pending)
                 pending = fetch(slices[i + 1], (i + 1) % HEAD_BUFFERS) if i + 1 < len(slices) else None
                 part = {n: v[rows.start : rows.stop] if v.dim() == 1 and len(v) == vocab else v for n, v in w.items()}
                 part[name] = matrix

@@ -26,6 +26,8 @@ KIND_COLORS = {
     "load_act": "#C44E52",
     "store_act": "#937860",
     "dequantize_weight": "#DA8BC3",  # (de)compression inside a compute, drawn over it
+    "read_rows": "#E5AE38",  # reads a compute makes or waits for itself, drawn over it
+    "wait_head": "#FF9896",
     "quantize_cache": "#8C8C8C",
     "dequantize_cache": "#CCB974",
     "recv": "#64B5CD",  # hand-offs between pipeline ranks

@@ -153,3 +153,30 @@ def _whole_scores(model, seqs):
     and whether each is the most likely."""
     with flexlab.Engine(model, Policy(gpu_batch_size=len(seqs))) as engine:
         return engine.score(seqs, greedy=True)
+
+
+def test_the_heads_wait_for_a_slice_is_an_event_of_the_compute_lane(pair, tmp_path, monkeypatch):
+    """A slice not read yet when the projection needs it holds the compute up: the timeline shows
+    that wait (``wait_head``, inside the head's compute), as long as the read it waited for."""
+    import time
+
+    from flexlab.engine.table_rows import HeadStream
+
+    read = HeadStream.read
+
+    def slow(self, rows, slot):
+        time.sleep(0.02)
+        return read(self, rows, slot)
+
+    monkeypatch.setattr(HeadStream, "read", slow)
+    hf, model = pair
+    with flexlab.Engine(model, Policy.from_percent(ALL_ON_DISK, gpu_batch_size=2), offload_dir=tmp_path) as engine:
+        result = engine.generate(PROMPTS[:2], max_new_tokens=2)
+    assert result.token_ids == hf_greedy(hf, PROMPTS[:2], 2)
+    events = result.timeline.to_pandas()
+    waits, heads = events[events.kind == "wait_head"], events[(events.kind == "compute")]
+    assert len(waits) >= 2 and (waits.duration > 0.015).all()  # each token's first slice at least
+    for _, w in waits.iterrows():  # inside the head's compute of that token
+        head = heads[(heads.token == w.token) & (heads.stage == w.stage)]
+        assert ((head.start <= w.start) & (w.end <= head.end)).any()
+    assert result.timeline.summary()["busy_s[wait_head]"] >= waits.duration.sum() * 0.99
