@@ -37,7 +37,7 @@ from flexlab.engine.footprint import Footprint, footprint, kv_codecs
 from flexlab.engine.placement import TIERS, head_streams, split_by_share, tied_front
 from flexlab.engine.policy import Policy
 from flexlab.engine.schedule import stages_of
-from flexlab.engine.stage_cost import StageCost, price_weights
+from flexlab.engine.stage_cost import price_weights
 from flexlab.errors import FlexlabError
 from flexlab.models.config import ModelConfig
 from flexlab.models.registry import get_family
@@ -274,8 +274,10 @@ class CostModel:
             reads = min(m, from_memory)  # this group's batches that read the weights from memory
             from_memory -= reads
             # the later batches read them from that cache, at its rate for a few rows (0: unmeasured)
-            cached_s = self._read_s(st, hw.llc_weight_read_bw, hw.packed_llc_weight_read_bw) if not streamed else 0.0
-            read_s = self._read_s(st, hw.weight_read_bw, hw.packed_weight_read_bw)
+            cached_s = (
+                st.read_s(self.itemsize, hw.llc_weight_read_bw, hw.packed_llc_weight_read_bw) if not streamed else 0.0
+            )
+            read_s = st.read_s(self.itemsize, hw.weight_read_bw, hw.packed_weight_read_bw)
             c = hw.step_overhead_s + (reads * max(flops_s, read_s) + (m - reads) * max(flops_s, cached_s)) / m
             # the elementwise work around the matmuls (norms, bias, GELU, residuals)
             c += st.elementwise * b * tokens * cfg.hidden_size * self.itemsize / hw.attention_bw
@@ -299,14 +301,6 @@ class CostModel:
                     lk += n_moves * h / hw.link_pageable_bw
             compute, disk, lnk = compute + m * c, disk + m * d, lnk + m * lk
         return compute, disk, lnk, moved
-
-    def _read_s(self, st: StageCost, plain_bw: float, packed_bw: float) -> float:
-        """Seconds a decode's few rows take to read a stage's matrices at these rates (0 where
-        ``plain_bw`` is 0: unmeasured), its packed ones (if any) at ``packed_bw``."""
-        if not plain_bw:
-            return 0.0
-        packed = st.packed_params * self.itemsize
-        return (st.w_device_bytes - packed) / plain_bw + (packed / packed_bw if packed else 0.0)
 
     def _dequant_rate(self) -> float:
         """Elements/s dequantizing this model's matrices: the profile's one rate, or on a CPU,

@@ -3,11 +3,13 @@ tier, and a stage's weights as a load brings them to the compute device."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
 
 from flexlab.compress import QTensor
+from flexlab.engine.placement import align_up
 from flexlab.engine.tiers import nbytes
 from flexlab.models.family import WeightSpec
 from flexlab.models.loading import TensorLocation
@@ -48,3 +50,20 @@ def layout(qt: QTensor | None) -> QTensor | None:
     on disk-tier weights, the whole model (0.4 GB of 4-bit opt-1.3b); on the gpu and cpu tiers,
     the copy from before the move, pinning or clone."""
     return None if qt is None else qt.with_tensors([t.to("meta") for t in qt.tensors()])
+
+
+def conversion_bytes(loads: list[PlacedWeight], dtype: torch.dtype) -> int:
+    """Bytes of a CPU's conversion buffer for a load of ``loads``: the plain weights read in place
+    in another dtype than ``dtype``, each converted into it at an aligned offset."""
+    return sum(
+        align_up(loc.nbytes // loc.dtype.itemsize * dtype.itemsize)
+        for w in loads
+        if w.qt is None
+        for loc in w.locations
+        if loc.dtype != dtype
+    )
+
+
+def dequantized_bytes(loads: list[PlacedWeight], dtype: torch.dtype) -> int:
+    """Bytes of ``loads``' compressed weights dequantized into ``dtype``."""
+    return sum(math.prod(w.spec.shape) * dtype.itemsize for w in loads if w.qt is not None)

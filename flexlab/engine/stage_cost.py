@@ -54,6 +54,14 @@ class StageCost:
     # memory uncompressed: placement.packs_matrix); their decode products read faster
     packed_params: int = 0
 
+    def read_s(self, itemsize: int, plain_bw: float, packed_bw: float) -> float:
+        """Seconds a decode's few rows take to read its matrices at ``plain_bw`` (0: unmeasured,
+        0 s), those held packed at ``packed_bw``."""
+        if not plain_bw:
+            return 0.0
+        packed = self.packed_params * itemsize
+        return (self.w_device_bytes - packed) / plain_bw + (packed / packed_bw if packed else 0.0)
+
 
 @functools.lru_cache(maxsize=256)
 def price_weights(

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from flexlab.compress import QTensor, dequantize, quantize
-from flexlab.engine.placed import LoadedWeights, PlacedWeight, layout
+from flexlab.engine.placed import LoadedWeights, PlacedWeight, conversion_bytes, dequantized_bytes, layout
 from flexlab.engine.placement import (
     ROW_BUFFER,
     align_up,
@@ -154,7 +154,8 @@ class WeightStore:
         # read (placement.reads_in_place): into buffers of its own, held like the read buffers. A fresh
         # tensor above glibc's mmap threshold (32 MiB) faults in every page on each use: float16 to
         # float32 ran at 0.8 G elements/s into fresh tensors, 8 into memory already touched.
-        self.stage_converted_bytes = {j: self._converted_bytes(j) for j in self._loads}
+        on_cpu = device.type == "cpu"  # (a GPU's copies to the device convert them)
+        self.stage_converted_bytes = {j: conversion_bytes(ws, dtype) if on_cpu else 0 for j, ws in self._loads.items()}
         sizes = weight_read_buffers(list(self.stage_converted_bytes.values()))
         self.convert_pool = BufferPool(sizes)
         tracker.add("gpu", "weight conversion buffers", sum(sizes))
@@ -162,8 +163,13 @@ class WeightStore:
         # on a CPU into one buffer (one stage at a time), for the same reason (4-bit opt-1.3b's fc1
         # in float32: 43 ms into a fresh tensor, 25 into the same memory again). A GPU's caching
         # allocator reuses its blocks already.
+        # (an embedding whose table is grouped along its rows dequantizes only the rows it looks up)
+        rows_apart = self.quant is not None and self.quant.group_dim % 2 == 1
         self.stage_dequant_bytes = {
-            s.index: self._dequant_bytes(s, table) if device.type == "cpu" else 0 for s in stages
+            s.index: dequantized_bytes(self._loads[s.index], dtype)
+            if on_cpu and not ("embed" in s.parts and rows_apart)
+            else 0
+            for s in stages
         }
         most = max(self.stage_dequant_bytes.values(), default=0)
         self.dequant_pool = BufferPool([most] if most else [])
@@ -220,29 +226,6 @@ class WeightStore:
             w = PlacedWeight(spec, tier, tensors=parts, qt=layout(qt))
         self.tracker.add(tier, "weights", w.nbytes)
         return w
-
-    def _converted_bytes(self, stage: int) -> int:
-        """Bytes of a CPU's conversion buffer for a load of ``stage``: its disk weights read in
-        place in another dtype, each in the compute dtype at an aligned offset (0 on a GPU, whose
-        copies to the device convert them)."""
-        if self.device.type == "cuda":
-            return 0
-        plain = [w for w in self._loads[stage] if w.qt is None]
-        return sum(
-            align_up(loc.nbytes // loc.dtype.itemsize * self.dtype.itemsize)
-            for w in plain
-            for loc in w.locations
-            if loc.dtype != self.dtype
-        )
-
-    def _dequant_bytes(self, stage: Stage, table: str) -> int:
-        """Bytes of ``stage``'s compressed weights in the compute dtype, as :meth:`dequantized`
-        makes them; 0 for an embedding whose table is grouped along its rows, which dequantizes
-        only the rows it looks up, per batch (the block's, not through here)."""
-        ws = [w for w in self._loads[stage.index] if w.qt is not None]
-        if "embed" in stage.parts and self.quant is not None and self.quant.group_dim % 2 == 1:
-            return 0
-        return sum(math.prod(w.spec.shape) * self.dtype.itemsize for w in ws)
 
     def disk_reads(self) -> list[tuple[Path, int, int]]:
         """The disk reads one token's weights take, as :meth:`load` issues them: ``(file,
