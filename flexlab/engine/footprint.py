@@ -357,7 +357,7 @@ def placing_peak(
             qcfg = cw if compresses(spec, cw) else None
             stored = sum(qcfg.part_nbytes(spec.shape)) if qcfg is not None else spec.numel * itemsize
             transient = spec.numel * reading
-            if packs and tier in host and qcfg is None and packs_matrix(spec, family.token_table):
+            if packs and packs_matrix(spec, tier, cw, family.token_table):
                 transient += spec.numel * itemsize
             if qcfg is not None:  # then quantized from its converted copy, slice by slice
                 transient = max(transient, spec.numel * itemsize + stored + quantize_workspace(spec.shape, qcfg))

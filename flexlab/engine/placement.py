@@ -50,12 +50,14 @@ ROW_BUFFER = 1 << 20  # bytes of token-table rows read from disk at a time (see 
 ROW_GAP = 16  # looked-up rows this close on disk are read together, the rows between them too
 
 
-def packs_matrix(spec: WeightSpec, token_table: str) -> bool:
-    """Whether a weight is one that families apply only through
-    :func:`~flexlab.models.layers.project` (so that it may be stored
-    :func:`~flexlab.models.layers.packed`): a layer's matrix, or a head's own (an untied
-    ``lm_head``, OPT's ``project_out``); never the token table, which the embedding looks up."""
-    return len(spec.shape) == 2 and spec.short != token_table and (spec.layer is not None or spec.parts == ("head",))
+def packs_matrix(spec: WeightSpec, tier: str, cw: QuantConfig | None, token_table: str) -> bool:
+    """Whether an engine that packs (:func:`~flexlab.models.layers.packs`) holds this weight
+    :func:`~flexlab.models.layers.packed`: kept in memory uncompressed, and one that families
+    apply only through :func:`~flexlab.models.layers.project` (a layer's matrix, or a head's own:
+    an untied ``lm_head``, OPT's ``project_out``); never the token table, which the embedding
+    looks up, nor a weight on disk, read into a buffer at each load."""
+    own = spec.layer is not None or spec.parts == ("head",)
+    return tier != "disk" and not compresses(spec, cw) and len(spec.shape) == 2 and spec.short != token_table and own
 
 
 def looks_up_rows(spec: WeightSpec, stage: Stage, tier: str, token_table: str, cw: QuantConfig | None) -> bool:

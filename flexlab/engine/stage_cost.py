@@ -122,8 +122,9 @@ def price_weights(
             matmul = [s for s in mats if s.shape[0] == config.vocab_size]
         params = sum(s.numel for s in matmul)
         tier_of = {s.name: t for s, t, _ in items}
-        held = [s for s in matmul if packs and tier_of[s.name] != "disk" and not compresses(s, cw)]
-        packed_params = sum(s.numel for s in held if packs_matrix(s, family.token_table))
+        packed_params = sum(
+            s.numel for s in matmul if packs and packs_matrix(s, tier_of[s.name], cw, family.token_table)
+        )
         deq = sum(s.numel for s in mats) if cw is not None else 0
         row_table = per_batch = 0
         if cw is not None and "embed" in stage.parts and cw.group_dim % 2 == 1:

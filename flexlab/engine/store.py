@@ -45,7 +45,7 @@ from flexlab.engine.tiers import (
     write_packed,
 )
 from flexlab.models.family import WeightSpec
-from flexlab.models.layers import packed, packs
+from flexlab.models.layers import packed
 from flexlab.models.loading import TensorLocation
 
 
@@ -67,11 +67,11 @@ class WeightStore:
         files: DiskFiles,
         tracker: MemoryTracker,
         progress=None,
-        pack: bool = True,
+        pack: bool = False,
     ) -> None:
         self.device, self.dtype, self.files, self.tracker = device, dtype, files, tracker
-        # a CPU's bfloat16 matrices held in memory in oneDNN's layout (models.layers.packed)
-        self.packs = pack and packs(device, dtype)
+        # hold the matrices kept in memory in oneDNN's layout (the engine decides: models.layers.packs)
+        self.packs = pack
         self.quant = policy.compress_weight
         specs = model.family.weight_specs(model.config)
         pin = policy.pin_weight and device.type == "cuda"
@@ -216,7 +216,7 @@ class WeightStore:
             device = self.device if tier == "gpu" else torch.device("cpu")
             parts, qt = self._stored(model, spec)
             parts = [p.to(device) for p in parts]
-            if qt is None and self.packs and packs_matrix(spec, model.family.token_table):
+            if self.packs and packs_matrix(spec, tier, self.quant, model.family.token_table):
                 parts = [packed(parts[0])]  # memory of its own, out of any file's map
                 return_freed_memory()  # glibc kept the block read into, unused by the next read (+30 MB)
             elif tier == "cpu" and pin:
