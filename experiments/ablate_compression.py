@@ -14,6 +14,7 @@ experiments/results/.
     python experiments/ablate_compression.py --smoke true           # seconds: a few settings, short text
     python experiments/ablate_compression.py --model facebook/opt-1.3b --lm-eval-tasks hellaswag,piqa \
         --lm-eval-limit 200                                         # standard tasks too (pip install flexlab[eval])
+    python experiments/ablate_compression.py --lm-eval-tasks pydoc_order  # offline: flexlab.eval.local_tasks
 """
 
 from __future__ import annotations
@@ -46,7 +47,7 @@ class Config:
     num_gpu_batches: int = 2
     smoke: bool = False  # a few settings on short text, for CI and notebooks
     lm_eval_tasks: str = ""  # lm-evaluation-harness tasks run under each setting too, e.g. "hellaswag,piqa"
-    lm_eval_include: str = ""  # a directory of task YAMLs of your own (lm-eval's --include_path)
+    lm_eval_include: str = ""  # a directory of task YAMLs of your own (lm-eval's --include_path; default: pydoc's)
     lm_eval_limit: int = 0  # documents per task (0: all)
     max_settings: int = 0  # measure only the first this many settings, the baseline included (0: all)
     out_dir: str = "experiments/results"
@@ -69,11 +70,12 @@ def lm_eval_args(cfg: Config) -> dict:
     """run_ablation's lm-eval keywords from the config (none when no task is named)."""
     if not cfg.lm_eval_tasks:
         return {}
-    options: dict = {"limit": cfg.lm_eval_limit or None}
-    if cfg.lm_eval_include:
-        from lm_eval.tasks import TaskManager
+    from lm_eval.tasks import TaskManager
 
-        options["task_manager"] = TaskManager(include_path=cfg.lm_eval_include)
+    from flexlab.eval.local_tasks import pydoc_tasks_dir
+
+    include = cfg.lm_eval_include or str(pydoc_tasks_dir())  # the offline pydoc tasks unless told otherwise
+    options: dict = {"limit": cfg.lm_eval_limit or None, "task_manager": TaskManager(include_path=include)}
     return dict(lm_eval_tasks=cfg.lm_eval_tasks.split(","), lm_eval_options=options)
 
 
@@ -153,6 +155,11 @@ def main(cfg: Config):
     )
     fig = plot_accuracy_vs_bits(df, title=f"{name} on {dataset}: perplexity change against compression bits")
     fig.savefig(out / f"{stem}.png", dpi=110)
+    for task in cfg.lm_eval_tasks.split(",") if cfg.lm_eval_tasks else ():  # accuracy against bits per task
+        metric = next((c for c in df if c.startswith(f"lm_eval:{task}:")), None)
+        if metric is not None:
+            fig = plot_accuracy_vs_bits(df, metric, title=f"{name}: lm-eval {task} against compression bits")
+            fig.savefig(out / f"{stem}_{task}.png", dpi=110)
     return df
 
 

@@ -196,7 +196,8 @@ def bench(args: argparse.Namespace) -> int:
 
 def evaluate(args: argparse.Namespace) -> int:
     """``flexlab eval ...``: lm-eval's own command line with ``--model flexlab`` (see
-    :mod:`flexlab.eval.lm_eval` for the model_args: pretrained, dtype, percent, compression)."""
+    :mod:`flexlab.eval.lm_eval` for the model_args: pretrained, dtype, percent, compression).
+    Without ``--include_path`` the offline pydoc tasks (:mod:`flexlab.eval.local_tasks`) are found by name."""
     rest = list(args.rest)
     if "--model" in rest:
         raise ValueError(
@@ -209,6 +210,10 @@ def evaluate(args: argparse.Namespace) -> int:
     except ImportError as e:
         raise ValueError(f"flexlab eval needs lm-evaluation-harness ({e}): pip install 'flexlab[eval]'") from None
     rest = rest[1:] if rest[:1] == ["run"] else rest  # `flexlab eval run ...` as lm-eval spells it too
+    if not any(a.startswith("--include_path") for a in rest):  # the offline pydoc tasks, found by name
+        from flexlab.eval.local_tasks import pydoc_tasks_dir
+
+        rest += ["--include_path", str(pydoc_tasks_dir())]
     saved, sys.argv = sys.argv, ["lm_eval", "run", "--model", "flexlab", *rest]
     try:
         cli_evaluate()

@@ -76,6 +76,14 @@ def plot_accuracy_vs_bits(
     return fig
 
 
+def higher_is_better(metric: str) -> bool:
+    """Whether a larger value of an ablation column is the better one: accuracies (lm-eval's
+    ``lm_eval:TASK:acc,none`` included) yes, perplexities and bits per byte no."""
+    if metric.startswith("lm_eval:"):
+        return not any(word in metric for word in ("perplexity", "bits_per_byte"))
+    return metric in HIGHER_IS_BETTER
+
+
 def _saved_pct(df):
     """Peak bytes over all tiers saved against the uncompressed row, in percent."""
     total = sum(df[f"peak_bytes_{t}"] for t in ("gpu", "cpu", "disk"))
@@ -112,7 +120,7 @@ def plot_accuracy_vs_memory(
     base = df.target == "none"
     if base.any():
         ax.scatter(total[base], df[metric][base], marker="*", s=160, color="black", label="uncompressed", zorder=4)
-    front = pareto_front(total, df[metric], higher_is_better=metric in HIGHER_IS_BETTER)
+    front = pareto_front(total, df[metric], higher_is_better=higher_is_better(metric))
     ax.step(total[front], df[metric][front], where="post", color="grey", linewidth=1, label="Pareto front")
     for i in front:
         ax.annotate(

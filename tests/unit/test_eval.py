@@ -19,6 +19,7 @@ from flexlab.eval import (
     token_agreement,
     token_windows,
 )
+from flexlab.eval.local_tasks import pydoc_tasks_dir as pydoc_tasks
 from flexlab.viz import plot_accuracy_vs_bits
 
 matplotlib.use("Agg")
@@ -160,3 +161,51 @@ def test_the_ablation_says_how_long_the_grid_will_take_and_can_be_cut(capsys):
     text = out.out + out.err
     assert "measuring the first 2 of 3 settings" in text
     assert re.search(r"the baseline took [\d.]+ s: the other 1 settings, about [\d.]+ min", text)
+
+
+def test_the_offline_pydoc_tasks_are_well_formed_and_written_once(tmp_path):
+    import json
+
+    from flexlab.eval.local_tasks import TAIL_WORDS, TASKS, last_word_docs, order_items, pydoc_sentences
+
+    sentences = pydoc_sentences()
+    items = order_items(sentences)
+    assert len(items) >= 40  # a few dozen multiple-choice items
+    for item, s in zip(items, sentences):
+        choices = item["choices"]
+        assert len(set(choices)) == 4 and choices[item["answer"]] == " ".join(s.split()[-TAIL_WORDS:])
+        assert all(sorted(c.split()) == sorted(choices[item["answer"]].split()) for c in choices)  # reorderings
+        assert item["context"] + " " + choices[item["answer"]] == s
+    assert len({i["answer"] for i in items}) == 4  # the original is not always in one place
+    docs = last_word_docs(sentences)
+    assert len(docs) >= 16 and all(f"{d['context']} {d['word']}." in sentences and d["word"].isalpha() for d in docs)
+
+    path = pydoc_tasks(tmp_path)
+    assert sorted(p.name for p in path.iterdir()) == sorted([f"{t}.{e}" for t in TASKS for e in ("jsonl", "yaml")])
+    assert [json.loads(line) for line in (path / "pydoc_order.jsonl").read_text().splitlines()] == items
+    assert str(path / "pydoc_order.jsonl") in (path / "pydoc_order.yaml").read_text()  # the final path, not the temp
+    before = (path / "pydoc_order.yaml").stat().st_mtime_ns
+    assert pydoc_tasks(tmp_path) == path and (path / "pydoc_order.yaml").stat().st_mtime_ns == before
+    assert [p.name for p in tmp_path.iterdir()] == [path.name]  # no temporary directory left beside it
+
+
+def test_flexlab_eval_finds_the_pydoc_tasks_unless_given_a_task_directory(monkeypatch, tmp_path):
+    import argparse
+
+    pytest.importorskip("lm_eval")
+    import lm_eval.__main__
+
+    from flexlab import cli
+
+    seen = []
+    monkeypatch.setenv("FLEXLAB_CACHE", str(tmp_path))
+    monkeypatch.setattr(lm_eval.__main__, "cli_evaluate", lambda: seen.append(list(sys.argv)))
+    cli.evaluate(argparse.Namespace(rest=["--tasks", "pydoc_order"]))
+    cli.evaluate(argparse.Namespace(rest=["--tasks", "mine", "--include_path", "/my/tasks"]))
+    assert seen[0][-2:] == ["--include_path", str(pydoc_tasks(tmp_path))] and seen[0][:4] == [
+        "lm_eval",
+        "run",
+        "--model",
+        "flexlab",
+    ]
+    assert seen[1].count("--include_path") == 1 and seen[1][-1] == "/my/tasks"
