@@ -11,7 +11,9 @@ In Python (after ``import flexlab.eval.lm_eval``)::
     lm_eval.simple_evaluate(model="flexlab", model_args="pretrained=DIR", tasks=["lambada_openai"])
     lm_eval.simple_evaluate(model=FlexlabLM(model=model, policy=policy), tasks=[...])   # in a notebook
 
-Without ``percent`` everything is resident, as with lm-eval's ``hf`` backend. Tokenization follows
+A policy the search saved is ``policy_file=p.json`` (``flexlab search ... --save-policy p.json``);
+any argument given beside it replaces that field. Without either, everything is resident, as with
+lm-eval's ``hf`` backend. Tokenization follows
 lm-eval's conventions (its ``TemplateLM``, as the ``hf`` backend does), so the two backends score
 the same tokens: the tests compare them request by request. Requests go through the engine's
 blocks, so offloading amortises over many requests as it does in generation.
@@ -20,9 +22,11 @@ blocks, so offloading amortises over many requests as it does in generation.
 from __future__ import annotations
 
 import contextlib
+import json
 import time
 import warnings
 from collections import defaultdict
+from pathlib import Path
 from typing import Any
 
 import lm_eval.models  # noqa: F401  (lm-eval's own backends: lm-eval loads them only into an empty registry)
@@ -33,6 +37,7 @@ from tqdm.auto import tqdm
 
 from flexlab.compress import CacheQuantConfig, QuantConfig
 from flexlab.engine import Engine, Policy
+from flexlab.engine.policy import PERCENT_FIELDS
 from flexlab.errors import FlexlabError
 from flexlab.models.model import Model
 
@@ -51,9 +56,10 @@ class FlexlabLM(TemplateLM):
         policy: Policy | None = None,
         dtype: str | None = None,
         device: str | None = None,
+        policy_file: str | None = None,
         percent: str | None = None,
         gpu_batch_size: int | None = None,
-        num_gpu_batches: int = 1,
+        num_gpu_batches: int | None = None,
         compress_weight: str | None = None,
         compress_cache: str | None = None,
         cpu_cache_compute: bool = False,
@@ -66,7 +72,7 @@ class FlexlabLM(TemplateLM):
         super().__init__()
         if unknown:
             raise FlexlabError(
-                f"flexlab model_args: unknown {sorted(unknown)}; it takes pretrained, dtype, device, percent, "
+                f"flexlab model_args: unknown {sorted(unknown)}; it takes pretrained, dtype, device, policy_file, percent, "
                 "gpu_batch_size, num_gpu_batches, compress_weight, compress_cache, cpu_cache_compute, offload_dir, "
                 "max_gen_toks"
             )
@@ -87,20 +93,9 @@ class FlexlabLM(TemplateLM):
         if model.tokenizer is None:
             raise FlexlabError(f"{model.config.name} has no tokenizer: lm-eval's tasks are text")
         if policy is None:
-            bs = gpu_batch_size or (batch_size if isinstance(batch_size, int) else 8)
-            shares = (
-                [float(x) for x in str(percent).replace(":", " ").split()] if percent else [100.0, 0, 100, 0, 100, 0]
-            )
-            quant = {
-                name: kind.parse(str(spec))
-                for name, kind, spec in (
-                    ("compress_weight", QuantConfig, compress_weight),
-                    ("compress_cache", CacheQuantConfig, compress_cache),
-                )
-                if spec
-            }
-            policy = Policy.from_percent(
-                shares, gpu_batch_size=bs, num_gpu_batches=num_gpu_batches, cpu_cache_compute=cpu_cache_compute, **quant
+            size = gpu_batch_size or (batch_size if isinstance(batch_size, int) else None)
+            policy = policy_from_args(
+                policy_file, percent, size, num_gpu_batches, compress_weight, compress_cache, cpu_cache_compute
             )
         self.model, self.policy, self.offload_dir = model, policy, offload_dir
         self.tokenizer = model.tokenizer
@@ -227,3 +222,44 @@ class FlexlabLM(TemplateLM):
         self.runs["sequences"] += len(requests)
         self.runs["tokens"] += made
         return out
+
+
+def policy_from_args(
+    policy_file: str | None,
+    percent: str | None,
+    gpu_batch_size: int | None,
+    num_gpu_batches: int | None,
+    compress_weight: str | None,
+    compress_cache: str | None,
+    cpu_cache_compute: bool,
+) -> Policy:
+    """The Policy of the model_args: a saved policy (``flexlab search --save-policy``), else
+    everything resident in batches of 8; then each argument given replaces its field."""
+    fields: dict[str, Any] = {"gpu_batch_size": 8}
+    if policy_file:
+        try:
+            fields = Policy.from_dict(json.loads(Path(policy_file).expanduser().read_text())).to_dict()
+        except (OSError, ValueError, TypeError) as e:  # a JSON or policy error is a ValueError
+            raise FlexlabError(f"flexlab model_args: policy_file={policy_file}: {e}") from None
+    if percent:
+        try:
+            shares = [float(x) for x in str(percent).replace(":", " ").split()]
+        except ValueError:
+            shares = []
+        if len(shares) != 6:
+            raise FlexlabError(f"flexlab model_args: percent={percent!r} is not six numbers such as 20:30:0:100:100:0")
+        fields.update(zip(PERCENT_FIELDS, shares))
+    given = dict(gpu_batch_size=gpu_batch_size, num_gpu_batches=num_gpu_batches)
+    fields.update({name: value for name, value in given.items() if value is not None})
+    for name, kind, spec in (
+        ("compress_weight", QuantConfig, compress_weight),
+        ("compress_cache", CacheQuantConfig, compress_cache),
+    ):
+        if spec:
+            try:
+                fields[name] = kind.parse(str(spec))
+            except ValueError as e:
+                raise FlexlabError(f"flexlab model_args: {name}={spec!r}: {e}") from None
+    if cpu_cache_compute:
+        fields["cpu_cache_compute"] = True
+    return Policy.from_dict(fields)

@@ -173,7 +173,24 @@ def test_the_compression_ablation_runs_lm_eval_tasks_under_each_setting(tmp_path
     assert len(list(tmp_path.glob("ablate_compression_*_pydoc_order.png"))) == 1
 
 
+def test_a_saved_policy_is_a_model_arg_and_the_arguments_beside_it_replace_its_fields(tmp_path):
+    saved = flexlab.Policy.from_percent([0, 50, 0, 100, 100, 0], gpu_batch_size=3, num_gpu_batches=2)
+    (tmp_path / "p.json").write_text(json.dumps(saved.to_dict()))
+    lm = FlexlabLM(pretrained=str(pydoc_model_path()), policy_file=str(tmp_path / "p.json"))
+    assert lm.policy == saved
+    lm = FlexlabLM(pretrained=str(pydoc_model_path()), policy_file=str(tmp_path / "p.json"), compress_cache="4:64")
+    assert lm.policy == saved.replace(compress_cache=flexlab.CacheQuantConfig.parse("4:64"))
+    with pytest.raises(flexlab.FlexlabError, match="policy_file=.*missing.json"):
+        FlexlabLM(pretrained=str(pydoc_model_path()), policy_file=str(tmp_path / "missing.json"))
+
+
 def test_bad_model_args_are_refused_by_name():
+    with pytest.raises(flexlab.FlexlabError, match="percent='20:30:0' is not six numbers"):
+        FlexlabLM(pretrained=str(pydoc_model_path()), percent="20:30:0")
+    with pytest.raises(flexlab.FlexlabError, match="percent='a:b:c:d:e:f' is not six numbers"):
+        FlexlabLM(pretrained=str(pydoc_model_path()), percent="a:b:c:d:e:f")
+    with pytest.raises(flexlab.FlexlabError, match="compress_weight='5:64': .*bits=5 is invalid; use one of"):
+        FlexlabLM(pretrained=str(pydoc_model_path()), compress_weight="5:64")
     with pytest.raises(flexlab.FlexlabError, match="unknown \\['gpu_batches'\\]"):
         FlexlabLM(pretrained=str(pydoc_model_path()), gpu_batches=2)
     with pytest.raises(flexlab.FlexlabError, match="dtype='float33' is not a torch dtype"):
