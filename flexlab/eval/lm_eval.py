@@ -72,9 +72,9 @@ class FlexlabLM(TemplateLM):
         super().__init__()
         if unknown:
             raise FlexlabError(
-                f"flexlab model_args: unknown {sorted(unknown)}; it takes pretrained, dtype, device, policy_file, percent, "
-                "gpu_batch_size, num_gpu_batches, compress_weight, compress_cache, cpu_cache_compute, offload_dir, "
-                "max_gen_toks"
+                f"flexlab model_args: unknown {sorted(unknown)}; it takes pretrained, dtype, device, policy_file, "
+                "percent, gpu_batch_size, num_gpu_batches, compress_weight, compress_cache, cpu_cache_compute, "
+                "offload_dir, max_gen_toks"
             )
         if (model is None) == (pretrained is None):
             raise FlexlabError("flexlab model_args: give pretrained=DIR (or, in Python, model=flexlab.Model)")
