@@ -166,7 +166,10 @@ def _lm_eval_scores(model, policy: Policy, offload_dir, tasks: list, options: di
         f"lm_eval:{task}:{metric}": float(value)
         for task, metrics in out["results"].items()
         for metric, value in metrics.items()
-        if isinstance(value, (int, float)) and not isinstance(value, bool) and "stderr" not in metric
+        if isinstance(value, (int, float))
+        and not isinstance(value, bool)
+        and "," in metric  # "acc,none"
+        and "stderr" not in metric
     }
 
 

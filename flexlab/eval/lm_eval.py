@@ -13,7 +13,9 @@ In Python (after ``import flexlab.eval.lm_eval``)::
 
 A policy the search saved is ``policy_file=p.json`` (``flexlab search ... --save-policy p.json``);
 any argument given beside it replaces that field. Without either, everything is resident, as with
-lm-eval's ``hf`` backend. Tokenization follows
+lm-eval's ``hf`` backend. Log-likelihoods come from one prefill per sequence unless the cache is
+compressed or attention sparse: then each token is fed through decode and attends over the cache
+as stored, which is what such a cache costs (``teacher_forced=true|false`` overrides). Tokenization follows
 lm-eval's conventions (its ``TemplateLM``, as the ``hf`` backend does), so the two backends score
 the same tokens: the tests compare them request by request. Requests go through the engine's
 blocks, so offloading amortises over many requests as it does in generation.
@@ -65,6 +67,7 @@ class FlexlabLM(TemplateLM):
         cpu_cache_compute: bool = False,
         offload_dir: str | None = None,
         max_gen_toks: int = 256,
+        teacher_forced: bool | None = None,
         batch_size: int | str | None = None,
         max_batch_size: int | None = None,
         **unknown,
@@ -74,7 +77,7 @@ class FlexlabLM(TemplateLM):
             raise FlexlabError(
                 f"flexlab model_args: unknown {sorted(unknown)}; it takes pretrained, dtype, device, policy_file, "
                 "percent, gpu_batch_size, num_gpu_batches, compress_weight, compress_cache, cpu_cache_compute, "
-                "offload_dir, max_gen_toks"
+                "offload_dir, max_gen_toks, teacher_forced"
             )
         if (model is None) == (pretrained is None):
             raise FlexlabError("flexlab model_args: give pretrained=DIR (or, in Python, model=flexlab.Model)")
@@ -100,6 +103,14 @@ class FlexlabLM(TemplateLM):
         self.model, self.policy, self.offload_dir = model, policy, offload_dir
         self.tokenizer = model.tokenizer
         self.max_gen_toks = max_gen_toks
+        # A prefill attends over the keys and values it has just computed, never over the cache as
+        # stored: what a compressed or sparse cache costs shows only when each token is fed through
+        # decode. Without either, one prefill gives the same numbers, much faster.
+        self.teacher_forced = (
+            bool(teacher_forced)
+            if teacher_forced is not None
+            else policy.compress_cache is not None or policy.attn_sparsity < 1
+        )
         # what the runs cost, for the results file (get_model_info): tokens scored or generated
         self.runs = {"calls": 0, "sequences": 0, "tokens": 0, "seconds": 0.0}
         self.peak_bytes = {"gpu": 0.0, "cpu": 0.0, "disk": 0.0}
@@ -115,6 +126,7 @@ class FlexlabLM(TemplateLM):
                 "dtype": str(self.model.dtype).removeprefix("torch."),
                 "policy": self.policy.to_dict(),
                 "policy_described": self.policy.describe(),
+                "loglikelihood_by": "teacher-forced decode" if self.teacher_forced else "prefill",
                 **self.runs,
                 "tokens_per_s": self.runs["tokens"] / seconds if seconds else None,
                 "peak_bytes": dict(self.peak_bytes),
@@ -156,7 +168,8 @@ class FlexlabLM(TemplateLM):
 
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs) -> list[tuple[float, bool]]:
         """Each ``(_, context ids, continuation ids)``: the continuation's log-likelihood and
-        whether greedy decoding would produce it, scored in one prefill per sequence."""
+        whether greedy decoding would produce it: one prefill per sequence, or token by token
+        through decode where the cache as stored is what is measured (``teacher_forced``)."""
         sequences, lengths = [], []
         for _, context, continuation in requests:
             # the context gives way from the left; the last token is only predicted, so one more fits
@@ -168,7 +181,9 @@ class FlexlabLM(TemplateLM):
         with self._engine() as engine:
             for first in tqdm(range(0, len(order), CHUNK), desc="flexlab loglikelihood", disable=disable_tqdm):
                 chunk = order[first : first + CHUNK]
-                for i, (logprobs, greedy) in zip(chunk, engine.score([sequences[i] for i in chunk], greedy=True)):
+                for i, (logprobs, greedy) in zip(
+                    chunk, engine.score([sequences[i] for i in chunk], greedy=True, teacher_forced=self.teacher_forced)
+                ):
                     n = lengths[i]
                     out[i] = (float(logprobs[-n:].sum()), bool(greedy[-n:].all()))
         self.runs["sequences"] += len(sequences)

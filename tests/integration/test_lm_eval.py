@@ -162,15 +162,37 @@ def test_flexlab_eval_forwards_to_lm_evals_command_line(task_dir, tmp_path):
 def test_the_compression_ablation_runs_lm_eval_tasks_under_each_setting(tmp_path):
     """The offline pydoc tasks are found without --lm-eval-include; a plot per task is written."""
     script = os.path.join(os.path.dirname(__file__), "..", "..", "experiments", "ablate_compression.py")
-    args = ["--smoke", "true", "--targets", "weights", "--out-dir", str(tmp_path), "--lm-eval-tasks", "pydoc_order"]
+    args = ["--smoke", "true", "--max-settings", "3", "--out-dir", str(tmp_path), "--lm-eval-tasks", "pydoc_order"]
     done = subprocess.run([sys.executable, script, *args], capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     import pandas as pd
 
     df = pd.read_csv(next(tmp_path.glob("ablate_compression_*.csv")))
     accs = df["lm_eval:pydoc_order:acc,none"]
-    assert len(df) >= 3 and accs.between(0, 1).all() and accs.iloc[0] >= 0.6  # the baseline knows word order
+    assert len(df) == 3 and accs.between(0, 1).all() and accs.iloc[0] >= 0.6  # the baseline knows word order
+    assert not [c for c in df if c.startswith("lm_eval:") and "," not in c]  # metrics only (no sample_len)
     assert len(list(tmp_path.glob("ablate_compression_*_pydoc_order.png"))) == 1
+
+
+def test_a_compressed_cache_is_scored_through_decode_where_its_cost_shows(hf, tmp_path):
+    """A prefill never reads the cache back, so a 2-bit cache would score as if exact; such a
+    policy feeds each token through decode. Uncompressed, decode and prefill agree."""
+    path, reqs = str(pydoc_model_path()), requests("loglikelihood", CONTEXTS)
+    exact = [lp for lp, _ in hf.loglikelihood(reqs)]
+    cached = FlexlabLM(pretrained=path, dtype="float32", compress_cache="2:64", offload_dir=str(tmp_path))
+    prefilled = FlexlabLM(
+        pretrained=path, dtype="float32", compress_cache="2:64", teacher_forced=False, offload_dir=str(tmp_path)
+    )
+    decoded = FlexlabLM(pretrained=path, dtype="float32", teacher_forced=True, offload_dir=str(tmp_path))
+    assert cached.teacher_forced and not prefilled.teacher_forced
+    assert cached.get_model_info()["flexlab"]["loglikelihood_by"] == "teacher-forced decode"
+    lossy = [lp for lp, _ in cached.loglikelihood(reqs)]
+    assert max(abs(a - b) for a, b in zip(lossy, exact)) > 1e-3  # the 2-bit cache costs something
+    assert [lp for lp, _ in prefilled.loglikelihood(reqs)] == pytest.approx(exact, abs=1e-4)
+    assert [lp for lp, _ in decoded.loglikelihood(reqs)] == pytest.approx(exact, abs=1e-4)
+    text = [("The for statement is used to iterate over the elements of a sequence. " * 40,)]  # windows of 512
+    rolling = requests("loglikelihood_rolling", text)
+    assert decoded.loglikelihood_rolling(rolling) == pytest.approx(hf.loglikelihood_rolling(rolling), rel=1e-5)
 
 
 def test_a_saved_policy_is_a_model_arg_and_the_arguments_beside_it_replace_its_fields(tmp_path):
