@@ -65,6 +65,7 @@ class FlexlabLM(TemplateLM):
         compress_weight: str | None = None,
         compress_cache: str | None = None,
         cpu_cache_compute: bool = False,
+        attn_sparsity: float | None = None,
         offload_dir: str | None = None,
         max_gen_toks: int = 256,
         teacher_forced: bool | None = None,
@@ -77,7 +78,7 @@ class FlexlabLM(TemplateLM):
             raise FlexlabError(
                 f"flexlab model_args: unknown {sorted(unknown)}; it takes pretrained, dtype, device, policy_file, "
                 "percent, gpu_batch_size, num_gpu_batches, compress_weight, compress_cache, cpu_cache_compute, "
-                "offload_dir, max_gen_toks, teacher_forced"
+                "attn_sparsity, offload_dir, max_gen_toks, teacher_forced"
             )
         if (model is None) == (pretrained is None):
             raise FlexlabError("flexlab model_args: give pretrained=DIR (or, in Python, model=flexlab.Model)")
@@ -96,10 +97,10 @@ class FlexlabLM(TemplateLM):
         if model.tokenizer is None:
             raise FlexlabError(f"{model.config.name} has no tokenizer: lm-eval's tasks are text")
         if policy is None:
-            size = gpu_batch_size or (batch_size if isinstance(batch_size, int) else None)
-            policy = policy_from_args(
-                policy_file, percent, size, num_gpu_batches, compress_weight, compress_cache, cpu_cache_compute
-            )
+            # lm-eval's --batch_size (1 unless given) sizes the batches only where nothing else does
+            size = gpu_batch_size or (batch_size if isinstance(batch_size, int) and not policy_file else None)
+            given = dict(gpu_batch_size=size, num_gpu_batches=num_gpu_batches, attn_sparsity=attn_sparsity)
+            policy = policy_from_args(policy_file, percent, given, compress_weight, compress_cache, cpu_cache_compute)
         self.model, self.policy, self.offload_dir = model, policy, offload_dir
         self.tokenizer = model.tokenizer
         self.max_gen_toks = max_gen_toks
@@ -242,14 +243,14 @@ class FlexlabLM(TemplateLM):
 def policy_from_args(
     policy_file: str | None,
     percent: str | None,
-    gpu_batch_size: int | None,
-    num_gpu_batches: int | None,
+    given: dict[str, Any],
     compress_weight: str | None,
     compress_cache: str | None,
     cpu_cache_compute: bool,
 ) -> Policy:
     """The Policy of the model_args: a saved policy (``flexlab search --save-policy``), else
-    everything resident in batches of 8; then each argument given replaces its field."""
+    everything resident in batches of 8; then each argument given (``given``: fields, None where
+    not given) replaces its field."""
     fields: dict[str, Any] = {"gpu_batch_size": 8}
     if policy_file:
         try:
@@ -264,7 +265,6 @@ def policy_from_args(
         if len(shares) != 6:
             raise FlexlabError(f"flexlab model_args: percent={percent!r} is not six numbers such as 20:30:0:100:100:0")
         fields.update(zip(PERCENT_FIELDS, shares))
-    given = dict(gpu_batch_size=gpu_batch_size, num_gpu_batches=num_gpu_batches)
     fields.update({name: value for name, value in given.items() if value is not None})
     for name, kind, spec in (
         ("compress_weight", QuantConfig, compress_weight),

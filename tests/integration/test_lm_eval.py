@@ -198,8 +198,10 @@ def test_a_compressed_cache_is_scored_through_decode_where_its_cost_shows(hf, tm
 def test_a_saved_policy_is_a_model_arg_and_the_arguments_beside_it_replace_its_fields(tmp_path):
     saved = flexlab.Policy.from_percent([0, 50, 0, 100, 100, 0], gpu_batch_size=3, num_gpu_batches=2)
     (tmp_path / "p.json").write_text(json.dumps(saved.to_dict()))
-    lm = FlexlabLM(pretrained=str(pydoc_model_path()), policy_file=str(tmp_path / "p.json"))
-    assert lm.policy == saved
+    lm = FlexlabLM(pretrained=str(pydoc_model_path()), policy_file=str(tmp_path / "p.json"), batch_size=1)
+    assert lm.policy == saved  # lm-eval's --batch_size (1 unless given) does not undo the search's batches
+    sparse = FlexlabLM(pretrained=str(pydoc_model_path()), policy_file=str(tmp_path / "p.json"), attn_sparsity=0.1)
+    assert sparse.policy == saved.replace(attn_sparsity=0.1) and sparse.teacher_forced  # sparse acts in decode
     lm = FlexlabLM(pretrained=str(pydoc_model_path()), policy_file=str(tmp_path / "p.json"), compress_cache="4:64")
     assert lm.policy == saved.replace(compress_cache=flexlab.CacheQuantConfig.parse("4:64"))
     with pytest.raises(flexlab.FlexlabError, match="policy_file=.*missing.json"):
