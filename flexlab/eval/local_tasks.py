@@ -101,7 +101,11 @@ doc_to_choice: '{{choices}}'
 doc_to_target: '{{answer}}'
 metric_list:
   - metric: acc
+    aggregation: mean
+    higher_is_better: true
   - metric: acc_norm
+    aggregation: mean
+    higher_is_better: true
 """
 LAST_WORD_YAML = """output_type: generate_until
 doc_to_target: '{{word}}'
