@@ -4,8 +4,8 @@ lm-eval's own tasks download their data from the Hugging Face hub. These two are
 the held-out pydoc documents (the ones the pydoc models never trained on), so a compression
 ablation or a backend check runs anywhere:
 
-- ``pydoc_order`` (multiple choice, ``acc`` and ``acc_norm``): a sentence's last four words in
-  their own order against three reorderings of them. A model that has learned English word order
+- ``pydoc_order`` (multiple choice, ``acc`` and ``acc_norm``): four words of a sentence in their
+  own order, after the sentence so far, against three reorderings of them. A model that has learned English word order
   picks the original; compression that damages the model shows as lost accuracy.
 - ``pydoc_last_word`` (``generate_until``, ``exact_match``): greedy generation of a sentence's
   last word, LAMBADA-style; the first word generated is compared with it.
@@ -33,7 +33,7 @@ from flexlab.models.pydoc_model import cache_dir, pydoc_texts
 
 TASKS = ("pydoc_order", "pydoc_last_word")
 TAG = "flexlab_pydoc"
-TAIL_WORDS = 4  # the words reordered in pydoc_order
+WINDOW_WORDS = 4  # the words reordered in each pydoc_order item
 DISTRACTORS = 3
 
 
@@ -54,26 +54,28 @@ def pydoc_sentences() -> list[str]:
 
 
 def order_items(sentences: list[str], seed: int = 0) -> list[dict]:
-    """``pydoc_order``'s documents: context, four choices (the original tail among reorderings), answer."""
+    """``pydoc_order``'s documents: context, four choices (the original words among reorderings
+    of them), answer. A sentence gives an item per run of four words, from its end back to
+    where at least four words of context remain."""
     rng = random.Random(seed)
     items = []
     for s in sentences:
         words = s.split()
-        tail = words[-TAIL_WORDS:]
-        others: list[list[str]] = []
-        for _ in range(100):  # distinct reorderings; a tail of repeated words may have too few
-            w = rng.sample(tail, len(tail))
-            if w != tail and w not in others:
-                others.append(w)
-            if len(others) == DISTRACTORS:
-                break
-        if len(others) < DISTRACTORS:
-            continue
-        answer = rng.randrange(DISTRACTORS + 1)  # the original's position, so position says nothing
-        choices = others[:answer] + [tail] + others[answer:]
-        items.append(
-            {"context": " ".join(words[:-TAIL_WORDS]), "choices": [" ".join(c) for c in choices], "answer": answer}
-        )
+        for end in range(len(words), 2 * WINDOW_WORDS - 1, -WINDOW_WORDS):
+            window = words[end - WINDOW_WORDS : end]
+            others: list[list[str]] = []
+            for _ in range(100):  # distinct reorderings; a window of repeated words may have too few
+                w = rng.sample(window, len(window))
+                if w != window and w not in others:
+                    others.append(w)
+                if len(others) == DISTRACTORS:
+                    break
+            if len(others) < DISTRACTORS:
+                continue
+            answer = rng.randrange(DISTRACTORS + 1)  # the original's position, so position says nothing
+            choices = others[:answer] + [window] + others[answer:]
+            context = " ".join(words[: end - WINDOW_WORDS])
+            items.append({"context": context, "choices": [" ".join(c) for c in choices], "answer": answer})
     return items
 
 
