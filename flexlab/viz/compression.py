@@ -64,8 +64,13 @@ def plot_accuracy_vs_bits(
         top.set_xticks(sorted(rows.bits.dropna().unique()))
         bottom.set_xlabel("bits per element (codes + scales)")
         top.legend(fontsize=7, frameon=False)
-    ylabel = LABELS.get(metric, metric)
-    if squashed(df.loc[df.target != "none", metric]):  # 2-bit points would flatten the others to a line
+    ylabel = axis_label(metric)
+    if metric.startswith("lm_eval:"):  # one scale for every column: an item or two is noise, not an effect
+        low, high = float(df[metric].min()), float(df[metric].max())
+        pad = max(0.02, 0.1 * (high - low))
+        for ax in axes[0]:
+            ax.set_ylim(low - pad, high + pad)
+    elif squashed(df.loc[df.target != "none", metric]):  # 2-bit points would flatten the others to a line
         for ax in axes[0]:
             ax.set_yscale("symlog", linthresh=SYMLOG_LINTHRESH)
         ylabel += " (symlog scale)"
@@ -74,6 +79,14 @@ def plot_accuracy_vs_bits(
     if title:
         fig.suptitle(title, fontsize=11)
     return fig
+
+
+def axis_label(metric: str) -> str:
+    """An axis label for an ablation column (``lm_eval:pydoc_order:acc,none`` -> ``pydoc_order acc (lm-eval)``)."""
+    if metric.startswith("lm_eval:"):
+        _, task, name = metric.split(":", 2)
+        return f"{task} {name.removesuffix(',none')} (lm-eval)"
+    return LABELS.get(metric, metric)
 
 
 def higher_is_better(metric: str) -> bool:
@@ -126,7 +139,7 @@ def plot_accuracy_vs_memory(
         ax.annotate(
             str(df.setting[i]), (total[i], df[metric][i]), fontsize=6, xytext=(3, 3), textcoords="offset points"
         )
-    ylabel = LABELS.get(metric, metric)
+    ylabel = axis_label(metric)
     if squashed(df[metric]):
         ax.set_yscale("symlog", linthresh=SYMLOG_LINTHRESH)
         ylabel += " (symlog scale)"

@@ -72,13 +72,14 @@ def test_the_same_scores_and_texts_as_lm_evals_hf_backend(hf, model_args, tmp_pa
     assert ours.generate_until(requests("generate_until", gen)) == hf.generate_until(requests("generate_until", gen))
 
 
-@pytest.mark.parametrize(
-    "policy_args",
-    ["", ",percent=0:0:0:0:0:100,gpu_batch_size=4,num_gpu_batches=2"],  # resident; weights and cache on disk
-)
-def test_the_offline_pydoc_tasks_give_lm_evals_hf_backend_results_item_by_item(policy_args, tmp_path):
+ON_DISK = ",percent=0:0:0:0:0:100,gpu_batch_size=4,num_gpu_batches=2"  # weights and cache on disk
+
+
+@pytest.mark.parametrize("family, policy_args", [("opt", ""), ("opt", ON_DISK), ("llama", ON_DISK)])
+def test_the_offline_pydoc_tasks_give_lm_evals_hf_backend_results_item_by_item(family, policy_args, tmp_path):
     """The acid test of the adapter: a multiple-choice and a generation task through
-    ``simple_evaluate`` with both backends on the same float32 checkpoint."""
+    ``simple_evaluate`` with both backends on the same float32 checkpoint (the pydoc OPT and its
+    LLaMA-family twin)."""
     from lm_eval.tasks import TaskManager
 
     from flexlab.eval.local_tasks import TAG, TASKS, pydoc_tasks_dir
@@ -86,7 +87,7 @@ def test_the_offline_pydoc_tasks_give_lm_evals_hf_backend_results_item_by_item(p
     tasks = TaskManager(include_path=str(pydoc_tasks_dir()))
     runs = {}
     for backend, args in (("hf", "device=cpu"), ("flexlab", f"offload_dir={tmp_path}{policy_args}")):
-        model_args = f"pretrained={pydoc_model_path()},dtype=float32,{args}"
+        model_args = f"pretrained={pydoc_model_path(family=family)},dtype=float32,{args}"
         runs[backend] = lm_eval.simple_evaluate(
             model=backend, model_args=model_args, tasks=[TAG], task_manager=tasks, log_samples=True, limit=64
         )

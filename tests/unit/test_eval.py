@@ -136,6 +136,14 @@ def test_accuracy_plot_has_a_column_per_target_and_a_line_per_group():
     assert list(top[0].get_lines()[0].get_ydata()) == [50.0, 25.0, 12.5]
     with pytest.raises(ValueError, match="metric 'bleu' is not a column"):
         plot_accuracy_vs_bits(df, "bleu")
+    # an lm-eval accuracy: one y scale for every column (a cache's item or two is not an effect)
+    df["lm_eval:pydoc_order:acc,none"] = [0.8] + [
+        0.8 - (0.1 / b if t == "weights" else 0.01) for t, b in zip(df.target[1:], df.bits[1:])
+    ]
+    fig = plot_accuracy_vs_bits(df, "lm_eval:pydoc_order:acc,none")
+    top = [ax for ax in fig.axes if ax.get_title().startswith("compressed:")]
+    assert top[0].get_ylim() == top[1].get_ylim() and top[0].get_ylim()[0] < 0.75
+    assert top[0].get_ylabel() == "pydoc_order acc (lm-eval)"
 
 
 def test_the_ablation_says_how_long_the_grid_will_take_and_can_be_cut(capsys):
