@@ -16,7 +16,6 @@ policy it searched).
 from __future__ import annotations
 
 import argparse
-import json
 
 from flexlab.cli_checks import in_file
 
@@ -160,17 +159,13 @@ def memory_limit_from_args(args: argparse.Namespace) -> float | None:
 def policy_from_args(args: argparse.Namespace, **defaults):
     """The Policy the flags say: ``defaults``, then ``--policy FILE``, then each flag given."""
     from flexlab import CacheQuantConfig, Policy, QuantConfig
-    from flexlab.engine.policy import PERCENT_FIELDS
+    from flexlab.engine.policy import PERCENT_FIELDS, PolicyError
 
     fields = dict(defaults)
     if args.policy:
         try:
-            data = json.loads(in_file(args.policy, "--policy").read_text())
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise ValueError(f"--policy {args.policy}: cannot read a JSON policy ({e})") from None
-        try:
-            fields.update(Policy.from_dict(data).to_dict())
-        except (TypeError, ValueError) as e:
+            fields.update(Policy.load(in_file(args.policy, "--policy")).to_dict())
+        except PolicyError as e:
             raise ValueError(f"--policy {args.policy}: {e}") from None
     if args.percent:
         fields.update(zip(PERCENT_FIELDS, args.percent))

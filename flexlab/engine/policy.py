@@ -12,7 +12,10 @@ everything on the gpu tier (the compute device), which makes the engine the refe
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from flexlab.compress import CacheQuantConfig, QuantConfig
@@ -170,6 +173,19 @@ class Policy:
             if isinstance(d.get(name), dict):
                 d[name] = kind.from_dict(d[name])
         return cls(**d)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> Policy:
+        """A Policy from a JSON file (as ``flexlab search --save-policy`` writes it); a file that
+        cannot be read or parsed, or whose fields are invalid, raises PolicyError saying which."""
+        try:
+            data = json.loads(Path(path).expanduser().read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise PolicyError(f"cannot read a JSON policy ({e})") from None
+        try:
+            return cls.from_dict(data)
+        except (TypeError, ValueError) as e:
+            raise PolicyError(str(e)) from None
 
     def describe(self) -> str:
         """One line in FlexGen's notation."""

@@ -24,11 +24,9 @@ blocks, so offloading amortises over many requests as it does in generation.
 from __future__ import annotations
 
 import contextlib
-import json
 import time
 import warnings
 from collections import defaultdict
-from pathlib import Path
 from typing import Any
 
 import lm_eval.models  # noqa: F401  (lm-eval's own backends: lm-eval loads them only into an empty registry)
@@ -39,7 +37,7 @@ from tqdm.auto import tqdm
 
 from flexlab.compress import CacheQuantConfig, QuantConfig
 from flexlab.engine import Engine, Policy
-from flexlab.engine.policy import PERCENT_FIELDS
+from flexlab.engine.policy import PERCENT_FIELDS, PolicyError
 from flexlab.errors import FlexlabError
 from flexlab.models.model import Model
 
@@ -254,8 +252,8 @@ def policy_from_args(
     fields: dict[str, Any] = {"gpu_batch_size": 8}
     if policy_file:
         try:
-            fields = Policy.from_dict(json.loads(Path(policy_file).expanduser().read_text())).to_dict()
-        except (OSError, ValueError, TypeError) as e:  # a JSON or policy error is a ValueError
+            fields = Policy.load(policy_file).to_dict()
+        except PolicyError as e:
             raise FlexlabError(f"flexlab model_args: policy_file={policy_file}: {e}") from None
     if percent:
         try:
