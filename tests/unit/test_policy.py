@@ -121,3 +121,17 @@ def test_cache_settings_live_on_the_cache_config_only():
     old["compress_weight"]["window"] = 8
     with pytest.raises(QuantError, match="unknown QuantConfig field.*window"):
         Policy.from_dict(old)
+
+
+def test_a_saved_policy_loads_back_and_a_bad_file_says_what_is_wrong(tmp_path):
+    saved = Policy.from_percent([10, 40, 0, 100, 100, 0], gpu_batch_size=4, num_gpu_batches=3)
+    (tmp_path / "p.json").write_text(json.dumps(saved.to_dict()))
+    assert Policy.load(tmp_path / "p.json") == saved
+    (tmp_path / "bad.json").write_text("{not json")
+    with pytest.raises(PolicyError, match="cannot read a JSON policy"):
+        Policy.load(tmp_path / "bad.json")
+    (tmp_path / "wrong.json").write_text(json.dumps({"w_gpu_percent": 120}))
+    with pytest.raises(PolicyError, match="w_gpu_percent=120"):
+        Policy.load(tmp_path / "wrong.json")
+    with pytest.raises(PolicyError, match="cannot read"):
+        Policy.load(tmp_path / "missing.json")
