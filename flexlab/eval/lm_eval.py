@@ -98,7 +98,9 @@ class FlexlabLM(TemplateLM):
             # lm-eval's --batch_size (1 unless given) sizes the batches only where nothing else does
             size = gpu_batch_size or (batch_size if isinstance(batch_size, int) and not policy_file else None)
             given = dict(gpu_batch_size=size, num_gpu_batches=num_gpu_batches, attn_sparsity=attn_sparsity)
-            policy = policy_from_args(policy_file, percent, given, compress_weight, compress_cache, cpu_cache_compute)
+            policy = policy_from_model_args(
+                policy_file, percent, given, compress_weight, compress_cache, cpu_cache_compute
+            )
         self.model, self.policy, self.offload_dir = model, policy, offload_dir
         self.tokenizer = model.tokenizer
         self.max_gen_toks = max_gen_toks
@@ -238,7 +240,7 @@ class FlexlabLM(TemplateLM):
         return out
 
 
-def policy_from_args(
+def policy_from_model_args(
     policy_file: str | None,
     percent: str | None,
     given: dict[str, Any],

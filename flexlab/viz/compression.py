@@ -65,7 +65,7 @@ def plot_accuracy_vs_bits(
         bottom.set_xlabel("bits per element (codes + scales)")
         top.legend(fontsize=7, frameon=False)
     ylabel = axis_label(metric)
-    if metric.startswith("lm_eval:"):  # one scale for every column: an item or two is noise, not an effect
+    if metric.startswith("lm_eval:") and higher_is_better(metric):  # accuracies: one scale for every column
         low, high = float(df[metric].min()), float(df[metric].max())
         pad = max(0.02, 0.1 * (high - low))
         for ax in axes[0]:
